@@ -1,0 +1,22 @@
+//! Compiles `proto/gpuswap/v1/*.proto` with protox (pure Rust, so a fresh
+//! machine needs no protoc) and generates the tonic client and server.
+
+use std::path::PathBuf;
+
+use prost::Message;
+
+fn main() -> Result<(), Box<dyn std::error::Error>> {
+    let protos = ["proto/gpuswap/v1/supervisor.proto"];
+    for proto in protos {
+        println!("cargo:rerun-if-changed={proto}");
+    }
+    let fds = protox::compile(protos, ["proto"])?;
+    let out = PathBuf::from(std::env::var("OUT_DIR")?);
+    // Served through grpc.reflection so that grpcurl needs no .proto file.
+    std::fs::write(out.join("gpuswap_descriptor.bin"), fds.encode_to_vec())?;
+    tonic_prost_build::configure()
+        .build_client(true)
+        .build_server(true)
+        .compile_fds(fds)?;
+    Ok(())
+}

@@ -1,0 +1,608 @@
+//! The one configuration file shared by the supervisor and the gateway.
+//!
+//! Layers: built-in defaults, then the TOML file, then `GPUSWAP__SECTION__KEY`
+//! environment overrides (then each binary's flags), then [`Config::validate`].
+//! Unknown keys are refused, and every error names the model and the key.
+
+use std::{collections::BTreeMap, fmt, path::PathBuf, time::Duration};
+
+use serde::{Deserialize, Deserializer};
+
+use crate::endpoint::Endpoint;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot load configuration {path}: {message}")]
+    Load { path: PathBuf, message: String },
+    #[error("invalid configuration: {key}: {message}")]
+    Invalid { key: String, message: String },
+}
+
+fn invalid(key: impl Into<String>, message: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid {
+        key: key.into(),
+        message: message.into(),
+    }
+}
+
+#[derive(Clone, Debug, Default, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    #[serde(default)]
+    pub supervisor: SupervisorConfig,
+    #[serde(default)]
+    pub gateway: GatewayConfig,
+    #[serde(default)]
+    pub telemetry: TelemetryConfig,
+    #[serde(default)]
+    pub models: BTreeMap<String, ModelConfig>,
+}
+
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct SupervisorConfig {
+    /// `unix:///path.sock` or `https://addr:port`.
+    pub listen: String,
+    /// File mode of the Unix socket, octal ("0660").
+    pub socket_mode: String,
+    /// Group that owns the Unix socket (the gateway's user should be in it).
+    pub socket_group: Option<String>,
+    /// Peers allowed on the Unix socket (SO_PEERCRED); empty lists: any peer
+    /// that the socket's mode lets in.
+    pub allowed_uids: Vec<u32>,
+    pub allowed_gids: Vec<u32>,
+    pub tls_cert: Option<PathBuf>,
+    pub tls_key: Option<PathBuf>,
+    pub token_file: Option<PathBuf>,
+    /// Lines kept per model.
+    pub log_lines: usize,
+    #[serde(deserialize_with = "duration")]
+    pub drain_timeout: Duration,
+    #[serde(deserialize_with = "duration")]
+    pub min_residency: Duration,
+    /// Where the process groups of running backends are recorded, so that a
+    /// supervisor restarted after a crash can end what its predecessor left.
+    pub state_file: PathBuf,
+    /// How long a stop waits for a stopped backend's GPU memory to be freed.
+    #[serde(deserialize_with = "duration")]
+    pub gpu_release_timeout: Duration,
+    /// Prometheus metrics (`host:port`), off when unset.
+    pub metrics_listen: Option<String>,
+}
+
+impl Default for SupervisorConfig {
+    fn default() -> Self {
+        Self {
+            listen: "unix:///run/gpuswap/supervisor.sock".into(),
+            socket_mode: "0660".into(),
+            socket_group: None,
+            allowed_uids: Vec::new(),
+            allowed_gids: Vec::new(),
+            tls_cert: None,
+            tls_key: None,
+            token_file: None,
+            log_lines: 5000,
+            drain_timeout: Duration::from_secs(600),
+            min_residency: Duration::from_secs(5),
+            state_file: "/run/gpuswap/supervisor.state".into(),
+            gpu_release_timeout: Duration::from_secs(10),
+            metrics_listen: None,
+        }
+    }
+}
+
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct GatewayConfig {
+    pub listen: String,
+    pub supervisor: String,
+    /// Token for an https supervisor.
+    pub token_file: Option<PathBuf>,
+    /// CA of an https supervisor's certificate.
+    pub ca_file: Option<PathBuf>,
+    /// Empty: open. Else `Authorization: Bearer` or `x-api-key` must match one.
+    pub api_keys: Vec<String>,
+    #[serde(deserialize_with = "duration")]
+    pub queue_timeout: Duration,
+    #[serde(deserialize_with = "byte_size")]
+    pub max_body: u64,
+    /// 0 = never unload idle models; a model's own idle_ttl overrides.
+    #[serde(deserialize_with = "duration")]
+    pub idle_ttl: Duration,
+    pub preload: Vec<String>,
+    /// Streaming requests that wait for a swap get progress chunks; off:
+    /// only SSE keep-alive comments.
+    pub stream_progress: bool,
+    /// Interval of SSE keep-alives while a streaming request waits.
+    #[serde(deserialize_with = "duration")]
+    pub keepalive_interval: Duration,
+    /// Deadline for request headers (slow clients are closed).
+    #[serde(deserialize_with = "duration")]
+    pub header_timeout: Duration,
+}
+
+impl Default for GatewayConfig {
+    fn default() -> Self {
+        Self {
+            listen: "127.0.0.1:8002".into(),
+            supervisor: "unix:///run/gpuswap/supervisor.sock".into(),
+            token_file: None,
+            ca_file: None,
+            api_keys: Vec::new(),
+            queue_timeout: Duration::from_secs(15 * 60),
+            max_body: 32 << 20,
+            idle_ttl: Duration::ZERO,
+            preload: Vec::new(),
+            stream_progress: true,
+            keepalive_interval: Duration::from_secs(5),
+            header_timeout: Duration::from_secs(30),
+        }
+    }
+}
+
+#[derive(Clone, Debug, Default, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct TelemetryConfig {
+    /// `json` or `text` (default: text).
+    pub log_format: Option<String>,
+    /// OTLP/gRPC endpoint for traces; `OTEL_EXPORTER_OTLP_ENDPOINT` also works.
+    pub otlp_endpoint: Option<String>,
+}
+
+/// What kind of server a backend is: it decides how readiness is probed.
+#[derive(Clone, Copy, Debug, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "kebab-case")]
+pub enum BackendKind {
+    Sglang,
+    Tabbyapi,
+    Vllm,
+    LlamaServer,
+    Openai,
+}
+
+impl BackendKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            BackendKind::Sglang => "sglang",
+            BackendKind::Tabbyapi => "tabbyapi",
+            BackendKind::Vllm => "vllm",
+            BackendKind::LlamaServer => "llama-server",
+            BackendKind::Openai => "openai",
+        }
+    }
+
+    /// The path whose 200 proves the model is loaded and warm.
+    pub fn default_health_path(self) -> &'static str {
+        match self {
+            // TabbyAPI's /health is up before any model is loaded.
+            BackendKind::Tabbyapi => "/v1/model",
+            BackendKind::Openai => "/v1/models",
+            BackendKind::Sglang | BackendKind::Vllm | BackendKind::LlamaServer => "/health",
+        }
+    }
+}
+
+impl fmt::Display for BackendKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct ModelConfig {
+    pub kind: BackendKind,
+    pub command: Vec<String>,
+    pub port: u16,
+    #[serde(default = "default_host")]
+    pub host: String,
+    pub served_name: Option<String>,
+    /// None: every GPU.
+    pub gpus: Option<Vec<u32>>,
+    #[serde(default)]
+    pub env: BTreeMap<String, String>,
+    pub workdir: Option<PathBuf>,
+    pub user: Option<String>,
+    #[serde(default = "default_startup_timeout", deserialize_with = "duration")]
+    pub startup_timeout: Duration,
+    #[serde(default = "default_stop_timeout", deserialize_with = "duration")]
+    pub stop_timeout: Duration,
+    pub health_path: Option<String>,
+    pub ready_log: Option<String>,
+    pub api_key: Option<String>,
+    #[serde(default)]
+    pub aliases: Vec<String>,
+    /// Files that must exist before the model can start (weights still downloading).
+    #[serde(default)]
+    pub requires: Vec<PathBuf>,
+    #[serde(default, deserialize_with = "opt_duration")]
+    pub idle_ttl: Option<Duration>,
+}
+
+fn default_host() -> String {
+    "127.0.0.1".into()
+}
+fn default_startup_timeout() -> Duration {
+    Duration::from_secs(180)
+}
+fn default_stop_timeout() -> Duration {
+    Duration::from_secs(30)
+}
+
+impl ModelConfig {
+    pub fn served_name<'a>(&'a self, key: &'a str) -> &'a str {
+        self.served_name.as_deref().unwrap_or(key)
+    }
+
+    pub fn health_path(&self) -> &str {
+        self.health_path
+            .as_deref()
+            .unwrap_or_else(|| self.kind.default_health_path())
+    }
+
+    /// Two models conflict when they share a GPU or a port: they never run together.
+    pub fn conflicts_with(&self, other: &ModelConfig) -> bool {
+        if self.port == other.port && hosts_overlap(&self.host, &other.host) {
+            return true;
+        }
+        match (&self.gpus, &other.gpus) {
+            (Some(a), Some(b)) => a.iter().any(|g| b.contains(g)),
+            // Omitted = all GPUs, which overlaps everything.
+            _ => true,
+        }
+    }
+}
+
+fn hosts_overlap(a: &str, b: &str) -> bool {
+    let wildcard = |h: &str| matches!(h, "0.0.0.0" | "::" | "[::]");
+    a == b || wildcard(a) || wildcard(b)
+}
+
+impl Config {
+    /// Loads defaults, then `path`, then `GPUSWAP__*` environment overrides, and validates.
+    pub fn load(path: &std::path::Path) -> Result<Self, ConfigError> {
+        let load_err = |message: String| ConfigError::Load {
+            path: path.to_owned(),
+            message,
+        };
+        if !path.exists() {
+            return Err(load_err("file not found".into()));
+        }
+        let layered = config::Config::builder()
+            .add_source(config::File::from(path).format(config::FileFormat::Toml))
+            .add_source(
+                config::Environment::with_prefix("GPUSWAP")
+                    .prefix_separator("__")
+                    .separator("__")
+                    .list_separator(",")
+                    .with_list_parse_key("gateway.api_keys")
+                    .with_list_parse_key("gateway.preload")
+                    .try_parsing(true),
+            )
+            .build()
+            .map_err(|e| load_err(e.to_string()))?;
+        let config: Config = layered
+            .try_deserialize()
+            .map_err(|e| load_err(e.to_string()))?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Parses TOML text alone (no environment), then validates.
+    pub fn from_toml(text: &str) -> Result<Self, ConfigError> {
+        let layered = config::Config::builder()
+            .add_source(config::File::from_str(text, config::FileFormat::Toml))
+            .build()
+            .map_err(|e| ConfigError::Load {
+                path: "<inline>".into(),
+                message: e.to_string(),
+            })?;
+        let config: Config = layered.try_deserialize().map_err(|e| ConfigError::Load {
+            path: "<inline>".into(),
+            message: e.to_string(),
+        })?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Checks what serde cannot: every error names the section or model and the key.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        self.validate_supervisor()?;
+        self.validate_gateway()?;
+        let mut names: BTreeMap<&str, &str> = BTreeMap::new();
+        for (name, model) in &self.models {
+            let key = |k: &str| format!("models.\"{name}\".{k}");
+            if name.is_empty() || name.chars().any(|c| c.is_whitespace() || c.is_control()) {
+                return Err(invalid(
+                    format!("models.\"{name}\""),
+                    "a model id must be non-empty and without whitespace",
+                ));
+            }
+            if model.command.is_empty() || model.command[0].trim().is_empty() {
+                return Err(invalid(key("command"), "must name a program"));
+            }
+            if model.port == 0 {
+                return Err(invalid(key("port"), "must be 1-65535"));
+            }
+            if model.host.trim().is_empty() {
+                return Err(invalid(key("host"), "must not be empty"));
+            }
+            if model.startup_timeout.is_zero() {
+                return Err(invalid(key("startup_timeout"), "must be more than 0s"));
+            }
+            if let Some(gpus) = &model.gpus
+                && gpus.is_empty()
+            {
+                return Err(invalid(
+                    key("gpus"),
+                    "must list at least one GPU (omit it for all GPUs)",
+                ));
+            }
+            if !model.health_path().starts_with('/') {
+                return Err(invalid(key("health_path"), "must start with '/'"));
+            }
+            if let Some(s) = &model.served_name
+                && s.trim().is_empty()
+            {
+                return Err(invalid(key("served_name"), "must not be empty"));
+            }
+            if let Some(r) = &model.ready_log
+                && r.is_empty()
+            {
+                return Err(invalid(key("ready_log"), "must not be empty"));
+            }
+            if let Some(u) = &model.user
+                && u.trim().is_empty()
+            {
+                return Err(invalid(key("user"), "must not be empty"));
+            }
+            for (k, _) in &model.env {
+                if k.is_empty() || k.contains('=') || k.contains('\0') {
+                    return Err(invalid(key(&format!("env.{k}")), "invalid variable name"));
+                }
+            }
+            for path in &model.requires {
+                if !path.is_absolute() {
+                    return Err(invalid(key("requires"), "paths must be absolute"));
+                }
+            }
+            for id in std::iter::once(name.as_str()).chain(model.aliases.iter().map(String::as_str)) {
+                if id.trim().is_empty() {
+                    return Err(invalid(key("aliases"), "an alias must not be empty"));
+                }
+                if let Some(other) = names.insert(id, name) {
+                    return Err(invalid(
+                        key("aliases"),
+                        format!("{id:?} is already a name of model {other:?}"),
+                    ));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn validate_supervisor(&self) -> Result<(), ConfigError> {
+        let s = &self.supervisor;
+        let endpoint: Endpoint = s
+            .listen
+            .parse()
+            .map_err(|e: crate::endpoint::EndpointError| invalid("supervisor.listen", e.to_string()))?;
+        if let Endpoint::Https { .. } = endpoint {
+            if endpoint.bind_addr().is_none() {
+                return Err(invalid(
+                    "supervisor.listen",
+                    "an https listen address needs an IP address (e.g. https://0.0.0.0:7070)",
+                ));
+            }
+            for (k, v) in [
+                ("tls_cert", &s.tls_cert),
+                ("tls_key", &s.tls_key),
+                ("token_file", &s.token_file),
+            ] {
+                if v.is_none() {
+                    return Err(invalid(
+                        format!("supervisor.{k}"),
+                        "required when supervisor.listen is https://",
+                    ));
+                }
+            }
+        }
+        parse_mode(&s.socket_mode).ok_or_else(|| {
+            invalid("supervisor.socket_mode", "must be an octal file mode such as \"0660\"")
+        })?;
+        if s.log_lines == 0 {
+            return Err(invalid("supervisor.log_lines", "must be at least 1"));
+        }
+        if let Some(addr) = &s.metrics_listen
+            && addr.parse::<std::net::SocketAddr>().is_err()
+        {
+            return Err(invalid("supervisor.metrics_listen", "must be host:port"));
+        }
+        Ok(())
+    }
+
+    fn validate_gateway(&self) -> Result<(), ConfigError> {
+        let g = &self.gateway;
+        if g.listen.parse::<std::net::SocketAddr>().is_err() {
+            return Err(invalid("gateway.listen", "must be an address such as 127.0.0.1:8002"));
+        }
+        g.supervisor
+            .parse::<Endpoint>()
+            .map_err(|e| invalid("gateway.supervisor", e.to_string()))?;
+        if g.max_body == 0 {
+            return Err(invalid("gateway.max_body", "must be more than 0"));
+        }
+        if g.queue_timeout.is_zero() {
+            return Err(invalid("gateway.queue_timeout", "must be more than 0s"));
+        }
+        if g.api_keys.iter().any(|k| k.trim().is_empty()) {
+            return Err(invalid("gateway.api_keys", "keys must not be empty"));
+        }
+        if g.keepalive_interval.is_zero() {
+            return Err(invalid("gateway.keepalive_interval", "must be more than 0s"));
+        }
+        Ok(())
+    }
+
+    /// The model a name or alias refers to.
+    pub fn resolve(&self, name: &str) -> Option<(&str, &ModelConfig)> {
+        if let Some((k, m)) = self.models.get_key_value(name) {
+            return Some((k.as_str(), m));
+        }
+        self.models
+            .iter()
+            .find(|(_, m)| m.aliases.iter().any(|a| a == name))
+            .map(|(k, m)| (k.as_str(), m))
+    }
+}
+
+/// Parses an octal file mode ("0660", "660", "0o660").
+pub fn parse_mode(text: &str) -> Option<u32> {
+    let digits = text.trim_start_matches("0o");
+    u32::from_str_radix(digits, 8).ok().filter(|m| *m <= 0o7777)
+}
+
+/// Parses "10m", "5s", "1h 30m", "250ms"; a bare number means seconds.
+pub fn parse_duration(text: &str) -> Result<Duration, String> {
+    let text = text.trim();
+    if let Ok(secs) = text.parse::<u64>() {
+        return Ok(Duration::from_secs(secs));
+    }
+    humantime::parse_duration(text).map_err(|e| format!("invalid duration {text:?}: {e}"))
+}
+
+/// Parses "32MiB", "512KB", "1048576".
+pub fn parse_byte_size(text: &str) -> Result<u64, String> {
+    let text = text.trim();
+    let split = text
+        .find(|c: char| !c.is_ascii_digit())
+        .unwrap_or(text.len());
+    let (number, unit) = text.split_at(split);
+    let number: u64 = number
+        .parse()
+        .map_err(|_| format!("invalid size {text:?}: expected a number with an optional unit"))?;
+    let factor: u64 = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 1,
+        "k" | "kb" => 1_000,
+        "kib" => 1 << 10,
+        "m" | "mb" => 1_000_000,
+        "mib" => 1 << 20,
+        "g" | "gb" => 1_000_000_000,
+        "gib" => 1 << 30,
+        other => return Err(format!("invalid size {text:?}: unknown unit {other:?}")),
+    };
+    number
+        .checked_mul(factor)
+        .ok_or_else(|| format!("invalid size {text:?}: too large"))
+}
+
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum TextOrNumber {
+    Text(String),
+    Number(u64),
+}
+
+fn duration<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+    match TextOrNumber::deserialize(d)? {
+        TextOrNumber::Text(t) => parse_duration(&t).map_err(serde::de::Error::custom),
+        TextOrNumber::Number(n) => Ok(Duration::from_secs(n)),
+    }
+}
+
+fn opt_duration<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
+    duration(d).map(Some)
+}
+
+fn byte_size<'de, D: Deserializer<'de>>(d: D) -> Result<u64, D::Error> {
+    match TextOrNumber::deserialize(d)? {
+        TextOrNumber::Text(t) => parse_byte_size(&t).map_err(serde::de::Error::custom),
+        TextOrNumber::Number(n) => Ok(n),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const EXAMPLE: &str = r#"
+[supervisor]
+listen = "unix:///tmp/gpuswap-test.sock"
+drain_timeout = "10m"
+min_residency = "5s"
+
+[gateway]
+max_body = "1MiB"
+
+[models."llama-3.3-70b-awq"]
+kind = "sglang"
+command = ["python", "-m", "sglang.launch_server", "--port", "30000"]
+port = 30000
+served_name = "llama"
+gpus = [0]
+aliases = ["llama3"]
+
+[models.tabby]
+kind = "tabbyapi"
+command = ["python", "main.py"]
+port = 5000
+gpus = [0]
+api_key = "k"
+
+[models.small]
+kind = "vllm"
+command = ["vllm", "serve"]
+port = 8000
+gpus = [1]
+"#;
+
+    #[test]
+    fn example_loads_with_defaults() {
+        let c = Config::from_toml(EXAMPLE).unwrap();
+        assert_eq!(c.supervisor.drain_timeout, Duration::from_secs(600));
+        assert_eq!(c.gateway.max_body, 1 << 20);
+        let (name, llama) = c.resolve("llama3").unwrap();
+        assert_eq!(name, "llama-3.3-70b-awq");
+        assert_eq!(llama.served_name(name), "llama");
+        assert_eq!(llama.health_path(), "/health");
+        assert_eq!(c.models["tabby"].health_path(), "/v1/model");
+        assert!(llama.conflicts_with(&c.models["tabby"]));
+        assert!(!llama.conflicts_with(&c.models["small"]));
+    }
+
+    fn error_of(text: &str) -> String {
+        Config::from_toml(text).unwrap_err().to_string()
+    }
+
+    #[test]
+    fn errors_name_the_model_and_key() {
+        let e = error_of("[models.a]\nkind = \"sglang\"\ncommand = []\nport = 1\n");
+        assert!(e.contains("models.\"a\".command"), "{e}");
+        let e = error_of("[models.a]\nkind = \"sglang\"\ncommand = [\"x\"]\nport = 0\n");
+        assert!(e.contains("models.\"a\".port"), "{e}");
+        let e = error_of("[models.a]\nkind = \"nope\"\ncommand = [\"x\"]\nport = 1\n");
+        assert!(e.contains("nope"), "{e}");
+        let e = error_of("[models.a]\nkind = \"vllm\"\ncommand = [\"x\"]\nport = 1\nbogus = 1\n");
+        assert!(e.contains("bogus"), "{e}");
+        let e = error_of(
+            "[models.a]\nkind = \"vllm\"\ncommand = [\"x\"]\nport = 1\nstop_timeout = \"soon\"\n",
+        );
+        assert!(e.contains("soon"), "{e}");
+        let e = error_of("[supervisor]\nlisten = \"https://0.0.0.0:7070\"\n");
+        assert!(e.contains("supervisor.tls_cert"), "{e}");
+        let e = error_of(
+            "[models.a]\nkind = \"vllm\"\ncommand = [\"x\"]\nport = 1\n[models.b]\nkind = \"vllm\"\ncommand = [\"x\"]\nport = 2\naliases = [\"a\"]\n",
+        );
+        assert!(e.contains("models.\"b\".aliases"), "{e}");
+    }
+
+    #[test]
+    fn sizes_and_durations() {
+        assert_eq!(parse_byte_size("32MiB").unwrap(), 32 << 20);
+        assert_eq!(parse_byte_size("10").unwrap(), 10);
+        assert!(parse_byte_size("10XB").is_err());
+        assert_eq!(parse_duration("250ms").unwrap(), Duration::from_millis(250));
+        assert_eq!(parse_duration("7").unwrap(), Duration::from_secs(7));
+        assert!(parse_duration("soon").is_err());
+    }
+}
