@@ -1,1 +1,210 @@
+//! Test support shared by the integration tests of every crate: they start the
+//! real binaries over real sockets, so this finds the binaries, hands out
+//! ports without races, waits on conditions (never fixed sleeps) and inspects
+//! process trees.
 
+use std::{
+    fs::File,
+    net::TcpListener,
+    os::fd::AsRawFd,
+    path::{Path, PathBuf},
+    sync::Mutex,
+    time::{Duration, Instant},
+};
+
+/// A generous deadline: tests run on loaded 2-core machines.
+pub const DEADLINE: Duration = Duration::from_secs(60);
+
+/// The path of a workspace binary (`gpuswap-supervisor`, `gpuswap-mock-backend`, ...).
+///
+/// `cargo test --workspace` builds every binary before it runs any test; a
+/// narrower run needs `cargo build --workspace --bins` first.
+pub fn bin(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().expect("current_exe");
+    // target/<profile>/deps/<test> -> target/<profile>/<name>
+    let dir = exe.parent().and_then(Path::parent).expect("target dir");
+    let path = dir.join(name);
+    assert!(
+        path.exists(),
+        "{} is not built: run `cargo build --workspace --bins` (or `cargo test --workspace`)",
+        path.display()
+    );
+    path
+}
+
+/// Ports held for the whole test process: a lock file per port makes
+/// allocation race-free across the many test processes that run at once.
+static HELD: Mutex<Vec<File>> = Mutex::new(Vec::new());
+
+/// A TCP port on 127.0.0.1 that no other test process holds and nothing listens on.
+/// Drawn below the kernel's ephemeral range, so outgoing connections never take it.
+pub fn free_port() -> u16 {
+    let dir = std::env::temp_dir().join("gpuswap-test-ports");
+    std::fs::create_dir_all(&dir).expect("port lock dir");
+    let seed = std::process::id() as u64 ^ Instant::now().elapsed().as_nanos() as u64;
+    let mut x = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+    for _ in 0..10_000 {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        let port = 12_000 + (x % 20_000) as u16;
+        let file = File::create(dir.join(format!("{port}.lock"))).expect("port lock file");
+        // SAFETY: flock on a file descriptor we own.
+        let locked = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } == 0;
+        if !locked {
+            continue;
+        }
+        if TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            HELD.lock().unwrap().push(file);
+            return port;
+        }
+    }
+    panic!("no free port found");
+}
+
+/// Polls `check` until it returns Some, or panics after `deadline` with `what`.
+pub async fn wait_for<T, F, Fut>(what: &str, deadline: Duration, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let start = Instant::now();
+    let mut pause = Duration::from_millis(5);
+    loop {
+        if let Some(value) = check().await {
+            return value;
+        }
+        if start.elapsed() > deadline {
+            panic!("timed out after {deadline:?} waiting for {what}");
+        }
+        tokio::time::sleep(pause).await;
+        pause = (pause * 2).min(Duration::from_millis(100));
+    }
+}
+
+/// Blocking variant of [`wait_for`] for synchronous tests.
+pub fn wait_for_blocking<T>(what: &str, deadline: Duration, mut check: impl FnMut() -> Option<T>) -> T {
+    let start = Instant::now();
+    let mut pause = Duration::from_millis(5);
+    loop {
+        if let Some(value) = check() {
+            return value;
+        }
+        if start.elapsed() > deadline {
+            panic!("timed out after {deadline:?} waiting for {what}");
+        }
+        std::thread::sleep(pause);
+        pause = (pause * 2).min(Duration::from_millis(100));
+    }
+}
+
+/// True while a process exists and is not a zombie.
+pub fn alive(pid: u32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Ok(stat) => {
+            // The state letter follows the ")" that closes the command name.
+            let state = stat.rsplit_once(')').and_then(|(_, rest)| rest.trim_start().chars().next());
+            !matches!(state, Some('Z') | Some('X') | None)
+        }
+        Err(_) => false,
+    }
+}
+
+/// Every live process whose environment or command line carries `marker`.
+///
+/// Tests tag the backends they start with a unique marker (an env variable the
+/// supervisor passes through), so a leak check finds every descendant, even one
+/// that left its process group or was re-parented.
+pub fn processes_with_marker(marker: &str) -> Vec<u32> {
+    let mut found = Vec::new();
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return found;
+    };
+    for entry in entries.flatten() {
+        let Some(pid) = entry.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else {
+            continue;
+        };
+        if pid == std::process::id() {
+            continue;
+        }
+        let hit = |file: &str| {
+            std::fs::read(format!("/proc/{pid}/{file}"))
+                .map(|bytes| bytes.windows(marker.len()).any(|w| w == marker.as_bytes()))
+                .unwrap_or(false)
+        };
+        if (hit("environ") || hit("cmdline")) && alive(pid) {
+            found.push(pid);
+        }
+    }
+    found
+}
+
+/// A unique marker for [`processes_with_marker`].
+pub fn unique_marker(test: &str) -> String {
+    static COUNTER: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    let n = COUNTER.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    format!("gpuswap-test-{test}-{}-{n}", std::process::id())
+}
+
+/// A child process killed (with its whole process group) when dropped.
+pub struct Proc {
+    pub child: std::process::Child,
+    group: bool,
+}
+
+impl Proc {
+    /// Spawns `cmd` in its own process group.
+    pub fn spawn(mut cmd: std::process::Command) -> Self {
+        use std::os::unix::process::CommandExt;
+        cmd.process_group(0);
+        let child = cmd.spawn().unwrap_or_else(|e| panic!("spawn {cmd:?}: {e}"));
+        Self { child, group: true }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Sends a signal to the process alone.
+    pub fn signal(&self, sig: libc::c_int) {
+        // SAFETY: plain kill(2).
+        unsafe { libc::kill(self.child.id() as i32, sig) };
+    }
+
+    /// Waits (bounded) for the process to exit and returns its status.
+    pub fn wait_exit(&mut self, deadline: Duration) -> std::process::ExitStatus {
+        wait_for_blocking("process exit", deadline, || self.child.try_wait().ok().flatten())
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        if self.group {
+            // SAFETY: plain killpg(2) on the group we created.
+            unsafe { libc::killpg(self.child.id() as i32, libc::SIGKILL) };
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A temporary directory for sockets, configs and state files (short path:
+/// Unix socket paths are limited to 108 bytes).
+pub fn short_tempdir() -> tempfile::TempDir {
+    tempfile::Builder::new()
+        .prefix("gs")
+        .tempdir_in("/tmp")
+        .expect("tempdir")
+}
+
+/// Reads a file written by a process under test, for assertion messages.
+pub fn read_lossy(path: &Path) -> String {
+    std::fs::read(path)
+        .map(|b| String::from_utf8_lossy(&b).into_owned())
+        .unwrap_or_default()
+}
+
+/// Parses one JSON value, panicking with the text on failure.
+pub fn json(text: &str) -> serde_json::Value {
+    serde_json::from_str(text).unwrap_or_else(|e| panic!("not JSON ({e}): {text}"))
+}

@@ -1,0 +1,1 @@
+//! The guard process: parent of one backend. (owner: process layer)

@@ -1,0 +1,20 @@
+//! gpuswap-supervisor: owns the backend processes of one GPU box and decides swaps.
+//!
+//! - [`process`]: spawn a backend under a [`guard`], stop its whole tree, report its exit.
+//! - [`guard`]: the tiny parent of every backend; kills all descendants when the backend
+//!   exits, when told to stop, or when the supervisor dies.
+//! - [`probe`]: readiness per backend kind (port, health codes, ready log line).
+//! - [`logs`]: bounded per-model log ring buffers with followers.
+//! - [`state_file`]: records live process groups; a restarted supervisor ends leftovers.
+//! - [`scheduler`]: the one owner of model state: queue, holds, drains, min residency.
+//! - [`service`]: the gRPC service over the scheduler.
+//! - [`server`]: listeners (Unix socket with mode/group/peer checks, or TLS + token).
+
+pub mod guard;
+pub mod logs;
+pub mod probe;
+pub mod process;
+pub mod scheduler;
+pub mod server;
+pub mod service;
+pub mod state_file;

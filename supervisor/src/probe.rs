@@ -1,0 +1,1 @@
+//! Readiness probes per backend kind. (owner: process layer)

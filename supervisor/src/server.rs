@@ -1,0 +1,1 @@
+//! Listeners. (owner: scheduler layer)

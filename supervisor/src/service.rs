@@ -1,0 +1,1 @@
+//! The gRPC service. (owner: scheduler layer)
