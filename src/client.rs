@@ -40,7 +40,10 @@ pub enum ConnectError {
 
 /// A lazily connected client: the channel (re)connects on use, so a client
 /// built before the supervisor starts works once it is up.
-pub fn connect(endpoint: &Endpoint, options: &ClientOptions) -> Result<SupervisorClient, ConnectError> {
+pub fn connect(
+    endpoint: &Endpoint,
+    options: &ClientOptions,
+) -> Result<SupervisorClient, ConnectError> {
     let channel = match endpoint {
         Endpoint::Unix(path) => {
             let path = path.clone();

@@ -366,7 +366,8 @@ impl Config {
                     return Err(invalid(key("requires"), "paths must be absolute"));
                 }
             }
-            for id in std::iter::once(name.as_str()).chain(model.aliases.iter().map(String::as_str)) {
+            for id in std::iter::once(name.as_str()).chain(model.aliases.iter().map(String::as_str))
+            {
                 if id.trim().is_empty() {
                     return Err(invalid(key("aliases"), "an alias must not be empty"));
                 }
@@ -383,10 +384,12 @@ impl Config {
 
     fn validate_supervisor(&self) -> Result<(), ConfigError> {
         let s = &self.supervisor;
-        let endpoint: Endpoint = s
-            .listen
-            .parse()
-            .map_err(|e: crate::endpoint::EndpointError| invalid("supervisor.listen", e.to_string()))?;
+        let endpoint: Endpoint =
+            s.listen
+                .parse()
+                .map_err(|e: crate::endpoint::EndpointError| {
+                    invalid("supervisor.listen", e.to_string())
+                })?;
         if let Endpoint::Https { .. } = endpoint {
             if endpoint.bind_addr().is_none() {
                 return Err(invalid(
@@ -408,7 +411,10 @@ impl Config {
             }
         }
         parse_mode(&s.socket_mode).ok_or_else(|| {
-            invalid("supervisor.socket_mode", "must be an octal file mode such as \"0660\"")
+            invalid(
+                "supervisor.socket_mode",
+                "must be an octal file mode such as \"0660\"",
+            )
         })?;
         if s.log_lines == 0 {
             return Err(invalid("supervisor.log_lines", "must be at least 1"));
@@ -424,7 +430,10 @@ impl Config {
     fn validate_gateway(&self) -> Result<(), ConfigError> {
         let g = &self.gateway;
         if g.listen.parse::<std::net::SocketAddr>().is_err() {
-            return Err(invalid("gateway.listen", "must be an address such as 127.0.0.1:8002"));
+            return Err(invalid(
+                "gateway.listen",
+                "must be an address such as 127.0.0.1:8002",
+            ));
         }
         g.supervisor
             .parse::<Endpoint>()
@@ -439,7 +448,10 @@ impl Config {
             return Err(invalid("gateway.api_keys", "keys must not be empty"));
         }
         if g.keepalive_interval.is_zero() {
-            return Err(invalid("gateway.keepalive_interval", "must be more than 0s"));
+            return Err(invalid(
+                "gateway.keepalive_interval",
+                "must be more than 0s",
+            ));
         }
         Ok(())
     }

@@ -12,7 +12,9 @@ pub enum Endpoint {
 }
 
 #[derive(Debug, thiserror::Error)]
-#[error("invalid endpoint {input:?}: {reason} (expected unix:///path/to.sock or https://host:port)")]
+#[error(
+    "invalid endpoint {input:?}: {reason} (expected unix:///path/to.sock or https://host:port)"
+)]
 pub struct EndpointError {
     input: String,
     reason: &'static str,

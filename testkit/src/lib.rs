@@ -42,7 +42,9 @@ pub fn free_port() -> u16 {
     let dir = std::env::temp_dir().join("gpuswap-test-ports");
     std::fs::create_dir_all(&dir).expect("port lock dir");
     let seed = std::process::id() as u64 ^ Instant::now().elapsed().as_nanos() as u64;
-    let mut x = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+    let mut x = seed
+        .wrapping_mul(6364136223846793005)
+        .wrapping_add(1442695040888963407);
     for _ in 0..10_000 {
         x ^= x << 13;
         x ^= x >> 7;
@@ -83,7 +85,11 @@ where
 }
 
 /// Blocking variant of [`wait_for`] for synchronous tests.
-pub fn wait_for_blocking<T>(what: &str, deadline: Duration, mut check: impl FnMut() -> Option<T>) -> T {
+pub fn wait_for_blocking<T>(
+    what: &str,
+    deadline: Duration,
+    mut check: impl FnMut() -> Option<T>,
+) -> T {
     let start = Instant::now();
     let mut pause = Duration::from_millis(5);
     loop {
@@ -103,7 +109,9 @@ pub fn alive(pid: u32) -> bool {
     match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
         Ok(stat) => {
             // The state letter follows the ")" that closes the command name.
-            let state = stat.rsplit_once(')').and_then(|(_, rest)| rest.trim_start().chars().next());
+            let state = stat
+                .rsplit_once(')')
+                .and_then(|(_, rest)| rest.trim_start().chars().next());
             !matches!(state, Some('Z') | Some('X') | None)
         }
         Err(_) => false,
@@ -121,7 +129,11 @@ pub fn processes_with_marker(marker: &str) -> Vec<u32> {
         return found;
     };
     for entry in entries.flatten() {
-        let Some(pid) = entry.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else {
+        let Some(pid) = entry
+            .file_name()
+            .to_str()
+            .and_then(|s| s.parse::<u32>().ok())
+        else {
             continue;
         };
         if pid == std::process::id() {
@@ -173,7 +185,9 @@ impl Proc {
 
     /// Waits (bounded) for the process to exit and returns its status.
     pub fn wait_exit(&mut self, deadline: Duration) -> std::process::ExitStatus {
-        wait_for_blocking("process exit", deadline, || self.child.try_wait().ok().flatten())
+        wait_for_blocking("process exit", deadline, || {
+            self.child.try_wait().ok().flatten()
+        })
     }
 }
 

@@ -1,0 +1,37 @@
+//! Environment overrides (`GPUSWAP__SECTION__KEY`) sit on top of the file. One test in this
+//! binary, so that setting the process environment races with nothing.
+
+use gpuswap::config::Config;
+
+#[test]
+fn env_overrides_the_file_and_is_validated() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("g.toml");
+    std::fs::write(
+        &path,
+        "[gateway]\nlisten = \"127.0.0.1:8002\"\n[models.a]\nkind = \"vllm\"\ncommand = [\"x\"]\nport = 8000\n",
+    )
+    .unwrap();
+    // SAFETY: the only test in this process; nothing reads the environment concurrently.
+    unsafe {
+        std::env::set_var("GPUSWAP__GATEWAY__LISTEN", "127.0.0.1:9999");
+        std::env::set_var("GPUSWAP__SUPERVISOR__MIN_RESIDENCY", "2s");
+    }
+    let c = Config::load(&path).unwrap();
+    assert_eq!(c.gateway.listen, "127.0.0.1:9999");
+    assert_eq!(
+        c.supervisor.min_residency,
+        std::time::Duration::from_secs(2)
+    );
+    assert_eq!(c.models["a"].port, 8000);
+
+    unsafe { std::env::set_var("GPUSWAP__GATEWAY__LISTEN", "not an address") };
+    let e = Config::load(&path).unwrap_err().to_string();
+    assert!(e.contains("gateway.listen"), "{e}");
+
+    unsafe { std::env::remove_var("GPUSWAP__GATEWAY__LISTEN") };
+    let e = Config::load(&dir.path().join("missing.toml"))
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("missing.toml") && e.contains("not found"), "{e}");
+}
