@@ -1,6 +1,527 @@
 //! The guard process: parent of one backend. (owner: process layer)
+//!
+//! `gpuswap-supervisor guard [--uid U --gid G] [--stop-timeout-ms N] [--workdir D]
+//! [--report-fd FD] -- PROGRAM ARGS...`
+//!
+//! The guard is a child subreaper, so every descendant of the backend stays its descendant,
+//! even one that calls setsid and leaves the process group. It ends them all:
+//! - when the backend leader exits (by itself or after a stop),
+//! - on SIGTERM/SIGINT (a stop): SIGTERM to the group and to every descendant outside it,
+//!   then SIGKILL to every descendant after the stop timeout,
+//! - on the parent-death signal (the supervisor died, even by SIGKILL): SIGKILL at once.
+//!
+//! It then exits mirroring the backend's status (same exit code, or the same signal), so
+//! the supervisor sees the backend's own exit. Synchronous on purpose: no runtime, no
+//! threads, signals taken with sigtimedwait.
+
+use std::{
+    ffi::{CString, OsString},
+    io::Write,
+    os::{fd::RawFd, unix::process::CommandExt},
+    path::PathBuf,
+    process::Command,
+    time::{Duration, Instant},
+};
+
+use nix::{
+    errno::Errno,
+    sys::{
+        signal::{SigSet, SigmaskHow, Signal, kill, killpg, sigprocmask},
+        wait::{WaitPidFlag, WaitStatus, waitpid},
+    },
+    unistd::{Gid, Pid, Uid, User},
+};
+
+/// The signal the supervisor's death sends to the guard (PR_SET_PDEATHSIG). Catchable on
+/// purpose: the guard must kill the tree before it goes, which SIGKILL would not allow.
+pub const PARENT_DEATH_SIGNAL: Signal = Signal::SIGUSR2;
+
+/// The signals the guard takes synchronously. The supervisor blocks them already in the
+/// guard's pre-exec, so one that arrives before `main` runs stays pending instead of
+/// killing the guard with the backend still unborn.
+pub fn guarded_signals() -> SigSet {
+    let mut set = SigSet::empty();
+    set.add(Signal::SIGTERM);
+    set.add(Signal::SIGINT);
+    set.add(Signal::SIGCHLD);
+    set.add(PARENT_DEATH_SIGNAL);
+    set
+}
+
+/// Exit status of the guard when it cannot start the backend (as a shell would).
+const EXIT_CANNOT_START: i32 = 127;
+/// Exit status of the guard on a bad command line.
+const EXIT_USAGE: i32 = 2;
+
+#[derive(Debug, Default)]
+struct Args {
+    uid: Option<u32>,
+    gid: Option<u32>,
+    stop_timeout: Option<Duration>,
+    workdir: Option<PathBuf>,
+    report_fd: Option<RawFd>,
+    program: OsString,
+    args: Vec<OsString>,
+}
+
+fn parse_args(mut argv: impl Iterator<Item = OsString>) -> Result<Args, String> {
+    let mut args = Args::default();
+    loop {
+        let Some(flag) = argv.next() else {
+            return Err("missing `-- PROGRAM`".into());
+        };
+        let flag = flag.to_string_lossy().into_owned();
+        if flag == "--" {
+            break;
+        }
+        let value = argv.next().ok_or_else(|| format!("{flag} needs a value"))?;
+        let number = |v: &OsString| -> Result<u64, String> {
+            v.to_str()
+                .and_then(|s| s.parse().ok())
+                .ok_or_else(|| format!("{flag}: not a number: {v:?}"))
+        };
+        match flag.as_str() {
+            "--uid" => args.uid = Some(number(&value)? as u32),
+            "--gid" => args.gid = Some(number(&value)? as u32),
+            "--stop-timeout-ms" => args.stop_timeout = Some(Duration::from_millis(number(&value)?)),
+            "--workdir" => args.workdir = Some(value.into()),
+            "--report-fd" => args.report_fd = Some(number(&value)? as RawFd),
+            _ => return Err(format!("unknown flag {flag}")),
+        }
+    }
+    args.program = argv.next().ok_or("missing PROGRAM after --")?;
+    args.args = argv.collect();
+    Ok(args)
+}
+
+fn say(message: std::fmt::Arguments) {
+    // The supervisor captures our stderr into the model's log; a dead reader is no reason
+    // to stop ending the tree.
+    let _ = writeln!(std::io::stderr(), "gpuswap-guard: {message}");
+}
 
 /// Entry point of `gpuswap-supervisor guard ...`; never returns.
 pub fn main() -> ! {
-    unimplemented!()
+    let signals = guarded_signals();
+    // Already blocked by the supervisor's pre-exec; again for a guard started by hand.
+    let _ = sigprocmask(SigmaskHow::SIG_BLOCK, Some(&signals), None);
+
+    let args = match parse_args(std::env::args_os().skip(2)) {
+        Ok(args) => args,
+        Err(e) => {
+            say(format_args!(
+                "usage: guard [--uid U --gid G] [--stop-timeout-ms N] [--workdir D] [--report-fd FD] -- PROGRAM ARGS...: {e}"
+            ));
+            std::process::exit(EXIT_USAGE);
+        }
+    };
+    let mut report = args.report_fd.map(Report::new);
+
+    if let Err(e) = nix::sys::prctl::set_child_subreaper(true) {
+        say(format_args!("cannot become a child subreaper: {e}"));
+    }
+
+    let backend = match start_backend(&args, &signals) {
+        Ok(pid) => pid,
+        Err(e) => {
+            say(format_args!("cannot start {:?}: {e}", args.program));
+            if let Some(report) = report.as_mut() {
+                report.send(&format!("error {}\n", e.raw_os_error().unwrap_or(0)));
+            }
+            std::process::exit(EXIT_CANNOT_START);
+        }
+    };
+    if let Some(report) = report.as_mut() {
+        report.send(&format!("pid {backend}\n"));
+    }
+    drop(report);
+
+    let status = supervise(backend, args.stop_timeout, &signals);
+    end_all_descendants();
+    mirror(status)
+}
+
+/// The write end of the pipe on which the guard tells the supervisor the backend's pid.
+struct Report(std::fs::File);
+
+impl Report {
+    fn new(fd: RawFd) -> Self {
+        use std::os::fd::FromRawFd;
+        // SAFETY: the supervisor passes this descriptor to us and nothing else here owns it.
+        let file = unsafe { std::fs::File::from_raw_fd(fd) };
+        // The backend must not inherit it: the supervisor's read must see EOF when we exit.
+        // SAFETY: fcntl on a descriptor we own.
+        unsafe { libc::fcntl(fd, libc::F_SETFD, libc::FD_CLOEXEC) };
+        Self(file)
+    }
+
+    fn send(&mut self, message: &str) {
+        let _ = self.0.write_all(message.as_bytes());
+    }
+}
+
+fn start_backend(args: &Args, signals: &SigSet) -> std::io::Result<Pid> {
+    let mut command = Command::new(&args.program);
+    command.args(&args.args);
+    if let Some(dir) = &args.workdir {
+        command.current_dir(dir);
+    }
+    let credentials = match (args.uid, args.gid) {
+        (None, None) => None,
+        (uid, gid) => {
+            let uid = uid.map_or_else(Uid::current, Uid::from_raw);
+            let gid = gid.map_or_else(Gid::current, Gid::from_raw);
+            Some((uid, gid, supplementary_groups(uid, gid)))
+        }
+    };
+    let guard_pid = nix::unistd::getpid();
+    let signals = *signals;
+    // SAFETY: the closure runs between fork and exec and only makes async-signal-safe
+    // system calls on memory prepared before the fork; it allocates nothing.
+    unsafe {
+        command.pre_exec(move || {
+            if let Some((uid, gid, groups)) = &credentials {
+                if libc::setgroups(groups.len(), groups.as_ptr()) != 0
+                    || libc::setgid(gid.as_raw()) != 0
+                    || libc::setuid(uid.as_raw()) != 0
+                {
+                    return Err(std::io::Error::last_os_error());
+                }
+            }
+            // After the credential change, which clears the parent-death signal.
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL as libc::c_ulong) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            if libc::getppid() != guard_pid.as_raw() {
+                // We died between fork and prctl: the signal will never come.
+                libc::_exit(EXIT_CANNOT_START);
+            }
+            // std resets the mask too; unblock explicitly in case that ever changes.
+            libc::sigprocmask(libc::SIG_UNBLOCK, signals.as_ref(), std::ptr::null_mut());
+            Ok(())
+        });
+    }
+    let child = command.spawn()?;
+    Ok(Pid::from_raw(child.id() as i32))
+}
+
+/// The supplementary groups of the user `uid` (empty when it has no passwd entry).
+fn supplementary_groups(uid: Uid, gid: Gid) -> Vec<libc::gid_t> {
+    let Ok(Some(user)) = User::from_uid(uid) else {
+        return vec![gid.as_raw()];
+    };
+    let Ok(name) = CString::new(user.name) else {
+        return vec![gid.as_raw()];
+    };
+    nix::unistd::getgrouplist(&name, gid)
+        .map(|groups| groups.into_iter().map(Gid::as_raw).collect())
+        .unwrap_or_else(|_| vec![gid.as_raw()])
+}
+
+/// Waits for signals until the backend leader exits; returns its status.
+fn supervise(backend: Pid, stop_timeout: Option<Duration>, signals: &SigSet) -> WaitStatus {
+    let stop_timeout = stop_timeout.unwrap_or(Duration::from_secs(30));
+    let mut stopping = false;
+    // Set by a stop; cleared once the escalation to SIGKILL happened.
+    let mut kill_at: Option<Instant> = None;
+    loop {
+        if let Some(status) = reap_children(backend) {
+            return status;
+        }
+        let timeout = kill_at.map(|at| at.saturating_duration_since(Instant::now()));
+        match wait_signal(signals, timeout) {
+            Some(Signal::SIGTERM | Signal::SIGINT) if !stopping => {
+                stopping = true;
+                kill_at = Some(Instant::now() + stop_timeout);
+                signal_tree(Signal::SIGTERM);
+            }
+            Some(sig) if sig == PARENT_DEATH_SIGNAL => {
+                // The supervisor is gone: nobody will ever stop this backend gracefully.
+                kill_descendants();
+                end_all_descendants();
+                std::process::exit(EXIT_CANNOT_START);
+            }
+            Some(_) => {}
+            None => {
+                if kill_at.is_some_and(|at| Instant::now() >= at) {
+                    say(format_args!(
+                        "backend still running {stop_timeout:?} after SIGTERM: sending SIGKILL"
+                    ));
+                    kill_descendants();
+                    kill_at = None;
+                }
+            }
+        }
+    }
+}
+
+/// Reaps every exited child without blocking; returns the leader's status once it exited.
+fn reap_children(backend: Pid) -> Option<WaitStatus> {
+    let mut leader = None;
+    loop {
+        match waitpid(None, Some(WaitPidFlag::WNOHANG)) {
+            Ok(WaitStatus::StillAlive) | Err(_) => return leader,
+            Ok(status) => {
+                if status.pid() == Some(backend)
+                    && matches!(status, WaitStatus::Exited(..) | WaitStatus::Signaled(..))
+                {
+                    leader = Some(status);
+                }
+            }
+        }
+    }
+}
+
+/// One signal from `signals`, or None when `timeout` passed (or the wait was interrupted).
+fn wait_signal(signals: &SigSet, timeout: Option<Duration>) -> Option<Signal> {
+    let timespec = timeout.map(|t| libc::timespec {
+        tv_sec: t.as_secs() as libc::time_t,
+        tv_nsec: t.subsec_nanos() as libc::c_long,
+    });
+    let timespec_ptr = timespec
+        .as_ref()
+        .map_or(std::ptr::null(), |t| t as *const libc::timespec);
+    // SAFETY: sigtimedwait with a valid set and an optional timeout; no siginfo wanted.
+    let sig = unsafe { libc::sigtimedwait(signals.as_ref(), std::ptr::null_mut(), timespec_ptr) };
+    if sig < 0 {
+        return None;
+    }
+    Signal::try_from(sig).ok()
+}
+
+/// SIGTERM (a stop) to our group and to every descendant that left it.
+fn signal_tree(signal: Signal) {
+    let own_group = nix::unistd::getpgrp();
+    // We are in the group too, with the signal blocked: it stays pending and is ignored.
+    let _ = killpg(own_group, signal);
+    for pid in procfs::descendants(nix::unistd::getpid().as_raw()) {
+        if procfs::stat(pid).is_some_and(|s| s.pgrp != own_group.as_raw()) {
+            let _ = kill(Pid::from_raw(pid), signal);
+        }
+    }
+}
+
+fn kill_descendants() {
+    for pid in procfs::descendants(nix::unistd::getpid().as_raw()) {
+        let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
+    }
+}
+
+/// SIGKILLs every descendant and reaps until none is left. Orphans of killed processes
+/// come to us (we are their subreaper), so when waitpid says ECHILD the tree is empty.
+fn end_all_descendants() {
+    loop {
+        kill_descendants();
+        match waitpid(None, None) {
+            Err(Errno::ECHILD) => return,
+            Err(Errno::EINTR) | Ok(_) => {}
+            Err(e) => {
+                say(format_args!("waitpid: {e}"));
+                return;
+            }
+        }
+    }
+}
+
+/// Exits the way the backend did, so the supervisor sees its status.
+fn mirror(status: WaitStatus) -> ! {
+    match status {
+        WaitStatus::Exited(_, code) => std::process::exit(code),
+        WaitStatus::Signaled(_, signal, _) => {
+            // No core file of the guard for a backend that dumped core.
+            let no_core = libc::rlimit {
+                rlim_cur: 0,
+                rlim_max: 0,
+            };
+            // SAFETY: plain system calls on valid arguments.
+            unsafe {
+                libc::setrlimit(libc::RLIMIT_CORE, &no_core);
+                libc::signal(signal as libc::c_int, libc::SIG_DFL);
+            }
+            let mut only = SigSet::empty();
+            only.add(signal);
+            let _ = nix::sys::signal::raise(signal);
+            let _ = sigprocmask(SigmaskHow::SIG_UNBLOCK, Some(&only), None);
+            std::process::exit(128 + signal as i32)
+        }
+        _ => std::process::exit(EXIT_CANNOT_START),
+    }
+}
+
+/// Reading process relations from /proc (shared with the supervisor side).
+pub(crate) mod procfs {
+    use std::collections::HashMap;
+
+    /// The fields of /proc/PID/stat that matter here.
+    #[derive(Clone, Copy, Debug)]
+    pub struct Stat {
+        pub ppid: i32,
+        pub pgrp: i32,
+        pub state: char,
+        /// Clock ticks after boot (field 22): tells a pid apart from a reused one.
+        pub starttime: u64,
+    }
+
+    impl Stat {
+        pub fn alive(&self) -> bool {
+            !matches!(self.state, 'Z' | 'X')
+        }
+    }
+
+    pub fn stat(pid: i32) -> Option<Stat> {
+        let text = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+        parse_stat(&text)
+    }
+
+    fn parse_stat(text: &str) -> Option<Stat> {
+        // The command name (field 2) may hold spaces and parentheses: split after the last ')'.
+        let (_, rest) = text.rsplit_once(')')?;
+        let fields: Vec<&str> = rest.split_whitespace().collect();
+        // fields[0] is field 3 (state).
+        Some(Stat {
+            state: fields.first()?.chars().next()?,
+            ppid: fields.get(1)?.parse().ok()?,
+            pgrp: fields.get(2)?.parse().ok()?,
+            starttime: fields.get(19)?.parse().ok()?,
+        })
+    }
+
+    /// True while `pid` exists and is not a zombie.
+    pub fn alive(pid: i32) -> bool {
+        stat(pid).is_some_and(|s| s.alive())
+    }
+
+    /// Every live descendant of `root` (not `root` itself), parents before children.
+    pub fn descendants(root: i32) -> Vec<i32> {
+        let mut found = Vec::new();
+        let mut queue = vec![root];
+        let mut by_parent: Option<HashMap<i32, Vec<i32>>> = None;
+        while let Some(pid) = queue.pop() {
+            let children = match children_of(pid) {
+                Some(children) => children,
+                // No /proc/PID/task/TID/children (CONFIG_PROC_CHILDREN off): scan once.
+                None => by_parent
+                    .get_or_insert_with(parent_map)
+                    .get(&pid)
+                    .cloned()
+                    .unwrap_or_default(),
+            };
+            for child in children {
+                if !found.contains(&child) {
+                    found.push(child);
+                    queue.push(child);
+                }
+            }
+        }
+        found
+    }
+
+    /// The children of `pid` from /proc/PID/task/*/children; None when unsupported.
+    fn children_of(pid: i32) -> Option<Vec<i32>> {
+        let tasks = match std::fs::read_dir(format!("/proc/{pid}/task")) {
+            Ok(tasks) => tasks,
+            // The process is gone: no children.
+            Err(_) => return Some(Vec::new()),
+        };
+        let mut children = Vec::new();
+        for task in tasks.flatten() {
+            match std::fs::read_to_string(task.path().join("children")) {
+                Ok(text) => children.extend(
+                    text.split_whitespace()
+                        .filter_map(|p| p.parse::<i32>().ok()),
+                ),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound && task.path().exists() => {
+                    return None;
+                }
+                Err(_) => {}
+            }
+        }
+        Some(children)
+    }
+
+    fn parent_map() -> HashMap<i32, Vec<i32>> {
+        let mut map: HashMap<i32, Vec<i32>> = HashMap::new();
+        for pid in all_pids() {
+            if let Some(s) = stat(pid) {
+                map.entry(s.ppid).or_default().push(pid);
+            }
+        }
+        map
+    }
+
+    pub fn all_pids() -> Vec<i32> {
+        std::fs::read_dir("/proc")
+            .map(|entries| {
+                entries
+                    .flatten()
+                    .filter_map(|e| e.file_name().to_str()?.parse().ok())
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
+    /// Every live member of the process group `pgid`.
+    pub fn group_members(pgid: i32) -> Vec<i32> {
+        all_pids()
+            .into_iter()
+            .filter(|&pid| stat(pid).is_some_and(|s| s.pgrp == pgid && s.alive()))
+            .collect()
+    }
+
+    #[cfg(test)]
+    mod tests {
+        use super::*;
+
+        #[test]
+        fn parses_a_stat_line_with_odd_names() {
+            let text =
+                "42 (a) b (c)) S 7 42 42 0 -1 4194560 100 0 0 0 1 2 0 0 20 0 1 0 98765 1000 10";
+            let s = parse_stat(text).expect("parse");
+            assert_eq!((s.state, s.ppid, s.pgrp, s.starttime), ('S', 7, 42, 98765));
+        }
+
+        #[test]
+        fn finds_our_own_children() {
+            let mut child = std::process::Command::new("sleep")
+                .arg("30")
+                .spawn()
+                .expect("spawn sleep");
+            let me = std::process::id() as i32;
+            assert!(descendants(me).contains(&(child.id() as i32)));
+            assert_eq!(stat(child.id() as i32).map(|s| s.ppid), Some(me));
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_the_command_line() {
+        let argv = [
+            "--uid",
+            "5",
+            "--gid",
+            "6",
+            "--stop-timeout-ms",
+            "1500",
+            "--workdir",
+            "/w",
+            "--",
+            "prog",
+            "--x",
+            "--",
+        ];
+        let args = parse_args(argv.iter().map(OsString::from)).expect("parse");
+        assert_eq!((args.uid, args.gid), (Some(5), Some(6)));
+        assert_eq!(args.stop_timeout, Some(Duration::from_millis(1500)));
+        assert_eq!(args.workdir, Some(PathBuf::from("/w")));
+        assert_eq!(args.program, "prog");
+        assert_eq!(args.args, ["--x", "--"]);
+        assert!(parse_args(["--bogus", "1", "--", "p"].iter().map(OsString::from)).is_err());
+        assert!(parse_args(["--uid", "1"].iter().map(OsString::from)).is_err());
+    }
 }

@@ -2,10 +2,24 @@
 //!
 //! Interface used by the scheduler and the gRPC service; keep these signatures.
 
-use std::sync::Arc;
+use std::{
+    collections::VecDeque,
+    sync::{Arc, Mutex, MutexGuard},
+    time::{SystemTime, UNIX_EPOCH},
+};
 
 use gpuswap::pb::LogStream;
-use tokio::sync::broadcast;
+use tokio::{
+    io::{AsyncBufRead, AsyncBufReadExt},
+    sync::broadcast,
+};
+
+/// Lines longer than this keep their prefix and lose the rest, so one endless line
+/// (a progress bar without newlines, a binary dump) cannot exhaust memory.
+pub const MAX_LINE_BYTES: usize = 16 * 1024;
+
+/// How many entries a follower may fall behind before it starts losing lines.
+const FOLLOWER_BACKLOG: usize = 1024;
 
 /// One captured line.
 #[derive(Clone, Debug)]
@@ -21,25 +35,184 @@ pub struct LogEntry {
 /// Cheap to clone; pushing never blocks (slow followers lose lines, never the child).
 #[derive(Clone)]
 pub struct LogBuffer {
-    _todo: Arc<()>,
+    shared: Arc<Shared>,
+}
+
+struct Shared {
+    model: Arc<str>,
+    capacity: usize,
+    ring: Mutex<VecDeque<LogEntry>>,
+    followers: broadcast::Sender<LogEntry>,
 }
 
 impl LogBuffer {
-    pub fn new(_model: &str, _capacity: usize) -> Self {
-        unimplemented!()
+    pub fn new(model: &str, capacity: usize) -> Self {
+        let (followers, _) = broadcast::channel(FOLLOWER_BACKLOG);
+        Self {
+            shared: Arc::new(Shared {
+                model: model.into(),
+                capacity,
+                ring: Mutex::new(VecDeque::with_capacity(capacity.min(4096))),
+                followers,
+            }),
+        }
     }
-    pub fn push(&self, _stream: LogStream, _line: String) {
-        unimplemented!()
+
+    pub fn push(&self, stream: LogStream, line: String) {
+        let entry = LogEntry {
+            model: self.shared.model.clone(),
+            stream,
+            line,
+            time_ms: unix_time_ms(),
+        };
+        // Cloning for followers costs an allocation per line: skip it when nobody follows.
+        if self.shared.followers.receiver_count() > 0 {
+            let _ = self.shared.followers.send(entry.clone());
+        }
+        if self.shared.capacity == 0 {
+            return;
+        }
+        let mut ring = self.ring();
+        if ring.len() >= self.shared.capacity {
+            ring.pop_front();
+        }
+        ring.push_back(entry);
     }
+
     /// The last `n` entries, oldest first.
-    pub fn tail(&self, _n: usize) -> Vec<LogEntry> {
-        unimplemented!()
+    pub fn tail(&self, n: usize) -> Vec<LogEntry> {
+        let ring = self.ring();
+        let skip = ring.len().saturating_sub(n);
+        ring.iter().skip(skip).cloned().collect()
     }
+
     /// The text of the last `n` lines, oldest first (for failure reports).
-    pub fn tail_lines(&self, _n: usize) -> Vec<String> {
-        unimplemented!()
+    pub fn tail_lines(&self, n: usize) -> Vec<String> {
+        let ring = self.ring();
+        let skip = ring.len().saturating_sub(n);
+        ring.iter().skip(skip).map(|e| e.line.clone()).collect()
     }
+
     pub fn subscribe(&self) -> broadcast::Receiver<LogEntry> {
-        unimplemented!()
+        self.shared.followers.subscribe()
+    }
+
+    /// The model this buffer belongs to.
+    pub fn model(&self) -> &str {
+        &self.shared.model
+    }
+
+    /// The most lines kept.
+    pub fn capacity(&self) -> usize {
+        self.shared.capacity
+    }
+
+    fn ring(&self) -> MutexGuard<'_, VecDeque<LogEntry>> {
+        // A panic while holding the lock cannot leave the deque inconsistent.
+        self.shared.ring.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+fn unix_time_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+/// Reads `reader` to its end, line by line, calling `on_line` for each line (without its
+/// line ending, invalid UTF-8 replaced). A line longer than [`MAX_LINE_BYTES`] keeps its
+/// prefix and gets " …[truncated N bytes]" appended. Reading never pauses for the
+/// consumer, so the writer never blocks on a full pipe because of us.
+pub async fn read_lines<R, F>(mut reader: R, mut on_line: F) -> std::io::Result<()>
+where
+    R: AsyncBufRead + Unpin,
+    F: FnMut(String),
+{
+    let mut line: Vec<u8> = Vec::new();
+    let mut dropped: u64 = 0;
+    loop {
+        let chunk = reader.fill_buf().await?;
+        if chunk.is_empty() {
+            if !line.is_empty() || dropped > 0 {
+                on_line(finish_line(&mut line, &mut dropped));
+            }
+            return Ok(());
+        }
+        let (part, consumed, complete) = match memchr_newline(chunk) {
+            Some(i) => (&chunk[..i], i + 1, true),
+            None => (chunk, chunk.len(), false),
+        };
+        let room = MAX_LINE_BYTES.saturating_sub(line.len());
+        let kept = part.len().min(room);
+        line.extend_from_slice(&part[..kept]);
+        dropped += (part.len() - kept) as u64;
+        reader.consume(consumed);
+        if complete {
+            on_line(finish_line(&mut line, &mut dropped));
+        }
+    }
+}
+
+fn memchr_newline(bytes: &[u8]) -> Option<usize> {
+    bytes.iter().position(|&b| b == b'\n')
+}
+
+fn finish_line(line: &mut Vec<u8>, dropped: &mut u64) -> String {
+    if *dropped == 0 && line.last() == Some(&b'\r') {
+        line.pop();
+    }
+    let mut text = String::from_utf8_lossy(line).into_owned();
+    if *dropped > 0 {
+        text.push_str(&format!(" …[truncated {dropped} bytes]"));
+    }
+    line.clear();
+    *dropped = 0;
+    text
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ring_keeps_the_last_lines() {
+        let logs = LogBuffer::new("m", 3);
+        for i in 0..5 {
+            logs.push(LogStream::Stdout, format!("line {i}"));
+        }
+        assert_eq!(logs.tail_lines(10), ["line 2", "line 3", "line 4"]);
+        assert_eq!(logs.tail_lines(1), ["line 4"]);
+        assert_eq!(logs.tail(2).len(), 2);
+        assert_eq!(&*logs.tail(1)[0].model, "m");
+    }
+
+    #[tokio::test]
+    async fn followers_see_new_lines() {
+        let logs = LogBuffer::new("m", 3);
+        let mut follower = logs.subscribe();
+        logs.push(LogStream::Stderr, "hello".into());
+        let entry = follower.recv().await.expect("entry");
+        assert_eq!(entry.line, "hello");
+        assert_eq!(entry.stream, LogStream::Stderr);
+    }
+
+    #[tokio::test]
+    async fn long_lines_keep_their_prefix() {
+        let mut input = vec![b'a'; MAX_LINE_BYTES + 100];
+        input.extend_from_slice(b"\nshort\r\nlast");
+        let mut lines = Vec::new();
+        read_lines(&input[..], |l| lines.push(l))
+            .await
+            .expect("read");
+        assert_eq!(lines.len(), 3);
+        assert!(lines[0].starts_with(&"a".repeat(MAX_LINE_BYTES)));
+        assert!(
+            lines[0].ends_with(" …[truncated 100 bytes]"),
+            "{}",
+            &lines[0][MAX_LINE_BYTES..]
+        );
+        assert_eq!(lines[1], "short");
+        assert_eq!(lines[2], "last");
     }
 }
