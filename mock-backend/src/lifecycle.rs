@@ -1,0 +1,332 @@
+//! The start-up sequence of each flavor, and shutdown on SIGTERM/SIGINT.
+
+use std::{sync::Arc, time::Duration};
+
+use anyhow::Context;
+use tokio::{
+    net::TcpListener,
+    signal::unix::{SignalKind, signal},
+};
+
+use crate::{
+    api,
+    cli::{Args, Fault, Flavor},
+    flood,
+    log::{self, timestamp},
+    state::{Phase, Shared},
+    workers::Workers,
+};
+
+pub async fn run(args: Args) -> anyhow::Result<()> {
+    let shared = Arc::new(Shared::new(args));
+    if let Some(bytes) = shared.args.flood_bytes() {
+        flood::start(bytes);
+    }
+    // Installed before anything slow, so an early SIGTERM is handled too
+    // (TabbyAPI and the others exit at once during load).
+    let workers = Workers::default();
+    let stop = StopHandler::install(shared.clone())?;
+    let workers = if shared.args.workers() > 0 {
+        Workers::spawn(shared.args.workers(), shared.args.worker_escape)?
+    } else {
+        workers
+    };
+    stop.start(workers.clone());
+    let startup = Startup { shared, workers };
+    match startup.shared.flavor() {
+        Flavor::Sglang => startup.sglang().await,
+        Flavor::Vllm => startup.vllm().await,
+        Flavor::LlamaServer => startup.llama_server().await,
+        Flavor::Tabbyapi => startup.tabbyapi().await,
+    }
+}
+
+struct Startup {
+    shared: Arc<Shared>,
+    workers: Workers,
+}
+
+type Server = tokio::task::JoinHandle<std::io::Result<()>>;
+
+impl Startup {
+    fn args(&self) -> &Args {
+        &self.shared.args
+    }
+
+    fn fault(&self, fault: Fault) -> bool {
+        self.args().has_fault(fault)
+    }
+
+    async fn sglang(self) -> anyhow::Result<()> {
+        let (model, host, port, pid) = (
+            self.shared.model(),
+            &self.args().host,
+            self.args().port,
+            self.shared.pid,
+        );
+        log::out(format!(
+            "[{}] server_args=ServerArgs(model_path='{model}', served_model_name='{model}', host='{host}', \
+             port={port}, mem_fraction_static=0.88, tp_size={}, api_key={})",
+            timestamp(),
+            self.args().workers().max(1),
+            if self.args().api_key.is_some() {
+                "'***'"
+            } else {
+                "None"
+            }
+        ));
+        log::out(format!(
+            "[{} TP0] Load weight begin. avail mem=78.50 GB",
+            timestamp()
+        ));
+        self.load().await;
+        log::out(format!(
+            "[{} TP0] Load weight end. type=LlamaForCausalLM, dtype=torch.float16, avail mem=62.10 GB, mem usage=16.40 GB.",
+            timestamp()
+        ));
+        log::out(format!(
+            "[{} TP0] KV Cache is allocated. #tokens: 120000, K size: 5.00 GB, V size: 5.00 GB",
+            timestamp()
+        ));
+        let server = self.listen().await;
+        let port = self.shared.port();
+        log::out(format!("INFO:     Started server process [{pid}]"));
+        log::out("INFO:     Waiting for application startup.");
+        log::out("INFO:     Application startup complete.");
+        log::out(format!(
+            "INFO:     Uvicorn running on http://{host}:{port} (Press CTRL+C to quit)"
+        ));
+        self.warm_up().await;
+        self.become_ready(&format!(
+            "[{}] The server is fired up and ready to roll!",
+            timestamp()
+        ));
+        self.serve_until_exit(server).await
+    }
+
+    async fn vllm(self) -> anyhow::Result<()> {
+        let (model, host, pid) = (self.shared.model(), &self.args().host, self.shared.pid);
+        log::out(format!(
+            "INFO {} [api_server.py:1000] vLLM API server version 0.11.0",
+            timestamp()
+        ));
+        log::out(format!(
+            "INFO {} [utils.py:300] non-default args: {{'model': '{model}', 'served_model_name': ['{model}']}}",
+            timestamp()
+        ));
+        log::out(format!(
+            "INFO {} [gpu_model_runner.py:2000] Starting to load model {model}...",
+            timestamp()
+        ));
+        self.load().await;
+        log::out(format!(
+            "INFO {} [gpu_model_runner.py:2100] Model loading took 16.40 GiB and {:.2} seconds",
+            timestamp(),
+            self.args().load_time.as_secs_f64()
+        ));
+        let server = self.listen().await;
+        let port = self.shared.port();
+        log::out(format!(
+            "INFO {} [launcher.py:30] Starting vLLM API server 0 on http://{host}:{port}",
+            timestamp()
+        ));
+        log::out(format!("INFO:     Started server process [{pid}]"));
+        log::out("INFO:     Waiting for application startup.");
+        self.warm_up().await;
+        self.become_ready("INFO:     Application startup complete.");
+        self.serve_until_exit(server).await
+    }
+
+    async fn llama_server(self) -> anyhow::Result<()> {
+        let (model, host, port) = (self.shared.model(), &self.args().host, self.args().port);
+        log::out("build: 6000 (0123abcd) with cc (GCC) 13.3.0 for x86_64-linux-gnu");
+        log::out("system info: n_threads = 8, n_threads_batch = 8, total_threads = 16");
+        // llama-server listens while it loads, answering 503 "Loading model".
+        let server = self.listen().await;
+        let port = if port == 0 { self.shared.port() } else { port };
+        log::out(format!(
+            "main: HTTP server is listening, hostname: {host}, port: {port}, http threads: 15"
+        ));
+        log::out("main: loading model");
+        log::out(format!(
+            "llama_model_loader: loaded meta data with 30 key-value pairs from {model}.gguf"
+        ));
+        self.load().await;
+        log::out("load_tensors: offloaded 33/33 layers to GPU");
+        self.warm_up().await;
+        log::out("main: model loaded");
+        self.become_ready(&format!(
+            "main: server is listening on http://{host}:{port} - starting the main loop"
+        ));
+        log::out("srv  update_slots: all slots are idle");
+        self.serve_until_exit(server).await
+    }
+
+    async fn tabbyapi(self) -> anyhow::Result<()> {
+        let (model, host, pid) = (self.shared.model(), &self.args().host, self.shared.pid);
+        log::out("INFO:     ExllamaV2 version: 0.3.2");
+        if self.args().api_key.is_some() {
+            log::out("INFO:     Your API key is: (set with --api-key)");
+        }
+        log::out(format!("INFO:     Loading model: /models/{model}"));
+        log::out("INFO:     Loading with a max sequence length of 8192");
+        // TabbyAPI never hangs in loading: a model that fails to load leaves
+        // it serving with no model (/health 200, /v1/model 503).
+        let never_ready = self.fault(Fault::NeverReady);
+        if never_ready {
+            self.load_or_exit(self.args().load_time).await;
+            log::err(format!(
+                "ERROR:    Model {model} failed to load; starting without a model"
+            ));
+        } else {
+            self.load().await;
+            log::out("INFO:     Model successfully loaded.");
+        }
+        let server = self.listen().await;
+        let port = self.shared.port();
+        log::out(format!("INFO:     Started server process [{pid}]"));
+        log::out("INFO:     Waiting for application startup.");
+        log::out("INFO:     Application startup complete.");
+        log::out(format!(
+            "INFO:     Uvicorn running on http://{host}:{port} (Press CTRL+C to quit)"
+        ));
+        if !never_ready {
+            self.warm_up().await;
+            self.become_ready(&format!("INFO:     Model {model} is ready"));
+        }
+        self.serve_until_exit(server).await
+    }
+
+    /// Loading the weights; `never-ready` hangs here (except where a flavor says otherwise).
+    async fn load(&self) {
+        self.load_or_exit(self.args().load_time).await;
+        if self.fault(Fault::NeverReady) {
+            log::out("Loading is taking a long time...");
+            std::future::pending::<()>().await;
+        }
+    }
+
+    /// Sleeps `duration`; with `exit-during-load` dies half-way through like a CUDA OOM.
+    async fn load_or_exit(&self, duration: Duration) {
+        if self.fault(Fault::ExitDuringLoad) {
+            tokio::time::sleep(duration / 2).await;
+            log::err(
+                "torch.OutOfMemoryError: CUDA out of memory. Tried to allocate 2.00 GiB. \
+                 GPU 0 has a total capacity of 79.19 GiB of which 1.06 GiB is free.",
+            );
+            self.exit_with(1, "Error while loading the model; exiting");
+        }
+        tokio::time::sleep(duration).await;
+    }
+
+    /// Warm-up: listening, health 503 (TabbyAPI: /v1/model 503).
+    async fn warm_up(&self) {
+        self.shared.set_phase(Phase::Warming);
+        tokio::time::sleep(self.args().warmup()).await;
+    }
+
+    fn become_ready(&self, ready_line: &str) {
+        self.shared.set_phase(Phase::Ready);
+        log::out(ready_line);
+        if let Some(extra) = &self.args().ready_log_line {
+            log::out(extra);
+        }
+    }
+
+    /// Binds and serves. TabbyAPI moves to port+1 when the port is busy (with
+    /// only a warning), like the real one; the others exit with an error.
+    async fn listen(&self) -> Server {
+        let host = self.args().host.as_str();
+        let port = self.args().port;
+        let listener = match TcpListener::bind((host, port)).await {
+            Ok(listener) => listener,
+            Err(e) if self.shared.flavor() == Flavor::Tabbyapi && port < u16::MAX => {
+                log::out(format!(
+                    "WARNING:  Port {port} is currently in use ({e}). Switching to {}.",
+                    port + 1
+                ));
+                match TcpListener::bind((host, port + 1)).await {
+                    Ok(listener) => listener,
+                    Err(e) => self.exit_with(1, &format!("ERROR:    could not bind {host}:{}: {e}", port + 1)),
+                }
+            }
+            Err(e) => self.exit_with(
+                1,
+                &format!("ERROR:    [Errno 98] error while attempting to bind on address ('{host}', {port}): {e}"),
+            ),
+        };
+        if let Ok(address) = listener.local_addr() {
+            self.shared.set_port(address.port());
+        }
+        let router = api::router(self.shared.clone());
+        tokio::spawn(async move { axum::serve(listener, router).await })
+    }
+
+    async fn serve_until_exit(self, server: Server) -> anyhow::Result<()> {
+        let result = server.await.context("server task")?;
+        self.workers.kill_unless_escaped();
+        result.context("serving HTTP")
+    }
+
+    fn exit_with(&self, code: i32, line: &str) -> ! {
+        log::err(line);
+        self.workers.kill_unless_escaped();
+        std::process::exit(code);
+    }
+}
+
+/// SIGTERM/SIGINT: log, linger `--stop-delay` (still serving), kill own
+/// workers, exit 0. `ignore-sigterm` logs and carries on.
+struct StopHandler {
+    shared: Arc<Shared>,
+    terminate: tokio::signal::unix::Signal,
+    interrupt: tokio::signal::unix::Signal,
+}
+
+impl StopHandler {
+    fn install(shared: Arc<Shared>) -> anyhow::Result<Self> {
+        Ok(Self {
+            shared,
+            terminate: signal(SignalKind::terminate()).context("installing the SIGTERM handler")?,
+            interrupt: signal(SignalKind::interrupt()).context("installing the SIGINT handler")?,
+        })
+    }
+
+    fn start(mut self, workers: Workers) {
+        tokio::spawn(async move {
+            loop {
+                let name = tokio::select! {
+                    _ = self.terminate.recv() => "SIGTERM",
+                    _ = self.interrupt.recv() => "SIGINT",
+                };
+                if self.shared.args.has_fault(Fault::IgnoreSigterm) {
+                    log::out(format!(
+                        "Received {name}; ignoring it (fault ignore-sigterm)"
+                    ));
+                    continue;
+                }
+                self.stop(name, &workers).await;
+            }
+        });
+    }
+
+    async fn stop(&self, signal_name: &str, workers: &Workers) -> ! {
+        let pid = self.shared.pid;
+        match self.shared.flavor() {
+            Flavor::Sglang => log::out(format!(
+                "[{}] Received {signal_name}, shutting down; draining requests",
+                timestamp()
+            )),
+            Flavor::LlamaServer => log::out(format!(
+                "srv    operator(): received {signal_name}, cleaning up before exit..."
+            )),
+            Flavor::Vllm | Flavor::Tabbyapi => {
+                log::out(format!("INFO:     Received {signal_name}; Shutting down"))
+            }
+        }
+        tokio::time::sleep(self.shared.args.stop_delay).await;
+        workers.kill_unless_escaped();
+        log::out(format!("INFO:     Finished server process [{pid}]"));
+        std::process::exit(0);
+    }
+}

@@ -1,0 +1,69 @@
+//! What the HTTP handlers share with the start-up sequence.
+
+use std::sync::atomic::{AtomicU8, AtomicU16, AtomicU64, Ordering};
+
+use crate::cli::{Args, Flavor};
+
+/// Where the server is in its start-up.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Phase {
+    /// Loading weights (only llama-server listens in this phase).
+    Loading = 0,
+    /// Listening but not ready: SGLang's warm-up, TabbyAPI with no model loaded.
+    Warming = 1,
+    Ready = 2,
+}
+
+pub struct Shared {
+    pub args: Args,
+    pub pid: u32,
+    phase: AtomicU8,
+    /// The port actually bound (TabbyAPI moves to port+1 when the port is busy).
+    port: AtomicU16,
+    request_seq: AtomicU64,
+}
+
+impl Shared {
+    pub fn new(args: Args) -> Self {
+        let port = args.port;
+        Self {
+            args,
+            pid: std::process::id(),
+            phase: AtomicU8::new(Phase::Loading as u8),
+            port: AtomicU16::new(port),
+            request_seq: AtomicU64::new(0),
+        }
+    }
+
+    pub fn flavor(&self) -> Flavor {
+        self.args.flavor
+    }
+
+    pub fn model(&self) -> &str {
+        &self.args.model
+    }
+
+    pub fn phase(&self) -> Phase {
+        match self.phase.load(Ordering::SeqCst) {
+            0 => Phase::Loading,
+            1 => Phase::Warming,
+            _ => Phase::Ready,
+        }
+    }
+
+    pub fn set_phase(&self, phase: Phase) {
+        self.phase.store(phase as u8, Ordering::SeqCst);
+    }
+
+    pub fn port(&self) -> u16 {
+        self.port.load(Ordering::SeqCst)
+    }
+
+    pub fn set_port(&self, port: u16) {
+        self.port.store(port, Ordering::SeqCst);
+    }
+
+    pub fn next_request(&self) -> u64 {
+        self.request_seq.fetch_add(1, Ordering::Relaxed)
+    }
+}
