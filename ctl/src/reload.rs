@@ -1,0 +1,37 @@
+//! `reload`: the supervisor re-reads its configuration file.
+
+use gpuswap::pb;
+use serde_json::json;
+
+use crate::{Ctx, exit::Code, output};
+
+pub async fn reload(mut ctx: Ctx) -> anyhow::Result<Code> {
+    let response = ctx.client.reload(pb::ReloadRequest {}).await?.into_inner();
+    if ctx.json {
+        output::json_pretty(&json!({
+            "added": response.added,
+            "removed": response.removed,
+            "changed": response.changed,
+        }))?;
+        return Ok(Code::Success);
+    }
+    let groups = [
+        ("added", &response.added, output::GREEN),
+        ("removed", &response.removed, output::RED),
+        ("changed", &response.changed, output::YELLOW),
+    ];
+    if groups.iter().all(|(_, names, _)| names.is_empty()) {
+        output::println("configuration reloaded: no changes")?;
+        return Ok(Code::Success);
+    }
+    output::println("configuration reloaded:")?;
+    for (label, names, color) in groups {
+        for name in names {
+            output::println(format!(
+                "  {}  {name}",
+                ctx.out.paint(color, &format!("{label:<7}"))
+            ))?;
+        }
+    }
+    Ok(Code::Success)
+}
