@@ -8,7 +8,6 @@
 //! that would steal tokio's statuses) and publishes the exit on a watch channel.
 
 use std::{
-    cell::{Cell, RefCell},
     io::Read,
     os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd},
     os::unix::process::ExitStatusExt,
@@ -386,8 +385,9 @@ impl Backend {
         let timeout = config.startup_timeout;
         let deadline = tokio::time::Instant::from_std(self.inner.spawned_at + timeout);
         let probe = ReadinessProbe::new(config);
-        let ever_listened = Cell::new(false);
-        let last_outcome = RefCell::new(None::<ProbeOutcome>);
+        // Atomic and Mutex (not Cell/RefCell) keep this future Send: the scheduler spawns it.
+        let ever_listened = std::sync::atomic::AtomicBool::new(false);
+        let last_outcome = std::sync::Mutex::new(None::<ProbeOutcome>);
         let probing = async {
             let mut pause = PROBE_FIRST_PAUSE;
             let mut addr = None;
@@ -396,7 +396,7 @@ impl Backend {
                     match probe.resolve().await {
                         Ok(a) => addr = Some(a),
                         Err(e) => {
-                            *last_outcome.borrow_mut() = Some(ProbeOutcome::NoAnswer(e.to_string()))
+                            *last_outcome.lock().unwrap_or_else(|p| p.into_inner()) = Some(ProbeOutcome::NoAnswer(e.to_string()))
                         }
                     }
                 }
@@ -406,9 +406,9 @@ impl Backend {
                         return;
                     }
                     if outcome.listening() {
-                        ever_listened.set(true);
+                        ever_listened.store(true, std::sync::atomic::Ordering::Relaxed);
                     }
-                    *last_outcome.borrow_mut() = Some(outcome);
+                    *last_outcome.lock().unwrap_or_else(|p| p.into_inner()) = Some(outcome);
                 }
                 tokio::time::sleep(pause).await;
                 pause = (pause * 2).min(PROBE_MAX_PAUSE);
@@ -429,8 +429,8 @@ impl Backend {
             () = ready_log => Ok(()),
             () = probing => Ok(()),
             () = tokio::time::sleep_until(deadline) => {
-                let last = last_outcome.borrow().clone();
-                Err(self.not_ready(&probe, ever_listened.get(), last).await)
+                let last = last_outcome.lock().unwrap_or_else(|p| p.into_inner()).clone();
+                Err(self.not_ready(&probe, ever_listened.load(std::sync::atomic::Ordering::Relaxed), last).await)
             }
         }
     }

@@ -1,1 +1,1649 @@
-//! The scheduler actor. (owner: scheduler layer)
+//! The scheduler actor: the one owner of model state.
+//!
+//! Every decision (who waits, which model is drained, stopped or started) is taken by one
+//! task that owns all model state; everything else talks to it over a channel. Slow work
+//! (readiness probes, stops, watching a client's stream) runs in small spawned tasks that
+//! report back as messages, each tagged with the generation it belongs to so that a late
+//! report about an older process is ignored.
+//!
+//! After every message the actor walks the queue of waiting activations in arrival order
+//! ([`Actor::pump`]); a waiter whose model conflicts with an earlier waiter's model waits,
+//! so no waiter starves.
+
+use std::{
+    collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque},
+    path::{Path, PathBuf},
+    sync::Arc,
+    time::{Duration, SystemTime, UNIX_EPOCH},
+};
+
+use gpuswap::{
+    config::{Config, ModelConfig},
+    pb::{self, activate_event::Event},
+};
+use tokio::{
+    sync::{broadcast, mpsc, oneshot},
+    time::Instant,
+};
+use tokio_util::sync::{CancellationToken, DropGuard};
+use tonic::Status;
+
+use crate::{
+    logs::{LogBuffer, LogEntry},
+    process::{Backend, ExitInfo, LaunchSpec, StartError},
+    state_file::StateFile,
+};
+
+/// The sending half of one Activate stream.
+pub type EventSender = mpsc::Sender<Result<pb::ActivateEvent, Status>>;
+
+/// Capacity of an Activate stream. Log lines are only sent while more than
+/// [`CONTROL_RESERVE`] slots are free, so control events always fit.
+pub const EVENT_CHANNEL_CAPACITY: usize = 64;
+const CONTROL_RESERVE: usize = 16;
+
+/// Lines of the backend's output sent with a `Failed` event.
+const FAILURE_TAIL_LINES: usize = 20;
+
+/// A backend that stayed ready this long is considered healthy: a crash after that starts
+/// the crash-loop backoff from the beginning again.
+const HEALTHY_AFTER: Duration = Duration::from_secs(60);
+
+/// Longest wait before restarting a model that keeps failing.
+const MAX_BACKOFF: Duration = Duration::from_secs(30);
+
+const WATCH_CHANNEL_CAPACITY: usize = 256;
+
+/// The wait before restart number `failures` (1-based) of a model that keeps failing.
+pub fn crash_backoff(failures: u32) -> Duration {
+    if failures == 0 {
+        return Duration::ZERO;
+    }
+    let exponent = (failures - 1).min(16);
+    Duration::from_secs(1u64 << exponent).min(MAX_BACKOFF)
+}
+
+/// `host:port` a client connects to; wildcard listen addresses mean this host.
+pub fn client_address(config: &ModelConfig) -> String {
+    let host = match config.host.as_str() {
+        "0.0.0.0" => "127.0.0.1",
+        "::" | "[::]" => "::1",
+        other => other,
+    };
+    if host.contains(':') && !host.starts_with('[') {
+        format!("[{host}]:{}", config.port)
+    } else {
+        format!("{host}:{}", config.port)
+    }
+}
+
+/// The first file in `requires` that does not exist.
+fn missing_requirement(config: &ModelConfig) -> Option<&Path> {
+    config
+        .requires
+        .iter()
+        .map(PathBuf::as_path)
+        .find(|path| !path.exists())
+}
+
+fn unix_millis() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+fn millis(d: Duration) -> u64 {
+    d.as_millis().min(u128::from(u64::MAX)) as u64
+}
+
+/// What the scheduler needs besides the configuration.
+#[derive(Clone, Debug)]
+pub struct SchedulerOptions {
+    /// The file Reload re-reads; None: reload is refused.
+    pub config_path: Option<PathBuf>,
+    /// The supervisor's own executable, run as `guard` to parent every backend.
+    pub guard_exe: PathBuf,
+    /// Records live process groups for a successor after a crash.
+    pub state_file: Option<Arc<StateFile>>,
+}
+
+/// An Activate request as the actor sees it.
+#[derive(Clone, Debug, Default)]
+pub struct ActivateArgs {
+    pub model: String,
+    pub hold: bool,
+    pub force: bool,
+    pub client: String,
+}
+
+/// Requests from the gRPC service.
+enum Command {
+    Activate {
+        args: ActivateArgs,
+        received: Instant,
+        events: EventSender,
+        accepted: oneshot::Sender<Result<(), Status>>,
+    },
+    Deactivate {
+        model: Option<String>,
+        force: bool,
+        reply: oneshot::Sender<Result<Vec<String>, Status>>,
+    },
+    Status {
+        reply: oneshot::Sender<pb::StatusResponse>,
+    },
+    Watch {
+        reply: oneshot::Sender<(pb::StatusResponse, broadcast::Receiver<pb::WatchEvent>)>,
+    },
+    Logs {
+        model: Option<String>,
+        reply: oneshot::Sender<Result<Vec<LogBuffer>, Status>>,
+    },
+    Reload {
+        reply: oneshot::Sender<Result<pb::ReloadResponse, Status>>,
+    },
+    Shutdown {
+        reply: oneshot::Sender<()>,
+    },
+}
+
+/// Reports from the actor's own tasks.
+enum Internal {
+    StartFinished {
+        model: String,
+        generation: u64,
+        result: Result<(), StartError>,
+    },
+    Exited {
+        model: String,
+        generation: u64,
+        info: ExitInfo,
+    },
+    StopFinished {
+        model: String,
+        generation: u64,
+        info: ExitInfo,
+    },
+    /// The client closed an Activate stream (a waiter gave up, or a hold was released).
+    StreamClosed { id: u64 },
+}
+
+enum Message {
+    Command(Command),
+    Internal(Internal),
+}
+
+/// A handle to the scheduler actor. Cheap to clone.
+#[derive(Clone)]
+pub struct Scheduler {
+    tx: mpsc::UnboundedSender<Message>,
+}
+
+fn gone() -> Status {
+    Status::unavailable("the supervisor is shutting down")
+}
+
+impl Scheduler {
+    /// Starts the actor on the current tokio runtime.
+    pub fn spawn(
+        config: Config,
+        options: SchedulerOptions,
+    ) -> (Scheduler, tokio::task::JoinHandle<()>) {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let actor = Actor::new(config, options, tx.downgrade());
+        let task = tokio::spawn(actor.run(rx));
+        (Scheduler { tx }, task)
+    }
+
+    fn send(&self, command: Command) -> Result<(), Status> {
+        self.tx.send(Message::Command(command)).map_err(|_| gone())
+    }
+
+    /// Queues an activation; events arrive on `events`. Fails at once for an unknown model.
+    pub async fn activate(&self, args: ActivateArgs, events: EventSender) -> Result<(), Status> {
+        let (accepted, answer) = oneshot::channel();
+        self.send(Command::Activate {
+            args,
+            received: Instant::now(),
+            events,
+            accepted,
+        })?;
+        answer.await.map_err(|_| gone())?
+    }
+
+    /// Drains and stops `model` (None: every model); returns the names that were stopped.
+    pub async fn deactivate(
+        &self,
+        model: Option<String>,
+        force: bool,
+    ) -> Result<Vec<String>, Status> {
+        let (reply, answer) = oneshot::channel();
+        self.send(Command::Deactivate {
+            model,
+            force,
+            reply,
+        })?;
+        answer.await.map_err(|_| gone())?
+    }
+
+    pub async fn status(&self) -> Result<pb::StatusResponse, Status> {
+        let (reply, answer) = oneshot::channel();
+        self.send(Command::Status { reply })?;
+        answer.await.map_err(|_| gone())
+    }
+
+    /// A snapshot and the changes after it (no change falls between the two).
+    pub async fn watch(
+        &self,
+    ) -> Result<(pb::StatusResponse, broadcast::Receiver<pb::WatchEvent>), Status> {
+        let (reply, answer) = oneshot::channel();
+        self.send(Command::Watch { reply })?;
+        answer.await.map_err(|_| gone())
+    }
+
+    /// The log buffers of `model` (None: every model).
+    pub async fn logs(&self, model: Option<String>) -> Result<Vec<LogBuffer>, Status> {
+        let (reply, answer) = oneshot::channel();
+        self.send(Command::Logs { model, reply })?;
+        answer.await.map_err(|_| gone())?
+    }
+
+    /// Re-reads the configuration file.
+    pub async fn reload(&self) -> Result<pb::ReloadResponse, Status> {
+        let (reply, answer) = oneshot::channel();
+        self.send(Command::Reload { reply })?;
+        answer.await.map_err(|_| gone())?
+    }
+
+    /// Ends every stream, stops every backend (in parallel) and ends the actor.
+    pub async fn shutdown(&self) {
+        let (reply, answer) = oneshot::channel();
+        if self.send(Command::Shutdown { reply }).is_ok() {
+            let _ = answer.await;
+        }
+    }
+}
+
+/// One client's Activate stream. Dropping it ends the stream (once every task holding a
+/// clone of the sender has let go, which the drop guard arranges).
+struct ClientStream {
+    id: u64,
+    events: EventSender,
+    received: Instant,
+    _watch_closed: DropGuard,
+}
+
+impl ClientStream {
+    fn event(&self, event: Event) -> pb::ActivateEvent {
+        pb::ActivateEvent {
+            elapsed_ms: millis(self.received.elapsed()),
+            event: Some(event),
+        }
+    }
+
+    /// Sends a control event; a client that stopped reading loses it, and its closed
+    /// stream is reported separately.
+    fn send(&self, event: Event) {
+        let _ = self.events.try_send(Ok(self.event(event)));
+    }
+}
+
+struct Waiter {
+    stream: ClientStream,
+    /// The configured model id (aliases resolved).
+    model: String,
+    hold: bool,
+    force: bool,
+    client: String,
+    /// The generation whose start this waiter follows.
+    joined: Option<u64>,
+    /// Progress notices already sent, so each is sent once.
+    notices: HashSet<String>,
+    /// Stops the forwarding of start-up log lines.
+    log_forward: Option<DropGuard>,
+}
+
+impl Waiter {
+    fn notice(&mut self, key: String, event: Event) {
+        if self.notices.insert(key) {
+            self.stream.send(event);
+        }
+    }
+}
+
+struct Hold {
+    stream: ClientStream,
+    client: String,
+    drain_requested: bool,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum State {
+    Stopped,
+    Starting,
+    Ready,
+    Stopping,
+    Failed,
+}
+
+/// A live process tree of a model.
+struct Run {
+    backend: Backend,
+    /// The configuration it was started with (a reload may have changed the model's since).
+    config: ModelConfig,
+    generation: u64,
+    spawned_at: Instant,
+    stop_requested: bool,
+}
+
+/// Holders of a model are being asked to let go.
+struct Drain {
+    deadline: Instant,
+}
+
+struct Model {
+    config: ModelConfig,
+    state: State,
+    run: Option<Run>,
+    logs: LogBuffer,
+    holds: BTreeMap<u64, Hold>,
+    ready_at: Option<Instant>,
+    generation: u64,
+    restarts: u32,
+    /// Consecutive failed starts and crashes: drives the restart backoff.
+    failures: u32,
+    retry_at: Option<Instant>,
+    last_error: String,
+    last_startup_ms: u64,
+    drain: Option<Drain>,
+    /// Removed by a reload; dropped once its process is gone.
+    removed: bool,
+}
+
+impl Model {
+    fn new(name: &str, config: ModelConfig, log_lines: usize) -> Self {
+        Model {
+            config,
+            state: State::Stopped,
+            run: None,
+            logs: LogBuffer::new(name, log_lines),
+            holds: BTreeMap::new(),
+            ready_at: None,
+            generation: 0,
+            restarts: 0,
+            failures: 0,
+            retry_at: None,
+            last_error: String::new(),
+            last_startup_ms: 0,
+            drain: None,
+            removed: false,
+        }
+    }
+
+    fn note(&self, line: String) {
+        self.logs.push(pb::LogStream::Supervisor, line);
+    }
+
+    /// The configuration that decides which GPUs and port the model occupies now.
+    fn occupied_config(&self) -> &ModelConfig {
+        self.run.as_ref().map_or(&self.config, |run| &run.config)
+    }
+}
+
+struct PendingDeactivation {
+    models: Vec<String>,
+    stopped: Vec<String>,
+    force: bool,
+    deadline: Instant,
+    reply: oneshot::Sender<Result<Vec<String>, Status>>,
+}
+
+/// What to do with the waiters of a start that is cancelled.
+enum WaiterFate<'a> {
+    Fail(&'a str),
+    /// Keep them queued: the model starts again (a reload changed it).
+    Requeue,
+}
+
+#[derive(PartialEq)]
+enum Flow {
+    Continue,
+    Stop,
+}
+
+struct Actor {
+    config_path: Option<PathBuf>,
+    guard_exe: PathBuf,
+    state_file: Option<Arc<StateFile>>,
+    drain_timeout: Duration,
+    min_residency: Duration,
+    log_lines: usize,
+    gpu_release_timeout: Duration,
+    models: BTreeMap<String, Model>,
+    queue: VecDeque<Waiter>,
+    deactivations: Vec<PendingDeactivation>,
+    next_generation: u64,
+    next_stream_id: u64,
+    me: mpsc::WeakUnboundedSender<Message>,
+    watch: broadcast::Sender<pb::WatchEvent>,
+    published: HashMap<String, pb::ModelStatus>,
+    timers: BTreeSet<Instant>,
+    started: Instant,
+}
+
+impl Actor {
+    fn new(
+        config: Config,
+        options: SchedulerOptions,
+        me: mpsc::WeakUnboundedSender<Message>,
+    ) -> Self {
+        let supervisor = &config.supervisor;
+        let models = config
+            .models
+            .iter()
+            .map(|(name, model)| {
+                (
+                    name.clone(),
+                    Model::new(name, model.clone(), supervisor.log_lines),
+                )
+            })
+            .collect();
+        let (watch, _) = broadcast::channel(WATCH_CHANNEL_CAPACITY);
+        let mut actor = Actor {
+            config_path: options.config_path,
+            guard_exe: options.guard_exe,
+            state_file: options.state_file,
+            drain_timeout: supervisor.drain_timeout,
+            min_residency: supervisor.min_residency,
+            log_lines: supervisor.log_lines,
+            gpu_release_timeout: supervisor.gpu_release_timeout,
+            models,
+            queue: VecDeque::new(),
+            deactivations: Vec::new(),
+            next_generation: 1,
+            next_stream_id: 1,
+            me,
+            watch,
+            published: HashMap::new(),
+            timers: BTreeSet::new(),
+            started: Instant::now(),
+        };
+        actor.published = actor
+            .models
+            .keys()
+            .map(|name| (name.clone(), actor.comparable_status(name)))
+            .collect();
+        actor
+    }
+
+    async fn run(mut self, mut rx: mpsc::UnboundedReceiver<Message>) {
+        loop {
+            let next_timer = self.timers.first().copied();
+            let message = tokio::select! {
+                message = rx.recv() => match message {
+                    Some(message) => Some(message),
+                    None => break,
+                },
+                _ = tokio::time::sleep_until(next_timer.unwrap_or_else(Instant::now)), if next_timer.is_some() => None,
+            };
+            let now = Instant::now();
+            self.timers.retain(|t| *t > now);
+            if let Some(message) = message {
+                let flow = match message {
+                    Message::Command(Command::Shutdown { reply }) => {
+                        self.shutdown().await;
+                        let _ = reply.send(());
+                        Flow::Stop
+                    }
+                    Message::Command(command) => self.command(command),
+                    Message::Internal(internal) => {
+                        self.internal(internal);
+                        Flow::Continue
+                    }
+                };
+                if flow == Flow::Stop {
+                    break;
+                }
+            }
+            self.pump();
+            self.publish_changes();
+        }
+    }
+
+    // ----- plumbing -------------------------------------------------------------------
+
+    fn sender(&self) -> Option<mpsc::UnboundedSender<Message>> {
+        self.me.upgrade()
+    }
+
+    fn report(tx: &mpsc::UnboundedSender<Message>, internal: Internal) {
+        let _ = tx.send(Message::Internal(internal));
+    }
+
+    fn wake_at(&mut self, at: Instant) {
+        self.timers.insert(at);
+    }
+
+    /// Wraps a client's stream; a task reports when the client closes it.
+    fn client_stream(&mut self, events: EventSender, received: Instant) -> ClientStream {
+        let id = self.next_stream_id;
+        self.next_stream_id += 1;
+        let token = CancellationToken::new();
+        let guard = token.clone().drop_guard();
+        if let Some(tx) = self.sender() {
+            let watched = events.clone();
+            tokio::spawn(async move {
+                tokio::select! {
+                    _ = watched.closed() => Self::report(&tx, Internal::StreamClosed { id }),
+                    _ = token.cancelled() => {}
+                }
+            });
+        }
+        ClientStream {
+            id,
+            events,
+            received,
+            _watch_closed: guard,
+        }
+    }
+
+    /// The configured model a name or alias refers to.
+    fn resolve(&self, name: &str) -> Option<String> {
+        let live = |(_, m): &(&String, &Model)| !m.removed;
+        if let Some((key, _)) = self.models.get_key_value(name).filter(|(_, m)| !m.removed) {
+            return Some(key.clone());
+        }
+        self.models
+            .iter()
+            .filter(live)
+            .find(|(_, m)| m.config.aliases.iter().any(|a| a == name))
+            .map(|(key, _)| key.clone())
+    }
+
+    // ----- commands -------------------------------------------------------------------
+
+    fn command(&mut self, command: Command) -> Flow {
+        match command {
+            Command::Activate {
+                args,
+                received,
+                events,
+                accepted,
+            } => {
+                let Some(model) = self.resolve(&args.model) else {
+                    let _ = accepted.send(Err(Status::not_found(format!(
+                        "unknown model {}",
+                        args.model
+                    ))));
+                    return Flow::Continue;
+                };
+                let stream = self.client_stream(events, received);
+                tracing::info!(model, client = %args.client, hold = args.hold, force = args.force, "activate");
+                self.queue.push_back(Waiter {
+                    stream,
+                    model,
+                    hold: args.hold,
+                    force: args.force,
+                    client: args.client,
+                    joined: None,
+                    notices: HashSet::new(),
+                    log_forward: None,
+                });
+                let _ = accepted.send(Ok(()));
+            }
+            Command::Deactivate {
+                model,
+                force,
+                reply,
+            } => {
+                let models: Vec<String> = match model {
+                    None => self.models.keys().cloned().collect(),
+                    Some(name) => match self.resolve(&name) {
+                        Some(model) => vec![model],
+                        None => {
+                            let _ =
+                                reply.send(Err(Status::not_found(format!("unknown model {name}"))));
+                            return Flow::Continue;
+                        }
+                    },
+                };
+                let stopped = models
+                    .iter()
+                    .filter(|name| {
+                        self.models
+                            .get(*name)
+                            .is_some_and(|m| m.run.is_some() && m.state != State::Failed)
+                    })
+                    .cloned()
+                    .collect();
+                tracing::info!(?models, force, "deactivate");
+                let deadline = Instant::now() + self.drain_timeout;
+                self.deactivations.push(PendingDeactivation {
+                    models,
+                    stopped,
+                    force,
+                    deadline,
+                    reply,
+                });
+            }
+            Command::Status { reply } => {
+                let _ = reply.send(self.status_response());
+            }
+            Command::Watch { reply } => {
+                // Publish first so the snapshot and the stream of changes line up.
+                self.publish_changes();
+                let receiver = self.watch.subscribe();
+                let _ = reply.send((self.status_response(), receiver));
+            }
+            Command::Logs { model, reply } => {
+                let result = match model {
+                    None => Ok(self
+                        .models
+                        .values()
+                        .filter(|m| !m.removed)
+                        .map(|m| m.logs.clone())
+                        .collect()),
+                    Some(name) => match self.resolve(&name) {
+                        Some(model) => Ok(vec![self.models[&model].logs.clone()]),
+                        None => Err(Status::not_found(format!("unknown model {name}"))),
+                    },
+                };
+                let _ = reply.send(result);
+            }
+            Command::Reload { reply } => {
+                let _ = reply.send(self.reload());
+            }
+            Command::Shutdown { .. } => unreachable!("handled in run"),
+        }
+        Flow::Continue
+    }
+
+    // ----- reports from tasks ---------------------------------------------------------
+
+    fn internal(&mut self, internal: Internal) {
+        match internal {
+            Internal::StartFinished {
+                model,
+                generation,
+                result,
+            } => self.start_finished(&model, generation, result),
+            Internal::Exited {
+                model,
+                generation,
+                info,
+            } => self.exited(&model, generation, info),
+            Internal::StopFinished {
+                model,
+                generation,
+                info,
+            } => self.stop_finished(&model, generation, info),
+            Internal::StreamClosed { id } => self.stream_closed(id),
+        }
+    }
+
+    fn start_finished(&mut self, name: &str, generation: u64, result: Result<(), StartError>) {
+        let Some(model) = self.models.get_mut(name) else {
+            return;
+        };
+        let current = model
+            .run
+            .as_ref()
+            .is_some_and(|r| r.generation == generation);
+        if !current || model.state != State::Starting {
+            return;
+        }
+        match result {
+            Ok(()) => {
+                let now = Instant::now();
+                model.state = State::Ready;
+                model.ready_at = Some(now);
+                model.retry_at = None;
+                let took = model
+                    .run
+                    .as_ref()
+                    .map_or(Duration::ZERO, |r| now - r.spawned_at);
+                model.last_startup_ms = millis(took);
+                model.note(format!(
+                    "ready after {} ms (generation {generation})",
+                    millis(took)
+                ));
+                tracing::info!(model = name, generation, startup_ms = millis(took), "ready");
+            }
+            Err(error) => self.fail(name, error.to_string(), FailureKind::Start),
+        }
+    }
+
+    fn exited(&mut self, name: &str, generation: u64, info: ExitInfo) {
+        let Some(model) = self.models.get(name) else {
+            return;
+        };
+        let current = model
+            .run
+            .as_ref()
+            .is_some_and(|r| r.generation == generation);
+        if !current {
+            return;
+        }
+        match model.state {
+            State::Ready => {
+                tracing::warn!(model = name, generation, %info, "backend exited on its own");
+                self.fail(name, format!("exited: {info}"), FailureKind::Crash);
+            }
+            // A start reports its own failure; a stop reports its own end.
+            State::Starting | State::Stopping | State::Failed | State::Stopped => {}
+        }
+    }
+
+    fn stop_finished(&mut self, name: &str, generation: u64, info: ExitInfo) {
+        let Some(model) = self.models.get_mut(name) else {
+            return;
+        };
+        if model
+            .run
+            .as_ref()
+            .is_none_or(|r| r.generation != generation)
+        {
+            return;
+        }
+        model.run = None;
+        model.note(format!("stopped generation {generation} ({info})"));
+        tracing::info!(model = name, generation, %info, "stopped");
+        if model.state == State::Stopping {
+            model.state = State::Stopped;
+            model.failures = 0;
+        }
+        model.ready_at = None;
+        if model.removed {
+            self.models.remove(name);
+            self.published.remove(name);
+            let _ = self.watch.send(pb::WatchEvent {
+                event: Some(pb::watch_event::Event::Removed(name.to_owned())),
+            });
+        }
+    }
+
+    fn stream_closed(&mut self, id: u64) {
+        if let Some(index) = self.queue.iter().position(|w| w.stream.id == id) {
+            if let Some(waiter) = self.queue.remove(index) {
+                tracing::info!(
+                    model = waiter.model,
+                    client = waiter.client,
+                    "activation abandoned"
+                );
+            }
+            return;
+        }
+        for (name, model) in &mut self.models {
+            if let Some(hold) = model.holds.remove(&id) {
+                tracing::info!(model = name, client = hold.client, "hold released");
+                return;
+            }
+        }
+    }
+
+    // ----- state transitions -----------------------------------------------------------
+
+    /// Starts `name`: spawns it and the tasks that report readiness and exit.
+    fn start(&mut self, name: &str) -> Result<u64, String> {
+        let generation = self.next_generation;
+        self.next_generation += 1;
+        let Some(tx) = self.sender() else {
+            return Err("the supervisor is shutting down".into());
+        };
+        let spec = {
+            let model = &self.models[name];
+            LaunchSpec {
+                model: name.to_owned(),
+                config: model.config.clone(),
+                guard_exe: self.guard_exe.clone(),
+                gpu_release_timeout: self.gpu_release_timeout,
+                state_file: self.state_file.clone(),
+            }
+        };
+        let model = self
+            .models
+            .get_mut(name)
+            .expect("start of a configured model");
+        if model.failures > 0 {
+            model.restarts += 1;
+        }
+        model.note(format!(
+            "starting generation {generation}: {}",
+            spec.config.command.join(" ")
+        ));
+        tracing::info!(model = name, generation, "starting");
+        let backend = match Backend::spawn(&spec, model.logs.clone()) {
+            Ok(backend) => backend,
+            Err(error) => {
+                let reason = error.to_string();
+                self.fail(name, reason.clone(), FailureKind::Start);
+                return Err(reason);
+            }
+        };
+        model.state = State::Starting;
+        model.generation = generation;
+        model.ready_at = None;
+        model.run = Some(Run {
+            backend: backend.clone(),
+            config: spec.config,
+            generation,
+            spawned_at: Instant::now(),
+            stop_requested: false,
+        });
+        {
+            let (tx, backend, model) = (tx.clone(), backend.clone(), name.to_owned());
+            tokio::spawn(async move {
+                let result = backend.wait_ready().await;
+                Self::report(
+                    &tx,
+                    Internal::StartFinished {
+                        model,
+                        generation,
+                        result,
+                    },
+                );
+            });
+        }
+        let model = name.to_owned();
+        tokio::spawn(async move {
+            let info = backend.exited().await;
+            Self::report(
+                &tx,
+                Internal::Exited {
+                    model,
+                    generation,
+                    info,
+                },
+            );
+        });
+        Ok(generation)
+    }
+
+    /// A start failed or a ready backend exited: every waiter of this start and every hold
+    /// learns why, and whatever is left of the process tree is stopped.
+    fn fail(&mut self, name: &str, reason: String, kind: FailureKind) {
+        let now = Instant::now();
+        let Some(model) = self.models.get_mut(name) else {
+            return;
+        };
+        let healthy_for = model.ready_at.map(|t| now - t);
+        model.failures = match (kind, healthy_for) {
+            (FailureKind::Crash, Some(up)) if up >= HEALTHY_AFTER => 1,
+            _ => model.failures.saturating_add(1),
+        };
+        model.retry_at = Some(now + crash_backoff(model.failures));
+        model.state = State::Failed;
+        model.ready_at = None;
+        model.last_error = reason.clone();
+        model.drain = None;
+        model.note(format!("failed: {reason}"));
+        tracing::warn!(model = name, %reason, failures = model.failures, "failed");
+        let log_tail = model.logs.tail_lines(FAILURE_TAIL_LINES);
+        for (_, hold) in std::mem::take(&mut model.holds) {
+            hold.stream.send(Event::HoldLost(pb::HoldLost {
+                model: name.to_owned(),
+                reason: reason.clone(),
+            }));
+        }
+        let generation = model.run.as_ref().map(|r| r.generation);
+        let failed = pb::Failed {
+            model: name.to_owned(),
+            reason,
+            log_tail,
+        };
+        self.queue.retain(|w| {
+            let joined = w.model == name && (w.joined.is_some() && w.joined == generation);
+            if joined {
+                w.stream.send(Event::Failed(failed.clone()));
+            }
+            !joined
+        });
+        self.stop_process(name);
+    }
+
+    /// Takes a Ready or Starting model down: holds are lost, the process is stopped.
+    fn begin_stop(&mut self, name: &str, reason: &str, waiters: WaiterFate<'_>) {
+        let Some(model) = self.models.get_mut(name) else {
+            return;
+        };
+        if model.run.is_none() || matches!(model.state, State::Stopping | State::Failed) {
+            return;
+        }
+        let generation = model.run.as_ref().map(|r| r.generation);
+        for (_, hold) in std::mem::take(&mut model.holds) {
+            hold.stream.send(Event::HoldLost(pb::HoldLost {
+                model: name.to_owned(),
+                reason: reason.to_owned(),
+            }));
+        }
+        model.state = State::Stopping;
+        model.drain = None;
+        model.note(format!("stopping: {reason}"));
+        tracing::info!(model = name, reason, "stopping");
+        let log_tail = model.logs.tail_lines(FAILURE_TAIL_LINES);
+        let mut index = 0;
+        while index < self.queue.len() {
+            let waiter = &mut self.queue[index];
+            if waiter.model == name && waiter.joined.is_some() && waiter.joined == generation {
+                match waiters {
+                    WaiterFate::Fail(why) => {
+                        let waiter = self.queue.remove(index).expect("index in range");
+                        waiter.stream.send(Event::Failed(pb::Failed {
+                            model: name.to_owned(),
+                            reason: format!("start cancelled: {why}"),
+                            log_tail: log_tail.clone(),
+                        }));
+                        continue;
+                    }
+                    WaiterFate::Requeue => {
+                        waiter.joined = None;
+                        waiter.log_forward = None;
+                    }
+                }
+            }
+            index += 1;
+        }
+        self.stop_process(name);
+    }
+
+    /// Stops the process tree of `name` in a task (once); StopFinished reports the end.
+    fn stop_process(&mut self, name: &str) {
+        let Some(tx) = self.sender() else { return };
+        let Some(run) = self.models.get_mut(name).and_then(|m| m.run.as_mut()) else {
+            return;
+        };
+        if run.stop_requested {
+            return;
+        }
+        run.stop_requested = true;
+        let (backend, generation, model) = (run.backend.clone(), run.generation, name.to_owned());
+        tokio::spawn(async move {
+            let info = backend.stop().await;
+            Self::report(
+                &tx,
+                Internal::StopFinished {
+                    model,
+                    generation,
+                    info,
+                },
+            );
+        });
+    }
+
+    /// Sends Ready to the waiter at `index` and either ends its stream or keeps it as a hold.
+    fn grant(&mut self, index: usize) {
+        let Some(mut waiter) = self.queue.remove(index) else {
+            return;
+        };
+        let Some(model) = self.models.get_mut(&waiter.model) else {
+            return;
+        };
+        waiter.log_forward = None;
+        let startup_ms = if waiter.joined == Some(model.generation) {
+            model.last_startup_ms
+        } else {
+            0
+        };
+        waiter.stream.send(Event::Ready(pb::Ready {
+            model: waiter.model.clone(),
+            address: client_address(&model.config),
+            served_name: model.config.served_name(&waiter.model).to_owned(),
+            generation: model.generation,
+            api_key: model.config.api_key.clone().unwrap_or_default(),
+            startup_ms,
+        }));
+        if waiter.hold {
+            tracing::info!(model = waiter.model, client = waiter.client, "hold granted");
+            model.holds.insert(
+                waiter.stream.id,
+                Hold {
+                    stream: waiter.stream,
+                    client: waiter.client,
+                    drain_requested: false,
+                },
+            );
+        }
+    }
+
+    // ----- the queue --------------------------------------------------------------------
+
+    /// Walks the waiters in arrival order and moves each as far as it can go.
+    fn pump(&mut self) {
+        let now = Instant::now();
+        // Models somebody currently needs stopped (their drains stay armed).
+        let mut needed: HashSet<String> = HashSet::new();
+        self.pump_deactivations(now, &mut needed);
+        let mut reserved: Vec<String> = Vec::new();
+        let mut index = 0;
+        while index < self.queue.len() {
+            let target = self.queue[index].model.clone();
+            let keep = self.advance(index, &reserved, now, &mut needed);
+            if !reserved.contains(&target) {
+                reserved.push(target);
+            }
+            if keep {
+                index += 1;
+            }
+        }
+        // Holds are sticky: once nobody waits for a model's GPUs its drain is called off.
+        for (name, model) in &mut self.models {
+            if !needed.contains(name) {
+                model.drain = None;
+            }
+        }
+    }
+
+    /// Moves the waiter at `index` forward. Returns false when it left the queue.
+    fn advance(
+        &mut self,
+        index: usize,
+        reserved: &[String],
+        now: Instant,
+        needed: &mut HashSet<String>,
+    ) -> bool {
+        let target = self.queue[index].model.clone();
+        let Some(model) = self.models.get(&target) else {
+            let waiter = self.queue.remove(index).expect("index in range");
+            waiter.stream.send(Event::Failed(pb::Failed {
+                model: target.clone(),
+                reason: format!("model {target} was removed from the configuration"),
+                log_tail: Vec::new(),
+            }));
+            return false;
+        };
+        if model.removed {
+            let waiter = self.queue.remove(index).expect("index in range");
+            waiter.stream.send(Event::Failed(pb::Failed {
+                model: target.clone(),
+                reason: format!("model {target} was removed from the configuration"),
+                log_tail: Vec::new(),
+            }));
+            return false;
+        }
+        // An earlier waiter wants a model that cannot run next to this one: wait behind it.
+        let blocker = reserved.iter().find(|other| {
+            **other != target
+                && self
+                    .models
+                    .get(*other)
+                    .is_some_and(|o| o.config.conflicts_with(&model.config))
+        });
+        if let Some(blocker) = blocker {
+            let position = index as u32 + 1;
+            let behind = blocker.clone();
+            self.queue[index].notice(
+                format!("queued:{position}:{behind}"),
+                Event::Queued(pb::Queued { position, behind }),
+            );
+            return true;
+        }
+        if self
+            .deactivations
+            .iter()
+            .any(|d| d.models.contains(&target))
+        {
+            let position = index as u32 + 1;
+            self.queue[index].notice(
+                format!("queued:{position}:deactivate"),
+                Event::Queued(pb::Queued {
+                    position,
+                    behind: target.clone(),
+                }),
+            );
+            return true;
+        }
+        let (state, has_process) = (model.state, model.run.is_some());
+        match state {
+            State::Ready => {
+                self.grant(index);
+                false
+            }
+            State::Starting => {
+                self.join_start(index);
+                true
+            }
+            // The target's own process is still going away.
+            State::Stopping => true,
+            State::Failed if has_process => true,
+            State::Stopped | State::Failed => self.make_room_or_start(index, now, needed),
+        }
+    }
+
+    /// The waiter follows the start of its model: Starting once, then its log lines.
+    fn join_start(&mut self, index: usize) {
+        let waiter = &mut self.queue[index];
+        let Some(model) = self.models.get(&waiter.model) else {
+            return;
+        };
+        let Some(run) = &model.run else { return };
+        if waiter.joined == Some(run.generation) {
+            return;
+        }
+        waiter.joined = Some(run.generation);
+        waiter.stream.send(Event::Starting(pb::Starting {
+            model: waiter.model.clone(),
+            pid: run.backend.pid(),
+            generation: run.generation,
+        }));
+        waiter.log_forward = Some(forward_logs(
+            model.logs.subscribe(),
+            waiter.stream.events.clone(),
+            waiter.stream.received,
+        ));
+    }
+
+    /// The target is not running: drain and stop what conflicts with it, then start it.
+    fn make_room_or_start(
+        &mut self,
+        index: usize,
+        now: Instant,
+        needed: &mut HashSet<String>,
+    ) -> bool {
+        let target = self.queue[index].model.clone();
+        let model = &self.models[&target];
+        if let Some(path) = missing_requirement(&model.config) {
+            let waiter = self.queue.remove(index).expect("index in range");
+            waiter.stream.send(Event::Failed(pb::Failed {
+                model: target.clone(),
+                reason: format!("model {target} is unavailable: missing {}", path.display()),
+                log_tail: Vec::new(),
+            }));
+            return false;
+        }
+        if let Some(retry_at) = model.retry_at
+            && retry_at > now
+        {
+            let wait = retry_at - now;
+            let line = format!(
+                "restarting {target} in {:.1}s after {} consecutive failure(s): {}",
+                wait.as_secs_f64(),
+                model.failures,
+                model.last_error
+            );
+            let key = format!("backoff:{}", model.failures);
+            self.wake_at(retry_at);
+            let waiter = &mut self.queue[index];
+            if waiter.notices.insert(key) {
+                waiter.stream.send(Event::Log(pb::LogLine {
+                    model: target.clone(),
+                    stream: pb::LogStream::Supervisor as i32,
+                    line,
+                    time_ms: unix_millis(),
+                    dropped: 0,
+                }));
+            }
+            return true;
+        }
+        let conflicting: Vec<String> = self
+            .models
+            .iter()
+            .filter(|(name, other)| {
+                **name != target
+                    && other.run.is_some()
+                    && other.occupied_config().conflicts_with(&model.config)
+            })
+            .map(|(name, _)| name.clone())
+            .collect();
+        if conflicting.is_empty() {
+            self.queue[index].joined = None;
+            return match self.start(&target) {
+                Ok(_) => {
+                    self.join_start(index);
+                    true
+                }
+                // start() failed the model; this waiter had not joined yet.
+                Err(reason) => {
+                    let waiter = self.queue.remove(index).expect("index in range");
+                    let log_tail = self.models[&target].logs.tail_lines(FAILURE_TAIL_LINES);
+                    waiter.stream.send(Event::Failed(pb::Failed {
+                        model: target,
+                        reason,
+                        log_tail,
+                    }));
+                    false
+                }
+            };
+        }
+        let force = self.queue[index].force;
+        for name in conflicting {
+            self.make_room(index, &name, force, now, needed);
+        }
+        true
+    }
+
+    /// Moves the conflicting model `name` one step towards stopped, for the waiter at `index`.
+    fn make_room(
+        &mut self,
+        index: usize,
+        name: &str,
+        force: bool,
+        now: Instant,
+        needed: &mut HashSet<String>,
+    ) {
+        let target = self.queue[index].model.clone();
+        let wanted_elsewhere = self.queue.iter().any(|w| w.model == name);
+        let Some(model) = self.models.get_mut(name) else {
+            return;
+        };
+        match model.state {
+            State::Stopping | State::Failed | State::Stopped => {
+                self.queue[index].notice(
+                    format!("stopping:{name}"),
+                    Event::Stopping(pb::Stopping {
+                        model: name.to_owned(),
+                    }),
+                );
+            }
+            State::Starting => {
+                // Only a start nobody waits for can be in the way (a later waiter of it
+                // waits behind this one): cancel it.
+                if !wanted_elsewhere {
+                    self.queue[index].notice(
+                        format!("stopping:{name}"),
+                        Event::Stopping(pb::Stopping {
+                            model: name.to_owned(),
+                        }),
+                    );
+                    self.begin_stop(
+                        name,
+                        &format!("{target} needs the GPUs"),
+                        WaiterFate::Requeue,
+                    );
+                }
+            }
+            State::Ready => {
+                let ready_at = model.ready_at.unwrap_or(now);
+                let residency_end = ready_at + self.min_residency;
+                if residency_end > now {
+                    let holders = model.holds.len() as u32;
+                    self.timers.insert(residency_end);
+                    self.queue[index].notice(
+                        format!("residency:{name}"),
+                        Event::Draining(pb::Draining {
+                            model: name.to_owned(),
+                            holders,
+                            deadline_ms: 0,
+                            residency_ms: millis(residency_end - now),
+                        }),
+                    );
+                    return;
+                }
+                needed.insert(name.to_owned());
+                if !model.holds.is_empty() {
+                    let deadline = match &model.drain {
+                        Some(drain) => drain.deadline,
+                        None => {
+                            let deadline = now + self.drain_timeout;
+                            model.drain = Some(Drain { deadline });
+                            deadline
+                        }
+                    };
+                    request_drain(name, model, &target, deadline, now);
+                    if force || now >= deadline {
+                        let reason = if force {
+                            format!("revoked: {target} was activated with force")
+                        } else {
+                            format!("revoked: drain_timeout passed while {target} waited")
+                        };
+                        revoke_holds(name, model, &reason);
+                    } else {
+                        let holders = model.holds.len() as u32;
+                        self.timers.insert(deadline);
+                        self.queue[index].notice(
+                            format!("draining:{name}"),
+                            Event::Draining(pb::Draining {
+                                model: name.to_owned(),
+                                holders,
+                                deadline_ms: millis(deadline - now),
+                                residency_ms: 0,
+                            }),
+                        );
+                        return;
+                    }
+                }
+                self.queue[index].notice(
+                    format!("stopping:{name}"),
+                    Event::Stopping(pb::Stopping {
+                        model: name.to_owned(),
+                    }),
+                );
+                self.begin_stop(
+                    name,
+                    &format!("{target} needs the GPUs"),
+                    WaiterFate::Requeue,
+                );
+            }
+        }
+    }
+
+    /// Moves every pending Deactivate forward; answers those whose models are all stopped.
+    fn pump_deactivations(&mut self, now: Instant, needed: &mut HashSet<String>) {
+        let mut pending = std::mem::take(&mut self.deactivations);
+        for deactivation in &pending {
+            for name in &deactivation.models {
+                let Some(model) = self.models.get_mut(name) else {
+                    continue;
+                };
+                if model.run.is_none() || !matches!(model.state, State::Ready | State::Starting) {
+                    continue;
+                }
+                needed.insert(name.clone());
+                if !model.holds.is_empty() {
+                    let deadline = model
+                        .drain
+                        .get_or_insert(Drain {
+                            deadline: deactivation.deadline,
+                        })
+                        .deadline
+                        .min(deactivation.deadline);
+                    request_drain(name, model, "deactivate", deadline, now);
+                    if deactivation.force || now >= deadline {
+                        revoke_holds(name, model, "deactivated");
+                    } else {
+                        self.timers.insert(deadline);
+                        continue;
+                    }
+                }
+                self.begin_stop(name, "deactivated", WaiterFate::Fail("deactivated"));
+            }
+        }
+        pending.retain_mut(|deactivation| {
+            let done = deactivation
+                .models
+                .iter()
+                .all(|name| self.models.get(name).is_none_or(|m| m.run.is_none()));
+            if done {
+                let (reply, _) = oneshot::channel();
+                let reply = std::mem::replace(&mut deactivation.reply, reply);
+                let _ = reply.send(Ok(std::mem::take(&mut deactivation.stopped)));
+            }
+            !done
+        });
+        self.deactivations = pending;
+    }
+
+    // ----- reload -------------------------------------------------------------------------
+
+    fn reload(&mut self) -> Result<pb::ReloadResponse, Status> {
+        let Some(path) = &self.config_path else {
+            return Err(Status::failed_precondition(
+                "no configuration file to reload",
+            ));
+        };
+        let config = Config::load(path).map_err(|e| Status::invalid_argument(e.to_string()))?;
+        let supervisor = &config.supervisor;
+        self.drain_timeout = supervisor.drain_timeout;
+        self.min_residency = supervisor.min_residency;
+        self.log_lines = supervisor.log_lines;
+        self.gpu_release_timeout = supervisor.gpu_release_timeout;
+        let mut response = pb::ReloadResponse::default();
+        let names: Vec<String> = self.models.keys().cloned().collect();
+        for name in names {
+            let model = self.models.get_mut(&name).expect("listed above");
+            match config.models.get(&name) {
+                None if model.removed => {}
+                None => {
+                    model.removed = true;
+                    response.removed.push(name.clone());
+                    if model.run.is_some() {
+                        self.begin_stop(
+                            &name,
+                            "removed from the configuration",
+                            WaiterFate::Fail("removed"),
+                        );
+                    } else {
+                        self.models.remove(&name);
+                        self.published.remove(&name);
+                        let _ = self.watch.send(pb::WatchEvent {
+                            event: Some(pb::watch_event::Event::Removed(name.clone())),
+                        });
+                    }
+                }
+                Some(new) if model.removed || *new != model.config => {
+                    model.removed = false;
+                    model.config = new.clone();
+                    response.changed.push(name.clone());
+                    if model.run.is_some() {
+                        self.begin_stop(&name, "configuration changed", WaiterFate::Requeue);
+                    }
+                }
+                Some(_) => {}
+            }
+        }
+        for (name, new) in &config.models {
+            if !self.models.contains_key(name) {
+                self.models
+                    .insert(name.clone(), Model::new(name, new.clone(), self.log_lines));
+                response.added.push(name.clone());
+            }
+        }
+        tracing::info!(added = ?response.added, removed = ?response.removed, changed = ?response.changed, "configuration reloaded");
+        Ok(response)
+    }
+
+    // ----- shutdown -----------------------------------------------------------------------
+
+    async fn shutdown(&mut self) {
+        tracing::info!("stopping every backend");
+        for waiter in std::mem::take(&mut self.queue) {
+            waiter.stream.send(Event::Failed(pb::Failed {
+                model: waiter.model.clone(),
+                reason: "the supervisor is shutting down".into(),
+                log_tail: Vec::new(),
+            }));
+        }
+        let mut stops = Vec::new();
+        for (name, model) in &mut self.models {
+            revoke_holds(name, model, "the supervisor is shutting down");
+            if let Some(run) = model.run.take() {
+                model.state = State::Stopped;
+                let name = name.clone();
+                stops.push(async move {
+                    let info = run.backend.stop().await;
+                    tracing::info!(model = name, %info, "stopped");
+                });
+            }
+        }
+        futures_util::future::join_all(stops).await;
+        for deactivation in std::mem::take(&mut self.deactivations) {
+            let _ = deactivation.reply.send(Ok(deactivation.stopped));
+        }
+    }
+
+    // ----- status -------------------------------------------------------------------------
+
+    fn model_status(&self, name: &str) -> pb::ModelStatus {
+        let model = &self.models[name];
+        let config = &model.config;
+        let mut state = match model.state {
+            State::Stopped => pb::ModelState::Stopped,
+            State::Starting => pb::ModelState::Starting,
+            State::Ready => pb::ModelState::Ready,
+            State::Stopping => pb::ModelState::Stopping,
+            State::Failed => pb::ModelState::Failed,
+        };
+        let mut detail = String::new();
+        if model.run.is_none()
+            && let Some(path) = missing_requirement(config)
+        {
+            state = pb::ModelState::Unavailable;
+            detail = format!("missing {}", path.display());
+        } else if let Some(drain) = &model.drain {
+            detail = format!(
+                "draining: holds revoked in {} ms",
+                millis(drain.deadline.saturating_duration_since(Instant::now()))
+            );
+        }
+        let run = model.run.as_ref();
+        pb::ModelStatus {
+            name: name.to_owned(),
+            aliases: config.aliases.clone(),
+            kind: config.kind.as_str().to_owned(),
+            state: state as i32,
+            pid: run.map_or(0, |r| r.backend.pid()),
+            uptime_ms: run.map_or(0, |r| millis(r.spawned_at.elapsed())),
+            restarts: model.restarts,
+            last_error: model.last_error.clone(),
+            gpus: config.gpus.clone().unwrap_or_default(),
+            port: u32::from(config.port),
+            host: config.host.clone(),
+            served_name: config.served_name(name).to_owned(),
+            generation: model.generation,
+            holders: model.holds.len() as u32,
+            detail,
+            last_startup_ms: model.last_startup_ms,
+            idle_ttl_ms: config.idle_ttl.map(millis),
+        }
+    }
+
+    /// The status without the fields that change by themselves (uptime, countdowns).
+    fn comparable_status(&self, name: &str) -> pb::ModelStatus {
+        let mut status = self.model_status(name);
+        status.uptime_ms = 0;
+        if status.detail.starts_with("draining") {
+            status.detail = "draining".into();
+        }
+        status
+    }
+
+    fn status_response(&self) -> pb::StatusResponse {
+        pb::StatusResponse {
+            models: self
+                .models
+                .iter()
+                .filter(|(_, m)| !m.removed)
+                .map(|(name, _)| self.model_status(name))
+                .collect(),
+            supervisor: Some(pb::SupervisorInfo {
+                version: env!("CARGO_PKG_VERSION").to_owned(),
+                pid: std::process::id(),
+                uptime_ms: millis(self.started.elapsed()),
+                queue: self.queue.iter().map(|w| w.model.clone()).collect(),
+            }),
+        }
+    }
+
+    /// Sends one `changed` per model whose state, holders or the like changed.
+    fn publish_changes(&mut self) {
+        let names: Vec<String> = self
+            .models
+            .iter()
+            .filter(|(_, m)| !m.removed)
+            .map(|(name, _)| name.clone())
+            .collect();
+        for name in names {
+            let status = self.comparable_status(&name);
+            if self.published.get(&name) == Some(&status) {
+                continue;
+            }
+            self.published.insert(name.clone(), status);
+            let _ = self.watch.send(pb::WatchEvent {
+                event: Some(pb::watch_event::Event::Changed(self.model_status(&name))),
+            });
+        }
+    }
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum FailureKind {
+    Start,
+    Crash,
+}
+
+/// Asks every holder of `model` (once each) to finish its requests and let go.
+fn request_drain(name: &str, model: &mut Model, wanted_by: &str, deadline: Instant, now: Instant) {
+    for hold in model.holds.values_mut() {
+        if !hold.drain_requested {
+            hold.drain_requested = true;
+            hold.stream.send(Event::DrainRequested(pb::DrainRequested {
+                model: name.to_owned(),
+                wanted_by: wanted_by.to_owned(),
+                deadline_ms: millis(deadline.saturating_duration_since(now)),
+            }));
+        }
+    }
+}
+
+/// Ends every hold of `model` with HoldLost.
+fn revoke_holds(name: &str, model: &mut Model, reason: &str) {
+    for (_, hold) in std::mem::take(&mut model.holds) {
+        tracing::info!(model = name, client = hold.client, reason, "hold lost");
+        hold.stream.send(Event::HoldLost(pb::HoldLost {
+            model: name.to_owned(),
+            reason: reason.to_owned(),
+        }));
+    }
+}
+
+/// Forwards a starting model's output to one waiter until the guard is dropped. Lines are
+/// skipped when the client reads slowly, so control events always find room.
+fn forward_logs(
+    mut lines: broadcast::Receiver<LogEntry>,
+    events: EventSender,
+    received: Instant,
+) -> DropGuard {
+    let token = CancellationToken::new();
+    let guard = token.clone().drop_guard();
+    tokio::spawn(async move {
+        loop {
+            let entry = tokio::select! {
+                _ = token.cancelled() => break,
+                entry = lines.recv() => entry,
+            };
+            match entry {
+                Ok(entry) => {
+                    if events.capacity() <= CONTROL_RESERVE {
+                        continue;
+                    }
+                    let event = pb::ActivateEvent {
+                        elapsed_ms: millis(received.elapsed()),
+                        event: Some(Event::Log(pb::LogLine {
+                            model: entry.model.to_string(),
+                            stream: entry.stream as i32,
+                            line: entry.line,
+                            time_ms: entry.time_ms,
+                            dropped: 0,
+                        })),
+                    };
+                    if events.try_send(Ok(event)).is_err() && events.is_closed() {
+                        break;
+                    }
+                }
+                Err(broadcast::error::RecvError::Lagged(_)) => continue,
+                Err(broadcast::error::RecvError::Closed) => break,
+            }
+        }
+    });
+    guard
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_doubles_up_to_the_cap() {
+        assert_eq!(crash_backoff(0), Duration::ZERO);
+        assert_eq!(crash_backoff(1), Duration::from_secs(1));
+        assert_eq!(crash_backoff(2), Duration::from_secs(2));
+        assert_eq!(crash_backoff(5), Duration::from_secs(16));
+        assert_eq!(crash_backoff(6), MAX_BACKOFF);
+        assert_eq!(crash_backoff(1000), MAX_BACKOFF);
+    }
+
+    fn model(host: &str, port: u16) -> ModelConfig {
+        let text = format!(
+            "[models.m]\nkind = \"vllm\"\ncommand = [\"x\"]\nport = {port}\nhost = \"{host}\"\n"
+        );
+        Config::from_toml(&text).unwrap().models["m"].clone()
+    }
+
+    #[test]
+    fn client_address_maps_wildcards_to_this_host() {
+        assert_eq!(client_address(&model("127.0.0.1", 8000)), "127.0.0.1:8000");
+        assert_eq!(client_address(&model("0.0.0.0", 8000)), "127.0.0.1:8000");
+        assert_eq!(client_address(&model("::", 8000)), "[::1]:8000");
+        assert_eq!(client_address(&model("::1", 8000)), "[::1]:8000");
+    }
+}

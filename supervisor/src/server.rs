@@ -1,1 +1,258 @@
-//! Listeners. (owner: scheduler layer)
+//! Listeners: a Unix socket guarded by its file mode, group and the peer's credentials, or
+//! TCP with TLS and a bearer token. Both serve the Supervisor service, grpc.health.v1 and
+//! server reflection (so grpcurl works); the access check runs on every call of each.
+
+use std::{
+    future::Future,
+    os::unix::fs::{FileTypeExt, PermissionsExt},
+    path::{Path, PathBuf},
+    sync::Arc,
+};
+
+use anyhow::{Context, bail};
+use gpuswap::{
+    Endpoint,
+    config::{SupervisorConfig, parse_mode},
+    pb::supervisor_server::SupervisorServer,
+};
+use tokio::net::{TcpListener, UnixListener};
+use tokio_stream::wrappers::{TcpListenerStream, UnixListenerStream};
+use tonic::{
+    Request, Status,
+    service::{Interceptor, InterceptorLayer},
+    transport::{Identity, Server, ServerTlsConfig, server::UdsConnectInfo},
+};
+
+use crate::{scheduler::Scheduler, service::SupervisorService};
+
+/// Who may call.
+#[derive(Clone)]
+pub enum Access {
+    /// Unix socket peers: root, or a listed uid, or a member of a listed gid; empty lists
+    /// let in every peer the socket's mode lets in.
+    Peers { uids: Arc<[u32]>, gids: Arc<[u32]> },
+    /// TCP: `authorization: Bearer <token>`.
+    Token(Arc<str>),
+}
+
+impl Access {
+    fn check_peer(uids: &[u32], gids: &[u32], info: Option<&UdsConnectInfo>) -> Result<(), Status> {
+        if uids.is_empty() && gids.is_empty() {
+            return Ok(());
+        }
+        let Some(cred) = info.and_then(|i| i.peer_cred) else {
+            return Err(Status::permission_denied("peer credentials unavailable"));
+        };
+        let uid = cred.uid();
+        if uid == 0 || uids.contains(&uid) || gids.contains(&cred.gid()) {
+            return Ok(());
+        }
+        if !gids.is_empty()
+            && let Some(pid) = cred.pid()
+            && supplementary_groups(pid).iter().any(|g| gids.contains(g))
+        {
+            return Ok(());
+        }
+        Err(Status::permission_denied(format!(
+            "uid {uid} (gid {}) may not use this supervisor (supervisor.allowed_uids / allowed_gids)",
+            cred.gid()
+        )))
+    }
+}
+
+impl Interceptor for Access {
+    fn call(&mut self, request: Request<()>) -> Result<Request<()>, Status> {
+        match self {
+            Access::Peers { uids, gids } => {
+                Self::check_peer(uids, gids, request.extensions().get::<UdsConnectInfo>())?;
+            }
+            Access::Token(token) => gpuswap::auth::check_bearer(&request, token)?,
+        }
+        Ok(request)
+    }
+}
+
+/// The supplementary groups of a process (the `Groups:` line of /proc/PID/status).
+fn supplementary_groups(pid: i32) -> Vec<u32> {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|status| {
+            status
+                .lines()
+                .find_map(|l| l.strip_prefix("Groups:"))
+                .map(|groups| {
+                    groups
+                        .split_whitespace()
+                        .filter_map(|g| g.parse().ok())
+                        .collect()
+                })
+        })
+        .unwrap_or_default()
+}
+
+/// A bound listener, ready to serve.
+pub struct Listener {
+    kind: Kind,
+    access: Access,
+}
+
+enum Kind {
+    Unix {
+        listener: UnixListener,
+        path: PathBuf,
+    },
+    Tls {
+        listener: TcpListener,
+        tls: ServerTlsConfig,
+    },
+}
+
+/// Binds `endpoint` with the access rules of `config`. Refuses a Unix socket another live
+/// supervisor listens on.
+pub async fn bind(config: &SupervisorConfig, endpoint: &Endpoint) -> anyhow::Result<Listener> {
+    match endpoint {
+        Endpoint::Unix(path) => bind_unix(config, path),
+        Endpoint::Https { .. } => {
+            let addr = endpoint.bind_addr().with_context(|| {
+                format!("{endpoint}: an https listen address needs an IP address")
+            })?;
+            let cert_path = config
+                .tls_cert
+                .as_deref()
+                .context("supervisor.tls_cert is required for https")?;
+            let key_path = config
+                .tls_key
+                .as_deref()
+                .context("supervisor.tls_key is required for https")?;
+            let token_path = config
+                .token_file
+                .as_deref()
+                .context("supervisor.token_file is required for https")?;
+            let cert = std::fs::read(cert_path).with_context(|| {
+                format!("supervisor.tls_cert: cannot read {}", cert_path.display())
+            })?;
+            let key = std::fs::read(key_path).with_context(|| {
+                format!("supervisor.tls_key: cannot read {}", key_path.display())
+            })?;
+            let token = gpuswap::auth::read_token_file(token_path).with_context(|| {
+                format!(
+                    "supervisor.token_file: cannot read {}",
+                    token_path.display()
+                )
+            })?;
+            let tls = ServerTlsConfig::new().identity(Identity::from_pem(cert, key));
+            let listener = TcpListener::bind(addr)
+                .await
+                .with_context(|| format!("cannot listen on {addr}"))?;
+            Ok(Listener {
+                kind: Kind::Tls { listener, tls },
+                access: Access::Token(token.into()),
+            })
+        }
+    }
+}
+
+fn bind_unix(config: &SupervisorConfig, path: &Path) -> anyhow::Result<Listener> {
+    let mode = parse_mode(&config.socket_mode)
+        .context("supervisor.socket_mode: must be an octal file mode")?;
+    if let Ok(meta) = std::fs::symlink_metadata(path) {
+        if !meta.file_type().is_socket() {
+            bail!(
+                "{} exists and is not a socket; refusing to replace it",
+                path.display()
+            );
+        }
+        if std::os::unix::net::UnixStream::connect(path).is_ok() {
+            bail!("another supervisor is listening on {}", path.display());
+        }
+        std::fs::remove_file(path)
+            .with_context(|| format!("cannot remove the stale socket {}", path.display()))?;
+    }
+    if let Some(parent) = path.parent() {
+        std::fs::create_dir_all(parent)
+            .with_context(|| format!("cannot create {}", parent.display()))?;
+    }
+    // Create the socket owner-only, then open it up to the configured mode and group: no
+    // moment where the umask's default lets others in.
+    // SAFETY: umask(2) cannot fail; nothing else creates files while the daemon starts.
+    let old_mask = unsafe { libc::umask(0o177) };
+    let bound = UnixListener::bind(path);
+    // SAFETY: as above.
+    unsafe { libc::umask(old_mask) };
+    let listener = bound.with_context(|| format!("cannot listen on {}", path.display()))?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
+        .with_context(|| format!("cannot chmod {}", path.display()))?;
+    if let Some(group) = &config.socket_group {
+        let gid = nix::unistd::Group::from_name(group)
+            .with_context(|| format!("supervisor.socket_group: cannot look up group {group:?}"))?
+            .with_context(|| format!("supervisor.socket_group: no group named {group:?}"))?
+            .gid;
+        nix::unistd::chown(path, None, Some(gid))
+            .with_context(|| format!("cannot give {} to group {group}", path.display()))?;
+    }
+    Ok(Listener {
+        kind: Kind::Unix {
+            listener,
+            path: path.to_owned(),
+        },
+        access: Access::Peers {
+            uids: config.allowed_uids.clone().into(),
+            gids: config.allowed_gids.clone().into(),
+        },
+    })
+}
+
+impl Listener {
+    /// Where it listens, for logs.
+    pub fn describe(&self) -> String {
+        match &self.kind {
+            Kind::Unix { path, .. } => format!("unix://{}", path.display()),
+            Kind::Tls { listener, .. } => listener
+                .local_addr()
+                .map(|a| format!("https://{a}"))
+                .unwrap_or_else(|_| "https://?".into()),
+        }
+    }
+
+    /// Serves until `shutdown` resolves and the open calls have ended; removes the socket.
+    pub async fn serve(
+        self,
+        scheduler: Scheduler,
+        shutdown: impl Future<Output = ()>,
+    ) -> anyhow::Result<()> {
+        let (health_reporter, health) = tonic_health::server::health_reporter();
+        health_reporter
+            .set_serving::<SupervisorServer<SupervisorService>>()
+            .await;
+        let reflection = tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(gpuswap::pb::FILE_DESCRIPTOR_SET)
+            .build_v1()
+            .context("reflection service")?;
+        let supervisor = SupervisorServer::new(SupervisorService::new(scheduler));
+        let mut builder = Server::builder();
+        match self.kind {
+            Kind::Unix { listener, path } => {
+                let result = builder
+                    .layer(InterceptorLayer::new(self.access))
+                    .add_service(supervisor)
+                    .add_service(health)
+                    .add_service(reflection)
+                    .serve_with_incoming_shutdown(UnixListenerStream::new(listener), shutdown)
+                    .await;
+                let _ = std::fs::remove_file(&path);
+                result.context("gRPC server")
+            }
+            Kind::Tls { listener, tls } => {
+                builder = builder.tls_config(tls).context("TLS configuration")?;
+                builder
+                    .layer(InterceptorLayer::new(self.access))
+                    .add_service(supervisor)
+                    .add_service(health)
+                    .add_service(reflection)
+                    .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
+                    .await
+                    .context("gRPC server")
+            }
+        }
+    }
+}
