@@ -1,0 +1,242 @@
+//! The catalog: every model the supervisor knows (ids, aliases, states), kept
+//! current from its Watch stream and reconnected with backoff when the
+//! supervisor goes away. `/v1/models` answers from the last catalog always.
+
+use std::{
+    collections::{BTreeMap, HashMap},
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicBool, Ordering},
+    },
+    time::Duration,
+};
+
+use arc_swap::ArcSwap;
+use gpuswap::{SupervisorClient, pb};
+
+/// One model as the supervisor last reported it.
+#[derive(Clone, Debug)]
+pub struct ModelInfo {
+    pub name: Arc<str>,
+    pub aliases: Vec<String>,
+    pub state: pb::ModelState,
+    pub idle_ttl: Option<Duration>,
+    pub holders: u32,
+    pub generation: u64,
+    pub detail: String,
+    pub last_error: String,
+}
+
+impl ModelInfo {
+    fn from_status(status: pb::ModelStatus) -> Self {
+        Self {
+            state: status.state(),
+            name: status.name.into(),
+            aliases: status.aliases,
+            idle_ttl: status.idle_ttl_ms.map(Duration::from_millis),
+            holders: status.holders,
+            generation: status.generation,
+            detail: status.detail,
+            last_error: status.last_error,
+        }
+    }
+
+    /// The state as `/v1/models` names it.
+    pub fn public_state(&self) -> &'static str {
+        use pb::ModelState as S;
+        match self.state {
+            S::Ready => "ready",
+            S::Starting => "loading",
+            S::Failed => "failed",
+            S::Unavailable => "unavailable",
+            S::Stopped | S::Stopping | S::Unspecified => "stopped",
+        }
+    }
+}
+
+/// Models by id, plus every id and alias resolved to its model.
+#[derive(Debug, Default)]
+pub struct Catalog {
+    pub models: BTreeMap<Arc<str>, Arc<ModelInfo>>,
+    names: HashMap<String, Arc<ModelInfo>>,
+}
+
+impl Catalog {
+    fn from_models(models: impl IntoIterator<Item = ModelInfo>) -> Self {
+        let models: BTreeMap<Arc<str>, Arc<ModelInfo>> = models
+            .into_iter()
+            .map(|m| (Arc::clone(&m.name), Arc::new(m)))
+            .collect();
+        let mut names = HashMap::new();
+        for model in models.values() {
+            for alias in &model.aliases {
+                names.insert(alias.clone(), Arc::clone(model));
+            }
+        }
+        // Ids win over aliases (the config forbids overlaps anyway).
+        for model in models.values() {
+            names.insert(model.name.to_string(), Arc::clone(model));
+        }
+        Self { models, names }
+    }
+
+    /// The model a requested id or alias names.
+    pub fn resolve(&self, name: &str) -> Option<&Arc<ModelInfo>> {
+        self.names.get(name)
+    }
+
+    fn with_changed(&self, changed: ModelInfo) -> Self {
+        let mut models: Vec<ModelInfo> = self
+            .models
+            .values()
+            .filter(|m| m.name != changed.name)
+            .map(|m| ModelInfo::clone(m))
+            .collect();
+        models.push(changed);
+        Self::from_models(models)
+    }
+
+    fn without(&self, removed: &str) -> Self {
+        Self::from_models(
+            self.models
+                .values()
+                .filter(|m| &*m.name != removed)
+                .map(|m| ModelInfo::clone(m)),
+        )
+    }
+}
+
+/// The shared catalog and whether the supervisor is reachable now.
+#[derive(Default)]
+pub struct CatalogHandle {
+    current: ArcSwap<Catalog>,
+    connected: AtomicBool,
+    last_error: Mutex<String>,
+}
+
+impl CatalogHandle {
+    pub fn load(&self) -> arc_swap::Guard<Arc<Catalog>> {
+        self.current.load()
+    }
+
+    pub fn connected(&self) -> bool {
+        self.connected.load(Ordering::SeqCst)
+    }
+
+    /// Why the supervisor is unreachable (for error messages).
+    pub fn last_error(&self) -> String {
+        self.last_error
+            .lock()
+            .map(|e| e.clone())
+            .unwrap_or_default()
+    }
+
+    fn set_disconnected(&self, why: String) {
+        self.connected.store(false, Ordering::SeqCst);
+        if let Ok(mut e) = self.last_error.lock() {
+            *e = why;
+        }
+    }
+}
+
+const BACKOFF_MIN: Duration = Duration::from_millis(50);
+const BACKOFF_MAX: Duration = Duration::from_secs(2);
+
+/// Follows the supervisor's Watch stream for ever, reconnecting with backoff.
+pub async fn watch(client: SupervisorClient, catalog: Arc<CatalogHandle>, endpoint: String) {
+    let mut backoff = BACKOFF_MIN;
+    loop {
+        let why = match follow_once(client.clone(), &catalog, &mut backoff).await {
+            Ok(()) => "the supervisor ended the watch stream".to_owned(),
+            Err(status) => describe_status(&status),
+        };
+        if catalog.connected() {
+            tracing::warn!(supervisor = %endpoint, "lost the supervisor: {why}");
+        } else {
+            tracing::debug!(supervisor = %endpoint, "supervisor unreachable: {why}");
+        }
+        catalog.set_disconnected(format!("{endpoint}: {why}"));
+        tokio::time::sleep(backoff).await;
+        backoff = (backoff * 2).min(BACKOFF_MAX);
+    }
+}
+
+async fn follow_once(
+    mut client: SupervisorClient,
+    catalog: &CatalogHandle,
+    backoff: &mut Duration,
+) -> Result<(), tonic::Status> {
+    let mut stream = client.watch(pb::WatchRequest {}).await?.into_inner();
+    while let Some(event) = stream.message().await? {
+        let Some(event) = event.event else { continue };
+        let next = match event {
+            pb::watch_event::Event::Snapshot(snapshot) => {
+                let catalog_new =
+                    Catalog::from_models(snapshot.models.into_iter().map(ModelInfo::from_status));
+                *backoff = BACKOFF_MIN;
+                if !catalog.connected() {
+                    tracing::info!(
+                        models = catalog_new.models.len(),
+                        "connected to the supervisor"
+                    );
+                }
+                catalog.current.store(Arc::new(catalog_new));
+                catalog.connected.store(true, Ordering::SeqCst);
+                continue;
+            }
+            pb::watch_event::Event::Changed(status) => catalog
+                .current
+                .load()
+                .with_changed(ModelInfo::from_status(status)),
+            pb::watch_event::Event::Removed(name) => catalog.current.load().without(&name),
+        };
+        catalog.current.store(Arc::new(next));
+    }
+    Ok(())
+}
+
+/// A short human description of a failed supervisor call.
+pub fn describe_status(status: &tonic::Status) -> String {
+    use std::error::Error;
+    let mut text = format!("{:?}: {}", status.code(), status.message());
+    let mut source = status.source();
+    while let Some(s) = source {
+        text.push_str(&format!(": {s}"));
+        source = s.source();
+    }
+    text
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn status(name: &str, aliases: &[&str], state: pb::ModelState) -> pb::ModelStatus {
+        pb::ModelStatus {
+            name: name.into(),
+            aliases: aliases.iter().map(|a| a.to_string()).collect(),
+            state: state as i32,
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn resolves_ids_and_aliases_and_follows_changes() {
+        let c = Catalog::from_models([
+            ModelInfo::from_status(status("a", &["alpha"], pb::ModelState::Stopped)),
+            ModelInfo::from_status(status("b", &[], pb::ModelState::Ready)),
+        ]);
+        assert_eq!(&*c.resolve("alpha").unwrap().name, "a");
+        assert_eq!(c.resolve("b").unwrap().public_state(), "ready");
+        assert!(c.resolve("c").is_none());
+        let c = c.with_changed(ModelInfo::from_status(status(
+            "a",
+            &["alpha"],
+            pb::ModelState::Starting,
+        )));
+        assert_eq!(c.resolve("alpha").unwrap().public_state(), "loading");
+        let c = c.without("a");
+        assert!(c.resolve("alpha").is_none());
+        assert_eq!(c.models.len(), 1);
+    }
+}

@@ -1,0 +1,374 @@
+//! OpenAI-shaped errors: every error the gateway answers, and the conversion
+//! of the backends' own error bodies (SGLang's flat form, FastAPI's `detail`).
+
+use std::borrow::Cow;
+
+use axum::{
+    body::Body,
+    response::{IntoResponse, Response},
+};
+use bytes::Bytes;
+use http::{HeaderValue, StatusCode, header};
+use serde::Serialize;
+
+/// An error answered as `{"error":{"message","type","param","code"}}`.
+#[derive(Clone, Debug)]
+pub struct ApiError {
+    pub status: StatusCode,
+    pub kind: &'static str,
+    pub code: Cow<'static, str>,
+    pub message: String,
+    /// The backend's last log lines, when a start failed.
+    pub log_tail: Vec<String>,
+}
+
+impl ApiError {
+    pub fn new(
+        status: StatusCode,
+        kind: &'static str,
+        code: impl Into<Cow<'static, str>>,
+        message: impl Into<String>,
+    ) -> Self {
+        Self {
+            status,
+            kind,
+            code: code.into(),
+            message: message.into(),
+            log_tail: Vec::new(),
+        }
+    }
+
+    pub fn invalid_request(code: &'static str, message: impl Into<String>) -> Self {
+        Self::new(
+            StatusCode::BAD_REQUEST,
+            "invalid_request_error",
+            code,
+            message,
+        )
+    }
+
+    pub fn model_not_found(model: &str) -> Self {
+        Self::new(
+            StatusCode::NOT_FOUND,
+            "invalid_request_error",
+            "model_not_found",
+            format!("The model `{model}` does not exist"),
+        )
+    }
+
+    pub fn too_large(limit: u64) -> Self {
+        Self::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "invalid_request_error",
+            "request_too_large",
+            format!("The request body is larger than the limit of {limit} bytes"),
+        )
+    }
+
+    pub fn invalid_api_key() -> Self {
+        Self::new(
+            StatusCode::UNAUTHORIZED,
+            "invalid_request_error",
+            "invalid_api_key",
+            "Missing or incorrect API key: send `Authorization: Bearer KEY` or `x-api-key: KEY`",
+        )
+    }
+
+    pub fn supervisor_unavailable(detail: impl std::fmt::Display) -> Self {
+        Self::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "server_error",
+            "supervisor_unavailable",
+            format!("The gpuswap supervisor is unreachable, so no model can be started: {detail}"),
+        )
+    }
+
+    pub fn backend_unavailable(model: &str, detail: impl std::fmt::Display) -> Self {
+        Self::new(
+            StatusCode::BAD_GATEWAY,
+            "server_error",
+            "backend_unavailable",
+            format!("The backend of model `{model}` is unreachable: {detail}"),
+        )
+    }
+
+    pub fn start_failed(model: &str, reason: &str, log_tail: Vec<String>) -> Self {
+        let mut message = format!("Model `{model}` failed to start: {reason}");
+        if !log_tail.is_empty() {
+            message.push_str("\nLast log lines:\n");
+            message.push_str(&log_tail.join("\n"));
+        }
+        Self {
+            log_tail,
+            ..Self::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "server_error",
+                "model_start_failed",
+                message,
+            )
+        }
+    }
+
+    pub fn queue_timeout(model: &str, waited: std::time::Duration) -> Self {
+        Self::new(
+            StatusCode::GATEWAY_TIMEOUT,
+            "server_error",
+            "queue_timeout",
+            format!(
+                "Model `{model}` did not become ready within the queue timeout of {}",
+                humanize(waited)
+            ),
+        )
+    }
+
+    /// The JSON body, `{"error":{...}}`.
+    pub fn body(&self) -> Bytes {
+        #[derive(Serialize)]
+        struct Envelope<'a> {
+            error: Inner<'a>,
+        }
+        #[derive(Serialize)]
+        struct Inner<'a> {
+            message: &'a str,
+            #[serde(rename = "type")]
+            kind: &'a str,
+            param: Option<()>,
+            code: &'a str,
+            #[serde(skip_serializing_if = "<[String]>::is_empty")]
+            log_tail: &'a [String],
+        }
+        let envelope = Envelope {
+            error: Inner {
+                message: &self.message,
+                kind: self.kind,
+                param: None,
+                code: &self.code,
+                log_tail: &self.log_tail,
+            },
+        };
+        // Serializing plain strings into a Vec cannot fail.
+        Bytes::from(serde_json::to_vec(&envelope).unwrap_or_default())
+    }
+
+    /// The error as one SSE event, for failures after a 200 stream started.
+    pub fn sse_event(&self) -> Bytes {
+        let body = self.body();
+        let mut event = Vec::with_capacity(body.len() + 8);
+        event.extend_from_slice(b"data: ");
+        event.extend_from_slice(&body);
+        event.extend_from_slice(b"\n\n");
+        Bytes::from(event)
+    }
+}
+
+impl std::fmt::Display for ApiError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{} {}: {}",
+            self.status.as_u16(),
+            self.code,
+            self.message
+        )
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        json_response(self.status, self.body())
+    }
+}
+
+/// A JSON response with the given status.
+pub fn json_response(status: StatusCode, body: Bytes) -> Response {
+    let mut response = Response::new(Body::from(body));
+    *response.status_mut() = status;
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    response
+}
+
+fn humanize(d: std::time::Duration) -> String {
+    let secs = d.as_secs_f64();
+    if secs >= 1.0 {
+        format!("{secs:.0} s")
+    } else {
+        format!("{} ms", d.as_millis())
+    }
+}
+
+/// Converts a backend's non-2xx body into the OpenAI error shape, keeping the
+/// status. `None` when the body already has that shape (forward it as is).
+pub fn convert_backend_error(status: StatusCode, body: &[u8]) -> Option<ApiError> {
+    #[derive(serde::Deserialize)]
+    struct Loose {
+        error: Option<serde_json::Value>,
+        message: Option<serde_json::Value>,
+        detail: Option<serde_json::Value>,
+        #[serde(rename = "type")]
+        kind: Option<String>,
+        code: Option<serde_json::Value>,
+    }
+    let parsed: Option<Loose> = serde_json::from_slice(body).ok();
+    if let Some(Loose {
+        error: Some(serde_json::Value::Object(_)),
+        ..
+    }) = parsed
+    {
+        return None;
+    }
+    let (message, kind, code) = match parsed {
+        // SGLang / vLLM: {"object":"error","message":...,"type":...,"code":400}
+        Some(Loose {
+            message: Some(message),
+            kind,
+            code,
+            ..
+        }) => (text_of(&message), kind, code),
+        // TabbyAPI / FastAPI: {"detail": "..."} or a list of validation errors.
+        Some(Loose {
+            detail: Some(detail),
+            ..
+        }) => (text_of(&detail), None, None),
+        // llama-server sometimes: {"error": "text"}
+        Some(Loose {
+            error: Some(error), ..
+        }) => (text_of(&error), None, None),
+        _ => {
+            let text = String::from_utf8_lossy(body);
+            let text = text.trim();
+            let message = if text.is_empty() {
+                format!("The backend answered {status}")
+            } else {
+                truncate(text, 4096).to_owned()
+            };
+            (message, None, None)
+        }
+    };
+    let code = match code {
+        Some(serde_json::Value::String(s)) if !s.is_empty() => Cow::Owned(s),
+        _ => Cow::Borrowed(code_for_status(status)),
+    };
+    let kind = match kind.as_deref() {
+        Some("invalid_request_error") | Some("BadRequestError") => "invalid_request_error",
+        Some("authentication_error") => "authentication_error",
+        Some("rate_limit_error") => "rate_limit_error",
+        _ => kind_for_status(status),
+    };
+    Some(ApiError {
+        status,
+        kind,
+        code,
+        message,
+        log_tail: Vec::new(),
+    })
+}
+
+fn text_of(value: &serde_json::Value) -> String {
+    match value {
+        serde_json::Value::String(s) => s.clone(),
+        other => other.to_string(),
+    }
+}
+
+fn truncate(text: &str, max: usize) -> &str {
+    if text.len() <= max {
+        return text;
+    }
+    let mut end = max;
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    &text[..end]
+}
+
+fn kind_for_status(status: StatusCode) -> &'static str {
+    match status.as_u16() {
+        401 | 403 => "authentication_error",
+        429 => "rate_limit_error",
+        400..=499 => "invalid_request_error",
+        _ => "server_error",
+    }
+}
+
+fn code_for_status(status: StatusCode) -> &'static str {
+    match status.as_u16() {
+        400 | 422 => "invalid_request",
+        401 => "invalid_api_key",
+        403 => "forbidden",
+        404 => "not_found",
+        413 => "request_too_large",
+        429 => "rate_limit_exceeded",
+        503 => "backend_overloaded",
+        _ => "backend_error",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn error_json(e: &ApiError) -> serde_json::Value {
+        serde_json::from_slice(&e.body()).unwrap()
+    }
+
+    #[test]
+    fn sglang_flat_error_becomes_openai_shaped() {
+        let body = br#"{"object":"error","message":"bad temperature","type":"BadRequestError","param":null,"code":400}"#;
+        let e = convert_backend_error(StatusCode::BAD_REQUEST, body).unwrap();
+        let v = error_json(&e);
+        assert_eq!(v["error"]["message"], "bad temperature");
+        assert_eq!(v["error"]["type"], "invalid_request_error");
+        assert_eq!(v["error"]["code"], "invalid_request");
+    }
+
+    #[test]
+    fn fastapi_detail_becomes_openai_shaped() {
+        let e = convert_backend_error(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            br#"{"detail":"no model loaded"}"#,
+        )
+        .unwrap();
+        assert_eq!(e.status, StatusCode::UNPROCESSABLE_ENTITY);
+        assert_eq!(error_json(&e)["error"]["message"], "no model loaded");
+        let e = convert_backend_error(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            br#"{"detail":[{"loc":["body"],"msg":"x"}]}"#,
+        )
+        .unwrap();
+        assert!(e.message.contains("\"msg\":\"x\""), "{}", e.message);
+    }
+
+    #[test]
+    fn openai_shaped_errors_pass_and_text_is_wrapped() {
+        assert!(
+            convert_backend_error(
+                StatusCode::BAD_REQUEST,
+                br#"{"error":{"message":"m","type":"t","code":null}}"#
+            )
+            .is_none()
+        );
+        let e = convert_backend_error(StatusCode::INTERNAL_SERVER_ERROR, b"Internal Server Error")
+            .unwrap();
+        assert_eq!(e.message, "Internal Server Error");
+        assert_eq!(e.kind, "server_error");
+        let e = convert_backend_error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            br#"{"error":"Loading model"}"#,
+        )
+        .unwrap();
+        assert_eq!(e.message, "Loading model");
+    }
+
+    #[test]
+    fn start_failure_carries_the_log_tail() {
+        let e = ApiError::start_failed("a", "exited with status 1", vec!["boom".into()]);
+        let v = error_json(&e);
+        assert_eq!(v["error"]["code"], "model_start_failed");
+        assert!(v["error"]["message"].as_str().unwrap().contains("boom"));
+        assert_eq!(v["error"]["log_tail"][0], "boom");
+        assert!(e.sse_event().starts_with(b"data: {\"error\""));
+    }
+}

@@ -1,0 +1,218 @@
+//! gpuswap-gateway: the OpenAI-compatible HTTP front.
+//!
+//! - [`catalog`]: the models the supervisor knows, from its Watch stream.
+//! - [`route`]: the lock-free route table and in-flight counts.
+//! - [`scheduler`]: the actor that orders requests and holds models.
+//! - [`proxy`]: the hot path; [`waiting`]: streams that wait for a swap.
+//! - [`server`]: the HTTP endpoints and the accept loop.
+
+pub mod catalog;
+pub mod error;
+pub mod proxy;
+pub mod route;
+pub mod scheduler;
+pub mod server;
+pub mod waiting;
+
+use std::{
+    sync::Arc,
+    time::{Duration, SystemTime, UNIX_EPOCH},
+};
+
+use anyhow::Context as _;
+use bytes::Bytes;
+use gpuswap::{ClientOptions, Endpoint, config::GatewayConfig};
+use http::{HeaderMap, header};
+use http_body_util::Full;
+use hyper_util::{
+    client::legacy::{Client, connect::HttpConnector},
+    rt::{TokioExecutor, TokioTimer},
+};
+
+use crate::{
+    catalog::CatalogHandle,
+    route::RouteTable,
+    scheduler::{Scheduler, SchedulerConfig, SchedulerHandle},
+};
+
+pub type UpstreamClient = Client<HttpConnector, Full<Bytes>>;
+
+/// What every request handler shares.
+pub struct Gateway {
+    pub catalog: Arc<CatalogHandle>,
+    pub routes: Arc<RouteTable>,
+    pub scheduler: SchedulerHandle,
+    pub client: UpstreamClient,
+    pub api_keys: Vec<Vec<u8>>,
+    pub max_body: u64,
+    pub queue_timeout: Duration,
+    pub keepalive_interval: Duration,
+    pub stream_progress: bool,
+    /// Shown as `created` in the model list.
+    pub started_unix: u64,
+    pub supervisor_endpoint: String,
+}
+
+impl Gateway {
+    /// True when no keys are configured, or the request carries one of them
+    /// (`Authorization: Bearer K` or `x-api-key: K`), compared in constant time.
+    pub fn authorized(&self, headers: &HeaderMap) -> bool {
+        if self.api_keys.is_empty() {
+            return true;
+        }
+        let bearer = headers.get(header::AUTHORIZATION).and_then(|v| {
+            let v = v.as_bytes();
+            (v.len() > 7 && v[..7].eq_ignore_ascii_case(b"bearer ")).then(|| &v[7..])
+        });
+        let plain = headers.get("x-api-key").map(|v| v.as_bytes());
+        let mut ok = false;
+        for given in [bearer, plain].into_iter().flatten() {
+            for key in &self.api_keys {
+                ok |= gpuswap::auth::secrets_equal(given, key);
+            }
+        }
+        ok
+    }
+}
+
+/// The pooled keep-alive HTTP/1.1 client for backends.
+pub fn upstream_client() -> UpstreamClient {
+    let mut connector = HttpConnector::new();
+    connector.set_nodelay(true);
+    connector.set_connect_timeout(Some(Duration::from_secs(10)));
+    Client::builder(TokioExecutor::new())
+        .pool_max_idle_per_host(4096)
+        // Below uvicorn's 5 s keep-alive, so the gateway, not the backend,
+        // closes idle connections (no request lost on a closing connection).
+        .pool_idle_timeout(Duration::from_secs(4))
+        .pool_timer(TokioTimer::new())
+        .build(connector)
+}
+
+/// `gateway@host:pid`, shown in the supervisor's status.
+fn client_name() -> String {
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_owned())
+        .unwrap_or_else(|_| "localhost".into());
+    format!("gateway@{host}:{}", std::process::id())
+}
+
+/// Runs the gateway until the process is told to stop.
+pub async fn run(config: GatewayConfig, listen: Option<String>) -> anyhow::Result<()> {
+    let endpoint: Endpoint = config.supervisor.parse().context("gateway.supervisor")?;
+    let token = config
+        .token_file
+        .as_deref()
+        .map(gpuswap::auth::read_token_file)
+        .transpose()
+        .context("gateway.token_file")?;
+    let options = ClientOptions {
+        token,
+        ca_file: config.ca_file.clone(),
+    };
+    let supervisor =
+        gpuswap::connect(&endpoint, &options).context("connecting to the supervisor")?;
+    let listen = listen.unwrap_or_else(|| config.listen.clone());
+    let listener = tokio::net::TcpListener::bind(&listen)
+        .await
+        .with_context(|| format!("cannot listen on {listen}"))?;
+
+    let catalog = Arc::new(CatalogHandle::default());
+    let routes = Arc::new(RouteTable::default());
+    let (scheduler, handle) = Scheduler::new(
+        supervisor.clone(),
+        Arc::clone(&catalog),
+        Arc::clone(&routes),
+        SchedulerConfig {
+            client_name: client_name(),
+            idle_ttl: config.idle_ttl,
+            preload: config.preload.clone(),
+        },
+    );
+    tokio::spawn(catalog::watch(
+        supervisor,
+        Arc::clone(&catalog),
+        endpoint.to_string(),
+    ));
+    tokio::spawn(scheduler.run());
+
+    let gateway = Arc::new(Gateway {
+        catalog,
+        routes,
+        scheduler: handle,
+        client: upstream_client(),
+        api_keys: config
+            .api_keys
+            .iter()
+            .map(|k| k.as_bytes().to_vec())
+            .collect(),
+        max_body: config.max_body,
+        queue_timeout: config.queue_timeout,
+        keepalive_interval: config.keepalive_interval,
+        stream_progress: config.stream_progress,
+        started_unix: SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0),
+        supervisor_endpoint: endpoint.to_string(),
+    });
+    tracing::info!(listen = %listener.local_addr()?, supervisor = %endpoint, "gpuswap-gateway listening");
+    server::serve(listener, server::router(gateway), config.header_timeout).await;
+    Ok(())
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+
+    /// A gateway whose supervisor is nowhere, for tests of the pure parts.
+    pub fn test_gateway() -> Arc<Gateway> {
+        let endpoint: Endpoint = "unix:///nonexistent/gs.sock".parse().unwrap();
+        let supervisor = gpuswap::connect(&endpoint, &ClientOptions::default()).unwrap();
+        let catalog = Arc::new(CatalogHandle::default());
+        let routes = Arc::new(RouteTable::default());
+        let (_scheduler, handle) = Scheduler::new(
+            supervisor,
+            Arc::clone(&catalog),
+            Arc::clone(&routes),
+            SchedulerConfig {
+                client_name: "test".into(),
+                idle_ttl: Duration::ZERO,
+                preload: Vec::new(),
+            },
+        );
+        Arc::new(Gateway {
+            catalog,
+            routes,
+            scheduler: handle,
+            client: upstream_client(),
+            api_keys: vec![b"k1".to_vec(), b"k2".to_vec()],
+            max_body: 1 << 20,
+            queue_timeout: Duration::from_secs(1),
+            keepalive_interval: Duration::from_secs(1),
+            stream_progress: true,
+            started_unix: 0,
+            supervisor_endpoint: endpoint.to_string(),
+        })
+    }
+
+    #[tokio::test]
+    async fn api_keys_by_bearer_or_header() {
+        let gateway = test_gateway();
+        let check = |name: &str, value: &str| {
+            let mut h = HeaderMap::new();
+            h.insert(
+                http::HeaderName::from_bytes(name.as_bytes()).unwrap(),
+                value.parse().unwrap(),
+            );
+            gateway.authorized(&h)
+        };
+        assert!(check("authorization", "Bearer k2"));
+        assert!(check("authorization", "bearer k1"));
+        assert!(check("x-api-key", "k1"));
+        assert!(!check("authorization", "Bearer k3"));
+        assert!(!check("authorization", "k1"));
+        assert!(!check("x-api-key", "k"));
+        assert!(!gateway.authorized(&HeaderMap::new()));
+    }
+}

@@ -1,0 +1,450 @@
+//! The hot path: read the body once, find the model without building a JSON
+//! tree, take a route from the lock-free table, forward over a pooled
+//! keep-alive connection and stream the answer back untouched.
+
+use std::{
+    ops::Range,
+    pin::Pin,
+    sync::Arc,
+    task::{Context, Poll, ready},
+};
+
+use axum::{
+    body::Body,
+    response::{IntoResponse, Response},
+};
+use bytes::Bytes;
+use http::{HeaderMap, HeaderValue, Request, Uri, header, request::Parts};
+use http_body::{Body as HttpBody, Frame, SizeHint};
+use http_body_util::{BodyExt, Full, LengthLimitError, Limited};
+use hyper::body::Incoming;
+use serde::Deserialize;
+use serde_json::value::RawValue;
+
+use crate::{
+    Gateway,
+    error::{ApiError, convert_backend_error},
+    route::{InFlight, Route},
+    waiting::WaitingStream,
+};
+
+/// How much of a backend's error body is read to convert it.
+const ERROR_BODY_LIMIT: usize = 1 << 20;
+
+/// The two fields the gateway needs; everything else is skipped unparsed.
+#[derive(Deserialize)]
+struct Probe<'a> {
+    #[serde(borrow)]
+    model: Option<&'a RawValue>,
+    stream: Option<bool>,
+}
+
+/// What the gateway learned from a request body.
+#[derive(Debug, PartialEq)]
+pub struct Probed {
+    /// The model as requested (unescaped).
+    pub model: String,
+    /// Where the model's JSON string literal sits in the body.
+    pub span: Range<usize>,
+    pub stream: bool,
+}
+
+pub fn probe(body: &[u8]) -> Result<Probed, ApiError> {
+    let probe: Probe = serde_json::from_slice(body).map_err(|e| {
+        ApiError::invalid_request(
+            "invalid_json",
+            format!("The request body must be a JSON object: {e}"),
+        )
+    })?;
+    let raw = probe.model.ok_or_else(|| {
+        ApiError::invalid_request("missing_model", "You must provide a model parameter")
+    })?;
+    let text = raw.get();
+    let model = match serde_json::from_str::<&str>(text) {
+        Ok(s) => s.to_owned(),
+        Err(_) => serde_json::from_str::<String>(text).map_err(|_| {
+            ApiError::invalid_request("missing_model", "The model parameter must be a string")
+        })?,
+    };
+    // The raw value borrows from the body, so its offset is its position there.
+    let start = text.as_ptr() as usize - body.as_ptr() as usize;
+    Ok(Probed {
+        model,
+        span: start..start + text.len(),
+        stream: probe.stream.unwrap_or(false),
+    })
+}
+
+/// The body with the model literal at `span` replaced: the one copy a rename costs.
+pub fn splice(body: &Bytes, span: Range<usize>, literal: &[u8]) -> Bytes {
+    let mut out = Vec::with_capacity(body.len() - span.len() + literal.len());
+    out.extend_from_slice(&body[..span.start]);
+    out.extend_from_slice(literal);
+    out.extend_from_slice(&body[span.end..]);
+    Bytes::from(out)
+}
+
+/// Reads a request body once, bounded by `max_body`.
+pub async fn read_body(headers: &HeaderMap, body: Body, max_body: u64) -> Result<Bytes, ApiError> {
+    let declared = headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|len| len > max_body) {
+        return Err(ApiError::too_large(max_body));
+    }
+    let limit = usize::try_from(max_body).unwrap_or(usize::MAX);
+    match Limited::new(body, limit).collect().await {
+        Ok(collected) => Ok(collected.to_bytes()),
+        Err(e) if e.downcast_ref::<LengthLimitError>().is_some() => {
+            Err(ApiError::too_large(max_body))
+        }
+        Err(e) => Err(ApiError::invalid_request(
+            "invalid_body",
+            format!("Could not read the request body: {e}"),
+        )),
+    }
+}
+
+/// A `POST /v1/*` request.
+pub async fn handle(gateway: Arc<Gateway>, request: Request<Body>) -> Response {
+    let (parts, body) = request.into_parts();
+    if !gateway.authorized(&parts.headers) {
+        return ApiError::invalid_api_key().into_response();
+    }
+    let body = match read_body(&parts.headers, body, gateway.max_body).await {
+        Ok(b) => b,
+        Err(e) => return e.into_response(),
+    };
+    let probed = match probe(&body) {
+        Ok(p) => p,
+        Err(e) => return e.into_response(),
+    };
+    let model = {
+        let catalog = gateway.catalog.load();
+        match catalog.resolve(&probed.model) {
+            Some(info) => Arc::clone(&info.name),
+            None if !gateway.catalog.connected() && catalog.models.is_empty() => {
+                return ApiError::supervisor_unavailable(gateway.catalog.last_error())
+                    .into_response();
+            }
+            None => return ApiError::model_not_found(&probed.model).into_response(),
+        }
+    };
+    let upstream = Upstream {
+        parts,
+        body,
+        probed,
+    };
+    // Fast path: a live route that accepts. No message, no lock, no copy.
+    if let Some(route) = gateway.routes.get(&model)
+        && let Some(guard) = route.try_enter()
+    {
+        return forward(&gateway, upstream, guard).await;
+    }
+    if !gateway.catalog.connected() {
+        return ApiError::supervisor_unavailable(gateway.catalog.last_error()).into_response();
+    }
+    if upstream.probed.stream {
+        return WaitingStream::start(gateway, model, upstream).into_response();
+    }
+    let ticket = gateway.scheduler.wait(Arc::clone(&model), None);
+    match tokio::time::timeout(gateway.queue_timeout, ticket).await {
+        Ok(Ok(guard)) => forward(&gateway, upstream, guard).await,
+        Ok(Err(e)) => e.into_response(),
+        Err(_) => ApiError::queue_timeout(&model, gateway.queue_timeout).into_response(),
+    }
+}
+
+/// A request ready to go upstream once a route is granted.
+pub struct Upstream {
+    parts: Parts,
+    body: Bytes,
+    probed: Probed,
+}
+
+impl Upstream {
+    pub fn is_chat(&self) -> bool {
+        self.parts.uri.path().ends_with("/chat/completions")
+    }
+
+    pub fn requested_model(&self) -> &str {
+        &self.probed.model
+    }
+
+    /// The upstream request for `route`: same method, path, query and headers
+    /// (less hop-by-hop and the client's credentials), the backend's key, and
+    /// the body with the model renamed when the backend serves another name.
+    fn into_request(self, route: &Route) -> Result<Request<Full<Bytes>>, ApiError> {
+        let Upstream {
+            parts,
+            body,
+            probed,
+        } = self;
+        let body = if probed.model == route.served_name {
+            body
+        } else {
+            splice(&body, probed.span, &route.served_name_json)
+        };
+        let path = parts
+            .uri
+            .path_and_query()
+            .cloned()
+            .unwrap_or_else(|| http::uri::PathAndQuery::from_static("/"));
+        let uri = Uri::builder()
+            .scheme(http::uri::Scheme::HTTP)
+            .authority(route.upstream.clone())
+            .path_and_query(path)
+            .build()
+            .map_err(|e| ApiError::backend_unavailable(&route.model, e))?;
+        let mut headers = parts.headers;
+        for name in STRIPPED_REQUEST_HEADERS {
+            headers.remove(*name);
+        }
+        if let Some((bearer, key)) = &route.api_key {
+            headers.insert(header::AUTHORIZATION, bearer.clone());
+            headers.insert(X_API_KEY, key.clone());
+        }
+        let mut request = Request::new(Full::new(body));
+        *request.method_mut() = parts.method;
+        *request.uri_mut() = uri;
+        *request.headers_mut() = headers;
+        Ok(request)
+    }
+}
+
+const X_API_KEY: header::HeaderName = header::HeaderName::from_static("x-api-key");
+
+/// Hop-by-hop headers, the client's credentials for the gateway, and what
+/// the client sets from the new body and URI.
+static STRIPPED_REQUEST_HEADERS: &[&str] = &[
+    "host",
+    "content-length",
+    "connection",
+    "keep-alive",
+    "proxy-connection",
+    "proxy-authorization",
+    "te",
+    "trailer",
+    "transfer-encoding",
+    "upgrade",
+    "expect",
+    "authorization",
+    "x-api-key",
+];
+
+static STRIPPED_RESPONSE_HEADERS: &[&str] = &[
+    "connection",
+    "keep-alive",
+    "proxy-connection",
+    "transfer-encoding",
+    "trailer",
+    "upgrade",
+];
+
+/// Forwards a granted request and streams the answer back.
+pub async fn forward(gateway: &Gateway, upstream: Upstream, guard: InFlight) -> Response {
+    let route = Arc::clone(guard.route());
+    let request = match upstream.into_request(&route) {
+        Ok(r) => r,
+        Err(e) => return e.into_response(),
+    };
+    let response = match gateway.client.request(request).await {
+        Ok(r) => r,
+        Err(e) => {
+            return ApiError::backend_unavailable(&route.model, error_chain(&e)).into_response();
+        }
+    };
+    let (mut parts, incoming) = response.into_parts();
+    if !parts.status.is_success() {
+        let body = read_error_body(incoming).await;
+        drop(guard);
+        return match convert_backend_error(parts.status, &body) {
+            Some(error) => error.into_response(),
+            None => {
+                strip_response_headers(&mut parts.headers);
+                parts.headers.remove(header::CONTENT_LENGTH);
+                Response::from_parts(parts, Body::from(body))
+            }
+        };
+    }
+    strip_response_headers(&mut parts.headers);
+    let sse = is_event_stream(&parts.headers);
+    if sse {
+        add_event_stream_headers(&mut parts.headers);
+    }
+    Response::from_parts(parts, Body::new(GuardedBody::new(incoming, guard, sse)))
+}
+
+/// For a streaming request whose 200 already went out: the upstream body, or
+/// the SSE event that reports why there is none.
+pub async fn forward_stream(
+    gateway: Arc<Gateway>,
+    upstream: Upstream,
+    guard: InFlight,
+) -> Result<GuardedBody, Bytes> {
+    let route = Arc::clone(guard.route());
+    let request = upstream.into_request(&route).map_err(|e| e.sse_event())?;
+    let response =
+        gateway.client.request(request).await.map_err(|e| {
+            ApiError::backend_unavailable(&route.model, error_chain(&e)).sse_event()
+        })?;
+    let (parts, incoming) = response.into_parts();
+    if !parts.status.is_success() {
+        let body = read_error_body(incoming).await;
+        return Err(match convert_backend_error(parts.status, &body) {
+            Some(error) => error.sse_event(),
+            None => {
+                let mut event = b"data: ".to_vec();
+                event.extend(body.iter().filter(|b| **b != b'\n' && **b != b'\r'));
+                event.extend_from_slice(b"\n\n");
+                Bytes::from(event)
+            }
+        });
+    }
+    Ok(GuardedBody::new(incoming, guard, true))
+}
+
+async fn read_error_body(incoming: Incoming) -> Bytes {
+    match Limited::new(incoming, ERROR_BODY_LIMIT).collect().await {
+        Ok(c) => c.to_bytes(),
+        Err(_) => Bytes::new(),
+    }
+}
+
+fn strip_response_headers(headers: &mut HeaderMap) {
+    for name in STRIPPED_RESPONSE_HEADERS {
+        headers.remove(*name);
+    }
+}
+
+fn is_event_stream(headers: &HeaderMap) -> bool {
+    headers
+        .get(header::CONTENT_TYPE)
+        .is_some_and(|v| v.as_bytes().starts_with(b"text/event-stream"))
+}
+
+pub fn add_event_stream_headers(headers: &mut HeaderMap) {
+    headers.insert("x-accel-buffering", HeaderValue::from_static("no"));
+    headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+}
+
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        text.push_str(": ");
+        text.push_str(&s.to_string());
+        source = s.source();
+    }
+    text
+}
+
+/// The upstream body, passed through frame by frame, holding the request's
+/// in-flight count until it ends or the client goes away (dropping it drops
+/// the upstream body, which cancels the upstream request).
+pub struct GuardedBody {
+    inner: Incoming,
+    guard: Option<InFlight>,
+    /// An event stream reports a broken upstream as a final error event.
+    sse: bool,
+    done: bool,
+}
+
+impl GuardedBody {
+    pub fn new(inner: Incoming, guard: InFlight, sse: bool) -> Self {
+        Self {
+            inner,
+            guard: Some(guard),
+            sse,
+            done: false,
+        }
+    }
+}
+
+impl HttpBody for GuardedBody {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        if self.done {
+            return Poll::Ready(None);
+        }
+        match ready!(Pin::new(&mut self.inner).poll_frame(cx)) {
+            Some(Ok(frame)) => Poll::Ready(Some(Ok(frame))),
+            Some(Err(e)) => {
+                self.done = true;
+                let guard = self.guard.take();
+                if self.sse {
+                    let model = guard
+                        .as_ref()
+                        .map(|g| Arc::clone(&g.route().model))
+                        .unwrap_or_default();
+                    let error = ApiError::backend_unavailable(
+                        &model,
+                        format!("the stream broke: {}", error_chain(&e)),
+                    );
+                    let mut event = b"\n\n".to_vec();
+                    event.extend_from_slice(&error.sse_event());
+                    Poll::Ready(Some(Ok(Frame::data(Bytes::from(event)))))
+                } else {
+                    Poll::Ready(Some(Err(e)))
+                }
+            }
+            None => {
+                self.done = true;
+                self.guard = None;
+                Poll::Ready(None)
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.done || self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http::StatusCode;
+
+    #[test]
+    fn probe_finds_the_model_span_and_stream_flag() {
+        let body = br#"{"messages":[{"role":"user","content":"hi \"model\""}], "model" : "a-b", "stream":true}"#;
+        let p = probe(body).unwrap();
+        assert_eq!(p.model, "a-b");
+        assert!(p.stream);
+        assert_eq!(&body[p.span.clone()], br#""a-b""#);
+        let spliced = splice(&Bytes::from_static(body), p.span, br#""served""#);
+        let v: serde_json::Value = serde_json::from_slice(&spliced).unwrap();
+        assert_eq!(v["model"], "served");
+        assert_eq!(v["messages"][0]["content"], "hi \"model\"");
+    }
+
+    #[test]
+    fn probe_unescapes_and_refuses_bad_bodies() {
+        let p = probe(br#"{"model":"a\u002fb"}"#).unwrap();
+        assert_eq!(p.model, "a/b");
+        assert!(!p.stream);
+        let code = |b: &[u8]| probe(b).unwrap_err().code;
+        assert_eq!(code(b"{not json"), "invalid_json");
+        assert_eq!(code(b"[1,2]"), "invalid_json");
+        assert_eq!(code(b"\"model\""), "invalid_json");
+        assert_eq!(code(br#"{"model":"a","stream":"yes"}"#), "invalid_json");
+        assert_eq!(code(br#"{"messages":[]}"#), "missing_model");
+        assert_eq!(code(br#"{"model":7}"#), "missing_model");
+        assert_eq!(code(br#"{"model":null}"#), "missing_model");
+        assert_eq!(
+            probe(b"{not json").unwrap_err().status,
+            StatusCode::BAD_REQUEST
+        );
+    }
+}

@@ -1,0 +1,230 @@
+//! The HTTP front: routes, the catalog endpoints, CORS, and the accept loop
+//! (hyper directly, for the header read timeout).
+
+use std::{convert::Infallible, sync::Arc, time::Duration};
+
+use axum::{
+    Router,
+    body::Body,
+    extract::{Path, Request, State},
+    response::{IntoResponse, Response},
+    routing::{get, post},
+};
+use http::{HeaderMap, HeaderValue, Method, StatusCode, header};
+use hyper_util::rt::{TokioIo, TokioTimer};
+use serde_json::json;
+use tokio::net::TcpListener;
+use tower::Service;
+
+use crate::{
+    Gateway,
+    catalog::ModelInfo,
+    error::{ApiError, json_response},
+    proxy,
+};
+
+pub fn router(gateway: Arc<Gateway>) -> Router {
+    Router::new()
+        .route("/health", get(health))
+        .route("/v1/models", get(list_models))
+        .route("/v1/models/{*id}", get(get_model))
+        .route("/v1/{*rest}", post(proxy_request))
+        .fallback(not_found)
+        .with_state(gateway)
+}
+
+async fn proxy_request(State(gateway): State<Arc<Gateway>>, request: Request) -> Response {
+    proxy::handle(gateway, request).await
+}
+
+async fn not_found(request: Request) -> Response {
+    ApiError::new(
+        StatusCode::NOT_FOUND,
+        "invalid_request_error",
+        "not_found",
+        format!("No route for {} {}", request.method(), request.uri().path()),
+    )
+    .into_response()
+}
+
+fn model_entry(
+    id: &str,
+    model: &ModelInfo,
+    created: u64,
+    alias_of: Option<&str>,
+) -> serde_json::Value {
+    let mut gpuswap = json!({ "state": model.public_state() });
+    if let Some(of) = alias_of {
+        gpuswap["alias_of"] = json!(of);
+    }
+    json!({
+        "id": id,
+        "object": "model",
+        "created": created,
+        "owned_by": "gpuswap",
+        "gpuswap": gpuswap,
+    })
+}
+
+/// Every model and every alias, from the catalog: this must answer during
+/// swaps and supervisor outages alike (OpenWebUI drops models whose list fails).
+async fn list_models(State(gateway): State<Arc<Gateway>>, headers: HeaderMap) -> Response {
+    if !gateway.authorized(&headers) {
+        return ApiError::invalid_api_key().into_response();
+    }
+    let catalog = gateway.catalog.load();
+    let mut data = Vec::new();
+    for model in catalog.models.values() {
+        data.push(model_entry(&model.name, model, gateway.started_unix, None));
+        for alias in &model.aliases {
+            data.push(model_entry(
+                alias,
+                model,
+                gateway.started_unix,
+                Some(&model.name),
+            ));
+        }
+    }
+    let body = json!({ "object": "list", "data": data });
+    json_response(StatusCode::OK, body.to_string().into())
+}
+
+async fn get_model(
+    State(gateway): State<Arc<Gateway>>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+) -> Response {
+    if !gateway.authorized(&headers) {
+        return ApiError::invalid_api_key().into_response();
+    }
+    let catalog = gateway.catalog.load();
+    match catalog.resolve(&id) {
+        Some(model) => {
+            let alias_of = (*model.name != *id).then_some(&*model.name);
+            let body = model_entry(&id, model, gateway.started_unix, alias_of);
+            json_response(StatusCode::OK, body.to_string().into())
+        }
+        None => ApiError::model_not_found(&id).into_response(),
+    }
+}
+
+async fn health(State(gateway): State<Arc<Gateway>>) -> Response {
+    let catalog = gateway.catalog.load();
+    let routes = gateway.routes.snapshot();
+    let models: Vec<_> = catalog
+        .models
+        .values()
+        .map(|m| {
+            let route = routes.get(&m.name);
+            json!({
+                "id": &*m.name,
+                "state": m.public_state(),
+                "routed": route.is_some(),
+                "in_flight": route.map(|r| r.in_flight.load(std::sync::atomic::Ordering::Relaxed)).unwrap_or(0),
+                "generation": route.map(|r| r.generation),
+            })
+        })
+        .collect();
+    let connected = gateway.catalog.connected();
+    let body = json!({
+        "status": "ok",
+        "supervisor": {
+            "endpoint": gateway.supervisor_endpoint,
+            "connected": connected,
+            "error": if connected { None } else { Some(gateway.catalog.last_error()) },
+        },
+        "models": models,
+    });
+    json_response(StatusCode::OK, body.to_string().into())
+}
+
+/// Answers a CORS preflight: permissive, browsers may call from any origin.
+fn preflight(headers: &HeaderMap) -> Response {
+    let mut response = Response::new(Body::empty());
+    *response.status_mut() = StatusCode::NO_CONTENT;
+    let out = response.headers_mut();
+    let origin = headers
+        .get(header::ORIGIN)
+        .cloned()
+        .unwrap_or(HeaderValue::from_static("*"));
+    out.insert(header::ACCESS_CONTROL_ALLOW_ORIGIN, origin);
+    out.insert(
+        header::ACCESS_CONTROL_ALLOW_METHODS,
+        HeaderValue::from_static("GET, POST, OPTIONS"),
+    );
+    let allow_headers = headers
+        .get(header::ACCESS_CONTROL_REQUEST_HEADERS)
+        .cloned()
+        .unwrap_or(HeaderValue::from_static(
+            "authorization, content-type, x-api-key",
+        ));
+    out.insert(header::ACCESS_CONTROL_ALLOW_HEADERS, allow_headers);
+    out.insert(
+        header::ACCESS_CONTROL_MAX_AGE,
+        HeaderValue::from_static("86400"),
+    );
+    out.insert(header::VARY, HeaderValue::from_static("Origin"));
+    response
+}
+
+/// Routes one request, adding CORS headers for browser callers.
+async fn serve_request(
+    mut router: Router,
+    request: Request<hyper::body::Incoming>,
+) -> Result<Response, Infallible> {
+    if request.method() == Method::OPTIONS {
+        return Ok(preflight(request.headers()));
+    }
+    let origin = request.headers().get(header::ORIGIN).cloned();
+    let mut response = router.call(request.map(Body::new)).await?;
+    if let Some(origin) = origin {
+        let headers = response.headers_mut();
+        headers.insert(header::ACCESS_CONTROL_ALLOW_ORIGIN, origin);
+        headers.append(header::VARY, HeaderValue::from_static("Origin"));
+    }
+    Ok(response)
+}
+
+/// Accepts connections for ever.
+pub async fn serve(listener: TcpListener, router: Router, header_timeout: Duration) {
+    loop {
+        let (stream, _) = match listener.accept().await {
+            Ok(accepted) => accepted,
+            Err(e) => {
+                // Out of file descriptors and the like: back off, do not spin.
+                tracing::warn!("accept failed: {e}");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let _ = stream.set_nodelay(true);
+        let router = router.clone();
+        tokio::spawn(async move {
+            let service =
+                hyper::service::service_fn(move |request| serve_request(router.clone(), request));
+            let mut builder = hyper::server::conn::http1::Builder::new();
+            builder.timer(TokioTimer::new());
+            if !header_timeout.is_zero() {
+                builder.header_read_timeout(header_timeout);
+            }
+            if let Err(e) = builder
+                .serve_connection(TokioIo::new(stream), service)
+                .await
+            {
+                tracing::debug!("connection ended: {e}");
+            }
+        });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn the_routes_do_not_conflict() {
+        // Router construction panics on conflicting routes.
+        let gateway = crate::tests::test_gateway();
+        let _ = router(gateway);
+    }
+}
