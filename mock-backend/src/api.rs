@@ -26,6 +26,9 @@ use crate::{
 
 type AppState = State<Arc<Shared>>;
 
+/// The real TabbyAPI pings every 15 s; a slow mock stream pings every second.
+const TABBY_PING_EVERY: Duration = Duration::from_secs(1);
+
 pub fn router(shared: Arc<Shared>) -> Router {
     Router::new()
         .route("/health", get(health))
@@ -298,7 +301,18 @@ async fn produce_stream(
             tokio::time::sleep(Duration::from_millis(100)).await;
             crash(index);
         }
-        if !interval.is_zero() {
+        if tabby {
+            // A slow TabbyAPI stream keeps the connection alive with comments.
+            let mut left = interval;
+            while left > TABBY_PING_EVERY {
+                tokio::time::sleep(TABBY_PING_EVERY).await;
+                left -= TABBY_PING_EVERY;
+                if !send(format!(": ping{eol}{eol}")).await {
+                    return;
+                }
+            }
+            tokio::time::sleep(left).await;
+        } else if !interval.is_zero() {
             tokio::time::sleep(interval).await;
         }
         if !send(event(&answer.token_chunk(index))).await {

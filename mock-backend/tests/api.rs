@@ -285,3 +285,18 @@ async fn bad_requests_and_unknown_paths() {
         "/v1/model is TabbyAPI's"
     );
 }
+
+#[tokio::test]
+async fn slow_tabbyapi_streams_send_keep_alive_pings() {
+    // 0.5 tokens/s: two seconds before the only token, so a ping in between.
+    let mock = ready("tabbyapi", &["--tokens-per-second", "0.5"]).await;
+    let reply = post(
+        mock.port,
+        "/v1/chat/completions",
+        &chat_request(&mock.model, true, 1),
+    )
+    .await;
+    let text = reply.text();
+    assert!(text.matches(": ping\r\n\r\n").count() >= 2, "{text:?}");
+    assert_eq!(chat_stream_tokens(&reply.sse_chunks()).len(), 1);
+}
