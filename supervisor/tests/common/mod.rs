@@ -1,0 +1,509 @@
+//! Harness of the supervisor's integration tests: the real supervisor binary, real mock
+//! backends, a real Unix socket.
+#![allow(dead_code)] // each test binary uses a different part
+
+use std::{
+    path::{Path, PathBuf},
+    process::{Command, Stdio},
+    time::Duration,
+};
+
+use gpuswap::{
+    ClientOptions, Endpoint, SupervisorClient,
+    pb::{self, activate_event::Event},
+};
+use testkit::{DEADLINE, Proc};
+use tokio::{
+    io::{AsyncReadExt, AsyncWriteExt},
+    net::TcpStream,
+};
+
+/// The variable that tags every backend process of one test (see `processes_with_marker`).
+pub const MARKER_ENV: &str = "GPUSWAP_TEST_MARKER";
+
+pub fn supervisor_exe() -> &'static str {
+    env!("CARGO_BIN_EXE_gpuswap-supervisor")
+}
+
+/// One model served by a mock backend.
+#[derive(Clone, Debug)]
+pub struct Mock {
+    pub name: String,
+    pub flavor: String,
+    pub port: u16,
+    /// None: every GPU.
+    pub gpus: Option<Vec<u32>>,
+    pub load_time: String,
+    pub args: Vec<String>,
+    /// Extra `key = value` lines of the model's table.
+    pub toml: Vec<String>,
+}
+
+impl Mock {
+    /// A vLLM-like mock on GPU 0 that loads in 300 ms.
+    pub fn new(name: &str) -> Self {
+        Mock {
+            name: name.into(),
+            flavor: "vllm".into(),
+            port: testkit::free_port(),
+            gpus: Some(vec![0]),
+            load_time: "300ms".into(),
+            args: Vec::new(),
+            toml: Vec::new(),
+        }
+    }
+
+    pub fn gpus(mut self, gpus: &[u32]) -> Self {
+        self.gpus = Some(gpus.to_vec());
+        self
+    }
+
+    pub fn port(mut self, port: u16) -> Self {
+        self.port = port;
+        self
+    }
+
+    pub fn flavor(mut self, flavor: &str) -> Self {
+        self.flavor = flavor.into();
+        self
+    }
+
+    pub fn load_time(mut self, load_time: &str) -> Self {
+        self.load_time = load_time.into();
+        self
+    }
+
+    pub fn args(mut self, args: &[&str]) -> Self {
+        self.args.extend(args.iter().map(|a| a.to_string()));
+        self
+    }
+
+    pub fn toml(mut self, line: &str) -> Self {
+        self.toml.push(line.into());
+        self
+    }
+
+    pub fn address(&self) -> String {
+        format!("127.0.0.1:{}", self.port)
+    }
+
+    fn render(&self, marker: &str) -> String {
+        let mut command = vec![
+            testkit::bin("gpuswap-mock-backend").display().to_string(),
+            "--flavor".into(),
+            self.flavor.clone(),
+            "--port".into(),
+            self.port.to_string(),
+            "--model".into(),
+            self.name.clone(),
+            "--load-time".into(),
+            self.load_time.clone(),
+            "--tokens-per-second".into(),
+            "0".into(),
+        ];
+        command.extend(self.args.iter().cloned());
+        let mut text = format!(
+            "\n[models.\"{}\"]\nkind = \"{}\"\ncommand = {}\nport = {}\nstartup_timeout = \"30s\"\nstop_timeout = \"10s\"\n",
+            self.name,
+            self.flavor,
+            toml_list(&command),
+            self.port
+        );
+        if let Some(gpus) = &self.gpus {
+            let gpus: Vec<String> = gpus.iter().map(u32::to_string).collect();
+            text.push_str(&format!("gpus = [{}]\n", gpus.join(", ")));
+        }
+        for line in &self.toml {
+            text.push_str(line);
+            text.push('\n');
+        }
+        text.push_str(&format!("env = {{ {MARKER_ENV} = \"{marker}\" }}\n"));
+        text
+    }
+}
+
+fn toml_list(items: &[String]) -> String {
+    let quoted: Vec<String> = items
+        .iter()
+        .map(|s| format!("\"{}\"", s.replace('\\', "\\\\").replace('"', "\\\"")))
+        .collect();
+    format!("[{}]", quoted.join(", "))
+}
+
+/// A running supervisor with its own directory, socket, state file and marker.
+pub struct Supervisor {
+    pub dir: tempfile::TempDir,
+    pub socket: PathBuf,
+    pub config_path: PathBuf,
+    pub state_path: PathBuf,
+    pub stderr_path: PathBuf,
+    pub marker: String,
+    pub settings: Vec<String>,
+    pub models: Vec<Mock>,
+    pub proc: Option<Proc>,
+    pub client: SupervisorClient,
+}
+
+impl Supervisor {
+    /// Starts a supervisor for `models`; `settings` are extra `[supervisor]` lines.
+    pub async fn start(test: &str, settings: &[&str], models: Vec<Mock>) -> Supervisor {
+        let supervisor = Self::prepare(test, settings, models);
+        supervisor.write_config();
+        supervisor.launch().await
+    }
+
+    /// Everything but the process: the config is written by `write_config`.
+    pub fn prepare(test: &str, settings: &[&str], models: Vec<Mock>) -> Supervisor {
+        let dir = testkit::short_tempdir();
+        let socket = dir.path().join("s.sock");
+        let client = gpuswap::connect(&Endpoint::Unix(socket.clone()), &ClientOptions::default())
+            .expect("client");
+        Supervisor {
+            config_path: dir.path().join("gpuswap.toml"),
+            state_path: dir.path().join("state.json"),
+            stderr_path: dir.path().join("supervisor.log"),
+            socket,
+            marker: testkit::unique_marker(test),
+            settings: settings.iter().map(|s| s.to_string()).collect(),
+            models,
+            proc: None,
+            client,
+            dir,
+        }
+    }
+
+    pub fn config_text(&self) -> String {
+        let key_of = |line: &str| line.split('=').next().unwrap_or("").trim().to_owned();
+        let defaults = [
+            format!("listen = \"unix://{}\"", self.socket.display()),
+            format!("state_file = \"{}\"", self.state_path.display()),
+            "min_residency = \"0s\"".to_owned(),
+            "drain_timeout = \"60s\"".to_owned(),
+            "log_lines = 500".to_owned(),
+        ];
+        let mut text = String::from("[supervisor]\n");
+        for line in defaults
+            .iter()
+            .filter(|d| !self.settings.iter().any(|s| key_of(s) == key_of(d)))
+        {
+            text.push_str(line);
+            text.push('\n');
+        }
+        for line in &self.settings {
+            text.push_str(line);
+            text.push('\n');
+        }
+        for model in &self.models {
+            text.push_str(&model.render(&self.marker));
+        }
+        text
+    }
+
+    pub fn write_config(&self) {
+        std::fs::write(&self.config_path, self.config_text()).expect("write config");
+    }
+
+    /// Spawns the supervisor and waits until its socket answers Status.
+    pub async fn launch(mut self) -> Supervisor {
+        self.proc = Some(self.spawn_process());
+        let client = self.client.clone();
+        let mut proc_exited = false;
+        let stderr = self.stderr_path.clone();
+        testkit::wait_for("the supervisor to answer Status", DEADLINE, || {
+            let mut client = client.clone();
+            if let Some(proc) = self.proc.as_mut()
+                && let Ok(Some(status)) = proc.child.try_wait()
+            {
+                proc_exited = true;
+                panic!(
+                    "the supervisor exited with {status}: {}",
+                    testkit::read_lossy(&stderr)
+                );
+            }
+            async move { client.status(pb::StatusRequest {}).await.ok() }
+        })
+        .await;
+        assert!(!proc_exited);
+        self
+    }
+
+    /// The supervisor process for this config (stderr appended to `stderr_path`).
+    pub fn spawn_process(&self) -> Proc {
+        let stderr = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.stderr_path)
+            .expect("stderr file");
+        let mut command = Command::new(supervisor_exe());
+        command
+            .arg("--config")
+            .arg(&self.config_path)
+            .env("RUST_LOG", "info,gpuswap_supervisor=debug")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(stderr);
+        Proc::spawn(command)
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.proc.as_ref().expect("running").pid()
+    }
+
+    pub fn log(&self) -> String {
+        testkit::read_lossy(&self.stderr_path)
+    }
+
+    pub fn mock(&self, name: &str) -> &Mock {
+        self.models
+            .iter()
+            .find(|m| m.name == name)
+            .expect("configured mock")
+    }
+
+    pub async fn status(&self) -> pb::StatusResponse {
+        let mut client = self.client.clone();
+        tokio::time::timeout(DEADLINE, client.status(pb::StatusRequest {}))
+            .await
+            .expect("Status in time")
+            .expect("Status")
+            .into_inner()
+    }
+
+    pub async fn model(&self, name: &str) -> pb::ModelStatus {
+        self.status()
+            .await
+            .models
+            .into_iter()
+            .find(|m| m.name == name)
+            .unwrap_or_else(|| panic!("model {name} not in Status"))
+    }
+
+    pub async fn state(&self, name: &str) -> pb::ModelState {
+        self.model(name).await.state()
+    }
+
+    /// Waits until `name` is in `state`.
+    pub async fn wait_state(&self, name: &str, state: pb::ModelState) -> pb::ModelStatus {
+        testkit::wait_for(
+            &format!("{name} to be {state:?}"),
+            DEADLINE,
+            || async move {
+                let model = self.model(name).await;
+                (model.state() == state).then_some(model)
+            },
+        )
+        .await
+    }
+
+    pub async fn activate(&self, model: &str, hold: bool) -> Activation {
+        self.activate_with(pb::ActivateRequest {
+            model: model.into(),
+            hold,
+            force: false,
+            client: "test".into(),
+        })
+        .await
+        .expect("Activate accepted")
+    }
+
+    pub async fn activate_with(
+        &self,
+        request: pb::ActivateRequest,
+    ) -> Result<Activation, tonic::Status> {
+        activate_on(&self.client, request).await
+    }
+
+    pub async fn deactivate(&self, model: &str, force: bool) -> Vec<String> {
+        let mut client = self.client.clone();
+        tokio::time::timeout(
+            DEADLINE,
+            client.deactivate(pb::DeactivateRequest {
+                model: model.into(),
+                all: model.is_empty(),
+                force,
+            }),
+        )
+        .await
+        .expect("Deactivate in time")
+        .expect("Deactivate")
+        .into_inner()
+        .stopped
+    }
+
+    /// The live processes of this test's backends.
+    pub fn backend_processes(&self) -> Vec<u32> {
+        testkit::processes_with_marker(&self.marker)
+    }
+
+    /// Waits until no backend process of this test is left.
+    pub async fn wait_no_backends(&self) {
+        testkit::wait_for("no backend process left", DEADLINE, || async {
+            self.backend_processes().is_empty().then_some(())
+        })
+        .await;
+    }
+
+    /// SIGTERM, expect exit 0 and no backend left.
+    pub async fn terminate(&mut self) {
+        let mut proc = self.proc.take().expect("running");
+        proc.signal(libc::SIGTERM);
+        let status = tokio::task::block_in_place(|| proc.wait_exit(DEADLINE));
+        assert!(
+            status.success(),
+            "supervisor exit: {status}\n{}",
+            self.log()
+        );
+        self.wait_no_backends().await;
+    }
+}
+
+impl Drop for Supervisor {
+    fn drop(&mut self) {
+        // The supervisor's death ends every guard (parent-death signal), and so every backend.
+        drop(self.proc.take());
+        if std::thread::panicking() {
+            eprintln!("--- supervisor log ---\n{}", self.log());
+        }
+    }
+}
+
+pub async fn activate_on(
+    client: &SupervisorClient,
+    request: pb::ActivateRequest,
+) -> Result<Activation, tonic::Status> {
+    let mut client = client.clone();
+    let stream = tokio::time::timeout(DEADLINE, client.activate(request))
+        .await
+        .expect("Activate answered in time")?
+        .into_inner();
+    Ok(Activation {
+        stream,
+        seen: Vec::new(),
+    })
+}
+
+/// One Activate stream and the events read from it so far.
+pub struct Activation {
+    pub stream: tonic::Streaming<pb::ActivateEvent>,
+    pub seen: Vec<Event>,
+}
+
+impl Activation {
+    /// The next event; None when the stream ended.
+    pub async fn next(&mut self) -> Option<Event> {
+        let message = tokio::time::timeout(DEADLINE, self.stream.message())
+            .await
+            .unwrap_or_else(|_| panic!("no event within {DEADLINE:?}; seen: {:?}", self.seen))
+            .unwrap_or_else(|status| panic!("stream error {status:?}; seen: {:?}", self.seen))?;
+        let event = message.event.expect("an event");
+        self.seen.push(event.clone());
+        Some(event)
+    }
+
+    /// Reads until `pick` matches; panics when the stream ends first.
+    pub async fn until<T>(&mut self, what: &str, pick: impl Fn(&Event) -> Option<T>) -> T {
+        loop {
+            match self.next().await {
+                Some(event) => {
+                    if let Some(found) = pick(&event) {
+                        return found;
+                    }
+                }
+                None => panic!("stream ended before {what}; seen: {:?}", self.seen),
+            }
+        }
+    }
+
+    pub async fn ready(&mut self) -> pb::Ready {
+        loop {
+            match self.next().await {
+                Some(Event::Ready(ready)) => return ready,
+                Some(Event::Failed(failed)) => panic!("Failed instead of Ready: {failed:?}"),
+                Some(_) => {}
+                None => panic!("stream ended before Ready; seen: {:?}", self.seen),
+            }
+        }
+    }
+
+    pub async fn failed(&mut self) -> pb::Failed {
+        self.until("Failed", |e| match e {
+            Event::Failed(failed) => Some(failed.clone()),
+            Event::Ready(ready) => panic!("Ready instead of Failed: {ready:?}"),
+            _ => None,
+        })
+        .await
+    }
+
+    /// Reads to the end of the stream.
+    pub async fn end(&mut self) {
+        while self.next().await.is_some() {}
+    }
+
+    pub fn saw(&self, pick: impl Fn(&Event) -> bool) -> bool {
+        self.seen.iter().any(pick)
+    }
+}
+
+/// One HTTP/1.1 request over a fresh connection: (status, body).
+pub async fn http(
+    address: &str,
+    method: &str,
+    path: &str,
+    body: Option<&str>,
+) -> std::io::Result<(u16, String)> {
+    let exchange = async {
+        let mut stream = TcpStream::connect(address).await?;
+        let body = body.unwrap_or("");
+        let request = format!(
+            "{method} {path} HTTP/1.1\r\nHost: {address}\r\nConnection: close\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+            body.len()
+        );
+        stream.write_all(request.as_bytes()).await?;
+        let mut response = Vec::new();
+        stream.read_to_end(&mut response).await?;
+        let text = String::from_utf8_lossy(&response).into_owned();
+        let code = text
+            .split_whitespace()
+            .nth(1)
+            .and_then(|c| c.parse().ok())
+            .ok_or_else(|| std::io::Error::other(format!("not HTTP: {text:?}")))?;
+        let body = text
+            .split_once("\r\n\r\n")
+            .map(|(_, b)| b.to_owned())
+            .unwrap_or_default();
+        Ok((code, body))
+    };
+    tokio::time::timeout(DEADLINE, exchange)
+        .await
+        .unwrap_or_else(|_| Err(std::io::Error::other("HTTP request timed out")))
+}
+
+/// The resident memory of a process in bytes.
+pub fn rss_bytes(pid: u32) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let kib: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))?
+        .split_whitespace()
+        .next()?
+        .parse()
+        .ok()?;
+    Some(kib * 1024)
+}
+
+/// Runs the supervisor binary to its end (bad configs): (exit code, stderr).
+pub fn run_to_exit(args: &[&str], dir: &Path) -> (Option<i32>, String) {
+    let stderr_path = dir.join("run.stderr");
+    let stderr = std::fs::File::create(&stderr_path).expect("stderr file");
+    let mut command = Command::new(supervisor_exe());
+    command
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(stderr);
+    let mut proc = Proc::spawn(command);
+    let status = proc.wait_exit(DEADLINE);
+    (status.code(), testkit::read_lossy(&stderr_path))
+}
+
+pub const SHORT: Duration = Duration::from_millis(200);
