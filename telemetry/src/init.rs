@@ -21,7 +21,7 @@ pub const LOG_FORMAT_ENV: &str = "GPUSWAP_LOG_FORMAT";
 pub const OTLP_ENDPOINT_ENV: &str = "OTEL_EXPORTER_OTLP_ENDPOINT";
 
 /// How long dropping the guard may wait for the last spans to reach the collector.
-const SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(5);
+const SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(10);
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum LogFormat {
