@@ -245,7 +245,7 @@ fn details(model: &pb::ModelStatus, style: Style) -> Vec<String> {
     };
     field("kind", model.kind.clone());
     field("address", format!("{}:{}", model.host, model.port));
-    if !model.served_name.is_empty() {
+    if !model.served_name.is_empty() && model.served_name != model.name {
         field("served as", model.served_name.clone());
     }
     if !model.aliases.is_empty() {

@@ -134,7 +134,10 @@ impl WatchView<'_> {
         if model.pid != 0 && changed(old(|m| m.pid.into()), model.pid.into()) {
             facts.push(format!("pid {}", model.pid));
         }
-        if model.generation != 0 && changed(old(|m| m.generation), model.generation) {
+        // A stopped model's generation is history; show it when it moves or runs.
+        let generation_moved =
+            before.is_some_and(|previous| previous.generation != model.generation);
+        if model.generation != 0 && (generation_moved || (before.is_none() && model.pid != 0)) {
             facts.push(format!("generation {}", model.generation));
         }
         match before {
