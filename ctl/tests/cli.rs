@@ -172,3 +172,35 @@ fn a_socket_nobody_listens_on_exits_3_with_connection_refused() {
     assert_eq!(out.status.code(), Some(3), "{stderr}");
     assert!(stderr.contains("refused"), "{stderr}");
 }
+
+#[test]
+fn a_socket_the_user_may_not_open_exits_5() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = testkit::short_tempdir();
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755))
+        .expect("chmod dir");
+    let path = dir.path().join("s.sock");
+    let _listener = std::os::unix::net::UnixListener::bind(&path).expect("bind");
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).expect("chmod socket");
+    let endpoint = format!("unix://{}", path.display());
+    let ctl = env!("CARGO_BIN_EXE_gpuswapctl");
+    // SAFETY: geteuid(2) cannot fail.
+    let out = if unsafe { libc::geteuid() } == 0 {
+        // Root passes every permission check: run as nobody instead.
+        Command::new("setpriv")
+            .args(["--reuid=65534", "--regid=65534", "--clear-groups", ctl])
+            .args(["--endpoint", &endpoint, "status"])
+            .output()
+            .expect("setpriv (util-linux) runs gpuswapctl as nobody")
+    } else {
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o000))
+            .expect("chmod socket");
+        Command::new(ctl)
+            .args(["--endpoint", &endpoint, "status"])
+            .output()
+            .expect("run gpuswapctl")
+    };
+    let stderr = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(5), "{stderr}");
+    assert!(stderr.contains("permission denied"), "{stderr}");
+}
