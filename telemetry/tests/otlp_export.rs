@@ -61,15 +61,41 @@ fn printed(output: &Output, key: &str) -> String {
         .to_owned()
 }
 
+/// The daemons' pattern: `init` on the main thread with the runtime entered;
+/// the guard is dropped there too, before the runtime.
+#[test]
+fn spans_reach_the_collector_from_a_daemon_style_main() {
+    const NAME: &str = "spans_reach_the_collector_from_a_daemon_style_main";
+    if role().as_deref() == Some("export") {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .build()
+            .expect("runtime");
+        let _entered = runtime.enter();
+        return export_child();
+    }
+    tokio::runtime::Runtime::new()
+        .expect("runtime")
+        .block_on(export_and_check(NAME));
+}
+
+/// `init` and the guard's drop inside an async task on a runtime worker.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn spans_reach_the_collector_with_service_name_and_remote_parent() {
+async fn spans_reach_the_collector_from_a_runtime_worker() {
+    const NAME: &str = "spans_reach_the_collector_from_a_runtime_worker";
     if role().as_deref() == Some("export") {
         return export_child();
     }
+    export_and_check(NAME).await;
+}
+
+/// Runs `test_name` as the exporting child against a receiver and checks its
+/// span: service name, remote parent, and the context it injected.
+async fn export_and_check(test_name: &str) {
     let receiver = OtlpReceiver::start().await.expect("receiver");
     let incoming = format!("00-{TRACE_ID}-{REMOTE_SPAN_ID}-01");
     let output = run_child(
-        "spans_reach_the_collector_with_service_name_and_remote_parent",
+        test_name,
         "export",
         &[
             // The environment variable, not the config, names the collector here.
