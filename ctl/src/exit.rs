@@ -148,13 +148,18 @@ fn unreachable_message(status: &tonic::Status, endpoint: &Endpoint) -> (Code, St
                 None => format!("permission denied connecting to {endpoint}"),
             },
         ),
-        _ => (
-            Code::Unreachable,
-            format!(
-                "cannot reach the supervisor at {endpoint}: {}",
-                describe_chain(status)
-            ),
-        ),
+        _ => {
+            let cause = root_cause(status);
+            let tls_hint = if cause.contains("certificate") {
+                " (set --ca-file or GPUSWAP_CA_FILE to the CA of the supervisor's certificate)"
+            } else {
+                ""
+            };
+            (
+                Code::Unreachable,
+                format!("cannot reach the supervisor at {endpoint}: {cause}{tls_hint}"),
+            )
+        }
     }
 }
 
@@ -169,19 +174,14 @@ fn io_error_kind(status: &tonic::Status) -> Option<io::ErrorKind> {
     None
 }
 
-/// The status message followed by its distinct causes ("transport error: ...: ...").
-fn describe_chain(status: &tonic::Status) -> String {
-    let mut text = status.message().to_owned();
-    let mut source = std::error::Error::source(status);
-    while let Some(error) = source {
-        let part = error.to_string();
-        if !text.contains(&part) {
-            text.push_str(": ");
-            text.push_str(&part);
-        }
-        source = error.source();
+/// The most specific cause: the innermost error of the chain ("invalid peer
+/// certificate: UnknownIssuer" rather than "transport error").
+fn root_cause(status: &tonic::Status) -> String {
+    let mut cause: &(dyn std::error::Error + 'static) = status;
+    while let Some(source) = cause.source() {
+        cause = source;
     }
-    text
+    cause.to_string()
 }
 
 #[cfg(test)]

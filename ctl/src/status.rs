@@ -25,7 +25,11 @@ pub async fn status(mut ctx: Ctx, model: Option<String>, log_lines: u32) -> anyh
         } else {
             output::println(header(&info, ctx.out))?;
             output::println("")?;
-            output::print(&status_table(&snapshot.models, ctx.out))?;
+            if snapshot.models.is_empty() {
+                output::println("no models configured")?;
+            } else {
+                output::print(&status_table(&snapshot.models, ctx.out))?;
+            }
         }
         return Ok(Code::Success);
     };

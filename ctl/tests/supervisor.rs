@@ -579,3 +579,65 @@ fn reload_reports_added_and_removed_models() {
         serde_json::json!({"added": [], "removed": [], "changed": []})
     );
 }
+
+#[test]
+fn an_https_supervisor_needs_the_right_token_and_ca() {
+    let dir = testkit::short_tempdir();
+    let fixtures = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures");
+    let cert = fixtures.join("tls-cert.pem");
+    let key = fixtures.join("tls-key.pem");
+    let token = dir.path().join("token");
+    let wrong = dir.path().join("wrong");
+    std::fs::write(&token, "s3cret-for-tests\n").expect("token");
+    std::fs::write(&wrong, "not-the-token\n").expect("token");
+    let port = testkit::free_port();
+    let config = dir.path().join("config.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[supervisor]\nlisten = \"https://127.0.0.1:{port}\"\nstate_file = {state:?}\n\
+             tls_cert = {cert:?}\ntls_key = {key:?}\ntoken_file = {token:?}\n",
+            state = dir.path().join("state"),
+        ),
+    )
+    .expect("config");
+    let log = std::fs::File::create(dir.path().join("supervisor.log")).expect("log");
+    let mut command = Command::new(testkit::bin("gpuswap-supervisor"));
+    command
+        .arg("--config")
+        .arg(&config)
+        .stdin(Stdio::null())
+        .stdout(log.try_clone().expect("log"))
+        .stderr(log);
+    let _supervisor = Proc::spawn(command);
+    let endpoint = format!("https://127.0.0.1:{port}");
+    let ctl = |token: &PathBuf, ca: Option<&PathBuf>| {
+        let mut command = Command::new(env!("CARGO_BIN_EXE_gpuswapctl"));
+        command
+            .args(["status", "--endpoint", &endpoint])
+            .env("GPUSWAP_TOKEN_FILE", token)
+            .env_remove("GPUSWAP_CA_FILE");
+        if let Some(ca) = ca {
+            command.arg("--ca-file").arg(ca);
+        }
+        command.output().expect("run gpuswapctl")
+    };
+    testkit::wait_for_blocking("the https supervisor to answer", DEADLINE, || {
+        ctl(&token, Some(&cert)).status.success().then_some(())
+    });
+    let out = ctl(&wrong, Some(&cert));
+    assert_eq!(out.status.code(), Some(5), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stderr).contains("authentication denied"),
+        "{}",
+        text(&out.stderr)
+    );
+    // Without the CA the certificate is not trusted: no connection.
+    let out = ctl(&token, None);
+    assert_eq!(out.status.code(), Some(3), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stderr).contains("--ca-file"),
+        "{}",
+        text(&out.stderr)
+    );
+}
