@@ -1018,11 +1018,11 @@ impl Actor {
         let mut index = 0;
         while index < self.queue.len() {
             let target = self.queue[index].model.clone();
-            let keep = self.advance(index, &reserved, now, &mut needed);
-            if !reserved.contains(&target) {
-                reserved.push(target);
-            }
-            if keep {
+            // Only a waiter that is still waiting reserves its model against later ones.
+            if self.advance(index, &reserved, now, &mut needed) {
+                if !reserved.contains(&target) {
+                    reserved.push(target);
+                }
                 index += 1;
             }
         }
