@@ -356,7 +356,7 @@ impl Config {
             {
                 return Err(invalid(key("user"), "must not be empty"));
             }
-            for (k, _) in &model.env {
+            for k in model.env.keys() {
                 if k.is_empty() || k.contains('=') || k.contains('\0') {
                     return Err(invalid(key(&format!("env.{k}")), "invalid variable name"));
                 }
