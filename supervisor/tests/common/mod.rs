@@ -103,12 +103,21 @@ impl Mock {
         ];
         command.extend(self.args.iter().cloned());
         let mut text = format!(
-            "\n[models.\"{}\"]\nkind = \"{}\"\ncommand = {}\nport = {}\nstartup_timeout = \"30s\"\nstop_timeout = \"10s\"\n",
+            "\n[models.\"{}\"]\nkind = \"{}\"\ncommand = {}\nport = {}\n",
             self.name,
             self.flavor,
             toml_list(&command),
             self.port
         );
+        for (key, default) in [("startup_timeout", "\"30s\""), ("stop_timeout", "\"10s\"")] {
+            if !self
+                .toml
+                .iter()
+                .any(|line| line.split('=').next().is_some_and(|k| k.trim() == key))
+            {
+                text.push_str(&format!("{key} = {default}\n"));
+            }
+        }
         if let Some(gpus) = &self.gpus {
             let gpus: Vec<String> = gpus.iter().map(u32::to_string).collect();
             text.push_str(&format!("gpus = [{}]\n", gpus.join(", ")));

@@ -1,0 +1,191 @@
+//! Backends that misbehave (mock `--fault`): failed starts, crashes, stubborn stops, floods.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::{Mock, Supervisor, http, rss_bytes};
+use gpuswap::pb::{self, ModelState, activate_event::Event};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn exit_during_load_fails_with_the_log_tail() {
+    let sup = Supervisor::start(
+        "exitload",
+        &[],
+        vec![Mock::new("alpha").args(&["--fault", "exit-during-load"])],
+    )
+    .await;
+    let mut activation = sup.activate("alpha", false).await;
+    let failed = activation.failed().await;
+    assert_eq!(failed.model, "alpha");
+    assert!(failed.reason.contains("exited"), "{failed:?}");
+    assert!(
+        !failed.log_tail.is_empty(),
+        "the backend's last lines come along"
+    );
+    assert!(failed.log_tail.len() <= 20);
+    assert!(
+        activation.next().await.is_none(),
+        "the stream ends after Failed"
+    );
+
+    let status = sup.model("alpha").await;
+    assert_eq!(status.state(), ModelState::Failed);
+    assert!(status.last_error.contains("exited"), "{status:?}");
+    sup.wait_no_backends().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backend_never_ready_fails_at_startup_timeout() {
+    let sup = Supervisor::start(
+        "neverready",
+        &[],
+        vec![
+            Mock::new("alpha")
+                .args(&["--fault", "never-ready"])
+                .toml("startup_timeout = \"1s\""),
+        ],
+    )
+    .await;
+    let failed = sup.activate("alpha", false).await.failed().await;
+    assert!(
+        failed.reason.contains("1s"),
+        "names the timeout: {failed:?}"
+    );
+    assert_eq!(sup.state("alpha").await, ModelState::Failed);
+    // Nothing of the failed start is left running.
+    sup.wait_no_backends().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_crash_while_ready_loses_the_holds_and_the_next_activate_restarts_with_backoff() {
+    let sup = Supervisor::start(
+        "crash",
+        &[],
+        vec![Mock::new("alpha").args(&["--fault", "crash-after:2"])],
+    )
+    .await;
+    let mut generations = Vec::new();
+    for round in 1..=2u32 {
+        let mut hold = sup.activate("alpha", true).await;
+        let ready = hold.ready().await;
+        generations.push(ready.generation);
+        if round == 2 {
+            assert!(
+                hold.saw(|e| matches!(e, Event::Log(l) if l.line.contains("restarting") && l.line.contains("1 consecutive"))),
+                "the restart waits out a backoff: {:?}",
+                hold.seen
+            );
+        }
+        let body =
+            r#"{"model":"alpha","messages":[{"role":"user","content":"hi"}],"max_tokens":10}"#;
+        // The backend dies in the middle of the answer.
+        let _ = http(&ready.address, "POST", "/v1/chat/completions", Some(body)).await;
+        let lost = hold
+            .until("HoldLost", |e| match e {
+                Event::HoldLost(h) => Some(h.clone()),
+                _ => None,
+            })
+            .await;
+        assert!(lost.reason.contains("exited"), "{lost:?}");
+        assert!(hold.next().await.is_none(), "the hold stream ends");
+        let status = sup.wait_state("alpha", ModelState::Failed).await;
+        assert!(status.last_error.contains("exited"), "{status:?}");
+        assert_eq!(status.restarts, round - 1);
+    }
+    assert!(generations[1] > generations[0]);
+    // The second crash in a row doubles the wait.
+    let mut third = sup.activate("alpha", false).await;
+    third.ready().await;
+    assert!(
+        third.saw(|e| matches!(e, Event::Log(l) if l.line.contains("2 consecutive"))),
+        "{:?}",
+        third.seen
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backend_ignoring_sigterm_is_killed_after_stop_timeout() {
+    let sup = Supervisor::start(
+        "sigterm",
+        &[],
+        vec![
+            Mock::new("alpha")
+                .args(&["--fault", "ignore-sigterm"])
+                .toml("stop_timeout = \"1s\""),
+        ],
+    )
+    .await;
+    sup.activate("alpha", false).await.ready().await;
+    assert!(!sup.backend_processes().is_empty());
+    let began = Instant::now();
+    assert_eq!(
+        sup.deactivate("alpha", false).await,
+        vec!["alpha".to_string()]
+    );
+    assert!(
+        began.elapsed() >= Duration::from_secs(1),
+        "SIGKILL only after stop_timeout"
+    );
+    // Deactivate returns once the processes are gone.
+    assert!(
+        sup.backend_processes().is_empty(),
+        "{:?}",
+        sup.backend_processes()
+    );
+    assert_eq!(sup.state("alpha").await, ModelState::Stopped);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_log_flood_keeps_the_supervisor_memory_bounded() {
+    let sup = Supervisor::start(
+        "flood",
+        &[],
+        vec![Mock::new("alpha").args(&["--fault", "flood:100M"])],
+    )
+    .await;
+    let pid = sup.pid();
+    let mut activation = sup.activate("alpha", false).await;
+    let mut peak = 0;
+    let mut client = sup.client.clone();
+    let started = Instant::now();
+    let mut ready = false;
+    loop {
+        peak = peak.max(rss_bytes(pid).expect("supervisor alive"));
+        if !ready
+            && let Ok(Some(event)) =
+                tokio::time::timeout(Duration::from_millis(20), activation.next()).await
+        {
+            ready = matches!(event, Event::Ready(_));
+            assert!(!matches!(event, Event::Failed(_)), "{event:?}");
+        }
+        let mut tail = client
+            .logs(pb::LogsRequest {
+                model: "alpha".into(),
+                tail: 20,
+                follow: false,
+            })
+            .await
+            .expect("Logs")
+            .into_inner();
+        let mut done = false;
+        while let Some(line) = tail.message().await.expect("Logs stream") {
+            done |= line.line.contains("flood done");
+            assert!(line.line.len() <= 17 * 1024, "long lines are cut");
+        }
+        if done && ready {
+            break;
+        }
+        assert!(
+            started.elapsed() < testkit::DEADLINE * 2,
+            "the flood did not finish"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    peak = peak.max(rss_bytes(pid).expect("supervisor alive"));
+    assert!(
+        peak < 200 << 20,
+        "supervisor RSS peaked at {} MiB",
+        peak >> 20
+    );
+}
