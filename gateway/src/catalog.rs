@@ -201,7 +201,12 @@ pub fn describe_status(status: &tonic::Status) -> String {
     let mut text = format!("{:?}: {}", status.code(), status.message());
     let mut source = status.source();
     while let Some(s) = source {
-        text.push_str(&format!(": {s}"));
+        // tonic repeats the io error at several levels: say it once.
+        let part = s.to_string();
+        if !text.contains(&part) {
+            text.push_str(": ");
+            text.push_str(&part);
+        }
         source = s.source();
     }
     text

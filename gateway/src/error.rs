@@ -212,14 +212,29 @@ pub fn convert_backend_error(status: StatusCode, body: &[u8]) -> Option<ApiError
         code: Option<serde_json::Value>,
     }
     let parsed: Option<Loose> = serde_json::from_slice(body).ok();
-    if let Some(Loose {
-        error: Some(serde_json::Value::Object(_)),
-        ..
-    }) = parsed
-    {
-        return None;
-    }
     let (message, kind, code) = match parsed {
+        // OpenAI-shaped already; vLLM and llama-server put the status in `code`.
+        Some(Loose {
+            error: Some(serde_json::Value::Object(error)),
+            ..
+        }) => {
+            let code_is_text = matches!(
+                error.get("code"),
+                None | Some(serde_json::Value::String(_)) | Some(serde_json::Value::Null)
+            );
+            if code_is_text && error.get("message").is_some_and(|m| m.is_string()) {
+                return None;
+            }
+            let message = error
+                .get("message")
+                .map(text_of)
+                .unwrap_or_else(|| format!("The backend answered {status}"));
+            let kind = error
+                .get("type")
+                .and_then(|t| t.as_str())
+                .map(str::to_owned);
+            (message, kind, error.get("code").cloned())
+        }
         // SGLang / vLLM: {"object":"error","message":...,"type":...,"code":400}
         Some(Loose {
             message: Some(message),
@@ -349,6 +364,15 @@ mod tests {
                 br#"{"error":{"message":"m","type":"t","code":null}}"#
             )
             .is_none()
+        );
+        let e = convert_backend_error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            br#"{"error":{"code":503,"message":"Loading model","type":"unavailable_error"}}"#,
+        )
+        .unwrap();
+        assert_eq!(
+            (e.message.as_str(), e.kind, &*e.code),
+            ("Loading model", "server_error", "backend_overloaded")
         );
         let e = convert_backend_error(StatusCode::INTERNAL_SERVER_ERROR, b"Internal Server Error")
             .unwrap();

@@ -50,6 +50,13 @@ pub struct Probed {
 }
 
 pub fn probe(body: &[u8]) -> Result<Probed, ApiError> {
+    // serde would also read a struct from an array: only an object is a request.
+    if body.iter().find(|b| !b.is_ascii_whitespace()) != Some(&b'{') {
+        return Err(ApiError::invalid_request(
+            "invalid_json",
+            "The request body must be a JSON object",
+        ));
+    }
     let probe: Probe = serde_json::from_slice(body).map_err(|e| {
         ApiError::invalid_request(
             "invalid_json",
@@ -437,6 +444,8 @@ mod tests {
         let code = |b: &[u8]| probe(b).unwrap_err().code;
         assert_eq!(code(b"{not json"), "invalid_json");
         assert_eq!(code(b"[1,2]"), "invalid_json");
+        assert_eq!(code(br#"["a",true]"#), "invalid_json");
+        assert_eq!(code(b""), "invalid_json");
         assert_eq!(code(b"\"model\""), "invalid_json");
         assert_eq!(code(br#"{"model":"a","stream":"yes"}"#), "invalid_json");
         assert_eq!(code(br#"{"messages":[]}"#), "missing_model");

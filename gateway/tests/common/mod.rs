@@ -1,0 +1,509 @@
+//! Harness of the gateway's integration tests: the real supervisor, real
+//! gateways and real mock backends over real sockets, one stack per test.
+#![allow(dead_code)] // each test binary uses a different part
+
+use std::{
+    collections::HashMap,
+    path::PathBuf,
+    process::{Command, Stdio},
+    sync::{Arc, Mutex},
+};
+
+use futures_util::StreamExt;
+use gpuswap::{ClientOptions, Endpoint, SupervisorClient, pb};
+use serde_json::{Value, json};
+use testkit::{DEADLINE, Proc};
+
+/// One model served by a mock backend; every model is on GPU 0 unless told
+/// otherwise, so any two of them swap.
+#[derive(Clone, Debug)]
+pub struct Model {
+    pub name: String,
+    pub flavor: String,
+    pub port: u16,
+    pub gpus: Vec<u32>,
+    pub load_time: String,
+    pub tokens_per_second: u32,
+    /// The name the mock serves (it refuses others, except tabbyapi).
+    pub served_name: Option<String>,
+    pub aliases: Vec<String>,
+    pub args: Vec<String>,
+    pub toml: Vec<String>,
+}
+
+impl Model {
+    pub fn new(name: &str) -> Self {
+        Model {
+            name: name.into(),
+            flavor: "vllm".into(),
+            port: testkit::free_port(),
+            gpus: vec![0],
+            load_time: "300ms".into(),
+            tokens_per_second: 0,
+            served_name: None,
+            aliases: Vec::new(),
+            args: Vec::new(),
+            toml: Vec::new(),
+        }
+    }
+
+    pub fn flavor(mut self, flavor: &str) -> Self {
+        self.flavor = flavor.into();
+        self
+    }
+
+    pub fn gpus(mut self, gpus: &[u32]) -> Self {
+        self.gpus = gpus.to_vec();
+        self
+    }
+
+    pub fn load_time(mut self, load_time: &str) -> Self {
+        self.load_time = load_time.into();
+        self
+    }
+
+    pub fn tokens_per_second(mut self, tps: u32) -> Self {
+        self.tokens_per_second = tps;
+        self
+    }
+
+    pub fn served_name(mut self, served: &str) -> Self {
+        self.served_name = Some(served.into());
+        self
+    }
+
+    pub fn alias(mut self, alias: &str) -> Self {
+        self.aliases.push(alias.into());
+        self
+    }
+
+    pub fn args(mut self, args: &[&str]) -> Self {
+        self.args.extend(args.iter().map(|a| a.to_string()));
+        self
+    }
+
+    pub fn toml(mut self, line: &str) -> Self {
+        self.toml.push(line.into());
+        self
+    }
+
+    /// The text the mock puts in every answer.
+    pub fn signature(&self) -> String {
+        format!("[served by {}]", self.served())
+    }
+
+    pub fn served(&self) -> &str {
+        self.served_name.as_deref().unwrap_or(&self.name)
+    }
+
+    fn render(&self, marker: &str) -> String {
+        let mut command = vec![
+            testkit::bin("gpuswap-mock-backend").display().to_string(),
+            "--flavor".into(),
+            self.flavor.clone(),
+            "--port".into(),
+            self.port.to_string(),
+            "--model".into(),
+            self.served().to_owned(),
+            "--load-time".into(),
+            self.load_time.clone(),
+            "--tokens-per-second".into(),
+            self.tokens_per_second.to_string(),
+        ];
+        if self.flavor == "sglang" {
+            command.extend([
+                "--warmup".into(),
+                "50ms".into(),
+                "--workers".into(),
+                "0".into(),
+            ]);
+        }
+        command.extend(self.args.iter().cloned());
+        let gpus: Vec<String> = self.gpus.iter().map(u32::to_string).collect();
+        let mut text = format!(
+            "\n[models.\"{}\"]\nkind = \"{}\"\ncommand = {}\nport = {}\ngpus = [{}]\nstartup_timeout = \"30s\"\nstop_timeout = \"10s\"\n",
+            self.name,
+            self.flavor,
+            toml_list(&command),
+            self.port,
+            gpus.join(", "),
+        );
+        if let Some(served) = &self.served_name {
+            text.push_str(&format!("served_name = \"{served}\"\n"));
+        }
+        if !self.aliases.is_empty() {
+            text.push_str(&format!("aliases = {}\n", toml_list(&self.aliases)));
+        }
+        for line in &self.toml {
+            text.push_str(line);
+            text.push('\n');
+        }
+        text.push_str(&format!("env = {{ GPUSWAP_TEST_MARKER = \"{marker}\" }}\n"));
+        text
+    }
+}
+
+fn toml_list(items: &[String]) -> String {
+    let quoted: Vec<String> = items
+        .iter()
+        .map(|s| format!("\"{}\"", s.replace('\\', "\\\\").replace('"', "\\\"")))
+        .collect();
+    format!("[{}]", quoted.join(", "))
+}
+
+/// A running gateway.
+pub struct Gateway {
+    pub proc: Proc,
+    pub base: String,
+    pub log: PathBuf,
+}
+
+impl Gateway {
+    pub fn url(&self, path: &str) -> String {
+        format!("{}{path}", self.base)
+    }
+}
+
+/// A supervisor, its gateways and the models of one test.
+pub struct Stack {
+    pub dir: tempfile::TempDir,
+    pub config_path: PathBuf,
+    pub marker: String,
+    pub models: Vec<Model>,
+    pub supervisor: Option<Proc>,
+    pub gateways: Vec<Gateway>,
+    pub client: SupervisorClient,
+    pub http: reqwest::Client,
+    starts: Arc<Mutex<StartLog>>,
+}
+
+/// Every start the supervisor reported on its Watch stream, in order: each
+/// start has a new generation.
+#[derive(Default)]
+pub struct StartLog {
+    pub starts: Vec<String>,
+    generations: HashMap<String, u64>,
+}
+
+pub struct StackBuilder {
+    test: String,
+    supervisor: Vec<String>,
+    gateway: Vec<String>,
+    models: Vec<Model>,
+}
+
+impl StackBuilder {
+    /// An extra `[supervisor]` line.
+    pub fn supervisor(mut self, line: &str) -> Self {
+        self.supervisor.push(line.into());
+        self
+    }
+
+    /// An extra `[gateway]` line.
+    pub fn gateway(mut self, line: &str) -> Self {
+        self.gateway.push(line.into());
+        self
+    }
+
+    pub fn model(mut self, model: Model) -> Self {
+        self.models.push(model);
+        self
+    }
+
+    pub async fn start(self) -> Stack {
+        let dir = testkit::short_tempdir();
+        let socket = dir.path().join("s.sock");
+        let client = gpuswap::connect(&Endpoint::Unix(socket.clone()), &ClientOptions::default())
+            .expect("client");
+        let marker = testkit::unique_marker(&self.test);
+        let config_path = dir.path().join("gpuswap.toml");
+        let key_of = |line: &str| line.split('=').next().unwrap_or("").trim().to_owned();
+        let with_defaults = |defaults: Vec<String>, extra: &[String]| {
+            let mut text = String::new();
+            for line in defaults
+                .iter()
+                .filter(|d| !extra.iter().any(|e| key_of(e) == key_of(d)))
+                .chain(extra)
+            {
+                text.push_str(line);
+                text.push('\n');
+            }
+            text
+        };
+        let mut config = String::from("[supervisor]\n");
+        config.push_str(&with_defaults(
+            vec![
+                format!("listen = \"unix://{}\"", socket.display()),
+                format!(
+                    "state_file = \"{}\"",
+                    dir.path().join("state.json").display()
+                ),
+                "min_residency = \"0s\"".into(),
+                "drain_timeout = \"60s\"".into(),
+                "log_lines = 200".into(),
+            ],
+            &self.supervisor,
+        ));
+        config.push_str("\n[gateway]\n");
+        config.push_str(&with_defaults(
+            vec![
+                format!("supervisor = \"unix://{}\"", socket.display()),
+                "keepalive_interval = \"200ms\"".into(),
+                "queue_timeout = \"120s\"".into(),
+            ],
+            &self.gateway,
+        ));
+        for model in &self.models {
+            config.push_str(&model.render(&marker));
+        }
+        std::fs::write(&config_path, config).expect("write config");
+        let http = reqwest::Client::builder()
+            .pool_max_idle_per_host(64)
+            .build()
+            .expect("http client");
+        let mut stack = Stack {
+            dir,
+            config_path,
+            marker,
+            models: self.models,
+            supervisor: None,
+            gateways: Vec::new(),
+            client,
+            http,
+            starts: Arc::default(),
+        };
+        stack.start_supervisor().await;
+        stack.add_gateway().await;
+        stack
+    }
+}
+
+impl Stack {
+    pub fn builder(test: &str) -> StackBuilder {
+        StackBuilder {
+            test: test.into(),
+            supervisor: Vec::new(),
+            gateway: Vec::new(),
+            models: Vec::new(),
+        }
+    }
+
+    pub fn model(&self, name: &str) -> &Model {
+        self.models
+            .iter()
+            .find(|m| m.name == name)
+            .unwrap_or_else(|| panic!("no model {name}"))
+    }
+
+    /// Starts (or restarts) the supervisor and waits until it answers.
+    pub async fn start_supervisor(&mut self) {
+        let log = self.dir.path().join("supervisor.log");
+        let stderr = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log)
+            .expect("supervisor log");
+        let mut command = Command::new(testkit::bin("gpuswap-supervisor"));
+        command
+            .arg("--config")
+            .arg(&self.config_path)
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(stderr.try_clone().expect("log fd"))
+            .stderr(stderr);
+        self.supervisor = Some(Proc::spawn(command));
+        let client = self.client.clone();
+        testkit::wait_for("the supervisor to answer", DEADLINE, || {
+            let mut client = client.clone();
+            async move { client.status(pb::StatusRequest {}).await.ok() }
+        })
+        .await;
+        tokio::spawn(follow_starts(self.client.clone(), Arc::clone(&self.starts)));
+    }
+
+    /// Kills the supervisor (its backends go with it).
+    pub fn kill_supervisor(&mut self) {
+        if let Some(mut proc) = self.supervisor.take() {
+            let _ = proc.child.kill();
+            proc.wait_exit(DEADLINE);
+        }
+    }
+
+    /// Starts another gateway on the shared configuration and waits until it
+    /// sees the supervisor's catalog.
+    pub async fn add_gateway(&mut self) -> usize {
+        let index = self.gateways.len();
+        let port = testkit::free_port();
+        let log = self.dir.path().join(format!("gateway{index}.log"));
+        let stderr = std::fs::File::create(&log).expect("gateway log");
+        let mut command = Command::new(testkit::bin("gpuswap-gateway"));
+        command
+            .arg("--config")
+            .arg(&self.config_path)
+            .arg("--listen")
+            .arg(format!("127.0.0.1:{port}"))
+            .env("RUST_LOG", "info,gpuswap_gateway=debug")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(stderr);
+        let gateway = Gateway {
+            proc: Proc::spawn(command),
+            base: format!("http://127.0.0.1:{port}"),
+            log,
+        };
+        let health = gateway.url("/health");
+        let http = self.http.clone();
+        testkit::wait_for("the gateway to see the supervisor", DEADLINE, || {
+            let (http, health) = (http.clone(), health.clone());
+            async move {
+                let body: Value = http.get(&health).send().await.ok()?.json().await.ok()?;
+                (body["supervisor"]["connected"] == true).then_some(())
+            }
+        })
+        .await;
+        self.gateways.push(gateway);
+        index
+    }
+
+    pub fn gateway(&self) -> &Gateway {
+        &self.gateways[0]
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        self.gateway().url(path)
+    }
+
+    /// The logs of every process, for assertion messages.
+    pub fn logs(&self) -> String {
+        let mut text = String::new();
+        let mut paths = vec![self.dir.path().join("supervisor.log")];
+        paths.extend(self.gateways.iter().map(|g| g.log.clone()));
+        for path in paths {
+            let log = testkit::read_lossy(&path);
+            let tail: Vec<&str> = log.lines().rev().take(60).collect();
+            text.push_str(&format!("\n--- {} (last lines)\n", path.display()));
+            for line in tail.into_iter().rev() {
+                text.push_str(line);
+                text.push('\n');
+            }
+        }
+        text
+    }
+
+    /// Models started so far, in order (from the supervisor's Watch stream).
+    pub fn starts(&self) -> Vec<String> {
+        self.starts.lock().unwrap().starts.clone()
+    }
+
+    pub async fn status(&self, model: &str) -> pb::ModelStatus {
+        let mut client = self.client.clone();
+        let status = client
+            .status(pb::StatusRequest {})
+            .await
+            .expect("status")
+            .into_inner();
+        status
+            .models
+            .into_iter()
+            .find(|m| m.name == model)
+            .unwrap_or_else(|| panic!("no model {model} in status"))
+    }
+
+    pub async fn wait_state(&self, model: &str, state: pb::ModelState) -> pb::ModelStatus {
+        testkit::wait_for(&format!("{model} to be {state:?}"), DEADLINE, || async {
+            let status = self.status(model).await;
+            (status.state() == state).then_some(status)
+        })
+        .await
+    }
+
+    /// A chat request body.
+    pub fn chat(model: &str, stream: bool, max_tokens: u32) -> Value {
+        json!({
+            "model": model,
+            "stream": stream,
+            "max_tokens": max_tokens,
+            "messages": [{"role": "user", "content": "hello"}],
+        })
+    }
+
+    /// POSTs JSON to the first gateway; the status and the body text.
+    pub async fn post(&self, path: &str, body: &Value) -> (u16, String) {
+        post_to(&self.http, &self.url(path), body).await
+    }
+}
+
+pub async fn post_to(http: &reqwest::Client, url: &str, body: &Value) -> (u16, String) {
+    let response = http
+        .post(url)
+        .json(body)
+        .send()
+        .await
+        .unwrap_or_else(|e| panic!("POST {url}: {e}"));
+    let status = response.status().as_u16();
+    let text = response
+        .text()
+        .await
+        .unwrap_or_else(|e| panic!("POST {url} body: {e}"));
+    (status, text)
+}
+
+/// Reads an SSE response to its end: the raw text.
+pub async fn read_stream(response: reqwest::Response) -> String {
+    let mut stream = response.bytes_stream();
+    let mut text = Vec::new();
+    while let Some(chunk) = stream.next().await {
+        text.extend_from_slice(&chunk.expect("stream chunk"));
+    }
+    String::from_utf8(text).expect("utf-8 stream")
+}
+
+/// The `data:` payloads of an SSE text, comments and blank lines left out.
+pub fn sse_data(text: &str) -> Vec<String> {
+    text.lines()
+        .filter_map(|l| l.trim_end_matches('\r').strip_prefix("data: "))
+        .map(str::to_owned)
+        .collect()
+}
+
+/// The answer text of an SSE chat stream, progress chunks left out.
+pub fn stream_content(text: &str) -> String {
+    sse_data(text)
+        .iter()
+        .filter(|d| *d != "[DONE]")
+        .map(|d| testkit::json(d))
+        .filter(|v| v["id"] != "gpuswap-progress")
+        .filter_map(|v| {
+            v["choices"][0]["delta"]["content"]
+                .as_str()
+                .map(str::to_owned)
+        })
+        .collect()
+}
+
+async fn follow_starts(client: SupervisorClient, log: Arc<Mutex<StartLog>>) {
+    let mut client = client;
+    let Ok(response) = client.watch(pb::WatchRequest {}).await else {
+        return;
+    };
+    let mut stream = response.into_inner();
+    while let Ok(Some(event)) = stream.message().await {
+        let statuses = match event.event {
+            Some(pb::watch_event::Event::Snapshot(s)) => s.models,
+            Some(pb::watch_event::Event::Changed(m)) => vec![m],
+            _ => continue,
+        };
+        let mut log = log.lock().unwrap();
+        for status in statuses {
+            if status.generation == 0 {
+                continue;
+            }
+            let before = log
+                .generations
+                .insert(status.name.clone(), status.generation);
+            if before != Some(status.generation) {
+                log.starts.push(status.name.clone());
+            }
+        }
+    }
+}
