@@ -1,0 +1,261 @@
+//! The daemon's life: bad configs, shutdown, kill -9, leftovers of a predecessor, reload,
+//! required files.
+
+mod common;
+
+use std::process::Command;
+
+use common::{MARKER_ENV, Mock, Supervisor, http, run_to_exit};
+use gpuswap::pb::{self, ModelState, activate_event::Event};
+use testkit::{DEADLINE, Proc};
+
+#[test]
+fn bad_configs_exit_2_and_name_the_key() {
+    let dir = testkit::short_tempdir();
+    let config = dir.path().join("bad.toml");
+    let config_arg = config.to_str().expect("utf-8 path");
+    let cases = [
+        (
+            "[models.a]\nkind = \"vllm\"\ncommand = [\"x\"]\nport = 0\n",
+            "models.\"a\".port",
+        ),
+        ("[supervisor]\nbogus = 1\n", "bogus"),
+        (
+            "[models.a]\nkind = \"vllm\"\ncommand = [\"x\"]\nport = 1\nstop_timeout = \"soon\"\n",
+            "soon",
+        ),
+        (
+            "[supervisor]\nlisten = \"https://0.0.0.0:7070\"\n",
+            "supervisor.tls_cert",
+        ),
+    ];
+    for (text, key) in cases {
+        std::fs::write(&config, text).expect("write config");
+        let (code, stderr) = run_to_exit(&["--config", config_arg], dir.path());
+        assert_eq!(code, Some(2), "{text}: {stderr}");
+        assert!(
+            stderr.contains(key),
+            "{text}: the error names {key}: {stderr}"
+        );
+    }
+    let (code, stderr) = run_to_exit(&["--config", "/nonexistent/gpuswap.toml"], dir.path());
+    assert_eq!(code, Some(2), "{stderr}");
+    assert!(stderr.contains("/nonexistent/gpuswap.toml"), "{stderr}");
+
+    std::fs::write(&config, "").expect("write config");
+    let (code, stderr) = run_to_exit(
+        &["--config", config_arg, "--listen", "http://127.0.0.1:7070"],
+        dir.path(),
+    );
+    assert_eq!(code, Some(2), "{stderr}");
+    assert!(stderr.contains("supervisor.listen"), "{stderr}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_stops_every_backend_and_exits_0() {
+    let mut sup = Supervisor::start(
+        "sigterm",
+        &[],
+        vec![Mock::new("zero").gpus(&[0]), Mock::new("one").gpus(&[1])],
+    )
+    .await;
+    let mut hold = sup.activate("zero", true).await;
+    hold.ready().await;
+    sup.activate("one", false).await.ready().await;
+    assert!(!sup.backend_processes().is_empty());
+    sup.terminate().await;
+    // The hold learned why it ended.
+    hold.until("HoldLost", |e| {
+        matches!(e, Event::HoldLost(_)).then_some(())
+    })
+    .await;
+    assert!(!sup.socket.exists(), "the socket is removed");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_of_the_supervisor_leaves_no_backend_process() {
+    let mut sup = Supervisor::start(
+        "kill9",
+        &[],
+        vec![
+            Mock::new("alpha")
+                .flavor("sglang")
+                .args(&["--workers", "2", "--worker-escape"]),
+        ],
+    )
+    .await;
+    sup.activate("alpha", false).await.ready().await;
+    let before = sup.backend_processes();
+    assert!(before.len() >= 3, "server and two workers: {before:?}");
+    let mut proc = sup.proc.take().expect("running");
+    proc.signal(libc::SIGKILL);
+    tokio::task::block_in_place(|| proc.wait_exit(DEADLINE));
+    // Even the workers that left the process group end.
+    sup.wait_no_backends().await;
+}
+
+/// The start time of a process (field 22 of /proc/PID/stat).
+fn starttime(pid: u32) -> u64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).expect("stat");
+    let (_, rest) = stat.rsplit_once(')').expect("stat format");
+    rest.split_whitespace()
+        .nth(19)
+        .expect("field 22")
+        .parse()
+        .expect("number")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restarted_supervisor_ends_its_predecessors_leftovers() {
+    let sup = Supervisor::prepare("leftover", &[], vec![Mock::new("alpha")]);
+    // A process group a crashed predecessor recorded, still running.
+    let mut leftover = Command::new("sleep");
+    leftover.arg("1000").env(MARKER_ENV, &sup.marker);
+    let leftover = Proc::spawn(leftover);
+    let record = serde_json::json!({
+        "groups": [{"model": "alpha", "pgid": leftover.pid(), "starttime": starttime(leftover.pid())}]
+    });
+    std::fs::write(&sup.state_path, record.to_string()).expect("state file");
+    sup.write_config();
+    let sup = sup.launch().await;
+    assert!(
+        !testkit::alive(leftover.pid()),
+        "ended before the supervisor serves"
+    );
+    sup.wait_no_backends().await;
+    // And the new supervisor works as usual.
+    sup.activate("alpha", false).await.ready().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_supervisor_on_a_live_socket_is_refused_and_a_stale_socket_is_replaced() {
+    let sup = Supervisor::prepare("socket", &[], vec![Mock::new("alpha")]);
+    // A socket file left by a dead process.
+    drop(std::os::unix::net::UnixListener::bind(&sup.socket).expect("stale socket"));
+    assert!(sup.socket.exists());
+    sup.write_config();
+    let sup = sup.launch().await;
+    sup.activate("alpha", false).await.ready().await;
+
+    let config = sup.config_path.to_str().expect("utf-8 path");
+    let (code, stderr) = run_to_exit(&["--config", config], sup.dir.path());
+    assert_ne!(code, Some(0), "{stderr}");
+    assert!(
+        stderr.contains("another supervisor is listening"),
+        "{stderr}"
+    );
+    // The first one is untouched: its backend still runs.
+    assert_eq!(sup.state("alpha").await, ModelState::Ready);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reload_adds_removes_and_restarts_only_changed_models() {
+    let mut sup = Supervisor::start(
+        "reload",
+        &[],
+        vec![
+            Mock::new("same").gpus(&[0]),
+            Mock::new("changed").gpus(&[1]),
+            Mock::new("removed").gpus(&[3]),
+        ],
+    )
+    .await;
+    let same = sup.activate("same", false).await.ready().await;
+    let same_pid = sup.model("same").await.pid;
+    let mut changed_hold = sup.activate("changed", true).await;
+    changed_hold.ready().await;
+    let removed = sup.activate("removed", false).await.ready().await;
+
+    sup.models.retain(|m| m.name != "removed");
+    sup.models[1].load_time = "400ms".into();
+    sup.models.push(Mock::new("added").gpus(&[2]));
+    sup.write_config();
+    let mut client = sup.client.clone();
+    let response = client
+        .reload(pb::ReloadRequest {})
+        .await
+        .expect("Reload")
+        .into_inner();
+    assert_eq!(response.added, vec!["added".to_string()]);
+    assert_eq!(response.removed, vec!["removed".to_string()]);
+    assert_eq!(response.changed, vec!["changed".to_string()]);
+
+    let lost = changed_hold
+        .until("HoldLost", |e| match e {
+            Event::HoldLost(h) => Some(h.clone()),
+            _ => None,
+        })
+        .await;
+    assert!(lost.reason.contains("configuration changed"), "{lost:?}");
+    sup.wait_state("changed", ModelState::Stopped).await;
+    testkit::wait_for("the removed model to go", DEADLINE, || async {
+        let status = sup.status().await;
+        (!status.models.iter().any(|m| m.name == "removed")).then_some(())
+    })
+    .await;
+    assert!(
+        http(&removed.address, "GET", "/health", None)
+            .await
+            .is_err(),
+        "removed is stopped"
+    );
+    assert_eq!(sup.state("added").await, ModelState::Stopped);
+    // The unchanged model kept serving, same process, same generation.
+    let status = sup.model("same").await;
+    assert_eq!(
+        (status.state(), status.pid, status.generation),
+        (ModelState::Ready, same_pid, same.generation)
+    );
+    sup.activate("added", false).await.ready().await;
+
+    // A broken file is refused and nothing changes.
+    std::fs::write(&sup.config_path, "[models.x]\nport = 0\n").expect("write");
+    let error = client
+        .reload(pb::ReloadRequest {})
+        .await
+        .expect_err("invalid config");
+    assert_eq!(error.code(), tonic::Code::InvalidArgument, "{error:?}");
+    assert_eq!(sup.model("same").await.pid, same_pid);
+
+    // SIGHUP reloads too.
+    sup.models.push(Mock::new("by-sighup").gpus(&[4]));
+    sup.write_config();
+    sup.proc.as_ref().expect("running").signal(libc::SIGHUP);
+    testkit::wait_for("SIGHUP to add a model", DEADLINE, || async {
+        let status = sup.status().await;
+        status
+            .models
+            .iter()
+            .any(|m| m.name == "by-sighup")
+            .then_some(())
+    })
+    .await;
+    assert_eq!(sup.model("same").await.pid, same_pid);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_model_is_unavailable_until_its_required_files_exist() {
+    let mut sup = Supervisor::prepare("requires", &[], vec![]);
+    let weights = sup.dir.path().join("weights.bin");
+    sup.models
+        .push(Mock::new("alpha").toml(&format!("requires = [\"{}\"]", weights.display())));
+    sup.write_config();
+    let sup = sup.launch().await;
+
+    let status = sup.model("alpha").await;
+    assert_eq!(status.state(), ModelState::Unavailable);
+    assert!(
+        status
+            .detail
+            .contains(&format!("missing {}", weights.display())),
+        "{status:?}"
+    );
+    let failed = sup.activate("alpha", false).await.failed().await;
+    assert!(failed.reason.contains("missing"), "{failed:?}");
+    sup.wait_no_backends().await;
+
+    // Files that appear later work without a restart.
+    std::fs::write(&weights, b"weights").expect("write weights");
+    assert_eq!(sup.state("alpha").await, ModelState::Stopped);
+    sup.activate("alpha", false).await.ready().await;
+}
