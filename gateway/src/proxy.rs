@@ -5,8 +5,9 @@
 use std::{
     ops::Range,
     pin::Pin,
-    sync::Arc,
+    sync::{Arc, atomic::Ordering::SeqCst},
     task::{Context, Poll, ready},
+    time::Duration,
 };
 
 use axum::{
@@ -143,23 +144,65 @@ pub async fn handle(gateway: Arc<Gateway>, request: Request<Body>) -> Response {
         body,
         probed,
     };
-    // Fast path: a live route that accepts. No message, no lock, no copy.
-    if let Some(route) = gateway.routes.get(&model)
-        && let Some(guard) = route.try_enter()
-    {
-        return forward(&gateway, upstream, guard).await;
+    let deadline = tokio::time::Instant::now() + gateway.queue_timeout;
+    let mut refusals = 0;
+    loop {
+        // Fast path: a live route that accepts. No message, no lock, no copy.
+        let fast = gateway.routes.get(&model).and_then(|r| r.try_enter());
+        let guard = match fast {
+            Some(guard) => guard,
+            None => {
+                if !gateway.catalog.connected() {
+                    return ApiError::supervisor_unavailable(gateway.catalog.last_error())
+                        .into_response();
+                }
+                if upstream.probed.stream {
+                    return WaitingStream::start(gateway, model, upstream).into_response();
+                }
+                let ticket = gateway.scheduler.wait(Arc::clone(&model), None);
+                match tokio::time::timeout_at(deadline, ticket).await {
+                    Ok(Ok(guard)) => guard,
+                    Ok(Err(e)) => return e.into_response(),
+                    Err(_) => {
+                        return ApiError::queue_timeout(&model, gateway.queue_timeout)
+                            .into_response();
+                    }
+                }
+            }
+        };
+        match forward(&gateway, &upstream, guard).await {
+            Forwarded::Response(response) => return response,
+            Forwarded::Refused { generation, error } => {
+                // Nothing was sent: the backend died and the supervisor has
+                // not told yet. Retry once the route is replaced.
+                refusals += 1;
+                if refusals > MAX_REFUSALS || !route_replaced(&gateway, &model, generation).await {
+                    return ApiError::backend_unavailable(&model, error).into_response();
+                }
+                tracing::debug!(%model, generation, "backend refused the connection: retrying");
+            }
+        }
     }
-    if !gateway.catalog.connected() {
-        return ApiError::supervisor_unavailable(gateway.catalog.last_error()).into_response();
-    }
-    if upstream.probed.stream {
-        return WaitingStream::start(gateway, model, upstream).into_response();
-    }
-    let ticket = gateway.scheduler.wait(Arc::clone(&model), None);
-    match tokio::time::timeout(gateway.queue_timeout, ticket).await {
-        Ok(Ok(guard)) => forward(&gateway, upstream, guard).await,
-        Ok(Err(e)) => e.into_response(),
-        Err(_) => ApiError::queue_timeout(&model, gateway.queue_timeout).into_response(),
+}
+
+/// Retries of a request whose backend refused the connection.
+const MAX_REFUSALS: u32 = 3;
+/// How long a refused request waits for the supervisor to report the dead backend.
+const REFUSAL_GRACE: Duration = Duration::from_secs(5);
+
+/// Waits until the route of `generation` is no longer the accepting route of `model`.
+async fn route_replaced(gateway: &Gateway, model: &str, generation: u64) -> bool {
+    let deadline = tokio::time::Instant::now() + REFUSAL_GRACE;
+    loop {
+        let current = gateway.routes.get(model);
+        let stale = current.is_some_and(|r| r.generation == generation && r.accepting.load(SeqCst));
+        if !stale {
+            return true;
+        }
+        if tokio::time::Instant::now() >= deadline {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
     }
 }
 
@@ -182,18 +225,18 @@ impl Upstream {
     /// The upstream request for `route`: same method, path, query and headers
     /// (less hop-by-hop and the client's credentials), the backend's key, and
     /// the body with the model renamed when the backend serves another name.
-    fn into_request(self, route: &Route) -> Result<Request<Full<Bytes>>, ApiError> {
-        let Upstream {
-            parts,
-            body,
-            probed,
-        } = self;
-        let body = if probed.model == route.served_name {
-            body
+    fn to_request(&self, route: &Route) -> Result<Request<Full<Bytes>>, ApiError> {
+        let body = if self.probed.model == route.served_name {
+            self.body.clone()
         } else {
-            splice(&body, probed.span, &route.served_name_json)
+            splice(
+                &self.body,
+                self.probed.span.clone(),
+                &route.served_name_json,
+            )
         };
-        let path = parts
+        let path = self
+            .parts
             .uri
             .path_and_query()
             .cloned()
@@ -204,16 +247,18 @@ impl Upstream {
             .path_and_query(path)
             .build()
             .map_err(|e| ApiError::backend_unavailable(&route.model, e))?;
-        let mut headers = parts.headers;
-        for name in STRIPPED_REQUEST_HEADERS {
-            headers.remove(*name);
+        let mut headers = HeaderMap::with_capacity(self.parts.headers.len() + 2);
+        for (name, value) in &self.parts.headers {
+            if !STRIPPED_REQUEST_HEADERS.contains(&name.as_str()) {
+                headers.append(name.clone(), value.clone());
+            }
         }
         if let Some((bearer, key)) = &route.api_key {
             headers.insert(header::AUTHORIZATION, bearer.clone());
             headers.insert(X_API_KEY, key.clone());
         }
         let mut request = Request::new(Full::new(body));
-        *request.method_mut() = parts.method;
+        *request.method_mut() = self.parts.method.clone();
         *request.uri_mut() = uri;
         *request.headers_mut() = headers;
         Ok(request)
@@ -249,24 +294,41 @@ static STRIPPED_RESPONSE_HEADERS: &[&str] = &[
     "upgrade",
 ];
 
+/// What came of forwarding a request.
+pub enum Forwarded {
+    Response(Response),
+    /// The backend refused the connection: the request was not sent.
+    Refused {
+        generation: u64,
+        error: String,
+    },
+}
+
 /// Forwards a granted request and streams the answer back.
-pub async fn forward(gateway: &Gateway, upstream: Upstream, guard: InFlight) -> Response {
+pub async fn forward(gateway: &Gateway, upstream: &Upstream, guard: InFlight) -> Forwarded {
     let route = Arc::clone(guard.route());
-    let request = match upstream.into_request(&route) {
+    let request = match upstream.to_request(&route) {
         Ok(r) => r,
-        Err(e) => return e.into_response(),
+        Err(e) => return Forwarded::Response(e.into_response()),
     };
     let response = match gateway.client.request(request).await {
         Ok(r) => r,
+        Err(e) if e.is_connect() => {
+            return Forwarded::Refused {
+                generation: route.generation,
+                error: error_chain(&e),
+            };
+        }
         Err(e) => {
-            return ApiError::backend_unavailable(&route.model, error_chain(&e)).into_response();
+            let error = ApiError::backend_unavailable(&route.model, error_chain(&e));
+            return Forwarded::Response(error.into_response());
         }
     };
     let (mut parts, incoming) = response.into_parts();
     if !parts.status.is_success() {
         let body = read_error_body(incoming).await;
         drop(guard);
-        return match convert_backend_error(parts.status, &body) {
+        let response = match convert_backend_error(parts.status, &body) {
             Some(error) => error.into_response(),
             None => {
                 strip_response_headers(&mut parts.headers);
@@ -274,13 +336,17 @@ pub async fn forward(gateway: &Gateway, upstream: Upstream, guard: InFlight) -> 
                 Response::from_parts(parts, Body::from(body))
             }
         };
+        return Forwarded::Response(response);
     }
     strip_response_headers(&mut parts.headers);
     let sse = is_event_stream(&parts.headers);
     if sse {
         add_event_stream_headers(&mut parts.headers);
     }
-    Response::from_parts(parts, Body::new(GuardedBody::new(incoming, guard, sse)))
+    Forwarded::Response(Response::from_parts(
+        parts,
+        Body::new(GuardedBody::new(incoming, guard, sse)),
+    ))
 }
 
 /// For a streaming request whose 200 already went out: the upstream body, or
@@ -288,14 +354,28 @@ pub async fn forward(gateway: &Gateway, upstream: Upstream, guard: InFlight) -> 
 pub async fn forward_stream(
     gateway: Arc<Gateway>,
     upstream: Upstream,
-    guard: InFlight,
+    mut guard: InFlight,
 ) -> Result<GuardedBody, Bytes> {
-    let route = Arc::clone(guard.route());
-    let request = upstream.into_request(&route).map_err(|e| e.sse_event())?;
-    let response =
-        gateway.client.request(request).await.map_err(|e| {
-            ApiError::backend_unavailable(&route.model, error_chain(&e)).sse_event()
-        })?;
+    let model = Arc::clone(&guard.route().model);
+    let mut refusals = 0;
+    let response = loop {
+        let route = Arc::clone(guard.route());
+        let request = upstream.to_request(&route).map_err(|e| e.sse_event())?;
+        match gateway.client.request(request).await {
+            Ok(response) => break response,
+            Err(e) if e.is_connect() && refusals < MAX_REFUSALS => {
+                refusals += 1;
+                drop(guard);
+                if !route_replaced(&gateway, &model, route.generation).await {
+                    return Err(ApiError::backend_unavailable(&model, error_chain(&e)).sse_event());
+                }
+                guard = regrant(&gateway, &model).await.map_err(|e| e.sse_event())?;
+            }
+            Err(e) => {
+                return Err(ApiError::backend_unavailable(&model, error_chain(&e)).sse_event());
+            }
+        }
+    };
     let (parts, incoming) = response.into_parts();
     if !parts.status.is_success() {
         let body = read_error_body(incoming).await;
@@ -310,6 +390,18 @@ pub async fn forward_stream(
         });
     }
     Ok(GuardedBody::new(incoming, guard, true))
+}
+
+/// A route for a request whose first route went away: at once or after a wait.
+async fn regrant(gateway: &Gateway, model: &Arc<str>) -> Result<InFlight, ApiError> {
+    if let Some(guard) = gateway.routes.get(model).and_then(|r| r.try_enter()) {
+        return Ok(guard);
+    }
+    let ticket = gateway.scheduler.wait(Arc::clone(model), None);
+    match tokio::time::timeout(gateway.queue_timeout, ticket).await {
+        Ok(granted) => granted,
+        Err(_) => Err(ApiError::queue_timeout(model, gateway.queue_timeout)),
+    }
 }
 
 async fn read_error_body(incoming: Incoming) -> Bytes {
