@@ -1,0 +1,262 @@
+//! Who may call: socket mode, peer credentials, TLS with a bearer token; health service.
+
+mod common;
+
+use std::{
+    os::unix::{fs::PermissionsExt, process::CommandExt},
+    process::{Command, Stdio},
+};
+
+use common::{Mock, Supervisor};
+use gpuswap::{ClientOptions, Endpoint, pb};
+use testkit::{DEADLINE, Proc};
+
+/// Set in the environment of the child that probes the socket as another user.
+const PROBE_SOCKET_ENV: &str = "GPUSWAP_TEST_PROBE_SOCKET";
+
+/// Runs inside a child process started by `peer_credentials_are_checked`, as another user:
+/// prints the outcome of one Status call. Ignored in normal runs.
+#[tokio::test]
+#[ignore = "run by peer_credentials_are_checked as another user"]
+async fn probe_socket_as_another_user() {
+    let Ok(socket) = std::env::var(PROBE_SOCKET_ENV) else {
+        return;
+    };
+    let mut client = gpuswap::connect(&Endpoint::Unix(socket.into()), &ClientOptions::default())
+        .expect("client");
+    let outcome = match client.status(pb::StatusRequest {}).await {
+        Ok(_) => "ok".to_owned(),
+        Err(status) => format!("{:?}", status.code()),
+    };
+    println!("PROBE_RESULT={outcome}");
+}
+
+/// Calls Status as `uid` from a child process; returns "ok" or the gRPC code.
+fn status_as(uid: u32, socket: &std::path::Path, dir: &std::path::Path) -> String {
+    let out_path = dir.join(format!("probe-{uid}.out"));
+    let out = std::fs::File::create(&out_path).expect("probe output");
+    let mut command = Command::new(std::env::current_exe().expect("test binary"));
+    command
+        .args([
+            "--exact",
+            "probe_socket_as_another_user",
+            "--include-ignored",
+            "--nocapture",
+        ])
+        .env(PROBE_SOCKET_ENV, socket)
+        .stdin(Stdio::null())
+        .stdout(out)
+        .stderr(Stdio::null())
+        .uid(uid)
+        .gid(uid);
+    let mut child = Proc::spawn(command);
+    let status = child.wait_exit(DEADLINE);
+    let output = testkit::read_lossy(&out_path);
+    assert!(status.success(), "probe as uid {uid} failed: {output}");
+    output
+        .lines()
+        .find_map(|l| l.strip_prefix("PROBE_RESULT="))
+        .unwrap_or_else(|| panic!("no probe result: {output}"))
+        .to_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn peer_credentials_are_checked() {
+    let me = nix::unistd::geteuid().as_raw();
+    if me != 0 {
+        // Not root: the only peer at hand is ourselves.
+        let sup =
+            Supervisor::start("peer", &[&format!("allowed_uids = [{}]", me + 1)], vec![]).await;
+        let mut client = sup.client.clone();
+        let error = client
+            .status(pb::StatusRequest {})
+            .await
+            .expect_err("denied");
+        assert_eq!(error.code(), tonic::Code::PermissionDenied, "{error:?}");
+        return;
+    }
+    let allowed = 4242;
+    let other = 4343;
+    let sup = Supervisor::prepare(
+        "peer",
+        &[
+            &format!("allowed_uids = [{allowed}]"),
+            "socket_mode = \"0666\"",
+        ],
+        vec![],
+    );
+    // Let the other users reach the socket itself: the peer check is what is tested.
+    std::fs::set_permissions(sup.dir.path(), std::fs::Permissions::from_mode(0o755))
+        .expect("chmod");
+    sup.write_config();
+    let sup = sup.launch().await;
+    let (socket, dir) = (sup.socket.clone(), sup.dir.path().to_owned());
+    let results = tokio::task::spawn_blocking(move || {
+        (
+            status_as(allowed, &socket, &dir),
+            status_as(other, &socket, &dir),
+        )
+    })
+    .await
+    .expect("probes");
+    assert_eq!(results.0, "ok", "a listed uid is let in");
+    assert_eq!(results.1, "PermissionDenied", "an unlisted uid is refused");
+    // Root always is.
+    sup.status().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_socket_gets_the_configured_mode() {
+    let sup = Supervisor::start("mode", &["socket_mode = \"0600\""], vec![]).await;
+    let mode = std::fs::metadata(&sup.socket)
+        .expect("socket")
+        .permissions()
+        .mode();
+    assert_eq!(mode & 0o777, 0o600);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn health_and_reflection_are_served() {
+    let sup = Supervisor::start("health", &[], vec![Mock::new("alpha")]).await;
+    let socket = sup.socket.clone();
+    let channel = tonic::transport::Endpoint::from_static("http://[::1]:1")
+        .connect_with_connector(tower::service_fn(move |_: tonic::transport::Uri| {
+            let socket = socket.clone();
+            async move {
+                let stream = tokio::net::UnixStream::connect(socket).await?;
+                Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(stream))
+            }
+        }))
+        .await
+        .expect("channel");
+    let mut health = tonic_health::pb::health_client::HealthClient::new(channel.clone());
+    for service in ["", "gpuswap.v1.Supervisor"] {
+        let answer = health
+            .check(tonic_health::pb::HealthCheckRequest {
+                service: service.into(),
+            })
+            .await
+            .expect("health check")
+            .into_inner();
+        assert_eq!(
+            answer.status(),
+            tonic_health::pb::health_check_response::ServingStatus::Serving,
+            "{service:?}"
+        );
+    }
+
+    use tonic_reflection::pb::v1::{
+        ServerReflectionRequest, server_reflection_client::ServerReflectionClient,
+        server_reflection_request::MessageRequest, server_reflection_response::MessageResponse,
+    };
+    let mut reflection = ServerReflectionClient::new(channel);
+    let request = ServerReflectionRequest {
+        host: String::new(),
+        message_request: Some(MessageRequest::ListServices(String::new())),
+    };
+    let mut answers = reflection
+        .server_reflection_info(tokio_stream::iter([request]))
+        .await
+        .expect("reflection")
+        .into_inner();
+    let answer = answers
+        .message()
+        .await
+        .expect("reflection stream")
+        .expect("an answer");
+    let Some(MessageResponse::ListServicesResponse(list)) = answer.message_response else {
+        panic!("not a service list: {answer:?}");
+    };
+    let names: Vec<String> = list.service.into_iter().map(|s| s.name).collect();
+    assert!(
+        names.iter().any(|n| n == "gpuswap.v1.Supervisor"),
+        "{names:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_with_a_bearer_token() {
+    let port = testkit::free_port();
+    let mut sup = Supervisor::prepare("tls", &[], vec![Mock::new("alpha")]);
+    let dir = sup.dir.path().to_owned();
+    let (cert, key, token_file) = (dir.join("cert.pem"), dir.join("key.pem"), dir.join("token"));
+    let openssl = Command::new("openssl")
+        .args([
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-subj",
+            "/CN=localhost",
+        ])
+        .args([
+            "-addext",
+            "subjectAltName=DNS:localhost,IP:127.0.0.1",
+            "-days",
+            "2",
+        ])
+        // rustls refuses a CA certificate as the server's own (CaUsedAsEndEntity), and
+        // openssl makes self-signed certificates CAs unless told otherwise.
+        .args(["-addext", "basicConstraints=critical,CA:FALSE"])
+        .arg("-keyout")
+        .arg(&key)
+        .arg("-out")
+        .arg(&cert)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .expect("openssl");
+    assert!(openssl.success());
+    std::fs::write(&token_file, "s3cret-token\n").expect("token");
+    sup.settings = vec![
+        format!("listen = \"https://127.0.0.1:{port}\""),
+        format!("tls_cert = \"{}\"", cert.display()),
+        format!("tls_key = \"{}\"", key.display()),
+        format!("token_file = \"{}\"", token_file.display()),
+    ];
+    let endpoint: Endpoint = format!("https://localhost:{port}")
+        .parse()
+        .expect("endpoint");
+    let client_with = |token: Option<&str>| {
+        gpuswap::connect(
+            &endpoint,
+            &ClientOptions {
+                token: token.map(str::to_owned),
+                ca_file: Some(cert.clone()),
+            },
+        )
+        .expect("client")
+    };
+    sup.client = client_with(Some("s3cret-token"));
+    sup.write_config();
+    let sup = sup.launch().await;
+    assert_eq!(sup.status().await.models.len(), 1);
+    sup.activate("alpha", false).await.ready().await;
+
+    for token in [Some("wrong-token"), Some("s3cret-token-and-more"), None] {
+        let mut client = client_with(token);
+        let error = client
+            .status(pb::StatusRequest {})
+            .await
+            .expect_err("refused");
+        assert_eq!(
+            error.code(),
+            tonic::Code::Unauthenticated,
+            "{token:?}: {error:?}"
+        );
+        let error = client
+            .activate(pb::ActivateRequest {
+                model: "alpha".into(),
+                ..Default::default()
+            })
+            .await
+            .err()
+            .expect("refused");
+        assert_eq!(
+            error.code(),
+            tonic::Code::Unauthenticated,
+            "{token:?}: {error:?}"
+        );
+    }
+}
