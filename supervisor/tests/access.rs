@@ -251,8 +251,7 @@ async fn tls_with_a_bearer_token() {
                 ..Default::default()
             })
             .await
-            .err()
-            .expect("refused");
+            .expect_err("refused");
         assert_eq!(
             error.code(),
             tonic::Code::Unauthenticated,

@@ -68,8 +68,7 @@ async fn unknown_model_is_not_found() {
             ..Default::default()
         })
         .await
-        .err()
-        .expect("NotFound");
+        .expect_err("NotFound");
     assert_eq!(error.code(), tonic::Code::NotFound, "{error:?}");
     assert!(error.message().contains("nope"));
     let mut client = sup.client.clone();

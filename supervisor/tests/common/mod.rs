@@ -392,6 +392,7 @@ pub async fn activate_on(
 }
 
 /// One Activate stream and the events read from it so far.
+#[derive(Debug)]
 pub struct Activation {
     pub stream: tonic::Streaming<pb::ActivateEvent>,
     pub seen: Vec<Event>,
