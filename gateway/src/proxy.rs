@@ -172,22 +172,23 @@ pub async fn handle(gateway: Arc<Gateway>, request: Request<Body>) -> Response {
         };
         match forward(&gateway, &upstream, guard).await {
             Forwarded::Response(response) => return response,
-            Forwarded::Refused { generation, error } => {
-                // Nothing was sent: the backend died and the supervisor has
-                // not told yet. Retry once the route is replaced.
+            Forwarded::Unanswered { generation, error } => {
+                // The backend died before it answered and the supervisor has
+                // not told yet: retry once the route is replaced (a live
+                // backend keeps its route, and the client gets the 502).
                 refusals += 1;
                 if refusals > MAX_REFUSALS || !route_replaced(&gateway, &model, generation).await {
                     return ApiError::backend_unavailable(&model, error).into_response();
                 }
-                tracing::debug!(%model, generation, "backend refused the connection: retrying");
+                tracing::debug!(%model, generation, "the backend failed before answering: retrying");
             }
         }
     }
 }
 
-/// Retries of a request whose backend refused the connection.
+/// Retries of a request whose backend failed before answering.
 const MAX_REFUSALS: u32 = 3;
-/// How long a refused request waits for the supervisor to report the dead backend.
+/// How long such a request waits for the supervisor to report the dead backend.
 const REFUSAL_GRACE: Duration = Duration::from_secs(5);
 
 /// Waits until the route of `generation` is no longer the accepting route of `model`.
@@ -297,8 +298,8 @@ static STRIPPED_RESPONSE_HEADERS: &[&str] = &[
 /// What came of forwarding a request.
 pub enum Forwarded {
     Response(Response),
-    /// The backend refused the connection: the request was not sent.
-    Refused {
+    /// The connection failed before any answer (refused, reset, closed).
+    Unanswered {
         generation: u64,
         error: String,
     },
@@ -313,15 +314,11 @@ pub async fn forward(gateway: &Gateway, upstream: &Upstream, guard: InFlight) ->
     };
     let response = match gateway.client.request(request).await {
         Ok(r) => r,
-        Err(e) if e.is_connect() => {
-            return Forwarded::Refused {
+        Err(e) => {
+            return Forwarded::Unanswered {
                 generation: route.generation,
                 error: error_chain(&e),
             };
-        }
-        Err(e) => {
-            let error = ApiError::backend_unavailable(&route.model, error_chain(&e));
-            return Forwarded::Response(error.into_response());
         }
     };
     let (mut parts, incoming) = response.into_parts();
@@ -363,7 +360,7 @@ pub async fn forward_stream(
         let request = upstream.to_request(&route).map_err(|e| e.sse_event())?;
         match gateway.client.request(request).await {
             Ok(response) => break response,
-            Err(e) if e.is_connect() && refusals < MAX_REFUSALS => {
+            Err(e) if refusals < MAX_REFUSALS => {
                 refusals += 1;
                 drop(guard);
                 if !route_replaced(&gateway, &model, route.generation).await {
