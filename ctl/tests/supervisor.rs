@@ -641,3 +641,32 @@ fn an_https_supervisor_needs_the_right_token_and_ca() {
         text(&out.stderr)
     );
 }
+
+#[test]
+fn an_activation_behind_another_reports_its_queue_position() {
+    let h = Harness::start(&[
+        model("m1"),
+        Model {
+            extra: &["--fault", "never-ready"],
+            ..model("stuck")
+        },
+    ]);
+    // `stuck` never becomes ready, so its activation holds the head of the queue.
+    let _first = Follower::spawn(h.command(&["activate", "stuck"]));
+    testkit::wait_for_blocking("stuck to be starting", DEADLINE, || {
+        (h.model_json("stuck")["state"] == "starting").then_some(())
+    });
+    let second = Follower::spawn(h.command(&["activate", "m1", "--json"]));
+    let queued = testkit::json(&second.wait_line("a queued event", |l| l.contains("\"queued\"")));
+    assert_eq!(queued["behind"], "stuck", "{queued}");
+    assert!(
+        queued["position"].as_u64().is_some_and(|p| p >= 1),
+        "{queued}"
+    );
+    let header = text(&h.expect(&["status"], 0).stdout);
+    let header = header.lines().next().unwrap_or_default();
+    assert!(
+        header.contains("queue: ") && header.contains("m1"),
+        "{header}"
+    );
+}
