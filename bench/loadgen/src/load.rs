@@ -34,8 +34,9 @@ pub struct LoadSpec {
     pub duration: Option<Duration>,
     /// Or stop after this many requests in all.
     pub requests: Option<u64>,
-    /// How long requests in flight at the end may take to finish; those cut
-    /// off are counted as `incomplete`.
+    /// How long requests in flight at the end may take to finish (with a
+    /// count instead of a duration: how long the whole run may take); those
+    /// cut off are counted as `incomplete`.
     pub grace: Duration,
     pub bearer: Option<String>,
     /// Processes whose memory and CPU are sampled during the run.
@@ -58,7 +59,8 @@ pub struct LoadReport {
     pub rps: f64,
     /// Request to last byte.
     pub latency_ms: Option<Summary>,
-    /// Request to the first event with generated text (streams only).
+    /// Request to the first event with generated text (streams only; it
+    /// includes requests cut off later).
     pub ttft_ms: Option<Summary>,
     pub chunks: u64,
     pub chunks_per_s: f64,
@@ -90,7 +92,6 @@ impl WorkerResult {
 enum Outcome {
     Ok {
         latency: Duration,
-        ttft: Option<Duration>,
         chunks: u64,
         bytes: u64,
     },
@@ -104,7 +105,7 @@ struct Shared {
     /// Requests not yet started when a count was given.
     remaining: AtomicU64,
     stop_at: Option<Instant>,
-    hard_deadline: Option<Instant>,
+    hard_deadline: Instant,
 }
 
 impl Shared {
@@ -132,7 +133,7 @@ pub async fn run(spec: LoadSpec) -> Result<LoadReport> {
         body,
         remaining: AtomicU64::new(spec.requests.unwrap_or(u64::MAX)),
         stop_at,
-        hard_deadline: stop_at.map(|at| at + spec.grace),
+        hard_deadline: stop_at.unwrap_or(start) + spec.grace,
         spec: spec.clone(),
     });
     let sampler = Sampler::start(&spec.watch);
@@ -196,29 +197,27 @@ async fn worker(shared: Arc<Shared>) -> WorkerResult {
             }
         }
         let Some(s) = sender.as_mut() else { continue };
-        let exchange = one_request(s, &shared);
-        let outcome = match shared.hard_deadline {
-            Some(deadline) => match tokio::time::timeout_at(deadline.into(), exchange).await {
-                Ok(outcome) => outcome,
-                Err(_) => {
-                    result.incomplete += 1;
-                    break;
-                }
-            },
-            None => exchange.await,
+        // Kept outside the exchange: a stream cut off at the deadline still
+        // had a valid time to first token.
+        let mut ttft = None;
+        let exchange = one_request(s, &shared, &mut ttft);
+        let outcome = match tokio::time::timeout_at(shared.hard_deadline.into(), exchange).await {
+            Ok(outcome) => outcome,
+            Err(_) => {
+                result.incomplete += 1;
+                result.ttft_us.extend(ttft.map(micros));
+                break;
+            }
         };
         match outcome {
             Outcome::Ok {
                 latency,
-                ttft,
                 chunks,
                 bytes,
             } => {
                 result.ok += 1;
                 result.latencies_us.push(micros(latency));
-                if let Some(t) = ttft {
-                    result.ttft_us.push(micros(t));
-                }
+                result.ttft_us.extend(ttft.map(micros));
                 result.chunks += chunks;
                 result.bytes += bytes;
             }
@@ -231,7 +230,11 @@ async fn worker(shared: Arc<Shared>) -> WorkerResult {
     result
 }
 
-async fn one_request(sender: &mut SendRequest<Full<Bytes>>, shared: &Shared) -> Outcome {
+async fn one_request(
+    sender: &mut SendRequest<Full<Bytes>>,
+    shared: &Shared,
+    ttft: &mut Option<Duration>,
+) -> Outcome {
     let request = match post(
         &shared.target,
         shared.body.clone(),
@@ -251,7 +254,6 @@ async fn one_request(sender: &mut SendRequest<Full<Bytes>>, shared: &Shared) -> 
     let status = response.status();
     let mut body = response.into_body();
     let mut parser = SseParser::new();
-    let mut ttft = None;
     let mut bytes = 0u64;
     let mut chunks = 0u64;
     let mut error_body = Vec::new();
@@ -274,7 +276,7 @@ async fn one_request(sender: &mut SendRequest<Full<Bytes>>, shared: &Shared) -> 
             let seen = parser.feed(&data);
             chunks += seen.events;
             if seen.first_text {
-                ttft = Some(started.elapsed());
+                *ttft = Some(started.elapsed());
             }
             if seen.error {
                 return Outcome::Failed(format!(
@@ -302,7 +304,6 @@ async fn one_request(sender: &mut SendRequest<Full<Bytes>>, shared: &Shared) -> 
     }
     Outcome::Ok {
         latency,
-        ttft,
         chunks,
         bytes,
     }

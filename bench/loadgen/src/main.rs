@@ -57,9 +57,10 @@ struct LoadArgs {
     /// Total requests instead of a duration.
     #[arg(long)]
     requests: Option<u64>,
-    /// How long requests in flight at the end may take.
-    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
-    grace: Duration,
+    /// How long requests in flight at the end may take [default: 10s]; with
+    /// --requests, how long the whole run may take [default: 10m].
+    #[arg(long, value_parser = humantime::parse_duration)]
+    grace: Option<Duration>,
     /// Sent as `Authorization: Bearer <token>`.
     #[arg(long, env = "LOADGEN_BEARER")]
     bearer: Option<String>,
@@ -136,7 +137,13 @@ async fn run(command: Command) -> Result<()> {
                     (d, _) => d,
                 },
                 requests: args.requests,
-                grace: args.grace,
+                grace: args
+                    .grace
+                    .unwrap_or(Duration::from_secs(if args.requests.is_some() {
+                        600
+                    } else {
+                        10
+                    })),
                 bearer: args.bearer,
                 watch: args.watch,
             })

@@ -120,14 +120,19 @@ impl Watched {
     }
 }
 
-/// Samples the watched processes every 50 ms on its own thread until finished.
+/// Samples the watched processes on its own thread until finished.
 pub struct Sampler {
     stop: Arc<AtomicBool>,
     thread: Option<std::thread::JoinHandle<(Vec<Watched>, Duration)>>,
 }
 
 impl Sampler {
+    /// Every 50 ms: cheap enough to run beside a load measurement.
     pub fn start(watch: &[(String, u32)]) -> Self {
+        Self::every(watch, Duration::from_millis(50))
+    }
+
+    pub fn every(watch: &[(String, u32)], interval: Duration) -> Self {
         let mut watched: Vec<Watched> = watch
             .iter()
             .map(|(name, pid)| {
@@ -154,7 +159,7 @@ impl Sampler {
             let start = Instant::now();
             while !stop_flag.load(Ordering::Relaxed) {
                 watched.iter_mut().for_each(Watched::sample);
-                std::thread::sleep(Duration::from_millis(50));
+                std::thread::sleep(interval);
             }
             watched.iter_mut().for_each(Watched::sample);
             (watched, start.elapsed())

@@ -41,9 +41,6 @@ pub struct SuiteArgs {
     /// Seconds per load measurement [default: 10, quick 2].
     #[arg(long)]
     pub secs: Option<f64>,
-    /// Seconds per LiteLLM measurement (it is ×100-×1000 slower) [default: 3, quick 1].
-    #[arg(long)]
-    pub litellm_secs: Option<f64>,
     /// Load time of the swap models [default: 2s, quick 1s].
     #[arg(long, value_parser = humantime::parse_duration)]
     pub swap_load_time: Option<Duration>,
@@ -90,7 +87,6 @@ pub struct Plan {
     pub quick: bool,
     pub rounds: usize,
     pub secs: f64,
-    pub litellm_secs: f64,
     #[serde(with = "millis")]
     pub swap_load_time: Duration,
     pub swap_samples: usize,
@@ -122,7 +118,6 @@ impl Plan {
             quick: q,
             rounds: args.rounds.unwrap_or(if q { 1 } else { 3 }).max(1),
             secs: pick(args.secs, 10.0, 2.0),
-            litellm_secs: pick(args.litellm_secs, 3.0, 1.0),
             swap_load_time: args.swap_load_time.unwrap_or(Duration::from_secs(if q {
                 1
             } else {
@@ -196,7 +191,8 @@ struct Target {
     fast_url: String,
     paced_url: String,
     bearer: Option<String>,
-    secs: f64,
+    /// The proxy's own processes, whose CPU time is measured.
+    proxy_pids: Vec<u32>,
 }
 
 pub const TARGET_ORDER: [&str; 4] = ["direct", "nginx", "gpuswap", "litellm"];
@@ -308,7 +304,7 @@ async fn run_all(
         fast_url: chat(fast),
         paced_url: chat(paced),
         bearer: None,
-        secs: plan.secs,
+        proxy_pids: Vec::new(),
     }];
 
     // LiteLLM starts slowly: start it first, wait for it last.
@@ -323,13 +319,15 @@ async fn run_all(
     if !skip("nginx") {
         match peers::start_nginx(&args.nginx, &upstreams, work, logs).await {
             Ok((proc, ports)) => {
+                // The workers do the proxying; the master only supervises them.
+                let workers = procfs::tree(proc.pid).into_iter().skip(1).collect();
                 procs.push(proc);
                 targets.push(Target {
                     key: "nginx",
                     fast_url: chat(ports[0]),
                     paced_url: chat(ports[1]),
                     bearer: None,
-                    secs: plan.secs,
+                    proxy_pids: workers,
                 });
             }
             Err(e) => results.failed("starting nginx", e),
@@ -350,7 +348,7 @@ async fn run_all(
                     fast_url: g.url(),
                     paced_url: g.url(),
                     bearer: None,
-                    secs: plan.secs,
+                    proxy_pids: vec![g.gateway.pid],
                 });
                 gpuswap = Some(g);
             }
@@ -364,7 +362,7 @@ async fn run_all(
                 fast_url: chat(port),
                 paced_url: chat(port),
                 bearer: Some(master_key.clone()),
-                secs: plan.litellm_secs,
+                proxy_pids: procfs::tree(proc.pid),
             }),
             Err(e) => results.failed("starting LiteLLM", e),
         }
@@ -374,7 +372,7 @@ async fn run_all(
     // Every target must answer both models before anything is measured.
     let mut usable = Vec::new();
     for target in targets {
-        match smoke(&target).await {
+        match smoke(plan, &target).await {
             Ok(()) => usable.push(target),
             Err(e) => results.failed(&format!("first requests through {}", target.key), e),
         }
@@ -431,7 +429,21 @@ async fn start_mock(
     ready.map(|()| port)
 }
 
-fn spec(target: &Target, scenario: &Scenario, secs: f64) -> LoadSpec {
+fn spec(plan: &Plan, target: &Target, scenario: &Scenario) -> LoadSpec {
+    // LiteLLM gets a fixed number of requests instead of a duration: at its
+    // pace, a duration would cut off most streams.
+    let (duration, requests, grace) = if target.key == "litellm" {
+        let (quick, full) = scenario.litellm_per_worker;
+        let per_worker = if plan.quick { quick } else { full };
+        let requests = per_worker * scenario.concurrency as u64;
+        (None, Some(requests), Duration::from_secs(120))
+    } else {
+        (
+            Some(Duration::from_secs_f64(plan.secs)),
+            None,
+            Duration::from_secs(10),
+        )
+    };
     LoadSpec {
         url: if scenario.paced {
             target.paced_url.clone()
@@ -447,16 +459,20 @@ fn spec(target: &Target, scenario: &Scenario, secs: f64) -> LoadSpec {
         stream: scenario.stream,
         max_tokens: scenario.max_tokens,
         concurrency: scenario.concurrency,
-        duration: Some(Duration::from_secs_f64(secs)),
-        requests: None,
-        grace: Duration::from_secs(if target.key == "litellm" { 3 } else { 10 }),
+        duration,
+        requests,
+        grace,
         bearer: target.bearer.clone(),
-        watch: Vec::new(),
+        watch: target
+            .proxy_pids
+            .iter()
+            .map(|&pid| (format!("{}-{pid}", target.key), pid))
+            .collect(),
     }
 }
 
 /// One streaming and one plain request per model; both must succeed.
-async fn smoke(target: &Target) -> Result<()> {
+async fn smoke(plan: &Plan, target: &Target) -> Result<()> {
     for (paced, stream) in [(false, false), (false, true), (true, true)] {
         let scenario = Scenario {
             stream,
@@ -465,9 +481,10 @@ async fn smoke(target: &Target) -> Result<()> {
             concurrency: 1,
             ..SCENARIOS[0]
         };
-        let mut spec = spec(target, &scenario, 0.0);
+        let mut spec = spec(plan, target, &scenario);
         spec.duration = None;
         spec.requests = Some(1);
+        spec.grace = Duration::from_secs(60);
         let report = tokio::time::timeout(Duration::from_secs(60), load::run(spec))
             .await
             .map_err(|_| anyhow!("no answer within 60 s"))??;
@@ -497,7 +514,7 @@ async fn load_rounds(plan: &Plan, targets: &[Target], raw: &Path, results: &mut 
                     scenario.key,
                     target.key
                 );
-                let spec = spec(target, scenario, target.secs);
+                let spec = spec(plan, target, scenario);
                 match load::run(spec).await {
                     Ok(report) => {
                         let file =
@@ -656,7 +673,11 @@ async fn flood_section(plan: &Plan, g: &Gpuswap, results: &mut Results) {
     );
     let outcome = async {
         let mut client = stopping::client(&g.endpoints.supervisor)?;
-        let sampler = Sampler::start(&[("supervisor".into(), g.supervisor.pid)]);
+        // The flood may be over in a fraction of a second: sample often.
+        let sampler = Sampler::every(
+            &[("supervisor".into(), g.supervisor.pid)],
+            Duration::from_millis(5),
+        );
         let started = Instant::now();
         let mut activation = {
             let mut client = client.clone();

@@ -66,7 +66,7 @@ impl Environment {
             cpu,
             kernel: command_output("uname", &["-r"]).unwrap_or_default(),
             nginx: command_output(nginx, &["-v"])
-                .map(|v| v.trim_start_matches("nginx version: ").to_owned())
+                .map(|v| v.trim_start_matches("nginx version: nginx/").to_owned())
                 .unwrap_or_else(|| "not installed".into()),
             litellm: litellm_version,
             gpuswap: format!("{} (commit {commit})", env!("CARGO_PKG_VERSION")),
@@ -135,8 +135,11 @@ pub fn render(plan: &Plan, results: &Results, env: &Environment, took: Duration)
          - Versions: gpuswap {}, nginx {}, LiteLLM {}, {}\n\
          - Reproduce: `{}`{}\n\
          - Load: closed loop over keep-alive HTTP/1.1 (`gpuswap-loadgen`, one thread), {} round(s) \
-         of {} s per measurement ({} s for LiteLLM), targets interleaved within each round; \
-         figures are medians over rounds, ratios are against the backend measured directly.\n\
+         of {} s per measurement, targets interleaved within each round (LiteLLM, ×100–×1000 \
+         slower, gets a fixed number of requests per worker instead); figures are medians \
+         over rounds, ratios are against the backend measured directly. Proxy CPU is the \
+         user+system time of the proxy's own processes (nginx workers, the gateway, LiteLLM) \
+         per completed request.\n\
          - Everything runs on the same machine over loopback: the load generator, the proxy \
          and the mock backend (`gpuswap-mock-backend`, vLLM-like, no load time) compete for \
          the cores, so only ratios carry over to other machines.\n",
@@ -162,7 +165,6 @@ pub fn render(plan: &Plan, results: &Results, env: &Environment, took: Duration)
         },
         plan.rounds,
         fig(plan.secs),
-        fig(plan.litellm_secs),
     );
 
     let mut goals = String::new();
@@ -339,7 +341,7 @@ pub fn render(plan: &Plan, results: &Results, env: &Environment, took: Duration)
             let _ = writeln!(load_md);
             let ours = load_median(results, scenario.key, "gpuswap", metric);
             let nginx = load_median(results, scenario.key, "nginx", metric);
-            if let (Some(g), Some(n)) = (ours, nginx) {
+            if let (Some(g), Some(n), true) = (ours, nginx, metric.goal) {
                 let met = if metric.lower_is_better {
                     g <= n * (1.0 + NGINX_PARITY)
                 } else {
