@@ -180,13 +180,12 @@ fn start_backend(args: &Args, signals: &SigSet) -> std::io::Result<Pid> {
     // system calls on memory prepared before the fork; it allocates nothing.
     unsafe {
         command.pre_exec(move || {
-            if let Some((uid, gid, groups)) = &credentials {
-                if libc::setgroups(groups.len(), groups.as_ptr()) != 0
+            if let Some((uid, gid, groups)) = &credentials
+                && (libc::setgroups(groups.len(), groups.as_ptr()) != 0
                     || libc::setgid(gid.as_raw()) != 0
-                    || libc::setuid(uid.as_raw()) != 0
-                {
-                    return Err(std::io::Error::last_os_error());
-                }
+                    || libc::setuid(uid.as_raw()) != 0)
+            {
+                return Err(std::io::Error::last_os_error());
             }
             // After the credential change, which clears the parent-death signal.
             if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL as libc::c_ulong) != 0 {

@@ -173,16 +173,16 @@ impl Backend {
             }),
             None => None,
         };
-        if let Some(dir) = &config.workdir {
-            if !dir.is_dir() {
-                return Err(StartError::Spawn {
-                    program: format!("{program} in {}", dir.display()),
-                    source: std::io::Error::new(
-                        std::io::ErrorKind::NotFound,
-                        "the working directory does not exist",
-                    ),
-                });
-            }
+        if let Some(dir) = &config.workdir
+            && !dir.is_dir()
+        {
+            return Err(StartError::Spawn {
+                program: format!("{program} in {}", dir.display()),
+                source: std::io::Error::new(
+                    std::io::ErrorKind::NotFound,
+                    "the working directory does not exist",
+                ),
+            });
         }
 
         let (report_read, report_write) = report_pipe().map_err(|source| StartError::Spawn {
@@ -263,10 +263,10 @@ impl Backend {
         };
         let guard_pid = guard_pid as i32;
         let starttime = procfs::stat(guard_pid).map_or(0, |s| s.starttime);
-        if let Some(state) = &spec.state_file {
-            if let Err(e) = state.record(&spec.model, guard_pid, starttime) {
-                tracing::warn!(model = %spec.model, path = %state.path().display(), "cannot record the process group: {e}");
-            }
+        if let Some(state) = &spec.state_file
+            && let Err(e) = state.record(&spec.model, guard_pid, starttime)
+        {
+            tracing::warn!(model = %spec.model, path = %state.path().display(), "cannot record the process group: {e}");
         }
 
         let (ready_tx, ready_log_seen) = watch::channel(false);
@@ -396,7 +396,8 @@ impl Backend {
                     match probe.resolve().await {
                         Ok(a) => addr = Some(a),
                         Err(e) => {
-                            *last_outcome.lock().unwrap_or_else(|p| p.into_inner()) = Some(ProbeOutcome::NoAnswer(e.to_string()))
+                            *last_outcome.lock().unwrap_or_else(|p| p.into_inner()) =
+                                Some(ProbeOutcome::NoAnswer(e.to_string()))
                         }
                     }
                 }
@@ -416,10 +417,10 @@ impl Backend {
         };
         let mut ready_log_seen = self.inner.ready_log_seen.clone();
         let ready_log = async {
-            if config.ready_log.as_deref().is_some_and(|s| !s.is_empty()) {
-                if ready_log_seen.wait_for(|seen| *seen).await.is_ok() {
-                    return;
-                }
+            if config.ready_log.as_deref().is_some_and(|s| !s.is_empty())
+                && ready_log_seen.wait_for(|seen| *seen).await.is_ok()
+            {
+                return;
             }
             std::future::pending::<()>().await
         };
@@ -525,26 +526,26 @@ impl Backend {
                 LogStream::Supervisor,
                 format!("stopping (SIGTERM, SIGKILL after {stop_timeout:?})"),
             );
+            let signalled = Instant::now();
             self.signal_group(Signal::SIGTERM);
-            if tokio::time::timeout(stop_timeout, self.exited())
-                .await
-                .is_err()
-            {
-                // The guard escalates by itself at the same moment.
+            let graceful = tokio::time::timeout(stop_timeout, self.exited()).await;
+            // The guard escalates by itself at about the same moment (its clock may win).
+            if graceful.is_err() || signalled.elapsed() >= stop_timeout {
                 inner.logs.push(
                     LogStream::Supervisor,
                     format!("stop escalated to SIGKILL after {stop_timeout:?}"),
                 );
-                if tokio::time::timeout(ESCALATION_MARGIN, self.exited())
+            }
+            if graceful.is_err()
+                && tokio::time::timeout(ESCALATION_MARGIN, self.exited())
                     .await
                     .is_err()
-                {
-                    inner.logs.push(
-                        LogStream::Supervisor,
-                        "the guard did not exit: killing its group and every descendant".into(),
-                    );
-                    self.kill_everything();
-                }
+            {
+                inner.logs.push(
+                    LogStream::Supervisor,
+                    "the guard did not exit: killing its group and every descendant".into(),
+                );
+                self.kill_everything();
             }
         }
         let info = match tokio::time::timeout(BACKSTOP_WAIT, self.exited()).await {
@@ -630,10 +631,10 @@ async fn own_guard(
     };
     let _ = tokio::time::timeout(OUTPUT_DRAIN, drain).await;
     logs.push(LogStream::Supervisor, format!("exited: {info}"));
-    if let Some(state) = state_file {
-        if let Err(e) = state.forget(pgid) {
-            tracing::warn!(path = %state.path().display(), "cannot update the state file: {e}");
-        }
+    if let Some(state) = state_file
+        && let Err(e) = state.forget(pgid)
+    {
+        tracing::warn!(path = %state.path().display(), "cannot update the state file: {e}");
     }
     let _ = exit_tx.send(Some(info));
 }
@@ -648,10 +649,11 @@ fn spawn_reader(
     tokio::spawn(async move {
         let reader = BufReader::with_capacity(64 * 1024, stream);
         let result = read_lines(reader, |line| {
-            if let Some(needle) = &ready_log {
-                if !*ready_tx.borrow() && line.contains(needle.as_str()) {
-                    ready_tx.send_replace(true);
-                }
+            if let Some(needle) = &ready_log
+                && !*ready_tx.borrow()
+                && line.contains(needle.as_str())
+            {
+                ready_tx.send_replace(true);
             }
             logs.push(kind, line);
         })
@@ -690,11 +692,11 @@ fn backend_env(config: &ModelConfig, user: Option<&User>) -> Vec<(String, String
             }
         }
     }
-    if let Some(gpus) = &config.gpus {
-        if !config.env.contains_key("CUDA_VISIBLE_DEVICES") {
-            let list: Vec<String> = gpus.iter().map(u32::to_string).collect();
-            env.push(("CUDA_VISIBLE_DEVICES".into(), list.join(",")));
-        }
+    if let Some(gpus) = &config.gpus
+        && !config.env.contains_key("CUDA_VISIBLE_DEVICES")
+    {
+        let list: Vec<String> = gpus.iter().map(u32::to_string).collect();
+        env.push(("CUDA_VISIBLE_DEVICES".into(), list.join(",")));
     }
     env.extend(config.env.iter().map(|(k, v)| (k.clone(), v.clone())));
     env
@@ -893,10 +895,11 @@ mod port_holder {
                 let local_port = local
                     .rsplit_once(':')
                     .and_then(|(_, p)| u16::from_str_radix(p, 16).ok());
-                if local_port == Some(port) && *state == "0A" {
-                    if let Ok(inode) = inode.parse() {
-                        inodes.push(inode);
-                    }
+                if local_port == Some(port)
+                    && *state == "0A"
+                    && let Ok(inode) = inode.parse()
+                {
+                    inodes.push(inode);
                 }
             }
         }
@@ -917,13 +920,11 @@ mod gpu {
 
     /// Waits (bounded by `timeout`) until no process of `tree` holds GPU memory.
     pub(super) async fn wait_released(_tree: &[i32], _timeout: Duration, _logs: &LogBuffer) {
-        if !std::path::Path::new("/proc/driver/nvidia/version").exists() {
-            if !ANNOUNCED.swap(true, Ordering::Relaxed) {
-                tracing::info!("no NVIDIA driver found, skipping GPU release checks");
-            }
-            return;
+        if std::path::Path::new("/proc/driver/nvidia/version").exists() {
+            // TODO(issue 4): poll NVML / nvidia-smi for the tree's pids until their memory is freed.
+        } else if !ANNOUNCED.swap(true, Ordering::Relaxed) {
+            tracing::info!("no NVIDIA driver found, skipping GPU release checks");
         }
-        // TODO(issue 4): poll NVML / nvidia-smi for the tree's pids until their memory is freed.
     }
 }
 
