@@ -200,6 +200,8 @@ pub const TARGET_ORDER: [&str; 4] = ["direct", "nginx", "gpuswap", "litellm"];
 pub async fn run(args: SuiteArgs) -> Result<()> {
     let plan = Plan::new(&args);
     let started = Instant::now();
+    // Other work on the machine skews every figure: say how busy it was.
+    let load_before = report::load_average();
     let bin_dir = match &args.bin_dir {
         Some(dir) => dir.clone(),
         None => std::env::current_exe()?
@@ -244,7 +246,7 @@ pub async fn run(args: SuiteArgs) -> Result<()> {
         out.join("results.json"),
         serde_json::to_vec_pretty(&summary)?,
     )?;
-    let environment = report::Environment::collect(&args.nginx, &args.litellm);
+    let environment = report::Environment::collect(&args.nginx, &args.litellm, load_before);
     let markdown = report::render(&plan, &results, &environment, started.elapsed());
     println!("{markdown}");
     let results_path = args.results.clone().unwrap_or_else(|| {

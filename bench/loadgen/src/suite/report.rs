@@ -25,6 +25,16 @@ pub struct Environment {
     pub litellm: String,
     pub gpuswap: String,
     pub rustc: String,
+    /// 1-minute load average before and after the run.
+    pub load: (String, String),
+}
+
+/// The 1-minute load average.
+pub fn load_average() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .ok()
+        .and_then(|l| l.split_whitespace().next().map(str::to_owned))
+        .unwrap_or_else(|| "?".into())
 }
 
 fn command_output(program: &str, args: &[&str]) -> Option<String> {
@@ -39,7 +49,7 @@ fn command_output(program: &str, args: &[&str]) -> Option<String> {
 }
 
 impl Environment {
-    pub fn collect(nginx: &str, litellm: &str) -> Self {
+    pub fn collect(nginx: &str, litellm: &str, load_before: String) -> Self {
         let cpu = std::fs::read_to_string("/proc/cpuinfo")
             .ok()
             .and_then(|info| {
@@ -71,6 +81,7 @@ impl Environment {
             litellm: litellm_version,
             gpuswap: format!("{} (commit {commit})", env!("CARGO_PKG_VERSION")),
             rustc: command_output("rustc", &["--version"]).unwrap_or_default(),
+            load: (load_before, load_average()),
         }
     }
 }
@@ -131,7 +142,8 @@ pub fn render(plan: &Plan, results: &Results, env: &Environment, took: Duration)
     let _ = writeln!(md, "# gpuswap benchmark results\n");
     let _ = writeln!(
         md,
-        "- Date: {}; {} ({:.1} min)\n- Machine: {} cores, {}, Linux {}\n\
+        "- Date: {}; {} ({:.1} min)\n- Machine: {} cores, {}, Linux {}; load average {} before \
+         the run, {} after\n\
          - Versions: gpuswap {}, nginx {}, LiteLLM {}, {}\n\
          - Reproduce: `{}`{}\n\
          - Load: closed loop over keep-alive HTTP/1.1 (`gpuswap-loadgen`, one thread), {} round(s) \
@@ -153,6 +165,8 @@ pub fn render(plan: &Plan, results: &Results, env: &Environment, took: Duration)
         env.cores,
         env.cpu,
         env.kernel,
+        env.load.0,
+        env.load.1,
         env.gpuswap,
         env.nginx,
         env.litellm,
