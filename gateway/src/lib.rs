@@ -86,6 +86,8 @@ pub fn upstream_client() -> UpstreamClient {
         // closes idle connections (no request lost on a closing connection).
         .pool_idle_timeout(Duration::from_secs(4))
         .pool_timer(TokioTimer::new())
+        // Routes carry a prebuilt Host header.
+        .set_host(false)
         .build(connector)
 }
 
@@ -157,7 +159,7 @@ pub async fn run(config: GatewayConfig, listen: Option<String>) -> anyhow::Resul
         supervisor_endpoint: endpoint.to_string(),
     });
     tracing::info!(listen = %listener.local_addr()?, supervisor = %endpoint, "gpuswap-gateway listening");
-    server::serve(listener, server::router(gateway), config.header_timeout).await;
+    server::serve(listener, gateway, config.header_timeout).await;
     Ok(())
 }
 

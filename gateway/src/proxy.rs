@@ -254,6 +254,7 @@ impl Upstream {
                 headers.append(name.clone(), value.clone());
             }
         }
+        headers.insert(header::HOST, route.host.clone());
         if let Some((bearer, key)) = &route.api_key {
             headers.insert(header::AUTHORIZATION, bearer.clone());
             headers.insert(X_API_KEY, key.clone());

@@ -23,6 +23,8 @@ pub struct Route {
     /// The canonical model id.
     pub model: Arc<str>,
     pub upstream: Authority,
+    /// `Host` for upstream requests, built once (the client would format it per request).
+    pub host: HeaderValue,
     /// The id the backend expects, as a JSON string literal, to splice into bodies.
     pub served_name: String,
     pub served_name_json: Bytes,
@@ -48,8 +50,11 @@ impl Route {
         notify: mpsc::UnboundedSender<ActorMsg>,
     ) -> Self {
         let served_name_json = Bytes::from(serde_json::to_vec(&served_name).unwrap_or_default());
+        let host = HeaderValue::from_str(upstream.as_str())
+            .unwrap_or_else(|_| HeaderValue::from_static("localhost"));
         Self {
             model,
+            host,
             upstream,
             served_name,
             served_name_json,

@@ -182,8 +182,10 @@ fn preflight(headers: &HeaderMap) -> Response {
     response
 }
 
-/// Routes one request, adding CORS headers for browser callers.
+/// Routes one request, adding CORS headers for browser callers. Model
+/// requests (`POST /v1/*` but the catalog) skip the router: they are the hot path.
 async fn serve_request(
+    gateway: Arc<Gateway>,
     mut router: Router,
     request: Request<hyper::body::Incoming>,
 ) -> Result<Response, Infallible> {
@@ -191,7 +193,15 @@ async fn serve_request(
         return Ok(preflight(request.headers()));
     }
     let origin = request.headers().get(header::ORIGIN).cloned();
-    let mut response = router.call(request.map(Body::new)).await?;
+    let path = request.uri().path();
+    let proxied = request.method() == Method::POST
+        && path.starts_with("/v1/")
+        && !path.starts_with("/v1/models");
+    let mut response = if proxied {
+        proxy::handle(gateway, request.map(Body::new)).await
+    } else {
+        router.call(request.map(Body::new)).await?
+    };
     if let Some(origin) = origin {
         let headers = response.headers_mut();
         headers.insert(header::ACCESS_CONTROL_ALLOW_ORIGIN, origin);
@@ -201,7 +211,8 @@ async fn serve_request(
 }
 
 /// Accepts connections for ever.
-pub async fn serve(listener: TcpListener, router: Router, header_timeout: Duration) {
+pub async fn serve(listener: TcpListener, gateway: Arc<Gateway>, header_timeout: Duration) {
+    let router = router(Arc::clone(&gateway));
     loop {
         let (stream, _) = match listener.accept().await {
             Ok(accepted) => accepted,
@@ -213,10 +224,11 @@ pub async fn serve(listener: TcpListener, router: Router, header_timeout: Durati
             }
         };
         let _ = stream.set_nodelay(true);
-        let router = router.clone();
+        let (router, gateway) = (router.clone(), Arc::clone(&gateway));
         tokio::spawn(async move {
-            let service =
-                hyper::service::service_fn(move |request| serve_request(router.clone(), request));
+            let service = hyper::service::service_fn(move |request| {
+                serve_request(Arc::clone(&gateway), router.clone(), request)
+            });
             let mut builder = hyper::server::conn::http1::Builder::new();
             builder.timer(TokioTimer::new());
             if !header_timeout.is_zero() {
