@@ -153,10 +153,11 @@ impl Backend {
     /// Checks the port is free, spawns the guard and the backend in a new process group,
     /// and starts capturing stdout/stderr into `logs`. Returns once spawned.
     ///
-    /// Must be called on a tokio runtime thread that outlives the backend (a worker, not a
-    /// `spawn_blocking` thread): the parent-death signal fires when the forking thread
-    /// exits. Blocks that thread briefly (a few ms) until the guard reports the backend's
-    /// pid, which also turns a missing program into an error here.
+    /// Must be called within a tokio runtime. The fork itself happens on one long-lived
+    /// thread of the process (the parent-death signal fires when the *forking thread*
+    /// exits), so any calling thread is fine, `spawn_blocking` included. Blocks the caller
+    /// briefly (a few ms) until the guard reports the backend's pid, which also turns a
+    /// missing program into an error here.
     pub fn spawn(spec: &LaunchSpec, logs: LogBuffer) -> Result<Backend, StartError> {
         let config = &spec.config;
         let Some(program) = config.command.first() else {
@@ -244,7 +245,7 @@ impl Backend {
             LogStream::Supervisor,
             format!("starting: {}", shell_words(&config.command)),
         );
-        let mut child = command.spawn().map_err(|source| {
+        let mut child = forker::spawn(command).map_err(|source| {
             logs.push(
                 LogStream::Supervisor,
                 format!("cannot start the guard: {source}"),
@@ -836,6 +837,56 @@ fn read_report(read_end: OwnedFd, timeout: Duration) -> std::io::Result<GuardRep
             },
         )
     })
+}
+
+/// All forks of guards happen on one thread that lives as long as the process: the
+/// guard's parent-death signal fires when the thread that forked it exits, and a tokio
+/// worker or blocking-pool thread may exit long before the supervisor does.
+mod forker {
+    use std::sync::{Mutex, OnceLock, mpsc};
+
+    type Job = Box<dyn FnOnce() + Send>;
+
+    static JOBS: OnceLock<Option<Mutex<mpsc::Sender<Job>>>> = OnceLock::new();
+
+    fn jobs() -> Option<&'static Mutex<mpsc::Sender<Job>>> {
+        JOBS.get_or_init(|| {
+            let (tx, rx) = mpsc::channel::<Job>();
+            std::thread::Builder::new()
+                .name("gpuswap-forker".into())
+                .spawn(move || {
+                    for job in rx {
+                        job();
+                    }
+                })
+                .ok()
+                .map(|_| Mutex::new(tx))
+        })
+        .as_ref()
+    }
+
+    /// Spawns `command` from the forker thread, registered with the caller's runtime.
+    pub(super) fn spawn(
+        mut command: tokio::process::Command,
+    ) -> std::io::Result<tokio::process::Child> {
+        let runtime = tokio::runtime::Handle::current();
+        let Some(jobs) = jobs() else {
+            // No thread to be had: fork here, the best that is left.
+            return command.spawn();
+        };
+        let (done_tx, done_rx) = mpsc::sync_channel(1);
+        let job: Job = Box::new(move || {
+            let _entered = runtime.enter();
+            let _ = done_tx.send(command.spawn());
+        });
+        let sent = jobs.lock().unwrap_or_else(|e| e.into_inner()).send(job);
+        if sent.is_err() {
+            return Err(std::io::Error::other("the forker thread is gone"));
+        }
+        done_rx
+            .recv()
+            .unwrap_or_else(|_| Err(std::io::Error::other("the forker thread is gone")))
+    }
 }
 
 /// Who holds a TCP port, from /proc/net/tcp{,6} and /proc/*/fd (best effort).

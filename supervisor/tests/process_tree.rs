@@ -67,7 +67,9 @@ async fn stop_ends_a_worker_that_left_the_group() {
         "the setsid worker and its child left the group: {found:?}"
     );
 
+    let stopping = Instant::now();
     let info = backend.stop().await;
+    eprintln!("stop took {:?}", stopping.elapsed());
     assert_eq!(
         info.signal,
         Some(libc::SIGTERM),
@@ -411,4 +413,27 @@ fn stat_field_22(pid: u32) -> u64 {
         .nth(19)
         .and_then(|s| s.parse().ok())
         .expect("starttime")
+}
+
+#[tokio::test]
+async fn a_backend_outlives_the_thread_that_spawned_it() {
+    let marker = unique_marker("thread");
+    let config = tagged_config("exec sleep 1000", &marker, json!({}));
+    let runtime = tokio::runtime::Handle::current();
+    let spawned = std::thread::spawn(move || {
+        let _entered = runtime.enter();
+        Backend::spawn(&spec("thread", config), logs("thread")).expect("spawn")
+    })
+    .join()
+    .expect("spawner thread");
+    // The parent-death signal follows the forking thread: had the thread that just ended
+    // forked the guard, the guard would be ending the tree now.
+    let early_exit = tokio::time::timeout(Duration::from_secs(1), spawned.exited()).await;
+    assert!(
+        early_exit.is_err(),
+        "the backend died with its spawning thread: {early_exit:?}"
+    );
+    assert!(testkit::alive(spawned.pid()));
+    spawned.stop().await;
+    assert!(tagged(&marker, &[]).is_empty());
 }
