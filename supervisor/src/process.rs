@@ -594,6 +594,21 @@ impl Backend {
     }
 }
 
+impl Drop for Inner {
+    fn drop(&mut self) {
+        // The last handle is gone while the tree still runs: nobody could stop it any more.
+        // SIGTERM lets the guard do a normal stop, SIGKILL after stop_timeout included.
+        if self.exit.borrow().is_none() && !self.reaped.load(Ordering::SeqCst) {
+            self.logs.push(
+                LogStream::Supervisor,
+                "stopping: the supervisor dropped its last handle on this backend".into(),
+            );
+            tracing::warn!(model = %self.model, pgid = self.guard_pid, "backend handle dropped while running: stopping it");
+            let _ = killpg(Pid::from_raw(self.guard_pid), Signal::SIGTERM);
+        }
+    }
+}
+
 const UNKNOWN_EXIT: ExitInfo = ExitInfo {
     code: None,
     signal: None,

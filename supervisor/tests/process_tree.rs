@@ -437,3 +437,23 @@ async fn a_backend_outlives_the_thread_that_spawned_it() {
     spawned.stop().await;
     assert!(tagged(&marker, &[]).is_empty());
 }
+
+#[tokio::test]
+async fn dropping_the_last_handle_stops_the_tree() {
+    let marker = unique_marker("dropped");
+    let config = tagged_config(ESCAPING_TREE, &marker, json!({}));
+    let backend = Backend::spawn(&spec("dropped", config), logs("dropped")).expect("spawn");
+    wait_tagged(&marker, 4, &[]).await;
+    let clone = backend.clone();
+    drop(backend);
+    assert_eq!(
+        tagged(&marker, &[]).len(),
+        4,
+        "a clone still holds the tree"
+    );
+    drop(clone);
+    wait_for("the tree to end", DEADLINE, || async {
+        tagged(&marker, &[]).is_empty().then_some(())
+    })
+    .await;
+}
