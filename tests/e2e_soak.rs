@@ -117,7 +117,7 @@ async fn mixed_models_under_concurrent_load_are_never_misrouted_or_lost() {
         .await;
     let models: [&'static str; 3] = ["alpha", "beta", "gamma"];
     let sampler = stack.sampler(&[("alpha", "beta")]);
-    let seed = 0x5eed_0f_9a5u64;
+    let seed = 0x5eed_0f9a_u64;
     let next = Arc::new(AtomicUsize::new(0));
     let url = stack.url("/v1/chat/completions");
     let started = Instant::now();
@@ -133,7 +133,7 @@ async fn mixed_models_under_concurrent_load_are_never_misrouted_or_lost() {
                 }
                 let r = draw(seed, i);
                 let model = models[(r % 3) as usize];
-                let stream = (r >> 8) % 2 == 0;
+                let stream = (r >> 8) & 1 == 0;
                 let left = stream && (r >> 16) % 100 < DISCONNECT_PERCENT;
                 let verdict = if left {
                     leave_mid_stream(&http, &url, model).await
