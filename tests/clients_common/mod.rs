@@ -247,23 +247,40 @@ pub async fn spawn_supervisor(
 pub async fn spawn_gateway(config: &Path, base: &str, log: &Path) -> Proc {
     let mut command = Command::new(testkit::bin("gpuswap-gateway"));
     command.arg("--config").arg(config);
+    spawn_gateway_command(command, base, log).await
+}
+
+/// Starts a prepared gateway command and waits as [`spawn_gateway`] does; the
+/// last /health answer is in the panic message when it never connects.
+pub async fn spawn_gateway_command(command: Command, base: &str, log: &Path) -> Proc {
     let mut proc = spawn_logged(command, log);
     let http = reqwest::Client::new();
     let health = format!("{base}/health");
-    testkit::wait_for("the gateway to see the supervisor", DEADLINE, || {
-        let exited = proc.child.try_wait().ok().flatten();
-        assert!(
-            exited.is_none(),
-            "the gateway exited ({exited:?}):\n{}",
-            testkit::read_lossy(log)
-        );
-        let (http, health) = (http.clone(), health.clone());
-        async move {
-            let body: Value = http.get(&health).send().await.ok()?.json().await.ok()?;
-            (body["supervisor"]["connected"] == true).then_some(())
-        }
-    })
+    let last_health = std::sync::Mutex::new(String::new());
+    let connected = tokio::time::timeout(
+        DEADLINE,
+        testkit::wait_for("the gateway to see the supervisor", DEADLINE * 2, || {
+            let exited = proc.child.try_wait().ok().flatten();
+            assert!(
+                exited.is_none(),
+                "the gateway exited ({exited:?}):\n{}",
+                testkit::read_lossy(log)
+            );
+            let (http, health, last_health) = (http.clone(), health.clone(), &last_health);
+            async move {
+                let body: Value = http.get(&health).send().await.ok()?.json().await.ok()?;
+                *last_health.lock().unwrap() = body.to_string();
+                (body["supervisor"]["connected"] == true).then_some(())
+            }
+        }),
+    )
     .await;
+    assert!(
+        connected.is_ok(),
+        "the gateway did not reach the supervisor within {DEADLINE:?}; last /health: {}\n{}",
+        last_health.lock().unwrap(),
+        testkit::read_lossy(log)
+    );
     proc
 }
 
