@@ -301,10 +301,16 @@ struct Waiter {
     /// Progress notices already sent, so each is sent once.
     notices: HashSet<String>,
     /// Stops the forwarding of start-up log lines.
-    log_forward: Option<DropGuard>,
+    log_forward: Option<LogForward>,
 }
 
 impl Waiter {
+    /// Ends the waiter with a last event (Failed): log forwarding stops first.
+    fn finish(mut self, event: Event) {
+        self.log_forward = None;
+        self.stream.send(event);
+    }
+
     fn notice(&mut self, key: String, event: Event) {
         if self.notices.insert(key) {
             self.stream.send(event);
@@ -892,9 +898,10 @@ impl Actor {
             reason,
             log_tail,
         };
-        self.queue.retain(|w| {
+        self.queue.retain_mut(|w| {
             let joined = w.model == name && (w.joined.is_some() && w.joined == generation);
             if joined {
+                w.log_forward = None;
                 w.stream.send(Event::Failed(failed.clone()));
             }
             !joined
@@ -929,7 +936,7 @@ impl Actor {
                 match waiters {
                     WaiterFate::Fail(why) => {
                         let waiter = self.queue.remove(index).expect("index in range");
-                        waiter.stream.send(Event::Failed(pb::Failed {
+                        waiter.finish(Event::Failed(pb::Failed {
                             model: name.to_owned(),
                             reason: format!("start cancelled: {why}"),
                             log_tail: log_tail.clone(),
@@ -1045,7 +1052,7 @@ impl Actor {
         let target = self.queue[index].model.clone();
         let Some(model) = self.models.get(&target) else {
             let waiter = self.queue.remove(index).expect("index in range");
-            waiter.stream.send(Event::Failed(pb::Failed {
+            waiter.finish(Event::Failed(pb::Failed {
                 model: target.clone(),
                 reason: format!("model {target} was removed from the configuration"),
                 log_tail: Vec::new(),
@@ -1054,7 +1061,7 @@ impl Actor {
         };
         if model.removed {
             let waiter = self.queue.remove(index).expect("index in range");
-            waiter.stream.send(Event::Failed(pb::Failed {
+            waiter.finish(Event::Failed(pb::Failed {
                 model: target.clone(),
                 reason: format!("model {target} was removed from the configuration"),
                 log_tail: Vec::new(),
@@ -1144,7 +1151,7 @@ impl Actor {
         let model = &self.models[&target];
         if let Some(path) = missing_requirement(&model.config) {
             let waiter = self.queue.remove(index).expect("index in range");
-            waiter.stream.send(Event::Failed(pb::Failed {
+            waiter.finish(Event::Failed(pb::Failed {
                 model: target.clone(),
                 reason: format!("model {target} is unavailable: missing {}", path.display()),
                 log_tail: Vec::new(),
@@ -1196,7 +1203,7 @@ impl Actor {
                 Err(reason) => {
                     let waiter = self.queue.remove(index).expect("index in range");
                     let log_tail = self.models[&target].logs.tail_lines(FAILURE_TAIL_LINES);
-                    waiter.stream.send(Event::Failed(pb::Failed {
+                    waiter.finish(Event::Failed(pb::Failed {
                         model: target,
                         reason,
                         log_tail,
@@ -1427,8 +1434,9 @@ impl Actor {
     async fn shutdown(&mut self) {
         tracing::info!("stopping every backend");
         for waiter in std::mem::take(&mut self.queue) {
-            waiter.stream.send(Event::Failed(pb::Failed {
-                model: waiter.model.clone(),
+            let model = waiter.model.clone();
+            waiter.finish(Event::Failed(pb::Failed {
+                model,
                 reason: "the supervisor is shutting down".into(),
                 log_tail: Vec::new(),
             }));
@@ -1576,46 +1584,64 @@ fn revoke_holds(name: &str, model: &mut Model, reason: &str) {
     }
 }
 
-/// Forwards a starting model's output to one waiter until the guard is dropped. Lines are
-/// skipped when the client reads slowly, so control events always find room.
+/// Forwards a starting model's output to one waiter while it lives. Dropping it closes the
+/// sender slot under its lock, so no line can follow the Ready or Failed the actor sends next.
+struct LogForward {
+    slot: Arc<std::sync::Mutex<Option<EventSender>>>,
+    _stop: DropGuard,
+}
+
+impl Drop for LogForward {
+    fn drop(&mut self) {
+        *self.slot.lock().unwrap_or_else(|p| p.into_inner()) = None;
+    }
+}
+
+/// Starts forwarding `lines` to `events`. Lines are skipped when the client reads slowly,
+/// so control events always find room.
 fn forward_logs(
     mut lines: broadcast::Receiver<LogEntry>,
     events: EventSender,
     received: Instant,
-) -> DropGuard {
+) -> LogForward {
     let token = CancellationToken::new();
-    let guard = token.clone().drop_guard();
+    let slot = Arc::new(std::sync::Mutex::new(Some(events)));
+    let forward = LogForward {
+        slot: slot.clone(),
+        _stop: token.clone().drop_guard(),
+    };
     tokio::spawn(async move {
         loop {
             let entry = tokio::select! {
                 _ = token.cancelled() => break,
                 entry = lines.recv() => entry,
             };
-            match entry {
-                Ok(entry) => {
-                    if events.capacity() <= CONTROL_RESERVE {
-                        continue;
-                    }
-                    let event = pb::ActivateEvent {
-                        elapsed_ms: millis(received.elapsed()),
-                        event: Some(Event::Log(pb::LogLine {
-                            model: entry.model.to_string(),
-                            stream: entry.stream as i32,
-                            line: entry.line,
-                            time_ms: entry.time_ms,
-                            dropped: 0,
-                        })),
-                    };
-                    if events.try_send(Ok(event)).is_err() && events.is_closed() {
-                        break;
-                    }
-                }
+            let entry = match entry {
+                Ok(entry) => entry,
                 Err(broadcast::error::RecvError::Lagged(_)) => continue,
                 Err(broadcast::error::RecvError::Closed) => break,
+            };
+            let slot = slot.lock().unwrap_or_else(|p| p.into_inner());
+            let Some(events) = slot.as_ref() else { break };
+            if events.capacity() <= CONTROL_RESERVE {
+                continue;
+            }
+            let event = pb::ActivateEvent {
+                elapsed_ms: millis(received.elapsed()),
+                event: Some(Event::Log(pb::LogLine {
+                    model: entry.model.to_string(),
+                    stream: entry.stream as i32,
+                    line: entry.line,
+                    time_ms: entry.time_ms,
+                    dropped: 0,
+                })),
+            };
+            if events.try_send(Ok(event)).is_err() && events.is_closed() {
+                break;
             }
         }
     });
-    guard
+    forward
 }
 
 #[cfg(test)]
