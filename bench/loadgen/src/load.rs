@@ -17,7 +17,7 @@ use serde::Serialize;
 
 use crate::{
     http::{Target, chat_body, connect, post},
-    procfs::{ProcUsage, Sampler},
+    procfs::{self, ProcUsage, Sampler},
     sse::SseParser,
     stats::{Summary, micros},
 };
@@ -65,7 +65,11 @@ pub struct LoadReport {
     pub chunks: u64,
     pub chunks_per_s: f64,
     pub bytes: u64,
+    /// The watched processes, and this load generator itself (`loadgen`).
     pub processes: Vec<ProcUsage>,
+    /// How busy all cores were during the run, in %: near 100 means the
+    /// machine (not only the system under test) was the limit.
+    pub machine_busy_pct: Option<f64>,
 }
 
 #[derive(Default)]
@@ -136,7 +140,10 @@ pub async fn run(spec: LoadSpec) -> Result<LoadReport> {
         hard_deadline: stop_at.unwrap_or(start) + spec.grace,
         spec: spec.clone(),
     });
-    let sampler = Sampler::start(&spec.watch);
+    let mut watch = spec.watch.clone();
+    watch.push(("loadgen".into(), std::process::id()));
+    let sampler = Sampler::start(&watch);
+    let machine_start = procfs::machine_ticks();
     let workers: Vec<_> = (0..spec.concurrency.max(1))
         .map(|_| tokio::spawn(worker(shared.clone())))
         .collect();
@@ -158,6 +165,12 @@ pub async fn run(spec: LoadSpec) -> Result<LoadReport> {
     }
     let elapsed = start.elapsed().as_secs_f64();
     let processes = sampler.finish().await;
+    let machine_busy_pct = machine_start.zip(procfs::machine_ticks()).and_then(
+        |((busy0, total0), (busy1, total1))| {
+            let total = total1.checked_sub(total0).filter(|t| *t > 0)?;
+            Some(100.0 * busy1.saturating_sub(busy0) as f64 / total as f64)
+        },
+    );
     Ok(LoadReport {
         url: spec.url,
         model: spec.model,
@@ -176,6 +189,7 @@ pub async fn run(spec: LoadSpec) -> Result<LoadReport> {
         chunks_per_s: total.chunks as f64 / elapsed,
         bytes: total.bytes,
         processes,
+        machine_busy_pct,
     })
 }
 

@@ -344,7 +344,7 @@ pub fn render(plan: &Plan, results: &Results, env: &Environment, took: Duration)
             for t in &targets {
                 let value = load_median(results, scenario.key, t, metric);
                 let cell = match (value, direct) {
-                    (Some(v), Some(d)) if *t != "direct" && d > 0.0 => {
+                    (Some(v), Some(d)) if *t != "direct" && d > 0.0 && metric.goal => {
                         format!("{} (×{:.2})", fig(v), v / d)
                     }
                     (Some(v), _) => fig(v),

@@ -76,12 +76,35 @@ const PROXY_CPU: Metric = Metric {
     lower_is_better: true,
     goal: false,
     read: |r| {
-        if r.processes.is_empty() || r.requests_ok == 0 {
+        let proxy = || r.processes.iter().filter(|p| p.name != "loadgen");
+        if proxy().next().is_none() || r.requests_ok == 0 {
             return None;
         }
-        let cpu: f64 = r.processes.iter().map(|p| p.cpu_s).sum();
+        let cpu: f64 = proxy().map(|p| p.cpu_s).sum();
         Some(cpu * 1e6 / r.requests_ok as f64)
     },
+};
+
+/// Shows whether the load generator (one thread) was itself the limit.
+const LOADGEN_CPU: Metric = Metric {
+    name: "load generator CPU (% of a core)",
+    lower_is_better: true,
+    goal: false,
+    read: |r| {
+        r.processes
+            .iter()
+            .find(|p| p.name == "loadgen")
+            .map(|p| p.cpu_pct)
+    },
+};
+
+/// Near 100: every core was busy, so the figures are CPU-bound (other work
+/// on the machine included).
+const MACHINE_BUSY: Metric = Metric {
+    name: "all cores busy (%)",
+    lower_is_better: true,
+    goal: false,
+    read: |r| r.machine_busy_pct,
 };
 
 pub const SCENARIOS: [Scenario; 4] = [
@@ -93,7 +116,14 @@ pub const SCENARIOS: [Scenario; 4] = [
         concurrency: 1,
         paced: false,
         litellm_per_worker: (20, 60),
-        metrics: &[LATENCY_P50, LATENCY_P99, RPS, PROXY_CPU],
+        metrics: &[
+            LATENCY_P50,
+            LATENCY_P99,
+            RPS,
+            PROXY_CPU,
+            LOADGEN_CPU,
+            MACHINE_BUSY,
+        ],
     },
     Scenario {
         key: "chat-c64",
@@ -103,7 +133,14 @@ pub const SCENARIOS: [Scenario; 4] = [
         concurrency: 64,
         paced: false,
         litellm_per_worker: (1, 2),
-        metrics: &[LATENCY_P50, LATENCY_P99, RPS, PROXY_CPU],
+        metrics: &[
+            LATENCY_P50,
+            LATENCY_P99,
+            RPS,
+            PROXY_CPU,
+            LOADGEN_CPU,
+            MACHINE_BUSY,
+        ],
     },
     Scenario {
         key: "stream256-c16",
@@ -113,7 +150,7 @@ pub const SCENARIOS: [Scenario; 4] = [
         concurrency: 16,
         paced: false,
         litellm_per_worker: (1, 1),
-        metrics: &[TTLB_P50, CHUNKS_PER_S, PROXY_CPU],
+        metrics: &[TTLB_P50, CHUNKS_PER_S, PROXY_CPU, LOADGEN_CPU, MACHINE_BUSY],
     },
     Scenario {
         key: "paced-c64",
@@ -123,6 +160,6 @@ pub const SCENARIOS: [Scenario; 4] = [
         concurrency: 64,
         paced: true,
         litellm_per_worker: (1, 2),
-        metrics: &[TTFT_P50, TTFT_P99, PROXY_CPU],
+        metrics: &[TTFT_P50, TTFT_P99, PROXY_CPU, LOADGEN_CPU, MACHINE_BUSY],
     },
 ];
