@@ -106,13 +106,44 @@ async fn peer_credentials_are_checked() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_socket_gets_the_configured_mode() {
+async fn the_socket_gets_the_configured_mode_and_group() {
+    use std::os::unix::fs::MetadataExt;
     let sup = Supervisor::start("mode", &["socket_mode = \"0600\""], vec![]).await;
     let mode = std::fs::metadata(&sup.socket)
         .expect("socket")
         .permissions()
         .mode();
     assert_eq!(mode & 0o777, 0o600);
+
+    // Any group of this system other than our own will do.
+    let me = nix::unistd::getegid();
+    let group = ["daemon", "nogroup", "users", "root"]
+        .into_iter()
+        .filter_map(|name| nix::unistd::Group::from_name(name).ok().flatten())
+        .find(|g| g.gid != me)
+        .expect("a system group");
+    if nix::unistd::geteuid().is_root() {
+        let sup = Supervisor::start(
+            "group",
+            &[&format!("socket_group = \"{}\"", group.name)],
+            vec![],
+        )
+        .await;
+        let meta = std::fs::metadata(&sup.socket).expect("socket");
+        assert_eq!(meta.gid(), group.gid.as_raw());
+        assert_eq!(meta.permissions().mode() & 0o777, 0o660, "the default mode");
+    }
+
+    let sup = Supervisor::prepare(
+        "nogroup",
+        &["socket_group = \"no-such-group-gpuswap\""],
+        vec![],
+    );
+    sup.write_config();
+    let config = sup.config_path.to_str().expect("utf-8 path");
+    let (code, stderr) = common::run_to_exit(&["--config", config], sup.dir.path());
+    assert_ne!(code, Some(0));
+    assert!(stderr.contains("supervisor.socket_group"), "{stderr}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -270,3 +270,35 @@ async fn min_residency_is_respected() {
         alpha_ready.elapsed()
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deactivate_drains_the_holders_first() {
+    let sup = Supervisor::start("deactivate", &[], vec![Mock::new("alpha")]).await;
+    let mut hold = sup.activate("alpha", true).await;
+    hold.ready().await;
+    let mut client = sup.client.clone();
+    let deactivation = tokio::spawn(async move {
+        client
+            .deactivate(pb::DeactivateRequest {
+                model: "alpha".into(),
+                all: false,
+                force: false,
+            })
+            .await
+            .map(|r| r.into_inner().stopped)
+    });
+    let drain = hold.until("DrainRequested", drain_requested).await;
+    assert_eq!(drain.wanted_by, "deactivate");
+    // Still held, still serving, the Deactivate still waits.
+    assert_eq!(sup.state("alpha").await, ModelState::Ready);
+    assert!(!deactivation.is_finished());
+    drop(hold);
+    let stopped = tokio::time::timeout(testkit::DEADLINE, deactivation)
+        .await
+        .expect("Deactivate returns after the release")
+        .expect("task")
+        .expect("Deactivate");
+    assert_eq!(stopped, vec!["alpha".to_string()]);
+    assert_eq!(sup.state("alpha").await, ModelState::Stopped);
+    sup.wait_no_backends().await;
+}
