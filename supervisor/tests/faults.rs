@@ -189,3 +189,21 @@ async fn a_log_flood_keeps_the_supervisor_memory_bounded() {
         peak >> 20
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_busy_port_fails_the_start_clearly() {
+    let sup = Supervisor::start("portbusy", &[], vec![Mock::new("alpha")]).await;
+    // Something else (not a configured model) holds the model's port.
+    let squatter = std::net::TcpListener::bind(sup.mock("alpha").address()).expect("bind");
+    let failed = sup.activate("alpha", false).await.failed().await;
+    assert!(failed.reason.contains("already in use"), "{failed:?}");
+    assert!(
+        failed.reason.contains(&sup.mock("alpha").port.to_string()),
+        "{failed:?}"
+    );
+    assert_eq!(sup.state("alpha").await, ModelState::Failed);
+    sup.wait_no_backends().await;
+    drop(squatter);
+    // Once the port is free the model starts (after the one-second backoff).
+    sup.activate("alpha", false).await.ready().await;
+}
