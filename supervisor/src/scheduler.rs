@@ -814,10 +814,8 @@ impl Actor {
         if model.failures > 0 {
             model.restarts += 1;
         }
-        model.note(format!(
-            "starting generation {generation}: {}",
-            spec.config.command.join(" ")
-        ));
+        // The command line itself is logged by the process layer (with the API key masked).
+        model.note(format!("starting generation {generation}"));
         tracing::info!(model = name, generation, "starting");
         let backend = match Backend::spawn(&spec, model.logs.clone()) {
             Ok(backend) => backend,

@@ -57,6 +57,25 @@ async fn activate_starts_the_model_and_its_address_answers() {
         !everything.contains("sekret-key"),
         "Status leaks the api key: {everything}"
     );
+    let mut client = sup.client.clone();
+    let mut logs = client
+        .logs(pb::LogsRequest {
+            model: String::new(),
+            tail: 10_000,
+            follow: false,
+        })
+        .await
+        .expect("Logs")
+        .into_inner();
+    let mut lines = 0;
+    while let Some(line) = logs.message().await.expect("Logs stream") {
+        lines += 1;
+        assert!(
+            !line.line.contains("sekret-key"),
+            "Logs leak the api key: {line:?}"
+        );
+    }
+    assert!(lines > 0);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
