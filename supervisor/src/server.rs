@@ -224,10 +224,15 @@ impl Listener {
         health_reporter
             .set_serving::<SupervisorServer<SupervisorService>>()
             .await;
-        let reflection = tonic_reflection::server::Builder::configure()
-            .register_encoded_file_descriptor_set(gpuswap::pb::FILE_DESCRIPTOR_SET)
-            .build_v1()
-            .context("reflection service")?;
+        // Both reflection versions: grpcurl before 1.8.9 and some other tools speak only
+        // v1alpha. The health service is described too.
+        let reflection = || {
+            tonic_reflection::server::Builder::configure()
+                .register_encoded_file_descriptor_set(gpuswap::pb::FILE_DESCRIPTOR_SET)
+                .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        };
+        let reflection_v1 = reflection().build_v1().context("reflection service")?;
+        let reflection_v1alpha = reflection().build_v1alpha().context("reflection service")?;
         let supervisor = SupervisorServer::new(SupervisorService::new(scheduler));
         let mut builder = Server::builder();
         match self.kind {
@@ -236,7 +241,8 @@ impl Listener {
                     .layer(InterceptorLayer::new(self.access))
                     .add_service(supervisor)
                     .add_service(health)
-                    .add_service(reflection)
+                    .add_service(reflection_v1)
+                    .add_service(reflection_v1alpha)
                     .serve_with_incoming_shutdown(UnixListenerStream::new(listener), shutdown)
                     .await;
                 let _ = std::fs::remove_file(&path);
@@ -248,7 +254,8 @@ impl Listener {
                     .layer(InterceptorLayer::new(self.access))
                     .add_service(supervisor)
                     .add_service(health)
-                    .add_service(reflection)
+                    .add_service(reflection_v1)
+                    .add_service(reflection_v1alpha)
                     .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
                     .await
                     .context("gRPC server")
