@@ -63,7 +63,7 @@ async fn sglang_is_ready_after_refused_then_503_then_200() {
         "sglang",
         "/health",
         "-",
-        &["refuse=0.3", "503=0.5", "200"],
+        &["refuse=0.3", "503*3", "200"],
         json!({}),
     )
     .await;
@@ -93,7 +93,7 @@ async fn llama_server_is_ready_after_503_then_200() {
         "llama-server",
         "/health",
         "-",
-        &["503=0.5", "200"],
+        &["503*3", "200"],
         json!({}),
     )
     .await;
@@ -110,7 +110,7 @@ async fn tabbyapi_is_probed_on_v1_model_with_its_key() {
         "tabbyapi",
         "/v1/model",
         "sekrit",
-        &["refuse=0.3", "503=0.3", "200"],
+        &["refuse=0.3", "503*3", "200"],
         json!({ "api_key": "sekrit" }),
     )
     .await;
@@ -130,7 +130,7 @@ async fn openai_uses_its_health_path() {
         "openai",
         "/ping",
         "-",
-        &["503=0.2", "200"],
+        &["503*3", "200"],
         json!({ "health_path": "/ping" }),
     )
     .await;

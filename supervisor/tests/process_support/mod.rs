@@ -55,8 +55,9 @@ pub const SHORT: Duration = Duration::from_secs(1);
 
 /// A tiny HTTP server that plays a readiness sequence, then serves forever:
 /// `python3 server.py PORT PATH KEY PHASE...` where KEY is `-` for none and each PHASE is
-/// `refuse=SECONDS` (not listening yet, only first) or `CODE=SECONDS` / `CODE` (the last
-/// one, forever): PATH answers CODE during that phase; any other path answers 404. With a
+/// `refuse=SECONDS` (not listening yet, only first), `CODE*N` (the next N answers on PATH),
+/// `CODE=SECONDS` or `CODE` (the last one, forever): PATH answers CODE during that phase;
+/// counted phases keep a test independent of how slowly a loaded machine runs it. With a
 /// KEY, PATH answers 401 unless `x-api-key` and `Authorization: Bearer` both carry it.
 /// Every request is printed as `probe PATH CODE`.
 pub const HTTP_SERVER: &str = r#"
@@ -66,6 +67,10 @@ if phases and phases[0].startswith("refuse="):
     print("loading", flush=True)
     time.sleep(float(phases[0].split("=")[1]))
     phases = phases[1:]
+counted = []
+while phases and "*" in phases[0]:
+    code, _, n = phases.pop(0).partition("*")
+    counted += [int(code)] * int(n)
 schedule, t = [], time.monotonic()
 for phase in phases:
     code, _, seconds = phase.partition("=")
@@ -77,7 +82,10 @@ class Handler(http.server.BaseHTTPRequestHandler):
         code = 404
         if self.path == path:
             now = time.monotonic()
-            code = next((c for c, until in schedule if now < until), schedule[-1][0])
+            if counted:
+                code = counted.pop(0)
+            else:
+                code = next((c for c, until in schedule if now < until), schedule[-1][0])
             if key != "-" and (self.headers.get("x-api-key") != key
                                or self.headers.get("Authorization") != "Bearer " + key):
                 code = 401
