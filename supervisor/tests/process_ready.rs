@@ -89,14 +89,7 @@ async fn vllm_is_ready_after_refused_then_200() {
 
 #[tokio::test]
 async fn llama_server_is_ready_after_503_then_200() {
-    let (backend, logs) = ready(
-        "llama-server",
-        "/health",
-        "-",
-        &["503*3", "200"],
-        json!({}),
-    )
-    .await;
+    let (backend, logs) = ready("llama-server", "/health", "-", &["503*3", "200"], json!({})).await;
     wait_logged_200(&logs, "/health").await;
     let codes = answered(&logs, "/health");
     assert!(codes.contains(&503), "probed while loading: {codes:?}");
