@@ -237,7 +237,12 @@ async fn complete(
         Ok(request) => request,
         Err(error) => return error.render(shared.flavor()),
     };
-    let answer = Answer::new(&shared, request);
+    let mut answer = Answer::new(&shared, request);
+    answer.echo_traceparent(
+        headers
+            .get("traceparent")
+            .and_then(|value| value.to_str().ok()),
+    );
     if answer.request.stream {
         return stream(shared, answer);
     }

@@ -132,6 +132,14 @@ impl Answer {
         }
     }
 
+    /// Adds the request's W3C `traceparent` header (if any) to `gpuswap_mock`,
+    /// so tests can see the trace context a proxy passed on.
+    pub fn echo_traceparent(&mut self, traceparent: Option<&str>) {
+        if let Some(traceparent) = traceparent {
+            self.mock_info["traceparent"] = Value::from(traceparent);
+        }
+    }
+
     /// Token `index` (0-based) of this answer; consecutive tokens always differ.
     pub fn token(&self, index: u64) -> String {
         if index == 0 {
