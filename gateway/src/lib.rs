@@ -4,7 +4,8 @@
 //! - [`route`]: the lock-free route table and in-flight counts.
 //! - [`scheduler`]: the actor that orders requests and holds models.
 //! - [`proxy`]: the hot path; [`waiting`]: streams that wait for a swap.
-//! - [`server`]: the HTTP endpoints and the accept loop.
+//! - [`tokens`]: completion tokens counted from response bytes in passing.
+//! - [`server`]: the HTTP endpoints (`/metrics` included) and the accept loop.
 
 pub mod catalog;
 pub mod error;
@@ -12,6 +13,7 @@ pub mod proxy;
 pub mod route;
 pub mod scheduler;
 pub mod server;
+pub mod tokens;
 pub mod waiting;
 
 use std::{
@@ -22,6 +24,7 @@ use std::{
 use anyhow::Context as _;
 use bytes::Bytes;
 use gpuswap::{ClientOptions, Endpoint, config::GatewayConfig};
+use gpuswap_telemetry::{GatewayMetrics, Metrics};
 use http::{HeaderMap, header};
 use http_body_util::Full;
 use hyper_util::{
@@ -51,6 +54,9 @@ pub struct Gateway {
     /// Shown as `created` in the model list.
     pub started_unix: u64,
     pub supervisor_endpoint: String,
+    /// The registry served on `GET /metrics`.
+    pub metrics: Arc<Metrics>,
+    pub gw_metrics: GatewayMetrics,
 }
 
 impl Gateway {
@@ -119,6 +125,8 @@ pub async fn run(config: GatewayConfig, listen: Option<String>) -> anyhow::Resul
         .await
         .with_context(|| format!("cannot listen on {listen}"))?;
 
+    let mut metrics = Metrics::new();
+    let gw_metrics = metrics.gateway();
     let catalog = Arc::new(CatalogHandle::default());
     let routes = Arc::new(RouteTable::default());
     let (scheduler, handle) = Scheduler::new(
@@ -130,6 +138,7 @@ pub async fn run(config: GatewayConfig, listen: Option<String>) -> anyhow::Resul
             idle_ttl: config.idle_ttl,
             preload: config.preload.clone(),
         },
+        gw_metrics.clone(),
     );
     tokio::spawn(catalog::watch(
         supervisor,
@@ -157,6 +166,8 @@ pub async fn run(config: GatewayConfig, listen: Option<String>) -> anyhow::Resul
             .map(|d| d.as_secs())
             .unwrap_or(0),
         supervisor_endpoint: endpoint.to_string(),
+        metrics: Arc::new(metrics),
+        gw_metrics,
     });
     tracing::info!(listen = %listener.local_addr()?, supervisor = %endpoint, "gpuswap-gateway listening");
     server::serve(listener, gateway, config.header_timeout).await;
@@ -173,6 +184,8 @@ pub(crate) mod tests {
         let supervisor = gpuswap::connect(&endpoint, &ClientOptions::default()).unwrap();
         let catalog = Arc::new(CatalogHandle::default());
         let routes = Arc::new(RouteTable::default());
+        let mut metrics = Metrics::new();
+        let gw_metrics = metrics.gateway();
         let (_scheduler, handle) = Scheduler::new(
             supervisor,
             Arc::clone(&catalog),
@@ -182,6 +195,7 @@ pub(crate) mod tests {
                 idle_ttl: Duration::ZERO,
                 preload: Vec::new(),
             },
+            gw_metrics.clone(),
         );
         Arc::new(Gateway {
             catalog,
@@ -195,6 +209,8 @@ pub(crate) mod tests {
             stream_progress: true,
             started_unix: 0,
             supervisor_endpoint: endpoint.to_string(),
+            metrics: Arc::new(metrics),
+            gw_metrics,
         })
     }
 

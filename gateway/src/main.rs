@@ -1,46 +1,90 @@
-//! `gpuswap-gateway --config FILE [--listen ADDR]`
+//! `gpuswap-gateway --config FILE [--listen ADDR] [--log-format text|json]`
 
 use std::path::PathBuf;
 
 use anyhow::Context as _;
-use clap::Parser;
+use clap::{Parser, ValueEnum};
 
 /// The OpenAI-compatible front of gpuswap: routes requests to the model they
 /// name, asking the supervisor to swap models in as needed.
 #[derive(Parser)]
 #[command(version)]
 struct Args {
-    /// The shared configuration file (only its [gateway] section is read).
+    /// The shared configuration file (its [gateway] and [telemetry] sections are read).
     #[arg(long, env = "GPUSWAP_CONFIG")]
     config: PathBuf,
     /// Address to listen on (overrides gateway.listen).
     #[arg(long)]
     listen: Option<String>,
+    /// Log format on stderr (overrides telemetry.log_format and GPUSWAP_LOG_FORMAT).
+    #[arg(long, value_enum)]
+    log_format: Option<LogFormat>,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
 }
 
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .with_writer(std::io::stderr)
-        .init();
-    let config = gpuswap::config::Config::load(&args.config)?.gateway;
+    let mut config = gpuswap::config::Config::load(&args.config)?;
+    if let Some(format) = args.log_format {
+        let name = match format {
+            LogFormat::Text => "text",
+            LogFormat::Json => "json",
+        };
+        config.telemetry.log_format = Some(name.into());
+    }
+    let fd_limit = raise_fd_limit();
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
         .context("cannot start the runtime")?;
+    let _runtime_context = runtime.enter();
+    // Declared after the runtime, so it is dropped first: its last spans are
+    // flushed while the runtime still drives the exporter.
+    let _telemetry = gpuswap_telemetry::init("gpuswap-gateway", &config.telemetry)?;
+    match fd_limit {
+        Ok((before, after)) if before != after => {
+            tracing::debug!(before, after, "open file limit raised");
+        }
+        Ok(_) => {}
+        Err(error) => tracing::warn!(%error, "cannot raise the open file limit"),
+    }
     runtime.block_on(async move {
         tokio::select! {
-            result = gpuswap_gateway::run(config, args.listen) => result,
+            result = gpuswap_gateway::run(config.gateway, args.listen) => result,
             _ = shutdown_signal() => {
                 tracing::info!("stopping");
                 Ok(())
             }
         }
     })
+}
+
+/// Raises the soft limit of open files to the hard limit: every client
+/// connection and every upstream connection is a descriptor, and the usual
+/// soft limit of 1024 is far below what a busy front needs.
+fn raise_fd_limit() -> std::io::Result<(u64, u64)> {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit writes into the struct it is given.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    let before = limit.rlim_cur;
+    if limit.rlim_cur < limit.rlim_max {
+        limit.rlim_cur = limit.rlim_max;
+        // SAFETY: setrlimit reads the struct it is given.
+        if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &limit) } != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+    }
+    Ok((before, limit.rlim_cur))
 }
 
 async fn shutdown_signal() {

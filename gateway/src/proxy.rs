@@ -15,17 +15,20 @@ use axum::{
     response::{IntoResponse, Response},
 };
 use bytes::Bytes;
-use http::{HeaderMap, HeaderValue, Request, Uri, header, request::Parts};
+use gpuswap_telemetry::RequestMetrics;
+use http::{HeaderMap, HeaderValue, Request, StatusCode, Uri, header, request::Parts};
 use http_body::{Body as HttpBody, Frame, SizeHint};
 use http_body_util::{BodyExt, Full, LengthLimitError, Limited};
 use hyper::body::Incoming;
 use serde::Deserialize;
 use serde_json::value::RawValue;
+use tracing::{Instrument as _, Span};
 
 use crate::{
     Gateway,
     error::{ApiError, convert_backend_error},
     route::{InFlight, Route},
+    tokens::{Counting, TokenCounter},
     waiting::WaitingStream,
 };
 
@@ -58,7 +61,15 @@ pub fn probe(body: &[u8]) -> Result<Probed, ApiError> {
             "The request body must be a JSON object",
         ));
     }
-    let probe: Probe = serde_json::from_slice(body).map_err(|e| {
+    // serde_json skips the fields it does not read without checking their
+    // UTF-8; JSON is UTF-8, and a backend would fail on it less clearly.
+    let text = std::str::from_utf8(body).map_err(|e| {
+        ApiError::invalid_request(
+            "invalid_json",
+            format!("The request body is not valid UTF-8: {e}"),
+        )
+    })?;
+    let probe: Probe = serde_json::from_str(text).map_err(|e| {
         ApiError::invalid_request(
             "invalid_json",
             format!("The request body must be a JSON object: {e}"),
@@ -116,6 +127,27 @@ pub async fn read_body(headers: &HeaderMap, body: Body, max_body: u64) -> Result
 
 /// A `POST /v1/*` request.
 pub async fn handle(gateway: Arc<Gateway>, request: Request<Body>) -> Response {
+    // Without an exporter no span is built at all: spans would cost the hot
+    // path an allocation each (the log layer formats their fields).
+    if !gpuswap_telemetry::exporting() {
+        return handle_in(gateway, request, Span::none()).await;
+    }
+    let span = tracing::info_span!(
+        "request",
+        otel.kind = "server",
+        url.path = request.uri().path(),
+        model = tracing::field::Empty,
+        http.response.status_code = tracing::field::Empty,
+    );
+    gpuswap_telemetry::set_parent(&span, gpuswap_telemetry::extract_http(request.headers()));
+    let response = handle_in(gateway, request, span.clone())
+        .instrument(span.clone())
+        .await;
+    span.record("http.response.status_code", response.status().as_u16());
+    response
+}
+
+async fn handle_in(gateway: Arc<Gateway>, request: Request<Body>, span: Span) -> Response {
     let (parts, body) = request.into_parts();
     if !gateway.authorized(&parts.headers) {
         return ApiError::invalid_api_key().into_response();
@@ -139,10 +171,13 @@ pub async fn handle(gateway: Arc<Gateway>, request: Request<Body>) -> Response {
             None => return ApiError::model_not_found(&probed.model).into_response(),
         }
     };
+    span.record("model", &*model);
+    let mut metrics = gateway.gw_metrics.request(&model);
     let upstream = Upstream {
         parts,
         body,
         probed,
+        span,
     };
     let deadline = tokio::time::Instant::now() + gateway.queue_timeout;
     let mut refusals = 0;
@@ -153,37 +188,50 @@ pub async fn handle(gateway: Arc<Gateway>, request: Request<Body>) -> Response {
             Some(guard) => guard,
             None => {
                 if !gateway.catalog.connected() {
-                    return ApiError::supervisor_unavailable(gateway.catalog.last_error())
-                        .into_response();
+                    let error = ApiError::supervisor_unavailable(gateway.catalog.last_error());
+                    return failed(metrics, error);
                 }
                 if upstream.probed.stream {
-                    return WaitingStream::start(gateway, model, upstream).into_response();
+                    return WaitingStream::start(gateway, model, upstream, metrics).into_response();
                 }
                 let ticket = gateway.scheduler.wait(Arc::clone(&model), None);
                 match tokio::time::timeout_at(deadline, ticket).await {
                     Ok(Ok(guard)) => guard,
-                    Ok(Err(e)) => return e.into_response(),
+                    Ok(Err(e)) => return failed(metrics, e),
                     Err(_) => {
-                        return ApiError::queue_timeout(&model, gateway.queue_timeout)
-                            .into_response();
+                        return failed(
+                            metrics,
+                            ApiError::queue_timeout(&model, gateway.queue_timeout),
+                        );
                     }
                 }
             }
         };
-        match forward(&gateway, &upstream, guard).await {
+        match forward(&gateway, &upstream, guard, metrics).await {
             Forwarded::Response(response) => return response,
-            Forwarded::Unanswered { generation, error } => {
+            Forwarded::Unanswered {
+                generation,
+                error,
+                metrics: returned,
+            } => {
+                metrics = returned;
                 // The backend died before it answered and the supervisor has
                 // not told yet: retry once the route is replaced (a live
                 // backend keeps its route, and the client gets the 502).
                 refusals += 1;
                 if refusals > MAX_REFUSALS || !route_replaced(&gateway, &model, generation).await {
-                    return ApiError::backend_unavailable(&model, error).into_response();
+                    return failed(metrics, ApiError::backend_unavailable(&model, error));
                 }
                 tracing::debug!(%model, generation, "the backend failed before answering: retrying");
             }
         }
     }
+}
+
+/// The gateway's own error answer to a request that named a known model.
+fn failed(metrics: RequestMetrics, error: ApiError) -> Response {
+    metrics.finish(error.status.as_u16());
+    error.into_response()
 }
 
 /// Retries of a request whose backend failed before answering.
@@ -212,6 +260,8 @@ pub struct Upstream {
     parts: Parts,
     body: Bytes,
     probed: Probed,
+    /// The request's trace span (disabled when no spans are exported).
+    span: Span,
 }
 
 impl Upstream {
@@ -259,6 +309,11 @@ impl Upstream {
             headers.insert(header::AUTHORIZATION, bearer.clone());
             headers.insert(X_API_KEY, key.clone());
         }
+        // After the copy: the gateway's span replaces the client's `traceparent`.
+        if gpuswap_telemetry::exporting() {
+            self.span
+                .in_scope(|| gpuswap_telemetry::inject_http(&mut headers));
+        }
         let mut request = Request::new(Full::new(body));
         *request.method_mut() = self.parts.method.clone();
         *request.uri_mut() = uri;
@@ -303,22 +358,31 @@ pub enum Forwarded {
     Unanswered {
         generation: u64,
         error: String,
+        /// Still recording: the request may be retried.
+        metrics: RequestMetrics,
     },
 }
 
 /// Forwards a granted request and streams the answer back.
-pub async fn forward(gateway: &Gateway, upstream: &Upstream, guard: InFlight) -> Forwarded {
+pub async fn forward(
+    gateway: &Gateway,
+    upstream: &Upstream,
+    guard: InFlight,
+    mut metrics: RequestMetrics,
+) -> Forwarded {
     let route = Arc::clone(guard.route());
     let request = match upstream.to_request(&route) {
         Ok(r) => r,
-        Err(e) => return Forwarded::Response(e.into_response()),
+        Err(e) => return Forwarded::Response(failed(metrics, e)),
     };
+    metrics.forwarding();
     let response = match gateway.client.request(request).await {
         Ok(r) => r,
         Err(e) => {
             return Forwarded::Unanswered {
                 generation: route.generation,
                 error: error_chain(&e),
+                metrics,
             };
         }
     };
@@ -326,6 +390,7 @@ pub async fn forward(gateway: &Gateway, upstream: &Upstream, guard: InFlight) ->
     if !parts.status.is_success() {
         let body = read_error_body(incoming).await;
         drop(guard);
+        metrics.first_byte();
         let response = match convert_backend_error(parts.status, &body) {
             Some(error) => error.into_response(),
             None => {
@@ -334,6 +399,7 @@ pub async fn forward(gateway: &Gateway, upstream: &Upstream, guard: InFlight) ->
                 Response::from_parts(parts, Body::from(body))
             }
         };
+        metrics.finish(response.status().as_u16());
         return Forwarded::Response(response);
     }
     strip_response_headers(&mut parts.headers);
@@ -341,10 +407,15 @@ pub async fn forward(gateway: &Gateway, upstream: &Upstream, guard: InFlight) ->
     if sse {
         add_event_stream_headers(&mut parts.headers);
     }
-    Forwarded::Response(Response::from_parts(
-        parts,
-        Body::new(GuardedBody::new(incoming, guard, sse)),
-    ))
+    let body = GuardedBody::new(
+        incoming,
+        guard,
+        sse,
+        parts.status,
+        metrics,
+        upstream.span.clone(),
+    );
+    Forwarded::Response(Response::from_parts(parts, Body::new(body)))
 }
 
 /// For a streaming request whose 200 already went out: the upstream body, or
@@ -352,42 +423,75 @@ pub async fn forward(gateway: &Gateway, upstream: &Upstream, guard: InFlight) ->
 pub async fn forward_stream(
     gateway: Arc<Gateway>,
     upstream: Upstream,
-    mut guard: InFlight,
+    guard: InFlight,
+    mut metrics: RequestMetrics,
 ) -> Result<GuardedBody, Bytes> {
+    match open_stream(&gateway, &upstream, guard, &mut metrics).await {
+        Ok((status, incoming, guard)) => Ok(GuardedBody::new(
+            incoming,
+            guard,
+            true,
+            status,
+            metrics,
+            upstream.span.clone(),
+        )),
+        Err((status, event)) => {
+            metrics.finish(status.as_u16());
+            Err(event)
+        }
+    }
+}
+
+/// The upstream answer of a streaming request, or the status and SSE event of its failure.
+async fn open_stream(
+    gateway: &Gateway,
+    upstream: &Upstream,
+    mut guard: InFlight,
+    metrics: &mut RequestMetrics,
+) -> Result<(StatusCode, Incoming, InFlight), (StatusCode, Bytes)> {
+    let as_event = |e: ApiError| (e.status, e.sse_event());
     let model = Arc::clone(&guard.route().model);
     let mut refusals = 0;
     let response = loop {
         let route = Arc::clone(guard.route());
-        let request = upstream.to_request(&route).map_err(|e| e.sse_event())?;
+        let request = upstream.to_request(&route).map_err(as_event)?;
+        metrics.forwarding();
         match gateway.client.request(request).await {
             Ok(response) => break response,
             Err(e) if refusals < MAX_REFUSALS => {
                 refusals += 1;
                 drop(guard);
-                if !route_replaced(&gateway, &model, route.generation).await {
-                    return Err(ApiError::backend_unavailable(&model, error_chain(&e)).sse_event());
+                if !route_replaced(gateway, &model, route.generation).await {
+                    return Err(as_event(ApiError::backend_unavailable(
+                        &model,
+                        error_chain(&e),
+                    )));
                 }
-                guard = regrant(&gateway, &model).await.map_err(|e| e.sse_event())?;
+                guard = regrant(gateway, &model).await.map_err(as_event)?;
             }
             Err(e) => {
-                return Err(ApiError::backend_unavailable(&model, error_chain(&e)).sse_event());
+                return Err(as_event(ApiError::backend_unavailable(
+                    &model,
+                    error_chain(&e),
+                )));
             }
         }
     };
     let (parts, incoming) = response.into_parts();
     if !parts.status.is_success() {
         let body = read_error_body(incoming).await;
+        metrics.first_byte();
         return Err(match convert_backend_error(parts.status, &body) {
-            Some(error) => error.sse_event(),
+            Some(error) => as_event(error),
             None => {
                 let mut event = b"data: ".to_vec();
                 event.extend(body.iter().filter(|b| **b != b'\n' && **b != b'\r'));
                 event.extend_from_slice(b"\n\n");
-                Bytes::from(event)
+                (parts.status, Bytes::from(event))
             }
         });
     }
-    Ok(GuardedBody::new(incoming, guard, true))
+    Ok((parts.status, incoming, guard))
 }
 
 /// A route for a request whose first route went away: at once or after a wait.
@@ -446,15 +550,73 @@ pub struct GuardedBody {
     /// An event stream reports a broken upstream as a final error event.
     sse: bool,
     done: bool,
+    /// The upstream status, recorded when the body ends.
+    status: StatusCode,
+    /// Until the body ends; dropped earlier (the client went away), it records a 499.
+    metrics: Option<RequestMetrics>,
+    tokens: TokenCounter,
+    /// Keeps the request's span open until the last byte.
+    _span: Span,
 }
 
+/// Recorded for a stream that broke after its 200 went out.
+const BROKEN_STREAM: u16 = 502;
+
 impl GuardedBody {
-    pub fn new(inner: Incoming, guard: InFlight, sse: bool) -> Self {
+    pub fn new(
+        inner: Incoming,
+        guard: InFlight,
+        sse: bool,
+        status: StatusCode,
+        metrics: RequestMetrics,
+        span: Span,
+    ) -> Self {
         Self {
             inner,
             guard: Some(guard),
             sse,
             done: false,
+            status,
+            metrics: Some(metrics),
+            tokens: TokenCounter::new(if sse {
+                Counting::Stream
+            } else {
+                Counting::Usage
+            }),
+            _span: span,
+        }
+    }
+
+    fn count(&mut self, frame: &Frame<Bytes>) {
+        let Some(metrics) = &mut self.metrics else {
+            return;
+        };
+        metrics.first_byte();
+        if let Some(data) = frame.data_ref() {
+            let counted = self.tokens.scan(data);
+            if counted.chunks > 0 {
+                metrics.add_tokens(counted.chunks);
+            }
+            if let Some(usage) = counted.usage {
+                metrics.usage_tokens(usage);
+            }
+        }
+    }
+
+    fn finish(&mut self, status: u16) {
+        if let Some(metrics) = self.metrics.take() {
+            metrics.finish(status);
+        }
+    }
+}
+
+impl Drop for GuardedBody {
+    fn drop(&mut self) {
+        // A body of known length may be dropped after its last frame without
+        // being polled to its end: that is a complete answer, not a client gone.
+        if self.inner.is_end_stream() {
+            let status = self.status.as_u16();
+            self.finish(status);
         }
     }
 }
@@ -471,9 +633,17 @@ impl HttpBody for GuardedBody {
             return Poll::Ready(None);
         }
         match ready!(Pin::new(&mut self.inner).poll_frame(cx)) {
-            Some(Ok(frame)) => Poll::Ready(Some(Ok(frame))),
+            Some(Ok(frame)) => {
+                self.count(&frame);
+                if self.inner.is_end_stream() {
+                    let status = self.status.as_u16();
+                    self.finish(status);
+                }
+                Poll::Ready(Some(Ok(frame)))
+            }
             Some(Err(e)) => {
                 self.done = true;
+                self.finish(BROKEN_STREAM);
                 let guard = self.guard.take();
                 if self.sse {
                     let model = guard
@@ -494,6 +664,8 @@ impl HttpBody for GuardedBody {
             None => {
                 self.done = true;
                 self.guard = None;
+                let status = self.status.as_u16();
+                self.finish(status);
                 Poll::Ready(None)
             }
         }
@@ -541,6 +713,16 @@ mod tests {
         assert_eq!(code(br#"{"messages":[]}"#), "missing_model");
         assert_eq!(code(br#"{"model":7}"#), "missing_model");
         assert_eq!(code(br#"{"model":null}"#), "missing_model");
+        assert_eq!(code(br#"{"model":["a"]}"#), "missing_model");
+        assert_eq!(code(br#"{"model":{"id":"a"}}"#), "missing_model");
+        assert_eq!(code(b"42"), "invalid_json");
+        assert_eq!(code(b"null"), "invalid_json");
+        // Invalid UTF-8 in a field the probe skips, and in the model itself.
+        assert_eq!(
+            code(b"{\"model\":\"a\",\"messages\":[{\"content\":\"\xff\"}]}"),
+            "invalid_json"
+        );
+        assert_eq!(code(b"{\"model\":\"a\xc3\"}"), "invalid_json");
         assert_eq!(
             probe(b"{not json").unwrap_err().status,
             StatusCode::BAD_REQUEST

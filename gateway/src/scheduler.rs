@@ -18,8 +18,10 @@ use std::{
 };
 
 use gpuswap::{SupervisorClient, pb};
+use gpuswap_telemetry::GatewayMetrics;
 use http::{HeaderValue, uri::Authority};
 use tokio::sync::{mpsc, oneshot};
+use tracing::{Instrument as _, Span};
 
 use crate::{
     catalog::{CatalogHandle, describe_status},
@@ -41,6 +43,10 @@ pub struct Waiter {
     id: u64,
     reply: oneshot::Sender<Result<InFlight, ApiError>>,
     progress: Option<mpsc::Sender<Progress>>,
+    /// The request's span: an activation it triggers continues its trace.
+    span: Span,
+    /// Counted in `swaps_total` (its model was started while it waited).
+    swap_counted: bool,
 }
 
 #[derive(Debug)]
@@ -84,14 +90,22 @@ pub struct SchedulerHandle {
 }
 
 impl SchedulerHandle {
-    /// Queues a request for `model`; await the ticket for the grant.
+    /// Queues a request for `model`; await the ticket for the grant. Call it
+    /// inside the request's span.
     pub fn wait(&self, model: Arc<str>, progress: Option<mpsc::Sender<Progress>>) -> WaitTicket {
         let id = self.next_waiter.fetch_add(1, SeqCst);
         let (reply, rx) = oneshot::channel();
+        let span = if gpuswap_telemetry::exporting() {
+            Span::current()
+        } else {
+            Span::none()
+        };
         let waiter = Waiter {
             id,
             reply,
             progress,
+            span,
+            swap_counted: false,
         };
         let _ = self.tx.send(ActorMsg::Wait {
             model: Arc::clone(&model),
@@ -189,6 +203,8 @@ impl Slot {
 }
 
 const TICK: Duration = Duration::from_millis(100);
+/// The progress phase once the supervisor starts the model.
+const STARTING: &str = "starting";
 /// A hold that lived this long was healthy: the next loss starts backoff afresh.
 const HEALTHY_HOLD: Duration = Duration::from_secs(10);
 
@@ -201,6 +217,7 @@ pub struct Scheduler {
     config: SchedulerConfig,
     slots: HashMap<Arc<str>, Slot>,
     next_activation: u64,
+    metrics: GatewayMetrics,
 }
 
 impl Scheduler {
@@ -209,6 +226,7 @@ impl Scheduler {
         catalog: Arc<CatalogHandle>,
         routes: Arc<RouteTable>,
         config: SchedulerConfig,
+        metrics: GatewayMetrics,
     ) -> (Self, SchedulerHandle) {
         let (tx, rx) = mpsc::unbounded_channel();
         let handle = SchedulerHandle {
@@ -224,6 +242,7 @@ impl Scheduler {
             config,
             slots: HashMap::new(),
             next_activation: 1,
+            metrics,
         };
         (scheduler, handle)
     }
@@ -266,7 +285,7 @@ impl Scheduler {
         }
     }
 
-    fn on_wait(&mut self, model: Arc<str>, waiter: Waiter) {
+    fn on_wait(&mut self, model: Arc<str>, mut waiter: Waiter) {
         let slot = self.slots.entry(Arc::clone(&model)).or_default();
         if let Some(route) = &slot.route
             && let Some(guard) = route.try_enter()
@@ -283,6 +302,10 @@ impl Scheduler {
         }
         if let (Some(progress), Some(tx)) = (&slot.progress, &waiter.progress) {
             let _ = tx.try_send(progress.clone());
+        }
+        if slot.progress.as_ref().is_some_and(|p| p.phase == STARTING) {
+            self.metrics.swap_waited(&model);
+            waiter.swap_counted = true;
         }
         slot.waiters.push_back(waiter);
         self.ensure_activation(&model);
@@ -344,6 +367,24 @@ impl Scheduler {
         };
         slot.progress = Some(progress);
         tracing::debug!(%model, activation = id, "activating");
+        // A child of the first waiter's request (the actor's own span would
+        // cut the trace from the request to the supervisor).
+        let span = match slot.waiters.front() {
+            _ if !gpuswap_telemetry::exporting() => Span::none(),
+            Some(first) => tracing::info_span!(
+                parent: &first.span,
+                "activate",
+                otel.kind = "client",
+                model = %model,
+                outcome = tracing::field::Empty,
+            ),
+            None => tracing::info_span!(
+                "activate",
+                otel.kind = "client",
+                model = %model,
+                outcome = tracing::field::Empty,
+            ),
+        };
         tokio::spawn(activation_stream(
             self.client.clone(),
             Arc::clone(model),
@@ -351,6 +392,7 @@ impl Scheduler {
             self.config.client_name.clone(),
             self.tx.clone(),
             release_rx,
+            span,
         ));
     }
 
@@ -396,11 +438,17 @@ impl Scheduler {
                 text: format!("Loading {model} (stopping {})", s.model),
                 queue_position: None,
             },
-            E::Starting(_) => Progress {
-                phase: "starting",
-                text: format!("Loading {model}"),
-                queue_position: None,
-            },
+            E::Starting(_) => {
+                for waiter in slot.waiters.iter_mut().filter(|w| !w.swap_counted) {
+                    self.metrics.swap_waited(&model);
+                    waiter.swap_counted = true;
+                }
+                Progress {
+                    phase: STARTING,
+                    text: format!("Loading {model}"),
+                    queue_position: None,
+                }
+            }
             E::Log(_) => return,
             E::Ready(ready) => return self.on_ready(model, ready),
             E::Failed(failed) => return self.on_failed(model, failed),
@@ -729,6 +777,9 @@ async fn report_when_unheld(
 
 /// Runs one Activate stream, forwarding its events to the actor, until the
 /// actor lets go of it (dropping the release sender), which closes the stream.
+///
+/// `span` covers the activation until the model is ready (or failed), not
+/// the hold that follows, which may last for hours.
 async fn activation_stream(
     mut client: SupervisorClient,
     model: Arc<str>,
@@ -736,13 +787,15 @@ async fn activation_stream(
     client_name: String,
     tx: mpsc::UnboundedSender<ActorMsg>,
     mut release: oneshot::Receiver<()>,
+    mut span: Span,
 ) {
-    let request = pb::ActivateRequest {
+    let mut request = tonic::Request::new(pb::ActivateRequest {
         model: model.to_string(),
         hold: true,
         force: false,
         client: client_name,
-    };
+    });
+    span.in_scope(|| gpuswap_telemetry::inject_grpc(request.metadata_mut()));
     let ended = |error| ActorMsg::Ended {
         model: Arc::clone(&model),
         activation,
@@ -750,11 +803,12 @@ async fn activation_stream(
     };
     let response = tokio::select! {
         _ = &mut release => return,
-        response = client.activate(request) => response,
+        response = client.activate(request).instrument(span.clone()) => response,
     };
     let mut stream = match response {
         Ok(response) => response.into_inner(),
         Err(status) => {
+            span.record("outcome", "error");
             let _ = tx.send(ended(Some(status)));
             return;
         }
@@ -764,6 +818,16 @@ async fn activation_stream(
             _ = &mut release => return,
             message = stream.message() => match message {
                 Ok(Some(pb::ActivateEvent { event: Some(event), .. })) => {
+                    use pb::activate_event::Event as E;
+                    let outcome = match &event {
+                        E::Ready(_) => Some("ready"),
+                        E::Failed(_) => Some("failed"),
+                        _ => None,
+                    };
+                    if let Some(outcome) = outcome {
+                        span.record("outcome", outcome);
+                        span = Span::none();
+                    }
                     let _ = tx.send(ActorMsg::Event { model: Arc::clone(&model), activation, event });
                 }
                 Ok(Some(_)) => {}

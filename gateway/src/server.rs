@@ -26,6 +26,7 @@ use crate::{
 pub fn router(gateway: Arc<Gateway>) -> Router {
     Router::new()
         .route("/health", get(health))
+        .route("/metrics", get(metrics))
         .route("/v1/models", get(list_models))
         .route("/v1/models/{*id}", get(get_model))
         .route("/v1/{*rest}", post(proxy_request))
@@ -121,6 +122,15 @@ async fn get_model(
         }
         None => ApiError::model_not_found(&id).into_response(),
     }
+}
+
+/// Prometheus metrics, open like `/health`: they name configured models only.
+async fn metrics(State(gateway): State<Arc<Gateway>>) -> Response {
+    (
+        [(header::CONTENT_TYPE, gpuswap_telemetry::CONTENT_TYPE)],
+        gateway.metrics.encode(),
+    )
+        .into_response()
 }
 
 async fn health(State(gateway): State<Arc<Gateway>>) -> Response {

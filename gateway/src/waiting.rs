@@ -17,6 +17,7 @@ use axum::{
 };
 use bytes::Bytes;
 use futures_util::{FutureExt, future::BoxFuture};
+use gpuswap_telemetry::RequestMetrics;
 use http::{HeaderValue, StatusCode, header};
 use http_body::{Body as HttpBody, Frame};
 use tokio::{sync::mpsc, time::Interval};
@@ -44,6 +45,8 @@ pub struct WaitingStream {
     /// The first frame goes out at once, so the client sees the stream begin.
     greeted: bool,
     deadline: Pin<Box<tokio::time::Sleep>>,
+    /// Until the request is forwarded (then its body records), or fails here.
+    metrics: Option<RequestMetrics>,
 }
 
 enum State {
@@ -57,7 +60,12 @@ enum State {
 }
 
 impl WaitingStream {
-    pub fn start(gateway: Arc<Gateway>, model: Arc<str>, upstream: Upstream) -> Self {
+    pub fn start(
+        gateway: Arc<Gateway>,
+        model: Arc<str>,
+        upstream: Upstream,
+        metrics: RequestMetrics,
+    ) -> Self {
         let (tx, rx) = mpsc::channel(16);
         let ticket = gateway.scheduler.wait(Arc::clone(&model), Some(tx));
         let started = Instant::now();
@@ -81,6 +89,7 @@ impl WaitingStream {
             keepalive,
             greeted: false,
             deadline,
+            metrics: Some(metrics),
         }
     }
 
@@ -142,6 +151,14 @@ impl WaitingStream {
         self.state = State::Done;
         Poll::Ready(Some(Ok(Frame::data(event))))
     }
+
+    /// A failure while waiting, recorded with the status it would have had.
+    fn fail_waiting(&mut self, error: &ApiError) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        if let Some(metrics) = self.metrics.take() {
+            metrics.finish(error.status.as_u16());
+        }
+        self.fail(error.sse_event())
+    }
 }
 
 impl IntoResponse for WaitingStream {
@@ -173,17 +190,23 @@ impl HttpBody for WaitingStream {
                     if let Poll::Ready(granted) = Pin::new(ticket).poll(cx) {
                         match granted {
                             Ok(guard) => {
-                                let Some(upstream) = upstream.take() else {
+                                let (Some(upstream), Some(metrics)) =
+                                    (upstream.take(), this.metrics.take())
+                                else {
                                     return this.fail(Bytes::new());
                                 };
                                 this.progress = None;
-                                let future =
-                                    forward_stream(Arc::clone(&this.gateway), *upstream, guard)
-                                        .boxed();
+                                let future = forward_stream(
+                                    Arc::clone(&this.gateway),
+                                    *upstream,
+                                    guard,
+                                    metrics,
+                                )
+                                .boxed();
                                 this.state = State::Forwarding(future);
                                 continue;
                             }
-                            Err(error) => return this.fail(error.sse_event()),
+                            Err(error) => return this.fail_waiting(&error),
                         }
                     }
                     if !this.greeted {
@@ -193,7 +216,7 @@ impl HttpBody for WaitingStream {
                     if this.deadline.as_mut().poll(cx).is_ready() {
                         let error =
                             ApiError::queue_timeout(&this.model, this.gateway.queue_timeout);
-                        return this.fail(error.sse_event());
+                        return this.fail_waiting(&error);
                     }
                     if let Some(rx) = &mut this.progress {
                         match rx.poll_recv(cx) {

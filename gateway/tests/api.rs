@@ -48,14 +48,20 @@ fn openai_error(status: u16, text: &str, want_status: u16, want_code: &str) -> V
 }
 
 async fn post_raw(stack: &Stack, path: &str, body: &str) -> (u16, String) {
-    let response = stack
-        .http
-        .post(stack.url(path))
-        .header("content-type", "application/json")
-        .body(body.to_owned())
-        .send()
-        .await
-        .expect("POST");
+    post_bytes(stack, path, Some("application/json"), body.as_bytes()).await
+}
+
+async fn post_bytes(
+    stack: &Stack,
+    path: &str,
+    content_type: Option<&str>,
+    body: &[u8],
+) -> (u16, String) {
+    let mut request = stack.http.post(stack.url(path)).body(body.to_vec());
+    if let Some(content_type) = content_type {
+        request = request.header("content-type", content_type);
+    }
+    let response = request.send().await.expect("POST");
     let status = response.status().as_u16();
     (status, response.text().await.expect("body"))
 }
@@ -244,8 +250,30 @@ async fn request_errors_are_openai_shaped() {
     openai_error(s, &t, 400, "invalid_json");
     let (s, t) = post_raw(&stack, path, "{\"messages\": []}").await;
     openai_error(s, &t, 400, "missing_model");
-    let (s, t) = post_raw(&stack, path, "{\"model\": 12}").await;
-    openai_error(s, &t, 400, "missing_model");
+    for not_an_object in ["\"alpha\"", "42", "null", "true"] {
+        let (s, t) = post_raw(&stack, path, not_an_object).await;
+        openai_error(s, &t, 400, "invalid_json");
+    }
+    for not_a_string in ["12", "[\"alpha\"]", "{\"id\": \"alpha\"}", "true", "null"] {
+        let body = format!("{{\"model\": {not_a_string}, \"messages\": []}}");
+        let (s, t) = post_raw(&stack, path, &body).await;
+        let e = openai_error(s, &t, 400, "missing_model");
+        if not_a_string != "null" {
+            assert!(e["message"].as_str().unwrap().contains("string"), "{t}");
+        }
+    }
+    // Invalid UTF-8, in a field the gateway does not read and in the model.
+    let (s, t) = post_bytes(
+        &stack,
+        path,
+        Some("application/json"),
+        b"{\"model\": \"alpha\", \"messages\": [{\"role\": \"user\", \"content\": \"\xff\xfe\"}]}",
+    )
+    .await;
+    let e = openai_error(s, &t, 400, "invalid_json");
+    assert!(e["message"].as_str().unwrap().contains("UTF-8"), "{t}");
+    let (s, t) = post_bytes(&stack, path, None, b"{\"model\": \"alph\xe1\"}").await;
+    openai_error(s, &t, 400, "invalid_json");
     let (s, t) = post_raw(&stack, path, "{\"model\": \"zeta\", \"messages\": []}").await;
     let e = openai_error(s, &t, 404, "model_not_found");
     assert!(e["message"].as_str().unwrap().contains("zeta"));
@@ -280,6 +308,17 @@ async fn request_errors_are_openai_shaped() {
     .await;
     assert_eq!(s, 200, "{t}");
     assert!(testkit::json(&t)["data"][0]["embedding"].is_array(), "{t}");
+    // Like the real servers, any content type (or none) is fine when the body is JSON.
+    let chat = Stack::chat("alpha", false, 2).to_string();
+    for content_type in [
+        None,
+        Some("text/plain"),
+        Some("application/x-www-form-urlencoded"),
+    ] {
+        let (s, t) = post_bytes(&stack, path, content_type, chat.as_bytes()).await;
+        assert_eq!(s, 200, "{content_type:?}: {t}");
+        assert!(t.contains("[served by alpha]"), "{content_type:?}: {t}");
+    }
     let response = stack.http.get(stack.url(path)).send().await.unwrap();
     let status = response.status().as_u16();
     openai_error(

@@ -175,6 +175,8 @@ pub struct Stack {
     pub client: SupervisorClient,
     pub http: reqwest::Client,
     starts: Arc<Mutex<StartLog>>,
+    /// Extra environment of every gateway.
+    gateway_env: Vec<(String, String)>,
 }
 
 /// Every start the supervisor reported on its Watch stream, in order: each
@@ -189,6 +191,7 @@ pub struct StackBuilder {
     test: String,
     supervisor: Vec<String>,
     gateway: Vec<String>,
+    gateway_env: Vec<(String, String)>,
     models: Vec<Model>,
 }
 
@@ -202,6 +205,12 @@ impl StackBuilder {
     /// An extra `[gateway]` line.
     pub fn gateway(mut self, line: &str) -> Self {
         self.gateway.push(line.into());
+        self
+    }
+
+    /// An environment variable of every gateway.
+    pub fn gateway_env(mut self, name: &str, value: &str) -> Self {
+        self.gateway_env.push((name.into(), value.into()));
         self
     }
 
@@ -271,6 +280,7 @@ impl StackBuilder {
             client,
             http,
             starts: Arc::default(),
+            gateway_env: self.gateway_env,
         };
         stack.start_supervisor().await;
         stack.add_gateway().await;
@@ -284,6 +294,7 @@ impl Stack {
             test: test.into(),
             supervisor: Vec::new(),
             gateway: Vec::new(),
+            gateway_env: Vec::new(),
             models: Vec::new(),
         }
     }
@@ -343,6 +354,7 @@ impl Stack {
             .arg("--listen")
             .arg(format!("127.0.0.1:{port}"))
             .env("RUST_LOG", "info,gpuswap_gateway=debug")
+            .envs(self.gateway_env.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(stderr);

@@ -1,0 +1,331 @@
+//! Completion tokens of a response, counted from its bytes as they pass
+//! through: no buffering, no JSON parsing, no allocation.
+//!
+//! A frame is searched (memchr's SIMD `memmem`) for a few JSON keys; only the
+//! handful of bytes after a key are looked at one by one. Frames split the
+//! stream anywhere, so the last bytes of each frame are kept to find a key
+//! that straddles two frames, and a value cut by a frame end is finished on
+//! the next one.
+//!
+//! - In an event stream every non-empty `content` (also `reasoning_content`),
+//!   `text` (completions) or `arguments` (tool calls) string is one token: the
+//!   servers send one token per chunk.
+//! - In any response, `"completion_tokens": N` after a `"usage"` key is the
+//!   backend's own count, which replaces the counted chunks.
+
+use std::sync::LazyLock;
+
+use memchr::memmem::Finder;
+
+/// Keys whose non-empty string value in a stream chunk is one token.
+/// `content"` without its opening quote also matches `"reasoning_content"`.
+const TOKEN_KEYS: [&[u8]; 3] = [b"content\"", b"\"text\"", b"\"arguments\""];
+const USAGE_KEY: &[u8] = b"\"usage\"";
+const COMPLETION_TOKENS_KEY: &[u8] = b"\"completion_tokens\"";
+/// Enough of the previous frame to complete the longest key.
+const TAIL: usize = COMPLETION_TOKENS_KEY.len() - 1;
+
+struct Finders {
+    tokens: [Finder<'static>; TOKEN_KEYS.len()],
+    usage: Finder<'static>,
+    completion_tokens: Finder<'static>,
+}
+
+static FINDERS: LazyLock<Finders> = LazyLock::new(|| Finders {
+    tokens: TOKEN_KEYS.map(Finder::new),
+    usage: Finder::new(USAGE_KEY),
+    completion_tokens: Finder::new(COMPLETION_TOKENS_KEY),
+});
+
+/// What to count in a response.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Counting {
+    /// An event stream: content chunks, and the usage if the backend sends it.
+    Stream,
+    /// A whole JSON answer: only its usage (its one content is not a token count).
+    Usage,
+}
+
+/// Tokens found in one frame.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Counted {
+    /// Content chunks.
+    pub chunks: u64,
+    /// The last `usage.completion_tokens` seen.
+    pub usage: Option<u64>,
+}
+
+/// Where the scan is in the bytes after a key.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Value {
+    /// A token key: `:`, then the opening `"`, then the first byte of the string.
+    StringColon,
+    StringQuote,
+    StringFirstByte,
+    /// `"completion_tokens"`: `:`, then digits.
+    NumberColon,
+    NumberFirstDigit,
+    Digits(u64),
+}
+
+enum Found {
+    Token,
+    Usage(u64),
+}
+
+enum Scan {
+    /// The frame ended inside the value.
+    Pending(Value),
+    /// The value is complete; `None`: it was not what was looked for.
+    Finished(Option<Found>),
+}
+
+impl Value {
+    fn step(self, byte: u8) -> Result<Value, Option<Found>> {
+        let blank = matches!(byte, b' ' | b'\t');
+        match (self, byte) {
+            (Value::StringColon, b':') => Ok(Value::StringQuote),
+            (Value::StringQuote, b'"') => Ok(Value::StringFirstByte),
+            (Value::StringColon | Value::StringQuote, _) if blank => Ok(self),
+            // `""` is an empty string: a role or finish chunk, not a token.
+            (Value::StringFirstByte, b'"') => Err(None),
+            (Value::StringFirstByte, _) => Err(Some(Found::Token)),
+            (Value::NumberColon, b':') => Ok(Value::NumberFirstDigit),
+            (Value::NumberColon | Value::NumberFirstDigit, _) if blank => Ok(self),
+            (Value::NumberFirstDigit, b'0'..=b'9') => Ok(Value::Digits(u64::from(byte - b'0'))),
+            (Value::Digits(n), b'0'..=b'9') => Ok(Value::Digits(
+                n.saturating_mul(10).saturating_add(u64::from(byte - b'0')),
+            )),
+            (Value::Digits(n), _) => Err(Some(Found::Usage(n))),
+            _ => Err(None),
+        }
+    }
+
+    fn scan(mut self, bytes: &[u8]) -> Scan {
+        for &byte in bytes {
+            match self.step(byte) {
+                Ok(next) => self = next,
+                Err(found) => return Scan::Finished(found),
+            }
+        }
+        Scan::Pending(self)
+    }
+}
+
+/// Counts the tokens of one response, frame by frame.
+pub struct TokenCounter {
+    counting: Counting,
+    /// The last bytes of the stream so far (`tail_len` of them).
+    tail: [u8; TAIL],
+    tail_len: usize,
+    /// A value cut by the end of the previous frame.
+    pending: Option<Value>,
+    /// A `"usage"` key was seen: from then on `completion_tokens` is looked for.
+    usage_seen: bool,
+}
+
+impl TokenCounter {
+    pub fn new(counting: Counting) -> Self {
+        Self {
+            counting,
+            tail: [0; TAIL],
+            tail_len: 0,
+            pending: None,
+            usage_seen: false,
+        }
+    }
+
+    /// Scans the next frame of the response.
+    pub fn scan(&mut self, frame: &[u8]) -> Counted {
+        let mut counted = Counted::default();
+        if frame.is_empty() {
+            return counted;
+        }
+        if let Some(value) = self.pending.take() {
+            self.after_key(value, frame, &mut counted);
+        }
+        let finders = &*FINDERS;
+        // Keys that begin in the tail and end in this frame.
+        let mut seam = [0u8; 2 * TAIL];
+        let head = &frame[..frame.len().min(TAIL)];
+        seam[..self.tail_len].copy_from_slice(&self.tail[..self.tail_len]);
+        seam[self.tail_len..self.tail_len + head.len()].copy_from_slice(head);
+        let seam = &seam[..self.tail_len + head.len()];
+        let tail_len = self.tail_len;
+        let search = |this: &mut Self, finder: &Finder<'_>, value: Value, c: &mut Counted| {
+            let key = finder.needle().len();
+            let straddling = finder
+                .find_iter(seam)
+                .filter(|&at| at < tail_len && at + key > tail_len);
+            for at in straddling {
+                this.after_key(value, &frame[at + key - tail_len..], c);
+            }
+            for at in finder.find_iter(frame) {
+                this.after_key(value, &frame[at + key..], c);
+            }
+        };
+        if self.counting == Counting::Stream {
+            for finder in &finders.tokens {
+                search(self, finder, Value::StringColon, &mut counted);
+            }
+        }
+        if !self.usage_seen {
+            self.usage_seen = finders.usage.find(seam).is_some_and(|at| at < tail_len)
+                || finders.usage.find(frame).is_some();
+        }
+        if self.usage_seen {
+            search(
+                self,
+                &finders.completion_tokens,
+                Value::NumberColon,
+                &mut counted,
+            );
+        }
+        self.remember(frame);
+        counted
+    }
+
+    /// Reads the value after a key; `rest` runs to the end of the frame.
+    fn after_key(&mut self, value: Value, rest: &[u8], counted: &mut Counted) {
+        match value.scan(rest) {
+            Scan::Pending(value) => self.pending = Some(value),
+            Scan::Finished(Some(Found::Token)) => counted.chunks += 1,
+            Scan::Finished(Some(Found::Usage(n))) => counted.usage = Some(n),
+            Scan::Finished(None) => {}
+        }
+    }
+
+    fn remember(&mut self, frame: &[u8]) {
+        if frame.len() >= TAIL {
+            self.tail.copy_from_slice(&frame[frame.len() - TAIL..]);
+            self.tail_len = TAIL;
+            return;
+        }
+        let keep = self.tail_len.min(TAIL - frame.len());
+        self.tail
+            .copy_within(self.tail_len - keep..self.tail_len, 0);
+        self.tail[keep..keep + frame.len()].copy_from_slice(frame);
+        self.tail_len = keep + frame.len();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The mock's (and vLLM's) chat stream: a role chunk with empty content,
+    /// token chunks, a finish chunk, optionally a usage chunk, `[DONE]`.
+    fn chat_stream(tokens: u64, usage: Option<u64>) -> Vec<u8> {
+        let mut text = String::from(
+            "data: {\"id\":\"c\",\"choices\":[{\"index\":0,\"delta\":{\"role\":\"assistant\",\"content\":\"\"},\"finish_reason\":null}]}\n\n",
+        );
+        for i in 0..tokens {
+            text.push_str(&format!(
+                "data: {{\"id\":\"c\",\"choices\":[{{\"index\":0,\"delta\":{{\"content\":\" w{i}\"}},\"finish_reason\":null}}]}}\n\n"
+            ));
+        }
+        text.push_str("data: {\"id\":\"c\",\"choices\":[{\"index\":0,\"delta\":{},\"finish_reason\":\"length\"}]}\n\n");
+        if let Some(n) = usage {
+            text.push_str(&format!(
+                "data: {{\"id\":\"c\",\"choices\":[],\"usage\":{{\"prompt_tokens\":7,\"completion_tokens\":{n},\"total_tokens\":{},\"completion_tokens_details\":null}}}}\n\n",
+                n + 7
+            ));
+        }
+        text.push_str("data: [DONE]\n\n");
+        text.into_bytes()
+    }
+
+    fn total(counting: Counting, frames: &[&[u8]]) -> Counted {
+        let mut counter = TokenCounter::new(counting);
+        let mut sum = Counted::default();
+        for frame in frames {
+            let c = counter.scan(frame);
+            sum.chunks += c.chunks;
+            sum.usage = c.usage.or(sum.usage);
+        }
+        sum
+    }
+
+    #[test]
+    fn content_chunks_are_counted_and_empty_ones_are_not() {
+        let stream = chat_stream(6, None);
+        assert_eq!(
+            total(Counting::Stream, &[&stream]),
+            Counted {
+                chunks: 6,
+                usage: None
+            }
+        );
+        let stream = chat_stream(4, Some(9));
+        assert_eq!(
+            total(Counting::Stream, &[&stream]),
+            Counted {
+                chunks: 4,
+                usage: Some(9)
+            }
+        );
+    }
+
+    #[test]
+    fn reasoning_text_tool_arguments_and_spaced_json_count() {
+        let frame =
+            br#"data: {"choices": [{"delta": {"reasoning_content": "hm", "content": null}}]}
+
+data: {"choices":[{"text":" a","index":0}]}
+
+data: {"choices":[{"delta":{"tool_calls":[{"function":{"arguments":"{\"x\""}}]}}]}
+
+data: {"choices":[{"delta":{"content":"\"quoted\""}}]}
+
+data: {"choices":[{"type":"text","delta":{"content":""}}],"context":"x"}
+
+"#;
+        assert_eq!(total(Counting::Stream, &[frame]).chunks, 4);
+    }
+
+    #[test]
+    fn usage_needs_a_usage_key_and_whole_answers_count_only_usage() {
+        let no_usage = br#"{"completion_tokens": 5, "choices":[{"message":{"content":"hi"}}]}"#;
+        assert_eq!(total(Counting::Usage, &[no_usage]), Counted::default());
+        let whole = br#"{"choices":[{"message":{"role":"assistant","content":"a b c"}}],"usage": {"prompt_tokens":3, "completion_tokens" : 12,"total_tokens":15}}"#;
+        assert_eq!(
+            total(Counting::Usage, &[whole]),
+            Counted {
+                chunks: 0,
+                usage: Some(12)
+            }
+        );
+        // The count ends the body: a number cut by the end is not reported.
+        let cut = br#"{"usage":{"completion_tokens":12"#;
+        assert_eq!(total(Counting::Usage, &[cut]).usage, None);
+    }
+
+    #[test]
+    fn any_split_of_the_stream_counts_the_same() {
+        let stream = chat_stream(5, Some(123));
+        let whole = total(Counting::Stream, &[&stream]);
+        assert_eq!(
+            whole,
+            Counted {
+                chunks: 5,
+                usage: Some(123)
+            }
+        );
+        for cut in 0..=stream.len() {
+            let (a, b) = stream.split_at(cut);
+            assert_eq!(total(Counting::Stream, &[a, b]), whole, "cut at {cut}");
+        }
+        for first in 0..stream.len() {
+            let (a, rest) = stream.split_at(first);
+            let (b, c) = rest.split_at(rest.len().min(3));
+            assert_eq!(
+                total(Counting::Stream, &[a, b, c]),
+                whole,
+                "cut at {first} and {}",
+                first + 3
+            );
+        }
+        let bytes: Vec<&[u8]> = stream.chunks(1).collect();
+        assert_eq!(total(Counting::Stream, &bytes), whole);
+    }
+}
