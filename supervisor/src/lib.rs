@@ -6,10 +6,12 @@
 //! - [`probe`]: readiness per backend kind (port, health codes, ready log line).
 //! - [`logs`]: bounded per-model log ring buffers with followers.
 //! - [`state_file`]: records live process groups; a restarted supervisor ends leftovers.
+//! - [`gpu`]: after a stop, waits until the stopped processes left the GPUs (NVML, if any).
 //! - [`scheduler`]: the one owner of model state: queue, holds, drains, min residency.
 //! - [`service`]: the gRPC service over the scheduler.
 //! - [`server`]: listeners (Unix socket with mode/group/peer checks, or TLS + token).
 
+pub mod gpu;
 pub mod guard;
 pub mod logs;
 pub mod probe;

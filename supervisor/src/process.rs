@@ -8,6 +8,7 @@
 //! that would steal tokio's statuses) and publishes the exit on a watch channel.
 
 use std::{
+    collections::BTreeSet,
     io::Read,
     os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd},
     os::unix::process::ExitStatusExt,
@@ -33,6 +34,7 @@ use tokio::{
 };
 
 use crate::{
+    gpu,
     guard::{self, procfs},
     logs::{LogBuffer, read_lines},
     probe::{ProbeOutcome, ReadinessProbe},
@@ -147,6 +149,9 @@ struct Inner {
     ready_log_seen: watch::Receiver<bool>,
     /// The one stop in progress or done; later callers wait on it.
     stop: Mutex<Option<watch::Receiver<Option<ExitInfo>>>>,
+    /// Every pid seen in the tree (guard, backend, workers): who may still hold GPU memory
+    /// after a stop, even the workers of a backend that crashed before it.
+    seen_pids: Mutex<BTreeSet<i32>>,
 }
 
 impl Backend {
@@ -241,10 +246,12 @@ impl Backend {
             });
         }
 
-        logs.push(
-            LogStream::Supervisor,
-            format!("starting: {}", shell_words(&config.command)),
-        );
+        // The backend's API key may be on its command line: Logs must not reveal it.
+        let mut shown = shell_words(&config.command);
+        if let Some(key) = config.api_key.as_deref().filter(|k| !k.is_empty()) {
+            shown = shown.replace(key, "***");
+        }
+        logs.push(LogStream::Supervisor, format!("starting: {shown}"));
         let mut child = forker::spawn(command).map_err(|source| {
             logs.push(
                 LogStream::Supervisor,
@@ -336,6 +343,7 @@ impl Backend {
                 exit,
                 ready_log_seen,
                 stop: Mutex::new(None),
+                seen_pids: Mutex::new(BTreeSet::from([guard_pid, backend_pid as i32])),
             }),
         })
     }
@@ -425,7 +433,7 @@ impl Backend {
             }
             std::future::pending::<()>().await
         };
-        tokio::select! {
+        let outcome = tokio::select! {
             biased;
             info = self.exited() => Err(StartError::Exited(info)),
             () = ready_log => Ok(()),
@@ -434,7 +442,26 @@ impl Backend {
                 let last = last_outcome.lock().unwrap_or_else(|p| p.into_inner()).clone();
                 Err(self.not_ready(&probe, ever_listened.load(std::sync::atomic::Ordering::Relaxed), last).await)
             }
+        };
+        if outcome.is_ok() {
+            // The workers exist by now (servers fork them while loading).
+            self.remember_tree();
         }
+        outcome
+    }
+
+    /// Adds the tree's live pids to those seen. Not after the guard was reaped: its pid,
+    /// and so the walk from it, may belong to another process by then.
+    fn remember_tree(&self) {
+        if self.inner.reaped.load(Ordering::SeqCst) {
+            return;
+        }
+        let live = procfs::descendants(self.inner.guard_pid);
+        self.inner
+            .seen_pids
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .extend(live);
     }
 
     async fn not_ready(
@@ -520,8 +547,14 @@ impl Backend {
         let inner = &self.inner;
         let stop_timeout = inner.config.stop_timeout;
         // Who may hold GPU memory: known now, gone (and unknowable) after the stop.
-        let mut tree = vec![inner.guard_pid];
-        tree.extend(procfs::descendants(inner.guard_pid));
+        self.remember_tree();
+        let tree: Vec<i32> = inner
+            .seen_pids
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .copied()
+            .collect();
         if self.exit_info().is_none() {
             inner.logs.push(
                 LogStream::Supervisor,
@@ -970,27 +1003,6 @@ mod port_holder {
             }
         }
         inodes
-    }
-}
-
-/// GPU memory release after a stop (issue 4): a hook for now.
-mod gpu {
-    use std::{
-        sync::atomic::{AtomicBool, Ordering},
-        time::Duration,
-    };
-
-    use crate::logs::LogBuffer;
-
-    static ANNOUNCED: AtomicBool = AtomicBool::new(false);
-
-    /// Waits (bounded by `timeout`) until no process of `tree` holds GPU memory.
-    pub(super) async fn wait_released(_tree: &[i32], _timeout: Duration, _logs: &LogBuffer) {
-        if std::path::Path::new("/proc/driver/nvidia/version").exists() {
-            // TODO(issue 4): poll NVML / nvidia-smi for the tree's pids until their memory is freed.
-        } else if !ANNOUNCED.swap(true, Ordering::Relaxed) {
-            tracing::info!("no NVIDIA driver found, skipping GPU release checks");
-        }
     }
 }
 

@@ -1,0 +1,269 @@
+//! GPU memory release after a stop: waits until no stopped process is on a GPU any more.
+//!
+//! A backend's processes may be reaped while the driver still tears down their CUDA
+//! contexts; the next model would then find its memory taken and fail with out-of-memory.
+//! So a stop waits, bounded by `gpu_release_timeout`, until none of the stopped pids is in
+//! any GPU's running compute or graphics process list.
+//!
+//! NVML is loaded at run time (`nvml-wrapper` dlopens `libnvidia-ml.so.1`): the binary runs
+//! on machines without a driver, which this module announces once and then skips. NVML is
+//! initialised once, on first use, and shared by every stop.
+
+use std::{
+    collections::BTreeSet,
+    future::Future,
+    sync::{
+        Arc, OnceLock,
+        atomic::{AtomicBool, Ordering},
+    },
+    time::{Duration, Instant},
+};
+
+use gpuswap::pb::LogStream;
+use nvml_wrapper::{Nvml, error::NvmlError};
+
+use crate::logs::LogBuffer;
+
+/// The first pause between two looks at the GPU process lists; it doubles up to
+/// [`MAX_PAUSE`]. Memory that is already free costs one look and no pause.
+const FIRST_PAUSE: Duration = Duration::from_millis(1);
+const MAX_PAUSE: Duration = Duration::from_millis(50);
+
+/// What a stop says (once per supervisor) when it cannot see the GPUs.
+const NO_DRIVER_NOTICE: &str = "no NVIDIA driver found, skipping GPU release checks";
+
+/// NVML, or why it is unusable; set by the first stop that asks.
+static NVML: OnceLock<Result<Nvml, String>> = OnceLock::new();
+/// Whether [`NO_DRIVER_NOTICE`] has been said.
+static ANNOUNCED: AtomicBool = AtomicBool::new(false);
+
+/// Waits (bounded by `timeout`) until no process of `tree` holds a context on any GPU.
+/// Without a usable NVML it says so once (here and in `logs`) and returns at once.
+pub async fn wait_released(tree: &[i32], timeout: Duration, logs: &LogBuffer) {
+    let Some(nvml) = shared_nvml(logs).await else {
+        return;
+    };
+    // Negative or zero pids never come from NVML; a pid of the tree is a u32 there.
+    let tree: Arc<BTreeSet<u32>> = Arc::new(
+        tree.iter()
+            .filter_map(|&pid| u32::try_from(pid).ok())
+            .filter(|&pid| pid > 0)
+            .collect(),
+    );
+    if tree.is_empty() {
+        return;
+    }
+    wait_gone(timeout, logs, || {
+        let tree = Arc::clone(&tree);
+        async move {
+            // NVML calls are ioctls that may block for milliseconds on a busy GPU.
+            tokio::task::spawn_blocking(move || tree_on_gpus(nvml, &tree))
+                .await
+                .unwrap_or_else(|e| Err(format!("the NVML query panicked: {e}")))
+        }
+    })
+    .await;
+}
+
+/// NVML shared by every stop, initialised on first use (off the runtime's workers: dlopen
+/// and nvmlInit may take a while). None, after saying so once, when it cannot be used.
+async fn shared_nvml(logs: &LogBuffer) -> Option<&'static Nvml> {
+    let nvml = match NVML.get() {
+        Some(nvml) => nvml,
+        None => tokio::task::spawn_blocking(|| NVML.get_or_init(init_nvml))
+            .await
+            .unwrap_or_else(|_| NVML.get_or_init(|| Err("NVML initialisation panicked".into()))),
+    };
+    match nvml {
+        Ok(nvml) => Some(nvml),
+        Err(why) => {
+            if !ANNOUNCED.swap(true, Ordering::Relaxed) {
+                tracing::info!(reason = %why, "{NO_DRIVER_NOTICE}");
+                logs.push(LogStream::Supervisor, format!("{NO_DRIVER_NOTICE} ({why})"));
+            }
+            None
+        }
+    }
+}
+
+fn init_nvml() -> Result<Nvml, String> {
+    Nvml::init().map_err(|e| match e {
+        // The library is not installed: no driver on this machine.
+        NvmlError::LibloadingError(e) => format!("cannot load the NVML library: {e}"),
+        e => format!("NVML: {e}"),
+    })
+}
+
+/// The pids of `tree` that some GPU lists as running a compute or graphics context.
+/// Every GPU is asked: NVML's device order need not match CUDA_VISIBLE_DEVICES'.
+fn tree_on_gpus(nvml: &Nvml, tree: &BTreeSet<u32>) -> Result<BTreeSet<u32>, String> {
+    let mut on_gpus = BTreeSet::new();
+    let count = nvml
+        .device_count()
+        .map_err(|e| format!("counting GPUs: {e}"))?;
+    for index in 0..count {
+        let device = nvml
+            .device_by_index(index)
+            .map_err(|e| format!("GPU {index}: {e}"))?;
+        let compute = device
+            .running_compute_processes()
+            .map_err(|e| format!("GPU {index}: listing compute processes: {e}"))?;
+        let graphics = match device.running_graphics_processes() {
+            Ok(processes) => processes,
+            // Compute-only boards have no graphics contexts to list.
+            Err(NvmlError::NotSupported) => Vec::new(),
+            Err(e) => return Err(format!("GPU {index}: listing graphics processes: {e}")),
+        };
+        on_gpus.extend(
+            compute
+                .iter()
+                .chain(&graphics)
+                .map(|process| process.pid)
+                .filter(|pid| tree.contains(pid)),
+        );
+    }
+    Ok(on_gpus)
+}
+
+/// Polls `on_gpus` (1 ms doubling to 50 ms) until it lists nothing, for at most `timeout`.
+/// Says in `logs` how long it waited, that it gave up, or that it could not look.
+async fn wait_gone<F, Fut>(timeout: Duration, logs: &LogBuffer, mut on_gpus: F)
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<BTreeSet<u32>, String>>,
+{
+    let started = Instant::now();
+    let deadline = started + timeout;
+    let mut pause = FIRST_PAUSE;
+    let mut waited = false;
+    loop {
+        match on_gpus().await {
+            Ok(held) if held.is_empty() => {
+                if waited {
+                    logs.push(
+                        LogStream::Supervisor,
+                        format!("GPU memory released {:?} after the stop", started.elapsed()),
+                    );
+                }
+                return;
+            }
+            Ok(held) => {
+                let left = deadline.saturating_duration_since(Instant::now());
+                if left.is_zero() {
+                    let pids: Vec<String> = held.iter().map(u32::to_string).collect();
+                    let line = format!(
+                        "pids {} still hold GPU memory {timeout:?} after the stop \
+                         (gpu_release_timeout): the next model may not fit",
+                        pids.join(", ")
+                    );
+                    tracing::warn!(model = %logs.model(), "{line}");
+                    logs.push(LogStream::Supervisor, line);
+                    return;
+                }
+                waited = true;
+                tokio::time::sleep(pause.min(left)).await;
+                pause = (pause * 2).min(MAX_PAUSE);
+            }
+            Err(why) => {
+                let line = format!(
+                    "cannot list the processes on the GPUs ({why}): not waiting for GPU memory"
+                );
+                tracing::warn!(model = %logs.model(), "{line}");
+                logs.push(LogStream::Supervisor, line);
+                return;
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Mutex;
+
+    use super::*;
+
+    /// A fake GPU process list that answers `answers` in turn, then the last one for ever.
+    struct FakeGpus {
+        answers: Vec<Result<Vec<u32>, String>>,
+        calls: Mutex<usize>,
+    }
+
+    impl FakeGpus {
+        fn new(answers: Vec<Result<Vec<u32>, String>>) -> Self {
+            Self {
+                answers,
+                calls: Mutex::new(0),
+            }
+        }
+
+        fn list(&self) -> std::future::Ready<Result<BTreeSet<u32>, String>> {
+            let mut calls = self.calls.lock().unwrap();
+            let answer = self.answers[(*calls).min(self.answers.len() - 1)].clone();
+            *calls += 1;
+            std::future::ready(answer.map(|pids| pids.into_iter().collect()))
+        }
+
+        fn calls(&self) -> usize {
+            *self.calls.lock().unwrap()
+        }
+    }
+
+    fn lines(logs: &LogBuffer) -> Vec<String> {
+        logs.tail_lines(usize::MAX)
+    }
+
+    #[tokio::test]
+    async fn free_memory_costs_one_look_and_no_log_line() {
+        let logs = LogBuffer::new("m", 100);
+        let gpus = FakeGpus::new(vec![Ok(vec![])]);
+        wait_gone(Duration::from_secs(600), &logs, || gpus.list()).await;
+        assert_eq!(gpus.calls(), 1);
+        assert!(lines(&logs).is_empty(), "{:?}", lines(&logs));
+    }
+
+    #[tokio::test]
+    async fn waits_until_the_processes_leave_the_gpus() {
+        let logs = LogBuffer::new("m", 100);
+        let gpus = FakeGpus::new(vec![Ok(vec![7, 8]), Ok(vec![8]), Ok(vec![8]), Ok(vec![])]);
+        wait_gone(Duration::from_secs(600), &logs, || gpus.list()).await;
+        assert_eq!(gpus.calls(), 4);
+        let lines = lines(&logs);
+        assert!(
+            lines.len() == 1 && lines[0].contains("GPU memory released"),
+            "{lines:?}"
+        );
+    }
+
+    #[tokio::test]
+    async fn gives_up_after_the_timeout() {
+        let logs = LogBuffer::new("m", 100);
+        let gpus = FakeGpus::new(vec![Ok(vec![42])]);
+        let timeout = Duration::from_millis(100);
+        let started = Instant::now();
+        wait_gone(timeout, &logs, || gpus.list()).await;
+        assert!(started.elapsed() >= timeout, "{:?}", started.elapsed());
+        // Backoff: 1+2+4+...+50 ms; far fewer looks than one per millisecond.
+        let calls = gpus.calls();
+        assert!(calls >= 3, "{calls} looks");
+        let lines = lines(&logs);
+        assert!(
+            lines.len() == 1
+                && lines[0].contains("pids 42 still hold GPU memory")
+                && lines[0].contains("gpu_release_timeout"),
+            "{lines:?}"
+        );
+    }
+
+    #[tokio::test]
+    async fn an_nvml_error_ends_the_wait_with_a_log_line() {
+        let logs = LogBuffer::new("m", 100);
+        let gpus = FakeGpus::new(vec![Ok(vec![3]), Err("GPU 0: GPU is lost".into())]);
+        wait_gone(Duration::from_secs(600), &logs, || gpus.list()).await;
+        assert_eq!(gpus.calls(), 2);
+        let lines = lines(&logs);
+        assert!(
+            lines.len() == 1 && lines[0].contains("GPU 0: GPU is lost"),
+            "{lines:?}"
+        );
+    }
+}
