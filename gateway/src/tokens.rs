@@ -1,41 +1,23 @@
 //! Completion tokens of a response, counted from its bytes as they pass
 //! through: no buffering, no JSON parsing, no allocation.
 //!
-//! A frame is searched (memchr's SIMD `memmem`) for a few JSON keys; only the
-//! handful of bytes after a key are looked at one by one. Frames split the
-//! stream anywhere, so the last bytes of each frame are kept to find a key
-//! that straddles two frames, and a value cut by a frame end is finished on
-//! the next one.
+//! One `memchr` pass finds the colons of a frame; the few bytes before each
+//! colon name the key, and only after a key of interest are the bytes of its
+//! value looked at one by one. Frames split the stream anywhere, so the last
+//! bytes of each frame are kept to read a key cut by a frame start, and a
+//! value cut by a frame end is finished on the next frame.
 //!
 //! - In an event stream every non-empty `content` (also `reasoning_content`),
 //!   `text` (completions) or `arguments` (tool calls) string is one token: the
 //!   servers send one token per chunk.
 //! - In any response, `"completion_tokens": N` after a `"usage"` key is the
 //!   backend's own count, which replaces the counted chunks.
+//!
+//! JSON escapes every `"` inside a string, so a key seen this way is a real
+//! key (`\"content\":` in a message is not one).
 
-use std::sync::LazyLock;
-
-use memchr::memmem::Finder;
-
-/// Keys whose non-empty string value in a stream chunk is one token.
-/// `content"` without its opening quote also matches `"reasoning_content"`.
-const TOKEN_KEYS: [&[u8]; 3] = [b"content\"", b"\"text\"", b"\"arguments\""];
-const USAGE_KEY: &[u8] = b"\"usage\"";
-const COMPLETION_TOKENS_KEY: &[u8] = b"\"completion_tokens\"";
-/// Enough of the previous frame to complete the longest key.
-const TAIL: usize = COMPLETION_TOKENS_KEY.len() - 1;
-
-struct Finders {
-    tokens: [Finder<'static>; TOKEN_KEYS.len()],
-    usage: Finder<'static>,
-    completion_tokens: Finder<'static>,
-}
-
-static FINDERS: LazyLock<Finders> = LazyLock::new(|| Finders {
-    tokens: TOKEN_KEYS.map(Finder::new),
-    usage: Finder::new(USAGE_KEY),
-    completion_tokens: Finder::new(COMPLETION_TOKENS_KEY),
-});
+/// Bytes kept from before a colon: the longest key, its quotes and some blanks.
+const LOOKBACK: usize = 24;
 
 /// What to count in a response.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -55,15 +37,34 @@ pub struct Counted {
     pub usage: Option<u64>,
 }
 
-/// Where the scan is in the bytes after a key.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Key {
+    /// `content`, `reasoning_content`, `text`, `arguments`: a string of tokens.
+    Token,
+    Usage,
+    CompletionTokens,
+}
+
+/// Names the key whose colon follows `before` (the bytes up to the colon).
+fn key(before: &[u8]) -> Option<Key> {
+    let end = before.iter().rposition(|b| !matches!(b, b' ' | b'\t'))?;
+    let name = before[..=end].strip_suffix(b"\"")?;
+    match name.last()? {
+        b't' if name.ends_with(b"content") || name.ends_with(b"\"text") => Some(Key::Token),
+        b's' if name.ends_with(b"\"arguments") => Some(Key::Token),
+        b's' if name.ends_with(b"\"completion_tokens") => Some(Key::CompletionTokens),
+        b'e' if name.ends_with(b"\"usage") => Some(Key::Usage),
+        _ => None,
+    }
+}
+
+/// Where the scan is in a value, after its key's colon.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Value {
-    /// A token key: `:`, then the opening `"`, then the first byte of the string.
-    StringColon,
+    /// A token key: the opening `"`, then the first byte of the string.
     StringQuote,
     StringFirstByte,
-    /// `"completion_tokens"`: `:`, then digits.
-    NumberColon,
+    /// `completion_tokens`: digits.
     NumberFirstDigit,
     Digits(u64),
 }
@@ -84,14 +85,11 @@ impl Value {
     fn step(self, byte: u8) -> Result<Value, Option<Found>> {
         let blank = matches!(byte, b' ' | b'\t');
         match (self, byte) {
-            (Value::StringColon, b':') => Ok(Value::StringQuote),
             (Value::StringQuote, b'"') => Ok(Value::StringFirstByte),
-            (Value::StringColon | Value::StringQuote, _) if blank => Ok(self),
+            (Value::StringQuote | Value::NumberFirstDigit, _) if blank => Ok(self),
             // `""` is an empty string: a role or finish chunk, not a token.
             (Value::StringFirstByte, b'"') => Err(None),
             (Value::StringFirstByte, _) => Err(Some(Found::Token)),
-            (Value::NumberColon, b':') => Ok(Value::NumberFirstDigit),
-            (Value::NumberColon | Value::NumberFirstDigit, _) if blank => Ok(self),
             (Value::NumberFirstDigit, b'0'..=b'9') => Ok(Value::Digits(u64::from(byte - b'0'))),
             (Value::Digits(n), b'0'..=b'9') => Ok(Value::Digits(
                 n.saturating_mul(10).saturating_add(u64::from(byte - b'0')),
@@ -116,11 +114,11 @@ impl Value {
 pub struct TokenCounter {
     counting: Counting,
     /// The last bytes of the stream so far (`tail_len` of them).
-    tail: [u8; TAIL],
+    tail: [u8; LOOKBACK],
     tail_len: usize,
     /// A value cut by the end of the previous frame.
     pending: Option<Value>,
-    /// A `"usage"` key was seen: from then on `completion_tokens` is looked for.
+    /// A `"usage"` key was seen: from then on `completion_tokens` counts.
     usage_seen: bool,
 }
 
@@ -128,7 +126,7 @@ impl TokenCounter {
     pub fn new(counting: Counting) -> Self {
         Self {
             counting,
-            tail: [0; TAIL],
+            tail: [0; LOOKBACK],
             tail_len: 0,
             pending: None,
             usage_seen: false,
@@ -142,51 +140,46 @@ impl TokenCounter {
             return counted;
         }
         if let Some(value) = self.pending.take() {
-            self.after_key(value, frame, &mut counted);
+            self.read_value(value, frame, &mut counted);
         }
-        let finders = &*FINDERS;
-        // Keys that begin in the tail and end in this frame.
-        let mut seam = [0u8; 2 * TAIL];
-        let head = &frame[..frame.len().min(TAIL)];
-        seam[..self.tail_len].copy_from_slice(&self.tail[..self.tail_len]);
-        seam[self.tail_len..self.tail_len + head.len()].copy_from_slice(head);
-        let seam = &seam[..self.tail_len + head.len()];
-        let tail_len = self.tail_len;
-        let search = |this: &mut Self, finder: &Finder<'_>, value: Value, c: &mut Counted| {
-            let key = finder.needle().len();
-            let straddling = finder
-                .find_iter(seam)
-                .filter(|&at| at < tail_len && at + key > tail_len);
-            for at in straddling {
-                this.after_key(value, &frame[at + key - tail_len..], c);
+        for colon in memchr::memchr_iter(b':', frame) {
+            // Most colons end keys of no interest (`"id":`, `"model":`) or are
+            // not after a key at all: rejected on the two bytes before them.
+            if colon >= 2 {
+                match frame[colon - 1] {
+                    b'"' if !matches!(frame[colon - 2], b't' | b's' | b'e') => continue,
+                    b'"' | b' ' | b'\t' => {}
+                    _ => continue,
+                }
             }
-            for at in finder.find_iter(frame) {
-                this.after_key(value, &frame[at + key..], c);
-            }
-        };
-        if self.counting == Counting::Stream {
-            for finder in &finders.tokens {
-                search(self, finder, Value::StringColon, &mut counted);
-            }
-        }
-        if !self.usage_seen {
-            self.usage_seen = finders.usage.find(seam).is_some_and(|at| at < tail_len)
-                || finders.usage.find(frame).is_some();
-        }
-        if self.usage_seen {
-            search(
-                self,
-                &finders.completion_tokens,
-                Value::NumberColon,
-                &mut counted,
-            );
+            let found = if colon >= LOOKBACK {
+                key(&frame[colon - LOOKBACK..colon])
+            } else {
+                // The key may begin in the previous frame.
+                let mut window = [0u8; LOOKBACK];
+                let from_tail = (LOOKBACK - colon).min(self.tail_len);
+                window[..from_tail]
+                    .copy_from_slice(&self.tail[self.tail_len - from_tail..self.tail_len]);
+                window[from_tail..from_tail + colon].copy_from_slice(&frame[..colon]);
+                key(&window[..from_tail + colon])
+            };
+            let value = match found {
+                Some(Key::Token) if self.counting == Counting::Stream => Value::StringQuote,
+                Some(Key::CompletionTokens) if self.usage_seen => Value::NumberFirstDigit,
+                Some(Key::Usage) => {
+                    self.usage_seen = true;
+                    continue;
+                }
+                _ => continue,
+            };
+            self.read_value(value, &frame[colon + 1..], &mut counted);
         }
         self.remember(frame);
         counted
     }
 
-    /// Reads the value after a key; `rest` runs to the end of the frame.
-    fn after_key(&mut self, value: Value, rest: &[u8], counted: &mut Counted) {
+    /// Reads a value; `rest` runs to the end of the frame.
+    fn read_value(&mut self, value: Value, rest: &[u8], counted: &mut Counted) {
         match value.scan(rest) {
             Scan::Pending(value) => self.pending = Some(value),
             Scan::Finished(Some(Found::Token)) => counted.chunks += 1,
@@ -196,12 +189,12 @@ impl TokenCounter {
     }
 
     fn remember(&mut self, frame: &[u8]) {
-        if frame.len() >= TAIL {
-            self.tail.copy_from_slice(&frame[frame.len() - TAIL..]);
-            self.tail_len = TAIL;
+        if frame.len() >= LOOKBACK {
+            self.tail.copy_from_slice(&frame[frame.len() - LOOKBACK..]);
+            self.tail_len = LOOKBACK;
             return;
         }
-        let keep = self.tail_len.min(TAIL - frame.len());
+        let keep = self.tail_len.min(LOOKBACK - frame.len());
         self.tail
             .copy_within(self.tail_len - keep..self.tail_len, 0);
         self.tail[keep..keep + frame.len()].copy_from_slice(frame);
@@ -277,10 +270,20 @@ data: {"choices":[{"delta":{"tool_calls":[{"function":{"arguments":"{\"x\""}}]}}
 
 data: {"choices":[{"delta":{"content":"\"quoted\""}}]}
 
+data: {"choices":[{"delta":{"content":"say \"content\": \"x\" and \"usage\":"}}]}
+
+data: {"choices" : [{"delta" : {"content" :	"spaced"}}]}
+
 data: {"choices":[{"type":"text","delta":{"content":""}}],"context":"x"}
 
 "#;
-        assert_eq!(total(Counting::Stream, &[frame]).chunks, 4);
+        assert_eq!(
+            total(Counting::Stream, &[frame]),
+            Counted {
+                chunks: 6,
+                usage: None
+            }
+        );
     }
 
     #[test]
@@ -327,5 +330,20 @@ data: {"choices":[{"type":"text","delta":{"content":""}}],"context":"x"}
         }
         let bytes: Vec<&[u8]> = stream.chunks(1).collect();
         assert_eq!(total(Counting::Stream, &bytes), whole);
+
+        // TabbyAPI-like CRLF framing and spaced JSON, cut anywhere.
+        let spaced = b"data: {\"choices\": [{\"delta\": {\"content\" : \"a\"}}]}\r\n\r\ndata: {\"choices\": [], \"usage\" : {\"completion_tokens\" :  17}}\r\n\r\n";
+        let whole = total(Counting::Stream, &[spaced]);
+        assert_eq!(
+            whole,
+            Counted {
+                chunks: 1,
+                usage: Some(17)
+            }
+        );
+        for cut in 0..=spaced.len() {
+            let (a, b) = spaced.split_at(cut);
+            assert_eq!(total(Counting::Stream, &[a, b]), whole, "cut at {cut}");
+        }
     }
 }
