@@ -43,6 +43,15 @@ enum LogFormat {
     Json,
 }
 
+impl LogFormat {
+    fn as_str(self) -> &'static str {
+        match self {
+            LogFormat::Text => "text",
+            LogFormat::Json => "json",
+        }
+    }
+}
+
 fn main() -> ExitCode {
     // `gpuswap-supervisor guard ...` is the parent of one backend (see guard.rs); it must not
     // start a tokio runtime or parse the daemon's flags.
@@ -57,18 +66,6 @@ fn main() -> ExitCode {
             return ExitCode::from(EXIT_BAD_CONFIG);
         }
     };
-    let format = match (args.log_format, config.telemetry.log_format.as_deref()) {
-        (Some(format), _) => format,
-        (None, Some("json")) => LogFormat::Json,
-        (None, Some("text") | None) => LogFormat::Text,
-        (None, Some(other)) => {
-            eprintln!(
-                "gpuswap-supervisor: invalid configuration: telemetry.log_format: {other:?} is not text or json"
-            );
-            return ExitCode::from(EXIT_BAD_CONFIG);
-        }
-    };
-    init_tracing(format);
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -77,6 +74,16 @@ fn main() -> ExitCode {
         Err(error) => {
             eprintln!("gpuswap-supervisor: cannot start the runtime: {error}");
             return ExitCode::FAILURE;
+        }
+    };
+    // The span exporter runs on this runtime; the guard, declared after it, is dropped
+    // first and flushes the last spans while the runtime still drives the export.
+    let _runtime_context = runtime.enter();
+    let _telemetry = match gpuswap_telemetry::init("gpuswap-supervisor", &config.telemetry) {
+        Ok(guard) => guard,
+        Err(error) => {
+            eprintln!("gpuswap-supervisor: invalid configuration: {error:#}");
+            return ExitCode::from(EXIT_BAD_CONFIG);
         }
     };
     match runtime.block_on(run(args.config, config)) {
@@ -95,25 +102,36 @@ fn load_config(args: &Args) -> anyhow::Result<Config> {
         config.supervisor.listen = listen.clone();
         config.validate().context("--listen")?;
     }
-    Ok(config)
-}
-
-fn init_tracing(format: LogFormat) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    match format {
-        LogFormat::Json => builder.json().init(),
-        LogFormat::Text => builder.init(),
+    if let Some(format) = args.log_format {
+        config.telemetry.log_format = Some(format.as_str().to_owned());
     }
+    Ok(config)
 }
 
 async fn run(config_path: PathBuf, config: Config) -> anyhow::Result<()> {
     let endpoint: Endpoint = config.supervisor.listen.parse()?;
     // Bind first: a second supervisor must not clean up the processes of a live one.
     let listener = server::bind(&config.supervisor, &endpoint).await?;
+    let mut metrics = gpuswap_telemetry::Metrics::new();
+    let supervisor_metrics = metrics.supervisor();
+    let metrics = Arc::new(metrics);
+    let _metrics_server = match &config.supervisor.metrics_listen {
+        Some(addr) => {
+            let render: gpuswap_telemetry::Render = Arc::new({
+                let metrics = metrics.clone();
+                move || metrics.encode()
+            });
+            let addr = addr
+                .parse()
+                .with_context(|| format!("supervisor.metrics_listen: {addr:?} is not host:port"))?;
+            let server = gpuswap_telemetry::serve_metrics(addr, render)
+                .await
+                .with_context(|| format!("supervisor.metrics_listen: cannot bind {addr}"))?;
+            tracing::info!(metrics = %server.local_addr(), "serving /metrics");
+            Some(server)
+        }
+        None => None,
+    };
     let state_path = config.supervisor.state_file.clone();
     let state_file = Arc::new(StateFile::open(&state_path).with_context(|| {
         format!(
@@ -137,6 +155,7 @@ async fn run(config_path: PathBuf, config: Config) -> anyhow::Result<()> {
             config_path: Some(config_path),
             guard_exe,
             state_file: Some(state_file),
+            metrics: supervisor_metrics,
         },
     );
 

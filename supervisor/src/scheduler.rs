@@ -21,12 +21,14 @@ use gpuswap::{
     config::{Config, ModelConfig},
     pb::{self, activate_event::Event},
 };
+use gpuswap_telemetry::{ModelState as MetricState, SupervisorMetrics, SwapPhase};
 use tokio::{
     sync::{broadcast, mpsc, oneshot},
     time::Instant,
 };
 use tokio_util::sync::{CancellationToken, DropGuard};
 use tonic::Status;
+use tracing::Instrument as _;
 
 use crate::{
     logs::{LogBuffer, LogEntry},
@@ -98,7 +100,7 @@ fn millis(d: Duration) -> u64 {
 }
 
 /// What the scheduler needs besides the configuration.
-#[derive(Clone, Debug)]
+#[derive(Clone)]
 pub struct SchedulerOptions {
     /// The file Reload re-reads; None: reload is refused.
     pub config_path: Option<PathBuf>,
@@ -106,15 +108,20 @@ pub struct SchedulerOptions {
     pub guard_exe: PathBuf,
     /// Records live process groups for a successor after a crash.
     pub state_file: Option<Arc<StateFile>>,
+    /// Where swaps, phases, model states and failures are counted.
+    pub metrics: SupervisorMetrics,
 }
 
 /// An Activate request as the actor sees it.
-#[derive(Clone, Debug, Default)]
+#[derive(Clone, Debug)]
 pub struct ActivateArgs {
     pub model: String,
     pub hold: bool,
     pub force: bool,
     pub client: String,
+    /// The activation's span, not entered yet (its parent may be the caller's remote trace).
+    /// It lives until Ready or Failed; the phases of a swap it causes are its children.
+    pub span: tracing::Span,
 }
 
 /// Requests from the gRPC service.
@@ -178,6 +185,7 @@ enum Message {
 #[derive(Clone)]
 pub struct Scheduler {
     tx: mpsc::UnboundedSender<Message>,
+    metrics: SupervisorMetrics,
 }
 
 fn gone() -> Status {
@@ -191,9 +199,15 @@ impl Scheduler {
         options: SchedulerOptions,
     ) -> (Scheduler, tokio::task::JoinHandle<()>) {
         let (tx, rx) = mpsc::unbounded_channel();
+        let metrics = options.metrics.clone();
         let actor = Actor::new(config, options, tx.downgrade());
         let task = tokio::spawn(actor.run(rx));
-        (Scheduler { tx }, task)
+        (Scheduler { tx, metrics }, task)
+    }
+
+    /// The supervisor's metrics (the service counts the log lines its followers lose).
+    pub fn metrics(&self) -> &SupervisorMetrics {
+        &self.metrics
     }
 
     fn send(&self, command: Command) -> Result<(), Status> {
@@ -302,12 +316,23 @@ struct Waiter {
     notices: HashSet<String>,
     /// Stops the forwarding of start-up log lines.
     log_forward: Option<LogForward>,
+    /// The activation's span; it ends when the waiter leaves the queue.
+    span: tracing::Span,
 }
 
 impl Waiter {
     /// Ends the waiter with a last event (Failed): log forwarding stops first.
     fn finish(mut self, event: Event) {
         self.log_forward = None;
+        if let Event::Failed(failed) = &event {
+            self.span.in_scope(|| {
+                tracing::info!(
+                    model = failed.model,
+                    reason = failed.reason,
+                    "activation failed"
+                );
+            });
+        }
         self.stream.send(event);
     }
 
@@ -346,6 +371,26 @@ struct Run {
 /// Holders of a model are being asked to let go.
 struct Drain {
     deadline: Instant,
+    started: Instant,
+    /// Asked for by an activation (a swap's drain phase), not by a deactivation.
+    for_swap: bool,
+    /// The drain phase's span; it ends with the drain.
+    _span: tracing::Span,
+}
+
+impl Drain {
+    fn new(deadline: Instant, now: Instant, swap: Option<&tracing::Span>, model: &str) -> Self {
+        let span = match swap {
+            Some(parent) => tracing::info_span!(parent: parent, "swap", phase = "drain", model),
+            None => tracing::Span::none(),
+        };
+        Drain {
+            deadline,
+            started: now,
+            for_swap: swap.is_some(),
+            _span: span,
+        }
+    }
 }
 
 struct Model {
@@ -436,6 +481,9 @@ struct Actor {
     published: HashMap<String, pb::ModelStatus>,
     timers: BTreeSet<Instant>,
     started: Instant,
+    metrics: SupervisorMetrics,
+    /// The state each model last showed in `model_state`.
+    recorded_states: HashMap<String, MetricState>,
 }
 
 impl Actor {
@@ -474,12 +522,15 @@ impl Actor {
             published: HashMap::new(),
             timers: BTreeSet::new(),
             started: Instant::now(),
+            metrics: options.metrics,
+            recorded_states: HashMap::new(),
         };
         actor.published = actor
             .models
             .keys()
             .map(|name| (name.clone(), actor.comparable_status(name)))
             .collect();
+        actor.record_states();
         actor
     }
 
@@ -514,6 +565,7 @@ impl Actor {
             }
             self.pump();
             self.publish_changes();
+            self.record_states();
         }
     }
 
@@ -578,6 +630,8 @@ impl Actor {
                 accepted,
             } => {
                 let Some(model) = self.resolve(&args.model) else {
+                    args.span
+                        .in_scope(|| tracing::info!(model = args.model, "unknown model"));
                     let _ = accepted.send(Err(Status::not_found(format!(
                         "unknown model {}",
                         args.model
@@ -585,7 +639,9 @@ impl Actor {
                     return Flow::Continue;
                 };
                 let stream = self.client_stream(events, received);
-                tracing::info!(model, client = %args.client, hold = args.hold, force = args.force, "activate");
+                args.span.in_scope(|| {
+                    tracing::info!(model, client = %args.client, hold = args.hold, force = args.force, "activate");
+                });
                 self.queue.push_back(Waiter {
                     stream,
                     model,
@@ -595,6 +651,7 @@ impl Actor {
                     joined: None,
                     notices: HashSet::new(),
                     log_forward: None,
+                    span: args.span,
                 });
                 let _ = accepted.send(Ok(()));
             }
@@ -710,13 +767,17 @@ impl Actor {
                     .as_ref()
                     .map_or(Duration::ZERO, |r| now - r.spawned_at);
                 model.last_startup_ms = millis(took);
+                self.metrics.phase_finished(SwapPhase::Ready, took);
                 model.note(format!(
                     "ready after {} ms (generation {generation})",
                     millis(took)
                 ));
                 tracing::info!(model = name, generation, startup_ms = millis(took), "ready");
             }
-            Err(error) => self.fail(name, error.to_string(), FailureKind::Start),
+            Err(error) => {
+                let cause = start_failure_reason(&error);
+                self.fail(name, error.to_string(), FailureKind::Start, cause);
+            }
         }
     }
 
@@ -734,7 +795,12 @@ impl Actor {
         match model.state {
             State::Ready => {
                 tracing::warn!(model = name, generation, %info, "backend exited on its own");
-                self.fail(name, format!("exited: {info}"), FailureKind::Crash);
+                self.fail(
+                    name,
+                    format!("exited: {info}"),
+                    FailureKind::Crash,
+                    "exited",
+                );
             }
             // A start reports its own failure; a stop reports its own end.
             State::Starting | State::Stopping | State::Failed | State::Stopped => {}
@@ -790,8 +856,9 @@ impl Actor {
 
     // ----- state transitions -----------------------------------------------------------
 
-    /// Starts `name`: spawns it and the tasks that report readiness and exit.
-    fn start(&mut self, name: &str) -> Result<u64, String> {
+    /// Starts `name` for the activation whose span is `cause`: spawns it and the tasks that
+    /// report readiness and exit. The start and ready phases are traced under `cause`.
+    fn start(&mut self, name: &str, cause: &tracing::Span) -> Result<u64, String> {
         let generation = self.next_generation;
         self.next_generation += 1;
         let Some(tx) = self.sender() else {
@@ -811,20 +878,33 @@ impl Actor {
             .models
             .get_mut(name)
             .expect("start of a configured model");
+        self.metrics.swap_started(name);
         if model.failures > 0 {
             model.restarts += 1;
+            self.metrics.backend_restarted(name);
         }
         // The command line itself is logged by the process layer (with the API key masked).
         model.note(format!("starting generation {generation}"));
-        tracing::info!(model = name, generation, "starting");
-        let backend = match Backend::spawn(&spec, model.logs.clone()) {
+        let start_span =
+            tracing::info_span!(parent: cause, "swap", phase = "start", model = name, generation);
+        let began = Instant::now();
+        let spawned = start_span.in_scope(|| {
+            tracing::info!(model = name, generation, "starting");
+            Backend::spawn(&spec, model.logs.clone())
+        });
+        let backend = match spawned {
             Ok(backend) => backend,
             Err(error) => {
                 let reason = error.to_string();
-                self.fail(name, reason.clone(), FailureKind::Start);
+                let cause = start_failure_reason(&error);
+                start_span.in_scope(|| tracing::warn!(model = name, %reason, "spawn failed"));
+                self.fail(name, reason.clone(), FailureKind::Start, cause);
                 return Err(reason);
             }
         };
+        self.metrics
+            .phase_finished(SwapPhase::Start, began.elapsed());
+        drop(start_span);
         model.state = State::Starting;
         model.generation = generation;
         model.ready_at = None;
@@ -837,8 +917,9 @@ impl Actor {
         });
         {
             let (tx, backend, model) = (tx.clone(), backend.clone(), name.to_owned());
+            let ready_span = tracing::info_span!(parent: cause, "swap", phase = "ready", model = name, generation);
             tokio::spawn(async move {
-                let result = backend.wait_ready().await;
+                let result = backend.wait_ready().instrument(ready_span).await;
                 Self::report(
                     &tx,
                     Internal::StartFinished {
@@ -865,8 +946,9 @@ impl Actor {
     }
 
     /// A start failed or a ready backend exited: every waiter of this start and every hold
-    /// learns why, and whatever is left of the process tree is stopped.
-    fn fail(&mut self, name: &str, reason: String, kind: FailureKind) {
+    /// learns why, and whatever is left of the process tree is stopped. `cause` is the
+    /// fixed word counted in `backend_failures_total{reason}`.
+    fn fail(&mut self, name: &str, reason: String, kind: FailureKind, cause: &'static str) {
         let now = Instant::now();
         let Some(model) = self.models.get_mut(name) else {
             return;
@@ -880,9 +962,10 @@ impl Actor {
         model.state = State::Failed;
         model.ready_at = None;
         model.last_error = reason.clone();
-        model.drain = None;
+        end_drain(model, &self.metrics);
         model.note(format!("failed: {reason}"));
         tracing::warn!(model = name, %reason, failures = model.failures, "failed");
+        self.metrics.backend_failed(name, cause);
         let log_tail = model.logs.tail_lines(FAILURE_TAIL_LINES);
         for (_, hold) in std::mem::take(&mut model.holds) {
             hold.stream.send(Event::HoldLost(pb::HoldLost {
@@ -900,15 +983,25 @@ impl Actor {
             let joined = w.model == name && (w.joined.is_some() && w.joined == generation);
             if joined {
                 w.log_forward = None;
+                w.span
+                    .in_scope(|| tracing::warn!(model = name, reason = failed.reason, "failed"));
                 w.stream.send(Event::Failed(failed.clone()));
             }
             !joined
         });
-        self.stop_process(name);
+        self.stop_process(name, None);
     }
 
-    /// Takes a Ready or Starting model down: holds are lost, the process is stopped.
-    fn begin_stop(&mut self, name: &str, reason: &str, waiters: WaiterFate<'_>) {
+    /// Takes a Ready or Starting model down: holds are lost, the process is stopped. `swap`
+    /// is the span of the activation that needs the GPUs, if one does: the drain that ends
+    /// here and the stop are then phases of its swap.
+    fn begin_stop(
+        &mut self,
+        name: &str,
+        reason: &str,
+        waiters: WaiterFate<'_>,
+        swap: Option<&tracing::Span>,
+    ) {
         let Some(model) = self.models.get_mut(name) else {
             return;
         };
@@ -923,7 +1016,7 @@ impl Actor {
             }));
         }
         model.state = State::Stopping;
-        model.drain = None;
+        end_drain(model, &self.metrics);
         model.note(format!("stopping: {reason}"));
         tracing::info!(model = name, reason, "stopping");
         let log_tail = model.logs.tail_lines(FAILURE_TAIL_LINES);
@@ -949,11 +1042,12 @@ impl Actor {
             }
             index += 1;
         }
-        self.stop_process(name);
+        self.stop_process(name, swap);
     }
 
     /// Stops the process tree of `name` in a task (once); StopFinished reports the end.
-    fn stop_process(&mut self, name: &str) {
+    /// For a swap (`swap`: the activation's span) the stop is traced and timed as its phase.
+    fn stop_process(&mut self, name: &str, swap: Option<&tracing::Span>) {
         let Some(tx) = self.sender() else { return };
         let Some(run) = self.models.get_mut(name).and_then(|m| m.run.as_mut()) else {
             return;
@@ -963,8 +1057,21 @@ impl Actor {
         }
         run.stop_requested = true;
         let (backend, generation, model) = (run.backend.clone(), run.generation, name.to_owned());
+        let phase = swap.map(|parent| {
+            let span = tracing::info_span!(parent: parent, "swap", phase = "stop", model = name, generation);
+            (span, self.metrics.clone())
+        });
         tokio::spawn(async move {
-            let info = backend.stop().await;
+            let info = match phase {
+                // From the SIGTERM until the port and the GPU memory are free again.
+                Some((span, metrics)) => {
+                    let began = Instant::now();
+                    let info = backend.stop().instrument(span).await;
+                    metrics.phase_finished(SwapPhase::Stop, began.elapsed());
+                    info
+                }
+                None => backend.stop().await,
+            };
             Self::report(
                 &tx,
                 Internal::StopFinished {
@@ -998,6 +1105,13 @@ impl Actor {
             api_key: model.config.api_key.clone().unwrap_or_default(),
             startup_ms,
         }));
+        let _in_activation = waiter.span.enter();
+        tracing::debug!(
+            model = waiter.model,
+            generation = model.generation,
+            startup_ms,
+            "activation ready"
+        );
         if waiter.hold {
             tracing::info!(model = waiter.model, client = waiter.client, "hold granted");
             model.holds.insert(
@@ -1135,6 +1249,10 @@ impl Actor {
             model.logs.subscribe(),
             waiter.stream.events.clone(),
             waiter.stream.received,
+            LostLines {
+                metrics: self.metrics.clone(),
+                model: waiter.model.clone(),
+            },
         ));
     }
 
@@ -1192,7 +1310,8 @@ impl Actor {
             .collect();
         if conflicting.is_empty() {
             self.queue[index].joined = None;
-            return match self.start(&target) {
+            let cause = self.queue[index].span.clone();
+            return match self.start(&target, &cause) {
                 Ok(_) => {
                     self.join_start(index);
                     true
@@ -1250,10 +1369,12 @@ impl Actor {
                             model: name.to_owned(),
                         }),
                     );
+                    let swap = self.queue[index].span.clone();
                     self.begin_stop(
                         name,
                         &format!("{target} needs the GPUs"),
                         WaiterFate::Requeue,
+                        Some(&swap),
                     );
                 }
             }
@@ -1280,7 +1401,8 @@ impl Actor {
                         Some(drain) => drain.deadline,
                         None => {
                             let deadline = now + self.drain_timeout;
-                            model.drain = Some(Drain { deadline });
+                            let swap = &self.queue[index].span;
+                            model.drain = Some(Drain::new(deadline, now, Some(swap), name));
                             deadline
                         }
                     };
@@ -1313,10 +1435,12 @@ impl Actor {
                         model: name.to_owned(),
                     }),
                 );
+                let swap = self.queue[index].span.clone();
                 self.begin_stop(
                     name,
                     &format!("{target} needs the GPUs"),
                     WaiterFate::Requeue,
+                    Some(&swap),
                 );
             }
         }
@@ -1337,9 +1461,7 @@ impl Actor {
                 if !model.holds.is_empty() {
                     let deadline = model
                         .drain
-                        .get_or_insert(Drain {
-                            deadline: deactivation.deadline,
-                        })
+                        .get_or_insert_with(|| Drain::new(deactivation.deadline, now, None, name))
                         .deadline
                         .min(deactivation.deadline);
                     request_drain(name, model, "deactivate", deadline, now);
@@ -1350,7 +1472,7 @@ impl Actor {
                         continue;
                     }
                 }
-                self.begin_stop(name, "deactivated", WaiterFate::Fail("deactivated"));
+                self.begin_stop(name, "deactivated", WaiterFate::Fail("deactivated"), None);
             }
         }
         pending.retain_mut(|deactivation| {
@@ -1396,6 +1518,7 @@ impl Actor {
                             &name,
                             "removed from the configuration",
                             WaiterFate::Fail("removed"),
+                            None,
                         );
                     } else {
                         self.models.remove(&name);
@@ -1410,7 +1533,7 @@ impl Actor {
                     model.config = new.clone();
                     response.changed.push(name.clone());
                     if model.run.is_some() {
-                        self.begin_stop(&name, "configuration changed", WaiterFate::Requeue);
+                        self.begin_stop(&name, "configuration changed", WaiterFate::Requeue, None);
                     }
                 }
                 Some(_) => {}
@@ -1530,6 +1653,29 @@ impl Actor {
         }
     }
 
+    /// Brings `model_state` up to date. Called after every message, like
+    /// [`Actor::publish_changes`], so no assignment of a state can be missed; a state that
+    /// lasted less than one message (a spawn that failed at once) is never visible.
+    fn record_states(&mut self) {
+        for (name, model) in &self.models {
+            let state = metric_state(model);
+            if self.recorded_states.get(name) != Some(&state) {
+                self.metrics.set_model_state(name, state);
+                self.recorded_states.insert(name.clone(), state);
+            }
+        }
+        // A model removed by a reload is gone: it is no longer in any live state.
+        let models = &self.models;
+        let metrics = &self.metrics;
+        self.recorded_states.retain(|name, state| {
+            let kept = models.contains_key(name);
+            if !kept && *state != MetricState::Stopped {
+                metrics.set_model_state(name, MetricState::Stopped);
+            }
+            kept
+        });
+    }
+
     /// Sends one `changed` per model whose state, holders or the like changed.
     fn publish_changes(&mut self) {
         let names: Vec<String> = self
@@ -1557,6 +1703,32 @@ enum FailureKind {
     Crash,
 }
 
+/// The `model_state` of a model: a Ready model whose holders are asked to let go is draining.
+fn metric_state(model: &Model) -> MetricState {
+    match model.state {
+        State::Stopped => MetricState::Stopped,
+        State::Starting => MetricState::Starting,
+        State::Ready if model.drain.is_some() && !model.holds.is_empty() => MetricState::Draining,
+        State::Ready => MetricState::Ready,
+        State::Stopping => MetricState::Stopping,
+        State::Failed => MetricState::Failed,
+    }
+}
+
+/// The `reason` label of `backend_failures_total` for a failed start (a fixed word).
+fn start_failure_reason(error: &StartError) -> &'static str {
+    match error {
+        StartError::PortBusy { .. } | StartError::Spawn { .. } | StartError::NoSuchUser(_) => {
+            "spawn_failed"
+        }
+        StartError::Exited(_) => "exited",
+        // It listened, but its health check never passed in time.
+        StartError::Timeout(_) => "startup_timeout",
+        // Nothing ever listened on its port.
+        StartError::NotListening { .. } => "never_ready",
+    }
+}
+
 /// Asks every holder of `model` (once each) to finish its requests and let go.
 fn request_drain(name: &str, model: &mut Model, wanted_by: &str, deadline: Instant, now: Instant) {
     for hold in model.holds.values_mut() {
@@ -1568,6 +1740,16 @@ fn request_drain(name: &str, model: &mut Model, wanted_by: &str, deadline: Insta
                 deadline_ms: millis(deadline.saturating_duration_since(now)),
             }));
         }
+    }
+}
+
+/// The drain of `model` is over (its holds are gone, or its backend failed); the drain
+/// phase of a swap is timed.
+fn end_drain(model: &mut Model, metrics: &SupervisorMetrics) {
+    if let Some(drain) = model.drain.take()
+        && drain.for_swap
+    {
+        metrics.phase_finished(SwapPhase::Drain, drain.started.elapsed());
     }
 }
 
@@ -1595,12 +1777,13 @@ impl Drop for LogForward {
     }
 }
 
-/// Starts forwarding `lines` to `events`. Lines are skipped when the client reads slowly,
-/// so control events always find room.
+/// Starts forwarding `lines` to `events`. Lines are skipped (and counted as dropped) when
+/// the client reads slowly, so control events always find room.
 fn forward_logs(
     mut lines: broadcast::Receiver<LogEntry>,
     events: EventSender,
     received: Instant,
+    lost: LostLines,
 ) -> LogForward {
     let token = CancellationToken::new();
     let slot = Arc::new(std::sync::Mutex::new(Some(events)));
@@ -1616,12 +1799,16 @@ fn forward_logs(
             };
             let entry = match entry {
                 Ok(entry) => entry,
-                Err(broadcast::error::RecvError::Lagged(_)) => continue,
+                Err(broadcast::error::RecvError::Lagged(skipped)) => {
+                    lost.count(skipped);
+                    continue;
+                }
                 Err(broadcast::error::RecvError::Closed) => break,
             };
             let slot = slot.lock().unwrap_or_else(|p| p.into_inner());
             let Some(events) = slot.as_ref() else { break };
             if events.capacity() <= CONTROL_RESERVE {
+                lost.count(1);
                 continue;
             }
             let event = pb::ActivateEvent {
@@ -1634,12 +1821,26 @@ fn forward_logs(
                     dropped: 0,
                 })),
             };
-            if events.try_send(Ok(event)).is_err() && events.is_closed() {
-                break;
+            match events.try_send(Ok(event)) {
+                Ok(()) => {}
+                Err(mpsc::error::TrySendError::Full(_)) => lost.count(1),
+                Err(mpsc::error::TrySendError::Closed(_)) => break,
             }
         }
     });
     forward
+}
+
+/// Counts the log lines a reader of `model`'s output did not get.
+pub struct LostLines {
+    pub metrics: SupervisorMetrics,
+    pub model: String,
+}
+
+impl LostLines {
+    pub fn count(&self, lines: u64) {
+        self.metrics.log_lines_dropped(&self.model, lines);
+    }
 }
 
 #[cfg(test)]

@@ -11,7 +11,7 @@ use tonic::{Request, Response, Status};
 
 use crate::{
     logs::{LogBuffer, LogEntry},
-    scheduler::{ActivateArgs, EVENT_CHANNEL_CAPACITY, Scheduler},
+    scheduler::{ActivateArgs, EVENT_CHANNEL_CAPACITY, LostLines, Scheduler},
 };
 
 /// Capacity of Watch and Logs streams.
@@ -52,10 +52,10 @@ fn merged_tail(buffers: &[LogBuffer], tail: usize) -> Vec<LogEntry> {
 }
 
 /// Forwards one model's new lines to `tx` until either side ends; a follower that fell
-/// behind learns how many lines it lost.
+/// behind learns how many lines it lost (and they are counted).
 async fn follow(
     mut lines: broadcast::Receiver<LogEntry>,
-    model: String,
+    lost: LostLines,
     tx: mpsc::Sender<Result<pb::LogLine, Status>>,
 ) {
     loop {
@@ -65,13 +65,16 @@ async fn follow(
         };
         let line = match received {
             Ok(entry) => log_line(&entry, 0),
-            Err(broadcast::error::RecvError::Lagged(dropped)) => pb::LogLine {
-                model: model.clone(),
-                stream: pb::LogStream::Supervisor as i32,
-                line: format!("[{dropped} lines dropped: the reader was too slow]"),
-                time_ms: 0,
-                dropped,
-            },
+            Err(broadcast::error::RecvError::Lagged(dropped)) => {
+                lost.count(dropped);
+                pb::LogLine {
+                    model: lost.model.clone(),
+                    stream: pb::LogStream::Supervisor as i32,
+                    line: format!("[{dropped} lines dropped: the reader was too slow]"),
+                    time_ms: 0,
+                    dropped,
+                }
+            }
             Err(broadcast::error::RecvError::Closed) => return,
         };
         if tx.send(Ok(line)).await.is_err() {
@@ -90,6 +93,14 @@ impl Supervisor for SupervisorService {
         &self,
         request: Request<pb::ActivateRequest>,
     ) -> Result<Response<Self::ActivateStream>, Status> {
+        // The activation continues the caller's trace (the gateway sends `traceparent`); the
+        // span is parented before anything enters it.
+        let span = tracing::info_span!(
+            "activate",
+            model = %request.get_ref().model,
+            hold = request.get_ref().hold
+        );
+        gpuswap_telemetry::set_parent(&span, gpuswap_telemetry::extract_grpc(request.metadata()));
         let request = request.into_inner();
         if request.model.is_empty() {
             return Err(Status::invalid_argument("model must not be empty"));
@@ -102,6 +113,7 @@ impl Supervisor for SupervisorService {
                     hold: request.hold,
                     force: request.force,
                     client: request.client,
+                    span,
                 },
                 events,
             )
@@ -187,7 +199,13 @@ impl Supervisor for SupervisorService {
         let followers: Vec<_> = if request.follow {
             buffers
                 .iter()
-                .map(|b| (b.subscribe(), b.model().to_owned()))
+                .map(|b| {
+                    let lost = LostLines {
+                        metrics: self.scheduler.metrics().clone(),
+                        model: b.model().to_owned(),
+                    };
+                    (b.subscribe(), lost)
+                })
                 .collect()
         } else {
             Vec::new()
@@ -201,7 +219,7 @@ impl Supervisor for SupervisorService {
             }
             let tasks: Vec<_> = followers
                 .into_iter()
-                .map(|(lines, model)| tokio::spawn(follow(lines, model, tx.clone())))
+                .map(|(lines, lost)| tokio::spawn(follow(lines, lost, tx.clone())))
                 .collect();
             drop(tx);
             for task in tasks {
