@@ -96,7 +96,6 @@ async fn grpcio_discovers_the_supervisor_through_reflection_and_calls_it() {
 /// What grpcurl 1.8.x, grpcui and grpcio-reflection's own client need of a
 /// server's reflection: the v1alpha protocol, and every served service described.
 #[tokio::test(flavor = "multi_thread")]
-#[ignore = "the supervisor serves reflection v1 only and does not describe grpc.health.v1"]
 async fn reflection_describes_every_service_in_both_protocol_versions() {
     let (results, context) = discover("grpcio-alpha").await;
     let services = results["services"].as_array().expect("services");

@@ -6,10 +6,10 @@
 //! - it sends the socket's path as the HTTP/2 `:authority`, which the h2 server
 //!   under tonic rejects (RST_STREAM PROTOCOL_ERROR, hyperium/h2 PR 487), so
 //!   every call names `-authority localhost`, as grpcurl 1.8.9+ does by itself;
-//! - it speaks only the v1alpha server reflection protocol, and the supervisor
-//!   serves only v1 (nor does its reflection describe grpc.health.v1): discovery
-//!   through reflection is the ignored test below, and the calls test reads the
-//!   schema from the repository's proto files.
+//! - it speaks only the v1alpha server reflection protocol: the supervisor serves
+//!   v1alpha beside v1, describing grpc.health.v1 too, so one test discovers
+//!   everything through reflection and another reads the schema from the
+//!   repository's proto files.
 
 mod clients_common;
 
@@ -99,7 +99,6 @@ async fn grpcurl_calls_the_supervisor_with_its_proto_files() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
-#[ignore = "grpcurl 1.8.6 speaks only reflection v1alpha; the supervisor serves only v1, without grpc.health.v1"]
 async fn grpcurl_discovers_the_supervisor_through_server_reflection() {
     let venv = clients_common::venv();
     let stack = two_model_stack("grpcurl-reflection").await;

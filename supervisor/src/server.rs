@@ -225,11 +225,18 @@ impl Listener {
             .set_serving::<SupervisorServer<SupervisorService>>()
             .await;
         // Both reflection versions: grpcurl before 1.8.9 and some other tools speak only
-        // v1alpha. The health service is described too.
+        // v1alpha. The health service is described too, and each version lists both
+        // reflection services (by default each would list only itself), so both versions
+        // describe the same server.
         let reflection = || {
             tonic_reflection::server::Builder::configure()
+                .include_reflection_service(false)
                 .register_encoded_file_descriptor_set(gpuswap::pb::FILE_DESCRIPTOR_SET)
                 .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+                .register_encoded_file_descriptor_set(tonic_reflection::pb::v1::FILE_DESCRIPTOR_SET)
+                .register_encoded_file_descriptor_set(
+                    tonic_reflection::pb::v1alpha::FILE_DESCRIPTOR_SET,
+                )
         };
         let reflection_v1 = reflection().build_v1().context("reflection service")?;
         let reflection_v1alpha = reflection().build_v1alpha().context("reflection service")?;

@@ -207,11 +207,19 @@ async fn health_and_reflection_are_served() {
                 .collect::<Vec<String>>()
         }};
     }
-    for names in [list_services!(v1), list_services!(v1alpha)] {
-        for service in ["gpuswap.v1.Supervisor", "grpc.health.v1.Health"] {
-            assert!(names.iter().any(|n| n == service), "{service}: {names:?}");
-        }
+    let (mut v1, mut v1alpha) = (list_services!(v1), list_services!(v1alpha));
+    for service in [
+        "gpuswap.v1.Supervisor",
+        "grpc.health.v1.Health",
+        "grpc.reflection.v1.ServerReflection",
+        "grpc.reflection.v1alpha.ServerReflection",
+    ] {
+        assert!(v1.iter().any(|n| n == service), "{service}: {v1:?}");
     }
+    // Both versions describe the same server.
+    v1.sort();
+    v1alpha.sort();
+    assert_eq!(v1, v1alpha);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
