@@ -3,6 +3,7 @@
 use std::{sync::Arc, time::Duration};
 
 use anyhow::Context;
+use axum::serve::ListenerExt;
 use tokio::{
     net::TcpListener,
     signal::unix::{SignalKind, signal},
@@ -259,6 +260,12 @@ impl Startup {
             self.shared.set_port(address.port());
         }
         let router = api::router(self.shared.clone());
+        // Like the real servers (uvicorn sets it): without TCP_NODELAY a
+        // stream's second small write waits for the client's delayed ACK, so
+        // every first token on a reused connection came ~40 ms late.
+        let listener = listener.tap_io(|tcp| {
+            let _ = tcp.set_nodelay(true);
+        });
         tokio::spawn(async move { axum::serve(listener, router).await })
     }
 
