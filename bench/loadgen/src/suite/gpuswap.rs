@@ -55,21 +55,21 @@ pub fn stop_cases() -> Vec<StopCase> {
     vec![
         StopCase {
             model: "stop-prompt",
-            title: "exits promptly on SIGTERM (vllm-like)",
+            title: "a backend that exits promptly on SIGTERM (vllm-like)",
             flavor: "vllm",
             extra: &[],
             stop_timeout: Duration::from_secs(5),
         },
         StopCase {
             model: "stop-tree",
-            title: "with worker grandchildren (sglang-like, 2 workers)",
+            title: "a backend with worker grandchildren (sglang-like, 2 workers)",
             flavor: "sglang",
             extra: &["--workers", "2"],
             stop_timeout: Duration::from_secs(5),
         },
         StopCase {
             model: "stop-stubborn",
-            title: "ignores SIGTERM (stop_timeout 1s)",
+            title: "a backend that ignores SIGTERM (stop_timeout 1s)",
             flavor: "vllm",
             extra: &["--fault", "ignore-sigterm"],
             stop_timeout: Duration::from_secs(1),

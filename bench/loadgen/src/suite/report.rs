@@ -15,6 +15,8 @@ const SWAP_GOAL_MS: f64 = 50.0;
 const STOP_GOAL_MS: f64 = 20.0;
 /// gpuswap's load figures should be within this fraction of nginx's.
 const NGINX_PARITY: f64 = 0.10;
+/// A first token slower than this from a backend with no token delay is a stall.
+const STALLED_FIRST_TOKEN_MS: f64 = 20.0;
 
 pub struct Environment {
     pub date: String,
@@ -261,7 +263,7 @@ pub fn render(plan: &Plan, results: &Results, env: &Environment, took: Duration)
             );
         }
         goal(
-            format!("stop: backend that {}", run.title),
+            format!("stop: {}", run.title),
             match (own_m, rpc_m) {
                 (Some(o), Some(r)) => format!(
                     "Deactivate {} ms vs the backend's own exit {} ms ({:+.1} ms){}",
@@ -399,6 +401,23 @@ pub fn render(plan: &Plan, results: &Results, env: &Environment, took: Duration)
          bench's own yardstick; the swap, stop and memory goals are gpuswap's.\n"
     );
     let _ = writeln!(md, "## Proxy overhead\n{load_md}");
+    // A backend without TCP_NODELAY holds each stream's second write until the
+    // client's delayed ACK (~40 ms): then every streaming figure measures that.
+    let direct_ttft: Vec<f64> = results
+        .load
+        .iter()
+        .filter(|r| r.scenario == "stream256-c16" && r.target == "direct")
+        .filter_map(|r| r.report.ttft_ms.map(|s| s.p50))
+        .collect();
+    if let Some(ttft) = median(&direct_ttft).filter(|t| *t > STALLED_FIRST_TOKEN_MS) {
+        let _ = writeln!(
+            md,
+            "**Warning:** the backend alone takes {} ms to its first token with no token delay: \
+             it stalls (probably Nagle's algorithm against delayed ACKs: no TCP_NODELAY), so the \
+             streaming figures above measure that stall more than the proxies.\n",
+            fig(ttft)
+        );
+    }
     let _ = writeln!(
         md,
         "## Swap overhead\n\n\
