@@ -131,7 +131,13 @@ async fn a_chat_request_is_one_trace_across_gateway_and_supervisor() {
     })
     .await;
 
-    let chat = |model: &str| json!({"model": model, "max_tokens": 3, "messages": [{"role": "user", "content": "hi"}]});
+    let chat = |model: &str| {
+        json!({
+            "model": model,
+            "max_tokens": 3,
+            "messages": [{"role": "user", "content": "hi"}],
+        })
+    };
     // alpha runs first, outside the traced request.
     let response = http
         .post(url("/v1/chat/completions"))

@@ -640,7 +640,13 @@ impl Actor {
                 };
                 let stream = self.client_stream(events, received);
                 args.span.in_scope(|| {
-                    tracing::info!(model, client = %args.client, hold = args.hold, force = args.force, "activate");
+                    tracing::info!(
+                        model,
+                        client = %args.client,
+                        hold = args.hold,
+                        force = args.force,
+                        "activate"
+                    );
                 });
                 self.queue.push_back(Waiter {
                     stream,
@@ -917,7 +923,13 @@ impl Actor {
         });
         {
             let (tx, backend, model) = (tx.clone(), backend.clone(), name.to_owned());
-            let ready_span = tracing::info_span!(parent: cause, "swap", phase = "ready", model = name, generation);
+            let ready_span = tracing::info_span!(
+                parent: cause,
+                "swap",
+                phase = "ready",
+                model = name,
+                generation
+            );
             tokio::spawn(async move {
                 let result = backend.wait_ready().instrument(ready_span).await;
                 Self::report(
@@ -1058,7 +1070,13 @@ impl Actor {
         run.stop_requested = true;
         let (backend, generation, model) = (run.backend.clone(), run.generation, name.to_owned());
         let phase = swap.map(|parent| {
-            let span = tracing::info_span!(parent: parent, "swap", phase = "stop", model = name, generation);
+            let span = tracing::info_span!(
+                parent: parent,
+                "swap",
+                phase = "stop",
+                model = name,
+                generation
+            );
             (span, self.metrics.clone())
         });
         tokio::spawn(async move {
