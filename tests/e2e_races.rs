@@ -46,20 +46,34 @@ async fn a_stop_racing_a_start_never_deadlocks_nor_doubles_the_backend() {
                     StopAt::Starting => Some(ModelState::Starting),
                     StopAt::Ready => Some(ModelState::Ready),
                 };
-                if let Some(state) = wanted {
-                    // The request may also end first (a start failure still in its backoff).
-                    testkit::wait_for(&format!("alpha {state:?}"), testkit::DEADLINE, || async {
-                        let now = stack.status("alpha").await.state();
-                        (now == state || request.is_finished()).then_some(())
-                    })
-                    .await;
-                }
-                let ctl = stack.ctl(&["deactivate", "alpha"]).await;
+                // The operator activates it too: one start for both, never two.
+                let activate = stack.ctl(&["activate", "alpha"]);
+                let stop = async {
+                    if let Some(state) = wanted {
+                        // The request may also end first (a failure still in its backoff).
+                        let what = format!("alpha {state:?}");
+                        testkit::wait_for(&what, testkit::DEADLINE, || async {
+                            let now = stack.status("alpha").await.state();
+                            (now == state || request.is_finished()).then_some(())
+                        })
+                        .await;
+                    }
+                    stack.ctl(&["deactivate", "alpha"]).await
+                };
+                let (activate, ctl) = tokio::join!(activate, stop);
                 let reply = request.await.expect("the request task");
                 assert_eq!(ctl.code, Some(0), "round {round} {stop_at:?}: {ctl:?}");
+                // Ready, or failed because the start was cancelled.
+                assert!(
+                    matches!(activate.code, Some(0 | 1)),
+                    "round {round} {stop_at:?}: {activate:?}"
+                );
                 // Served, or a clean error: never lost, never another model.
                 let verdict = judge("alpha", false, &reply);
-                eprintln!("round {round} {stop_at:?}: {verdict:?}");
+                eprintln!(
+                    "round {round} {stop_at:?}: {verdict:?}, gpuswapctl activate exit {:?}",
+                    activate.code
+                );
                 assert!(
                     matches!(verdict, Verdict::Served | Verdict::Error { .. }),
                     "round {round} {stop_at:?}: {verdict:?}"

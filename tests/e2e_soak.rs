@@ -18,6 +18,8 @@ use gpuswap::pb::ModelState;
 
 const REQUESTS: usize = 2_000;
 const CONCURRENCY: usize = 32;
+/// A bound far above a normal run (about 30 s on a loaded 2-core machine).
+const SOAK_LIMIT: Duration = Duration::from_secs(150);
 /// Percent of clients that leave mid-stream.
 const DISCONNECT_PERCENT: u64 = 5;
 
@@ -153,10 +155,22 @@ async fn mixed_models_under_concurrent_load_are_never_misrouted_or_lost() {
             }
         }));
     }
-    let mut records = Vec::new();
-    for client in clients {
-        records.extend(client.await.expect("a client task"));
-    }
+    let all_clients = async {
+        let mut records = Vec::new();
+        for client in clients {
+            records.extend(client.await.expect("a client task"));
+        }
+        records
+    };
+    let records = tokio::time::timeout(SOAK_LIMIT, all_clients)
+        .await
+        .unwrap_or_else(|_| {
+            panic!(
+                "only {} of {REQUESTS} requests were sent within {SOAK_LIMIT:?}{}",
+                next.load(Ordering::Relaxed).min(REQUESTS),
+                stack.logs()
+            )
+        });
     let elapsed = started.elapsed();
     let report = sampler.finish();
 
@@ -173,10 +187,8 @@ async fn mixed_models_under_concurrent_load_are_never_misrouted_or_lost() {
             Verdict::Malformed(_) => "MALFORMED".to_owned(),
         };
         *tally.entry(key).or_default() += 1;
-        if matches!(
-            record.verdict,
-            Verdict::Misroute(_) | Verdict::Lost(_) | Verdict::Malformed(_)
-        ) {
+        // No fault is injected here: even a well-formed error is a regression.
+        if record.verdict != Verdict::Served {
             bad.push(record);
         }
     }
@@ -208,7 +220,7 @@ async fn mixed_models_under_concurrent_load_are_never_misrouted_or_lost() {
     );
     assert!(
         bad.is_empty(),
-        "{} of {REQUESTS} requests misrouted, lost or malformed, first: {:?}\n{tally:?}{}",
+        "{} of {REQUESTS} requests failed, misrouted, lost or malformed, first: {:?}\n{tally:?}{}",
         bad.len(),
         &bad[..bad.len().min(5)],
         stack.logs()

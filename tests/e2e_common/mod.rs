@@ -316,7 +316,7 @@ impl Stack {
             .stdin(Stdio::null())
             .stdout(out.try_clone().expect("log fd"))
             .stderr(out);
-        self.supervisor = Some(Proc::spawn(command));
+        self.supervisor = Some(spawn_tied(command));
         let client = self.client.clone();
         testkit::wait_for("the supervisor to answer", DEADLINE, || {
             let mut client = client.clone();
@@ -357,7 +357,7 @@ impl Stack {
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(err);
-        self.gateway = Some(Proc::spawn(command));
+        self.gateway = Some(spawn_tied(command));
         testkit::wait_for("the gateway to see the supervisor", DEADLINE, || async {
             let health = self.health().await?;
             (health["supervisor"]["connected"] == true).then_some(())
@@ -537,6 +537,28 @@ impl Drop for Stack {
         drop(self.gateway.take());
         drop(self.supervisor.take());
     }
+}
+
+/// Spawns a daemon that dies with this test process, even one killed by a timeout (which
+/// runs no destructor): the supervisor's death then ends every backend.
+fn spawn_tied(mut command: Command) -> Proc {
+    use std::os::unix::process::CommandExt;
+    // SAFETY: prctl and getppid are async-signal-safe; nothing is allocated.
+    unsafe {
+        let parent = libc::getpid();
+        command.pre_exec(move || {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL as libc::c_ulong) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            if libc::getppid() != parent {
+                libc::_exit(1);
+            }
+            Ok(())
+        });
+    }
+    // The parent-death signal follows the spawning thread: call this from the test or a
+    // runtime worker (they live as long as the test), never from a blocking-pool thread.
+    Proc::spawn(command)
 }
 
 async fn follow_starts(client: SupervisorClient, log: Arc<Mutex<StartLog>>) {
@@ -1065,6 +1087,14 @@ impl Sampler {
 impl Drop for Sampler {
     fn drop(&mut self) {
         self.stop.store(true, Ordering::Relaxed);
+        // A test that fails for another reason (a deadlock, say) still tells what the
+        // sampler saw: a double start often is the cause.
+        if std::thread::panicking()
+            && let Some(thread) = self.thread.take()
+            && let Ok(report) = thread.join()
+        {
+            eprintln!("--- process sampler at the failure: {report:?}");
+        }
     }
 }
 
