@@ -97,6 +97,36 @@ pub fn upstream_client() -> UpstreamClient {
         .build(connector)
 }
 
+/// Connections the kernel queues for the accept loop (capped by
+/// `net.core.somaxconn`). The usual 128 overflows when a burst of clients
+/// connects at once: their handshakes then wait for SYN retries (a second or
+/// more), or an idle one is lost without either side knowing.
+const LISTEN_BACKLOG: u32 = 4096;
+
+async fn bind(listen: &str) -> std::io::Result<tokio::net::TcpListener> {
+    let mut last_error = None;
+    for addr in tokio::net::lookup_host(listen).await? {
+        let socket = if addr.is_ipv4() {
+            tokio::net::TcpSocket::new_v4()?
+        } else {
+            tokio::net::TcpSocket::new_v6()?
+        };
+        // Like std's bind: a restarted gateway may rebind while old
+        // connections linger in TIME_WAIT.
+        socket.set_reuseaddr(true)?;
+        match socket.bind(addr) {
+            Ok(()) => return socket.listen(LISTEN_BACKLOG),
+            Err(error) => last_error = Some(error),
+        }
+    }
+    Err(last_error.unwrap_or_else(|| {
+        std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            "the address resolves to nothing",
+        )
+    }))
+}
+
 /// `gateway@host:pid`, shown in the supervisor's status.
 fn client_name() -> String {
     let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
@@ -121,7 +151,7 @@ pub async fn run(config: GatewayConfig, listen: Option<String>) -> anyhow::Resul
     let supervisor =
         gpuswap::connect(&endpoint, &options).context("connecting to the supervisor")?;
     let listen = listen.unwrap_or_else(|| config.listen.clone());
-    let listener = tokio::net::TcpListener::bind(&listen)
+    let listener = bind(&listen)
         .await
         .with_context(|| format!("cannot listen on {listen}"))?;
 

@@ -150,11 +150,11 @@ pub async fn handle(gateway: Arc<Gateway>, request: Request<Body>) -> Response {
 async fn handle_in(gateway: Arc<Gateway>, request: Request<Body>, span: Span) -> Response {
     let (parts, body) = request.into_parts();
     if !gateway.authorized(&parts.headers) {
-        return ApiError::invalid_api_key().into_response();
+        return closing(ApiError::invalid_api_key().into_response());
     }
     let body = match read_body(&parts.headers, body, gateway.max_body).await {
         Ok(b) => b,
-        Err(e) => return e.into_response(),
+        Err(e) => return closing(e.into_response()),
     };
     let probed = match probe(&body) {
         Ok(p) => p,
@@ -226,6 +226,16 @@ async fn handle_in(gateway: Arc<Gateway>, request: Request<Body>, span: Span) ->
             }
         }
     }
+}
+
+/// An answer given before the request body was read to its end. hyper may
+/// close such a connection after the answer, and a client that did not see
+/// it coming would send its next request into the closing connection: say so.
+fn closing(mut response: Response) -> Response {
+    response
+        .headers_mut()
+        .insert(header::CONNECTION, HeaderValue::from_static("close"));
+    response
 }
 
 /// The gateway's own error answer to a request that named a known model.

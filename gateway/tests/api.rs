@@ -292,6 +292,8 @@ async fn request_errors_are_openai_shaped() {
         .send()
         .await
         .unwrap();
+    // The rest of the body is not read: the connection cannot be reused.
+    assert_eq!(response.headers()["connection"], "close");
     let status = response.status().as_u16();
     openai_error(
         status,
