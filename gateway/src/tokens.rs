@@ -13,11 +13,21 @@
 //! - In any response, `"completion_tokens": N` after a `"usage"` key is the
 //!   backend's own count, which replaces the counted chunks.
 //!
+//! A whole answer (not a stream) is only searched for `"usage"` (one SIMD
+//! `memmem` per frame) until the key shows up, so a long answer full of
+//! colons (logprobs) is not read key by key.
+//!
 //! JSON escapes every `"` inside a string, so a key seen this way is a real
 //! key (`\"content\":` in a message is not one).
 
+use std::sync::LazyLock;
+
+use memchr::memmem::Finder;
+
 /// Bytes kept from before a colon: the longest key, its quotes and some blanks.
 const LOOKBACK: usize = 24;
+const USAGE_KEY: &[u8] = b"\"usage\"";
+static USAGE: LazyLock<Finder<'static>> = LazyLock::new(|| Finder::new(USAGE_KEY));
 
 /// What to count in a response.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -142,6 +152,10 @@ impl TokenCounter {
         if let Some(value) = self.pending.take() {
             self.read_value(value, frame, &mut counted);
         }
+        if self.counting == Counting::Usage && !self.usage_seen && !self.has_usage_key(frame) {
+            self.remember(frame);
+            return counted;
+        }
         for colon in memchr::memchr_iter(b':', frame) {
             // Most colons end keys of no interest (`"id":`, `"model":`) or are
             // not after a key at all: rejected on the two bytes before them.
@@ -176,6 +190,18 @@ impl TokenCounter {
         }
         self.remember(frame);
         counted
+    }
+
+    /// Whether `"usage"` is in the frame, or begins in the previous one.
+    fn has_usage_key(&self, frame: &[u8]) -> bool {
+        if USAGE.find(frame).is_some() {
+            return true;
+        }
+        let mut seam = [0u8; 2 * LOOKBACK];
+        let head = &frame[..frame.len().min(USAGE_KEY.len() - 1)];
+        seam[..self.tail_len].copy_from_slice(&self.tail[..self.tail_len]);
+        seam[self.tail_len..self.tail_len + head.len()].copy_from_slice(head);
+        USAGE.find(&seam[..self.tail_len + head.len()]).is_some()
     }
 
     /// Reads a value; `rest` runs to the end of the frame.
@@ -298,6 +324,16 @@ data: {"choices":[{"type":"text","delta":{"content":""}}],"context":"x"}
                 usage: Some(12)
             }
         );
+        for cut in 0..=whole.len() {
+            let (a, b) = whole.split_at(cut);
+            assert_eq!(
+                total(Counting::Usage, &[a, b]).usage,
+                Some(12),
+                "cut at {cut}"
+            );
+        }
+        let bytes: Vec<&[u8]> = whole.chunks(1).collect();
+        assert_eq!(total(Counting::Usage, &bytes).usage, Some(12));
         // The count ends the body: a number cut by the end is not reported.
         let cut = br#"{"usage":{"completion_tokens":12"#;
         assert_eq!(total(Counting::Usage, &[cut]).usage, None);
