@@ -55,6 +55,11 @@ async fn a_port_held_by_a_foreign_process_fails_the_start_at_once_naming_the_por
             names_busy_port(reason, port),
             "the reason does not name the busy port {port}: {message}"
         );
+        // And who holds it: this test process.
+        assert!(
+            reason.contains(&format!("pid {}", std::process::id())),
+            "the reason does not name the holder: {message}"
+        );
         assert!(
             took < Duration::from_secs(10),
             "{name}: the failure took {took:?}, its startup_timeout is 60 s"

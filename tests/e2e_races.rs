@@ -235,6 +235,14 @@ async fn an_operator_activation_waits_for_the_gateways_stream_to_finish() {
             "beta was ready before the drain"
         );
         assert_eq!(judge("alpha", false, &late), Verdict::Served, "{late:?}");
+        let late_pid = serde_json::from_str::<serde_json::Value>(&late.text).expect("JSON")
+            ["gpuswap_mock"]["pid"]
+            .as_u64();
+        assert_ne!(
+            late_pid,
+            Some(u64::from(alpha)),
+            "sent to the stopping backend"
+        );
     };
     let started = Instant::now();
     tokio::time::timeout(SCENARIO, scenario)
