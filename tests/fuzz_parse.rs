@@ -127,7 +127,7 @@ impl Writer {
                 _ => None,
             };
             let must_escape = short.is_some() || (c as u32) < 0x20;
-            if self.next() % 5 == 0 || (must_escape && short.is_none()) {
+            if self.next().is_multiple_of(5) || (must_escape && short.is_none()) {
                 // \uXXXX, as a surrogate pair beyond the BMP.
                 let mut units = [0u16; 2];
                 for unit in c.encode_utf16(&mut units) {
