@@ -40,7 +40,8 @@ static ANNOUNCED: AtomicBool = AtomicBool::new(false);
 /// Waits (bounded by `timeout`) until no process of `tree` holds a context on any GPU.
 /// Without a usable NVML it says so once (here and in `logs`) and returns at once.
 pub async fn wait_released(tree: &[i32], timeout: Duration, logs: &LogBuffer) {
-    let Some(nvml) = shared_nvml(logs).await else {
+    let started = Instant::now();
+    let Some(nvml) = shared_nvml(timeout, logs).await else {
         return;
     };
     // Negative or zero pids never come from NVML; a pid of the tree is a u32 there.
@@ -53,7 +54,7 @@ pub async fn wait_released(tree: &[i32], timeout: Duration, logs: &LogBuffer) {
     if tree.is_empty() {
         return;
     }
-    wait_gone(timeout, logs, || {
+    wait_gone(timeout.saturating_sub(started.elapsed()), logs, || {
         let tree = Arc::clone(&tree);
         async move {
             // NVML calls are ioctls that may block for milliseconds on a busy GPU.
@@ -66,13 +67,27 @@ pub async fn wait_released(tree: &[i32], timeout: Duration, logs: &LogBuffer) {
 }
 
 /// NVML shared by every stop, initialised on first use (off the runtime's workers: dlopen
-/// and nvmlInit may take a while). None, after saying so once, when it cannot be used.
-async fn shared_nvml(logs: &LogBuffer) -> Option<&'static Nvml> {
+/// and nvmlInit may take a while). None, after saying so once, when it cannot be used; None
+/// for this stop when the initialisation takes longer than `timeout` (it goes on meanwhile).
+async fn shared_nvml(timeout: Duration, logs: &LogBuffer) -> Option<&'static Nvml> {
     let nvml = match NVML.get() {
         Some(nvml) => nvml,
-        None => tokio::task::spawn_blocking(|| NVML.get_or_init(init_nvml))
-            .await
-            .unwrap_or_else(|_| NVML.get_or_init(|| Err("NVML initialisation panicked".into()))),
+        None => {
+            let init = tokio::task::spawn_blocking(|| NVML.get_or_init(init_nvml));
+            match tokio::time::timeout(timeout, init).await {
+                Ok(Ok(nvml)) => nvml,
+                Ok(Err(_)) => NVML.get_or_init(|| Err("NVML initialisation panicked".into())),
+                Err(_) => {
+                    let line = format!(
+                        "NVML did not initialise within {timeout:?} (gpu_release_timeout): \
+                         not waiting for GPU memory"
+                    );
+                    tracing::warn!(model = %logs.model(), "{line}");
+                    logs.push(LogStream::Supervisor, line);
+                    return None;
+                }
+            }
+        }
     };
     match nvml {
         Ok(nvml) => Some(nvml),
@@ -125,7 +140,8 @@ fn tree_on_gpus(nvml: &Nvml, tree: &BTreeSet<u32>) -> Result<BTreeSet<u32>, Stri
     Ok(on_gpus)
 }
 
-/// Polls `on_gpus` (1 ms doubling to 50 ms) until it lists nothing, for at most `timeout`.
+/// Polls `on_gpus` (1 ms doubling to 50 ms) until it lists nothing, for at most `timeout`
+/// (a look that hangs included: a GPU that fell off the bus can block NVML for long).
 /// Says in `logs` how long it waited, that it gave up, or that it could not look.
 async fn wait_gone<F, Fut>(timeout: Duration, logs: &LogBuffer, mut on_gpus: F)
 where
@@ -137,7 +153,17 @@ where
     let mut pause = FIRST_PAUSE;
     let mut waited = false;
     loop {
-        match on_gpus().await {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let Ok(look) = tokio::time::timeout(left, on_gpus()).await else {
+            let line = format!(
+                "NVML did not answer within {timeout:?} (gpu_release_timeout): \
+                 stopped waiting for GPU memory"
+            );
+            tracing::warn!(model = %logs.model(), "{line}");
+            logs.push(LogStream::Supervisor, line);
+            return;
+        };
+        match look {
             Ok(held) if held.is_empty() => {
                 if waited {
                     logs.push(
@@ -250,6 +276,20 @@ mod tests {
             lines.len() == 1
                 && lines[0].contains("pids 42 still hold GPU memory")
                 && lines[0].contains("gpu_release_timeout"),
+            "{lines:?}"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_look_that_hangs_is_bounded_by_the_timeout() {
+        let logs = LogBuffer::new("m", 100);
+        let timeout = Duration::from_millis(50);
+        let started = Instant::now();
+        wait_gone(timeout, &logs, std::future::pending).await;
+        assert!(started.elapsed() >= timeout, "{:?}", started.elapsed());
+        let lines = lines(&logs);
+        assert!(
+            lines.len() == 1 && lines[0].contains("NVML did not answer"),
             "{lines:?}"
         );
     }
