@@ -770,7 +770,6 @@ async fn the_gateway_serves_as_an_unprivileged_user() {
 /// which puts them in the error body of every waiting client (and in Logs and
 /// `gpuswapctl status MODEL`).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "leak: backend output with the key reaches clients in a failed start's log_tail"]
 async fn a_key_printed_by_the_backend_stays_out_of_failed_start_errors() {
     let stack = Stack::start("chatty", false).await;
     let (status, body) = stack

@@ -43,6 +43,9 @@ struct Shared {
     capacity: usize,
     ring: Mutex<VecDeque<LogEntry>>,
     followers: broadcast::Sender<LogEntry>,
+    /// Strings masked in every line before it is kept or followed (the backend's API key:
+    /// real servers print their arguments, and log tails reach clients in errors).
+    secrets: Mutex<Vec<String>>,
 }
 
 impl LogBuffer {
@@ -54,11 +57,38 @@ impl LogBuffer {
                 capacity,
                 ring: Mutex::new(VecDeque::with_capacity(capacity.min(4096))),
                 followers,
+                secrets: Mutex::new(Vec::new()),
             }),
         }
     }
 
-    pub fn push(&self, stream: LogStream, line: String) {
+    /// Masks `secrets` (empty ones are ignored) in every line pushed from now on.
+    pub fn set_secrets<'a>(&self, secrets: impl IntoIterator<Item = &'a str>) {
+        let secrets = secrets
+            .into_iter()
+            .filter(|s| !s.is_empty())
+            .map(str::to_owned)
+            .collect();
+        *self
+            .shared
+            .secrets
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner()) = secrets;
+    }
+
+    pub fn push(&self, stream: LogStream, mut line: String) {
+        {
+            let secrets = self
+                .shared
+                .secrets
+                .lock()
+                .unwrap_or_else(|poisoned| poisoned.into_inner());
+            for secret in secrets.iter() {
+                if line.contains(secret.as_str()) {
+                    line = line.replace(secret.as_str(), "***");
+                }
+            }
+        }
         let entry = LogEntry {
             model: self.shared.model.clone(),
             stream,
@@ -185,6 +215,19 @@ mod tests {
         assert_eq!(logs.tail_lines(1), ["line 4"]);
         assert_eq!(logs.tail(2).len(), 2);
         assert_eq!(&*logs.tail(1)[0].model, "m");
+    }
+
+    #[tokio::test]
+    async fn secrets_are_masked_for_the_ring_and_followers() {
+        let logs = LogBuffer::new("m", 3);
+        logs.set_secrets(Some("k3y"));
+        let mut follower = logs.subscribe();
+        logs.push(LogStream::Stdout, "args: --api-key k3y --port 1".into());
+        assert_eq!(logs.tail_lines(1), ["args: --api-key *** --port 1"]);
+        assert_eq!(
+            follower.recv().await.expect("entry").line,
+            "args: --api-key *** --port 1"
+        );
     }
 
     #[tokio::test]

@@ -246,12 +246,11 @@ impl Backend {
             });
         }
 
-        // The backend's API key may be on its command line: Logs must not reveal it.
-        let mut shown = shell_words(&config.command);
-        if let Some(key) = config.api_key.as_deref().filter(|k| !k.is_empty()) {
-            shown = shown.replace(key, "***");
-        }
-        logs.push(LogStream::Supervisor, format!("starting: {shown}"));
+        // The log buffer masks the backend's API key (see `LogBuffer::set_secrets`).
+        logs.push(
+            LogStream::Supervisor,
+            format!("starting: {}", shell_words(&config.command)),
+        );
         let mut child = forker::spawn(command).map_err(|source| {
             logs.push(
                 LogStream::Supervisor,

@@ -414,11 +414,13 @@ struct Model {
 
 impl Model {
     fn new(name: &str, config: ModelConfig, log_lines: usize) -> Self {
+        let logs = LogBuffer::new(name, log_lines);
+        logs.set_secrets(config.api_key.as_deref());
         Model {
             config,
             state: State::Stopped,
             run: None,
-            logs: LogBuffer::new(name, log_lines),
+            logs,
             holds: BTreeMap::new(),
             ready_at: None,
             generation: 0,
@@ -1549,6 +1551,7 @@ impl Actor {
                 Some(new) if model.removed || *new != model.config => {
                     model.removed = false;
                     model.config = new.clone();
+                    model.logs.set_secrets(new.api_key.as_deref());
                     response.changed.push(name.clone());
                     if model.run.is_some() {
                         self.begin_stop(&name, "configuration changed", WaiterFate::Requeue, None);
