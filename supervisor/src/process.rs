@@ -127,7 +127,7 @@ const OUTPUT_DRAIN: Duration = Duration::from_millis(500);
 /// How long a stop waits for the port to be bindable again.
 const PORT_RELEASE_TIMEOUT: Duration = Duration::from_secs(5);
 const PROBE_FIRST_PAUSE: Duration = Duration::from_millis(5);
-const PROBE_MAX_PAUSE: Duration = Duration::from_millis(25);
+const PROBE_MAX_PAUSE: Duration = Duration::from_millis(15);
 
 /// A running (or exited) backend. Cheap to clone: every clone refers to the same process tree.
 #[derive(Clone)]
@@ -396,6 +396,10 @@ impl Backend {
         // Atomic and Mutex (not Cell/RefCell) keep this future Send: the scheduler spawns it.
         let ever_listened = std::sync::atomic::AtomicBool::new(false);
         let last_outcome = std::sync::Mutex::new(None::<ProbeOutcome>);
+        // A server prints a line at the moment it starts to listen or finishes warming up
+        // ("Uvicorn running on", "Application startup complete", "fired up"): probe at once
+        // then instead of waiting out the pause.
+        let mut lines = self.inner.logs.subscribe();
         let probing = async {
             let mut pause = PROBE_FIRST_PAUSE;
             let mut addr = None;
@@ -419,8 +423,18 @@ impl Backend {
                     }
                     *last_outcome.lock().unwrap_or_else(|p| p.into_inner()) = Some(outcome);
                 }
-                tokio::time::sleep(pause).await;
-                pause = (pause * 2).min(PROBE_MAX_PAUSE);
+                tokio::select! {
+                    () = tokio::time::sleep(pause) => pause = (pause * 2).min(PROBE_MAX_PAUSE),
+                    line = lines.recv() => {
+                        // A burst of lines (a log flood) must not turn into a burst of probes.
+                        lines = lines.resubscribe();
+                        if matches!(line, Err(tokio::sync::broadcast::error::RecvError::Closed)) {
+                            tokio::time::sleep(pause).await;
+                        } else {
+                            tokio::time::sleep(PROBE_FIRST_PAUSE / 5).await;
+                        }
+                    }
+                }
             }
         };
         let mut ready_log_seen = self.inner.ready_log_seen.clone();
