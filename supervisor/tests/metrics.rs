@@ -3,11 +3,6 @@
 
 mod common;
 
-use std::{
-    io::Write as _,
-    process::{Command, Stdio},
-};
-
 use common::{Mock, Supervisor, http};
 use gpuswap::pb::{ModelState, activate_event::Event};
 use testkit::DEADLINE;
@@ -136,7 +131,7 @@ async fn metrics_show_swaps_their_phases_and_model_states() {
         Some(0.0),
         "{text}"
     );
-    promtool_check(&text);
+    testkit::promtool_check(&text);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -181,7 +176,7 @@ async fn failed_starts_and_restarts_are_counted_by_reason() {
         "{text}"
     );
     assert_eq!(swaps(&text, "broken"), Some(2.0), "{text}");
-    promtool_check(&text);
+    testkit::promtool_check(&text);
 }
 
 #[test]
@@ -204,40 +199,4 @@ fn a_busy_metrics_port_fails_the_start_and_names_the_key() {
     assert_eq!(code, Some(1), "{stderr}");
     assert!(stderr.contains("supervisor.metrics_listen"), "{stderr}");
     assert!(stderr.contains(&addr.to_string()), "{stderr}");
-}
-
-/// `promtool check metrics` (Debian package `prometheus`) parses the text and lints names,
-/// units and help. CI installs it; elsewhere a missing promtool skips only this check.
-fn promtool_check(text: &str) {
-    let mut child = match Command::new("promtool")
-        .args(["check", "metrics"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-    {
-        Ok(child) => child,
-        Err(error)
-            if error.kind() == std::io::ErrorKind::NotFound && std::env::var_os("CI").is_none() =>
-        {
-            eprintln!(
-                "SKIPPED promtool check: promtool is not installed (apt-get install prometheus)"
-            );
-            return;
-        }
-        Err(error) => panic!("cannot run promtool: {error}"),
-    };
-    child
-        .stdin
-        .take()
-        .expect("stdin")
-        .write_all(text.as_bytes())
-        .expect("write to promtool");
-    let output = child.wait_with_output().expect("promtool");
-    assert!(
-        output.status.success(),
-        "promtool check metrics failed:\n{}{}\n--- text ---\n{text}",
-        String::from_utf8_lossy(&output.stdout),
-        String::from_utf8_lossy(&output.stderr)
-    );
 }

@@ -12,6 +12,17 @@ use std::{
     time::{Duration, Instant},
 };
 
+mod mock;
+mod promtool;
+mod supervisor;
+
+pub use mock::{MARKER_ENV, MockModel, key_of, lines_with_defaults, toml_list};
+pub use promtool::promtool_check;
+pub use supervisor::{
+    append_log, model_status, status, supervisor_client, supervisor_command, wait_state,
+    wait_until_answering,
+};
+
 /// A generous deadline: tests run on loaded 2-core machines.
 pub const DEADLINE: Duration = Duration::from_secs(60);
 

@@ -9,7 +9,7 @@ use std::{
 };
 
 use gpuswap::{
-    ClientOptions, Endpoint, SupervisorClient,
+    SupervisorClient,
     pb::{self, activate_event::Event},
 };
 use testkit::{DEADLINE, Proc};
@@ -19,125 +19,15 @@ use tokio::{
 };
 
 /// The variable that tags every backend process of one test (see `processes_with_marker`).
-pub const MARKER_ENV: &str = "GPUSWAP_TEST_MARKER";
+#[allow(unused_imports)] // lifecycle.rs tags a process of its own
+pub use testkit::MARKER_ENV;
 
 pub fn supervisor_exe() -> &'static str {
     env!("CARGO_BIN_EXE_gpuswap-supervisor")
 }
 
-/// One model served by a mock backend.
-#[derive(Clone, Debug)]
-pub struct Mock {
-    pub name: String,
-    pub flavor: String,
-    pub port: u16,
-    /// None: every GPU.
-    pub gpus: Option<Vec<u32>>,
-    pub load_time: String,
-    pub args: Vec<String>,
-    /// Extra `key = value` lines of the model's table.
-    pub toml: Vec<String>,
-}
-
-impl Mock {
-    /// A vLLM-like mock on GPU 0 that loads in 300 ms.
-    pub fn new(name: &str) -> Self {
-        Mock {
-            name: name.into(),
-            flavor: "vllm".into(),
-            port: testkit::free_port(),
-            gpus: Some(vec![0]),
-            load_time: "300ms".into(),
-            args: Vec::new(),
-            toml: Vec::new(),
-        }
-    }
-
-    pub fn gpus(mut self, gpus: &[u32]) -> Self {
-        self.gpus = Some(gpus.to_vec());
-        self
-    }
-
-    pub fn port(mut self, port: u16) -> Self {
-        self.port = port;
-        self
-    }
-
-    pub fn flavor(mut self, flavor: &str) -> Self {
-        self.flavor = flavor.into();
-        self
-    }
-
-    pub fn load_time(mut self, load_time: &str) -> Self {
-        self.load_time = load_time.into();
-        self
-    }
-
-    pub fn args(mut self, args: &[&str]) -> Self {
-        self.args.extend(args.iter().map(|a| a.to_string()));
-        self
-    }
-
-    pub fn toml(mut self, line: &str) -> Self {
-        self.toml.push(line.into());
-        self
-    }
-
-    pub fn address(&self) -> String {
-        format!("127.0.0.1:{}", self.port)
-    }
-
-    fn render(&self, marker: &str) -> String {
-        let mut command = vec![
-            testkit::bin("gpuswap-mock-backend").display().to_string(),
-            "--flavor".into(),
-            self.flavor.clone(),
-            "--port".into(),
-            self.port.to_string(),
-            "--model".into(),
-            self.name.clone(),
-            "--load-time".into(),
-            self.load_time.clone(),
-            "--tokens-per-second".into(),
-            "0".into(),
-        ];
-        command.extend(self.args.iter().cloned());
-        let mut text = format!(
-            "\n[models.\"{}\"]\nkind = \"{}\"\ncommand = {}\nport = {}\n",
-            self.name,
-            self.flavor,
-            toml_list(&command),
-            self.port
-        );
-        for (key, default) in [("startup_timeout", "\"30s\""), ("stop_timeout", "\"10s\"")] {
-            if !self
-                .toml
-                .iter()
-                .any(|line| line.split('=').next().is_some_and(|k| k.trim() == key))
-            {
-                text.push_str(&format!("{key} = {default}\n"));
-            }
-        }
-        if let Some(gpus) = &self.gpus {
-            let gpus: Vec<String> = gpus.iter().map(u32::to_string).collect();
-            text.push_str(&format!("gpus = [{}]\n", gpus.join(", ")));
-        }
-        for line in &self.toml {
-            text.push_str(line);
-            text.push('\n');
-        }
-        text.push_str(&format!("env = {{ {MARKER_ENV} = \"{marker}\" }}\n"));
-        text
-    }
-}
-
-fn toml_list(items: &[String]) -> String {
-    let quoted: Vec<String> = items
-        .iter()
-        .map(|s| format!("\"{}\"", s.replace('\\', "\\\\").replace('"', "\\\"")))
-        .collect();
-    format!("[{}]", quoted.join(", "))
-}
+/// One model served by a mock backend (testkit's: vLLM-like, GPU 0, loads in 300 ms).
+pub type Mock = testkit::MockModel;
 
 /// A running supervisor with its own directory, socket, state file and marker.
 pub struct Supervisor {
@@ -165,8 +55,7 @@ impl Supervisor {
     pub fn prepare(test: &str, settings: &[&str], models: Vec<Mock>) -> Supervisor {
         let dir = testkit::short_tempdir();
         let socket = dir.path().join("s.sock");
-        let client = gpuswap::connect(&Endpoint::Unix(socket.clone()), &ClientOptions::default())
-            .expect("client");
+        let client = testkit::supervisor_client(&socket);
         Supervisor {
             config_path: dir.path().join("gpuswap.toml"),
             state_path: dir.path().join("state.json"),
@@ -182,7 +71,6 @@ impl Supervisor {
     }
 
     pub fn config_text(&self) -> String {
-        let key_of = |line: &str| line.split('=').next().unwrap_or("").trim().to_owned();
         let defaults = [
             format!("listen = \"unix://{}\"", self.socket.display()),
             format!("state_file = \"{}\"", self.state_path.display()),
@@ -191,17 +79,7 @@ impl Supervisor {
             "log_lines = 500".to_owned(),
         ];
         let mut text = String::from("[supervisor]\n");
-        for line in defaults
-            .iter()
-            .filter(|d| !self.settings.iter().any(|s| key_of(s) == key_of(d)))
-        {
-            text.push_str(line);
-            text.push('\n');
-        }
-        for line in &self.settings {
-            text.push_str(line);
-            text.push('\n');
-        }
+        text.push_str(&testkit::lines_with_defaults(&defaults, &self.settings));
         for model in &self.models {
             text.push_str(&model.render(&self.marker));
         }
@@ -214,43 +92,19 @@ impl Supervisor {
 
     /// Spawns the supervisor and waits until its socket answers Status.
     pub async fn launch(mut self) -> Supervisor {
-        self.proc = Some(self.spawn_process());
-        let client = self.client.clone();
-        let mut proc_exited = false;
-        let stderr = self.stderr_path.clone();
-        testkit::wait_for("the supervisor to answer Status", DEADLINE, || {
-            let mut client = client.clone();
-            if let Some(proc) = self.proc.as_mut()
-                && let Ok(Some(status)) = proc.child.try_wait()
-            {
-                proc_exited = true;
-                panic!(
-                    "the supervisor exited with {status}: {}",
-                    testkit::read_lossy(&stderr)
-                );
-            }
-            async move { client.status(pb::StatusRequest {}).await.ok() }
-        })
-        .await;
-        assert!(!proc_exited);
+        let mut proc = self.spawn_process();
+        testkit::wait_until_answering(&self.client, &mut proc, &self.stderr_path).await;
+        self.proc = Some(proc);
         self
     }
 
     /// The supervisor process for this config (stderr appended to `stderr_path`).
     pub fn spawn_process(&self) -> Proc {
-        let stderr = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&self.stderr_path)
-            .expect("stderr file");
-        let mut command = Command::new(supervisor_exe());
+        let mut command =
+            testkit::supervisor_command(&self.config_path, "info,gpuswap_supervisor=debug");
         command
-            .arg("--config")
-            .arg(&self.config_path)
-            .env("RUST_LOG", "info,gpuswap_supervisor=debug")
-            .stdin(Stdio::null())
             .stdout(Stdio::null())
-            .stderr(stderr);
+            .stderr(testkit::append_log(&self.stderr_path));
         Proc::spawn(command)
     }
 
@@ -270,21 +124,11 @@ impl Supervisor {
     }
 
     pub async fn status(&self) -> pb::StatusResponse {
-        let mut client = self.client.clone();
-        tokio::time::timeout(DEADLINE, client.status(pb::StatusRequest {}))
-            .await
-            .expect("Status in time")
-            .expect("Status")
-            .into_inner()
+        testkit::status(&self.client).await
     }
 
     pub async fn model(&self, name: &str) -> pb::ModelStatus {
-        self.status()
-            .await
-            .models
-            .into_iter()
-            .find(|m| m.name == name)
-            .unwrap_or_else(|| panic!("model {name} not in Status"))
+        testkit::model_status(&self.client, name).await
     }
 
     pub async fn state(&self, name: &str) -> pb::ModelState {
@@ -293,15 +137,7 @@ impl Supervisor {
 
     /// Waits until `name` is in `state`.
     pub async fn wait_state(&self, name: &str, state: pb::ModelState) -> pb::ModelStatus {
-        testkit::wait_for(
-            &format!("{name} to be {state:?}"),
-            DEADLINE,
-            || async move {
-                let model = self.model(name).await;
-                (model.state() == state).then_some(model)
-            },
-        )
-        .await
+        testkit::wait_state(&self.client, name, state).await
     }
 
     pub async fn activate(&self, model: &str, hold: bool) -> Activation {
