@@ -3,11 +3,6 @@
 
 mod common;
 
-use std::{
-    io::Write as _,
-    process::{Command, Stdio},
-};
-
 use common::{Model, Stack, read_stream, stream_content};
 use gpuswap_telemetry::testing::OtlpReceiver;
 use serde_json::{Value, json};
@@ -156,40 +151,7 @@ async fn metrics_count_requests_tokens_and_time_to_first_byte() {
         Some(0.0),
         "{text}"
     );
-    promtool_check(&text);
-}
-
-/// `promtool check metrics` (Debian package `prometheus`; CI installs it).
-fn promtool_check(text: &str) {
-    let mut child = match Command::new("promtool")
-        .args(["check", "metrics"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-    {
-        Ok(child) => child,
-        Err(error) if error.kind() == std::io::ErrorKind::NotFound => {
-            eprintln!(
-                "SKIPPED promtool check: promtool is not installed (apt-get install prometheus)"
-            );
-            return;
-        }
-        Err(error) => panic!("cannot run promtool: {error}"),
-    };
-    child
-        .stdin
-        .take()
-        .expect("stdin")
-        .write_all(text.as_bytes())
-        .expect("write to promtool");
-    let output = child.wait_with_output().expect("promtool");
-    assert!(
-        output.status.success(),
-        "promtool check metrics failed:\n{}{}\n{text}",
-        String::from_utf8_lossy(&output.stdout),
-        String::from_utf8_lossy(&output.stderr)
-    );
+    testkit::promtool_check(&text);
 }
 
 const TRACE_ID: &str = "4bf92f3577b34da6a3ce929d0e0e4736";

@@ -10,145 +10,24 @@ use std::{
 };
 
 use futures_util::StreamExt;
-use gpuswap::{ClientOptions, Endpoint, SupervisorClient, pb};
+use gpuswap::{SupervisorClient, pb};
 use serde_json::{Value, json};
 use testkit::{DEADLINE, Proc};
 
-/// One model served by a mock backend; every model is on GPU 0 unless told
+/// One model served by a mock backend (testkit's): every model is on GPU 0 unless told
 /// otherwise, so any two of them swap.
-#[derive(Clone, Debug)]
-pub struct Model {
-    pub name: String,
-    pub flavor: String,
-    pub port: u16,
-    pub gpus: Vec<u32>,
-    pub load_time: String,
-    pub tokens_per_second: u32,
-    /// The name the mock serves (it refuses others, except tabbyapi).
-    pub served_name: Option<String>,
-    pub aliases: Vec<String>,
-    pub args: Vec<String>,
-    pub toml: Vec<String>,
-}
+pub type Model = testkit::MockModel;
 
-impl Model {
-    pub fn new(name: &str) -> Self {
-        Model {
-            name: name.into(),
-            flavor: "vllm".into(),
-            port: testkit::free_port(),
-            gpus: vec![0],
-            load_time: "300ms".into(),
-            tokens_per_second: 0,
-            served_name: None,
-            aliases: Vec::new(),
-            args: Vec::new(),
-            toml: Vec::new(),
-        }
-    }
+/// Keep SGLang's shape (warm-up) but not its slowness, and no worker grandchild.
+const SGLANG_ARGS: &[&str] = &["--warmup", "50ms", "--workers", "0"];
 
-    pub fn flavor(mut self, flavor: &str) -> Self {
-        self.flavor = flavor.into();
-        self
-    }
-
-    pub fn gpus(mut self, gpus: &[u32]) -> Self {
-        self.gpus = gpus.to_vec();
-        self
-    }
-
-    pub fn load_time(mut self, load_time: &str) -> Self {
-        self.load_time = load_time.into();
-        self
-    }
-
-    pub fn tokens_per_second(mut self, tps: u32) -> Self {
-        self.tokens_per_second = tps;
-        self
-    }
-
-    pub fn served_name(mut self, served: &str) -> Self {
-        self.served_name = Some(served.into());
-        self
-    }
-
-    pub fn alias(mut self, alias: &str) -> Self {
-        self.aliases.push(alias.into());
-        self
-    }
-
-    pub fn args(mut self, args: &[&str]) -> Self {
-        self.args.extend(args.iter().map(|a| a.to_string()));
-        self
-    }
-
-    pub fn toml(mut self, line: &str) -> Self {
-        self.toml.push(line.into());
-        self
-    }
-
-    /// The text the mock puts in every answer.
-    pub fn signature(&self) -> String {
-        format!("[served by {}]", self.served())
-    }
-
-    pub fn served(&self) -> &str {
-        self.served_name.as_deref().unwrap_or(&self.name)
-    }
-
-    fn render(&self, marker: &str) -> String {
-        let mut command = vec![
-            testkit::bin("gpuswap-mock-backend").display().to_string(),
-            "--flavor".into(),
-            self.flavor.clone(),
-            "--port".into(),
-            self.port.to_string(),
-            "--model".into(),
-            self.served().to_owned(),
-            "--load-time".into(),
-            self.load_time.clone(),
-            "--tokens-per-second".into(),
-            self.tokens_per_second.to_string(),
-        ];
-        if self.flavor == "sglang" {
-            command.extend([
-                "--warmup".into(),
-                "50ms".into(),
-                "--workers".into(),
-                "0".into(),
-            ]);
-        }
-        command.extend(self.args.iter().cloned());
-        let gpus: Vec<String> = self.gpus.iter().map(u32::to_string).collect();
-        let mut text = format!(
-            "\n[models.\"{}\"]\nkind = \"{}\"\ncommand = {}\nport = {}\ngpus = [{}]\nstartup_timeout = \"30s\"\nstop_timeout = \"10s\"\n",
-            self.name,
-            self.flavor,
-            toml_list(&command),
-            self.port,
-            gpus.join(", "),
-        );
-        if let Some(served) = &self.served_name {
-            text.push_str(&format!("served_name = \"{served}\"\n"));
-        }
-        if !self.aliases.is_empty() {
-            text.push_str(&format!("aliases = {}\n", toml_list(&self.aliases)));
-        }
-        for line in &self.toml {
-            text.push_str(line);
-            text.push('\n');
-        }
-        text.push_str(&format!("env = {{ GPUSWAP_TEST_MARKER = \"{marker}\" }}\n"));
-        text
-    }
-}
-
-fn toml_list(items: &[String]) -> String {
-    let quoted: Vec<String> = items
-        .iter()
-        .map(|s| format!("\"{}\"", s.replace('\\', "\\\\").replace('"', "\\\"")))
-        .collect();
-    format!("[{}]", quoted.join(", "))
+fn render(model: &Model, marker: &str) -> String {
+    let flavor_args = if model.flavor == "sglang" {
+        SGLANG_ARGS
+    } else {
+        &[]
+    };
+    model.render_with_args(marker, flavor_args)
 }
 
 /// A running gateway.
@@ -222,26 +101,12 @@ impl StackBuilder {
     pub async fn start(self) -> Stack {
         let dir = testkit::short_tempdir();
         let socket = dir.path().join("s.sock");
-        let client = gpuswap::connect(&Endpoint::Unix(socket.clone()), &ClientOptions::default())
-            .expect("client");
+        let client = testkit::supervisor_client(&socket);
         let marker = testkit::unique_marker(&self.test);
         let config_path = dir.path().join("gpuswap.toml");
-        let key_of = |line: &str| line.split('=').next().unwrap_or("").trim().to_owned();
-        let with_defaults = |defaults: Vec<String>, extra: &[String]| {
-            let mut text = String::new();
-            for line in defaults
-                .iter()
-                .filter(|d| !extra.iter().any(|e| key_of(e) == key_of(d)))
-                .chain(extra)
-            {
-                text.push_str(line);
-                text.push('\n');
-            }
-            text
-        };
         let mut config = String::from("[supervisor]\n");
-        config.push_str(&with_defaults(
-            vec![
+        config.push_str(&testkit::lines_with_defaults(
+            &[
                 format!("listen = \"unix://{}\"", socket.display()),
                 format!(
                     "state_file = \"{}\"",
@@ -254,8 +119,8 @@ impl StackBuilder {
             &self.supervisor,
         ));
         config.push_str("\n[gateway]\n");
-        config.push_str(&with_defaults(
-            vec![
+        config.push_str(&testkit::lines_with_defaults(
+            &[
                 format!("supervisor = \"unix://{}\"", socket.display()),
                 "keepalive_interval = \"200ms\"".into(),
                 "queue_timeout = \"120s\"".into(),
@@ -263,7 +128,7 @@ impl StackBuilder {
             &self.gateway,
         ));
         for model in &self.models {
-            config.push_str(&model.render(&marker));
+            config.push_str(&render(model, &marker));
         }
         std::fs::write(&config_path, config).expect("write config");
         let http = reqwest::Client::builder()
@@ -309,26 +174,11 @@ impl Stack {
     /// Starts (or restarts) the supervisor and waits until it answers.
     pub async fn start_supervisor(&mut self) {
         let log = self.dir.path().join("supervisor.log");
-        let stderr = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&log)
-            .expect("supervisor log");
-        let mut command = Command::new(testkit::bin("gpuswap-supervisor"));
-        command
-            .arg("--config")
-            .arg(&self.config_path)
-            .env("RUST_LOG", "info")
-            .stdin(Stdio::null())
-            .stdout(stderr.try_clone().expect("log fd"))
-            .stderr(stderr);
-        self.supervisor = Some(Proc::spawn(command));
-        let client = self.client.clone();
-        testkit::wait_for("the supervisor to answer", DEADLINE, || {
-            let mut client = client.clone();
-            async move { client.status(pb::StatusRequest {}).await.ok() }
-        })
-        .await;
+        let out = testkit::append_log(&log);
+        let mut command = testkit::supervisor_command(&self.config_path, "info");
+        command.stdout(out.try_clone().expect("log fd")).stderr(out);
+        let proc = self.supervisor.insert(Proc::spawn(command));
+        testkit::wait_until_answering(&self.client, proc, &log).await;
         tokio::spawn(follow_starts(self.client.clone(), Arc::clone(&self.starts)));
     }
 
@@ -408,25 +258,11 @@ impl Stack {
     }
 
     pub async fn status(&self, model: &str) -> pb::ModelStatus {
-        let mut client = self.client.clone();
-        let status = client
-            .status(pb::StatusRequest {})
-            .await
-            .expect("status")
-            .into_inner();
-        status
-            .models
-            .into_iter()
-            .find(|m| m.name == model)
-            .unwrap_or_else(|| panic!("no model {model} in status"))
+        testkit::model_status(&self.client, model).await
     }
 
     pub async fn wait_state(&self, model: &str, state: pb::ModelState) -> pb::ModelStatus {
-        testkit::wait_for(&format!("{model} to be {state:?}"), DEADLINE, || async {
-            let status = self.status(model).await;
-            (status.state() == state).then_some(status)
-        })
-        .await
+        testkit::wait_state(&self.client, model, state).await
     }
 
     /// A chat request body.
