@@ -16,7 +16,7 @@ use std::{
 };
 
 use bytes::Bytes;
-use gpuswap::{ClientOptions, Endpoint, SupervisorClient, pb};
+use gpuswap::{SupervisorClient, pb};
 use http_body_util::{BodyExt, Full};
 use hyper_util::{
     client::legacy::{Client, connect::HttpConnector},
@@ -26,118 +26,26 @@ use serde_json::{Value, json};
 use testkit::{DEADLINE, Proc};
 
 /// The variable that tags every backend process (see `processes_with_marker`).
-pub const MARKER_ENV: &str = "GPUSWAP_TEST_MARKER";
+pub use testkit::MARKER_ENV;
 
 /// What `/proc/PID/stat` shows as the name of a mock backend (15 bytes of `comm`).
 const MOCK_COMM: &str = "gpuswap-mock-ba";
 
-/// One model served by a mock backend; on GPU 0 unless told otherwise, so any two swap.
-#[derive(Clone, Debug)]
-pub struct Model {
-    pub name: String,
-    pub flavor: String,
-    pub port: u16,
-    pub gpus: Vec<u32>,
-    pub load_time: String,
-    pub tokens_per_second: u32,
-    pub args: Vec<String>,
-    /// Extra `key = value` lines of the model's table (override the defaults).
-    pub toml: Vec<String>,
-}
+/// One model served by a mock backend (testkit's): a vLLM-like mock on GPU 0 that loads in
+/// 300 ms and answers without delay, unless told otherwise, so any two swap.
+pub type Model = testkit::MockModel;
 
-impl Model {
-    /// A vLLM-like mock on GPU 0 that loads in 300 ms and answers without delay.
-    pub fn new(name: &str) -> Self {
-        Model {
-            name: name.into(),
-            flavor: "vllm".into(),
-            port: testkit::free_port(),
-            gpus: vec![0],
-            load_time: "300ms".into(),
-            tokens_per_second: 0,
-            args: Vec::new(),
-            toml: Vec::new(),
-        }
-    }
+/// Keep SGLang's shape (warm-up, a worker grandchild) but not its slowness.
+const SGLANG_ARGS: &[&str] = &["--warmup", "50ms"];
 
-    pub fn flavor(mut self, flavor: &str) -> Self {
-        self.flavor = flavor.into();
-        self
-    }
-
-    pub fn gpus(mut self, gpus: &[u32]) -> Self {
-        self.gpus = gpus.to_vec();
-        self
-    }
-
-    pub fn load_time(mut self, load_time: &str) -> Self {
-        self.load_time = load_time.into();
-        self
-    }
-
-    pub fn tokens_per_second(mut self, tps: u32) -> Self {
-        self.tokens_per_second = tps;
-        self
-    }
-
-    pub fn args(mut self, args: &[&str]) -> Self {
-        self.args.extend(args.iter().map(|a| a.to_string()));
-        self
-    }
-
-    pub fn toml(mut self, line: &str) -> Self {
-        self.toml.push(line.into());
-        self
-    }
-
-    /// The text the mock puts first in every answer.
-    pub fn signature(&self) -> String {
-        signature(&self.name)
-    }
-
-    fn render(&self, marker: &str) -> String {
-        let mut command = vec![
-            testkit::bin("gpuswap-mock-backend").display().to_string(),
-            "--flavor".into(),
-            self.flavor.clone(),
-            "--port".into(),
-            self.port.to_string(),
-            "--model".into(),
-            self.name.clone(),
-            "--load-time".into(),
-            self.load_time.clone(),
-            "--tokens-per-second".into(),
-            self.tokens_per_second.to_string(),
-        ];
-        if self.flavor == "sglang" {
-            // Keep SGLang's shape (warm-up, a worker grandchild) but not its slowness.
-            command.extend(["--warmup".into(), "50ms".into()]);
-        }
-        command.extend(self.args.iter().cloned());
-        let gpus: Vec<String> = self.gpus.iter().map(u32::to_string).collect();
-        let mut text = format!(
-            "\n[models.\"{}\"]\nkind = \"{}\"\ncommand = {}\nport = {}\ngpus = [{}]\n",
-            self.name,
-            self.flavor,
-            toml_list(&command),
-            self.port,
-            gpus.join(", "),
-        );
-        for (key, default) in [("startup_timeout", "\"30s\""), ("stop_timeout", "\"10s\"")] {
-            if !self.toml.iter().any(|line| key_of(line) == key) {
-                text.push_str(&format!("{key} = {default}\n"));
-            }
-        }
-        for line in &self.toml {
-            text.push_str(line);
-            text.push('\n');
-        }
-        text.push_str(&format!(
-            "env = {{ {MARKER_ENV} = \"{}\" }}\n",
-            model_marker(marker, &self.name)
-        ));
-        text
-    }
+/// The model's table; its processes carry the model's own marker (see [`model_marker`]).
+fn render(model: &Model, stack_marker: &str) -> String {
+    let flavor_args = if model.flavor == "sglang" {
+        SGLANG_ARGS
+    } else {
+        &[]
+    };
+    model.render_with_args(&model_marker(stack_marker, &model.name), flavor_args)
 }
 
 /// The marker of one model's processes: no model's marker is a prefix of another's.
@@ -148,18 +56,6 @@ pub fn model_marker(stack_marker: &str, model: &str) -> String {
 /// `[served by NAME]`: how every mock answer begins.
 pub fn signature(served: &str) -> String {
     format!("[served by {served}]")
-}
-
-fn key_of(line: &str) -> String {
-    line.split('=').next().unwrap_or("").trim().to_owned()
-}
-
-fn toml_list(items: &[String]) -> String {
-    let quoted: Vec<String> = items
-        .iter()
-        .map(|s| format!("\"{}\"", s.replace('\\', "\\\\").replace('"', "\\\"")))
-        .collect();
-    format!("[{}]", quoted.join(", "))
 }
 
 /// Every start the supervisor reported on Watch, in order (each start has a new generation).
@@ -215,24 +111,11 @@ impl StackBuilder {
     pub async fn start(self) -> Stack {
         let dir = testkit::short_tempdir();
         let socket = dir.path().join("s.sock");
-        let client = gpuswap::connect(&Endpoint::Unix(socket.clone()), &ClientOptions::default())
-            .expect("client");
+        let client = testkit::supervisor_client(&socket);
         let marker = testkit::unique_marker(&self.test);
-        let with_defaults = |defaults: Vec<String>, extra: &[String]| {
-            let mut text = String::new();
-            for line in defaults
-                .iter()
-                .filter(|d| !extra.iter().any(|e| key_of(e) == key_of(d)))
-                .chain(extra)
-            {
-                text.push_str(line);
-                text.push('\n');
-            }
-            text
-        };
         let mut config = String::from("[supervisor]\n");
-        config.push_str(&with_defaults(
-            vec![
+        config.push_str(&testkit::lines_with_defaults(
+            &[
                 format!("listen = \"unix://{}\"", socket.display()),
                 format!(
                     "state_file = \"{}\"",
@@ -245,8 +128,8 @@ impl StackBuilder {
             &self.supervisor,
         ));
         config.push_str("\n[gateway]\n");
-        config.push_str(&with_defaults(
-            vec![
+        config.push_str(&testkit::lines_with_defaults(
+            &[
                 format!("supervisor = \"unix://{}\"", socket.display()),
                 "keepalive_interval = \"200ms\"".into(),
                 "queue_timeout = \"120s\"".into(),
@@ -254,7 +137,7 @@ impl StackBuilder {
             &self.gateway,
         ));
         for model in &self.models {
-            config.push_str(&model.render(&marker));
+            config.push_str(&render(model, &marker));
         }
         let config_path = dir.path().join("gpuswap.toml");
         std::fs::write(&config_path, config).expect("write config");
@@ -303,26 +186,12 @@ impl Stack {
     /// answers; follows its Watch stream to record starts.
     pub async fn start_supervisor(&mut self) {
         let log = self.dir.path().join("supervisor.log");
-        let out = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&log)
-            .expect("supervisor log");
-        let mut command = Command::new(testkit::bin("gpuswap-supervisor"));
-        command
-            .arg("--config")
-            .arg(&self.config_path)
-            .env("RUST_LOG", "info,gpuswap_supervisor=debug")
-            .stdin(Stdio::null())
-            .stdout(out.try_clone().expect("log fd"))
-            .stderr(out);
-        self.supervisor = Some(spawn_tied(command));
-        let client = self.client.clone();
-        testkit::wait_for("the supervisor to answer", DEADLINE, || {
-            let mut client = client.clone();
-            async move { client.status(pb::StatusRequest {}).await.ok() }
-        })
-        .await;
+        let out = testkit::append_log(&log);
+        let mut command =
+            testkit::supervisor_command(&self.config_path, "info,gpuswap_supervisor=debug");
+        command.stdout(out.try_clone().expect("log fd")).stderr(out);
+        let proc = self.supervisor.insert(spawn_tied(command));
+        testkit::wait_until_answering(&self.client, proc, &log).await;
         tokio::spawn(follow_starts(self.client.clone(), Arc::clone(&self.starts)));
     }
 
@@ -404,29 +273,15 @@ impl Stack {
     }
 
     pub async fn statuses(&self) -> pb::StatusResponse {
-        let mut client = self.client.clone();
-        tokio::time::timeout(DEADLINE, client.status(pb::StatusRequest {}))
-            .await
-            .expect("Status in time")
-            .expect("Status")
-            .into_inner()
+        testkit::status(&self.client).await
     }
 
     pub async fn status(&self, model: &str) -> pb::ModelStatus {
-        self.statuses()
-            .await
-            .models
-            .into_iter()
-            .find(|m| m.name == model)
-            .unwrap_or_else(|| panic!("no model {model} in Status"))
+        testkit::model_status(&self.client, model).await
     }
 
     pub async fn wait_state(&self, model: &str, state: pb::ModelState) -> pb::ModelStatus {
-        testkit::wait_for(&format!("{model} to be {state:?}"), DEADLINE, || async {
-            let status = self.status(model).await;
-            (status.state() == state).then_some(status)
-        })
-        .await
+        testkit::wait_state(&self.client, model, state).await
     }
 
     /// POSTs a chat request to the gateway and reads the whole answer.
