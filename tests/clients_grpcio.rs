@@ -6,7 +6,7 @@ mod clients_common;
 
 use std::time::Duration;
 
-use clients_common::{MockModel, Stack};
+use clients_common::{Stack, mock};
 use serde_json::{Value, json};
 
 /// Runs tests/python/grpc_reflection_client.py against a fresh supervisor: its
@@ -15,10 +15,7 @@ async fn discover(test: &str) -> (Value, String) {
     let venv = clients_common::venv();
     let stack = Stack::start(
         test,
-        vec![
-            MockModel::new("alpha", "vllm", &[0]),
-            MockModel::new("beta", "sglang", &[1]),
-        ],
+        vec![mock("alpha", "vllm", &[0]), mock("beta", "sglang", &[1])],
     )
     .await;
     let mut command = tokio::process::Command::new(&venv.python);

@@ -15,7 +15,7 @@ mod clients_common;
 
 use std::time::Duration;
 
-use clients_common::{MockModel, Stack, Venv};
+use clients_common::{Stack, Venv, mock};
 use serde_json::Value;
 
 /// Where grpcurl finds the schema without server reflection.
@@ -81,10 +81,7 @@ fn json_messages(text: &str) -> Vec<Value> {
 async fn two_model_stack(test: &str) -> Stack {
     Stack::start(
         test,
-        vec![
-            MockModel::new("alpha", "vllm", &[0]),
-            MockModel::new("beta", "sglang", &[0]),
-        ],
+        vec![mock("alpha", "vllm", &[0]), mock("beta", "sglang", &[0])],
     )
     .await
 }

@@ -5,7 +5,7 @@ mod clients_common;
 
 use std::time::Duration;
 
-use clients_common::{MockModel, Stack};
+use clients_common::{Stack, mock};
 use gpuswap::pb::ModelState;
 use serde_json::Value;
 
@@ -15,10 +15,7 @@ async fn openai_python_sdk_lists_chats_streams_fails_and_swaps() {
     // alpha and beta share GPU 0: serving one stops the other.
     let mut stack = Stack::start(
         "openai-sdk",
-        vec![
-            MockModel::new("alpha", "vllm", &[0]),
-            MockModel::new("beta", "sglang", &[0]),
-        ],
+        vec![mock("alpha", "vllm", &[0]), mock("beta", "sglang", &[0])],
     )
     .await;
     stack.start_gateway().await;

@@ -10,7 +10,7 @@ use std::{
     time::Duration,
 };
 
-use gpuswap::{ClientOptions, Endpoint, SupervisorClient, pb};
+use gpuswap::{SupervisorClient, pb};
 use serde_json::Value;
 use testkit::{DEADLINE, Proc};
 
@@ -71,61 +71,24 @@ pub fn venv() -> Venv {
     Venv { python, grpcurl }
 }
 
-/// A model served by a mock backend.
-#[derive(Clone, Debug)]
-pub struct MockModel {
-    pub name: String,
-    pub flavor: String,
-    pub port: u16,
-    pub gpus: Vec<u32>,
+/// A model served by a mock backend (testkit's: loads in 300 ms, answers without delay).
+pub type MockModel = testkit::MockModel;
+
+/// `name` served by a mock of `flavor` on `gpus`.
+pub fn mock(name: &str, flavor: &str, gpus: &[u32]) -> MockModel {
+    MockModel::new(name).flavor(flavor).gpus(gpus)
 }
 
-impl MockModel {
-    pub fn new(name: &str, flavor: &str, gpus: &[u32]) -> Self {
-        MockModel {
-            name: name.into(),
-            flavor: flavor.into(),
-            port: testkit::free_port(),
-            gpus: gpus.to_vec(),
-        }
-    }
+/// Keep SGLang's shape (warm-up) but not its slowness, and no worker grandchild.
+const SGLANG_ARGS: &[&str] = &["--warmup", "50ms", "--workers", "0"];
 
-    /// The text the mock puts in every answer.
-    pub fn signature(&self) -> String {
-        format!("[served by {}]", self.name)
-    }
-
-    fn toml(&self, marker: &str) -> String {
-        let mock = testkit::bin("gpuswap-mock-backend");
-        let mut command = vec![
-            mock.display().to_string(),
-            "--flavor".into(),
-            self.flavor.clone(),
-            "--port".into(),
-            self.port.to_string(),
-            "--model".into(),
-            self.name.clone(),
-            "--load-time".into(),
-            "300ms".into(),
-            "--tokens-per-second".into(),
-            "0".into(),
-        ];
-        if self.flavor == "sglang" {
-            command.extend(["--warmup", "50ms", "--workers", "0"].map(String::from));
-        }
-        let command: Vec<String> = command.iter().map(|a| format!("{a:?}")).collect();
-        let gpus: Vec<String> = self.gpus.iter().map(u32::to_string).collect();
-        format!(
-            "\n[models.{name:?}]\nkind = {flavor:?}\ncommand = [{command}]\nport = {port}\n\
-             gpus = [{gpus}]\nstartup_timeout = \"30s\"\nstop_timeout = \"10s\"\n\
-             env = {{ GPUSWAP_TEST_MARKER = {marker:?} }}\n",
-            name = self.name,
-            flavor = self.flavor,
-            command = command.join(", "),
-            port = self.port,
-            gpus = gpus.join(", "),
-        )
-    }
+fn render(model: &MockModel, marker: &str) -> String {
+    let flavor_args = if model.flavor == "sglang" {
+        SGLANG_ARGS
+    } else {
+        &[]
+    };
+    model.render_with_args(marker, flavor_args)
 }
 
 /// A supervisor (and, once started, a gateway) on a configuration of mock models.
@@ -157,7 +120,7 @@ impl Stack {
             state = dir.path().join("state.json").display(),
         );
         for model in &models {
-            config.push_str(&model.toml(&marker));
+            config.push_str(&render(model, &marker));
         }
         let config_path = dir.path().join("gpuswap.toml");
         std::fs::write(&config_path, config).expect("write config");
@@ -189,11 +152,7 @@ impl Stack {
     }
 
     pub async fn status(&self) -> pb::StatusResponse {
-        supervisor_client(&self.socket)
-            .status(pb::StatusRequest {})
-            .await
-            .expect("supervisor status")
-            .into_inner()
+        testkit::status(&supervisor_client(&self.socket)).await
     }
 
     /// The last lines of every daemon's log, for assertion messages.
@@ -206,11 +165,7 @@ impl Stack {
 }
 
 pub fn supervisor_client(socket: &Path) -> SupervisorClient {
-    gpuswap::connect(
-        &Endpoint::Unix(socket.to_owned()),
-        &ClientOptions::default(),
-    )
-    .expect("supervisor client")
+    testkit::supervisor_client(socket)
 }
 
 /// Starts `gpuswap-supervisor --config CONFIG` (with `path` as its PATH when
@@ -227,18 +182,7 @@ pub async fn spawn_supervisor(
         command.env("PATH", path);
     }
     let mut proc = spawn_logged(command, log);
-    let client = supervisor_client(socket);
-    testkit::wait_for("the supervisor to answer", DEADLINE, || {
-        let mut client = client.clone();
-        let exited = proc.child.try_wait().ok().flatten();
-        assert!(
-            exited.is_none(),
-            "the supervisor exited ({exited:?}):\n{}",
-            testkit::read_lossy(log)
-        );
-        async move { client.status(pb::StatusRequest {}).await.ok() }
-    })
-    .await;
+    testkit::wait_until_answering(&supervisor_client(socket), &mut proc, log).await;
     proc
 }
 
