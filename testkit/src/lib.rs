@@ -19,8 +19,8 @@ mod supervisor;
 pub use mock::{MARKER_ENV, MockModel, key_of, lines_with_defaults, toml_list};
 pub use promtool::promtool_check;
 pub use supervisor::{
-    append_log, model_status, status, supervisor_client, supervisor_command, wait_state,
-    wait_until_answering,
+    StartLog, append_log, follow_starts, model_status, status, supervisor_client,
+    supervisor_command, wait_state, wait_until_answering,
 };
 
 /// A generous deadline: tests run on loaded 2-core machines.

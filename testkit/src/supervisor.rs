@@ -2,9 +2,11 @@
 //! Status read through the API crate's client.
 
 use std::{
+    collections::HashMap,
     fs::File,
     path::Path,
     process::{Command, Stdio},
+    sync::{Arc, Mutex},
 };
 
 use gpuswap::{ClientOptions, Endpoint, SupervisorClient, pb};
@@ -93,4 +95,40 @@ pub async fn wait_state(
         },
     )
     .await
+}
+
+/// Every start the supervisor reported on its Watch stream, in order (each start has a
+/// new generation).
+#[derive(Default)]
+pub struct StartLog {
+    pub starts: Vec<String>,
+}
+
+/// Records each model start that the supervisor behind `client` reports, until its Watch
+/// stream ends; spawn it once per supervisor run.
+pub async fn follow_starts(client: SupervisorClient, log: Arc<Mutex<StartLog>>) {
+    let mut client = client;
+    let Ok(response) = client.watch(pb::WatchRequest {}).await else {
+        return;
+    };
+    let mut stream = response.into_inner();
+    // Generations are per supervisor run: a restarted supervisor counts afresh.
+    let mut generations: HashMap<String, u64> = HashMap::new();
+    while let Ok(Some(event)) = stream.message().await {
+        let statuses = match event.event {
+            Some(pb::watch_event::Event::Snapshot(s)) => s.models,
+            Some(pb::watch_event::Event::Changed(m)) => vec![m],
+            _ => continue,
+        };
+        let mut log = log.lock().unwrap();
+        for status in statuses {
+            if status.generation == 0 {
+                continue;
+            }
+            let before = generations.insert(status.name.clone(), status.generation);
+            if before != Some(status.generation) {
+                log.starts.push(status.name.clone());
+            }
+        }
+    }
 }

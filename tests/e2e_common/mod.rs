@@ -5,7 +5,7 @@
 #![allow(dead_code)] // each test binary uses a different part
 
 use std::{
-    collections::{BTreeMap, HashMap},
+    collections::BTreeMap,
     path::PathBuf,
     process::{Command, Stdio},
     sync::{
@@ -58,11 +58,7 @@ pub fn signature(served: &str) -> String {
     format!("[served by {served}]")
 }
 
-/// Every start the supervisor reported on Watch, in order (each start has a new generation).
-#[derive(Default)]
-pub struct StartLog {
-    pub starts: Vec<String>,
-}
+pub use testkit::StartLog;
 
 /// A supervisor, a gateway and the models of one test.
 pub struct Stack {
@@ -192,7 +188,10 @@ impl Stack {
         command.stdout(out.try_clone().expect("log fd")).stderr(out);
         let proc = self.supervisor.insert(spawn_tied(command));
         testkit::wait_until_answering(&self.client, proc, &log).await;
-        tokio::spawn(follow_starts(self.client.clone(), Arc::clone(&self.starts)));
+        tokio::spawn(testkit::follow_starts(
+            self.client.clone(),
+            Arc::clone(&self.starts),
+        ));
     }
 
     pub fn supervisor_pid(&self) -> u32 {
@@ -414,33 +413,6 @@ fn spawn_tied(mut command: Command) -> Proc {
     // The parent-death signal follows the spawning thread: call this from the test or a
     // runtime worker (they live as long as the test), never from a blocking-pool thread.
     Proc::spawn(command)
-}
-
-async fn follow_starts(client: SupervisorClient, log: Arc<Mutex<StartLog>>) {
-    let mut client = client;
-    let Ok(response) = client.watch(pb::WatchRequest {}).await else {
-        return;
-    };
-    let mut stream = response.into_inner();
-    // Generations are per supervisor run: a restarted supervisor counts afresh.
-    let mut generations: HashMap<String, u64> = HashMap::new();
-    while let Ok(Some(event)) = stream.message().await {
-        let statuses = match event.event {
-            Some(pb::watch_event::Event::Snapshot(s)) => s.models,
-            Some(pb::watch_event::Event::Changed(m)) => vec![m],
-            _ => continue,
-        };
-        let mut log = log.lock().unwrap();
-        for status in statuses {
-            if status.generation == 0 {
-                continue;
-            }
-            let before = generations.insert(status.name.clone(), status.generation);
-            if before != Some(status.generation) {
-                log.starts.push(status.name.clone());
-            }
-        }
-    }
 }
 
 /// What a gpuswapctl run printed.

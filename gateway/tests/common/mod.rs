@@ -3,7 +3,6 @@
 #![allow(dead_code)] // each test binary uses a different part
 
 use std::{
-    collections::HashMap,
     path::PathBuf,
     process::{Command, Stdio},
     sync::{Arc, Mutex},
@@ -58,13 +57,7 @@ pub struct Stack {
     gateway_env: Vec<(String, String)>,
 }
 
-/// Every start the supervisor reported on its Watch stream, in order: each
-/// start has a new generation.
-#[derive(Default)]
-pub struct StartLog {
-    pub starts: Vec<String>,
-    generations: HashMap<String, u64>,
-}
+pub use testkit::StartLog;
 
 pub struct StackBuilder {
     test: String,
@@ -179,7 +172,10 @@ impl Stack {
         command.stdout(out.try_clone().expect("log fd")).stderr(out);
         let proc = self.supervisor.insert(Proc::spawn(command));
         testkit::wait_until_answering(&self.client, proc, &log).await;
-        tokio::spawn(follow_starts(self.client.clone(), Arc::clone(&self.starts)));
+        tokio::spawn(testkit::follow_starts(
+            self.client.clone(),
+            Arc::clone(&self.starts),
+        ));
     }
 
     /// Kills the supervisor (its backends go with it).
@@ -327,31 +323,4 @@ pub fn stream_content(text: &str) -> String {
                 .map(str::to_owned)
         })
         .collect()
-}
-
-async fn follow_starts(client: SupervisorClient, log: Arc<Mutex<StartLog>>) {
-    let mut client = client;
-    let Ok(response) = client.watch(pb::WatchRequest {}).await else {
-        return;
-    };
-    let mut stream = response.into_inner();
-    while let Ok(Some(event)) = stream.message().await {
-        let statuses = match event.event {
-            Some(pb::watch_event::Event::Snapshot(s)) => s.models,
-            Some(pb::watch_event::Event::Changed(m)) => vec![m],
-            _ => continue,
-        };
-        let mut log = log.lock().unwrap();
-        for status in statuses {
-            if status.generation == 0 {
-                continue;
-            }
-            let before = log
-                .generations
-                .insert(status.name.clone(), status.generation);
-            if before != Some(status.generation) {
-                log.starts.push(status.name.clone());
-            }
-        }
-    }
 }
