@@ -1,13 +1,7 @@
 //! The exposition served on `GET /metrics` is valid: checked by a small
 //! structural parser here and, where installed, by `promtool check metrics`.
 
-use std::{
-    collections::BTreeSet,
-    io::Write as _,
-    process::{Command, Stdio},
-    sync::Arc,
-    time::Duration,
-};
+use std::{collections::BTreeSet, sync::Arc, time::Duration};
 
 use gpuswap_telemetry::{CONTENT_TYPE, Metrics, ModelState, SwapPhase, serve_metrics};
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
@@ -160,46 +154,11 @@ async fn served_metrics_are_valid_exposition_text() {
         body.contains(r#"model="quote\"back\\slash""#),
         "label values are escaped:\n{body}"
     );
-    promtool_check(&body);
+    testkit::promtool_check(&body);
 
     let (status, _, _) = get(server.local_addr(), "GET", "/other").await;
     assert!(status.contains(" 404 "), "{status}");
     let (status, headers, _) = get(server.local_addr(), "POST", "/metrics").await;
     assert!(status.contains(" 405 "), "{status}");
     assert!(headers.contains("allow: get, head"), "{headers}");
-}
-
-/// `promtool check metrics` (Debian package `prometheus`) parses the text and
-/// lints names, units and help; it exits non-zero on any problem.
-fn promtool_check(text: &str) {
-    let mut child = match Command::new("promtool")
-        .args(["check", "metrics"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-    {
-        Ok(child) => child,
-        Err(error) if error.kind() == std::io::ErrorKind::NotFound => {
-            eprintln!(
-                "SKIPPED promtool check: promtool is not installed \
-                 (apt-get install prometheus); the structural checks above still ran"
-            );
-            return;
-        }
-        Err(error) => panic!("cannot run promtool: {error}"),
-    };
-    child
-        .stdin
-        .take()
-        .expect("stdin")
-        .write_all(text.as_bytes())
-        .expect("write to promtool");
-    let output = child.wait_with_output().expect("promtool");
-    assert!(
-        output.status.success(),
-        "promtool check metrics failed:\n{}{}\n--- text ---\n{text}",
-        String::from_utf8_lossy(&output.stdout),
-        String::from_utf8_lossy(&output.stderr)
-    );
 }
