@@ -16,7 +16,7 @@ mod mock;
 mod promtool;
 mod supervisor;
 
-pub use mock::{MARKER_ENV, MockModel, key_of, lines_with_defaults, toml_list};
+pub use mock::{MARKER_ENV, MockModel, key_of, lines_with_defaults, stack_sections, toml_list};
 pub use promtool::promtool_check;
 pub use supervisor::{
     StartLog, append_log, follow_starts, model_status, status, supervisor_client,

@@ -178,3 +178,36 @@ impl MockModel {
         text
     }
 }
+
+/// The `[supervisor]` and `[gateway]` sections of a test stack whose supervisor listens on
+/// the Unix socket `socket`: no minimum residency, a long drain and queue, fast keepalives;
+/// a `supervisor` or `gateway` line replaces the default of its key.
+pub fn stack_sections(
+    socket: &std::path::Path,
+    state_file: &std::path::Path,
+    log_lines: u32,
+    supervisor: &[String],
+    gateway: &[String],
+) -> String {
+    let mut config = String::from("[supervisor]\n");
+    config.push_str(&lines_with_defaults(
+        &[
+            format!("listen = \"unix://{}\"", socket.display()),
+            format!("state_file = \"{}\"", state_file.display()),
+            "min_residency = \"0s\"".into(),
+            "drain_timeout = \"60s\"".into(),
+            format!("log_lines = {log_lines}"),
+        ],
+        supervisor,
+    ));
+    config.push_str("\n[gateway]\n");
+    config.push_str(&lines_with_defaults(
+        &[
+            format!("supervisor = \"unix://{}\"", socket.display()),
+            "keepalive_interval = \"200ms\"".into(),
+            "queue_timeout = \"120s\"".into(),
+        ],
+        gateway,
+    ));
+    config
+}

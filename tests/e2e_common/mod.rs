@@ -109,29 +109,13 @@ impl StackBuilder {
         let socket = dir.path().join("s.sock");
         let client = testkit::supervisor_client(&socket);
         let marker = testkit::unique_marker(&self.test);
-        let mut config = String::from("[supervisor]\n");
-        config.push_str(&testkit::lines_with_defaults(
-            &[
-                format!("listen = \"unix://{}\"", socket.display()),
-                format!(
-                    "state_file = \"{}\"",
-                    dir.path().join("state.json").display()
-                ),
-                "min_residency = \"0s\"".into(),
-                "drain_timeout = \"60s\"".into(),
-                "log_lines = 300".into(),
-            ],
+        let mut config = testkit::stack_sections(
+            &socket,
+            &dir.path().join("state.json"),
+            300,
             &self.supervisor,
-        ));
-        config.push_str("\n[gateway]\n");
-        config.push_str(&testkit::lines_with_defaults(
-            &[
-                format!("supervisor = \"unix://{}\"", socket.display()),
-                "keepalive_interval = \"200ms\"".into(),
-                "queue_timeout = \"120s\"".into(),
-            ],
             &self.gateway,
-        ));
+        );
         for model in &self.models {
             config.push_str(&render(model, &marker));
         }
