@@ -19,12 +19,9 @@ use std::{
     sync::{Arc, Mutex},
 };
 
-use gpuswap::{ClientOptions, Endpoint, SupervisorClient, pb};
+use gpuswap::{SupervisorClient, pb};
 use serde_json::{Value, json};
 use testkit::{DEADLINE, Proc};
-
-/// The variable that tags the backends of one stack (see `testkit::processes_with_marker`).
-const MARKER_ENV: &str = "GPUSWAP_TEST_MARKER";
 
 /// A random token no log line could contain by chance.
 fn random_token(prefix: &str) -> String {
@@ -70,38 +67,17 @@ impl Secrets {
     }
 }
 
-fn toml_list(items: &[String]) -> String {
-    let quoted: Vec<String> = items
-        .iter()
-        .map(|s| format!("\"{}\"", s.replace('\\', "\\\\").replace('"', "\\\"")))
-        .collect();
-    format!("[{}]", quoted.join(", "))
-}
-
 /// A mock TabbyAPI model demanding `key`; `extra` are more mock arguments.
 fn tabby_model(name: &str, port: u16, key: &str, marker: &str, extra: &[&str]) -> String {
-    let mut command: Vec<String> = vec![
-        testkit::bin("gpuswap-mock-backend").display().to_string(),
-        "--flavor".into(),
-        "tabbyapi".into(),
-        "--port".into(),
-        port.to_string(),
-        "--model".into(),
-        name.into(),
-        "--load-time".into(),
-        "200ms".into(),
-        "--tokens-per-second".into(),
-        "0".into(),
-        "--api-key".into(),
-        key.into(),
-    ];
-    command.extend(extra.iter().map(|a| a.to_string()));
-    format!(
-        "\n[models.\"{name}\"]\nkind = \"tabbyapi\"\ncommand = {}\nport = {port}\ngpus = [0]\n\
-         api_key = \"{key}\"\naliases = [\"{name}-alias\"]\nstartup_timeout = \"30s\"\n\
-         stop_timeout = \"10s\"\nenv = {{ {MARKER_ENV} = \"{marker}\" }}\n",
-        toml_list(&command),
-    )
+    testkit::MockModel::new(name)
+        .flavor("tabbyapi")
+        .port(port)
+        .load_time("200ms")
+        .args(&["--api-key", key])
+        .args(extra)
+        .toml(&format!("api_key = \"{key}\""))
+        .alias(&format!("{name}-alias"))
+        .render(marker)
 }
 
 /// A backend that prints its own key while starting, then dies loading, like vLLM
@@ -116,7 +92,8 @@ fn chatty_model(port: u16, key: &str, marker: &str) -> String {
         "\n[models.chatty]\nkind = \"tabbyapi\"\ncommand = {}\nport = {port}\ngpus = [0]\n\
          api_key = \"{key}\"\nstartup_timeout = \"30s\"\nstop_timeout = \"10s\"\n\
          env = {{ {MARKER_ENV} = \"{marker}\" }}\n",
-        toml_list(&["sh".into(), "-c".into(), script]),
+        testkit::toml_list(&["sh".into(), "-c".into(), script]),
+        MARKER_ENV = testkit::MARKER_ENV,
     )
 }
 
@@ -180,8 +157,7 @@ impl Stack {
         std::fs::write(&config_path, config).expect("write config");
         set_mode(&config_path, 0o644);
 
-        let client = gpuswap::connect(&Endpoint::Unix(socket.clone()), &ClientOptions::default())
-            .expect("client");
+        let client = testkit::supervisor_client(&socket);
         let mut stack = Stack {
             dir,
             config_path,
@@ -210,22 +186,12 @@ impl Stack {
     }
 
     async fn start_supervisor(&mut self) {
-        let log = std::fs::File::create(self.log_path("supervisor.log")).expect("log");
-        let mut command = Command::new(testkit::bin("gpuswap-supervisor"));
-        command
-            .arg("--config")
-            .arg(&self.config_path)
-            .env("RUST_LOG", "debug")
-            .stdin(Stdio::null())
-            .stdout(log.try_clone().expect("log fd"))
-            .stderr(log);
-        self.supervisor = Some(Proc::spawn(command));
-        let client = self.client.clone();
-        testkit::wait_for("the supervisor to answer", DEADLINE, || {
-            let mut client = client.clone();
-            async move { client.status(pb::StatusRequest {}).await.ok() }
-        })
-        .await;
+        let log_path = self.log_path("supervisor.log");
+        let log = std::fs::File::create(&log_path).expect("log");
+        let mut command = testkit::supervisor_command(&self.config_path, "debug");
+        command.stdout(log.try_clone().expect("log fd")).stderr(log);
+        let proc = self.supervisor.insert(Proc::spawn(command));
+        testkit::wait_until_answering(&self.client, proc, &log_path).await;
         let mut client = self.client.clone();
         let watched = Arc::clone(&self.watched);
         let mut stream = client
@@ -321,12 +287,7 @@ impl Stack {
     }
 
     async fn status(&self) -> pb::StatusResponse {
-        let mut client = self.client.clone();
-        tokio::time::timeout(DEADLINE, client.status(pb::StatusRequest {}))
-            .await
-            .expect("Status in time")
-            .expect("Status")
-            .into_inner()
+        testkit::status(&self.client).await
     }
 
     async fn ctl(&self, args: &[&str]) -> (Option<i32>, String, String) {
