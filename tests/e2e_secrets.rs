@@ -291,18 +291,7 @@ impl Stack {
     }
 
     async fn ctl(&self, args: &[&str]) -> (Option<i32>, String, String) {
-        let mut command = tokio::process::Command::new(testkit::bin("gpuswapctl"));
-        command
-            .arg("--endpoint")
-            .arg(format!("unix://{}", self.socket.display()))
-            .arg("--no-color")
-            .args(args)
-            .stdin(Stdio::null())
-            .kill_on_drop(true);
-        let output = tokio::time::timeout(DEADLINE, command.output())
-            .await
-            .unwrap_or_else(|_| panic!("gpuswapctl {args:?} did not end in time"))
-            .expect("run gpuswapctl");
+        let output = testkit::run_ctl(&format!("unix://{}", self.socket.display()), args).await;
         (
             output.status.code(),
             String::from_utf8_lossy(&output.stdout).into_owned(),

@@ -12,10 +12,12 @@ use std::{
     time::{Duration, Instant},
 };
 
+mod ctl;
 mod mock;
 mod promtool;
 mod supervisor;
 
+pub use ctl::run_ctl;
 pub use mock::{MARKER_ENV, MockModel, key_of, lines_with_defaults, stack_sections, toml_list};
 pub use promtool::promtool_check;
 pub use supervisor::{

@@ -293,18 +293,7 @@ impl Stack {
     /// Runs `gpuswapctl --endpoint <this supervisor> ARGS...` to its end (bounded).
     pub async fn ctl(&self, args: &[&str]) -> CtlOutput {
         let started = Instant::now();
-        let mut command = tokio::process::Command::new(testkit::bin("gpuswapctl"));
-        command
-            .arg("--endpoint")
-            .arg(self.endpoint())
-            .arg("--no-color")
-            .args(args)
-            .stdin(Stdio::null())
-            .kill_on_drop(true);
-        let output = tokio::time::timeout(DEADLINE, command.output())
-            .await
-            .unwrap_or_else(|_| panic!("gpuswapctl {args:?} did not end within {DEADLINE:?}"))
-            .expect("run gpuswapctl");
+        let output = testkit::run_ctl(&self.endpoint(), args).await;
         CtlOutput {
             code: output.status.code(),
             stdout: String::from_utf8_lossy(&output.stdout).into_owned(),
