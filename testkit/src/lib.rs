@@ -138,17 +138,7 @@ pub fn alive(pid: u32) -> bool {
 /// that left its process group or was re-parented.
 pub fn processes_with_marker(marker: &str) -> Vec<u32> {
     let mut found = Vec::new();
-    let Ok(entries) = std::fs::read_dir("/proc") else {
-        return found;
-    };
-    for entry in entries.flatten() {
-        let Some(pid) = entry
-            .file_name()
-            .to_str()
-            .and_then(|s| s.parse::<u32>().ok())
-        else {
-            continue;
-        };
+    for pid in process_ids() {
         if pid == std::process::id() {
             continue;
         }
@@ -162,6 +152,17 @@ pub fn processes_with_marker(marker: &str) -> Vec<u32> {
         }
     }
     found
+}
+
+/// The id of every process in `/proc` (none when it cannot be read).
+pub fn process_ids() -> Vec<u32> {
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    entries
+        .flatten()
+        .filter_map(|entry| entry.file_name().to_str()?.parse::<u32>().ok())
+        .collect()
 }
 
 /// A unique marker for [`processes_with_marker`].

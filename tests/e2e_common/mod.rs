@@ -770,18 +770,8 @@ fn marker_of(pid: u32) -> Option<String> {
 /// every few milliseconds: only processes named like the mock are read further.
 pub fn scan_mocks(stack_marker: &str) -> Vec<MockProcess> {
     let mut found = Vec::new();
-    let Ok(entries) = std::fs::read_dir("/proc") else {
-        return found;
-    };
     let prefix = format!("{stack_marker}/");
-    for entry in entries.flatten() {
-        let Some(pid) = entry
-            .file_name()
-            .to_str()
-            .and_then(|s| s.parse::<u32>().ok())
-        else {
-            continue;
-        };
+    for pid in testkit::process_ids() {
         let Some((comm, state, ppid, starttime)) = proc_stat(pid) else {
             continue;
         };
