@@ -35,6 +35,9 @@ struct Args {
     /// Overrides telemetry.log_format.
     #[arg(long, value_enum)]
     log_format: Option<LogFormat>,
+    /// Validate the configuration, print a summary and exit (0: valid, 2: invalid).
+    #[arg(long)]
+    check: bool,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -66,6 +69,15 @@ fn main() -> ExitCode {
             return ExitCode::from(EXIT_BAD_CONFIG);
         }
     };
+    if args.check {
+        println!(
+            "{}: valid ({} models: {})",
+            args.config.display(),
+            config.models.len(),
+            config.models.keys().cloned().collect::<Vec<_>>().join(", ")
+        );
+        return ExitCode::SUCCESS;
+    }
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

@@ -31,12 +31,17 @@ fn bad_configs_exit_2_and_name_the_key() {
     ];
     for (text, key) in cases {
         std::fs::write(&config, text).expect("write config");
-        let (code, stderr) = run_to_exit(&["--config", config_arg], dir.path());
-        assert_eq!(code, Some(2), "{text}: {stderr}");
-        assert!(
-            stderr.contains(key),
-            "{text}: the error names {key}: {stderr}"
-        );
+        for args in [
+            &["--config", config_arg][..],
+            &["--config", config_arg, "--check"],
+        ] {
+            let (code, stderr) = run_to_exit(args, dir.path());
+            assert_eq!(code, Some(2), "{args:?} {text}: {stderr}");
+            assert!(
+                stderr.contains(key),
+                "{text}: the error names {key}: {stderr}"
+            );
+        }
     }
     let (code, stderr) = run_to_exit(&["--config", "/nonexistent/gpuswap.toml"], dir.path());
     assert_eq!(code, Some(2), "{stderr}");
@@ -49,6 +54,18 @@ fn bad_configs_exit_2_and_name_the_key() {
     );
     assert_eq!(code, Some(2), "{stderr}");
     assert!(stderr.contains("supervisor.listen"), "{stderr}");
+}
+
+#[test]
+fn check_validates_the_shipped_example_and_exits_0_without_serving() {
+    let dir = testkit::short_tempdir();
+    let example = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../deploy/examples/blackwell.toml"
+    );
+    // The example listens on /run/gpuswap: --check must neither bind nor touch it.
+    let (code, stderr) = run_to_exit(&["--config", example, "--check"], dir.path());
+    assert_eq!(code, Some(0), "{stderr}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
