@@ -1356,6 +1356,24 @@ impl Actor {
         true
     }
 
+    /// Stops `name` because the waiter at `index` (for `target`) needs its GPUs: tells the
+    /// waiter, and times the stop inside that waiter's swap span.
+    fn stop_for_waiter(&mut self, index: usize, name: &str, target: &str) {
+        self.queue[index].notice(
+            format!("stopping:{name}"),
+            Event::Stopping(pb::Stopping {
+                model: name.to_owned(),
+            }),
+        );
+        let swap = self.queue[index].span.clone();
+        self.begin_stop(
+            name,
+            &format!("{target} needs the GPUs"),
+            WaiterFate::Requeue,
+            Some(&swap),
+        );
+    }
+
     /// Moves the conflicting model `name` one step towards stopped, for the waiter at `index`.
     fn make_room(
         &mut self,
@@ -1383,19 +1401,7 @@ impl Actor {
                 // Only a start nobody waits for can be in the way (a later waiter of it
                 // waits behind this one): cancel it.
                 if !wanted_elsewhere {
-                    self.queue[index].notice(
-                        format!("stopping:{name}"),
-                        Event::Stopping(pb::Stopping {
-                            model: name.to_owned(),
-                        }),
-                    );
-                    let swap = self.queue[index].span.clone();
-                    self.begin_stop(
-                        name,
-                        &format!("{target} needs the GPUs"),
-                        WaiterFate::Requeue,
-                        Some(&swap),
-                    );
+                    self.stop_for_waiter(index, name, &target);
                 }
             }
             State::Ready => {
@@ -1449,19 +1455,7 @@ impl Actor {
                         return;
                     }
                 }
-                self.queue[index].notice(
-                    format!("stopping:{name}"),
-                    Event::Stopping(pb::Stopping {
-                        model: name.to_owned(),
-                    }),
-                );
-                let swap = self.queue[index].span.clone();
-                self.begin_stop(
-                    name,
-                    &format!("{target} needs the GPUs"),
-                    WaiterFate::Requeue,
-                    Some(&swap),
-                );
+                self.stop_for_waiter(index, name, &target);
             }
         }
     }
