@@ -265,28 +265,15 @@ async fn the_gateway_rides_out_a_supervisor_restart() {
     assert_eq!(s, 200, "{t}");
     stack.kill_supervisor();
     testkit::wait_for("the gateway to notice", testkit::DEADLINE, || async {
-        let health: Value = stack
-            .http
-            .get(stack.url("/health"))
-            .send()
-            .await
-            .ok()?
-            .json()
-            .await
-            .ok()?;
+        let health = stack.get_json("/health").await?;
         (health["supervisor"]["connected"] == false).then_some(())
     })
     .await;
     // The list still answers from the last catalog.
-    let list: Value = stack
-        .http
-        .get(stack.url("/v1/models"))
-        .send()
+    let list = stack
+        .get_json("/v1/models")
         .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+        .expect("/v1/models answers");
     let ids: Vec<&str> = list["data"]
         .as_array()
         .unwrap()
@@ -306,15 +293,7 @@ async fn the_gateway_rides_out_a_supervisor_restart() {
 
     stack.start_supervisor().await;
     testkit::wait_for("the gateway to reconnect", testkit::DEADLINE, || async {
-        let health: Value = stack
-            .http
-            .get(stack.url("/health"))
-            .send()
-            .await
-            .ok()?
-            .json()
-            .await
-            .ok()?;
+        let health = stack.get_json("/health").await?;
         (health["supervisor"]["connected"] == true).then_some(())
     })
     .await;

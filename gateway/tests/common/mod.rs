@@ -255,6 +255,18 @@ impl Stack {
         })
     }
 
+    /// GETs JSON from the first gateway; None when it does not answer with JSON.
+    pub async fn get_json(&self, path: &str) -> Option<Value> {
+        self.http
+            .get(self.url(path))
+            .send()
+            .await
+            .ok()?
+            .json()
+            .await
+            .ok()
+    }
+
     /// POSTs JSON to the first gateway; the status and the body text.
     pub async fn post(&self, path: &str, body: &Value) -> (u16, String) {
         post_to(&self.http, &self.url(path), body).await
