@@ -4,6 +4,7 @@
 //! - [`route`]: the lock-free route table and in-flight counts.
 //! - [`scheduler`]: the actor that orders requests and holds models.
 //! - [`proxy`]: the hot path; [`waiting`]: streams that wait for a swap.
+//! - [`upstream`]: keep-alive backend connections, driven by the requests using them.
 //! - [`tokens`]: completion tokens counted from response bytes in passing.
 //! - [`server`]: the HTTP endpoints (`/metrics` included) and the accept loop.
 
@@ -14,6 +15,7 @@ pub mod route;
 pub mod scheduler;
 pub mod server;
 pub mod tokens;
+pub mod upstream;
 pub mod waiting;
 
 use std::{
@@ -22,15 +24,9 @@ use std::{
 };
 
 use anyhow::Context as _;
-use bytes::Bytes;
 use gpuswap::{ClientOptions, Endpoint, config::GatewayConfig};
 use gpuswap_telemetry::{GatewayMetrics, Metrics};
 use http::{HeaderMap, header};
-use http_body_util::Full;
-use hyper_util::{
-    client::legacy::{Client, connect::HttpConnector},
-    rt::{TokioExecutor, TokioTimer},
-};
 
 use crate::{
     catalog::CatalogHandle,
@@ -38,14 +34,11 @@ use crate::{
     scheduler::{Scheduler, SchedulerConfig, SchedulerHandle},
 };
 
-pub type UpstreamClient = Client<HttpConnector, Full<Bytes>>;
-
 /// What every request handler shares.
 pub struct Gateway {
     pub catalog: Arc<CatalogHandle>,
     pub routes: Arc<RouteTable>,
     pub scheduler: SchedulerHandle,
-    pub client: UpstreamClient,
     pub api_keys: Vec<Vec<u8>>,
     pub max_body: u64,
     pub queue_timeout: Duration,
@@ -79,22 +72,6 @@ impl Gateway {
         }
         ok
     }
-}
-
-/// The pooled keep-alive HTTP/1.1 client for backends.
-pub fn upstream_client() -> UpstreamClient {
-    let mut connector = HttpConnector::new();
-    connector.set_nodelay(true);
-    connector.set_connect_timeout(Some(Duration::from_secs(10)));
-    Client::builder(TokioExecutor::new())
-        .pool_max_idle_per_host(4096)
-        // Below uvicorn's 5 s keep-alive, so the gateway, not the backend,
-        // closes idle connections (no request lost on a closing connection).
-        .pool_idle_timeout(Duration::from_secs(4))
-        .pool_timer(TokioTimer::new())
-        // Routes carry a prebuilt Host header.
-        .set_host(false)
-        .build(connector)
 }
 
 /// Connections the kernel queues for the accept loop (capped by
@@ -181,7 +158,6 @@ pub async fn run(config: GatewayConfig, listen: Option<String>) -> anyhow::Resul
         catalog,
         routes,
         scheduler: handle,
-        client: upstream_client(),
         api_keys: config
             .api_keys
             .iter()
@@ -231,7 +207,6 @@ pub(crate) mod tests {
             catalog,
             routes,
             scheduler: handle,
-            client: upstream_client(),
             api_keys: vec![b"k1".to_vec(), b"k2".to_vec()],
             max_body: 1 << 20,
             queue_timeout: Duration::from_secs(1),

@@ -19,7 +19,6 @@ use gpuswap_telemetry::RequestMetrics;
 use http::{HeaderMap, HeaderValue, Request, StatusCode, Uri, header, request::Parts};
 use http_body::{Body as HttpBody, Frame, SizeHint};
 use http_body_util::{BodyExt, Full, LengthLimitError, Limited};
-use hyper::body::Incoming;
 use serde::Deserialize;
 use serde_json::value::RawValue;
 use tracing::{Instrument as _, Span};
@@ -29,6 +28,7 @@ use crate::{
     error::{ApiError, convert_backend_error},
     route::{InFlight, Route},
     tokens::{Counting, TokenCounter},
+    upstream::UpstreamBody,
     waiting::WaitingStream,
 };
 
@@ -207,7 +207,7 @@ async fn handle_in(gateway: Arc<Gateway>, request: Request<Body>, span: Span) ->
                 }
             }
         };
-        match forward(&gateway, &upstream, guard, metrics).await {
+        match forward(&upstream, guard, metrics).await {
             Forwarded::Response(response) => return response,
             Forwarded::Unanswered {
                 generation,
@@ -286,7 +286,7 @@ impl Upstream {
     /// The upstream request for `route`: same method, path, query and headers
     /// (less hop-by-hop and the client's credentials), the backend's key, and
     /// the body with the model renamed when the backend serves another name.
-    fn to_request(&self, route: &Route) -> Result<Request<Full<Bytes>>, ApiError> {
+    fn to_request(&self, route: &Route) -> Request<Full<Bytes>> {
         let body = if self.probed.model == route.served_name {
             self.body.clone()
         } else {
@@ -296,18 +296,14 @@ impl Upstream {
                 &route.served_name_json,
             )
         };
-        let path = self
+        // Origin form: the connection is already the backend's.
+        let uri = self
             .parts
             .uri
             .path_and_query()
             .cloned()
-            .unwrap_or_else(|| http::uri::PathAndQuery::from_static("/"));
-        let uri = Uri::builder()
-            .scheme(http::uri::Scheme::HTTP)
-            .authority(route.upstream.clone())
-            .path_and_query(path)
-            .build()
-            .map_err(|e| ApiError::backend_unavailable(&route.model, e))?;
+            .map(Uri::from)
+            .unwrap_or_else(|| Uri::from_static("/"));
         let mut headers = HeaderMap::with_capacity(self.parts.headers.len() + 2);
         for (name, value) in &self.parts.headers {
             if !STRIPPED_REQUEST_HEADERS.contains(&name.as_str()) {
@@ -328,7 +324,7 @@ impl Upstream {
         *request.method_mut() = self.parts.method.clone();
         *request.uri_mut() = uri;
         *request.headers_mut() = headers;
-        Ok(request)
+        request
     }
 }
 
@@ -375,18 +371,13 @@ pub enum Forwarded {
 
 /// Forwards a granted request and streams the answer back.
 pub async fn forward(
-    gateway: &Gateway,
     upstream: &Upstream,
     guard: InFlight,
     mut metrics: RequestMetrics,
 ) -> Forwarded {
     let route = Arc::clone(guard.route());
-    let request = match upstream.to_request(&route) {
-        Ok(r) => r,
-        Err(e) => return Forwarded::Response(failed(metrics, e)),
-    };
     metrics.forwarding();
-    let response = match gateway.client.request(request).await {
+    let response = match route.pool.send(|| upstream.to_request(&route)).await {
         Ok(r) => r,
         Err(e) => {
             return Forwarded::Unanswered {
@@ -458,15 +449,14 @@ async fn open_stream(
     upstream: &Upstream,
     mut guard: InFlight,
     metrics: &mut RequestMetrics,
-) -> Result<(StatusCode, Incoming, InFlight), (StatusCode, Bytes)> {
+) -> Result<(StatusCode, UpstreamBody, InFlight), (StatusCode, Bytes)> {
     let as_event = |e: ApiError| (e.status, e.sse_event());
     let model = Arc::clone(&guard.route().model);
     let mut refusals = 0;
     let response = loop {
         let route = Arc::clone(guard.route());
-        let request = upstream.to_request(&route).map_err(as_event)?;
         metrics.forwarding();
-        match gateway.client.request(request).await {
+        match route.pool.send(|| upstream.to_request(&route)).await {
             Ok(response) => break response,
             Err(e) if refusals < MAX_REFUSALS => {
                 refusals += 1;
@@ -516,7 +506,7 @@ async fn regrant(gateway: &Gateway, model: &Arc<str>) -> Result<InFlight, ApiErr
     }
 }
 
-async fn read_error_body(incoming: Incoming) -> Bytes {
+async fn read_error_body(incoming: UpstreamBody) -> Bytes {
     match Limited::new(incoming, ERROR_BODY_LIMIT).collect().await {
         Ok(c) => c.to_bytes(),
         Err(_) => Bytes::new(),
@@ -555,7 +545,7 @@ fn error_chain(e: &dyn std::error::Error) -> String {
 /// in-flight count until it ends or the client goes away (dropping it drops
 /// the upstream body, which cancels the upstream request).
 pub struct GuardedBody {
-    inner: Incoming,
+    inner: UpstreamBody,
     guard: Option<InFlight>,
     /// An event stream reports a broken upstream as a final error event.
     sse: bool,
@@ -574,7 +564,7 @@ const BROKEN_STREAM: u16 = 502;
 
 impl GuardedBody {
     pub fn new(
-        inner: Incoming,
+        inner: UpstreamBody,
         guard: InFlight,
         sse: bool,
         status: StatusCode,

@@ -15,7 +15,7 @@ use bytes::Bytes;
 use http::{HeaderValue, uri::Authority};
 use tokio::sync::mpsc;
 
-use crate::scheduler::ActorMsg;
+use crate::{scheduler::ActorMsg, upstream::ConnPool};
 
 /// Where requests for one model go while the gateway holds it.
 #[derive(Debug)]
@@ -23,6 +23,8 @@ pub struct Route {
     /// The canonical model id.
     pub model: Arc<str>,
     pub upstream: Authority,
+    /// Idle keep-alive connections to this backend (this generation only).
+    pub pool: Arc<ConnPool>,
     /// `Host` for upstream requests, built once (the client would format it per request).
     pub host: HeaderValue,
     /// The id the backend expects, as a JSON string literal, to splice into bodies.
@@ -55,6 +57,7 @@ impl Route {
         Self {
             model,
             host,
+            pool: ConnPool::new(upstream.clone()),
             upstream,
             served_name,
             served_name_json,

@@ -55,7 +55,7 @@ enum State {
         upstream: Option<Box<Upstream>>,
     },
     Forwarding(BoxFuture<'static, Result<GuardedBody, Bytes>>),
-    Streaming(GuardedBody),
+    Streaming(Box<GuardedBody>),
     Done,
 }
 
@@ -239,7 +239,7 @@ impl HttpBody for WaitingStream {
                     return Poll::Pending;
                 }
                 State::Forwarding(future) => match future.as_mut().poll(cx) {
-                    Poll::Ready(Ok(body)) => this.state = State::Streaming(body),
+                    Poll::Ready(Ok(body)) => this.state = State::Streaming(Box::new(body)),
                     Poll::Ready(Err(event)) => return this.fail(event),
                     Poll::Pending => {
                         // The backend may take a while to its first byte (long prompts).

@@ -70,6 +70,10 @@ pub struct SuiteArgs {
     /// Leave out targets: any of nginx, litellm, gpuswap.
     #[arg(long, value_delimiter = ',')]
     pub skip: Vec<String>,
+    /// Only the proxy-overhead scenarios (no swap, stop, scale or flood
+    /// sections): for quick A/B runs; the table goes to OUT/RESULTS.md.
+    #[arg(long)]
+    pub load_only: bool,
     /// Raw JSON, logs and a copy of the table go here.
     #[arg(long, default_value = "bench/out")]
     pub out: PathBuf,
@@ -250,7 +254,7 @@ pub async fn run(args: SuiteArgs) -> Result<()> {
     let markdown = report::render(&plan, &results, &environment, started.elapsed());
     println!("{markdown}");
     let results_path = args.results.clone().unwrap_or_else(|| {
-        if plan.quick {
+        if plan.quick || args.load_only {
             out.join("RESULTS.md")
         } else {
             PathBuf::from("bench/RESULTS.md")
@@ -388,14 +392,16 @@ async fn run_all(
 
     if let Some(mut g) = gpuswap {
         let gateway_ok = usable.iter().any(|t| t.key == "gpuswap");
-        if gateway_ok {
-            swap_section(plan, &g, results).await;
+        if !args.load_only {
+            if gateway_ok {
+                swap_section(plan, &g, results).await;
+            }
+            stop_section(plan, &g, bin_dir, results).await;
+            if gateway_ok {
+                scale_section(plan, &g, results).await;
+            }
+            flood_section(plan, &g, results).await;
         }
-        stop_section(plan, &g, bin_dir, results).await;
-        if gateway_ok {
-            scale_section(plan, &g, results).await;
-        }
-        flood_section(plan, &g, results).await;
         gpuswap::stop_all(&mut g).await;
     }
     Ok(())
