@@ -239,6 +239,14 @@ impl UpstreamBody {
     }
 }
 
+impl std::fmt::Debug for UpstreamBody {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("UpstreamBody")
+            .field("pool", &self.pool)
+            .finish_non_exhaustive()
+    }
+}
+
 impl Body for UpstreamBody {
     type Data = Bytes;
     type Error = hyper::Error;
@@ -280,5 +288,151 @@ impl Drop for UpstreamBody {
         if self.inner.is_end_stream() {
             self.release();
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicUsize, Ordering::SeqCst};
+
+    use http_body_util::BodyExt;
+    use tokio::{
+        io::{AsyncReadExt, AsyncWriteExt},
+        net::TcpListener,
+    };
+
+    use super::*;
+
+    /// How the test backend treats its connections.
+    #[derive(Clone, Copy)]
+    enum Behaviour {
+        /// Answers every request on a connection.
+        KeepAlive,
+        /// Closes each connection right after its first answer (as a
+        /// backend's keep-alive timeout would, between requests).
+        CloseAfterAnswer,
+        /// Reads the second request of a connection, then closes it unanswered
+        /// (the keep-alive timeout fired as the request was on its way).
+        DropSecondRequest,
+    }
+
+    /// A raw HTTP/1.1 backend; each answer names its connection's number.
+    async fn backend(behaviour: Behaviour) -> (Authority, Arc<AtomicUsize>) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let authority = Authority::try_from(listener.local_addr().unwrap().to_string()).unwrap();
+        let accepted = Arc::new(AtomicUsize::new(0));
+        let counter = Arc::clone(&accepted);
+        tokio::spawn(async move {
+            loop {
+                let (mut socket, _) = listener.accept().await.unwrap();
+                let id = counter.fetch_add(1, SeqCst) + 1;
+                tokio::spawn(async move {
+                    let mut buf = Vec::new();
+                    for served in 0.. {
+                        if !read_request(&mut socket, &mut buf).await {
+                            return;
+                        }
+                        if matches!(behaviour, Behaviour::DropSecondRequest) && served == 1 {
+                            return;
+                        }
+                        let body = format!("conn-{id}");
+                        let head =
+                            format!("HTTP/1.1 200 OK\r\ncontent-length: {}\r\n\r\n", body.len());
+                        socket.write_all((head + &body).as_bytes()).await.unwrap();
+                        if matches!(behaviour, Behaviour::CloseAfterAnswer) {
+                            return;
+                        }
+                    }
+                });
+            }
+        });
+        (authority, accepted)
+    }
+
+    /// Reads one request without a body; false at end of stream.
+    async fn read_request(socket: &mut TcpStream, buf: &mut Vec<u8>) -> bool {
+        loop {
+            if let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                buf.drain(..end + 4);
+                return true;
+            }
+            let mut chunk = [0u8; 4096];
+            match socket.read(&mut chunk).await {
+                Ok(0) | Err(_) => return false,
+                Ok(n) => buf.extend_from_slice(&chunk[..n]),
+            }
+        }
+    }
+
+    fn get() -> Request<Full<Bytes>> {
+        Request::builder()
+            .uri("/x")
+            .header("host", "backend")
+            .body(Full::new(Bytes::new()))
+            .unwrap()
+    }
+
+    async fn text(pool: &Arc<ConnPool>) -> String {
+        let response = pool.send(get).await.unwrap();
+        let body = response.into_body().collect().await.unwrap().to_bytes();
+        String::from_utf8(body.to_vec()).unwrap()
+    }
+
+    /// Idle connections (a body read to its end returns its connection as it ends).
+    fn idle(pool: &ConnPool) -> usize {
+        pool.lock().len()
+    }
+
+    #[tokio::test]
+    async fn a_connection_is_reused_once_its_answer_was_read() {
+        let (authority, accepted) = backend(Behaviour::KeepAlive).await;
+        let pool = ConnPool::new(authority);
+        assert_eq!(text(&pool).await, "conn-1");
+        assert_eq!(idle(&pool), 1);
+        assert_eq!(text(&pool).await, "conn-1");
+        assert_eq!(text(&pool).await, "conn-1");
+        assert_eq!(accepted.load(SeqCst), 1);
+    }
+
+    #[tokio::test]
+    async fn a_connection_the_backend_closed_while_idle_is_not_used() {
+        let (authority, accepted) = backend(Behaviour::CloseAfterAnswer).await;
+        let pool = ConnPool::new(authority);
+        assert_eq!(text(&pool).await, "conn-1");
+        // Whether or not the hangup arrived before the next request, that
+        // request is answered, on a new connection.
+        assert_eq!(text(&pool).await, "conn-2");
+        assert_eq!(text(&pool).await, "conn-3");
+        assert_eq!(accepted.load(SeqCst), 3);
+    }
+
+    #[tokio::test]
+    async fn a_request_lost_on_a_closing_reused_connection_is_sent_again_on_a_new_one() {
+        let (authority, accepted) = backend(Behaviour::DropSecondRequest).await;
+        let pool = ConnPool::new(authority);
+        assert_eq!(text(&pool).await, "conn-1");
+        assert_eq!(text(&pool).await, "conn-2");
+        assert_eq!(accepted.load(SeqCst), 2);
+    }
+
+    #[tokio::test]
+    async fn a_body_dropped_before_its_end_closes_its_connection() {
+        let (authority, accepted) = backend(Behaviour::KeepAlive).await;
+        let pool = ConnPool::new(authority);
+        let response = pool.send(get).await.unwrap();
+        assert!(!response.body().is_end_stream());
+        drop(response);
+        assert_eq!(idle(&pool), 0);
+        assert_eq!(text(&pool).await, "conn-2");
+        assert_eq!(accepted.load(SeqCst), 2);
+    }
+
+    #[tokio::test]
+    async fn a_backend_that_is_not_listening_is_a_connect_error() {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let authority = Authority::try_from(listener.local_addr().unwrap().to_string()).unwrap();
+        drop(listener);
+        let error = ConnPool::new(authority).send(get).await.unwrap_err();
+        assert!(matches!(error, UpstreamError::Connect { .. }), "{error}");
     }
 }
