@@ -16,11 +16,11 @@ use std::{
     future::{Future, poll_fn},
     pin::Pin,
     sync::{Arc, Mutex},
-    task::{Context, Poll, Waker},
+    task::{Context, Poll, Waker, ready},
     time::{Duration, Instant},
 };
 
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use http::{Request, Response, uri::Authority};
 use http_body::{Body, Frame, SizeHint};
 use http_body_util::Full;
@@ -38,6 +38,8 @@ const IDLE_TIMEOUT: Duration = Duration::from_secs(4);
 /// Idle connections kept per backend.
 const MAX_IDLE: usize = 4096;
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// At most this much already-received body is merged into one frame.
+const MERGE_LIMIT: usize = 64 << 10;
 
 /// Why a request got no answer from the backend.
 #[derive(Debug, thiserror::Error)]
@@ -144,6 +146,7 @@ impl ConnPool {
             inner,
             conn: Some(conn),
             pool: Arc::clone(self),
+            stashed: None,
         })
     }
 
@@ -229,9 +232,35 @@ pub struct UpstreamBody {
     inner: Incoming,
     conn: Option<Conn>,
     pool: Arc<ConnPool>,
+    /// What came after the data merged into the last frame: the end, an
+    /// error or trailers, handed out by the next poll.
+    stashed: Option<Option<Result<Frame<Bytes>, hyper::Error>>>,
 }
 
 impl UpstreamBody {
+    /// The next frame from the connection, which hands over one decoded
+    /// chunk per turn: take what is there, else let it decode (or read) the
+    /// next one and look again.
+    fn poll_next(
+        &mut self,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        let mut polled = Pin::new(&mut self.inner).poll_frame(cx);
+        if polled.is_pending() {
+            if let Some(conn) = &mut self.conn {
+                conn.drive(cx);
+            }
+            polled = Pin::new(&mut self.inner).poll_frame(cx);
+        }
+        match &polled {
+            Poll::Ready(None) => self.release(),
+            Poll::Ready(Some(Ok(_))) if self.inner.is_end_stream() => self.release(),
+            Poll::Ready(Some(Err(_))) => self.conn = None,
+            _ => {}
+        }
+        polled
+    }
+
     fn release(&mut self) {
         if let Some(conn) = self.conn.take() {
             self.pool.put_idle(conn);
@@ -256,26 +285,55 @@ impl Body for UpstreamBody {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
         let this = &mut *self;
-        // The connection hands over one decoded chunk per turn: take what is
-        // there, else let it decode (or read) the next one and look again.
-        let mut polled = Pin::new(&mut this.inner).poll_frame(cx);
-        if polled.is_pending() {
-            if let Some(conn) = &mut this.conn {
-                conn.drive(cx);
+        if let Some(stashed) = this.stashed.take() {
+            return Poll::Ready(stashed);
+        }
+        let data = match ready!(this.poll_next(cx)) {
+            Some(Ok(frame)) => match frame.into_data() {
+                Ok(data) => data,
+                Err(trailers) => return Poll::Ready(Some(Ok(trailers))),
+            },
+            other => return Poll::Ready(other),
+        };
+        // Everything else that has already arrived goes out with it: one
+        // frame, one chunk to encode and write, instead of one per token.
+        let mut merged = BytesMut::new();
+        while !this.inner.is_end_stream() && data.len() + merged.len() < MERGE_LIMIT {
+            match this.poll_next(cx) {
+                Poll::Pending => break,
+                Poll::Ready(Some(Ok(frame))) => match frame.into_data() {
+                    Ok(next) => {
+                        if merged.is_empty() {
+                            merged.reserve(MERGE_LIMIT.min(4 * (data.len() + next.len())));
+                            merged.extend_from_slice(&data);
+                        }
+                        merged.extend_from_slice(&next);
+                    }
+                    Err(trailers) => {
+                        this.stashed = Some(Some(Ok(trailers)));
+                        break;
+                    }
+                },
+                // The end or the error follows the data, on the next poll.
+                Poll::Ready(other) => {
+                    this.stashed = Some(other);
+                    break;
+                }
             }
-            polled = Pin::new(&mut this.inner).poll_frame(cx);
         }
-        match &polled {
-            Poll::Ready(None) => this.release(),
-            Poll::Ready(Some(Ok(_))) if this.inner.is_end_stream() => this.release(),
-            Poll::Ready(Some(Err(_))) => this.conn = None,
-            _ => {}
-        }
-        polled
+        let data = if merged.is_empty() {
+            data
+        } else {
+            merged.freeze()
+        };
+        Poll::Ready(Some(Ok(Frame::data(data))))
     }
 
     fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
+        match &self.stashed {
+            Some(Some(_)) => false,
+            _ => self.inner.is_end_stream(),
+        }
     }
 
     fn size_hint(&self) -> SizeHint {
@@ -314,6 +372,8 @@ mod tests {
         /// Reads the second request of a connection, then closes it unanswered
         /// (the keep-alive timeout fired as the request was on its way).
         DropSecondRequest,
+        /// Writes these bytes as the answer (in one write), then closes.
+        Raw(&'static [u8]),
     }
 
     /// A raw HTTP/1.1 backend; each answer names its connection's number.
@@ -333,6 +393,10 @@ mod tests {
                             return;
                         }
                         if matches!(behaviour, Behaviour::DropSecondRequest) && served == 1 {
+                            return;
+                        }
+                        if let Behaviour::Raw(answer) = behaviour {
+                            socket.write_all(answer).await.unwrap();
                             return;
                         }
                         let body = format!("conn-{id}");
@@ -425,6 +489,47 @@ mod tests {
         assert_eq!(idle(&pool), 0);
         assert_eq!(text(&pool).await, "conn-2");
         assert_eq!(accepted.load(SeqCst), 2);
+    }
+
+    /// The frames of an answer, as the server would take them.
+    async fn frames(answer: &'static [u8]) -> Vec<Result<Bytes, String>> {
+        let (authority, _) = backend(Behaviour::Raw(answer)).await;
+        let mut body = ConnPool::new(authority)
+            .send(get)
+            .await
+            .unwrap()
+            .into_body();
+        let mut frames = Vec::new();
+        while let Some(frame) = body.frame().await {
+            frames.push(
+                frame
+                    .map(|f| f.into_data().unwrap())
+                    .map_err(|e| e.to_string()),
+            );
+        }
+        frames
+    }
+
+    #[tokio::test]
+    async fn events_that_arrived_together_go_out_as_one_frame() {
+        let answer = b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\n\
+            transfer-encoding: chunked\r\n\r\n\
+            9\r\ndata: a\n\n\r\n9\r\ndata: b\n\n\r\n9\r\ndata: c\n\n\r\n0\r\n\r\n";
+        let frames = frames(answer).await;
+        assert_eq!(
+            frames,
+            [Ok(Bytes::from("data: a\n\ndata: b\n\ndata: c\n\n"))]
+        );
+    }
+
+    #[tokio::test]
+    async fn a_stream_that_breaks_hands_over_its_data_before_the_error() {
+        let answer = b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n\
+            9\r\ndata: a\n\n\r\n9\r\ndata: b\n\n\r\n";
+        let frames = frames(answer).await;
+        assert_eq!(frames.len(), 2, "{frames:?}");
+        assert_eq!(frames[0], Ok(Bytes::from("data: a\n\ndata: b\n\n")));
+        assert!(frames[1].is_err(), "{frames:?}");
     }
 
     #[tokio::test]
