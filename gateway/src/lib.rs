@@ -74,6 +74,19 @@ impl Gateway {
     }
 }
 
+/// Closes backend connections left idle: a pool is otherwise trimmed only
+/// when it is used, and the connections of a burst would stay open.
+async fn close_stale_connections(routes: Arc<RouteTable>) {
+    let mut tick = tokio::time::interval(upstream::IDLE_SWEEP);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+    loop {
+        tick.tick().await;
+        for route in routes.snapshot().values() {
+            route.pool.close_stale();
+        }
+    }
+}
+
 /// Connections the kernel queues for the accept loop (capped by
 /// `net.core.somaxconn`). The usual 128 overflows when a burst of clients
 /// connects at once: their handshakes then wait for SYN retries (a second or
@@ -153,6 +166,7 @@ pub async fn run(config: GatewayConfig, listen: Option<String>) -> anyhow::Resul
         endpoint.to_string(),
     ));
     tokio::spawn(scheduler.run());
+    tokio::spawn(close_stale_connections(Arc::clone(&routes)));
 
     let gateway = Arc::new(Gateway {
         catalog,

@@ -35,6 +35,8 @@ use tokio::net::TcpStream;
 /// not the backend, gives up on idle connections: a request sent into a
 /// connection the backend is closing would be lost on the way.
 const IDLE_TIMEOUT: Duration = Duration::from_secs(4);
+/// How often [`ConnPool::close_stale`] is due.
+pub const IDLE_SWEEP: Duration = Duration::from_secs(1);
 /// Idle connections kept per backend.
 const MAX_IDLE: usize = 4096;
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
@@ -97,6 +99,7 @@ struct Idle {
 pub struct ConnPool {
     authority: Authority,
     idle: Mutex<VecDeque<Idle>>,
+    idle_timeout: Duration,
 }
 
 impl std::fmt::Debug for ConnPool {
@@ -109,9 +112,14 @@ impl std::fmt::Debug for ConnPool {
 
 impl ConnPool {
     pub fn new(authority: Authority) -> Arc<Self> {
+        Self::with_idle_timeout(authority, IDLE_TIMEOUT)
+    }
+
+    pub fn with_idle_timeout(authority: Authority, idle_timeout: Duration) -> Arc<Self> {
         Arc::new(Self {
             authority,
             idle: Mutex::new(VecDeque::new()),
+            idle_timeout,
         })
     }
 
@@ -178,7 +186,7 @@ impl ConnPool {
         loop {
             let idle = self.lock().pop_back()?;
             let mut conn = idle.conn;
-            if idle.since.elapsed() < IDLE_TIMEOUT && conn.usable() {
+            if idle.since.elapsed() < self.idle_timeout && conn.usable() {
                 return Some(conn);
             }
         }
@@ -189,17 +197,29 @@ impl ConnPool {
         if !conn.drive(&mut Context::from_waker(Waker::noop())) {
             return;
         }
-        let now = Instant::now();
         let mut idle = self.lock();
-        while idle
-            .front()
-            .is_some_and(|oldest| now.duration_since(oldest.since) >= IDLE_TIMEOUT)
-        {
-            idle.pop_front();
-        }
         if idle.len() < MAX_IDLE {
-            idle.push_back(Idle { conn, since: now });
+            idle.push_back(Idle {
+                conn,
+                since: Instant::now(),
+            });
         }
+    }
+
+    /// Closes the connections idle for longer than the idle timeout (the
+    /// oldest are at the front). Without it, the connections of a burst
+    /// would stay open until the next burst.
+    pub fn close_stale(&self) {
+        let stale: Vec<Idle> = {
+            let mut idle = self.lock();
+            let count = idle
+                .iter()
+                .take_while(|i| i.since.elapsed() >= self.idle_timeout)
+                .count();
+            idle.drain(..count).collect()
+        };
+        // Closed outside the lock: requests take connections meanwhile.
+        drop(stale);
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, VecDeque<Idle>> {
@@ -378,18 +398,30 @@ mod tests {
 
     /// A raw HTTP/1.1 backend; each answer names its connection's number.
     async fn backend(behaviour: Behaviour) -> (Authority, Arc<AtomicUsize>) {
+        let (authority, accepted, _) = backend_counting_closes(behaviour).await;
+        (authority, accepted)
+    }
+
+    /// The backend, its count of accepted connections and of connections the
+    /// gateway closed.
+    async fn backend_counting_closes(
+        behaviour: Behaviour,
+    ) -> (Authority, Arc<AtomicUsize>, Arc<AtomicUsize>) {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let authority = Authority::try_from(listener.local_addr().unwrap().to_string()).unwrap();
         let accepted = Arc::new(AtomicUsize::new(0));
-        let counter = Arc::clone(&accepted);
+        let closed = Arc::new(AtomicUsize::new(0));
+        let (counter, closes) = (Arc::clone(&accepted), Arc::clone(&closed));
         tokio::spawn(async move {
             loop {
                 let (mut socket, _) = listener.accept().await.unwrap();
                 let id = counter.fetch_add(1, SeqCst) + 1;
+                let closes = Arc::clone(&closes);
                 tokio::spawn(async move {
                     let mut buf = Vec::new();
                     for served in 0.. {
                         if !read_request(&mut socket, &mut buf).await {
+                            closes.fetch_add(1, SeqCst);
                             return;
                         }
                         if matches!(behaviour, Behaviour::DropSecondRequest) && served == 1 {
@@ -410,7 +442,7 @@ mod tests {
                 });
             }
         });
-        (authority, accepted)
+        (authority, accepted, closed)
     }
 
     /// Reads one request without a body; false at end of stream.
@@ -489,6 +521,22 @@ mod tests {
         assert_eq!(idle(&pool), 0);
         assert_eq!(text(&pool).await, "conn-2");
         assert_eq!(accepted.load(SeqCst), 2);
+    }
+
+    #[tokio::test]
+    async fn connections_idle_past_the_timeout_are_closed() {
+        let (authority, _, closed) = backend_counting_closes(Behaviour::KeepAlive).await;
+        let pool = ConnPool::with_idle_timeout(authority, Duration::from_secs(1));
+        assert_eq!(text(&pool).await, "conn-1");
+        pool.close_stale();
+        assert_eq!(idle(&pool), 1, "closed before its time");
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while closed.load(SeqCst) == 0 {
+            assert!(Instant::now() < deadline, "the idle connection stayed open");
+            pool.close_stale();
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert_eq!(idle(&pool), 0);
     }
 
     /// The frames of an answer, as the server would take them.
