@@ -21,12 +21,6 @@ struct Args {
     log_format: Option<LogFormat>,
 }
 
-/// Every request allocates and frees its buffers, headers and futures across
-/// the runtime's threads: mimalloc's per-thread free lists cost a fraction of
-/// glibc's arenas there (malloc/free were a tenth of the gateway's CPU).
-#[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
 #[derive(Clone, Copy, ValueEnum)]
 enum LogFormat {
     Text,
