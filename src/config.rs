@@ -119,6 +119,12 @@ pub struct GatewayConfig {
     /// Deadline for request headers (slow clients are closed).
     #[serde(deserialize_with = "duration")]
     pub header_timeout: Duration,
+    /// How long an idle keep-alive connection to a backend is kept for the
+    /// next request (0: not kept). Backends that close theirs sooner (uvicorn
+    /// after 5 s) are fine: such a connection is seen closed when taken, and
+    /// a request lost in the race is sent again on a new one.
+    #[serde(deserialize_with = "duration")]
+    pub upstream_idle_timeout: Duration,
 }
 
 impl Default for GatewayConfig {
@@ -136,6 +142,7 @@ impl Default for GatewayConfig {
             stream_progress: true,
             keepalive_interval: Duration::from_secs(5),
             header_timeout: Duration::from_secs(30),
+            upstream_idle_timeout: Duration::from_secs(90),
         }
     }
 }

@@ -157,6 +157,7 @@ pub async fn run(config: GatewayConfig, listen: Option<String>) -> anyhow::Resul
             client_name: client_name(),
             idle_ttl: config.idle_ttl,
             preload: config.preload.clone(),
+            upstream_idle_timeout: config.upstream_idle_timeout,
         },
         gw_metrics.clone(),
     );
@@ -214,6 +215,7 @@ pub(crate) mod tests {
                 client_name: "test".into(),
                 idle_ttl: Duration::ZERO,
                 preload: Vec::new(),
+                upstream_idle_timeout: Duration::from_secs(90),
             },
             gw_metrics.clone(),
         );

@@ -50,6 +50,7 @@ impl Route {
         api_key: Option<(HeaderValue, HeaderValue)>,
         generation: u64,
         notify: mpsc::UnboundedSender<ActorMsg>,
+        upstream_idle_timeout: Duration,
     ) -> Self {
         let served_name_json = Bytes::from(serde_json::to_vec(&served_name).unwrap_or_default());
         let host = HeaderValue::from_str(upstream.as_str())
@@ -57,7 +58,7 @@ impl Route {
         Self {
             model,
             host,
-            pool: ConnPool::new(upstream.clone()),
+            pool: ConnPool::new(upstream.clone(), upstream_idle_timeout),
             upstream,
             served_name,
             served_name_json,
@@ -183,6 +184,7 @@ mod tests {
             None,
             7,
             tx,
+            Duration::from_secs(1),
         ))
     }
 

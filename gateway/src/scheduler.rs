@@ -170,6 +170,8 @@ pub struct SchedulerConfig {
     /// Idle time after which a model's hold is released (0: never); a model's own wins.
     pub idle_ttl: Duration,
     pub preload: Vec<String>,
+    /// How long idle backend connections are kept.
+    pub upstream_idle_timeout: Duration,
 }
 
 /// An open Activate stream. Dropping it ends the stream, which releases the hold.
@@ -492,6 +494,7 @@ impl Scheduler {
             api_key,
             ready.generation,
             self.tx.clone(),
+            self.config.upstream_idle_timeout,
         ));
         if let Some(old) = slot.route.take() {
             old.accepting.store(false, SeqCst);

@@ -31,10 +31,6 @@ use hyper::{
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
 
-/// Below uvicorn's 5 s keep-alive (SGLang, vLLM, TabbyAPI), so the gateway,
-/// not the backend, gives up on idle connections: a request sent into a
-/// connection the backend is closing would be lost on the way.
-const IDLE_TIMEOUT: Duration = Duration::from_secs(4);
 /// How often [`ConnPool::close_stale`] is due.
 pub const IDLE_SWEEP: Duration = Duration::from_secs(1);
 /// Idle connections kept per backend.
@@ -111,11 +107,8 @@ impl std::fmt::Debug for ConnPool {
 }
 
 impl ConnPool {
-    pub fn new(authority: Authority) -> Arc<Self> {
-        Self::with_idle_timeout(authority, IDLE_TIMEOUT)
-    }
-
-    pub fn with_idle_timeout(authority: Authority, idle_timeout: Duration) -> Arc<Self> {
+    /// A pool that keeps connections idle for up to `idle_timeout`.
+    pub fn new(authority: Authority, idle_timeout: Duration) -> Arc<Self> {
         Arc::new(Self {
             authority,
             idle: Mutex::new(VecDeque::new()),
@@ -206,20 +199,26 @@ impl ConnPool {
         }
     }
 
-    /// Closes the connections idle for longer than the idle timeout (the
-    /// oldest are at the front). Without it, the connections of a burst
-    /// would stay open until the next burst.
+    /// Closes the connections idle past the timeout and those the backend
+    /// closed (uvicorn does after 5 s): without it, the connections of a
+    /// burst would stay open, or half-closed, until the next burst.
     pub fn close_stale(&self) {
-        let stale: Vec<Idle> = {
+        let closing: Vec<Idle> = {
             let mut idle = self.lock();
-            let count = idle
-                .iter()
-                .take_while(|i| i.since.elapsed() >= self.idle_timeout)
-                .count();
-            idle.drain(..count).collect()
+            let mut closing = Vec::new();
+            for mut entry in std::mem::take(&mut *idle) {
+                // Polling an idle connection reads nothing unless the backend
+                // hung up, so the lock is held for little.
+                if entry.since.elapsed() < self.idle_timeout && entry.conn.usable() {
+                    idle.push_back(entry);
+                } else {
+                    closing.push(entry);
+                }
+            }
+            closing
         };
         // Closed outside the lock: requests take connections meanwhile.
-        drop(stale);
+        drop(closing);
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, VecDeque<Idle>> {
@@ -381,6 +380,8 @@ mod tests {
 
     use super::*;
 
+    const TEST_IDLE: Duration = Duration::from_secs(60);
+
     /// How the test backend treats its connections.
     #[derive(Clone, Copy)]
     enum Behaviour {
@@ -482,7 +483,7 @@ mod tests {
     #[tokio::test]
     async fn a_connection_is_reused_once_its_answer_was_read() {
         let (authority, accepted) = backend(Behaviour::KeepAlive).await;
-        let pool = ConnPool::new(authority);
+        let pool = ConnPool::new(authority, TEST_IDLE);
         assert_eq!(text(&pool).await, "conn-1");
         assert_eq!(idle(&pool), 1);
         assert_eq!(text(&pool).await, "conn-1");
@@ -493,7 +494,7 @@ mod tests {
     #[tokio::test]
     async fn a_connection_the_backend_closed_while_idle_is_not_used() {
         let (authority, accepted) = backend(Behaviour::CloseAfterAnswer).await;
-        let pool = ConnPool::new(authority);
+        let pool = ConnPool::new(authority, TEST_IDLE);
         assert_eq!(text(&pool).await, "conn-1");
         // Whether or not the hangup arrived before the next request, that
         // request is answered, on a new connection.
@@ -505,7 +506,7 @@ mod tests {
     #[tokio::test]
     async fn a_request_lost_on_a_closing_reused_connection_is_sent_again_on_a_new_one() {
         let (authority, accepted) = backend(Behaviour::DropSecondRequest).await;
-        let pool = ConnPool::new(authority);
+        let pool = ConnPool::new(authority, TEST_IDLE);
         assert_eq!(text(&pool).await, "conn-1");
         assert_eq!(text(&pool).await, "conn-2");
         assert_eq!(accepted.load(SeqCst), 2);
@@ -514,7 +515,7 @@ mod tests {
     #[tokio::test]
     async fn a_body_dropped_before_its_end_closes_its_connection() {
         let (authority, accepted) = backend(Behaviour::KeepAlive).await;
-        let pool = ConnPool::new(authority);
+        let pool = ConnPool::new(authority, TEST_IDLE);
         let response = pool.send(get).await.unwrap();
         assert!(!response.body().is_end_stream());
         drop(response);
@@ -524,9 +525,26 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn idle_connections_the_backend_closed_are_let_go() {
+        let (authority, accepted) = backend(Behaviour::CloseAfterAnswer).await;
+        let pool = ConnPool::new(authority, TEST_IDLE);
+        assert_eq!(text(&pool).await, "conn-1");
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while idle(&pool) > 0 {
+            assert!(
+                Instant::now() < deadline,
+                "the half-closed connection stayed"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+            pool.close_stale();
+        }
+        assert_eq!(accepted.load(SeqCst), 1);
+    }
+
+    #[tokio::test]
     async fn connections_idle_past_the_timeout_are_closed() {
         let (authority, _, closed) = backend_counting_closes(Behaviour::KeepAlive).await;
-        let pool = ConnPool::with_idle_timeout(authority, Duration::from_secs(1));
+        let pool = ConnPool::new(authority, Duration::from_secs(1));
         assert_eq!(text(&pool).await, "conn-1");
         pool.close_stale();
         assert_eq!(idle(&pool), 1, "closed before its time");
@@ -542,7 +560,7 @@ mod tests {
     /// The frames of an answer, as the server would take them.
     async fn frames(answer: &'static [u8]) -> Vec<Result<Bytes, String>> {
         let (authority, _) = backend(Behaviour::Raw(answer)).await;
-        let mut body = ConnPool::new(authority)
+        let mut body = ConnPool::new(authority, TEST_IDLE)
             .send(get)
             .await
             .unwrap()
@@ -585,7 +603,10 @@ mod tests {
         let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let authority = Authority::try_from(listener.local_addr().unwrap().to_string()).unwrap();
         drop(listener);
-        let error = ConnPool::new(authority).send(get).await.unwrap_err();
+        let error = ConnPool::new(authority, TEST_IDLE)
+            .send(get)
+            .await
+            .unwrap_err();
         assert!(matches!(error, UpstreamError::Connect { .. }), "{error}");
     }
 }

@@ -262,7 +262,8 @@ pub fn config_text(models: &[Model], dir: &Path) -> Result<(String, Endpoints)> 
     let mut text = format!(
         "[supervisor]\nlisten = {sock}\nstate_file = {state}\ndrain_timeout = \"5s\"\n\
          min_residency = \"0s\"\n\n[gateway]\nlisten = \"127.0.0.1:{gateway_port}\"\n\
-         supervisor = {sock}\nqueue_timeout = \"2m\"\nidle_ttl = \"0s\"\n",
+         supervisor = {sock}\nqueue_timeout = \"2m\"\nidle_ttl = \"0s\"\n\
+         upstream_idle_timeout = \"300s\"\n",
         sock = toml_string(&socket),
         state = toml_string(&dir.join("supervisor.state").display().to_string()),
     );

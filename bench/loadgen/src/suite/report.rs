@@ -153,7 +153,8 @@ pub fn render(plan: &Plan, results: &Results, env: &Environment, took: Duration)
          slower, gets a fixed number of requests per worker instead); figures are medians \
          over rounds, ratios are against the backend measured directly. Proxy CPU is the \
          user+system time of the proxy's own processes (nginx workers, the gateway, LiteLLM) \
-         per completed request.\n\
+         per completed request. Both nginx and gpuswap keep idle upstream connections for \
+         300 s (nginx `keepalive_timeout`, gpuswap `upstream_idle_timeout`).\n\
          - Everything runs on the same machine over loopback: the load generator, the proxy \
          and the mock backend (`gpuswap-mock-backend`, vLLM-like, no load time) compete for \
          the cores, so only ratios carry over to other machines.\n",
