@@ -6,9 +6,10 @@ mod e2e_common;
 
 use std::time::Duration;
 
-use e2e_common::{Model, Stack, Verdict, judge, openai_error, sse_data, stream_content};
+use e2e_common::{Model, Stack, Verdict, judge, openai_error};
 use gpuswap::pb::ModelState;
 use serde_json::Value;
+use testkit::{partial_stream_content, sse_data};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_crash_mid_stream_ends_the_stream_with_an_error_and_the_next_request_restarts() {
@@ -41,7 +42,7 @@ async fn a_crash_mid_stream_ends_the_stream_with_an_error_and_the_next_request_r
     let text = body.text();
     assert!(body.error.is_none(), "{:?}: {text}", body.error);
     assert!(
-        stream_content(&text).starts_with("[served by alpha]"),
+        partial_stream_content(&text).starts_with("[served by alpha]"),
         "{text}"
     );
     assert!(!text.contains("[DONE]"), "{text}");

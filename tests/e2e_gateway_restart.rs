@@ -3,8 +3,9 @@
 
 mod e2e_common;
 
-use e2e_common::{Model, Stack, Verdict, judge, stream_content};
+use e2e_common::{Model, Stack, Verdict, judge};
 use gpuswap::pb::ModelState;
+use testkit::partial_stream_content;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_restarted_gateway_serves_the_running_model_without_a_new_start() {
@@ -21,7 +22,7 @@ async fn a_restarted_gateway_serves_the_running_model_without_a_new_start() {
     // Killed while it streams a long answer (200 tokens at 20 per second).
     let mut stream = stack.open_chat("alpha", true, 200).await;
     stream
-        .read_until(|text| stream_content(text).starts_with("[served by alpha]"))
+        .read_until(|text| partial_stream_content(text).starts_with("[served by alpha]"))
         .await
         .expect("the first tokens");
     stack.kill_gateway();

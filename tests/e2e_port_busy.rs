@@ -41,7 +41,7 @@ async fn a_port_held_by_a_foreign_process_fails_the_start_at_once_naming_the_por
         let took = asked.elapsed();
         let body: Value = if stream {
             assert_eq!(reply.status, 200, "{reply:?}");
-            let data = e2e_common::sse_data(&reply.text);
+            let data = testkit::sse_data(&reply.text);
             serde_json::from_str(data.last().expect("an event")).expect("JSON")
         } else {
             assert_eq!(reply.status, 503, "{reply:?}{}", stack.logs());

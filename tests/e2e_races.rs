@@ -8,8 +8,9 @@ mod e2e_common;
 
 use std::time::{Duration, Instant};
 
-use e2e_common::{Model, Stack, Verdict, judge, sse_data, stream_content};
+use e2e_common::{Model, Stack, Verdict, judge};
 use gpuswap::pb::ModelState;
+use testkit::{partial_stream_content, sse_data};
 
 /// The whole of one race scenario must end well within this.
 const SCENARIO: Duration = Duration::from_secs(45);
@@ -38,7 +39,7 @@ async fn a_stop_racing_a_start_never_deadlocks_nor_doubles_the_backend() {
             for stop_at in [StopAt::Together, StopAt::Starting, StopAt::Ready] {
                 let (http, url) = (stack.http.clone(), url.clone());
                 let request = tokio::spawn(async move {
-                    let body = e2e_common::chat_body("alpha", false, 2);
+                    let body = testkit::chat_body("alpha", false, 2);
                     http.request("POST", &url, Some(&body)).await
                 });
                 let wanted = match stop_at {
@@ -136,7 +137,7 @@ async fn rapid_alternation_from_many_clients_is_served_without_double_starts() {
                         "beta"
                     };
                     let stream = i % 3 == 0;
-                    let body = e2e_common::chat_body(model, stream, 2);
+                    let body = testkit::chat_body(model, stream, 2);
                     let reply = http.request("POST", &url, Some(&body)).await;
                     verdicts.push((model, judge(model, stream, &reply)));
                 }
@@ -188,7 +189,7 @@ async fn an_operator_activation_waits_for_the_gateways_stream_to_finish() {
         let mut stream = stack.open_chat("alpha", true, 40).await;
         assert_eq!(stream.status, 200);
         let head = stream
-            .read_until(|text| stream_content(text).starts_with("[served by alpha]"))
+            .read_until(|text| partial_stream_content(text).starts_with("[served by alpha]"))
             .await
             .expect("the first tokens");
         let alpha = stack.status("alpha").await.pid;

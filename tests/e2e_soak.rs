@@ -13,8 +13,9 @@ use std::{
     time::{Duration, Instant},
 };
 
-use e2e_common::{Model, Stack, Verdict, chat_body, judge};
+use e2e_common::{Model, Stack, Verdict, judge};
 use gpuswap::pb::ModelState;
+use testkit::chat_body;
 
 const REQUESTS: usize = 2_000;
 const CONCURRENCY: usize = 32;
@@ -71,7 +72,7 @@ async fn leave_mid_stream(
         .await
     {
         Ok(text) => {
-            let routed = e2e_common::sse_data(&text)
+            let routed = testkit::sse_data(&text)
                 .into_iter()
                 .filter_map(|d| serde_json::from_str::<serde_json::Value>(&d).ok())
                 .find(|chunk| chunk["gpuswap_mock"].is_object());

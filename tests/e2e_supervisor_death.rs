@@ -7,8 +7,9 @@ mod e2e_common;
 
 use std::time::{Duration, Instant};
 
-use e2e_common::{Model, Stack, Verdict, judge, openai_error, sse_data, stream_content};
+use e2e_common::{Model, Stack, Verdict, judge, openai_error};
 use serde_json::Value;
+use testkit::{partial_stream_content, sse_data};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_killed_supervisor_leaves_no_process_and_a_new_one_serves_again() {
@@ -34,7 +35,7 @@ async fn a_killed_supervisor_leaves_no_process_and_a_new_one_serves_again() {
     let mut stream = stack.open_chat("alpha", true, 200).await;
     assert_eq!(stream.status, 200);
     let head = stream
-        .read_until(|text| stream_content(text).starts_with("[served by alpha]"))
+        .read_until(|text| partial_stream_content(text).starts_with("[served by alpha]"))
         .await
         .expect("the first tokens");
     let before = stack.backend_processes();

@@ -8,9 +8,10 @@ use async_openai::{
     config::OpenAIConfig,
     types::chat::{ChatCompletionRequestUserMessageArgs, CreateChatCompletionRequestArgs},
 };
-use common::{Model, Stack, read_stream, stream_content};
+use common::{Model, Stack, read_stream};
 use futures_util::StreamExt;
 use serde_json::{Value, json};
+use testkit::stream_content;
 
 fn openai(stack: &Stack, key: &str) -> Client<OpenAIConfig> {
     Client::with_config(

@@ -3,9 +3,10 @@
 
 mod common;
 
-use common::{Model, Stack, read_stream, stream_content};
+use common::{Model, Stack, read_stream};
 use gpuswap_telemetry::testing::OtlpReceiver;
 use serde_json::{Value, json};
+use testkit::stream_content;
 
 /// The value of the sample `series` (name and labels exactly as exposed).
 fn sample(text: &str, series: &str) -> Option<f64> {

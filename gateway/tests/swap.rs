@@ -5,8 +5,9 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::{Model, Stack, post_to, read_stream, stream_content};
+use common::{Model, Stack, post_to, read_stream};
 use serde_json::Value;
+use testkit::stream_content;
 
 /// Checks that a chat answer came from `model`: non-stream JSON or SSE text.
 fn assert_served_by(model: &Model, stream: bool, status: u16, text: &str) {
@@ -248,7 +249,7 @@ async fn a_backend_crash_mid_stream_ends_with_an_error_and_the_next_request_rest
     let (s, t) = chat(&stack, 0, "alpha", true, 10).await;
     assert_eq!(s, 200, "{t}");
     assert!(!t.contains("[DONE]"), "{t}");
-    let data = common::sse_data(&t);
+    let data = testkit::sse_data(&t);
     let last: Value = testkit::json(data.last().unwrap());
     assert_eq!(last["error"]["code"], "backend_unavailable", "{t}");
     assert!(stream_content(&t).starts_with("[served by alpha]"), "{t}");

@@ -6,10 +6,11 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::{Model, Stack, read_stream, sse_data, stream_content};
+use common::{Model, Stack, read_stream};
 use futures_util::StreamExt;
 use gpuswap::pb::ModelState;
 use serde_json::Value;
+use testkit::{sse_data, stream_content};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn keepalives_and_progress_flow_while_a_slow_model_loads() {

@@ -12,14 +12,20 @@ use std::{
     time::{Duration, Instant},
 };
 
+mod answers;
 mod ctl;
 mod mock;
 mod promtool;
+mod stack;
 mod supervisor;
 
+pub use answers::{
+    chat_body, error_chain, is_progress, partial_stream_content, sse_data, stream_content,
+};
 pub use ctl::run_ctl;
 pub use mock::{MARKER_ENV, MockModel, key_of, lines_with_defaults, stack_sections, toml_list};
 pub use promtool::promtool_check;
+pub use stack::{StackBase, StackBuilder, StartStack};
 pub use supervisor::{
     StartLog, append_log, follow_starts, model_status, status, supervisor_client,
     supervisor_command, wait_state, wait_until_answering,

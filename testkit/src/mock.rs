@@ -132,6 +132,17 @@ impl MockModel {
         self.render_with_args(marker, &[])
     }
 
+    /// As [`render_with_args`](Self::render_with_args), with a harness's `sglang_args` for an
+    /// SGLang model and none for the others.
+    pub fn render_with_sglang_args(&self, marker: &str, sglang_args: &[&str]) -> String {
+        let flavor_args = if self.flavor == "sglang" {
+            sglang_args
+        } else {
+            &[]
+        };
+        self.render_with_args(marker, flavor_args)
+    }
+
     /// As [`render`](Self::render), with `flavor_args` before the model's own extra
     /// arguments (a harness's shape of a flavor, e.g. SGLang's short warm-up).
     pub fn render_with_args(&self, marker: &str, flavor_args: &[&str]) -> String {

@@ -6,24 +6,24 @@
 
 use std::{
     collections::BTreeMap,
-    path::PathBuf,
-    process::{Command, Stdio},
+    process::Command,
     sync::{
-        Arc, Mutex,
+        Arc,
         atomic::{AtomicBool, Ordering},
     },
     time::{Duration, Instant},
 };
 
 use bytes::Bytes;
-use gpuswap::{SupervisorClient, pb};
 use http_body_util::{BodyExt, Full};
 use hyper_util::{
     client::legacy::{Client, connect::HttpConnector},
     rt::TokioExecutor,
 };
-use serde_json::{Value, json};
-use testkit::{DEADLINE, Proc};
+use serde_json::Value;
+use testkit::{
+    DEADLINE, Proc, StackBase, StartStack, chat_body, error_chain, is_progress, sse_data,
+};
 
 /// The variable that tags every backend process (see `processes_with_marker`).
 pub use testkit::MARKER_ENV;
@@ -40,12 +40,7 @@ const SGLANG_ARGS: &[&str] = &["--warmup", "50ms"];
 
 /// The model's table; its processes carry the model's own marker (see [`model_marker`]).
 fn render(model: &Model, stack_marker: &str) -> String {
-    let flavor_args = if model.flavor == "sglang" {
-        SGLANG_ARGS
-    } else {
-        &[]
-    };
-    model.render_with_args(&model_marker(stack_marker, &model.name), flavor_args)
+    model.render_with_sglang_args(&model_marker(stack_marker, &model.name), SGLANG_ARGS)
 }
 
 /// The marker of one model's processes: no model's marker is a prefix of another's.
@@ -58,81 +53,28 @@ pub fn signature(served: &str) -> String {
     format!("[served by {served}]")
 }
 
-pub use testkit::StartLog;
-
-/// A supervisor, a gateway and the models of one test.
+/// A supervisor, a gateway and the models of one test (the supervisor's half is testkit's,
+/// reached through `Deref`).
 pub struct Stack {
-    pub dir: tempfile::TempDir,
-    pub config_path: PathBuf,
-    pub socket: PathBuf,
-    pub marker: String,
-    pub models: Vec<Model>,
-    pub supervisor: Option<Proc>,
+    base: StackBase,
     pub gateway: Option<Proc>,
     /// The gateway listens here across restarts.
     pub gateway_port: u16,
-    pub client: SupervisorClient,
     pub http: Http,
-    starts: Arc<Mutex<StartLog>>,
     gateway_runs: usize,
 }
 
-pub struct StackBuilder {
-    test: String,
-    supervisor: Vec<String>,
-    gateway: Vec<String>,
-    models: Vec<Model>,
-}
+pub type StackBuilder = testkit::StackBuilder<Stack>;
 
-impl StackBuilder {
-    /// An extra (or overriding) `[supervisor]` line.
-    pub fn supervisor(mut self, line: &str) -> Self {
-        self.supervisor.push(line.into());
-        self
-    }
-
-    /// An extra (or overriding) `[gateway]` line.
-    pub fn gateway(mut self, line: &str) -> Self {
-        self.gateway.push(line.into());
-        self
-    }
-
-    pub fn model(mut self, model: Model) -> Self {
-        self.models.push(model);
-        self
-    }
-
+impl StartStack for Stack {
     /// Writes the configuration, starts the supervisor and the gateway, and waits until the
     /// gateway sees the supervisor.
-    pub async fn start(self) -> Stack {
-        let dir = testkit::short_tempdir();
-        let socket = dir.path().join("s.sock");
-        let client = testkit::supervisor_client(&socket);
-        let marker = testkit::unique_marker(&self.test);
-        let mut config = testkit::stack_sections(
-            &socket,
-            &dir.path().join("state.json"),
-            300,
-            &self.supervisor,
-            &self.gateway,
-        );
-        for model in &self.models {
-            config.push_str(&render(model, &marker));
-        }
-        let config_path = dir.path().join("gpuswap.toml");
-        std::fs::write(&config_path, config).expect("write config");
+    async fn start(builder: StackBuilder) -> Stack {
         let mut stack = Stack {
-            dir,
-            config_path,
-            socket,
-            marker,
-            models: self.models,
-            supervisor: None,
+            base: builder.write(300, render),
             gateway: None,
             gateway_port: testkit::free_port(),
-            client,
             http: Http::new(),
-            starts: Arc::default(),
             gateway_runs: 0,
         };
         stack.start_supervisor().await;
@@ -141,23 +83,9 @@ impl StackBuilder {
     }
 }
 
+testkit::stack_over_base!(Stack, base);
+
 impl Stack {
-    pub fn builder(test: &str) -> StackBuilder {
-        StackBuilder {
-            test: test.into(),
-            supervisor: Vec::new(),
-            gateway: Vec::new(),
-            models: Vec::new(),
-        }
-    }
-
-    pub fn model(&self, name: &str) -> &Model {
-        self.models
-            .iter()
-            .find(|m| m.name == name)
-            .unwrap_or_else(|| panic!("no model {name}"))
-    }
-
     pub fn endpoint(&self) -> String {
         format!("unix://{}", self.socket.display())
     }
@@ -165,17 +93,9 @@ impl Stack {
     /// Starts (or restarts) the supervisor on the same configuration and waits until it
     /// answers; follows its Watch stream to record starts.
     pub async fn start_supervisor(&mut self) {
-        let log = self.dir.path().join("supervisor.log");
-        let out = testkit::append_log(&log);
-        let mut command =
-            testkit::supervisor_command(&self.config_path, "info,gpuswap_supervisor=debug");
-        command.stdout(out.try_clone().expect("log fd")).stderr(out);
-        let proc = self.supervisor.insert(spawn_tied(command));
-        testkit::wait_until_answering(&self.client, proc, &log).await;
-        tokio::spawn(testkit::follow_starts(
-            self.client.clone(),
-            Arc::clone(&self.starts),
-        ));
+        self.base
+            .start_supervisor_with("info,gpuswap_supervisor=debug", spawn_tied)
+            .await;
     }
 
     pub fn supervisor_pid(&self) -> u32 {
@@ -193,22 +113,9 @@ impl Stack {
 
     /// Starts (or restarts) the gateway on its port and waits until it sees the supervisor.
     pub async fn start_gateway(&mut self) {
-        let log = self
-            .dir
-            .path()
-            .join(format!("gateway{}.log", self.gateway_runs));
+        let log = self.gateway_log(self.gateway_runs);
         self.gateway_runs += 1;
-        let err = std::fs::File::create(&log).expect("gateway log");
-        let mut command = Command::new(testkit::bin("gpuswap-gateway"));
-        command
-            .arg("--config")
-            .arg(&self.config_path)
-            .arg("--listen")
-            .arg(format!("127.0.0.1:{}", self.gateway_port))
-            .env("RUST_LOG", "info,gpuswap_gateway=debug")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(err);
+        let command = self.gateway_command(self.gateway_port, &log);
         self.gateway = Some(spawn_tied(command));
         testkit::wait_for("the gateway to see the supervisor", DEADLINE, || async {
             let health = self.health().await?;
@@ -248,23 +155,6 @@ impl Stack {
                 )
             })
             .collect()
-    }
-
-    /// Models started so far, in order (from the supervisor's Watch stream).
-    pub fn starts(&self) -> Vec<String> {
-        self.starts.lock().unwrap().starts.clone()
-    }
-
-    pub async fn statuses(&self) -> pb::StatusResponse {
-        testkit::status(&self.client).await
-    }
-
-    pub async fn status(&self, model: &str) -> pb::ModelStatus {
-        testkit::model_status(&self.client, model).await
-    }
-
-    pub async fn wait_state(&self, model: &str, state: pb::ModelState) -> pb::ModelStatus {
-        testkit::wait_state(&self.client, model, state).await
     }
 
     /// POSTs a chat request to the gateway and reads the whole answer.
@@ -337,21 +227,7 @@ impl Stack {
 
     /// The last lines of every log, for assertion messages.
     pub fn logs(&self) -> String {
-        let mut text = String::new();
-        let mut paths = vec![self.dir.path().join("supervisor.log")];
-        paths.extend(
-            (0..self.gateway_runs).map(|i| self.dir.path().join(format!("gateway{i}.log"))),
-        );
-        for path in paths {
-            let log = testkit::read_lossy(&path);
-            let tail: Vec<&str> = log.lines().rev().take(60).collect();
-            text.push_str(&format!("\n--- {} (last lines)\n", path.display()));
-            for line in tail.into_iter().rev() {
-                text.push_str(line);
-                text.push('\n');
-            }
-        }
-        text
+        self.logs_with((0..self.gateway_runs).map(|i| self.gateway_log(i)))
     }
 }
 
@@ -396,16 +272,6 @@ pub struct CtlOutput {
     pub stderr: String,
     pub ended: Instant,
     pub took: Duration,
-}
-
-/// A chat request body.
-pub fn chat_body(model: &str, stream: bool, max_tokens: u32) -> Value {
-    json!({
-        "model": model,
-        "stream": stream,
-        "max_tokens": max_tokens,
-        "messages": [{"role": "user", "content": "hello"}],
-    })
 }
 
 // ----- HTTP ---------------------------------------------------------------------------------
@@ -570,31 +436,7 @@ impl Http {
     }
 }
 
-fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut text = e.to_string();
-    let mut source = e.source();
-    while let Some(s) = source {
-        text.push_str(": ");
-        text.push_str(&s.to_string());
-        source = s.source();
-    }
-    text
-}
-
 // ----- judging answers -----------------------------------------------------------------------
-
-/// The `data:` payloads of an SSE text (LF or CRLF), comments and blank lines left out.
-pub fn sse_data(text: &str) -> Vec<String> {
-    text.lines()
-        .filter_map(|l| l.trim_end_matches('\r').strip_prefix("data: "))
-        .map(str::to_owned)
-        .collect()
-}
-
-/// True for the gateway's own progress chunks (sent while a streaming request waits).
-fn is_progress(chunk: &Value) -> bool {
-    chunk["id"] == "gpuswap-progress"
-}
 
 /// What came of one request.
 #[derive(Clone, Debug, PartialEq)]
@@ -708,21 +550,6 @@ fn judge_stream(asked: &str, text: &str) -> Verdict {
         return Verdict::Misroute(format!("asked {asked}, got {text}"));
     }
     Verdict::Served
-}
-
-/// The answer text of an SSE chat stream, progress chunks left out.
-pub fn stream_content(text: &str) -> String {
-    sse_data(text)
-        .iter()
-        .filter(|d| *d != "[DONE]")
-        .filter_map(|d| serde_json::from_str::<Value>(d).ok())
-        .filter(|v| !is_progress(v))
-        .filter_map(|v| {
-            v["choices"][0]["delta"]["content"]
-                .as_str()
-                .map(str::to_owned)
-        })
-        .collect()
 }
 
 // ----- processes -----------------------------------------------------------------------------

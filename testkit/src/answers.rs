@@ -1,0 +1,63 @@
+//! Requests to the gateway under test and what its answers say: chat bodies, SSE streams
+//! and error chains.
+
+use serde_json::{Value, json};
+
+/// A chat request body.
+pub fn chat_body(model: &str, stream: bool, max_tokens: u32) -> Value {
+    json!({
+        "model": model,
+        "stream": stream,
+        "max_tokens": max_tokens,
+        "messages": [{"role": "user", "content": "hello"}],
+    })
+}
+
+/// The `data:` payloads of an SSE text (LF or CRLF), comments and blank lines left out.
+pub fn sse_data(text: &str) -> Vec<String> {
+    text.lines()
+        .filter_map(|l| l.trim_end_matches('\r').strip_prefix("data: "))
+        .map(str::to_owned)
+        .collect()
+}
+
+/// True for the gateway's own progress chunks (sent while a streaming request waits).
+pub fn is_progress(chunk: &Value) -> bool {
+    chunk["id"] == "gpuswap-progress"
+}
+
+/// The answer text of a whole SSE chat stream, progress chunks left out; panics on a chunk
+/// that is not JSON.
+pub fn stream_content(text: &str) -> String {
+    content_of(chunks(text).map(|d| crate::json(&d)))
+}
+
+/// As [`stream_content`], for a stream read in part: a chunk that is not JSON (the last one
+/// may be cut short) is left out.
+pub fn partial_stream_content(text: &str) -> String {
+    content_of(chunks(text).filter_map(|d| serde_json::from_str(&d).ok()))
+}
+
+/// The payloads of an SSE text but `[DONE]`.
+fn chunks(text: &str) -> impl Iterator<Item = String> {
+    sse_data(text).into_iter().filter(|d| d != "[DONE]")
+}
+
+fn content_of(chunks: impl Iterator<Item = Value>) -> String {
+    chunks
+        .filter(|v| !is_progress(v))
+        .filter_map(|v| {
+            v["choices"][0]["delta"]["content"]
+                .as_str()
+                .map(str::to_owned)
+        })
+        .collect()
+}
+
+/// An error and its sources, `: `-separated (what a transport error really says).
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    std::iter::successors(Some(e), |e| e.source())
+        .map(ToString::to_string)
+        .collect::<Vec<_>>()
+        .join(": ")
+}
