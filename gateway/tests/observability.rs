@@ -158,6 +158,25 @@ async fn metrics_count_requests_tokens_and_time_to_first_byte() {
 const TRACE_ID: &str = "4bf92f3577b34da6a3ce929d0e0e4736";
 const CLIENT_SPAN_ID: &str = "00f067aa0ba902b7";
 
+/// The `traceparent` of a client's sampled span (`CLIENT_SPAN_ID` in trace `TRACE_ID`).
+fn client_traceparent() -> String {
+    format!("00-{TRACE_ID}-{CLIENT_SPAN_ID}-01")
+}
+
+/// A chat request for alpha that carries [`client_traceparent`]: asserts 200; the body.
+async fn chat_in_client_trace(stack: &Stack, max_tokens: u32) -> Value {
+    let response = stack
+        .http
+        .post(stack.url("/v1/chat/completions"))
+        .header("traceparent", client_traceparent())
+        .json(&Stack::chat("alpha", false, max_tokens))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    response.json().await.unwrap()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_client_traceparent_continues_through_the_gateway_to_the_backend() {
     let receiver = OtlpReceiver::start().await.expect("OTLP receiver");
@@ -168,18 +187,8 @@ async fn a_client_traceparent_continues_through_the_gateway_to_the_backend() {
         .model(Model::new("alpha"))
         .start()
         .await;
-    let traceparent = format!("00-{TRACE_ID}-{CLIENT_SPAN_ID}-01");
     // The first request starts alpha: the activation joins its trace.
-    let response = stack
-        .http
-        .post(stack.url("/v1/chat/completions"))
-        .header("traceparent", &traceparent)
-        .json(&Stack::chat("alpha", false, 3))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(response.status(), 200);
-    let body: Value = response.json().await.unwrap();
+    let body = chat_in_client_trace(&stack, 3).await;
 
     let of_trace = |name: &'static str| {
         move |span: &gpuswap_telemetry::testing::ReceivedSpan| {
@@ -227,16 +236,9 @@ async fn without_an_exporter_the_client_traceparent_passes_untouched() {
         .model(Model::new("alpha"))
         .start()
         .await;
-    let traceparent = format!("00-{TRACE_ID}-{CLIENT_SPAN_ID}-01");
-    let response = stack
-        .http
-        .post(stack.url("/v1/chat/completions"))
-        .header("traceparent", &traceparent)
-        .json(&Stack::chat("alpha", false, 2))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(response.status(), 200);
-    let body: Value = response.json().await.unwrap();
-    assert_eq!(body["gpuswap_mock"]["traceparent"], traceparent.as_str());
+    let body = chat_in_client_trace(&stack, 2).await;
+    assert_eq!(
+        body["gpuswap_mock"]["traceparent"],
+        client_traceparent().as_str()
+    );
 }
