@@ -74,15 +74,7 @@ async fn the_list_has_every_model_and_alias_from_the_catalog() {
         .model(Model::new("beta"))
         .start()
         .await;
-    let body: Value = stack
-        .http
-        .get(stack.url("/v1/models"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let body = stack.get_json("/v1/models").await.expect("GET /v1/models");
     assert_eq!(body["object"], "list");
     let data = body["data"].as_array().unwrap();
     let ids: Vec<&str> = data.iter().map(|m| m["id"].as_str().unwrap()).collect();
@@ -96,15 +88,10 @@ async fn the_list_has_every_model_and_alias_from_the_catalog() {
     assert_eq!(data[1]["gpuswap"]["alias_of"], "alpha");
     assert!(data[0]["gpuswap"].get("alias_of").is_none());
 
-    let one: Value = stack
-        .http
-        .get(stack.url("/v1/models/al"))
-        .send()
+    let one = stack
+        .get_json("/v1/models/al")
         .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+        .expect("GET /v1/models/al");
     assert_eq!(one["id"], "al");
     assert_eq!(one["gpuswap"]["alias_of"], "alpha");
     let missing = stack
@@ -127,15 +114,7 @@ async fn the_list_has_every_model_and_alias_from_the_catalog() {
         .await;
     assert_eq!(status, 200, "{text}{}", stack.logs());
     testkit::wait_for("alpha listed as ready", testkit::DEADLINE, || async {
-        let body: Value = stack
-            .http
-            .get(stack.url("/v1/models"))
-            .send()
-            .await
-            .ok()?
-            .json()
-            .await
-            .ok()?;
+        let body = stack.get_json("/v1/models").await?;
         (body["data"][0]["gpuswap"]["state"] == "ready").then_some(())
     })
     .await;
