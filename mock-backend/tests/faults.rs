@@ -4,7 +4,27 @@ mod common;
 
 use std::time::Instant;
 
-use common::{Mock, chat_request, chat_stream_tokens, get, http, probe};
+use common::{Mock, Reply, chat_request, chat_stream_tokens, get, post, probe};
+
+/// A vLLM mock (no delay between tokens) that crashes after `crash_after` streamed tokens,
+/// once it serves, and its reply to a streamed chat request for `max_tokens`.
+async fn stream_from_crashing_vllm(crash_after: u32, max_tokens: u64) -> (Mock, Reply) {
+    let mock = Mock::start(
+        "vllm",
+        &[
+            "--load-time",
+            "10ms",
+            "--tokens-per-second",
+            "0",
+            "--fault",
+            &format!("crash-after:{crash_after}"),
+        ],
+    );
+    mock.wait_log("Application startup complete.").await;
+    let body = chat_request(&mock.model, true, max_tokens);
+    let reply = post(mock.port, "/v1/chat/completions", &body).await;
+    (mock, reply)
+}
 
 #[tokio::test]
 async fn exit_during_load_exits_1_with_an_oom_line_and_kills_its_workers() {
@@ -63,22 +83,7 @@ async fn never_ready_tabbyapi_serves_without_a_model() {
 
 #[tokio::test]
 async fn crash_after_cuts_the_stream_and_exits_139() {
-    let mut mock = Mock::start(
-        "vllm",
-        &[
-            "--load-time",
-            "10ms",
-            "--tokens-per-second",
-            "0",
-            "--fault",
-            "crash-after:3",
-        ],
-    );
-    mock.wait_log("Application startup complete.").await;
-    let body = chat_request(&mock.model, true, 10).to_string();
-    let reply = http(mock.port, "POST", "/v1/chat/completions", &[], Some(&body))
-        .await
-        .unwrap();
+    let (mut mock, reply) = stream_from_crashing_vllm(3, 10).await;
     assert_eq!(reply.status, 200);
     assert!(!reply.complete, "the stream must be cut: {}", reply.text());
     assert!(!reply.sse_data().iter().any(|data| data == "[DONE]"));
@@ -88,22 +93,7 @@ async fn crash_after_cuts_the_stream_and_exits_139() {
 
 #[tokio::test]
 async fn crash_after_leaves_shorter_answers_alone() {
-    let mock = Mock::start(
-        "vllm",
-        &[
-            "--load-time",
-            "10ms",
-            "--tokens-per-second",
-            "0",
-            "--fault",
-            "crash-after:5",
-        ],
-    );
-    mock.wait_log("Application startup complete.").await;
-    let body = chat_request(&mock.model, true, 5).to_string();
-    let reply = http(mock.port, "POST", "/v1/chat/completions", &[], Some(&body))
-        .await
-        .unwrap();
+    let (mock, reply) = stream_from_crashing_vllm(5, 5).await;
     assert!(reply.complete);
     assert_eq!(chat_stream_tokens(&reply.sse_chunks()).len(), 5);
     assert!(testkit::alive(mock.pid()));
