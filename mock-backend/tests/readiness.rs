@@ -3,10 +3,16 @@
 
 mod common;
 
-use common::{Mock, chat_request, get, http, post, probe};
+use common::{Mock, Reply, chat_request, get, http, post, probe};
 
 /// Long enough that a phase cannot end while the test looks at it.
 const FOREVER: &str = "600s";
+
+/// The mock's answer to a small non-streamed chat request for its model.
+async fn small_chat(mock: &Mock) -> Reply {
+    let body = chat_request(&mock.model, false, 2);
+    post(mock.port, "/v1/chat/completions", &body).await
+}
 
 #[tokio::test]
 async fn sglang_refuses_connections_while_loading_weights() {
@@ -28,12 +34,7 @@ async fn sglang_warm_up_answers_models_but_health_503() {
     let models = get(mock.port, "/v1/models").await;
     assert_eq!(models.status, 200, "{}", models.text());
     assert_eq!(models.json()["data"][0]["id"], mock.model.as_str());
-    let chat = post(
-        mock.port,
-        "/v1/chat/completions",
-        &chat_request(&mock.model, false, 2),
-    )
-    .await;
+    let chat = small_chat(&mock).await;
     assert_eq!(chat.status, 503);
     assert_eq!(
         chat.json()["object"],
@@ -87,12 +88,7 @@ async fn llama_server_listens_while_loading_with_503_loading_model() {
     assert_eq!(body["error"]["message"], "Loading model", "{body}");
     assert_eq!(body["error"]["code"], 503);
     assert_eq!(body["error"]["type"], "unavailable_error");
-    let chat = post(
-        mock.port,
-        "/v1/chat/completions",
-        &chat_request(&mock.model, false, 2),
-    )
-    .await;
+    let chat = small_chat(&mock).await;
     assert_eq!(chat.status, 503);
 }
 
