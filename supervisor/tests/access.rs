@@ -284,26 +284,27 @@ async fn tls_with_a_bearer_token() {
 
     for token in [Some("wrong-token"), Some("s3cret-token-and-more"), None] {
         let mut client = client_with(token);
-        let error = client
-            .status(pb::StatusRequest {})
-            .await
-            .expect_err("refused");
-        assert_eq!(
-            error.code(),
-            tonic::Code::Unauthenticated,
-            "{token:?}: {error:?}"
-        );
-        let error = client
+        assert_unauthenticated(client.status(pb::StatusRequest {}).await, token);
+        let activate = client
             .activate(pb::ActivateRequest {
                 model: "alpha".into(),
                 ..Default::default()
             })
-            .await
-            .expect_err("refused");
-        assert_eq!(
-            error.code(),
-            tonic::Code::Unauthenticated,
-            "{token:?}: {error:?}"
-        );
+            .await;
+        assert_unauthenticated(activate, token);
     }
+}
+
+/// Asserts that a call made with `token` was refused as unauthenticated.
+#[track_caller]
+fn assert_unauthenticated<T: std::fmt::Debug>(
+    result: Result<T, tonic::Status>,
+    token: Option<&str>,
+) {
+    let error = result.expect_err("refused");
+    assert_eq!(
+        error.code(),
+        tonic::Code::Unauthenticated,
+        "{token:?}: {error:?}"
+    );
 }
