@@ -39,42 +39,37 @@ fn loadgen(args: &[&str]) -> serde_json::Value {
     json(&String::from_utf8_lossy(&out.stdout))
 }
 
+/// `gpuswap-loadgen load` of `model` at the chat endpoint on `port`, with `extra` options.
+fn load(port: u16, model: &str, extra: &[&str]) -> serde_json::Value {
+    let url = format!("http://127.0.0.1:{port}/v1/chat/completions");
+    let args = ["load", "--url", &url, "--model", model];
+    loadgen(&[&args[..], extra].concat())
+}
+
 #[test]
 fn counts_plain_and_streamed_requests_and_their_chunks() {
     let (_mock, port) = mock("m1");
-    let url = format!("http://127.0.0.1:{port}/v1/chat/completions");
 
-    let plain = loadgen(&[
-        "load",
-        "--url",
-        &url,
-        "--model",
-        "m1",
-        "-c",
-        "2",
-        "--requests",
-        "7",
-    ]);
+    let plain = load(port, "m1", &["-c", "2", "--requests", "7"]);
     assert_eq!(plain["requests_ok"], 7, "{plain}");
     assert_eq!(plain["errors"], 0, "{plain}");
     assert_eq!(plain["latency_ms"]["count"], 7, "{plain}");
     assert!(plain["ttft_ms"].is_null(), "{plain}");
     assert_eq!(plain["chunks"], 0, "{plain}");
 
-    let streamed = loadgen(&[
-        "load",
-        "--url",
-        &url,
-        "--model",
+    let streamed = load(
+        port,
         "m1",
-        "--stream",
-        "--max-tokens",
-        "8",
-        "-c",
-        "3",
-        "--requests",
-        "5",
-    ]);
+        &[
+            "--stream",
+            "--max-tokens",
+            "8",
+            "-c",
+            "3",
+            "--requests",
+            "5",
+        ],
+    );
     assert_eq!(streamed["requests_ok"], 5, "{streamed}");
     assert_eq!(streamed["errors"], 0, "{streamed}");
     // Per stream: a role chunk, one chunk per token, a finish chunk.
@@ -94,24 +89,13 @@ fn counts_plain_and_streamed_requests_and_their_chunks() {
 #[test]
 fn refused_requests_are_errors_with_the_backend_message() {
     let (_mock, port) = mock("m2");
-    let url = format!("http://127.0.0.1:{port}/v1/chat/completions");
-    let report = loadgen(&["load", "--url", &url, "--model", "other", "--requests", "3"]);
+    let report = load(port, "other", &["--requests", "3"]);
     assert_eq!(report["requests_ok"], 0, "{report}");
     assert_eq!(report["errors"], 3, "{report}");
     let sample = report["error_samples"][0].as_str().unwrap();
     assert!(sample.contains("404"), "{report}");
 
-    let unused = free_port();
-    let refused = format!("http://127.0.0.1:{unused}/v1/chat/completions");
-    let report = loadgen(&[
-        "load",
-        "--url",
-        &refused,
-        "--model",
-        "m2",
-        "--duration",
-        "200ms",
-    ]);
+    let report = load(free_port(), "m2", &["--duration", "200ms"]);
     assert_eq!(report["requests_ok"], 0, "{report}");
     assert!(report["errors"].as_u64().unwrap() >= 1, "{report}");
 }
