@@ -185,9 +185,13 @@ pub fn render(plan: &Plan, results: &Results, env: &Environment, took: Duration)
     );
 
     let mut goals = String::new();
+    let mut missed = Vec::new();
     let mut goal = |what: String, figure: String, target: String, met: Option<bool>| {
         let v = met.map_or("NOT MEASURED", verdict);
         let _ = writeln!(goals, "| {what} | {figure} | {target} | **{v}** |");
+        if met == Some(false) {
+            missed.push(what);
+        }
     };
 
     // Swap overhead per flavor.
@@ -401,6 +405,14 @@ pub fn render(plan: &Plan, results: &Results, env: &Environment, took: Duration)
          The load goals (gpuswap on par with nginx, a plain streaming reverse proxy) are the \
          bench's own yardstick; the swap, stop and memory goals are gpuswap's.\n"
     );
+    if !missed.is_empty() {
+        let _ = writeln!(
+            md,
+            "**Gaps in this run:** {}. What limits them, with profiles and figures: \
+             [docs/performance.md](../docs/performance.md).\n",
+            missed.join("; ")
+        );
+    }
     let _ = writeln!(md, "## Proxy overhead\n{load_md}");
     // A backend without TCP_NODELAY holds each stream's second write until the
     // client's delayed ACK (~40 ms): then every streaming figure measures that.
