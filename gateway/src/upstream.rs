@@ -118,8 +118,11 @@ impl ConnPool {
 
     /// Sends the request `make` builds and waits for the answer's head; the
     /// body comes with the connection. A reused connection that fails before
-    /// any answer (the backend closed it as the request went out) is retried
-    /// once on a new one: the backend did not see that request.
+    /// any answer is retried once on a new one: the backend closed it as the
+    /// request went out (its keep-alive timeout: a FIN, or a reset if the
+    /// request was already in its buffer), so it never saw the request. Were
+    /// it a backend that died mid-request instead, the new connection is
+    /// refused, and the caller deals with a dead backend.
     pub async fn send(
         self: &Arc<Self>,
         make: impl Fn() -> Request<Full<Bytes>>,
@@ -127,10 +130,9 @@ impl ConnPool {
         if let Some(conn) = self.take_idle() {
             match exchange(conn, make()).await {
                 Ok((response, conn)) => return Ok(self.attach(response, conn)),
-                Err(e) if e.is_canceled() || e.is_incomplete_message() => {
+                Err(e) => {
                     tracing::debug!(upstream = %self.authority, "reused connection failed: {e}; retrying on a new one");
                 }
-                Err(e) => return Err(e.into()),
             }
         }
         let conn = self.connect().await?;
@@ -393,6 +395,9 @@ mod tests {
         /// Reads the second request of a connection, then closes it unanswered
         /// (the keep-alive timeout fired as the request was on its way).
         DropSecondRequest,
+        /// The same, closing with a reset (the request was still unread in
+        /// the backend's buffer when it closed).
+        ResetSecondRequest,
         /// Writes these bytes as the answer (in one write), then closes.
         Raw(&'static [u8]),
     }
@@ -426,6 +431,10 @@ mod tests {
                             return;
                         }
                         if matches!(behaviour, Behaviour::DropSecondRequest) && served == 1 {
+                            return;
+                        }
+                        if matches!(behaviour, Behaviour::ResetSecondRequest) && served == 1 {
+                            socket.set_zero_linger().unwrap();
                             return;
                         }
                         if let Behaviour::Raw(answer) = behaviour {
@@ -506,6 +515,15 @@ mod tests {
     #[tokio::test]
     async fn a_request_lost_on_a_closing_reused_connection_is_sent_again_on_a_new_one() {
         let (authority, accepted) = backend(Behaviour::DropSecondRequest).await;
+        let pool = ConnPool::new(authority, TEST_IDLE);
+        assert_eq!(text(&pool).await, "conn-1");
+        assert_eq!(text(&pool).await, "conn-2");
+        assert_eq!(accepted.load(SeqCst), 2);
+    }
+
+    #[tokio::test]
+    async fn a_request_reset_on_a_closing_reused_connection_is_sent_again_on_a_new_one() {
+        let (authority, accepted) = backend(Behaviour::ResetSecondRequest).await;
         let pool = ConnPool::new(authority, TEST_IDLE);
         assert_eq!(text(&pool).await, "conn-1");
         assert_eq!(text(&pool).await, "conn-2");
