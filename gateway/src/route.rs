@@ -22,7 +22,6 @@ use crate::{scheduler::ActorMsg, upstream::ConnPool};
 pub struct Route {
     /// The canonical model id.
     pub model: Arc<str>,
-    pub upstream: Authority,
     /// Idle keep-alive connections to this backend (this generation only).
     pub pool: Arc<ConnPool>,
     /// `Host` for upstream requests, built once (the client would format it per request).
@@ -58,8 +57,7 @@ impl Route {
         Self {
             model,
             host,
-            pool: ConnPool::new(upstream.clone(), upstream_idle_timeout),
-            upstream,
+            pool: ConnPool::new(upstream, upstream_idle_timeout),
             served_name,
             served_name_json,
             api_key,
