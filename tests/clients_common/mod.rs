@@ -83,12 +83,7 @@ pub fn mock(name: &str, flavor: &str, gpus: &[u32]) -> MockModel {
 const SGLANG_ARGS: &[&str] = &["--warmup", "50ms", "--workers", "0"];
 
 fn render(model: &MockModel, marker: &str) -> String {
-    let flavor_args = if model.flavor == "sglang" {
-        SGLANG_ARGS
-    } else {
-        &[]
-    };
-    model.render_with_args(marker, flavor_args)
+    model.render_with_sglang_args(marker, SGLANG_ARGS)
 }
 
 /// A supervisor (and, once started, a gateway) on a configuration of mock models.
