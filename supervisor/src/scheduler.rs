@@ -65,6 +65,16 @@ pub fn crash_backoff(failures: u32) -> Duration {
     Duration::from_secs(1u64 << exponent).min(MAX_BACKOFF)
 }
 
+/// A phase of a swap (start, ready, stop) of one generation, in the swap's trace.
+fn swap_phase_span(
+    parent: &tracing::Span,
+    phase: &'static str,
+    model: &str,
+    generation: u64,
+) -> tracing::Span {
+    tracing::info_span!(parent: parent, "swap", phase, model, generation)
+}
+
 /// `host:port` a client connects to; wildcard listen addresses mean this host.
 pub fn client_address(config: &ModelConfig) -> String {
     let host = match config.host.as_str() {
@@ -893,8 +903,7 @@ impl Actor {
         }
         // The command line itself is logged by the process layer (with the API key masked).
         model.note(format!("starting generation {generation}"));
-        let start_span =
-            tracing::info_span!(parent: cause, "swap", phase = "start", model = name, generation);
+        let start_span = swap_phase_span(cause, "start", name, generation);
         let began = Instant::now();
         let spawned = start_span.in_scope(|| {
             tracing::info!(model = name, generation, "starting");
@@ -925,13 +934,7 @@ impl Actor {
         });
         {
             let (tx, backend, model) = (tx.clone(), backend.clone(), name.to_owned());
-            let ready_span = tracing::info_span!(
-                parent: cause,
-                "swap",
-                phase = "ready",
-                model = name,
-                generation
-            );
+            let ready_span = swap_phase_span(cause, "ready", name, generation);
             tokio::spawn(async move {
                 let result = backend.wait_ready().instrument(ready_span).await;
                 Self::report(
@@ -1072,13 +1075,7 @@ impl Actor {
         run.stop_requested = true;
         let (backend, generation, model) = (run.backend.clone(), run.generation, name.to_owned());
         let phase = swap.map(|parent| {
-            let span = tracing::info_span!(
-                parent: parent,
-                "swap",
-                phase = "stop",
-                model = name,
-                generation
-            );
+            let span = swap_phase_span(parent, "stop", name, generation);
             (span, self.metrics.clone())
         });
         tokio::spawn(async move {

@@ -112,6 +112,16 @@ const MACHINE_BUSY: Metric = Metric {
     read: |r| r.machine_busy_pct,
 };
 
+/// What the non-streaming scenarios report.
+const NON_STREAMING_METRICS: &[Metric] = &[
+    LATENCY_P50,
+    LATENCY_P99,
+    RPS,
+    PROXY_CPU,
+    LOADGEN_CPU,
+    MACHINE_BUSY,
+];
+
 pub const SCENARIOS: [Scenario; 4] = [
     Scenario {
         key: "chat-c1",
@@ -121,14 +131,7 @@ pub const SCENARIOS: [Scenario; 4] = [
         concurrency: 1,
         paced: false,
         litellm_per_worker: (20, 60),
-        metrics: &[
-            LATENCY_P50,
-            LATENCY_P99,
-            RPS,
-            PROXY_CPU,
-            LOADGEN_CPU,
-            MACHINE_BUSY,
-        ],
+        metrics: NON_STREAMING_METRICS,
     },
     Scenario {
         key: "chat-c64",
@@ -138,14 +141,7 @@ pub const SCENARIOS: [Scenario; 4] = [
         concurrency: 64,
         paced: false,
         litellm_per_worker: (1, 2),
-        metrics: &[
-            LATENCY_P50,
-            LATENCY_P99,
-            RPS,
-            PROXY_CPU,
-            LOADGEN_CPU,
-            MACHINE_BUSY,
-        ],
+        metrics: NON_STREAMING_METRICS,
     },
     Scenario {
         key: "stream256-c16",
