@@ -1,17 +1,22 @@
-//! The demo the README offers (deploy/demo.sh on deploy/demo.toml), end to end
-//! without the script's build step: supervisor + gateway on the demo's
-//! configuration with the mock on PATH, the README's two requests, then Ctrl-C.
-//! Only the ports and paths are moved to free ones, so that it runs beside
-//! other tests and a demo someone left running.
+//! The demo the README offers, run by the script itself: `deploy/demo.sh
+//! --smoke` (supervisor + gateway on demo.toml, the model list, a streaming
+//! chat that starts a model and one that swaps it, Ctrl-C, nothing left). Only
+//! the ports and paths are moved to free ones (`--config`), so that it runs
+//! beside other tests and a demo someone left running, and the script's build
+//! step is skipped (`--no-build`: cargo's lock is held while tests run); CI
+//! runs the script with its build step on a fresh clone first.
 
 mod clients_common;
 
-use std::{collections::BTreeSet, ffi::OsString, net::TcpStream, time::Duration};
+use std::{
+    collections::BTreeSet,
+    net::TcpStream,
+    path::Path,
+    process::{Command, Output, Stdio},
+    time::Duration,
+};
 
-use futures_util::StreamExt;
 use gpuswap::config::Config;
-use serde_json::{Value, json};
-use testkit::DEADLINE;
 
 const DEMO: &str = "deploy/demo.toml";
 /// Where demo.toml keeps its socket and state file.
@@ -72,8 +77,46 @@ fn relocated_demo(dir: &std::path::Path, gateway_port: u16, marker: &str) -> (St
     (tagged, relocated)
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn demo_serves_the_readme_requests_and_ctrl_c_leaves_nothing_behind() {
+/// Runs `deploy/demo.sh --smoke --no-build --config CONFIG` with the built binaries.
+fn run_smoke(config: &Path) -> Output {
+    let binaries = testkit::bin("gpuswap-mock-backend")
+        .parent()
+        .expect("target dir")
+        .to_owned();
+    Command::new(clients_common::repo().join("deploy/demo.sh"))
+        .args(["--smoke", "--no-build", "--config"])
+        .arg(config)
+        .env("GPUSWAP_BIN_DIR", binaries)
+        .stdin(Stdio::null())
+        .output()
+        .expect("run deploy/demo.sh")
+}
+
+fn described(output: &Output) -> String {
+    format!(
+        "{}\n--- stdout\n{}\n--- stderr\n{}",
+        output.status,
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    )
+}
+
+/// The marked processes still alive, with their command lines.
+fn left_behind(marker: &str) -> Vec<String> {
+    testkit::processes_with_marker(marker)
+        .iter()
+        .map(|pid| {
+            let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+            format!(
+                "{pid}: {}",
+                String::from_utf8_lossy(&cmdline).replace('\0', " ")
+            )
+        })
+        .collect()
+}
+
+#[test]
+fn demo_smoke_serves_the_readme_requests_and_ctrl_c_leaves_nothing_behind() {
     let dir = testkit::short_tempdir();
     let marker = testkit::unique_marker("demo");
     let gateway_port = testkit::free_port();
@@ -85,148 +128,80 @@ async fn demo_serves_the_readme_requests_and_ctrl_c_leaves_nothing_behind() {
         config.supervisor.listen,
         format!("unix://{}", socket.display())
     );
-
-    // As demo.sh: the mock found on PATH, the gateway started once the supervisor answers.
-    let binaries = testkit::bin("gpuswap-mock-backend")
-        .parent()
-        .expect("target dir")
-        .to_owned();
-    let mut path = OsString::from(binaries);
-    path.push(":");
-    path.push(std::env::var_os("PATH").unwrap_or_default());
-    let (sup_log, gw_log) = (dir.path().join("sup.log"), dir.path().join("gw.log"));
-    let logs = || clients_common::log_tails(&[sup_log.clone(), gw_log.clone()]);
-    let mut supervisor =
-        clients_common::spawn_supervisor(&config_path, &socket, &sup_log, Some(path)).await;
-    let base = format!("http://127.0.0.1:{gateway_port}");
-    let mut gateway = clients_common::spawn_gateway(&config_path, &base, &gw_log).await;
-    let http = reqwest::Client::new();
-
-    // curl -s localhost:8002/v1/models
-    let models: Value = http
-        .get(format!("{base}/v1/models"))
-        .send()
-        .await
-        .expect("GET /v1/models")
-        .json()
-        .await
-        .expect("models JSON");
-    let listed: BTreeSet<&str> = models["data"]
-        .as_array()
-        .unwrap_or_else(|| panic!("a model list: {models}"))
-        .iter()
-        .filter_map(|m| m["id"].as_str())
-        .collect();
-    let mut expected: BTreeSet<&str> = config.models.keys().map(String::as_str).collect();
     assert_eq!(
-        expected,
+        config
+            .models
+            .keys()
+            .map(String::as_str)
+            .collect::<BTreeSet<_>>(),
         BTreeSet::from(["llama-sglang", "monstral-tabby", "phi-vllm", "qwen-sglang"]),
         "the demo's four models"
     );
-    expected.extend(
-        config
-            .models
-            .values()
-            .flat_map(|m| m.aliases.iter().map(String::as_str)),
-    );
-    assert_eq!(
-        listed, expected,
-        "the four models and their aliases: {models}"
-    );
 
-    // curl -sN localhost:8002/v1/chat/completions -d '{"model":"llama-sglang","stream":true,...}'
-    let request = json!({
-        "model": "llama-sglang",
-        "stream": true,
-        "messages": [{"role": "user", "content": "hi"}],
-    });
-    let response = http
-        .post(format!("{base}/v1/chat/completions"))
-        .json(&request)
-        .send()
-        .await
-        .expect("POST chat");
-    assert_eq!(response.status(), 200, "{}", logs());
-    let mut body = Vec::new();
-    let mut stream = response.bytes_stream();
-    let read = tokio::time::timeout(DEADLINE, async {
-        while let Some(chunk) = stream.next().await {
-            body.extend_from_slice(&chunk.expect("stream chunk"));
-        }
-    })
-    .await;
-    let body = String::from_utf8_lossy(&body).into_owned();
-    assert!(
-        read.is_ok(),
-        "the stream ended within {DEADLINE:?}: {body}{}",
-        logs()
-    );
-    let events: Vec<&str> = body
-        .lines()
-        .filter_map(|l| l.trim_end_matches('\r').strip_prefix("data: "))
-        .collect();
-    assert_eq!(events.last(), Some(&"[DONE]"), "{body}");
-    let answer: String = events
-        .iter()
-        .filter(|e| **e != "[DONE]")
-        .map(|e| testkit::json(e))
-        .filter(|chunk| chunk["id"] != "gpuswap-progress")
-        .filter_map(|chunk| {
-            chunk["choices"][0]["delta"]["content"]
-                .as_str()
-                .map(str::to_owned)
-        })
-        .collect();
-    let served = config.models["llama-sglang"]
-        .served_name
-        .as_deref()
-        .expect("llama-sglang has a served_name");
-    assert!(
-        answer.contains(&format!("[served by {served}]")),
-        "the answer names llama's served name {served:?}: {answer:?}\n{body}"
-    );
-    let llama_port = config.models["llama-sglang"].port;
-    assert!(
-        TcpStream::connect(("127.0.0.1", llama_port)).is_ok(),
-        "llama's mock serves on its port"
-    );
-    assert!(
-        !testkit::processes_with_marker(&marker).is_empty(),
-        "the marker finds the demo's backend processes"
-    );
+    let output = run_smoke(&config_path);
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(output.status.success(), "{}", described(&output));
+    // What the script checked, model by model: the answers came from each model's own backend.
+    for model in ["llama-sglang", "qwen-sglang"] {
+        let served = config.models[model]
+            .served_name
+            .as_deref()
+            .expect("the demo's SGLang models have a served_name");
+        assert!(
+            stdout.contains(&format!(
+                "a streaming chat with {model} was answered by its backend ({served})"
+            )),
+            "{}",
+            described(&output)
+        );
+    }
+    assert!(stdout.contains("demo smoke: OK"), "{}", described(&output));
 
-    // Ctrl-C: the terminal sends SIGINT to both daemons at once.
-    supervisor.signal(libc::SIGINT);
-    gateway.signal(libc::SIGINT);
-    let supervisor_exit = supervisor.wait_exit(DEADLINE);
-    let gateway_exit = gateway.wait_exit(DEADLINE);
-    assert!(
-        supervisor_exit.success(),
-        "supervisor: {supervisor_exit}{}",
-        logs()
-    );
-    assert!(gateway_exit.success(), "gateway: {gateway_exit}{}", logs());
-    // The supervisor ends every backend before it exits: nothing may remain.
-    let left = testkit::processes_with_marker(&marker);
-    let described: Vec<String> = left
-        .iter()
-        .map(|pid| {
-            let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
-            format!(
-                "{pid}: {}",
-                String::from_utf8_lossy(&cmdline).replace('\0', " ")
+    // Checked here again, independently of the script: nothing of the demo is left.
+    let left = left_behind(&marker);
+    assert!(left.is_empty(), "processes left after Ctrl-C: {left:#?}");
+    for model in config.models.values() {
+        assert!(
+            TcpStream::connect_timeout(
+                &([127, 0, 0, 1], model.port).into(),
+                Duration::from_secs(5)
             )
-        })
-        .collect();
+            .is_err(),
+            "nothing listens on port {} after Ctrl-C",
+            model.port
+        );
+    }
+    assert!(!socket.exists(), "the supervisor removed its socket");
+}
+
+#[test]
+fn demo_smoke_fails_when_a_model_cannot_be_served() {
+    let dir = testkit::short_tempdir();
+    let marker = testkit::unique_marker("demo-broken");
+    let (text, _) = relocated_demo(dir.path(), testkit::free_port(), &marker);
+    // qwen-sglang's backend exits at once: the swap to it cannot be answered.
+    let broken = text.replacen(
+        "command = [\"gpuswap-mock-backend\", \"--flavor\", \"sglang\"",
+        "command = [\"false\", \"--flavor\", \"sglang\"",
+        1,
+    );
+    assert_ne!(
+        broken, text,
+        "the first SGLang model's command was replaced"
+    );
+    let config_path = dir.path().join("demo.toml");
+    std::fs::write(&config_path, broken).expect("write config");
+
+    let output = run_smoke(&config_path);
+    assert!(!output.status.success(), "{}", described(&output));
+    assert!(
+        String::from_utf8_lossy(&output.stderr).contains("demo smoke: FAILED"),
+        "{}",
+        described(&output)
+    );
+    let left = left_behind(&marker);
     assert!(
         left.is_empty(),
-        "processes left after Ctrl-C: {described:#?}{}",
-        logs()
+        "processes left after a failed smoke: {left:#?}"
     );
-    assert!(
-        TcpStream::connect_timeout(&([127, 0, 0, 1], llama_port).into(), Duration::from_secs(5))
-            .is_err(),
-        "nothing listens on llama's port after Ctrl-C"
-    );
-    assert!(!socket.exists(), "the supervisor removed its socket");
 }
