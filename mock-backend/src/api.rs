@@ -17,7 +17,7 @@ use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 
 use crate::{
-    cli::Flavor,
+    cli::{Fault, Flavor},
     errors::ApiError,
     generate::{self, Answer, Endpoint},
     log,
@@ -114,6 +114,9 @@ fn authorized(shared: &Shared, headers: &HeaderMap) -> bool {
 
 async fn health(State(shared): AppState) -> Response {
     let ready = shared.phase() == Phase::Ready;
+    if ready && shared.args.has_fault(Fault::ExitAfterReady) {
+        exit_soon();
+    }
     match shared.flavor() {
         Flavor::LlamaServer if ready => Json(json!({"status": "ok"})).into_response(),
         Flavor::LlamaServer => ApiError::unavailable("Loading model").render(Flavor::LlamaServer),
@@ -122,6 +125,16 @@ async fn health(State(shared): AppState) -> Response {
         Flavor::Sglang | Flavor::Vllm if ready => StatusCode::OK.into_response(),
         Flavor::Sglang | Flavor::Vllm => StatusCode::SERVICE_UNAVAILABLE.into_response(),
     }
+}
+
+/// The `exit-after-ready` fault: the first healthy answer goes out, then the server dies
+/// (like a server that crashes right after passing its health check).
+fn exit_soon() {
+    std::thread::spawn(|| {
+        std::thread::sleep(Duration::from_millis(1));
+        log::err("Fatal: exiting right after the first healthy /health (fault exit-after-ready)");
+        std::process::exit(1);
+    });
 }
 
 /// SGLang's `/health_generate`: a one-token generation.

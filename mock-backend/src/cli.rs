@@ -22,6 +22,7 @@ pub enum Fault {
     CrashAfter(u64),
     IgnoreSigterm,
     Flood(u64),
+    ExitAfterReady,
 }
 
 impl FromStr for Fault {
@@ -33,9 +34,10 @@ impl FromStr for Fault {
                 "exit-during-load" => Ok(Self::ExitDuringLoad),
                 "never-ready" => Ok(Self::NeverReady),
                 "ignore-sigterm" => Ok(Self::IgnoreSigterm),
+                "exit-after-ready" => Ok(Self::ExitAfterReady),
                 _ => Err(format!(
                     "unknown fault {text:?}: expected exit-during-load, never-ready, \
-                     crash-after:N, ignore-sigterm or flood:BYTES"
+                     crash-after:N, ignore-sigterm, flood:BYTES or exit-after-ready"
                 )),
             },
             Some(("crash-after", n)) => n
@@ -175,6 +177,7 @@ mod tests {
     #[test]
     fn faults_parse() {
         assert_eq!("never-ready".parse(), Ok(Fault::NeverReady));
+        assert_eq!("exit-after-ready".parse(), Ok(Fault::ExitAfterReady));
         assert_eq!("crash-after:7".parse(), Ok(Fault::CrashAfter(7)));
         assert_eq!("flood:3M".parse(), Ok(Fault::Flood(3 << 20)));
         assert_eq!("flood:1000".parse(), Ok(Fault::Flood(1000)));

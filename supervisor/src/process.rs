@@ -102,6 +102,9 @@ pub enum StartError {
     NoSuchUser(String),
     #[error("backend exited while starting ({0})")]
     Exited(ExitInfo),
+    /// It passed its readiness check, then its leader was gone before it could be Ready.
+    #[error("backend exited right after passing its readiness check ({0})")]
+    ExitedAfterReady(String),
     #[error("backend not ready after {0:?} (startup_timeout)")]
     Timeout(Duration),
     /// The process ran for the whole startup_timeout but nothing ever listened on its
@@ -384,6 +387,17 @@ impl Backend {
     /// The exit, if it already happened.
     pub fn exit_info(&self) -> Option<ExitInfo> {
         self.inner.exit.borrow().clone()
+    }
+
+    /// Why the backend leader is gone, or None while it lives. The leader is the guard's
+    /// child: its pid stays its own until the guard reaps it, and the guard exits (which
+    /// `exit_info` shows) right after.
+    pub fn leader_gone(&self) -> Option<String> {
+        if let Some(info) = self.exit_info() {
+            return Some(info.to_string());
+        }
+        (!procfs::alive(self.inner.backend_pid as i32))
+            .then(|| format!("process {} is gone", self.inner.backend_pid))
     }
 
     /// Probes readiness for the model's kind until ready. Fails at once when the process

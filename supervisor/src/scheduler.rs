@@ -774,6 +774,16 @@ impl Actor {
         if !current || model.state != State::Starting {
             return;
         }
+        // A backend that passed its readiness check and died at once (a 200 then a crash)
+        // is a crash, never Ready: its Exited report may have come first, and was ignored
+        // while Starting.
+        let result =
+            result.and_then(
+                |()| match model.run.as_ref().and_then(|r| r.backend.leader_gone()) {
+                    Some(why) => Err(StartError::ExitedAfterReady(why)),
+                    None => Ok(()),
+                },
+            );
         match result {
             Ok(()) => {
                 let now = Instant::now();
@@ -793,8 +803,11 @@ impl Actor {
                 tracing::info!(model = name, generation, startup_ms = millis(took), "ready");
             }
             Err(error) => {
-                let cause = start_failure_reason(&error);
-                self.fail(name, error.to_string(), FailureKind::Start, cause);
+                let (cause, kind) = match error {
+                    StartError::ExitedAfterReady(_) => ("exited", FailureKind::Crash),
+                    _ => (start_failure_reason(&error), FailureKind::Start),
+                };
+                self.fail(name, error.to_string(), kind, cause);
             }
         }
     }
@@ -820,7 +833,8 @@ impl Actor {
                     "exited",
                 );
             }
-            // A start reports its own failure; a stop reports its own end.
+            // A start reports its own failure (and start_finished looks again at the leader,
+            // in case the exit came right after a passed check); a stop reports its own end.
             State::Starting | State::Stopping | State::Failed | State::Stopped => {}
         }
     }
@@ -1733,7 +1747,7 @@ fn start_failure_reason(error: &StartError) -> &'static str {
         StartError::PortBusy { .. } | StartError::Spawn { .. } | StartError::NoSuchUser(_) => {
             "spawn_failed"
         }
-        StartError::Exited(_) => "exited",
+        StartError::Exited(_) | StartError::ExitedAfterReady(_) => "exited",
         // It listened, but its health check never passed in time.
         StartError::Timeout(_) => "startup_timeout",
         // Nothing ever listened on its port.
@@ -1874,6 +1888,39 @@ mod tests {
             "[models.m]\nkind = \"vllm\"\ncommand = [\"x\"]\nport = {port}\nhost = \"{host}\"\n"
         );
         Config::from_toml(&text).unwrap().models["m"].clone()
+    }
+
+    /// The readiness check passed, then the leader died before the actor took the report in
+    /// (its Exited came first and was ignored while Starting): that is a crash, not Ready.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_start_reported_ready_after_the_leader_died_is_a_crash() {
+        let port = testkit::free_port();
+        let text = format!(
+            "[models.m]\nkind = \"vllm\"\ncommand = [\"sh\", \"-c\", \"exit 3\"]\nport = {port}\n"
+        );
+        let options = SchedulerOptions {
+            config_path: None,
+            guard_exe: testkit::bin("gpuswap-supervisor"),
+            state_file: None,
+            metrics: gpuswap_telemetry::Metrics::new().supervisor(),
+        };
+        let (tx, _reports) = mpsc::unbounded_channel();
+        let mut actor = Actor::new(Config::from_toml(&text).unwrap(), options, tx.downgrade());
+        let generation = actor.start("m", &tracing::Span::none()).expect("spawned");
+        let backend = actor.models["m"].run.as_ref().expect("run").backend.clone();
+        backend.exited().await;
+        actor.start_finished("m", generation, Ok(()));
+        let model = &actor.models["m"];
+        assert_eq!(model.state, State::Failed);
+        assert!(
+            model
+                .last_error
+                .contains("right after passing its readiness check"),
+            "{}",
+            model.last_error
+        );
+        assert!(model.retry_at.is_some(), "restarted after a backoff");
+        drop(tx);
     }
 
     #[test]

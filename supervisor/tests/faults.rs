@@ -105,6 +105,40 @@ async fn a_crash_while_ready_loses_the_holds_and_the_next_activate_restarts_with
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backend_dying_right_after_its_health_check_is_a_crash_never_ready() {
+    let sup = Supervisor::start(
+        "exitready",
+        &[],
+        vec![Mock::new("alpha").args(&["--fault", "exit-after-ready"])],
+    )
+    .await;
+    for round in 1..=2u32 {
+        let mut hold = sup.activate("alpha", true).await;
+        // The death is seen before Ready (Failed) or right after it (the hold is lost);
+        // either way it is a crash, and the model does not stay Ready with a dead process.
+        let reason = hold
+            .until("Failed or HoldLost", |e| match e {
+                Event::Failed(f) => Some(f.reason.clone()),
+                Event::HoldLost(h) => Some(h.reason.clone()),
+                _ => None,
+            })
+            .await;
+        assert!(reason.contains("exit"), "{reason}");
+        let status = sup.wait_state("alpha", ModelState::Failed).await;
+        assert!(status.last_error.contains("exit"), "{status:?}");
+        assert_eq!(status.restarts, round - 1);
+        if round == 2 {
+            assert!(
+                hold.saw(|e| matches!(e, Event::Log(l) if l.line.contains("1 consecutive"))),
+                "the restart waits out a backoff: {:?}",
+                hold.seen
+            );
+        }
+        sup.wait_no_backends().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_backend_ignoring_sigterm_is_killed_after_stop_timeout() {
     let sup = Supervisor::start(
         "sigterm",
