@@ -18,6 +18,24 @@ pub enum ConfigError {
     Invalid { key: String, message: String },
 }
 
+/// The longest duration a setting may take. Deadlines are computed as now + duration, which
+/// overflows (a panic) a few hundred billion years out; anything past a century is a typo.
+pub const MAX_DURATION: Duration = Duration::from_secs(100 * 31_557_600); // humantime's "100y"
+
+/// Refuses a duration longer than [`MAX_DURATION`], naming its key.
+fn check_duration(key: impl Into<String>, value: Duration) -> Result<(), ConfigError> {
+    if value > MAX_DURATION {
+        return Err(invalid(
+            key,
+            format!(
+                "{} is too long (at most 100 years)",
+                humantime::format_duration(value)
+            ),
+        ));
+    }
+    Ok(())
+}
+
 fn invalid(key: impl Into<String>, message: impl Into<String>) -> ConfigError {
     ConfigError::Invalid {
         key: key.into(),
@@ -334,6 +352,15 @@ impl Config {
             if model.host.trim().is_empty() {
                 return Err(invalid(key("host"), "must not be empty"));
             }
+            for (k, value) in [
+                ("startup_timeout", Some(model.startup_timeout)),
+                ("stop_timeout", Some(model.stop_timeout)),
+                ("idle_ttl", model.idle_ttl),
+            ] {
+                if let Some(value) = value {
+                    check_duration(key(k), value)?;
+                }
+            }
             if model.startup_timeout.is_zero() {
                 return Err(invalid(key("startup_timeout"), "must be more than 0s"));
             }
@@ -423,6 +450,13 @@ impl Config {
                 "must be an octal file mode such as \"0660\"",
             )
         })?;
+        for (k, value) in [
+            ("drain_timeout", s.drain_timeout),
+            ("min_residency", s.min_residency),
+            ("gpu_release_timeout", s.gpu_release_timeout),
+        ] {
+            check_duration(format!("supervisor.{k}"), value)?;
+        }
         if s.log_lines == 0 {
             return Err(invalid("supervisor.log_lines", "must be at least 1"));
         }
@@ -445,6 +479,15 @@ impl Config {
         g.supervisor
             .parse::<Endpoint>()
             .map_err(|e| invalid("gateway.supervisor", e.to_string()))?;
+        for (k, value) in [
+            ("queue_timeout", g.queue_timeout),
+            ("idle_ttl", g.idle_ttl),
+            ("keepalive_interval", g.keepalive_interval),
+            ("header_timeout", g.header_timeout),
+            ("upstream_idle_timeout", g.upstream_idle_timeout),
+        ] {
+            check_duration(format!("gateway.{k}"), value)?;
+        }
         if g.max_body == 0 {
             return Err(invalid("gateway.max_body", "must be more than 0"));
         }
@@ -623,5 +666,27 @@ gpus = [1]
         assert_eq!(parse_duration("250ms").unwrap(), Duration::from_millis(250));
         assert_eq!(parse_duration("7").unwrap(), Duration::from_secs(7));
         assert!(parse_duration("soon").is_err());
+    }
+
+    #[test]
+    fn absurd_durations_are_refused_with_their_key() {
+        let model = "[models.a]\nkind = \"vllm\"\ncommand = [\"x\"]\nport = 1\n";
+        for (extra, key) in [
+            (
+                "[supervisor]\ndrain_timeout = \"300000000000y\"\n",
+                "supervisor.drain_timeout",
+            ),
+            ("[gateway]\nidle_ttl = \"101y\"\n", "gateway.idle_ttl"),
+            ("", "models.\"a\".stop_timeout"),
+        ] {
+            let mut text = format!("{extra}{model}");
+            if extra.is_empty() {
+                text.push_str("stop_timeout = \"1000000y\"\n");
+            }
+            let error = Config::from_toml(&text).expect_err(key).to_string();
+            assert!(error.contains(key), "{error}");
+        }
+        let century = "[supervisor]\ndrain_timeout = \"100y\"\n";
+        assert!(Config::from_toml(century).is_ok());
     }
 }

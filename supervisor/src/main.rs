@@ -161,7 +161,7 @@ async fn run(config_path: PathBuf, config: Config) -> anyhow::Result<()> {
     let guard_exe =
         std::env::current_exe().context("cannot find the supervisor's own executable")?;
     let config_path = std::path::absolute(&config_path).unwrap_or(config_path);
-    let (scheduler, actor) = Scheduler::spawn(
+    let (scheduler, mut actor) = Scheduler::spawn(
         config,
         SchedulerOptions {
             config_path: Some(config_path),
@@ -189,6 +189,16 @@ async fn run(config_path: PathBuf, config: Config) -> anyhow::Result<()> {
                 Err(status) => tracing::error!("SIGHUP: reload refused, keeping the running configuration: {}", status.message()),
             },
             result = &mut server => break Some(result),
+            // The scheduler only ends when told to: a panic leaves nobody to answer but
+            // "shutting down". Exit with a failure so that the service manager restarts us;
+            // the backends die with us, their guards end them on our death.
+            ended = &mut actor => {
+                let how = match ended {
+                    Err(error) if error.is_panic() => "panicked",
+                    _ => "ended",
+                };
+                anyhow::bail!("the scheduler {how}: exiting so that a fresh supervisor takes over");
+            }
         }
     };
     scheduler.shutdown().await;

@@ -1518,6 +1518,11 @@ impl Actor {
     // ----- reload -------------------------------------------------------------------------
 
     fn reload(&mut self) -> Result<pb::ReloadResponse, Status> {
+        // Fault injection for the tests, in debug builds only: a bug in the actor.
+        #[cfg(debug_assertions)]
+        if std::env::var_os("GPUSWAP_TEST_FAULT").is_some_and(|f| f == "actor-panic-on-reload") {
+            panic!("injected fault: actor-panic-on-reload");
+        }
         let Some(path) = &self.config_path else {
             return Err(Status::failed_precondition(
                 "no configuration file to reload",

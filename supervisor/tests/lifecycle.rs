@@ -9,6 +9,25 @@ use common::{MARKER_ENV, Mock, Supervisor, http, run_to_exit};
 use gpuswap::pb::{self, ModelState, activate_event::Event};
 use testkit::{DEADLINE, Proc};
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_panic_in_the_scheduler_ends_the_supervisor_with_a_failure_and_its_backends() {
+    let mut sup = Supervisor::prepare("actorpanic", &[], vec![Mock::new("alpha")]);
+    // A debug build's fault injection: the actor panics on the next reload, as a bug would.
+    sup.env
+        .push(("GPUSWAP_TEST_FAULT".into(), "actor-panic-on-reload".into()));
+    sup.write_config();
+    let mut sup = sup.launch().await;
+    sup.activate("alpha", false).await.ready().await;
+    assert!(!sup.backend_processes().is_empty());
+    let mut proc = sup.proc.take().expect("running");
+    proc.signal(libc::SIGHUP);
+    let status = tokio::task::block_in_place(|| proc.wait_exit(DEADLINE));
+    assert!(!status.success(), "exit: {status}\n{}", sup.log());
+    assert!(sup.log().contains("scheduler panicked"), "{}", sup.log());
+    // As after kill -9: every guard ends its backend when the supervisor is gone.
+    sup.wait_no_backends().await;
+}
+
 #[test]
 fn bad_configs_exit_2_and_name_the_key() {
     let dir = testkit::short_tempdir();
@@ -27,6 +46,11 @@ fn bad_configs_exit_2_and_name_the_key() {
         (
             "[supervisor]\nlisten = \"https://0.0.0.0:7070\"\n",
             "supervisor.tls_cert",
+        ),
+        // Past what `Instant + Duration` can hold: refused, not a panic later.
+        (
+            "[supervisor]\ndrain_timeout = \"300000000000y\"\n",
+            "supervisor.drain_timeout",
         ),
     ];
     for (text, key) in cases {

@@ -38,6 +38,8 @@ pub struct Supervisor {
     pub stderr_path: PathBuf,
     pub marker: String,
     pub settings: Vec<String>,
+    /// Extra environment of the supervisor process.
+    pub env: Vec<(String, String)>,
     pub models: Vec<Mock>,
     pub proc: Option<Proc>,
     pub client: SupervisorClient,
@@ -63,6 +65,7 @@ impl Supervisor {
             socket,
             marker: testkit::unique_marker(test),
             settings: settings.iter().map(|s| s.to_string()).collect(),
+            env: Vec::new(),
             models,
             proc: None,
             client,
@@ -103,6 +106,7 @@ impl Supervisor {
         let mut command =
             testkit::supervisor_command(&self.config_path, "info,gpuswap_supervisor=debug");
         command
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
             .stdout(Stdio::null())
             .stderr(testkit::append_log(&self.stderr_path));
         Proc::spawn(command)
