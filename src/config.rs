@@ -118,8 +118,13 @@ pub struct GatewayConfig {
     pub token_file: Option<PathBuf>,
     /// CA of an https supervisor's certificate.
     pub ca_file: Option<PathBuf>,
-    /// Empty: open. Else `Authorization: Bearer` or `x-api-key` must match one.
+    /// Empty (and no `keys`): open. Else `Authorization: Bearer` or `x-api-key` must match one.
     pub api_keys: Vec<String>,
+    /// Keys for the admin actions (load, unload, logs) and every model. Empty (and no key
+    /// with `admin = true`): admin actions are allowed from loopback only.
+    pub admin_keys: Vec<String>,
+    /// Named keys, each limited to some models (`[gateway.keys.NAME]`).
+    pub keys: BTreeMap<String, KeyConfig>,
     #[serde(deserialize_with = "duration")]
     pub queue_timeout: Duration,
     #[serde(deserialize_with = "byte_size")]
@@ -153,6 +158,8 @@ impl Default for GatewayConfig {
             token_file: None,
             ca_file: None,
             api_keys: Vec::new(),
+            admin_keys: Vec::new(),
+            keys: BTreeMap::new(),
             queue_timeout: Duration::from_secs(15 * 60),
             max_body: 32 << 20,
             idle_ttl: Duration::ZERO,
@@ -161,6 +168,46 @@ impl Default for GatewayConfig {
             keepalive_interval: Duration::from_secs(5),
             header_timeout: Duration::from_secs(30),
             upstream_idle_timeout: Duration::from_secs(90),
+        }
+    }
+}
+
+/// One named key of `[gateway.keys.NAME]`.
+#[derive(Clone, Default, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct KeyConfig {
+    /// A file whose first line is the key (kept out of the configuration file).
+    pub key_file: Option<PathBuf>,
+    pub key: Option<String>,
+    /// Glob patterns (`*`, `?`) over model names and aliases; unset: every model.
+    pub models: Option<Vec<String>>,
+    /// May load, unload and read logs.
+    #[serde(default)]
+    pub admin: bool,
+}
+
+/// Never prints the key itself.
+impl fmt::Debug for KeyConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("KeyConfig")
+            .field("key_file", &self.key_file)
+            .field("key", &self.key.as_ref().map(|_| "<redacted>"))
+            .field("models", &self.models)
+            .field("admin", &self.admin)
+            .finish()
+    }
+}
+
+impl KeyConfig {
+    /// The key: `key`, or the first line of `key_file` (read now).
+    pub fn secret(&self) -> std::io::Result<String> {
+        match (&self.key, &self.key_file) {
+            (Some(key), _) => Ok(key.clone()),
+            (None, Some(path)) => crate::auth::read_token_file(path),
+            (None, None) => Err(std::io::Error::new(
+                std::io::ErrorKind::InvalidInput,
+                "neither key nor key_file is set",
+            )),
         }
     }
 }
@@ -301,6 +348,7 @@ impl Config {
                     .separator("__")
                     .list_separator(",")
                     .with_list_parse_key("gateway.api_keys")
+                    .with_list_parse_key("gateway.admin_keys")
                     .with_list_parse_key("gateway.preload")
                     .try_parsing(true),
             )
@@ -497,6 +545,30 @@ impl Config {
         if g.api_keys.iter().any(|k| k.trim().is_empty()) {
             return Err(invalid("gateway.api_keys", "keys must not be empty"));
         }
+        if g.admin_keys.iter().any(|k| k.trim().is_empty()) {
+            return Err(invalid("gateway.admin_keys", "keys must not be empty"));
+        }
+        for (name, key) in &g.keys {
+            let field = |k: &str| format!("gateway.keys.{name}.{k}");
+            match (&key.key, &key.key_file) {
+                (Some(_), Some(_)) => {
+                    return Err(invalid(field("key"), "set key or key_file, not both"));
+                }
+                (None, None) => return Err(invalid(field("key"), "set key or key_file")),
+                (Some(k), None) if k.trim().is_empty() => {
+                    return Err(invalid(field("key"), "must not be empty"));
+                }
+                (None, Some(path)) if !path.is_absolute() => {
+                    return Err(invalid(field("key_file"), "must be an absolute path"));
+                }
+                _ => {}
+            }
+            if let Some(models) = &key.models
+                && models.iter().any(|m| m.trim().is_empty())
+            {
+                return Err(invalid(field("models"), "patterns must not be empty"));
+            }
+        }
         if g.keepalive_interval.is_zero() {
             return Err(invalid(
                 "gateway.keepalive_interval",
@@ -656,6 +728,31 @@ gpus = [1]
             "[models.a]\nkind = \"vllm\"\ncommand = [\"x\"]\nport = 1\n[models.b]\nkind = \"vllm\"\ncommand = [\"x\"]\nport = 2\naliases = [\"a\"]\n",
         );
         assert!(e.contains("models.\"b\".aliases"), "{e}");
+    }
+
+    #[test]
+    fn gateway_keys_are_validated_and_never_printed() {
+        let c = Config::from_toml(
+            "[gateway]\nadmin_keys = [\"root\"]\n[gateway.keys.alice]\nkey = \"s3cret\"\nmodels = [\"llama-*\"]\n",
+        )
+        .unwrap();
+        let alice = &c.gateway.keys["alice"];
+        assert_eq!(alice.secret().unwrap(), "s3cret");
+        assert_eq!(alice.models.as_deref(), Some(&["llama-*".to_owned()][..]));
+        assert!(!alice.admin);
+        assert!(!format!("{alice:?}").contains("s3cret"));
+        let e = error_of("[gateway.keys.bob]\nmodels = [\"a\"]\n");
+        assert!(e.contains("gateway.keys.bob.key"), "{e}");
+        let e = error_of("[gateway.keys.bob]\nkey = \"k\"\nkey_file = \"/k\"\n");
+        assert!(e.contains("gateway.keys.bob.key"), "{e}");
+        let e = error_of("[gateway.keys.bob]\nkey_file = \"k\"\n");
+        assert!(e.contains("gateway.keys.bob.key_file"), "{e}");
+        let e = error_of("[gateway.keys.bob]\nkey = \"k\"\nmodels = [\"\"]\n");
+        assert!(e.contains("gateway.keys.bob.models"), "{e}");
+        let e = error_of("[gateway.keys.bob]\nkey = \"k\"\nadmn = true\n");
+        assert!(e.contains("admn"), "{e}");
+        let e = error_of("[gateway]\nadmin_keys = [\" \"]\n");
+        assert!(e.contains("gateway.admin_keys"), "{e}");
     }
 
     #[test]

@@ -41,6 +41,17 @@ impl ModelInfo {
         }
     }
 
+    /// A stopped model with these names (tests).
+    #[cfg(test)]
+    pub fn for_test(name: &str, aliases: &[&str]) -> Self {
+        Self::from_status(pb::ModelStatus {
+            name: name.into(),
+            aliases: aliases.iter().map(|a| a.to_string()).collect(),
+            state: pb::ModelState::Stopped as i32,
+            ..Default::default()
+        })
+    }
+
     /// The state as `/v1/models` names it.
     pub fn public_state(&self) -> &'static str {
         use pb::ModelState as S;

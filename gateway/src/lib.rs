@@ -8,6 +8,7 @@
 //! - [`tokens`]: completion tokens counted from response bytes in passing.
 //! - [`server`]: the HTTP endpoints (`/metrics` included) and the accept loop.
 
+pub mod access;
 pub mod catalog;
 pub mod error;
 pub mod proxy;
@@ -23,23 +24,22 @@ use std::{
     time::{Duration, SystemTime, UNIX_EPOCH},
 };
 
-use anyhow::Context as _;
-use gpuswap::{ClientOptions, Endpoint, config::GatewayConfig};
-use gpuswap_telemetry::{GatewayMetrics, Metrics};
-use http::{HeaderMap, header};
-
 use crate::{
+    access::Access,
     catalog::CatalogHandle,
     route::RouteTable,
     scheduler::{Scheduler, SchedulerConfig, SchedulerHandle},
 };
+use anyhow::Context as _;
+use gpuswap::{ClientOptions, Endpoint, config::GatewayConfig};
+use gpuswap_telemetry::{GatewayMetrics, Metrics};
 
 /// What every request handler shares.
 pub struct Gateway {
     pub catalog: Arc<CatalogHandle>,
     pub routes: Arc<RouteTable>,
     pub scheduler: SchedulerHandle,
-    pub api_keys: Vec<Vec<u8>>,
+    pub access: Access,
     pub max_body: u64,
     pub queue_timeout: Duration,
     pub keepalive_interval: Duration,
@@ -50,28 +50,6 @@ pub struct Gateway {
     /// The registry served on `GET /metrics`.
     pub metrics: Arc<Metrics>,
     pub gw_metrics: GatewayMetrics,
-}
-
-impl Gateway {
-    /// True when no keys are configured, or the request carries one of them
-    /// (`Authorization: Bearer K` or `x-api-key: K`), compared in constant time.
-    pub fn authorized(&self, headers: &HeaderMap) -> bool {
-        if self.api_keys.is_empty() {
-            return true;
-        }
-        let bearer = headers.get(header::AUTHORIZATION).and_then(|v| {
-            let v = v.as_bytes();
-            (v.len() > 7 && v[..7].eq_ignore_ascii_case(b"bearer ")).then(|| &v[7..])
-        });
-        let plain = headers.get("x-api-key").map(|v| v.as_bytes());
-        let mut ok = false;
-        for given in [bearer, plain].into_iter().flatten() {
-            for key in &self.api_keys {
-                ok |= gpuswap::auth::secrets_equal(given, key);
-            }
-        }
-        ok
-    }
 }
 
 /// Closes backend connections left idle: a pool is otherwise trimmed only
@@ -127,6 +105,7 @@ fn client_name() -> String {
 
 /// Runs the gateway until the process is told to stop.
 pub async fn run(config: GatewayConfig, listen: Option<String>) -> anyhow::Result<()> {
+    let access = Access::from_config(&config)?;
     let endpoint: Endpoint = config.supervisor.parse().context("gateway.supervisor")?;
     let token = config
         .token_file
@@ -173,11 +152,7 @@ pub async fn run(config: GatewayConfig, listen: Option<String>) -> anyhow::Resul
         catalog,
         routes,
         scheduler: handle,
-        api_keys: config
-            .api_keys
-            .iter()
-            .map(|k| k.as_bytes().to_vec())
-            .collect(),
+        access,
         max_body: config.max_body,
         queue_timeout: config.queue_timeout,
         keepalive_interval: config.keepalive_interval,
@@ -223,7 +198,7 @@ pub(crate) mod tests {
             catalog,
             routes,
             scheduler: handle,
-            api_keys: vec![b"k1".to_vec(), b"k2".to_vec()],
+            access: Access::with_api_keys(&["k1", "k2"]),
             max_body: 1 << 20,
             queue_timeout: Duration::from_secs(1),
             keepalive_interval: Duration::from_secs(1),
@@ -233,25 +208,5 @@ pub(crate) mod tests {
             metrics: Arc::new(metrics),
             gw_metrics,
         })
-    }
-
-    #[tokio::test]
-    async fn api_keys_by_bearer_or_header() {
-        let gateway = test_gateway();
-        let check = |name: &str, value: &str| {
-            let mut h = HeaderMap::new();
-            h.insert(
-                http::HeaderName::from_bytes(name.as_bytes()).unwrap(),
-                value.parse().unwrap(),
-            );
-            gateway.authorized(&h)
-        };
-        assert!(check("authorization", "Bearer k2"));
-        assert!(check("authorization", "bearer k1"));
-        assert!(check("x-api-key", "k1"));
-        assert!(!check("authorization", "Bearer k3"));
-        assert!(!check("authorization", "k1"));
-        assert!(!check("x-api-key", "k"));
-        assert!(!gateway.authorized(&HeaderMap::new()));
     }
 }

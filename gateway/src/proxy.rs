@@ -149,9 +149,9 @@ pub async fn handle(gateway: Arc<Gateway>, request: Request<Body>) -> Response {
 
 async fn handle_in(gateway: Arc<Gateway>, request: Request<Body>, span: Span) -> Response {
     let (parts, body) = request.into_parts();
-    if !gateway.authorized(&parts.headers) {
+    let Some(grant) = gateway.access.grant(&parts.headers) else {
         return closing(ApiError::invalid_api_key().into_response());
-    }
+    };
     let body = match read_body(&parts.headers, body, gateway.max_body).await {
         Ok(b) => b,
         Err(e) => return closing(e.into_response()),
@@ -163,12 +163,12 @@ async fn handle_in(gateway: Arc<Gateway>, request: Request<Body>, span: Span) ->
     let model = {
         let catalog = gateway.catalog.load();
         match catalog.resolve(&probed.model) {
-            Some(info) => Arc::clone(&info.name),
+            Some(info) if grant.allows(info) => Arc::clone(&info.name),
             None if !gateway.catalog.connected() && catalog.models.is_empty() => {
                 return ApiError::supervisor_unavailable(gateway.catalog.last_error())
                     .into_response();
             }
-            None => return ApiError::model_not_found(&probed.model).into_response(),
+            _ => return ApiError::model_not_found(&probed.model).into_response(),
         }
     };
     span.record("model", &*model);

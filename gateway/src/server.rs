@@ -85,12 +85,12 @@ fn model_entry(
 /// Every model and every alias, from the catalog: this must answer during
 /// swaps and supervisor outages alike (OpenWebUI drops models whose list fails).
 async fn list_models(State(gateway): State<Arc<Gateway>>, headers: HeaderMap) -> Response {
-    if !gateway.authorized(&headers) {
+    let Some(grant) = gateway.access.grant(&headers) else {
         return ApiError::invalid_api_key().into_response();
-    }
+    };
     let catalog = gateway.catalog.load();
     let mut data = Vec::new();
-    for model in catalog.models.values() {
+    for model in catalog.models.values().filter(|m| grant.allows(m)) {
         data.push(model_entry(&model.name, model, gateway.started_unix, None));
         for alias in &model.aliases {
             data.push(model_entry(
@@ -110,17 +110,17 @@ async fn get_model(
     Path(id): Path<String>,
     headers: HeaderMap,
 ) -> Response {
-    if !gateway.authorized(&headers) {
+    let Some(grant) = gateway.access.grant(&headers) else {
         return ApiError::invalid_api_key().into_response();
-    }
+    };
     let catalog = gateway.catalog.load();
     match catalog.resolve(&id) {
-        Some(model) => {
+        Some(model) if grant.allows(model) => {
             let alias_of = (*model.name != *id).then_some(&*model.name);
             let body = model_entry(&id, model, gateway.started_unix, alias_of);
             json_response(StatusCode::OK, body.to_string().into())
         }
-        None => ApiError::model_not_found(&id).into_response(),
+        _ => ApiError::model_not_found(&id).into_response(),
     }
 }
 
