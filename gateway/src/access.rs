@@ -5,7 +5,7 @@
 //! that may not use a model does not learn that it exists: the model is missing from its
 //! `/v1/models`, and a request for it gets the same 404 as an unknown model.
 
-use std::net::IpAddr;
+use std::{net::IpAddr, sync::Arc};
 
 use anyhow::Context as _;
 use gpuswap::config::GatewayConfig;
@@ -17,7 +17,7 @@ use crate::catalog::ModelInfo;
 struct Key {
     secret: Box<[u8]>,
     /// Glob patterns over names and aliases; None: every model.
-    models: Option<Vec<String>>,
+    models: Option<Arc<[String]>>,
     admin: bool,
 }
 
@@ -30,28 +30,34 @@ pub struct Access {
     admin_keyed: bool,
 }
 
-/// What a request may do.
-#[derive(Clone, Copy, Debug)]
-pub struct Grant<'a> {
-    models: Option<&'a [String]>,
+/// What a request may do (cheap to clone: streams keep one).
+#[derive(Clone, Debug)]
+pub struct Grant {
+    models: Option<Arc<[String]>>,
     admin: bool,
 }
 
-impl Grant<'_> {
+impl Grant {
     /// Every model, no admin (an open gateway's anonymous caller).
-    pub const OPEN: Grant<'static> = Grant {
+    pub const OPEN: Grant = Grant {
         models: None,
         admin: false,
     };
 
     /// True when the key may use `model` (one of its patterns matches its name or an alias).
     pub fn allows(&self, model: &ModelInfo) -> bool {
-        let Some(patterns) = self.models else {
+        self.allows_names(&model.name, model.aliases.iter().map(String::as_str))
+    }
+
+    /// True when one of the key's patterns matches `name` or one of `aliases`.
+    pub fn allows_names<'n>(&self, name: &'n str, aliases: impl Iterator<Item = &'n str>) -> bool {
+        let Some(patterns) = &self.models else {
             return true;
         };
+        let names: Vec<&str> = std::iter::once(name).chain(aliases).collect();
         patterns
             .iter()
-            .any(|p| glob_match(p, &model.name) || model.aliases.iter().any(|a| glob_match(p, a)))
+            .any(|p| names.iter().any(|n| glob_match(p, n)))
     }
 
     pub fn is_admin(&self) -> bool {
@@ -83,7 +89,7 @@ impl Access {
             })?;
             keys.push(Key {
                 secret: secret.as_bytes().into(),
-                models: key.models.clone(),
+                models: key.models.as_deref().map(Arc::from),
                 admin: key.admin,
             });
         }
@@ -105,7 +111,7 @@ impl Access {
     }
 
     /// What the request's key grants; None when a key is required and none given matches.
-    pub fn grant(&self, headers: &HeaderMap) -> Option<Grant<'_>> {
+    pub fn grant(&self, headers: &HeaderMap) -> Option<Grant> {
         let bearer = headers.get(header::AUTHORIZATION).and_then(|v| {
             let v = v.as_bytes();
             (v.len() > 7 && v[..7].eq_ignore_ascii_case(b"bearer ")).then(|| &v[7..])
@@ -123,7 +129,7 @@ impl Access {
         }
         match matched {
             Some(key) => Some(Grant {
-                models: key.models.as_deref(),
+                models: key.models.clone(),
                 admin: key.admin,
             }),
             None if self.open => Some(Grant::OPEN),
@@ -132,7 +138,7 @@ impl Access {
     }
 
     /// Admin actions: an admin key, or, when no admin key is configured, a loopback caller.
-    pub fn may_administer(&self, grant: &Grant<'_>, peer: Option<IpAddr>) -> bool {
+    pub fn may_administer(&self, grant: &Grant, peer: Option<IpAddr>) -> bool {
         grant.admin || (!self.admin_keyed && peer.is_some_and(|ip| ip.to_canonical().is_loopback()))
     }
 }

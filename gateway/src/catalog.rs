@@ -8,11 +8,12 @@ use std::{
         Arc, Mutex,
         atomic::{AtomicBool, Ordering},
     },
-    time::Duration,
+    time::{Duration, Instant},
 };
 
 use arc_swap::ArcSwap;
 use gpuswap::{SupervisorClient, pb};
+use tokio::sync::broadcast;
 
 /// One model as the supervisor last reported it.
 #[derive(Clone, Debug)]
@@ -25,19 +26,35 @@ pub struct ModelInfo {
     pub generation: u64,
     pub detail: String,
     pub last_error: String,
+    /// Everything the supervisor reported, for the status page.
+    pub status: pb::ModelStatus,
+    /// When it was reported (uptimes grow from there).
+    pub received: Instant,
 }
 
 impl ModelInfo {
     fn from_status(status: pb::ModelStatus) -> Self {
         Self {
             state: status.state(),
-            name: status.name.into(),
-            aliases: status.aliases,
+            name: status.name.as_str().into(),
+            aliases: status.aliases.clone(),
             idle_ttl: status.idle_ttl_ms.map(Duration::from_millis),
             holders: status.holders,
             generation: status.generation,
-            detail: status.detail,
-            last_error: status.last_error,
+            detail: status.detail.clone(),
+            last_error: status.last_error.clone(),
+            status,
+            received: Instant::now(),
+        }
+    }
+
+    /// The state in llama-server's router API (`status.value`).
+    pub fn router_state(&self) -> &'static str {
+        use pb::ModelState as S;
+        match self.state {
+            S::Ready => "loaded",
+            S::Starting => "loading",
+            S::Stopped | S::Stopping | S::Failed | S::Unavailable | S::Unspecified => "unloaded",
         }
     }
 
@@ -117,15 +134,56 @@ impl Catalog {
     }
 }
 
-/// The shared catalog and whether the supervisor is reachable now.
-#[derive(Default)]
+/// A change the status page and the router API's event stream show.
+#[derive(Clone, Debug)]
+pub struct Event {
+    pub model: Arc<str>,
+    pub kind: EventKind,
+}
+
+#[derive(Clone, Debug)]
+pub enum EventKind {
+    /// The model's status changed (or was reported afresh after a reconnection).
+    Status(Arc<ModelInfo>),
+    /// A step of an activation (queued, draining, stopping, starting, a log line).
+    Progress { phase: &'static str, text: String },
+    /// A reload removed the model.
+    Removed,
+}
+
+/// Events kept for a slow subscriber before it misses some (it then gets a fresh snapshot).
+const EVENT_BUFFER: usize = 1024;
+
+/// The shared catalog, whether the supervisor is reachable now, and the event feed.
 pub struct CatalogHandle {
     current: ArcSwap<Catalog>,
     connected: AtomicBool,
     last_error: Mutex<String>,
+    events: broadcast::Sender<Event>,
+}
+
+impl Default for CatalogHandle {
+    fn default() -> Self {
+        Self {
+            current: ArcSwap::default(),
+            connected: AtomicBool::default(),
+            last_error: Mutex::default(),
+            events: broadcast::channel(EVENT_BUFFER).0,
+        }
+    }
 }
 
 impl CatalogHandle {
+    /// Every event from now on.
+    pub fn subscribe(&self) -> broadcast::Receiver<Event> {
+        self.events.subscribe()
+    }
+
+    /// Sends an event to the subscribers (none: dropped).
+    pub fn publish(&self, model: Arc<str>, kind: EventKind) {
+        let _ = self.events.send(Event { model, kind });
+    }
+
     pub fn load(&self) -> arc_swap::Guard<Arc<Catalog>> {
         self.current.load()
     }
@@ -180,7 +238,7 @@ async fn follow_once(
     let mut stream = client.watch(pb::WatchRequest {}).await?.into_inner();
     while let Some(event) = stream.message().await? {
         let Some(event) = event.event else { continue };
-        let next = match event {
+        match event {
             pb::watch_event::Event::Snapshot(snapshot) => {
                 let catalog_new =
                     Catalog::from_models(snapshot.models.into_iter().map(ModelInfo::from_status));
@@ -191,17 +249,28 @@ async fn follow_once(
                         "connected to the supervisor"
                     );
                 }
+                let models: Vec<_> = catalog_new.models.values().cloned().collect();
                 catalog.current.store(Arc::new(catalog_new));
                 catalog.connected.store(true, Ordering::SeqCst);
-                continue;
+                for model in models {
+                    catalog.publish(Arc::clone(&model.name), EventKind::Status(model));
+                }
             }
-            pb::watch_event::Event::Changed(status) => catalog
-                .current
-                .load()
-                .with_changed(ModelInfo::from_status(status)),
-            pb::watch_event::Event::Removed(name) => catalog.current.load().without(&name),
-        };
-        catalog.current.store(Arc::new(next));
+            pb::watch_event::Event::Changed(status) => {
+                let changed = ModelInfo::from_status(status);
+                let name = Arc::clone(&changed.name);
+                let next = Arc::new(catalog.current.load().with_changed(changed));
+                catalog.current.store(Arc::clone(&next));
+                if let Some(model) = next.models.get(&name) {
+                    catalog.publish(name, EventKind::Status(Arc::clone(model)));
+                }
+            }
+            pb::watch_event::Event::Removed(name) => {
+                let next = catalog.current.load().without(&name);
+                catalog.current.store(Arc::new(next));
+                catalog.publish(name.as_str().into(), EventKind::Removed);
+            }
+        }
     }
     Ok(())
 }

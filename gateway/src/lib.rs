@@ -11,6 +11,7 @@
 pub mod access;
 pub mod catalog;
 pub mod error;
+pub mod operator;
 pub mod proxy;
 pub mod route;
 pub mod scheduler;
@@ -27,11 +28,12 @@ use std::{
 use crate::{
     access::Access,
     catalog::CatalogHandle,
+    operator::{Swaps, TokenRates},
     route::RouteTable,
     scheduler::{Scheduler, SchedulerConfig, SchedulerHandle},
 };
 use anyhow::Context as _;
-use gpuswap::{ClientOptions, Endpoint, config::GatewayConfig};
+use gpuswap::{ClientOptions, Endpoint, SupervisorClient, config::GatewayConfig};
 use gpuswap_telemetry::{GatewayMetrics, Metrics};
 
 /// What every request handler shares.
@@ -40,6 +42,10 @@ pub struct Gateway {
     pub routes: Arc<RouteTable>,
     pub scheduler: SchedulerHandle,
     pub access: Access,
+    /// For the operator's calls (logs, unload).
+    pub supervisor: SupervisorClient,
+    pub token_rates: TokenRates,
+    pub swaps: Swaps,
     pub max_body: u64,
     pub queue_timeout: Duration,
     pub keepalive_interval: Duration,
@@ -141,7 +147,7 @@ pub async fn run(config: GatewayConfig, listen: Option<String>) -> anyhow::Resul
         gw_metrics.clone(),
     );
     tokio::spawn(catalog::watch(
-        supervisor,
+        supervisor.clone(),
         Arc::clone(&catalog),
         endpoint.to_string(),
     ));
@@ -153,6 +159,9 @@ pub async fn run(config: GatewayConfig, listen: Option<String>) -> anyhow::Resul
         routes,
         scheduler: handle,
         access,
+        supervisor,
+        token_rates: TokenRates::default(),
+        swaps: Swaps::default(),
         max_body: config.max_body,
         queue_timeout: config.queue_timeout,
         keepalive_interval: config.keepalive_interval,
@@ -165,6 +174,8 @@ pub async fn run(config: GatewayConfig, listen: Option<String>) -> anyhow::Resul
         metrics: Arc::new(metrics),
         gw_metrics,
     });
+    tokio::spawn(TokenRates::sample(Arc::clone(&gateway)));
+    tokio::spawn(Swaps::follow(Arc::clone(&gateway)));
     tracing::info!(listen = %listener.local_addr()?, supervisor = %endpoint, "gpuswap-gateway listening");
     server::serve(listener, gateway, config.header_timeout).await;
     Ok(())
@@ -183,7 +194,7 @@ pub(crate) mod tests {
         let mut metrics = Metrics::new();
         let gw_metrics = metrics.gateway();
         let (_scheduler, handle) = Scheduler::new(
-            supervisor,
+            supervisor.clone(),
             Arc::clone(&catalog),
             Arc::clone(&routes),
             SchedulerConfig {
@@ -199,6 +210,9 @@ pub(crate) mod tests {
             routes,
             scheduler: handle,
             access: Access::with_api_keys(&["k1", "k2"]),
+            supervisor,
+            token_rates: TokenRates::default(),
+            swaps: Swaps::default(),
             max_body: 1 << 20,
             queue_timeout: Duration::from_secs(1),
             keepalive_interval: Duration::from_secs(1),

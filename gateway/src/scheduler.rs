@@ -24,7 +24,7 @@ use tokio::sync::{mpsc, oneshot};
 use tracing::{Instrument as _, Span};
 
 use crate::{
-    catalog::{CatalogHandle, describe_status},
+    catalog::{CatalogHandle, EventKind, describe_status},
     error::ApiError,
     route::{InFlight, Route, RouteTable},
 };
@@ -451,7 +451,17 @@ impl Scheduler {
                     queue_position: None,
                 }
             }
-            E::Log(_) => return,
+            E::Log(line) => {
+                // The status page shows what a loading backend prints.
+                self.catalog.publish(
+                    model,
+                    EventKind::Progress {
+                        phase: STARTING,
+                        text: line.line,
+                    },
+                );
+                return;
+            }
             E::Ready(ready) => return self.on_ready(model, ready),
             E::Failed(failed) => return self.on_failed(model, failed),
             E::DrainRequested(d) => return self.on_drain_requested(model, d),
@@ -465,6 +475,13 @@ impl Scheduler {
                 let _ = tx.try_send(progress.clone());
             }
         }
+        self.catalog.publish(
+            Arc::clone(&model),
+            EventKind::Progress {
+                phase: progress.phase,
+                text: progress.text.clone(),
+            },
+        );
         slot.progress = Some(progress);
     }
 

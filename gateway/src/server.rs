@@ -20,6 +20,7 @@ use crate::{
     Gateway,
     catalog::ModelInfo,
     error::{ApiError, json_response},
+    operator::{self, Peer},
     proxy,
 };
 
@@ -30,6 +31,7 @@ pub fn router(gateway: Arc<Gateway>) -> Router {
         .route("/v1/models", get(list_models))
         .route("/v1/models/{*id}", get(get_model))
         .route("/v1/{*rest}", post(proxy_request))
+        .merge(operator::routes())
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .with_state(gateway)
@@ -78,13 +80,15 @@ fn model_entry(
         "object": "model",
         "created": created,
         "owned_by": "gpuswap",
+        // llama-server's router field: OpenWebUI shows what is loaded from it.
+        "status": operator::router_status(model),
         "gpuswap": gpuswap,
     })
 }
 
 /// Every model and every alias, from the catalog: this must answer during
 /// swaps and supervisor outages alike (OpenWebUI drops models whose list fails).
-async fn list_models(State(gateway): State<Arc<Gateway>>, headers: HeaderMap) -> Response {
+pub async fn list_models(State(gateway): State<Arc<Gateway>>, headers: HeaderMap) -> Response {
     let Some(grant) = gateway.access.grant(&headers) else {
         return ApiError::invalid_api_key().into_response();
     };
@@ -224,7 +228,7 @@ async fn serve_request(
 pub async fn serve(listener: TcpListener, gateway: Arc<Gateway>, header_timeout: Duration) {
     let router = router(Arc::clone(&gateway));
     loop {
-        let (stream, _) = match listener.accept().await {
+        let (stream, peer) = match listener.accept().await {
             Ok(accepted) => accepted,
             Err(e) => {
                 // Out of file descriptors and the like: back off, do not spin.
@@ -236,7 +240,9 @@ pub async fn serve(listener: TcpListener, gateway: Arc<Gateway>, header_timeout:
         let _ = stream.set_nodelay(true);
         let (router, gateway) = (router.clone(), Arc::clone(&gateway));
         tokio::spawn(async move {
-            let service = hyper::service::service_fn(move |request| {
+            let service = hyper::service::service_fn(move |mut request: Request<_>| {
+                // Admin actions from loopback need no key when no admin key is configured.
+                request.extensions_mut().insert(Peer(peer));
                 serve_request(Arc::clone(&gateway), router.clone(), request)
             });
             let mut builder = hyper::server::conn::http1::Builder::new();

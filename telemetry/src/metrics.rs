@@ -349,11 +349,30 @@ impl GatewayMetrics {
         }
     }
 
+    /// What the status page shows of `model`: requests queued and in flight now, and
+    /// the completion tokens generated so far.
+    pub fn model_counts(&self, model: &str) -> ModelCounts {
+        let instruments = self.model(model);
+        ModelCounts {
+            queued: instruments.queue_depth.get(),
+            in_flight: instruments.in_flight.get(),
+            generated_tokens: instruments.generated_tokens.get(),
+        }
+    }
+
     /// A request had to wait for `model` to be started (it was not ready).
     pub fn swap_waited(&self, model: &str) {
         let model = self.model(model).model.clone();
         self.inner.swaps.get_or_create(&ModelLabels { model }).inc();
     }
+}
+
+/// A model's live counts, from the gateway's instruments.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct ModelCounts {
+    pub queued: i64,
+    pub in_flight: i64,
+    pub generated_tokens: u64,
 }
 
 /// One request's measurements; finish it with [`RequestMetrics::finish`].
