@@ -64,18 +64,18 @@ pub fn routes() -> Router<Arc<Gateway>> {
 
 // ---- access ----
 
-fn admit(gateway: &Gateway, headers: &HeaderMap) -> Result<Grant, Response> {
+fn admit(gateway: &Gateway, headers: &HeaderMap) -> Result<Grant, ApiError> {
     gateway
         .access
         .grant(headers)
-        .ok_or_else(|| ApiError::invalid_api_key().into_response())
+        .ok_or_else(ApiError::invalid_api_key)
 }
 
 fn admit_admin(
     gateway: &Gateway,
     headers: &HeaderMap,
     peer: Option<Extension<Peer>>,
-) -> Result<Grant, Response> {
+) -> Result<Grant, ApiError> {
     let grant = admit(gateway, headers)?;
     let ip = peer.map(|Extension(Peer(addr))| addr.ip());
     if gateway.access.may_administer(&grant, ip) {
@@ -87,17 +87,16 @@ fn admit_admin(
             "admin_required",
             "This action needs an admin key (gateway.admin_keys, or a key with admin = true); \
              with none configured, it is allowed from loopback only",
-        )
-        .into_response())
+        ))
     }
 }
 
 /// The model a name or alias names, if the grant may see it.
-fn visible_model(gateway: &Gateway, grant: &Grant, name: &str) -> Result<Arc<ModelInfo>, Response> {
+fn visible_model(gateway: &Gateway, grant: &Grant, name: &str) -> Result<Arc<ModelInfo>, ApiError> {
     let catalog = gateway.catalog.load();
     match catalog.resolve(name) {
         Some(model) if grant.allows(model) => Ok(Arc::clone(model)),
-        _ => Err(ApiError::model_not_found(name).into_response()),
+        _ => Err(ApiError::model_not_found(name)),
     }
 }
 
@@ -190,7 +189,7 @@ async fn api_status(
 ) -> Response {
     let grant = match admit(&gateway, &headers) {
         Ok(g) => g,
-        Err(r) => return r,
+        Err(e) => return e.into_response(),
     };
     let ip = peer.map(|Extension(Peer(a))| a.ip());
     let admin = gateway.access.may_administer(&grant, ip);
@@ -259,7 +258,7 @@ async fn api_events(
 ) -> Response {
     let grant = match admit(&gateway, &headers) {
         Ok(g) => g,
-        Err(r) => return r,
+        Err(e) => return e.into_response(),
     };
     let ip = peer.map(|Extension(Peer(a))| a.ip());
     let admin = gateway.access.may_administer(&grant, ip);
@@ -300,11 +299,11 @@ async fn api_logs(
 ) -> Response {
     let grant = match admit_admin(&gateway, &headers, peer) {
         Ok(g) => g,
-        Err(r) => return r,
+        Err(e) => return e.into_response(),
     };
     let model = match visible_model(&gateway, &grant, &name) {
         Ok(m) => m,
-        Err(r) => return r,
+        Err(e) => return e.into_response(),
     };
     let mut client = gateway.supervisor.clone();
     let request = pb::LogsRequest {
@@ -384,11 +383,11 @@ async fn api_load(
 ) -> Response {
     let grant = match admit_admin(&gateway, &headers, peer) {
         Ok(g) => g,
-        Err(r) => return r,
+        Err(e) => return e.into_response(),
     };
     let model = match visible_model(&gateway, &grant, &name) {
         Ok(m) => m,
-        Err(r) => return r,
+        Err(e) => return e.into_response(),
     };
     let outcome = start_load(&gateway, Arc::clone(&model.name));
     if !query.wait {
@@ -442,11 +441,11 @@ async fn api_unload(
 ) -> Response {
     let grant = match admit_admin(&gateway, &headers, peer) {
         Ok(g) => g,
-        Err(r) => return r,
+        Err(e) => return e.into_response(),
     };
     let model = match visible_model(&gateway, &grant, &name) {
         Ok(m) => m,
-        Err(r) => return r,
+        Err(e) => return e.into_response(),
     };
     match unload(&gateway, &model.name).await {
         Ok(stopped) => {
@@ -499,7 +498,7 @@ async fn router_load(
 ) -> Response {
     let grant = match admit_admin(&gateway, &headers, peer) {
         Ok(g) => g,
-        Err(r) => return r,
+        Err(e) => return e.into_response(),
     };
     let name = body.map(|Json(b)| b.model).unwrap_or_default();
     let Ok(model) = visible_model(&gateway, &grant, &name) else {
@@ -532,7 +531,7 @@ async fn router_unload(
 ) -> Response {
     let grant = match admit_admin(&gateway, &headers, peer) {
         Ok(g) => g,
-        Err(r) => return r,
+        Err(e) => return e.into_response(),
     };
     let name = body.map(|Json(b)| b.model).unwrap_or_default();
     let Ok(model) = visible_model(&gateway, &grant, &name) else {
@@ -566,7 +565,7 @@ async fn router_unload(
 async fn router_sse(State(gateway): State<Arc<Gateway>>, headers: HeaderMap) -> Response {
     let grant = match admit(&gateway, &headers) {
         Ok(g) => g,
-        Err(r) => return r,
+        Err(e) => return e.into_response(),
     };
     let mut last: HashMap<Arc<str>, &'static str> = gateway
         .catalog
@@ -603,11 +602,14 @@ async fn router_sse(State(gateway): State<Arc<Gateway>>, headers: HeaderMap) -> 
 
 // ---- tokens per second and the last swaps ----
 
+/// A model's token counter over the window: when sampled, the count then.
+type Samples = VecDeque<(Instant, u64)>;
+
 /// Completion tokens per second per model, from the gateway's own counters sampled each
 /// second over [`RATE_WINDOW`].
 #[derive(Default)]
 pub struct TokenRates {
-    samples: Mutex<HashMap<Arc<str>, VecDeque<(Instant, u64)>>>,
+    samples: Mutex<HashMap<Arc<str>, Samples>>,
 }
 
 impl TokenRates {
@@ -660,6 +662,9 @@ pub struct Swaps {
 
 const SWAPS_KEPT: usize = 20;
 
+/// A start in progress: when it was first seen, and when each of its phases began.
+type OpenSwap = (Instant, Vec<(&'static str, Instant)>);
+
 impl Swaps {
     fn recent(&self, grant: &Grant) -> Vec<Value> {
         let recent = self.recent.lock().unwrap_or_else(|e| e.into_inner());
@@ -680,7 +685,7 @@ impl Swaps {
     pub async fn follow(gateway: Arc<Gateway>) {
         let mut events = gateway.catalog.subscribe();
         // Per model: when the first step was seen and when each phase began.
-        let mut open: HashMap<Arc<str>, (Instant, Vec<(&'static str, Instant)>)> = HashMap::new();
+        let mut open: HashMap<Arc<str>, OpenSwap> = HashMap::new();
         loop {
             let event = match events.recv().await {
                 Ok(event) => event,
