@@ -4,7 +4,13 @@
 //! environment overrides (then each binary's flags), then [`Config::validate`].
 //! Unknown keys are refused, and every error names the model and the key.
 
-use std::{collections::BTreeMap, fmt, path::PathBuf, time::Duration};
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    fmt,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
+    path::PathBuf,
+    time::Duration,
+};
 
 use serde::{Deserialize, Deserializer};
 
@@ -325,9 +331,37 @@ impl ModelConfig {
     }
 }
 
+/// Whether two backends listening on the same port at hosts `a` and `b` can collide: the
+/// kernel refuses the second bind, or a client of one reaches the other.
 fn hosts_overlap(a: &str, b: &str) -> bool {
-    let wildcard = |h: &str| matches!(h, "0.0.0.0" | "::" | "[::]");
-    a == b || wildcard(a) || wildcard(b)
+    match (bind_addresses(a), bind_addresses(b)) {
+        (Some(a), Some(b)) => a.iter().any(|ip| b.contains(ip)),
+        // A wildcard takes the port on every address.
+        _ => true,
+    }
+}
+
+/// The addresses a server bound to `host` listens on; None when it may be any of the box's
+/// (a wildcard, or a name other than localhost, which may resolve to any address and is
+/// not looked up: the configuration is checked without DNS).
+fn bind_addresses(host: &str) -> Option<Vec<IpAddr>> {
+    let bare = host.trim().trim_start_matches('[').trim_end_matches(']');
+    let name = bare.trim_end_matches('.').to_ascii_lowercase();
+    if name == "localhost" || name.ends_with(".localhost") {
+        return Some(vec![Ipv4Addr::LOCALHOST.into(), Ipv6Addr::LOCALHOST.into()]);
+    }
+    // `::ffff:127.0.0.1` is 127.0.0.1 to the kernel.
+    let ip = bare.parse::<IpAddr>().ok()?.to_canonical();
+    (!ip.is_unspecified()).then(|| vec![ip])
+}
+
+/// The GPU indices of a `CUDA_VISIBLE_DEVICES` value; None when it names devices some other
+/// way (UUIDs, MIG instances).
+fn cuda_device_indices(value: &str) -> Option<BTreeSet<u32>> {
+    value
+        .split(',')
+        .map(|device| device.trim().parse().ok())
+        .collect()
 }
 
 impl Config {
@@ -442,6 +476,10 @@ impl Config {
                 if k.is_empty() || k.contains('=') || k.contains('\0') {
                     return Err(invalid(key(&format!("env.{k}")), "invalid variable name"));
                 }
+            }
+            if let Some(devices) = model.env.get("CUDA_VISIBLE_DEVICES") {
+                check_cuda_devices(model.gpus.as_deref(), devices)
+                    .map_err(|message| invalid(key("env.CUDA_VISIBLE_DEVICES"), message))?;
             }
             for path in &model.requires {
                 if !path.is_absolute() {
@@ -590,6 +628,26 @@ impl Config {
     }
 }
 
+/// `env.CUDA_VISIBLE_DEVICES` may only repeat `gpus`: the scheduler keeps two models off one
+/// GPU by `gpus`, so a backend that sees other GPUs than those would share them unnoticed.
+fn check_cuda_devices(gpus: Option<&[u32]>, devices: &str) -> Result<(), String> {
+    let indices = cuda_device_indices(devices);
+    match (gpus, indices) {
+        (Some(gpus), Some(indices)) if gpus.iter().copied().collect::<BTreeSet<_>>() == indices => {
+            Ok(())
+        }
+        (Some(gpus), _) => Err(format!(
+            "{devices:?} disagrees with gpus = {gpus:?}: omit it (the supervisor sets it from gpus) or make the two the same"
+        )),
+        (None, Some(indices)) => Err(format!(
+            "{devices:?} without gpus: write gpus = {:?} instead (the scheduler places models by gpus; without it the model counts as using every GPU)",
+            indices.into_iter().collect::<Vec<_>>()
+        )),
+        // UUIDs or MIG instances with no gpus: the model counts as using every GPU.
+        (None, None) => Ok(()),
+    }
+}
+
 /// Parses an octal file mode ("0660", "660", "0o660").
 pub fn parse_mode(text: &str) -> Option<u32> {
     let digits = text.trim_start_matches("0o");
@@ -728,6 +786,61 @@ gpus = [1]
             "[models.a]\nkind = \"vllm\"\ncommand = [\"x\"]\nport = 1\n[models.b]\nkind = \"vllm\"\ncommand = [\"x\"]\nport = 2\naliases = [\"a\"]\n",
         );
         assert!(e.contains("models.\"b\".aliases"), "{e}");
+    }
+
+    fn model_at(host: &str, gpu: u32) -> ModelConfig {
+        let text = format!(
+            "[models.m]\nkind = \"vllm\"\ncommand = [\"x\"]\nport = 8000\nhost = \"{host}\"\ngpus = [{gpu}]\n"
+        );
+        Config::from_toml(&text)
+            .unwrap()
+            .models
+            .remove("m")
+            .unwrap()
+    }
+
+    #[test]
+    fn addresses_that_can_share_a_port_conflict() {
+        let collide = [
+            ("127.0.0.1", "localhost"),
+            ("::1", "[::1]"),
+            ("::1", "LOCALHOST."),
+            ("0.0.0.0", "10.1.2.3"),
+            ("[::]", "127.0.0.1"),
+            ("::ffff:127.0.0.1", "127.0.0.1"),
+            ("gpu-box.lan", "127.0.0.1"),
+        ];
+        for (a, b) in collide {
+            assert!(model_at(a, 0).conflicts_with(&model_at(b, 1)), "{a} vs {b}");
+            assert!(model_at(b, 0).conflicts_with(&model_at(a, 1)), "{b} vs {a}");
+        }
+        for (a, b) in [("127.0.0.1", "127.0.0.2"), ("::1", "127.0.0.2")] {
+            assert!(
+                !model_at(a, 0).conflicts_with(&model_at(b, 1)),
+                "{a} vs {b}"
+            );
+        }
+    }
+
+    #[test]
+    fn cuda_visible_devices_must_agree_with_gpus() {
+        let model = |extra: &str| {
+            format!("[models.m]\nkind = \"vllm\"\ncommand = [\"x\"]\nport = 1\n{extra}\n")
+        };
+        for ok in [
+            "gpus = [0, 1]\nenv = { CUDA_VISIBLE_DEVICES = \"1,0\" }",
+            "env = { CUDA_VISIBLE_DEVICES = \"GPU-5d3c\" }",
+        ] {
+            Config::from_toml(&model(ok)).unwrap();
+        }
+        for bad in [
+            "gpus = [0]\nenv = { CUDA_VISIBLE_DEVICES = \"1\" }",
+            "gpus = [0]\nenv = { CUDA_VISIBLE_DEVICES = \"GPU-5d3c\" }",
+            "env = { CUDA_VISIBLE_DEVICES = \"0\" }",
+        ] {
+            let e = error_of(&model(bad));
+            assert!(e.contains("models.\"m\".env.CUDA_VISIBLE_DEVICES"), "{e}");
+        }
     }
 
     #[test]

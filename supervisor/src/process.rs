@@ -100,6 +100,12 @@ pub enum StartError {
     },
     #[error("user {0:?} does not exist")]
     NoSuchUser(String),
+    /// Something answered the readiness probe, but the socket listening on the port is
+    /// another process's (a server started on the port while this one loaded).
+    #[error(
+        "port {port} answered the readiness probe, but it is held by {holder}, not by the model's processes"
+    )]
+    PortTaken { port: u16, holder: String },
     #[error("backend exited while starting ({0})")]
     Exited(ExitInfo),
     /// It passed its readiness check, then its leader was gone before it could be Ready.
@@ -473,8 +479,51 @@ impl Backend {
         if outcome.is_ok() {
             // The workers exist by now (servers fork them while loading).
             self.remember_tree();
+            self.check_port_owner(&probe).await?;
         }
         outcome
+    }
+
+    /// Ready only when the socket that answered is the model's own: a 200 from whatever
+    /// holds the port (another model, a stray server) would route its clients elsewhere.
+    async fn check_port_owner(&self, probe: &ReadinessProbe) -> Result<(), StartError> {
+        let port = self.inner.config.port;
+        let addr = probe.resolve().await.ok();
+        let backend = self.clone();
+        let owner = tokio::task::spawn_blocking(move || {
+            let tree = backend.tree_pids();
+            port_holder::owner(addr, port, &tree)
+        })
+        .await
+        .unwrap_or_else(|e| port_holder::Owner::Unknown(e.to_string()));
+        match owner {
+            port_holder::Owner::Tree => Ok(()),
+            port_holder::Owner::Unknown(why) => {
+                self.inner.logs.push(
+                    LogStream::Supervisor,
+                    format!("cannot tell which process listens on port {port} ({why}): taking the answer as the model's"),
+                );
+                Ok(())
+            }
+            port_holder::Owner::Foreign(holder) => {
+                let error = StartError::PortTaken { port, holder };
+                self.inner
+                    .logs
+                    .push(LogStream::Supervisor, error.to_string());
+                Err(error)
+            }
+        }
+    }
+
+    /// The guard and its live descendants; empty once the guard was reaped (its pid may
+    /// name another process by then).
+    fn tree_pids(&self) -> Vec<i32> {
+        if self.inner.reaped.load(Ordering::SeqCst) {
+            return Vec::new();
+        }
+        let mut tree = procfs::descendants(self.inner.guard_pid);
+        tree.push(self.inner.guard_pid);
+        tree
     }
 
     /// Adds the tree's live pids to those seen. Not after the guard was reaped: its pid,
@@ -964,72 +1013,119 @@ mod forker {
     }
 }
 
-/// Who holds a TCP port, from /proc/net/tcp{,6} and /proc/*/fd (best effort).
+/// Who holds a TCP port, from /proc/net/tcp{,6} and /proc/PID/fd.
 mod port_holder {
+    use std::{
+        collections::BTreeSet,
+        net::{IpAddr, SocketAddr},
+    };
+
+    use procfs::{
+        net::TcpState,
+        process::{FDTarget, Process},
+    };
+
+    /// Who listens where a connection to the port goes.
+    #[derive(Debug, PartialEq, Eq)]
+    pub(super) enum Owner {
+        /// Every such socket is held by the given process tree.
+        Tree,
+        /// Another process: `pid N (command line)`.
+        Foreign(String),
+        /// Not knowable from here (no such socket in this network namespace, or its holder's
+        /// descriptors cannot be read).
+        Unknown(String),
+    }
+
+    /// Who holds the sockets that take connections to `addr` (any listener on `port` when
+    /// None), judged against the processes `tree`.
+    pub(super) fn owner(addr: Option<SocketAddr>, port: u16, tree: &[i32]) -> Owner {
+        let sockets = listening_inodes(port, addr.map(|a| a.ip()));
+        if sockets.is_empty() {
+            return Owner::Unknown(format!("no listening socket on port {port} is visible"));
+        }
+        let ours = socket_inodes_of(tree.iter().copied());
+        let others: BTreeSet<u64> = sockets.difference(&ours).copied().collect();
+        if others.is_empty() {
+            return Owner::Tree;
+        }
+        match holder(&others) {
+            Some(holder) => Owner::Foreign(holder),
+            None if sockets.len() > others.len() => Owner::Tree,
+            None => Owner::Unknown(format!(
+                "the holder of the socket on port {port} is not readable"
+            )),
+        }
+    }
+
+    /// `pid N (command line)` of a process that listens on `port`, if any.
     pub(super) fn describe(port: u16) -> Option<String> {
-        let inodes = listening_inodes(port);
-        if inodes.is_empty() {
+        let sockets = listening_inodes(port, None);
+        if sockets.is_empty() {
             return None;
         }
-        for pid in super::procfs::all_pids() {
-            let Ok(fds) = std::fs::read_dir(format!("/proc/{pid}/fd")) else {
-                continue;
-            };
-            for fd in fds.flatten() {
-                let Ok(target) = std::fs::read_link(fd.path()) else {
-                    continue;
-                };
-                let target = target.to_string_lossy();
-                let Some(inode) = target
-                    .strip_prefix("socket:[")
-                    .and_then(|s| s.strip_suffix(']'))
-                    .and_then(|s| s.parse::<u64>().ok())
-                else {
-                    continue;
-                };
-                if inodes.contains(&inode) {
-                    let command = std::fs::read(format!("/proc/{pid}/cmdline"))
-                        .map(|raw| {
-                            String::from_utf8_lossy(&raw)
-                                .split('\0')
-                                .filter(|s| !s.is_empty())
-                                .collect::<Vec<_>>()
-                                .join(" ")
-                        })
-                        .unwrap_or_default();
-                    return Some(format!("pid {pid} ({command})"));
-                }
+        holder(&sockets)
+    }
+
+    /// The first process (in pid order) with a descriptor on one of `sockets`.
+    fn holder(sockets: &BTreeSet<u64>) -> Option<String> {
+        let processes = procfs::process::all_processes().ok()?;
+        for process in processes.flatten() {
+            if socket_inodes(&process).is_some_and(|held| !held.is_disjoint(sockets)) {
+                let command = process.cmdline().unwrap_or_default().join(" ");
+                return Some(format!("pid {} ({command})", process.pid()));
             }
         }
         None
     }
 
-    /// Socket inodes listening on `port` (state 0A = LISTEN).
-    fn listening_inodes(port: u16) -> Vec<u64> {
-        let mut inodes = Vec::new();
-        for table in ["/proc/net/tcp", "/proc/net/tcp6"] {
-            let Ok(text) = std::fs::read_to_string(table) else {
-                continue;
-            };
-            for line in text.lines().skip(1) {
-                let fields: Vec<&str> = line.split_whitespace().collect();
-                let (Some(local), Some(state), Some(inode)) =
-                    (fields.get(1), fields.get(3), fields.get(9))
-                else {
-                    continue;
-                };
-                let local_port = local
-                    .rsplit_once(':')
-                    .and_then(|(_, p)| u16::from_str_radix(p, 16).ok());
-                if local_port == Some(port)
-                    && *state == "0A"
-                    && let Ok(inode) = inode.parse()
-                {
-                    inodes.push(inode);
-                }
-            }
+    fn socket_inodes(process: &Process) -> Option<BTreeSet<u64>> {
+        let fds = process.fd().ok()?;
+        Some(
+            fds.flatten()
+                .filter_map(|fd| match fd.target {
+                    FDTarget::Socket(inode) => Some(inode),
+                    _ => None,
+                })
+                .collect(),
+        )
+    }
+
+    fn socket_inodes_of(pids: impl Iterator<Item = i32>) -> BTreeSet<u64> {
+        pids.filter_map(|pid| socket_inodes(&Process::new(pid).ok()?))
+            .flatten()
+            .collect()
+    }
+
+    /// The inodes of the sockets listening on `port` that a connection to `ip` reaches:
+    /// those bound to that very address, else the wildcards (the kernel prefers the exact
+    /// bind); every listener on the port when `ip` is None.
+    fn listening_inodes(port: u16, ip: Option<IpAddr>) -> BTreeSet<u64> {
+        let tables = [procfs::net::tcp(), procfs::net::tcp6()];
+        let listeners: Vec<(IpAddr, u64)> = tables
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter(|e| e.state == TcpState::Listen && e.local_address.port() == port)
+            .map(|e| (e.local_address.ip().to_canonical(), e.inode))
+            .collect();
+        let Some(ip) = ip.map(|ip| ip.to_canonical()) else {
+            return listeners.into_iter().map(|(_, inode)| inode).collect();
+        };
+        let exact: BTreeSet<u64> = listeners
+            .iter()
+            .filter(|(bound, _)| *bound == ip)
+            .map(|(_, inode)| *inode)
+            .collect();
+        if !exact.is_empty() {
+            return exact;
         }
-        inodes
+        listeners
+            .iter()
+            // `::` takes IPv4 connections too, unless IPV6_V6ONLY (not visible here).
+            .filter(|(bound, _)| bound.is_unspecified() && (bound.is_ipv6() || ip.is_ipv4()))
+            .map(|(_, inode)| *inode)
+            .collect()
     }
 }
 

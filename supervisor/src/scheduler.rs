@@ -1749,9 +1749,10 @@ fn metric_state(model: &Model) -> MetricState {
 /// The `reason` label of `backend_failures_total` for a failed start (a fixed word).
 fn start_failure_reason(error: &StartError) -> &'static str {
     match error {
-        StartError::PortBusy { .. } | StartError::Spawn { .. } | StartError::NoSuchUser(_) => {
-            "spawn_failed"
-        }
+        StartError::PortBusy { .. }
+        | StartError::PortTaken { .. }
+        | StartError::Spawn { .. }
+        | StartError::NoSuchUser(_) => "spawn_failed",
         StartError::Exited(_) | StartError::ExitedAfterReady(_) => "exited",
         // It listened, but its health check never passed in time.
         StartError::Timeout(_) => "startup_timeout",

@@ -224,6 +224,33 @@ async fn models_on_the_same_port_do_not_run_together() {
     assert!(body.contains("\"one\""), "served by one: {body}");
 }
 
+/// `127.0.0.1` and `localhost` are one address: the models swap, the second does not fail
+/// on a port its neighbour holds (nor reach it).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn models_at_two_spellings_of_one_address_do_not_run_together() {
+    let port = testkit::free_port();
+    let sup = Supervisor::start(
+        "spelling",
+        &[],
+        vec![
+            Mock::new("numeric").gpus(&[0]).port(port),
+            Mock::new("named")
+                .gpus(&[1])
+                .port(port)
+                .toml("host = \"localhost\""),
+        ],
+    )
+    .await;
+    sup.activate("numeric", false).await.ready().await;
+    let named = sup.activate("named", false).await.ready().await;
+    assert_eq!(sup.state("numeric").await, ModelState::Stopped);
+    let (code, body) = http(&format!("127.0.0.1:{port}"), "GET", "/v1/models", None)
+        .await
+        .expect("named answers");
+    assert_eq!(code, 200, "{named:?}");
+    assert!(body.contains("\"named\""), "served by named: {body}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn watch_sends_a_snapshot_then_changes() {
     let sup = Supervisor::start("watch", &[], vec![Mock::new("alpha")]).await;

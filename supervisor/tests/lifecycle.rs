@@ -52,6 +52,10 @@ fn bad_configs_exit_2_and_name_the_key() {
             "[supervisor]\ndrain_timeout = \"300000000000y\"\n",
             "supervisor.drain_timeout",
         ),
+        (
+            "[models.a]\nkind = \"vllm\"\ncommand = [\"x\"]\nport = 1\ngpus = [0]\nenv = { CUDA_VISIBLE_DEVICES = \"1\" }\n",
+            "models.\"a\".env.CUDA_VISIBLE_DEVICES",
+        ),
     ];
     for (text, key) in cases {
         std::fs::write(&config, text).expect("write config");

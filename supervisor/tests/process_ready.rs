@@ -249,3 +249,44 @@ async fn a_backend_stuck_warming_times_out() {
     backend.stop().await;
     let _ = python3();
 }
+
+/// A server that answers every connection with `200 OK`, on a thread of this test process.
+fn foreign_server(port: u16) -> std::net::TcpListener {
+    let listener = std::net::TcpListener::bind(("127.0.0.1", port)).expect("take the port");
+    let serving = listener.try_clone().expect("clone the listener");
+    std::thread::spawn(move || {
+        use std::io::{Read, Write};
+        for mut stream in serving.incoming().flatten() {
+            let _ = stream.read(&mut [0u8; 1024]);
+            let _ = stream.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n");
+        }
+    });
+    listener
+}
+
+#[tokio::test]
+async fn a_200_from_another_process_on_the_port_is_not_readiness() {
+    let port = free_port();
+    // Loads forever without listening, like SGLang loading its weights.
+    let config = model("vllm", &["sleep", "1000"], port, json!({}));
+    let logs = logs("taken");
+    let backend = Backend::spawn(&spec("taken", config), logs.clone()).expect("spawn");
+    // The port was free when the model started; another server takes it while it loads.
+    let _foreign = foreign_server(port);
+    let error = tokio::time::timeout(DEADLINE, backend.wait_ready())
+        .await
+        .expect("wait_ready returns")
+        .expect_err("a stranger's 200 is not the model's readiness");
+    match &error {
+        StartError::PortTaken { port: p, holder } => {
+            assert_eq!(*p, port);
+            assert!(
+                holder.contains(&format!("pid {}", std::process::id())),
+                "names the holder: {holder}"
+            );
+        }
+        e => panic!("unexpected error: {e}"),
+    }
+    assert!(logged(&logs, "not by the model's processes"));
+    backend.stop().await;
+}
