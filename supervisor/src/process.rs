@@ -161,6 +161,8 @@ struct Inner {
     /// Every pid seen in the tree (guard, backend, workers): who may still hold GPU memory
     /// after a stop, even the workers of a backend that crashed before it.
     seen_pids: Mutex<BTreeSet<i32>>,
+    /// Where the tree's processes are recorded for a successor's cleanup.
+    state_file: Option<Arc<StateFile>>,
 }
 
 impl Backend {
@@ -338,6 +340,11 @@ impl Backend {
                 });
             }
         };
+        if let Some(state) = &spec.state_file
+            && let Err(e) = state.record_processes(guard_pid, &[backend_pid as i32])
+        {
+            tracing::warn!(model = %spec.model, path = %state.path().display(), "cannot record the backend's process: {e}");
+        }
         Ok(Backend {
             inner: Arc::new(Inner {
                 model: spec.model.clone(),
@@ -352,6 +359,7 @@ impl Backend {
                 ready_log_seen,
                 stop: Mutex::new(None),
                 seen_pids: Mutex::new(BTreeSet::from([guard_pid, backend_pid as i32])),
+                state_file: spec.state_file.clone(),
             }),
         })
     }
@@ -533,6 +541,11 @@ impl Backend {
             return;
         }
         let live = procfs::descendants(self.inner.guard_pid);
+        if let Some(state) = &self.inner.state_file
+            && let Err(e) = state.record_processes(self.inner.guard_pid, &live)
+        {
+            tracing::warn!(model = %self.inner.model, path = %state.path().display(), "cannot record the tree's processes: {e}");
+        }
         self.inner
             .seen_pids
             .lock()

@@ -1,9 +1,12 @@
 //! Records live process groups so a restarted supervisor can end its predecessor's leftovers. (owner: process layer)
 //!
-//! The file is JSON, `{"groups":[{"model","pgid","starttime"}]}`, rewritten atomically
-//! (temporary file + rename) on every change. The start time (field 22 of
-//! /proc/PID/stat) tells a recorded group leader apart from an unrelated process that
-//! got the same pid later.
+//! The file is JSON, `{"boot_id", "groups":[{"model","pgid","starttime","processes"}]}`,
+//! rewritten atomically (temporary file + rename) on every change. Cleanup kills only what it
+//! can prove to be a recorded process: the same boot (pids mean nothing across a reboot), the
+//! same pid with the same start time (field 22 of /proc/PID/stat: a pid reused later has
+//! another), and their descendants; the members of a recorded group only while a proven
+//! process is still one of them (a group id is not reused while the group has a member).
+//! Files of older supervisors (no boot id, no processes) are read as the same boot.
 
 use std::{
     io,
@@ -26,12 +29,27 @@ const CLEANUP_DEADLINE: Duration = Duration::from_secs(10);
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct GroupRecord {
     pub model: String,
+    /// The guard's pid, which is the group's id.
     pub pgid: i32,
+    /// The guard's start time.
+    pub starttime: u64,
+    /// Other processes of the tree seen running (the backend, its workers).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub processes: Vec<ProcessRecord>,
+}
+
+/// One process by pid and start time: together they name it for the whole boot.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ProcessRecord {
+    pub pid: i32,
     pub starttime: u64,
 }
 
 #[derive(Default, Serialize, Deserialize)]
 struct Contents {
+    /// The boot the pids belong to; None in the files of older supervisors.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    boot_id: Option<String>,
     groups: Vec<GroupRecord>,
 }
 
@@ -39,12 +57,16 @@ struct Contents {
 struct Records {
     /// Groups recorded by a previous supervisor, not yet cleaned up.
     leftovers: Vec<GroupRecord>,
+    /// The boot of the leftovers (None: not recorded).
+    leftovers_boot_id: Option<String>,
     /// Groups of this supervisor's running backends.
     live: Vec<GroupRecord>,
 }
 
 pub struct StateFile {
     path: PathBuf,
+    /// This boot's id (None where /proc does not tell).
+    boot_id: Option<String>,
     records: Mutex<Records>,
 }
 
@@ -63,22 +85,21 @@ impl StateFile {
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
             std::fs::create_dir_all(dir)?;
         }
-        let leftovers = match std::fs::read(path) {
-            Ok(bytes) if bytes.iter().all(u8::is_ascii_whitespace) => Vec::new(),
-            Ok(bytes) => match serde_json::from_slice::<Contents>(&bytes) {
-                Ok(contents) => contents.groups,
-                Err(e) => {
-                    tracing::warn!(path = %path.display(), "ignoring unreadable state file: {e}");
-                    Vec::new()
-                }
-            },
-            Err(e) if e.kind() == io::ErrorKind::NotFound => Vec::new(),
+        let contents = match std::fs::read(path) {
+            Ok(bytes) if bytes.iter().all(u8::is_ascii_whitespace) => Contents::default(),
+            Ok(bytes) => serde_json::from_slice::<Contents>(&bytes).unwrap_or_else(|e| {
+                tracing::warn!(path = %path.display(), "ignoring unreadable state file: {e}");
+                Contents::default()
+            }),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Contents::default(),
             Err(e) => return Err(e),
         };
         Ok(StateFile {
             path: path.to_owned(),
+            boot_id: ::procfs::sys::kernel::random::boot_id().ok(),
             records: Mutex::new(Records {
-                leftovers,
+                leftovers: contents.groups,
+                leftovers_boot_id: contents.boot_id,
                 live: Vec::new(),
             }),
         })
@@ -96,7 +117,34 @@ impl StateFile {
             model: model.to_owned(),
             pgid,
             starttime,
+            processes: Vec::new(),
         });
+        self.write(&records)
+    }
+
+    /// Adds `pids` (those still running, with their start times) to the record of the
+    /// group `pgid`.
+    pub fn record_processes(&self, pgid: i32, pids: &[i32]) -> io::Result<()> {
+        let mut records = self.records();
+        let Some(group) = records.live.iter_mut().find(|r| r.pgid == pgid) else {
+            return Ok(());
+        };
+        let before = group.processes.len();
+        for &pid in pids {
+            let Some(stat) = procfs::stat(pid).filter(|s| s.alive()) else {
+                continue;
+            };
+            let process = ProcessRecord {
+                pid,
+                starttime: stat.starttime,
+            };
+            if pid != pgid && !group.processes.contains(&process) {
+                group.processes.push(process);
+            }
+        }
+        if group.processes.len() == before {
+            return Ok(());
+        }
         self.write(&records)
     }
 
@@ -122,13 +170,25 @@ impl StateFile {
             .collect()
     }
 
-    /// Ends every group a predecessor recorded that still runs (the same leader start
-    /// time, or members left after the leader died) with SIGKILL, together with all
-    /// descendants; waits (bounded) until they are gone. Returns one description each.
+    /// Ends with SIGKILL every process a predecessor recorded that provably still runs (see
+    /// the module's doc), with its descendants; waits (bounded) until they are gone. Returns
+    /// one description per group that it ended, or left alone although it has members.
     pub fn cleanup_leftovers(&self) -> Vec<String> {
-        let leftovers = std::mem::take(&mut self.records().leftovers);
+        let (leftovers, boot_id) = {
+            let mut records = self.records();
+            (
+                std::mem::take(&mut records.leftovers),
+                records.leftovers_boot_id.take(),
+            )
+        };
+        let another_boot =
+            matches!((&boot_id, &self.boot_id), (Some(then), Some(now)) if then != now);
         let mut report = Vec::new();
         for record in &leftovers {
+            if another_boot {
+                tracing::info!(model = %record.model, pgid = record.pgid, "the state file is of another boot: nothing it lists can run");
+                continue;
+            }
             if let Some(description) = end_leftover(record) {
                 report.push(description);
             }
@@ -146,6 +206,7 @@ impl StateFile {
 
     fn write(&self, records: &Records) -> io::Result<()> {
         let contents = Contents {
+            boot_id: self.boot_id.clone(),
             groups: records
                 .leftovers
                 .iter()
@@ -164,32 +225,68 @@ impl StateFile {
     }
 }
 
-/// The processes of a recorded group still running, or None when it is gone or the pid
-/// now names an unrelated process.
-fn leftover_processes(record: &GroupRecord) -> Option<Vec<i32>> {
-    let leader = procfs::stat(record.pgid);
-    let leader_is_ours = match leader {
-        Some(s) if s.alive() => s.starttime == record.starttime,
-        // A pid is not reused while a group of that id has members: any members left
-        // after the leader died are the recorded group's.
-        _ => true,
-    };
-    if !leader_is_ours {
-        return None;
+/// What of a recorded group provably still runs.
+#[derive(Debug, PartialEq, Eq)]
+struct Leftover {
+    /// Recorded processes (same pid, same start time) and their descendants.
+    processes: Vec<i32>,
+    /// Whether the group itself is the recorded one (a proven process is still in it), so
+    /// that all its members are ours.
+    whole_group: bool,
+}
+
+fn leftover_processes(record: &GroupRecord) -> Leftover {
+    let recorded = std::iter::once(ProcessRecord {
+        pid: record.pgid,
+        starttime: record.starttime,
+    })
+    .chain(record.processes.iter().copied());
+    let mut processes = Vec::new();
+    let mut whole_group = false;
+    for process in recorded {
+        let Some(stat) = procfs::stat(process.pid) else {
+            continue;
+        };
+        if !stat.alive() || stat.starttime != process.starttime {
+            continue;
+        }
+        whole_group |= stat.pgrp == record.pgid;
+        add_new(&mut processes, [process.pid]);
     }
-    let mut processes = procfs::group_members(record.pgid);
-    if leader.is_some_and(|s| s.alive()) {
-        for pid in procfs::descendants(record.pgid) {
-            if !processes.contains(&pid) {
-                processes.push(pid);
-            }
+    for pid in processes.clone() {
+        add_new(&mut processes, procfs::descendants(pid));
+    }
+    if whole_group {
+        add_new(&mut processes, procfs::group_members(record.pgid));
+    }
+    Leftover {
+        processes,
+        whole_group,
+    }
+}
+
+fn add_new(to: &mut Vec<i32>, pids: impl IntoIterator<Item = i32>) {
+    for pid in pids {
+        if !to.contains(&pid) {
+            to.push(pid);
         }
     }
-    (!processes.is_empty()).then_some(processes)
 }
 
 fn end_leftover(record: &GroupRecord) -> Option<String> {
-    let mut processes = leftover_processes(record)?;
+    let Leftover {
+        mut processes,
+        whole_group,
+    } = leftover_processes(record);
+    if processes.is_empty() {
+        let strangers = procfs::group_members(record.pgid);
+        return (!strangers.is_empty()).then(|| {
+            format!(
+                "left alone process(es) {strangers:?} in process group {} of model {:?}: none of the recorded processes runs, so the group id may have been reused",
+                record.pgid, record.model
+            )
+        });
+    }
     let found = processes.len();
     let deadline = Instant::now() + CLEANUP_DEADLINE;
     let mut pause = Duration::from_millis(1);
@@ -198,12 +295,12 @@ fn end_leftover(record: &GroupRecord) -> Option<String> {
         for &pid in processes.iter().rev() {
             let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
         }
-        let _ = killpg(Pid::from_raw(record.pgid), Signal::SIGKILL);
+        if whole_group {
+            let _ = killpg(Pid::from_raw(record.pgid), Signal::SIGKILL);
+        }
         processes.retain(|&pid| procfs::alive(pid));
-        for pid in procfs::group_members(record.pgid) {
-            if !processes.contains(&pid) {
-                processes.push(pid);
-            }
+        if whole_group {
+            add_new(&mut processes, procfs::group_members(record.pgid));
         }
         if processes.is_empty() {
             return Some(format!(
@@ -240,7 +337,8 @@ mod tests {
             [GroupRecord {
                 model: "b".into(),
                 pgid: 11,
-                starttime: 2
+                starttime: 2,
+                processes: Vec::new(),
             }]
         );
     }
@@ -254,7 +352,28 @@ mod tests {
             model: "m".into(),
             pgid: me,
             starttime: real + 1,
+            processes: Vec::new(),
         };
-        assert_eq!(leftover_processes(&record), None);
+        assert_eq!(
+            leftover_processes(&record),
+            Leftover {
+                processes: Vec::new(),
+                whole_group: false
+            }
+        );
+    }
+
+    #[test]
+    fn reads_the_files_of_older_supervisors() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("state.json");
+        std::fs::write(
+            &path,
+            r#"{"groups":[{"model":"a","pgid":10,"starttime":1}]}"#,
+        )
+        .expect("write");
+        let state = StateFile::open(&path).expect("open");
+        assert_eq!(state.groups()[0].pgid, 10);
+        assert_eq!(state.records().leftovers_boot_id, None);
     }
 }

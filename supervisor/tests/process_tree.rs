@@ -274,6 +274,18 @@ async fn the_state_file_lists_running_groups() {
         (recorded[0].model.as_str(), recorded[0].pgid),
         ("state", backend.pgid())
     );
+    // The backend by pid and start time, and the boot they belong to.
+    let backend_pid = backend.pid();
+    assert!(
+        recorded[0]
+            .processes
+            .iter()
+            .any(|p| p.pid == backend_pid as i32 && p.starttime == stat_field_22(backend_pid)),
+        "{recorded:?}"
+    );
+    let text = std::fs::read_to_string(state.path()).expect("read");
+    let boot_id = std::fs::read_to_string("/proc/sys/kernel/random/boot_id").expect("boot id");
+    assert!(text.contains(boot_id.trim()), "{text}");
     backend.stop().await;
     assert!(
         StateFile::open(state.path())
@@ -314,6 +326,79 @@ fn cleanup_ends_a_recorded_leftover_group() {
     assert!(StateFile::open(&path).expect("reopen").groups().is_empty());
     // Nothing recorded is running: a second cleanup has nothing to say.
     assert!(restarted.cleanup_leftovers().is_empty());
+}
+
+/// A process group whose leader exited and left `sleep 1000` behind, tagged `marker`:
+/// (the group, the sleep's pid).
+fn group_without_its_leader(marker: &str) -> (testkit::Proc, u32) {
+    let mut command = Command::new("sh");
+    command
+        .args(["-c", "sleep 1000 & exit 0"])
+        .env("GPUSWAP_TEST_MARKER", marker);
+    let mut group = testkit::Proc::spawn(command);
+    group.wait_exit(DEADLINE);
+    let sleep = wait_for_blocking("the sleep", DEADLINE, || {
+        tagged(marker, &[]).first().copied()
+    });
+    (group, sleep)
+}
+
+#[test]
+fn cleanup_leaves_alone_a_group_none_of_whose_recorded_processes_runs() {
+    let dir = testkit::short_tempdir();
+    let path = dir.path().join("state.json");
+    let marker = unique_marker("stranger");
+    // The recorded guard ended long ago; another program's group has its id now.
+    let (group, stranger) = group_without_its_leader(&marker);
+    let pgid = group.pid() as i32;
+    StateFile::open(&path)
+        .expect("open")
+        .record("old", pgid, 1)
+        .expect("record");
+    let report = StateFile::open(&path).expect("reopen").cleanup_leftovers();
+    assert!(testkit::alive(stranger), "an unproven process was killed");
+    assert_eq!(report.len(), 1, "{report:?}");
+    assert!(report[0].contains("left alone"), "{report:?}");
+}
+
+#[test]
+fn cleanup_ends_a_recorded_process_whose_group_leader_is_gone() {
+    let dir = testkit::short_tempdir();
+    let path = dir.path().join("state.json");
+    let marker = unique_marker("orphan");
+    let (group, orphan) = group_without_its_leader(&marker);
+    let state = StateFile::open(&path).expect("open");
+    state.record("old", group.pid() as i32, 1).expect("record");
+    state
+        .record_processes(group.pid() as i32, &[orphan as i32])
+        .expect("record the worker");
+    let report = StateFile::open(&path).expect("reopen").cleanup_leftovers();
+    assert!(
+        !testkit::alive(orphan),
+        "a recorded process survived: {report:?}"
+    );
+    assert!(report[0].contains("ended 1 leftover"), "{report:?}");
+}
+
+#[test]
+fn cleanup_kills_nothing_recorded_in_another_boot() {
+    let dir = testkit::short_tempdir();
+    let path = dir.path().join("state.json");
+    let mut command = Command::new("sleep");
+    command.arg("1000");
+    let other = testkit::Proc::spawn(command);
+    // The same pid and start time, but of another boot: another process.
+    let record = json!({
+        "boot_id": "00000000-0000-0000-0000-000000000000",
+        "groups": [{"model": "old", "pgid": other.pid(), "starttime": stat_field_22(other.pid())}]
+    });
+    std::fs::write(&path, record.to_string()).expect("state file");
+    let report = StateFile::open(&path).expect("open").cleanup_leftovers();
+    assert!(
+        testkit::alive(other.pid()),
+        "killed a process of this boot: {report:?}"
+    );
+    assert!(report.is_empty(), "{report:?}");
 }
 
 #[test]
