@@ -13,7 +13,10 @@
 use std::{
     collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque},
     path::{Path, PathBuf},
-    sync::Arc,
+    sync::{
+        Arc,
+        atomic::{AtomicUsize, Ordering},
+    },
     time::{Duration, SystemTime, UNIX_EPOCH},
 };
 
@@ -40,7 +43,8 @@ use crate::{
 pub type EventSender = mpsc::Sender<Result<pb::ActivateEvent, Status>>;
 
 /// Capacity of an Activate stream. Log lines are only sent while more than
-/// [`CONTROL_RESERVE`] slots are free, so control events always fit.
+/// [`CONTROL_RESERVE`] slots are free, so control events nearly always fit at once; one
+/// that does not waits for room, in order (see [`ClientStream::send`]).
 pub const EVENT_CHANNEL_CAPACITY: usize = 64;
 const CONTROL_RESERVE: usize = 16;
 
@@ -289,13 +293,16 @@ impl Scheduler {
     }
 }
 
-/// One client's Activate stream. Dropping it ends the stream (once every task holding a
-/// clone of the sender has let go, which the drop guard arranges).
+/// One client's Activate stream. Dropping it ends the stream once every control event sent
+/// on it has reached the client's channel (and the log forwarding, if any, has stopped).
 struct ClientStream {
     id: u64,
     events: EventSender,
+    /// Control events that found the channel full, in order, to the task that waits for room.
+    queued: mpsc::UnboundedSender<Result<pb::ActivateEvent, Status>>,
+    /// How many of them have not reached the channel yet: log lines wait behind them.
+    pending: Arc<AtomicUsize>,
     received: Instant,
-    _watch_closed: DropGuard,
 }
 
 impl ClientStream {
@@ -306,10 +313,18 @@ impl ClientStream {
         }
     }
 
-    /// Sends a control event; a client that stopped reading loses it, and its closed
-    /// stream is reported separately.
+    /// Sends a control event. It is never dropped: when the client reads slowly it waits (in
+    /// order) for room; a client that went away is reported separately.
     fn send(&self, event: Event) {
-        let _ = self.events.try_send(Ok(self.event(event)));
+        let mut event = Ok(self.event(event));
+        if self.pending.load(Ordering::SeqCst) == 0 {
+            match self.events.try_send(event) {
+                Ok(()) | Err(mpsc::error::TrySendError::Closed(_)) => return,
+                Err(mpsc::error::TrySendError::Full(back)) => event = back,
+            }
+        }
+        self.pending.fetch_add(1, Ordering::SeqCst);
+        let _ = self.queued.send(event);
     }
 }
 
@@ -595,26 +610,41 @@ impl Actor {
         self.timers.insert(at);
     }
 
-    /// Wraps a client's stream; a task reports when the client closes it.
+    /// Wraps a client's stream. Its task moves the control events that found the channel
+    /// full into it as room appears, and reports when the client closes the stream.
     fn client_stream(&mut self, events: EventSender, received: Instant) -> ClientStream {
         let id = self.next_stream_id;
         self.next_stream_id += 1;
-        let token = CancellationToken::new();
-        let guard = token.clone().drop_guard();
-        if let Some(tx) = self.sender() {
-            let watched = events.clone();
-            tokio::spawn(async move {
-                tokio::select! {
-                    _ = watched.closed() => Self::report(&tx, Internal::StreamClosed { id }),
-                    _ = token.cancelled() => {}
+        let (queued, mut waiting) = mpsc::unbounded_channel();
+        let pending = Arc::new(AtomicUsize::new(0));
+        let report = self.sender();
+        let (channel, in_queue) = (events.clone(), pending.clone());
+        tokio::spawn(async move {
+            let closed = || {
+                if let Some(tx) = &report {
+                    Self::report(tx, Internal::StreamClosed { id });
                 }
-            });
-        }
+            };
+            loop {
+                let next = tokio::select! {
+                    biased;
+                    next = waiting.recv() => next,
+                    () = channel.closed() => return closed(),
+                };
+                // None: the stream's owner let go, and everything it sent is delivered.
+                let Some(event) = next else { return };
+                if channel.send(event).await.is_err() {
+                    return closed();
+                }
+                in_queue.fetch_sub(1, Ordering::SeqCst);
+            }
+        });
         ClientStream {
             id,
             events,
+            queued,
+            pending,
             received,
-            _watch_closed: guard,
         }
     }
 
@@ -1279,6 +1309,7 @@ impl Actor {
         waiter.log_forward = Some(forward_logs(
             model.logs.subscribe(),
             waiter.stream.events.clone(),
+            waiter.stream.pending.clone(),
             waiter.stream.received,
             LostLines {
                 metrics: self.metrics.clone(),
@@ -1814,6 +1845,7 @@ impl Drop for LogForward {
 fn forward_logs(
     mut lines: broadcast::Receiver<LogEntry>,
     events: EventSender,
+    control_pending: Arc<AtomicUsize>,
     received: Instant,
     lost: LostLines,
 ) -> LogForward {
@@ -1839,7 +1871,8 @@ fn forward_logs(
             };
             let slot = slot.lock().unwrap_or_else(|p| p.into_inner());
             let Some(events) = slot.as_ref() else { break };
-            if events.capacity() <= CONTROL_RESERVE {
+            // A line never overtakes a control event that waits for room.
+            if events.capacity() <= CONTROL_RESERVE || control_pending.load(Ordering::SeqCst) > 0 {
                 lost.count(1);
                 continue;
             }
@@ -1896,6 +1929,43 @@ mod tests {
         Config::from_toml(&text).unwrap().models["m"].clone()
     }
 
+    fn options(guard_exe: PathBuf) -> SchedulerOptions {
+        SchedulerOptions {
+            config_path: None,
+            guard_exe,
+            state_file: None,
+            metrics: gpuswap_telemetry::Metrics::new().supervisor(),
+        }
+    }
+
+    /// A client that does not read its Activate stream gets every control event, in order,
+    /// once it reads: none is dropped because the stream's channel was full.
+    #[tokio::test]
+    async fn control_events_wait_for_a_slow_reader_instead_of_being_dropped() {
+        let (tx, _reports) = mpsc::unbounded_channel();
+        let config = Config::from_toml("").unwrap();
+        let mut actor = Actor::new(config, options(PathBuf::new()), tx.downgrade());
+        let (events, mut rx) = mpsc::channel(EVENT_CHANNEL_CAPACITY);
+        let stream = actor.client_stream(events, Instant::now());
+        let total = 2 * EVENT_CHANNEL_CAPACITY as u32;
+        for position in 1..=total {
+            stream.send(Event::Queued(pb::Queued {
+                position,
+                behind: "other".into(),
+            }));
+        }
+        drop(stream);
+        let mut positions = Vec::new();
+        while let Some(event) = rx.recv().await {
+            match event.expect("an event").event {
+                Some(Event::Queued(queued)) => positions.push(queued.position),
+                other => panic!("{other:?}"),
+            }
+        }
+        assert_eq!(positions, (1..=total).collect::<Vec<_>>());
+        drop(tx);
+    }
+
     /// The readiness check passed, then the leader died before the actor took the report in
     /// (its Exited came first and was ignored while Starting): that is a crash, not Ready.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1904,12 +1974,7 @@ mod tests {
         let text = format!(
             "[models.m]\nkind = \"vllm\"\ncommand = [\"sh\", \"-c\", \"exit 3\"]\nport = {port}\n"
         );
-        let options = SchedulerOptions {
-            config_path: None,
-            guard_exe: testkit::bin("gpuswap-supervisor"),
-            state_file: None,
-            metrics: gpuswap_telemetry::Metrics::new().supervisor(),
-        };
+        let options = options(testkit::bin("gpuswap-supervisor"));
         let (tx, _reports) = mpsc::unbounded_channel();
         let mut actor = Actor::new(Config::from_toml(&text).unwrap(), options, tx.downgrade());
         let generation = actor.start("m", &tracing::Span::none()).expect("spawned");
