@@ -109,6 +109,17 @@ fn unix_millis() -> u64 {
         .unwrap_or(0)
 }
 
+/// The first generation this supervisor hands out (each start takes the next): the wall
+/// clock in microseconds, so that a restarted supervisor never hands out a generation its
+/// predecessor used (a gateway would take the new backend for the old one). That holds
+/// unless the clock steps back by more than the predecessor lived.
+fn first_generation() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(1, |d| d.as_micros().min(u128::from(u64::MAX / 2)) as u64)
+        .max(1)
+}
+
 fn millis(d: Duration) -> u64 {
     d.as_millis().min(u128::from(u64::MAX)) as u64
 }
@@ -542,7 +553,7 @@ impl Actor {
             models,
             queue: VecDeque::new(),
             deactivations: Vec::new(),
-            next_generation: 1,
+            next_generation: first_generation(),
             next_stream_id: 1,
             me,
             watch,

@@ -28,6 +28,17 @@ async fn a_panic_in_the_scheduler_ends_the_supervisor_with_a_failure_and_its_bac
     sup.wait_no_backends().await;
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restarted_supervisor_never_reuses_a_generation() {
+    let mut sup = Supervisor::start("generations", &[], vec![Mock::new("alpha")]).await;
+    let before = sup.activate("alpha", false).await.ready().await.generation;
+    sup.terminate().await;
+    // A gateway that saw `before` must not take the next backend for the same one.
+    let sup = sup.launch().await;
+    let after = sup.activate("alpha", false).await.ready().await.generation;
+    assert!(after > before, "generation {after} after {before}");
+}
+
 #[test]
 fn bad_configs_exit_2_and_name_the_key() {
     let dir = testkit::short_tempdir();
