@@ -1,14 +1,16 @@
 //! The guard process: parent of one backend. (owner: process layer)
 //!
 //! `gpuswap-supervisor guard [--uid U --gid G] [--stop-timeout-ms N] [--workdir D]
-//! [--report-fd FD] -- PROGRAM ARGS...`
+//! [--report-fd FD] [--supervisor-pid PID] -- PROGRAM ARGS...`
 //!
 //! The guard is a child subreaper, so every descendant of the backend stays its descendant,
 //! even one that calls setsid and leaves the process group. It ends them all:
 //! - when the backend leader exits (by itself or after a stop),
 //! - on SIGTERM/SIGINT (a stop): SIGTERM to the group and to every descendant outside it,
-//!   then SIGKILL to every descendant after the stop timeout,
-//! - on the parent-death signal (the supervisor died, even by SIGKILL): SIGKILL at once.
+//!   then SIGKILL to every descendant after the stop timeout; not when the sender is in the
+//!   backend's own tree (a backend's `kill 0` reaches its whole group, the guard included),
+//! - on the parent-death signal (the supervisor died, even by SIGKILL): SIGKILL at once; a
+//!   SIGUSR2 while the supervisor (`--supervisor-pid`) is still our parent is ignored.
 //!
 //! It then exits mirroring the backend's status (same exit code, or the same signal), so
 //! the supervisor sees the backend's own exit. Synchronous on purpose: no runtime, no
@@ -60,6 +62,8 @@ struct Args {
     stop_timeout: Option<Duration>,
     workdir: Option<PathBuf>,
     report_fd: Option<RawFd>,
+    /// The supervisor: only its death (not any SIGUSR2) ends the tree at once.
+    supervisor_pid: Option<i32>,
     program: OsString,
     args: Vec<OsString>,
 }
@@ -86,6 +90,7 @@ fn parse_args(mut argv: impl Iterator<Item = OsString>) -> Result<Args, String> 
             "--stop-timeout-ms" => args.stop_timeout = Some(Duration::from_millis(number(&value)?)),
             "--workdir" => args.workdir = Some(value.into()),
             "--report-fd" => args.report_fd = Some(number(&value)? as RawFd),
+            "--supervisor-pid" => args.supervisor_pid = Some(number(&value)? as i32),
             _ => return Err(format!("unknown flag {flag}")),
         }
     }
@@ -110,7 +115,7 @@ pub fn main() -> ! {
         Ok(args) => args,
         Err(e) => {
             say(format_args!(
-                "usage: guard [--uid U --gid G] [--stop-timeout-ms N] [--workdir D] [--report-fd FD] -- PROGRAM ARGS...: {e}"
+                "usage: guard [--uid U --gid G] [--stop-timeout-ms N] [--workdir D] [--report-fd FD] [--supervisor-pid PID] -- PROGRAM ARGS...: {e}"
             ));
             std::process::exit(EXIT_USAGE);
         }
@@ -136,7 +141,11 @@ pub fn main() -> ! {
     }
     drop(report);
 
-    let status = supervise(backend, args.stop_timeout, &signals);
+    // Started by hand: the parent stands in for the supervisor.
+    let supervisor = args
+        .supervisor_pid
+        .unwrap_or_else(|| nix::unistd::getppid().as_raw());
+    let status = supervise(backend, args.stop_timeout, supervisor, &signals);
     end_all_descendants();
     mirror(status)
 }
@@ -218,7 +227,12 @@ fn supplementary_groups(uid: Uid, gid: Gid) -> Vec<libc::gid_t> {
 }
 
 /// Waits for signals until the backend leader exits; returns its status.
-fn supervise(backend: Pid, stop_timeout: Option<Duration>, signals: &SigSet) -> WaitStatus {
+fn supervise(
+    backend: Pid,
+    stop_timeout: Option<Duration>,
+    supervisor: i32,
+    signals: &SigSet,
+) -> WaitStatus {
     let stop_timeout = stop_timeout.unwrap_or(Duration::from_secs(30));
     let mut stopping = false;
     // Set by a stop; cleared once the escalation to SIGKILL happened.
@@ -229,12 +243,28 @@ fn supervise(backend: Pid, stop_timeout: Option<Duration>, signals: &SigSet) -> 
         }
         let timeout = kill_at.map(|at| at.saturating_duration_since(Instant::now()));
         match wait_signal(signals, timeout) {
-            Some(Signal::SIGTERM | Signal::SIGINT) if !stopping => {
+            Some((signal @ (Signal::SIGTERM | Signal::SIGINT), sender)) if !stopping => {
+                // A backend that signals its own group (`kill 0`, a launcher's cleanup trap)
+                // reaches us too: that is not a stop.
+                if from_own_tree(sender) {
+                    say(format_args!(
+                        "ignoring {signal} from pid {sender}, a process of the backend's own tree"
+                    ));
+                    continue;
+                }
                 stopping = true;
                 kill_at = Some(Instant::now() + stop_timeout);
                 signal_tree(Signal::SIGTERM);
             }
-            Some(sig) if sig == PARENT_DEATH_SIGNAL => {
+            Some((signal, sender)) if signal == PARENT_DEATH_SIGNAL => {
+                // The parent-death signal comes after the kernel gave us a new parent; any
+                // other SIGUSR2 (a stray kill) while the supervisor lives is no death.
+                if nix::unistd::getppid().as_raw() == supervisor {
+                    say(format_args!(
+                        "ignoring {signal} from pid {sender}: the supervisor (pid {supervisor}) is alive"
+                    ));
+                    continue;
+                }
                 // The supervisor is gone: nobody will ever stop this backend gracefully.
                 kill_descendants();
                 end_all_descendants();
@@ -271,8 +301,30 @@ fn reap_children(backend: Pid) -> Option<WaitStatus> {
     }
 }
 
-/// One signal from `signals`, or None when `timeout` passed (or the wait was interrupted).
-fn wait_signal(signals: &SigSet, timeout: Option<Duration>) -> Option<Signal> {
+/// True when `pid` is the guard or one of its descendants (walking up its parents).
+fn from_own_tree(pid: i32) -> bool {
+    let me = nix::unistd::getpid().as_raw();
+    let mut current = pid;
+    // Bounded: a parent chain is short, and a racing exit must not loop us.
+    for _ in 0..256 {
+        if current == me {
+            return true;
+        }
+        if current <= 1 {
+            return false;
+        }
+        match procfs::stat(current) {
+            Some(stat) => current = stat.ppid,
+            // Gone already: not provably ours, so it counts (as it always did).
+            None => return false,
+        }
+    }
+    false
+}
+
+/// One signal from `signals` and the pid that sent it (0: the kernel), or None when
+/// `timeout` passed (or the wait was interrupted).
+fn wait_signal(signals: &SigSet, timeout: Option<Duration>) -> Option<(Signal, i32)> {
     let timespec = timeout.map(|t| libc::timespec {
         tv_sec: t.as_secs() as libc::time_t,
         tv_nsec: t.subsec_nanos() as libc::c_long,
@@ -280,12 +332,16 @@ fn wait_signal(signals: &SigSet, timeout: Option<Duration>) -> Option<Signal> {
     let timespec_ptr = timespec
         .as_ref()
         .map_or(std::ptr::null(), |t| t as *const libc::timespec);
-    // SAFETY: sigtimedwait with a valid set and an optional timeout; no siginfo wanted.
-    let sig = unsafe { libc::sigtimedwait(signals.as_ref(), std::ptr::null_mut(), timespec_ptr) };
+    // SAFETY: siginfo_t is plain data; all zeroes is a valid value.
+    let mut info: libc::siginfo_t = unsafe { std::mem::zeroed() };
+    // SAFETY: sigtimedwait with a valid set, a siginfo to fill and an optional timeout.
+    let sig = unsafe { libc::sigtimedwait(signals.as_ref(), &mut info, timespec_ptr) };
     if sig < 0 {
         return None;
     }
-    Signal::try_from(sig).ok()
+    // SAFETY: the kernel filled `info` for this signal; si_pid is 0 when no process sent it.
+    let sender = unsafe { info.si_pid() };
+    Signal::try_from(sig).ok().map(|signal| (signal, sender))
 }
 
 /// SIGTERM (a stop) to our group and to every descendant that left it.
@@ -509,6 +565,8 @@ mod tests {
             "1500",
             "--workdir",
             "/w",
+            "--supervisor-pid",
+            "77",
             "--",
             "prog",
             "--x",
@@ -518,6 +576,7 @@ mod tests {
         assert_eq!((args.uid, args.gid), (Some(5), Some(6)));
         assert_eq!(args.stop_timeout, Some(Duration::from_millis(1500)));
         assert_eq!(args.workdir, Some(PathBuf::from("/w")));
+        assert_eq!(args.supervisor_pid, Some(77));
         assert_eq!(args.program, "prog");
         assert_eq!(args.args, ["--x", "--"]);
         assert!(parse_args(["--bogus", "1", "--", "p"].iter().map(OsString::from)).is_err());

@@ -213,6 +213,8 @@ impl Backend {
             &config.stop_timeout.as_millis().to_string(),
         ]);
         command.args(["--report-fd", &report_write.as_raw_fd().to_string()]);
+        let supervisor_pid = nix::unistd::getpid().as_raw();
+        command.args(["--supervisor-pid", &supervisor_pid.to_string()]);
         if let Some(user) = &user {
             command.args([
                 "--uid",
@@ -232,7 +234,6 @@ impl Backend {
             .stderr(Stdio::piped())
             .env_clear()
             .envs(backend_env(config, user.as_ref()));
-        let supervisor_pid = nix::unistd::getpid().as_raw();
         let report_fd = report_write.as_raw_fd();
         let blocked = *guard::guarded_signals().as_ref();
         // SAFETY: the closure runs between fork and exec and makes only async-signal-safe

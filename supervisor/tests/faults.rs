@@ -138,6 +138,70 @@ async fn a_backend_dying_right_after_its_health_check_is_a_crash_never_ready() {
     }
 }
 
+/// The lines of `model`'s log buffer.
+async fn log_lines(sup: &Supervisor, model: &str) -> Vec<String> {
+    let mut client = sup.client.clone();
+    let mut lines = client
+        .logs(pb::LogsRequest {
+            model: model.into(),
+            tail: 500,
+            follow: false,
+        })
+        .await
+        .expect("Logs")
+        .into_inner();
+    let mut all = Vec::new();
+    while let Some(line) = lines.message().await.expect("Logs stream") {
+        all.push(line.line);
+    }
+    all
+}
+
+/// Waits for a log line of `model` containing `needle`, while the model stays Ready.
+async fn wait_for_line_while_ready(sup: &Supervisor, model: &str, needle: &str) {
+    testkit::wait_for(needle, testkit::DEADLINE, || async {
+        let status = sup.model(model).await;
+        assert_eq!(status.state(), ModelState::Ready, "{status:?}");
+        let lines = log_lines(sup, model).await;
+        lines.iter().any(|l| l.contains(needle)).then_some(())
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_guard_ignores_signals_from_its_own_tree_and_stray_sigusr2() {
+    let mut sup = Supervisor::prepare("guardsignals", &[], Vec::new());
+    // A backend that ignores SIGTERM and sends it to its whole group (`kill 0`), the guard
+    // included; before the fix the guard took it for a stop and SIGKILLed the tree after
+    // stop_timeout.
+    let section = format!(
+        "\n[models.alpha]\nkind = \"vllm\"\nport = {}\nready_log = \"up-and-ready\"\n\
+         stop_timeout = \"1s\"\ncommand = [\"sh\", \"-c\", \"trap '' TERM; echo up-and-ready; \
+         kill -TERM 0; exec sleep 120\"]\nenv = {{ {} = \"{}\" }}\n",
+        testkit::free_port(),
+        common::MARKER_ENV,
+        sup.marker
+    );
+    std::fs::write(&sup.config_path, sup.config_text() + &section).expect("write config");
+    sup = sup.launch().await;
+    let ready = sup.activate("alpha", true).await.ready().await;
+    let pid = sup.model("alpha").await.pid;
+    wait_for_line_while_ready(&sup, "alpha", "a process of the backend's own tree").await;
+
+    // A SIGUSR2 from anyone but the dying supervisor is no parent death.
+    let guard = std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .expect("backend alive")
+        .rsplit_once(')')
+        .and_then(|(_, rest)| rest.split_whitespace().nth(1)?.parse::<i32>().ok())
+        .expect("ppid");
+    // SAFETY: kill with a pid read from /proc (the guard, our supervisor's child).
+    assert_eq!(unsafe { libc::kill(guard, libc::SIGUSR2) }, 0);
+    wait_for_line_while_ready(&sup, "alpha", "the supervisor (pid").await;
+    assert!(testkit::alive(pid), "the backend lives on");
+    let status = sup.model("alpha").await;
+    assert_eq!((status.pid, status.generation), (pid, ready.generation));
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_backend_ignoring_sigterm_is_killed_after_stop_timeout() {
     let sup = Supervisor::start(
