@@ -25,6 +25,7 @@ use tracing::{Instrument as _, Span};
 
 use crate::{
     Gateway,
+    access::Grant,
     error::{ApiError, convert_backend_error},
     route::{InFlight, Route},
     tokens::{Counting, TokenCounter},
@@ -156,29 +157,196 @@ async fn handle_in(gateway: Arc<Gateway>, request: Request<Body>, span: Span) ->
         Ok(b) => b,
         Err(e) => return closing(e.into_response()),
     };
-    let probed = match probe(&body) {
+    let form = multipart_boundary(&parts.headers);
+    let probed = match &form {
+        Some(boundary) => probe_form(&body, boundary),
+        None => probe(&body),
+    };
+    let probed = match probed {
         Ok(p) => p,
         Err(e) => return e.into_response(),
     };
-    let model = {
-        let catalog = gateway.catalog.load();
-        match catalog.resolve(&probed.model) {
-            Some(info) if grant.allows(info) => Arc::clone(&info.name),
-            None if !gateway.catalog.connected() && catalog.models.is_empty() => {
-                return ApiError::supervisor_unavailable(gateway.catalog.last_error())
-                    .into_response();
-            }
-            _ => return ApiError::model_not_found(&probed.model).into_response(),
-        }
+    let model = match resolve_granted(&gateway, &grant, &probed.model) {
+        Ok(model) => model,
+        Err(e) => return e.into_response(),
     };
     span.record("model", &*model);
-    let mut metrics = gateway.gw_metrics.request(&model);
     let upstream = Upstream {
         parts,
         body,
         probed,
         span,
+        shape: if form.is_some() {
+            BodyShape::Form
+        } else {
+            BodyShape::Json
+        },
     };
+    dispatch(gateway, model, upstream).await
+}
+
+/// The configured model a request names, if its key may use it; else the same 404 as
+/// for a model that does not exist.
+fn resolve_granted(
+    gateway: &Gateway,
+    grant: &Grant,
+    requested: &str,
+) -> Result<Arc<str>, ApiError> {
+    let catalog = gateway.catalog.load();
+    match catalog.resolve(requested) {
+        Some(info) if grant.allows(info) => Ok(Arc::clone(&info.name)),
+        None if !gateway.catalog.connected() && catalog.models.is_empty() => Err(
+            ApiError::supervisor_unavailable(gateway.catalog.last_error()),
+        ),
+        _ => Err(ApiError::model_not_found(requested)),
+    }
+}
+
+/// `/upstream/{model}/{path}`, any method: the request goes to the backend's own `/{path}`
+/// (query kept, body untouched, the backend's answer passed back as it is), once the model
+/// is ready and held like for any request, with the same access rules.
+pub async fn handle_passthrough(gateway: Arc<Gateway>, request: Request<Body>) -> Response {
+    let (parts, body) = request.into_parts();
+    let Some(grant) = gateway.access.grant(&parts.headers) else {
+        return closing(ApiError::invalid_api_key().into_response());
+    };
+    let rest = parts
+        .uri
+        .path()
+        .strip_prefix(PASSTHROUGH_PREFIX)
+        .unwrap_or("");
+    let (segment, path) = rest.split_once('/').unwrap_or((rest, ""));
+    let requested = percent_decode(segment);
+    let target = match parts.uri.query() {
+        Some(query) => format!("/{path}?{query}"),
+        None => format!("/{path}"),
+    };
+    let Ok(target) = target.parse::<Uri>() else {
+        return ApiError::invalid_request("invalid_path", "The backend path is not a valid URI")
+            .into_response();
+    };
+    let body = match read_body(&parts.headers, body, gateway.max_body).await {
+        Ok(b) => b,
+        Err(e) => return closing(e.into_response()),
+    };
+    let model = match resolve_granted(&gateway, &grant, &requested) {
+        Ok(model) => model,
+        Err(e) => return e.into_response(),
+    };
+    let upstream = Upstream {
+        parts,
+        body,
+        probed: Probed {
+            model: requested,
+            span: 0..0,
+            stream: false,
+        },
+        span: Span::none(),
+        shape: BodyShape::Opaque(target),
+    };
+    dispatch(gateway, model, upstream).await
+}
+
+/// Where the backend pass-through is served.
+pub const PASSTHROUGH_PREFIX: &str = "/upstream/";
+
+/// `%XX` escapes decoded (a model id may hold a `/`, sent as `%2F`); invalid ones kept.
+fn percent_decode(text: &str) -> String {
+    let bytes = text.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let hex = bytes
+            .get(i + 1..i + 3)
+            .and_then(|h| std::str::from_utf8(h).ok())
+            .and_then(|h| u8::from_str_radix(h, 16).ok());
+        match (bytes[i], hex) {
+            (b'%', Some(byte)) => {
+                out.push(byte);
+                i += 3;
+            }
+            (byte, _) => {
+                out.push(byte);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// The boundary of a `multipart/form-data` request (the audio and image-edit endpoints).
+fn multipart_boundary(headers: &HeaderMap) -> Option<String> {
+    let content_type = headers.get(header::CONTENT_TYPE)?.to_str().ok()?;
+    let (kind, params) = content_type.split_once(';')?;
+    if !kind.trim().eq_ignore_ascii_case("multipart/form-data") {
+        return None;
+    }
+    params.split(';').find_map(|param| {
+        let (name, value) = param.split_once('=')?;
+        name.trim()
+            .eq_ignore_ascii_case("boundary")
+            .then(|| value.trim().trim_matches('"').to_owned())
+    })
+}
+
+/// Finds the `model` form field of a multipart body in place (the file parts are skipped
+/// unread): the model and where its value sits, for a rename without parsing the rest.
+pub fn probe_form(body: &[u8], boundary: &str) -> Result<Probed, ApiError> {
+    let delimiter = format!("\r\n--{boundary}");
+    let missing =
+        || ApiError::invalid_request("missing_model", "You must provide a model form field");
+    // The first delimiter may open the body without the CRLF before it.
+    let mut at = memchr::memmem::find(body, &delimiter.as_bytes()[2..]).ok_or_else(missing)?;
+    at += delimiter.len() - 2;
+    loop {
+        // After a delimiter: `--` ends the body, else CRLF and the part's headers.
+        if body[at..].starts_with(b"--") {
+            return Err(missing());
+        }
+        let head_start = at + 2;
+        let after = body.get(head_start..).ok_or_else(missing)?;
+        let head_len = memchr::memmem::find(after, b"\r\n\r\n").ok_or_else(missing)?;
+        let head = &body[head_start..head_start + head_len];
+        let value_start = head_start + head_len + 4;
+        let value_len =
+            memchr::memmem::find(&body[value_start..], delimiter.as_bytes()).ok_or_else(missing)?;
+        if is_model_field(head) {
+            let value = &body[value_start..value_start + value_len];
+            let model = std::str::from_utf8(value).map_err(|_| {
+                ApiError::invalid_request("missing_model", "The model form field must be UTF-8")
+            })?;
+            return Ok(Probed {
+                model: model.to_owned(),
+                span: value_start..value_start + value_len,
+                stream: false,
+            });
+        }
+        at = value_start + value_len + delimiter.len();
+    }
+}
+
+/// True for the headers of the part `Content-Disposition: form-data; name="model"`.
+fn is_model_field(head: &[u8]) -> bool {
+    let Ok(head) = std::str::from_utf8(head) else {
+        return false;
+    };
+    head.lines().any(|line| {
+        let Some((name, value)) = line.split_once(':') else {
+            return false;
+        };
+        name.trim().eq_ignore_ascii_case("content-disposition")
+            && value.split(';').any(|param| {
+                param.split_once('=').is_some_and(|(k, v)| {
+                    k.trim() == "name" && v.trim().trim_matches('"') == "model"
+                })
+            })
+    })
+}
+
+/// Queues a request for its model's route (or streams progress while it waits), forwards
+/// it and retries it when the backend died before answering.
+async fn dispatch(gateway: Arc<Gateway>, model: Arc<str>, upstream: Upstream) -> Response {
+    let mut metrics = gateway.gw_metrics.request(&model);
     let deadline = tokio::time::Instant::now() + gateway.queue_timeout;
     let mut refusals = 0;
     loop {
@@ -272,6 +440,17 @@ pub struct Upstream {
     probed: Probed,
     /// The request's trace span (disabled when no spans are exported).
     span: Span,
+    shape: BodyShape,
+}
+
+/// What the body is, which says how the model is renamed for the backend.
+pub enum BodyShape {
+    /// JSON with `model` (its span is a string literal).
+    Json,
+    /// multipart/form-data with a `model` field (its span is the raw value).
+    Form,
+    /// A pass-through to this backend path: the body goes as it came.
+    Opaque(Uri),
 }
 
 impl Upstream {
@@ -287,23 +466,27 @@ impl Upstream {
     /// (less hop-by-hop and the client's credentials), the backend's key, and
     /// the body with the model renamed when the backend serves another name.
     fn to_request(&self, route: &Route) -> Request<Full<Bytes>> {
-        let body = if self.probed.model == route.served_name {
-            self.body.clone()
-        } else {
-            splice(
-                &self.body,
-                self.probed.span.clone(),
-                &route.served_name_json,
-            )
+        let renamed: Option<&[u8]> = match &self.shape {
+            _ if self.probed.model == route.served_name => None,
+            BodyShape::Json => Some(&route.served_name_json[..]),
+            BodyShape::Form => Some(route.served_name.as_bytes()),
+            BodyShape::Opaque(_) => None,
+        };
+        let body = match renamed {
+            Some(name) => splice(&self.body, self.probed.span.clone(), name),
+            None => self.body.clone(),
         };
         // Origin form: the connection is already the backend's.
-        let uri = self
-            .parts
-            .uri
-            .path_and_query()
-            .cloned()
-            .map(Uri::from)
-            .unwrap_or_else(|| Uri::from_static("/"));
+        let uri = match &self.shape {
+            BodyShape::Opaque(target) => target.clone(),
+            _ => self
+                .parts
+                .uri
+                .path_and_query()
+                .cloned()
+                .map(Uri::from)
+                .unwrap_or_else(|| Uri::from_static("/")),
+        };
         let mut headers = HeaderMap::with_capacity(self.parts.headers.len() + 2);
         for (name, value) in &self.parts.headers {
             if !STRIPPED_REQUEST_HEADERS.contains(&name.as_str()) {
@@ -388,7 +571,8 @@ pub async fn forward(
         }
     };
     let (mut parts, incoming) = response.into_parts();
-    if !parts.status.is_success() {
+    let passthrough = matches!(upstream.shape, BodyShape::Opaque(_));
+    if !parts.status.is_success() && !passthrough {
         let body = read_error_body(incoming).await;
         drop(guard);
         metrics.first_byte();
@@ -696,6 +880,45 @@ mod tests {
         let v: serde_json::Value = serde_json::from_slice(&spliced).unwrap();
         assert_eq!(v["model"], "served");
         assert_eq!(v["messages"][0]["content"], "hi \"model\"");
+    }
+
+    #[test]
+    fn the_model_form_field_is_found_in_place() {
+        let body = b"--XyZ\r\nContent-Disposition: form-data; name=\"file\"; filename=\"a\"\r\n\r\n\
+                     name=\"model\"\r\n--Xy\r\n--XyZ\r\ncontent-disposition: form-data; name=model\r\n\r\n\
+                     whisper-1\r\n--XyZ--\r\n";
+        let p = probe_form(body, "XyZ").unwrap();
+        assert_eq!(p.model, "whisper-1");
+        assert_eq!(&body[p.span.clone()], b"whisper-1");
+        let renamed = splice(&Bytes::from_static(body), p.span, b"served");
+        assert!(renamed.windows(10).any(|w| w == b"\r\nserved\r\n"));
+        let none =
+            b"--XyZ\r\nContent-Disposition: form-data; name=\"language\"\r\n\r\nen\r\n--XyZ--\r\n";
+        assert_eq!(probe_form(none, "XyZ").unwrap_err().code, "missing_model");
+        assert_eq!(
+            probe_form(b"garbage", "XyZ").unwrap_err().code,
+            "missing_model"
+        );
+        assert_eq!(
+            probe_form(b"--XyZ\r\nno end", "XyZ").unwrap_err().code,
+            "missing_model"
+        );
+        let mut headers = HeaderMap::new();
+        headers.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("multipart/form-data; boundary=\"XyZ\""),
+        );
+        assert_eq!(multipart_boundary(&headers).as_deref(), Some("XyZ"));
+        assert_eq!(percent_decode("org%2Fmodel%zz"), "org/model%zz");
+        // Cut anywhere: refused until the model's value is closed by a delimiter, never a panic.
+        let closed = memchr::memmem::find(body, b"whisper-1\r\n--XyZ").unwrap() + 16;
+        for end in 0..body.len() {
+            assert_eq!(
+                probe_form(&body[..end], "XyZ").is_ok(),
+                end >= closed,
+                "{end}"
+            );
+        }
     }
 
     #[test]

@@ -213,6 +213,8 @@ async fn serve_request(
         && !path.starts_with("/v1/models");
     let mut response = if proxied {
         proxy::handle(gateway, request.map(Body::new)).await
+    } else if path.starts_with(proxy::PASSTHROUGH_PREFIX) {
+        proxy::handle_passthrough(gateway, request.map(Body::new)).await
     } else {
         router.call(request.map(Body::new)).await?
     };

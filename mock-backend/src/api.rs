@@ -39,6 +39,7 @@ pub fn router(shared: Arc<Shared>) -> Router {
         .route("/v1/chat/completions", post(chat_completions))
         .route("/v1/completions", post(text_completions))
         .route("/v1/embeddings", post(embeddings))
+        .merge(crate::extra::routes())
         .fallback(not_found)
         .layer(middleware::from_fn_with_state(shared.clone(), access_log))
         .with_state(shared)

@@ -6,6 +6,7 @@
 mod api;
 mod cli;
 mod errors;
+mod extra;
 mod flood;
 mod generate;
 mod lifecycle;
