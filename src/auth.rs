@@ -38,15 +38,20 @@ pub fn secrets_equal(given: &[u8], expected: &[u8]) -> bool {
     given.len() == expected.len() && bool::from(given.ct_eq(expected))
 }
 
-/// Server side: accepts a request whose `authorization` header carries `Bearer <expected>`.
-pub fn check_bearer<T>(request: &Request<T>, expected: &str) -> Result<(), Status> {
+/// Server side: accepts a request whose `authorization` header carries `Bearer <token>` for
+/// one of the `accepted` tokens (several while a replaced token is still honoured).
+pub fn check_bearer<T>(request: &Request<T>, accepted: &[&str]) -> Result<(), Status> {
     let given = request
         .metadata()
         .get("authorization")
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.strip_prefix("Bearer "))
         .ok_or_else(|| Status::unauthenticated("missing bearer token"))?;
-    if secrets_equal(given.as_bytes(), expected.as_bytes()) {
+    // Every token is compared, so the time taken does not tell which one matched.
+    let matched = accepted.iter().fold(false, |matched, expected| {
+        matched | secrets_equal(given.as_bytes(), expected.as_bytes())
+    });
+    if matched {
         Ok(())
     } else {
         Err(Status::unauthenticated("invalid bearer token"))
@@ -75,15 +80,17 @@ mod tests {
         let mut ok = Request::new(());
         ok.metadata_mut()
             .insert("authorization", "Bearer s3cret".parse().unwrap());
-        assert!(check_bearer(&ok, "s3cret").is_ok());
-        assert!(check_bearer(&ok, "s3cret2").is_err());
-        assert!(check_bearer(&Request::new(()), "s3cret").is_err());
+        assert!(check_bearer(&ok, &["s3cret"]).is_ok());
+        assert!(check_bearer(&ok, &["new-one", "s3cret"]).is_ok());
+        assert!(check_bearer(&ok, &["s3cret2"]).is_err());
+        assert!(check_bearer(&ok, &[]).is_err());
+        assert!(check_bearer(&Request::new(()), &["s3cret"]).is_err());
         let mut wrong = Request::new(());
         wrong
             .metadata_mut()
             .insert("authorization", "Basic s3cret".parse().unwrap());
         assert_eq!(
-            check_bearer(&wrong, "s3cret").unwrap_err().code(),
+            check_bearer(&wrong, &["s3cret"]).unwrap_err().code(),
             tonic::Code::Unauthenticated
         );
     }

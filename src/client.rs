@@ -3,9 +3,11 @@
 use std::path::PathBuf;
 
 use hyper_util::rt::TokioIo;
+use rustls::pki_types::ServerName;
+use tokio_rustls::TlsConnector;
 use tonic::{
     codegen::InterceptedService,
-    transport::{Certificate, Channel, ClientTlsConfig, Uri},
+    transport::{Channel, Uri},
 };
 
 use crate::{auth::TokenInterceptor, endpoint::Endpoint, pb};
@@ -19,19 +21,15 @@ pub type SupervisorClient =
 pub struct ClientOptions {
     /// Bearer token for https endpoints.
     pub token: Option<String>,
-    /// PEM file of the CA (or self-signed certificate) that signed the supervisor's certificate.
+    /// PEM file of the CA that signed the supervisor's certificate, or of that certificate
+    /// itself (trusted exactly: pinned).
     pub ca_file: Option<PathBuf>,
 }
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConnectError {
-    #[error("cannot read CA file {path}: {source}")]
-    CaFile {
-        path: PathBuf,
-        source: std::io::Error,
-    },
-    #[error("TLS setup failed: {0}")]
-    Tls(#[source] tonic::transport::Error),
+    #[error(transparent)]
+    Tls(crate::tls::TlsSetupError),
     #[error("invalid token: {0}")]
     Token(String),
     #[error("invalid endpoint: {0}")]
@@ -58,20 +56,42 @@ pub fn connect(
                 }),
             )
         }
-        Endpoint::Https { host, .. } => {
-            let mut tls = ClientTlsConfig::new().domain_name(host.clone());
-            if let Some(path) = &options.ca_file {
-                let pem = std::fs::read(path).map_err(|source| ConnectError::CaFile {
-                    path: path.clone(),
-                    source,
-                })?;
-                tls = tls.ca_certificate(Certificate::from_pem(pem));
-            }
-            tonic::transport::Endpoint::from_shared(endpoint.to_string())
+        Endpoint::Https { host, port } => {
+            let tls = TlsConnector::from(
+                crate::tls::client_config(options.ca_file.as_deref()).map_err(ConnectError::Tls)?,
+            );
+            let server_name = ServerName::try_from(host.clone())
+                .map_err(|e| ConnectError::Uri(format!("{host:?}: {e}")))?;
+            let (host, port, ca_file) = (host.clone(), *port, options.ca_file.clone());
+            // tonic's TLS cannot pin a certificate nor explain a refusal (see tls.rs), so the
+            // connector does the handshake and tonic sees a plain stream: hence http://.
+            let uri = format!(
+                "http://{}",
+                endpoint.to_string().trim_start_matches("https://")
+            );
+            tonic::transport::Endpoint::from_shared(uri)
                 .map_err(|e| ConnectError::Uri(e.to_string()))?
-                .tls_config(tls)
-                .map_err(ConnectError::Tls)?
-                .connect_lazy()
+                .connect_with_connector_lazy(tower::service_fn(move |_: Uri| {
+                    let (tls, server_name) = (tls.clone(), server_name.clone());
+                    let (host, ca_file) = (host.clone(), ca_file.clone());
+                    async move {
+                        let tcp = tokio::net::TcpStream::connect((host.as_str(), port)).await?;
+                        tcp.set_nodelay(true)?;
+                        let stream = tls.connect(server_name, tcp).await.map_err(|error| {
+                            match error
+                                .get_ref()
+                                .and_then(|e| e.downcast_ref::<rustls::Error>())
+                            {
+                                Some(refused) => std::io::Error::new(
+                                    error.kind(),
+                                    crate::tls::explain(refused, &host, ca_file.as_deref()),
+                                ),
+                                None => error,
+                            }
+                        })?;
+                        Ok::<_, std::io::Error>(TokioIo::new(stream))
+                    }
+                }))
         }
     };
     let interceptor = TokenInterceptor::new(options.token.as_deref())

@@ -75,9 +75,21 @@ pub struct SupervisorConfig {
     /// that the socket's mode lets in.
     pub allowed_uids: Vec<u32>,
     pub allowed_gids: Vec<u32>,
+    /// The server's certificate and key (PEM). Unset with an https listen address: the
+    /// supervisor makes its own under `tls_dir`.
     pub tls_cert: Option<PathBuf>,
     pub tls_key: Option<PathBuf>,
+    /// The bearer token of https clients. Unset: the supervisor makes one, `tls_dir/token`.
     pub token_file: Option<PathBuf>,
+    /// Where the supervisor keeps the CA, certificate and token it makes (default: `tls`
+    /// beside the state file).
+    pub tls_dir: Option<PathBuf>,
+    /// Names and addresses the made certificate is valid for besides the host's own.
+    pub tls_names: Vec<String>,
+    /// How long the previous token still works after a reload picked up a changed
+    /// `token_file`, so that clients can be given the new one.
+    #[serde(deserialize_with = "duration")]
+    pub token_grace: Duration,
     /// Lines kept per model.
     pub log_lines: usize,
     #[serde(deserialize_with = "duration")]
@@ -94,6 +106,19 @@ pub struct SupervisorConfig {
     pub metrics_listen: Option<String>,
 }
 
+impl SupervisorConfig {
+    /// Where the supervisor keeps what it makes for TLS: `tls_dir`, or `tls` beside the
+    /// state file.
+    pub fn tls_dir(&self) -> PathBuf {
+        self.tls_dir.clone().unwrap_or_else(|| {
+            self.state_file
+                .parent()
+                .unwrap_or_else(|| std::path::Path::new("."))
+                .join("tls")
+        })
+    }
+}
+
 impl Default for SupervisorConfig {
     fn default() -> Self {
         Self {
@@ -105,6 +130,9 @@ impl Default for SupervisorConfig {
             tls_cert: None,
             tls_key: None,
             token_file: None,
+            tls_dir: None,
+            tls_names: Vec::new(),
+            token_grace: Duration::from_secs(600),
             log_lines: 5000,
             drain_timeout: Duration::from_secs(600),
             min_residency: Duration::from_secs(5),
@@ -384,6 +412,7 @@ impl Config {
                     .with_list_parse_key("gateway.api_keys")
                     .with_list_parse_key("gateway.admin_keys")
                     .with_list_parse_key("gateway.preload")
+                    .with_list_parse_key("supervisor.tls_names")
                     .try_parsing(true),
             )
             .build()
@@ -517,17 +546,45 @@ impl Config {
                     "an https listen address needs an IP address (e.g. https://0.0.0.0:7070)",
                 ));
             }
-            for (k, v) in [
-                ("tls_cert", &s.tls_cert),
-                ("tls_key", &s.tls_key),
-                ("token_file", &s.token_file),
-            ] {
-                if v.is_none() {
+            match (&s.tls_cert, &s.tls_key) {
+                (Some(_), None) => {
                     return Err(invalid(
-                        format!("supervisor.{k}"),
-                        "required when supervisor.listen is https://",
+                        "supervisor.tls_key",
+                        "required with supervisor.tls_cert (or set neither, and the supervisor \
+                         makes its own certificate)",
                     ));
                 }
+                (None, Some(_)) => {
+                    return Err(invalid(
+                        "supervisor.tls_cert",
+                        "required with supervisor.tls_key (or set neither, and the supervisor \
+                         makes its own certificate)",
+                    ));
+                }
+                (Some(_), Some(_)) if !s.tls_names.is_empty() => {
+                    return Err(invalid(
+                        "supervisor.tls_names",
+                        "applies only to a certificate the supervisor makes: list the names in \
+                         your certificate's subjectAltName instead (or drop tls_cert / tls_key)",
+                    ));
+                }
+                _ => {}
+            }
+        }
+        for name in &s.tls_names {
+            let valid_dns = !name.is_empty()
+                && name.len() <= 253
+                && name.split('.').all(|label| {
+                    !label.is_empty()
+                        && label
+                            .chars()
+                            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '*')
+                });
+            if name.parse::<std::net::IpAddr>().is_err() && !valid_dns {
+                return Err(invalid(
+                    "supervisor.tls_names",
+                    format!("{name:?} is neither a host name nor an IP address"),
+                ));
             }
         }
         parse_mode(&s.socket_mode).ok_or_else(|| {
@@ -540,6 +597,7 @@ impl Config {
             ("drain_timeout", s.drain_timeout),
             ("min_residency", s.min_residency),
             ("gpu_release_timeout", s.gpu_release_timeout),
+            ("token_grace", s.token_grace),
         ] {
             check_duration(format!("supervisor.{k}"), value)?;
         }
@@ -780,8 +838,12 @@ gpus = [1]
             "[models.a]\nkind = \"vllm\"\ncommand = [\"x\"]\nport = 1\nstop_timeout = \"soon\"\n",
         );
         assert!(e.contains("soon"), "{e}");
-        let e = error_of("[supervisor]\nlisten = \"https://0.0.0.0:7070\"\n");
-        assert!(e.contains("supervisor.tls_cert"), "{e}");
+        let e = error_of("[supervisor]\nlisten = \"https://0.0.0.0:7070\"\ntls_cert = \"c.pem\"\n");
+        assert!(e.contains("supervisor.tls_key"), "{e}");
+        let e = error_of(
+            "[supervisor]\nlisten = \"https://0.0.0.0:7070\"\ntls_names = [\"gpu box\"]\n",
+        );
+        assert!(e.contains("supervisor.tls_names"), "{e}");
         let e = error_of(
             "[models.a]\nkind = \"vllm\"\ncommand = [\"x\"]\nport = 1\n[models.b]\nkind = \"vllm\"\ncommand = [\"x\"]\nport = 2\naliases = [\"a\"]\n",
         );
@@ -866,6 +928,23 @@ gpus = [1]
         assert!(e.contains("admn"), "{e}");
         let e = error_of("[gateway]\nadmin_keys = [\" \"]\n");
         assert!(e.contains("gateway.admin_keys"), "{e}");
+    }
+
+    #[test]
+    fn an_https_listen_address_alone_is_enough() {
+        let c = Config::from_toml(
+            "[supervisor]\nlisten = \"https://0.0.0.0:7070\"\nstate_file = \"/var/lib/gpuswap/state\"\n",
+        )
+        .unwrap();
+        assert_eq!(
+            c.supervisor.tls_dir(),
+            PathBuf::from("/var/lib/gpuswap/tls")
+        );
+        assert_eq!(c.supervisor.token_grace, Duration::from_secs(600));
+        let e = error_of(
+            "[supervisor]\nlisten = \"https://0.0.0.0:7070\"\ntls_cert = \"c\"\ntls_key = \"k\"\ntls_names = [\"gpu1\"]\n",
+        );
+        assert!(e.contains("supervisor.tls_names"), "{e}");
     }
 
     #[test]

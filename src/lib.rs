@@ -4,12 +4,14 @@
 //! - [`endpoint`]: `unix:///path` and `https://host:port` targets behind one string.
 //! - [`auth`]: the bearer-token interceptor (client side) and its constant-time check (server side).
 //! - [`client`]: connect to a supervisor from an endpoint string.
+//! - [`tls`]: the client's TLS: CA or pinned certificate, refusals explained.
 //! - [`config`]: the one TOML configuration file, loaded in layers and validated.
 
 pub mod auth;
 pub mod client;
 pub mod config;
 pub mod endpoint;
+pub mod tls;
 
 /// Generated protocol code.
 pub mod pb {

@@ -148,18 +148,14 @@ fn unreachable_message(status: &tonic::Status, endpoint: &Endpoint) -> (Code, St
                 None => format!("permission denied connecting to {endpoint}"),
             },
         ),
-        _ => {
-            let cause = root_cause(status);
-            let tls_hint = if cause.contains("certificate") {
-                " (set --ca-file or GPUSWAP_CA_FILE to the CA of the supervisor's certificate)"
-            } else {
-                ""
-            };
-            (
-                Code::Unreachable,
-                format!("cannot reach the supervisor at {endpoint}: {cause}{tls_hint}"),
-            )
-        }
+        // A refused certificate's cause already says what to do (gpuswap::tls::explain).
+        _ => (
+            Code::Unreachable,
+            format!(
+                "cannot reach the supervisor at {endpoint}: {}",
+                root_cause(status)
+            ),
+        ),
     }
 }
 
@@ -174,8 +170,8 @@ fn io_error_kind(status: &tonic::Status) -> Option<io::ErrorKind> {
     None
 }
 
-/// The most specific cause: the innermost error of the chain ("invalid peer
-/// certificate: UnknownIssuer" rather than "transport error").
+/// The most specific cause: the innermost error of the chain (why a certificate was
+/// refused, or "connection reset", rather than "transport error").
 fn root_cause(status: &tonic::Status) -> String {
     let mut cause: &(dyn std::error::Error + 'static) = status;
     while let Some(source) = cause.source() {

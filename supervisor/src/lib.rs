@@ -10,6 +10,7 @@
 //! - [`scheduler`]: the one owner of model state: queue, holds, drains, min residency.
 //! - [`service`]: the gRPC service over the scheduler.
 //! - [`server`]: listeners (Unix socket with mode/group/peer checks, or TLS + token).
+//! - [`tls`]: an https listener's certificate (given, or made with a CA of its own) and tokens.
 
 pub mod gpu;
 pub mod guard;
@@ -20,3 +21,4 @@ pub mod scheduler;
 pub mod server;
 pub mod service;
 pub mod state_file;
+pub mod tls;

@@ -176,6 +176,7 @@ async fn run(config_path: PathBuf, config: Config) -> anyhow::Result<()> {
     let mut hangup = signal(SignalKind::hangup()).context("SIGHUP handler")?;
     let (stop_serving, serving_stopped) = tokio::sync::oneshot::channel::<()>();
     tracing::info!(listen = %listener.describe(), pid = std::process::id(), "serving");
+    let tokens = listener.tokens();
     let mut server = tokio::spawn(listener.serve(scheduler.clone(), async {
         let _ = serving_stopped.await;
     }));
@@ -184,10 +185,17 @@ async fn run(config_path: PathBuf, config: Config) -> anyhow::Result<()> {
         tokio::select! {
             _ = terminate.recv() => { tracing::info!("SIGTERM: shutting down"); break None; }
             _ = interrupt.recv() => { tracing::info!("SIGINT: shutting down"); break None; }
-            _ = hangup.recv() => match scheduler.reload().await {
-                Ok(r) => tracing::info!(added = ?r.added, removed = ?r.removed, changed = ?r.changed, "SIGHUP: configuration reloaded"),
-                Err(status) => tracing::error!("SIGHUP: reload refused, keeping the running configuration: {}", status.message()),
-            },
+            _ = hangup.recv() => {
+                // The token first, as the Reload call does: a refusal changes nothing.
+                let tokens = tokens.as_deref().map_or(Ok(()), |t| t.reload());
+                match tokens {
+                    Err(error) => tracing::error!("SIGHUP: reload refused, keeping the running configuration and token: {error:#}"),
+                    Ok(()) => match scheduler.reload().await {
+                        Ok(r) => tracing::info!(added = ?r.added, removed = ?r.removed, changed = ?r.changed, "SIGHUP: configuration reloaded"),
+                        Err(status) => tracing::error!("SIGHUP: reload refused, keeping the running configuration: {}", status.message()),
+                    },
+                }
+            }
             result = &mut server => break Some(result),
             // The scheduler only ends when told to: a panic leaves nobody to answer but
             // "shutting down". Exit with a failure so that the service manager restarts us;

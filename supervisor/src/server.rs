@@ -23,7 +23,11 @@ use tonic::{
     transport::{Identity, Server, ServerTlsConfig, server::UdsConnectInfo},
 };
 
-use crate::{scheduler::Scheduler, service::SupervisorService};
+use crate::{
+    scheduler::Scheduler,
+    service::SupervisorService,
+    tls::{self, Tokens},
+};
 
 /// Who may call.
 #[derive(Clone)]
@@ -32,7 +36,7 @@ pub enum Access {
     /// let in every peer the socket's mode lets in.
     Peers { uids: Arc<[u32]>, gids: Arc<[u32]> },
     /// TCP: `authorization: Bearer <token>`.
-    Token(Arc<str>),
+    Token(Arc<Tokens>),
 }
 
 impl Access {
@@ -66,7 +70,7 @@ impl Interceptor for Access {
             Access::Peers { uids, gids } => {
                 Self::check_peer(uids, gids, request.extensions().get::<UdsConnectInfo>())?;
             }
-            Access::Token(token) => gpuswap::auth::check_bearer(&request, token)?,
+            Access::Token(tokens) => tokens.check(&request)?,
         }
         Ok(request)
     }
@@ -116,37 +120,29 @@ pub async fn bind(config: &SupervisorConfig, endpoint: &Endpoint) -> anyhow::Res
             let addr = endpoint.bind_addr().with_context(|| {
                 format!("{endpoint}: an https listen address needs an IP address")
             })?;
-            let cert_path = config
-                .tls_cert
-                .as_deref()
-                .context("supervisor.tls_cert is required for https")?;
-            let key_path = config
-                .tls_key
-                .as_deref()
-                .context("supervisor.tls_key is required for https")?;
-            let token_path = config
-                .token_file
-                .as_deref()
-                .context("supervisor.token_file is required for https")?;
-            let cert = std::fs::read(cert_path).with_context(|| {
-                format!("supervisor.tls_cert: cannot read {}", cert_path.display())
-            })?;
-            let key = std::fs::read(key_path).with_context(|| {
-                format!("supervisor.tls_key: cannot read {}", key_path.display())
-            })?;
-            let token = gpuswap::auth::read_token_file(token_path).with_context(|| {
-                format!(
-                    "supervisor.token_file: cannot read {}",
-                    token_path.display()
-                )
-            })?;
-            let tls = ServerTlsConfig::new().identity(Identity::from_pem(cert, key));
+            // Bound first: a second supervisor on the same port stops here, before it
+            // touches the files of the first one's tls_dir. Nothing is served before the
+            // certificate and token are ready.
             let listener = TcpListener::bind(addr)
                 .await
                 .with_context(|| format!("cannot listen on {addr}"))?;
+            let setup = tls::prepare(config, addr.ip())?;
+            let tokens = Arc::new(Tokens::load(&setup.token_file, config.token_grace)?);
+            let tls = ServerTlsConfig::new().identity(Identity::from_pem(setup.cert, setup.key));
+            if let Some(dir) = &setup.made_in {
+                let bound = listener.local_addr().unwrap_or(addr);
+                tracing::info!(
+                    "remote management: copy {ca} and {token} to the client machine, open TCP \
+                     port {port}, and run there (with the paths of the copies): {command}",
+                    ca = dir.join("ca.pem").display(),
+                    token = setup.token_file.display(),
+                    port = bound.port(),
+                    command = tls::client_command(dir, &setup.token_file, bound),
+                );
+            }
             Ok(Listener {
                 kind: Kind::Tls { listener, tls },
-                access: Access::Token(token.into()),
+                access: Access::Token(tokens),
             })
         }
     }
@@ -203,6 +199,14 @@ fn bind_unix(config: &SupervisorConfig, path: &Path) -> anyhow::Result<Listener>
 }
 
 impl Listener {
+    /// The bearer tokens of an https listener, to re-read on reload.
+    pub fn tokens(&self) -> Option<Arc<Tokens>> {
+        match &self.access {
+            Access::Token(tokens) => Some(tokens.clone()),
+            Access::Peers { .. } => None,
+        }
+    }
+
     /// Where it listens, for logs.
     pub fn describe(&self) -> String {
         match &self.kind {
@@ -240,7 +244,7 @@ impl Listener {
         };
         let reflection_v1 = reflection().build_v1().context("reflection service")?;
         let reflection_v1alpha = reflection().build_v1alpha().context("reflection service")?;
-        let supervisor = SupervisorServer::new(SupervisorService::new(scheduler));
+        let supervisor = SupervisorServer::new(SupervisorService::new(scheduler, self.tokens()));
         let mut builder = Server::builder();
         match self.kind {
             Kind::Unix { listener, path } => {

@@ -2,7 +2,7 @@
 //! actor. Streams are served from channels; every task that feeds one ends when the client
 //! goes away.
 
-use std::pin::Pin;
+use std::{pin::Pin, sync::Arc};
 
 use gpuswap::pb::{self, supervisor_server::Supervisor};
 use tokio::sync::{broadcast, mpsc};
@@ -12,6 +12,7 @@ use tonic::{Request, Response, Status};
 use crate::{
     logs::{LogBuffer, LogEntry},
     scheduler::{ActivateArgs, EVENT_CHANNEL_CAPACITY, LostLines, Scheduler},
+    tls::Tokens,
 };
 
 /// Capacity of Watch and Logs streams.
@@ -21,11 +22,13 @@ type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send + 'stati
 
 pub struct SupervisorService {
     scheduler: Scheduler,
+    /// An https listener's tokens, re-read on Reload with the configuration.
+    tokens: Option<Arc<Tokens>>,
 }
 
 impl SupervisorService {
-    pub fn new(scheduler: Scheduler) -> Self {
-        Self { scheduler }
+    pub fn new(scheduler: Scheduler, tokens: Option<Arc<Tokens>>) -> Self {
+        Self { scheduler, tokens }
     }
 }
 
@@ -233,6 +236,12 @@ impl Supervisor for SupervisorService {
         &self,
         _request: Request<pb::ReloadRequest>,
     ) -> Result<Response<pb::ReloadResponse>, Status> {
+        // The token first: a reload refused for it changes nothing.
+        if let Some(tokens) = &self.tokens {
+            tokens
+                .reload()
+                .map_err(|e| Status::failed_precondition(format!("{e:#}")))?;
+        }
         Ok(Response::new(self.scheduler.reload().await?))
     }
 }

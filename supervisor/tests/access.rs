@@ -223,30 +223,20 @@ async fn health_and_reflection_are_served() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn tls_with_a_bearer_token() {
+async fn tls_with_a_pinned_self_signed_certificate_and_a_rotated_token() {
     let port = testkit::free_port();
     let mut sup = Supervisor::prepare("tls", &[], vec![Mock::new("alpha")]);
     let dir = sup.dir.path().to_owned();
     let (cert, key, token_file) = (dir.join("cert.pem"), dir.join("key.pem"), dir.join("token"));
+    // The certificate a person makes first (the README's command): self-signed, and a CA
+    // (openssl's default), which rustls alone refuses as a server's own; the client trusts
+    // it by pinning, given it as the CA file.
     let openssl = Command::new("openssl")
         .args([
-            "req",
-            "-x509",
-            "-newkey",
-            "rsa:2048",
-            "-nodes",
-            "-subj",
-            "/CN=localhost",
+            "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2",
         ])
-        .args([
-            "-addext",
-            "subjectAltName=DNS:localhost,IP:127.0.0.1",
-            "-days",
-            "2",
-        ])
-        // rustls refuses a CA certificate as the server's own (CaUsedAsEndEntity), and
-        // openssl makes self-signed certificates CAs unless told otherwise.
-        .args(["-addext", "basicConstraints=critical,CA:FALSE"])
+        .args(["-subj", "/CN=localhost"])
+        .args(["-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1"])
         .arg("-keyout")
         .arg(&key)
         .arg("-out")
@@ -293,6 +283,37 @@ async fn tls_with_a_bearer_token() {
             .await;
         assert_unauthenticated(activate, token);
     }
+
+    // A new token, picked up by a Reload call: both work for the grace period (10 minutes
+    // by default), so that clients can be given the new one.
+    std::fs::write(&token_file, "rotated-token\n").expect("token");
+    sup.client
+        .clone()
+        .reload(pb::ReloadRequest {})
+        .await
+        .expect("reload with the old token");
+    for token in ["rotated-token", "s3cret-token"] {
+        client_with(Some(token))
+            .status(pb::StatusRequest {})
+            .await
+            .unwrap_or_else(|e| panic!("{token} after the reload: {e:?}"));
+    }
+    // And by SIGHUP.
+    std::fs::write(&token_file, "third-token\n").expect("token");
+    sup.proc.as_ref().expect("running").signal(libc::SIGHUP);
+    testkit::wait_for("SIGHUP to pick up the third token", DEADLINE, || async {
+        client_with(Some("third-token"))
+            .status(pb::StatusRequest {})
+            .await
+            .ok()
+    })
+    .await;
+    assert_unauthenticated(
+        client_with(Some("wrong-token"))
+            .status(pb::StatusRequest {})
+            .await,
+        Some("wrong-token"),
+    );
 }
 
 /// Asserts that a call made with `token` was refused as unauthenticated.

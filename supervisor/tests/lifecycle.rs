@@ -54,9 +54,10 @@ fn bad_configs_exit_2_and_name_the_key() {
             "[models.a]\nkind = \"vllm\"\ncommand = [\"x\"]\nport = 1\nstop_timeout = \"soon\"\n",
             "soon",
         ),
+        // A certificate without its key (with neither, the supervisor makes its own).
         (
-            "[supervisor]\nlisten = \"https://0.0.0.0:7070\"\n",
-            "supervisor.tls_cert",
+            "[supervisor]\nlisten = \"https://0.0.0.0:7070\"\ntls_cert = \"c.pem\"\n",
+            "supervisor.tls_key",
         ),
         // Past what `Instant + Duration` can hold: refused, not a panic later.
         (
