@@ -150,7 +150,7 @@ pub struct GatewayConfig {
     pub supervisor: String,
     /// Token for an https supervisor.
     pub token_file: Option<PathBuf>,
-    /// CA of an https supervisor's certificate.
+    /// CA of an https supervisor's certificate, or that certificate itself (pinned).
     pub ca_file: Option<PathBuf>,
     /// Empty (and no `keys`): open. Else `Authorization: Bearer` or `x-api-key` must match one.
     pub api_keys: Vec<String>,

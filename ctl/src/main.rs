@@ -48,7 +48,8 @@ struct GlobalArgs {
     /// File holding the bearer token for an https endpoint
     #[arg(long, global = true, env = "GPUSWAP_TOKEN_FILE", value_name = "FILE")]
     token_file: Option<PathBuf>,
-    /// PEM file of the CA that signed an https supervisor's certificate
+    /// PEM file of the CA that signed an https supervisor's certificate, or of that certificate
+    /// itself (trusted exactly)
     #[arg(long, global = true, env = "GPUSWAP_CA_FILE", value_name = "FILE")]
     ca_file: Option<PathBuf>,
     /// Print JSON for scripts instead of text
