@@ -282,7 +282,9 @@ fn host_name() -> Option<String> {
 /// Writes `contents` to `path` with `mode` from the first byte (never briefly readable by
 /// others), atomically: a crash leaves the old file or the new one, not half of one.
 fn write_file(path: &Path, contents: &[u8], mode: u32) -> anyhow::Result<()> {
-    let temporary = path.with_extension("new");
+    let mut temporary = path.as_os_str().to_owned();
+    temporary.push(".new");
+    let temporary = PathBuf::from(temporary);
     let _ = std::fs::remove_file(&temporary);
     let write = || -> std::io::Result<()> {
         let mut file = std::fs::OpenOptions::new()
@@ -387,6 +389,64 @@ fn read_token(path: &Path) -> anyhow::Result<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn made_files_are_reused_and_the_certificate_follows_the_names() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut config = SupervisorConfig {
+            tls_dir: Some(dir.path().join("tls")),
+            ..Default::default()
+        };
+        let listen = IpAddr::from([127, 0, 0, 1]);
+        let read = |name: &str| std::fs::read(dir.path().join("tls").join(name)).unwrap();
+        let first = prepare(&config, listen).unwrap();
+        assert_eq!(
+            first.made_in.as_deref(),
+            Some(dir.path().join("tls").as_path())
+        );
+        assert_eq!(first.token_file, dir.path().join("tls/token"));
+        let (ca, server, token) = (read(CA_CERT), read(SERVER_CERT), read(TOKEN));
+        assert_eq!(first.cert, server);
+
+        let again = prepare(&config, listen).unwrap();
+        assert_eq!(again.cert, server, "same names: the same certificate");
+        assert_eq!((read(CA_CERT), read(TOKEN)), (ca.clone(), token.clone()));
+
+        config.tls_names = vec!["gpu1.example.com".into()];
+        let renamed = prepare(&config, listen).unwrap();
+        assert_ne!(renamed.cert, server, "a new name: a new certificate");
+        assert_eq!(read(CA_CERT), ca, "by the same CA");
+        assert!(
+            std::fs::read_to_string(dir.path().join("tls").join(SERVER_NAMES))
+                .unwrap()
+                .contains("gpu1.example.com")
+        );
+        // No temporary file is left behind.
+        let mut names: Vec<String> = std::fs::read_dir(dir.path().join("tls"))
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        names.sort();
+        assert_eq!(
+            names,
+            [
+                CA_KEY,
+                CA_CERT,
+                SERVER_KEY,
+                SERVER_NAMES,
+                SERVER_CERT,
+                TOKEN
+            ]
+        );
+
+        // A CA certificate without its key is not silently replaced: clients trust it.
+        std::fs::remove_file(dir.path().join("tls").join(CA_KEY)).unwrap();
+        let error = format!("{:#}", prepare(&config, listen).err().expect("refused"));
+        assert!(
+            error.contains("ca-key.pem") && error.contains("put the CA's key back"),
+            "{error}"
+        );
+    }
 
     #[test]
     fn a_reloaded_token_replaces_the_old_one_which_works_for_the_grace_period() {
