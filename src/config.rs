@@ -58,6 +58,9 @@ pub struct Config {
     pub gateway: GatewayConfig,
     #[serde(default)]
     pub telemetry: TelemetryConfig,
+    /// The endpoint picker (`gpuswap-epp`) in front of many boxes.
+    #[serde(default)]
+    pub epp: EppConfig,
     #[serde(default)]
     pub models: BTreeMap<String, ModelConfig>,
 }
@@ -246,6 +249,97 @@ impl KeyConfig {
     }
 }
 
+/// `[epp]`: the endpoint picker that sends each request to one box's gateway.
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct EppConfig {
+    /// ext_proc and gRPC health (`host:port`).
+    pub listen: String,
+    /// A static list of boxes (used when `discovery` is unset).
+    pub boxes: Vec<BoxConfig>,
+    /// Boxes registered in etcd instead of a static list.
+    pub discovery: Option<DiscoveryConfig>,
+    /// Largest request body the picker reads to find the model (413 above).
+    #[serde(deserialize_with = "byte_size")]
+    pub max_body: u64,
+    /// Other boxes after the chosen one in `x-gateway-destination-endpoint`, for a proxy
+    /// that retries down the list (0: one endpoint, which Envoy's ORIGINAL_DST cluster needs).
+    pub fallbacks: usize,
+    /// Requests in flight per box through this picker above which a box is full; when every
+    /// box that could serve a model is full the request is shed with 429 (0: no limit).
+    pub max_in_flight: u32,
+}
+
+impl Default for EppConfig {
+    fn default() -> Self {
+        Self {
+            listen: "127.0.0.1:9002".into(),
+            boxes: Vec::new(),
+            discovery: None,
+            max_body: 32 << 20,
+            fallbacks: 0,
+            max_in_flight: 0,
+        }
+    }
+}
+
+/// One GPU box: its gateway (where requests go) and its supervisor (whose Watch the
+/// picker follows).
+#[derive(Clone, Debug, Deserialize, PartialEq, Eq, PartialOrd, Ord, serde::Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct BoxConfig {
+    pub name: String,
+    /// `ip:port` of the box's gateway.
+    pub gateway: String,
+    /// `unix:///path` (a local box) or `https://host:port`.
+    pub supervisor: String,
+    pub token_file: Option<PathBuf>,
+    pub ca_file: Option<PathBuf>,
+}
+
+impl BoxConfig {
+    /// Checks one box; `key` names where it came from (`epp.boxes[0]`, an etcd key).
+    pub fn validate(&self, key: &str) -> Result<(), ConfigError> {
+        if self.name.trim().is_empty() {
+            return Err(invalid(format!("{key}.name"), "must not be empty"));
+        }
+        if self.gateway.parse::<std::net::SocketAddr>().is_err() {
+            return Err(invalid(
+                format!("{key}.gateway"),
+                "must be ip:port (the proxy connects to it as the destination endpoint)",
+            ));
+        }
+        let endpoint: Endpoint =
+            self.supervisor
+                .parse()
+                .map_err(|e: crate::endpoint::EndpointError| {
+                    invalid(format!("{key}.supervisor"), e.to_string())
+                })?;
+        if matches!(endpoint, Endpoint::Https { .. }) && self.token_file.is_none() {
+            return Err(invalid(
+                format!("{key}.token_file"),
+                "required when the supervisor is https://",
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// `[epp] discovery`: where boxes register themselves.
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct DiscoveryConfig {
+    /// etcd endpoints (`http://host:port`).
+    pub etcd: Vec<String>,
+    /// Key prefix of the registrations (`/gpuswap/boxes/`).
+    #[serde(default = "default_discovery_prefix")]
+    pub prefix: String,
+}
+
+fn default_discovery_prefix() -> String {
+    "/gpuswap/boxes/".into()
+}
+
 #[derive(Clone, Debug, Default, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct TelemetryConfig {
@@ -348,10 +442,35 @@ impl ModelConfig {
 
     /// Two models conflict when they share a GPU or a port: they never run together.
     pub fn conflicts_with(&self, other: &ModelConfig) -> bool {
-        if self.port == other.port && hosts_overlap(&self.host, &other.host) {
+        self.footprint().conflicts_with(&other.footprint())
+    }
+
+    pub fn footprint(&self) -> Footprint<'_> {
+        Footprint {
+            port: u32::from(self.port),
+            host: &self.host,
+            gpus: self.gpus.as_deref(),
+        }
+    }
+}
+
+/// What a running model takes on its box: two models whose footprints conflict never run
+/// together (the supervisor's rule, which the endpoint picker reads from Watch too).
+#[derive(Clone, Copy, Debug)]
+pub struct Footprint<'a> {
+    pub port: u32,
+    pub host: &'a str,
+    /// None: every GPU.
+    pub gpus: Option<&'a [u32]>,
+}
+
+impl Footprint<'_> {
+    /// They share a port on overlapping hosts, or a GPU.
+    pub fn conflicts_with(&self, other: &Footprint<'_>) -> bool {
+        if self.port == other.port && hosts_overlap(self.host, other.host) {
             return true;
         }
-        match (&self.gpus, &other.gpus) {
+        match (self.gpus, other.gpus) {
             (Some(a), Some(b)) => a.iter().any(|g| b.contains(g)),
             // Omitted = all GPUs, which overlaps everything.
             _ => true,
@@ -445,6 +564,7 @@ impl Config {
     pub fn validate(&self) -> Result<(), ConfigError> {
         self.validate_supervisor()?;
         self.validate_gateway()?;
+        self.validate_epp()?;
         let mut names: BTreeMap<&str, &str> = BTreeMap::new();
         for (name, model) in &self.models {
             let key = |k: &str| format!("models.\"{name}\".{k}");
@@ -670,6 +790,44 @@ impl Config {
                 "gateway.keepalive_interval",
                 "must be more than 0s",
             ));
+        }
+        Ok(())
+    }
+
+    fn validate_epp(&self) -> Result<(), ConfigError> {
+        let e = &self.epp;
+        if e.listen.parse::<std::net::SocketAddr>().is_err() {
+            return Err(invalid(
+                "epp.listen",
+                "must be an address such as 127.0.0.1:9002",
+            ));
+        }
+        if e.max_body == 0 {
+            return Err(invalid("epp.max_body", "must be more than 0"));
+        }
+        let mut names = std::collections::BTreeSet::new();
+        for (i, b) in e.boxes.iter().enumerate() {
+            b.validate(&format!("epp.boxes[{i}]"))?;
+            if !names.insert(b.name.as_str()) {
+                return Err(invalid(
+                    format!("epp.boxes[{i}].name"),
+                    format!("box {:?} is listed twice", b.name),
+                ));
+            }
+        }
+        if let Some(d) = &e.discovery {
+            if !e.boxes.is_empty() {
+                return Err(invalid(
+                    "epp.discovery",
+                    "use either epp.boxes or epp.discovery, not both",
+                ));
+            }
+            if d.etcd.is_empty() {
+                return Err(invalid("epp.discovery.etcd", "must list an etcd endpoint"));
+            }
+            if !d.prefix.starts_with('/') {
+                return Err(invalid("epp.discovery.prefix", "must start with '/'"));
+            }
         }
         Ok(())
     }
@@ -945,6 +1103,54 @@ gpus = [1]
             "[supervisor]\nlisten = \"https://0.0.0.0:7070\"\ntls_cert = \"c\"\ntls_key = \"k\"\ntls_names = [\"gpu1\"]\n",
         );
         assert!(e.contains("supervisor.tls_names"), "{e}");
+    }
+
+    #[test]
+    fn epp_boxes_and_discovery_are_validated() {
+        let ok = Config::from_toml(
+            r#"
+[epp]
+listen = "127.0.0.1:9002"
+boxes = [
+  { name = "gpu1", gateway = "10.0.0.11:8002", supervisor = "https://10.0.0.11:7070", token_file = "/etc/gpuswap/gpu1.token", ca_file = "/etc/gpuswap/gpu1.pem" },
+  { name = "gpu2", gateway = "127.0.0.1:8003", supervisor = "unix:///run/gpuswap/supervisor.sock" },
+]
+"#,
+        )
+        .unwrap();
+        assert_eq!(ok.epp.boxes.len(), 2);
+        assert_eq!(ok.epp.max_body, 32 << 20);
+        let etcd = Config::from_toml("[epp]\ndiscovery = { etcd = [\"http://127.0.0.1:2379\"] }\n")
+            .unwrap();
+        assert_eq!(etcd.epp.discovery.unwrap().prefix, "/gpuswap/boxes/");
+        let cases = [
+            ("[epp]\nlisten = \"nowhere\"\n", "epp.listen"),
+            (
+                "[epp]\nboxes = [{ name = \"g\", gateway = \"host\", supervisor = \"unix:///s\" }]\n",
+                "epp.boxes[0].gateway",
+            ),
+            (
+                "[epp]\nboxes = [{ name = \"g\", gateway = \"1.2.3.4:5\", supervisor = \"https://h:7\" }]\n",
+                "epp.boxes[0].token_file",
+            ),
+            (
+                "[epp]\nboxes = [{ name = \"g\", gateway = \"1.2.3.4:5\", supervisor = \"unix:///s\", color = 1 }]\n",
+                "color",
+            ),
+            (
+                "[epp]\nboxes = [{ name = \"g\", gateway = \"1.2.3.4:5\", supervisor = \"unix:///s\" }, { name = \"g\", gateway = \"1.2.3.4:6\", supervisor = \"unix:///t\" }]\n",
+                "epp.boxes[1].name",
+            ),
+            ("[epp]\ndiscovery = { etcd = [] }\n", "epp.discovery.etcd"),
+            (
+                "[epp]\ndiscovery = { etcd = [\"http://e:2379\"], prefix = \"boxes\" }\n",
+                "epp.discovery.prefix",
+            ),
+        ];
+        for (text, key) in cases {
+            let e = error_of(text);
+            assert!(e.contains(key), "{key}: {e}");
+        }
     }
 
     #[test]

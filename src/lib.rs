@@ -6,11 +6,13 @@
 //! - [`client`]: connect to a supervisor from an endpoint string.
 //! - [`tls`]: the client's TLS: CA or pinned certificate, refusals explained.
 //! - [`config`]: the one TOML configuration file, loaded in layers and validated.
+//! - [`shutdown`]: the stop signal the daemons share.
 
 pub mod auth;
 pub mod client;
 pub mod config;
 pub mod endpoint;
+pub mod shutdown;
 pub mod tls;
 
 /// Generated protocol code.

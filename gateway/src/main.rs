@@ -56,7 +56,7 @@ fn main() -> anyhow::Result<()> {
     runtime.block_on(async move {
         tokio::select! {
             result = gpuswap_gateway::run(config.gateway, args.listen) => result,
-            _ = shutdown_signal() => {
+            _ = gpuswap::shutdown::signal() => {
                 tracing::info!("stopping");
                 Ok(())
             }
@@ -85,19 +85,4 @@ fn raise_fd_limit() -> std::io::Result<(u64, u64)> {
         }
     }
     Ok((before, limit.rlim_cur))
-}
-
-async fn shutdown_signal() {
-    use tokio::signal::unix::{SignalKind, signal};
-    match signal(SignalKind::terminate()) {
-        Ok(mut term) => {
-            tokio::select! {
-                _ = term.recv() => {}
-                _ = tokio::signal::ctrl_c() => {}
-            }
-        }
-        Err(_) => {
-            let _ = tokio::signal::ctrl_c().await;
-        }
-    }
 }

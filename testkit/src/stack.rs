@@ -156,13 +156,19 @@ impl StackBase {
     /// `gpuswap-gateway` on the shared configuration, listening on `port` with the
     /// stack's gateway environment; its stderr goes to `log` (made afresh).
     pub fn gateway_command(&self, port: u16, log: &Path) -> Command {
+        self.gateway_command_on(&format!("127.0.0.1:{port}"), log)
+    }
+
+    /// As [`gateway_command`](Self::gateway_command), listening on `listen` (`ip:port`: the
+    /// picker's tests put each box's gateway on its own loopback address).
+    pub fn gateway_command_on(&self, listen: &str, log: &Path) -> Command {
         let stderr = std::fs::File::create(log).expect("gateway log");
         let mut command = Command::new(crate::bin("gpuswap-gateway"));
         command
             .arg("--config")
             .arg(&self.config_path)
             .arg("--listen")
-            .arg(format!("127.0.0.1:{port}"))
+            .arg(listen)
             .env("RUST_LOG", "info,gpuswap_gateway=debug")
             .envs(self.gateway_env.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::null())

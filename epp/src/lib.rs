@@ -1,0 +1,103 @@
+//! `gpuswap-epp`: the Endpoint Picker of the Gateway API Inference Extension for many GPU
+//! boxes. A proxy (Envoy, or any GIE-conformant gateway) asks it over `ext_proc` where each
+//! request goes; it answers with one box's gateway, chosen from what the boxes' supervisors
+//! report on their Watch streams (see `placement` for the order).
+
+pub mod discovery;
+pub mod extproc;
+pub mod fleet;
+pub mod picker;
+pub mod placement;
+pub mod watch;
+
+use std::{net::SocketAddr, sync::Arc};
+
+use anyhow::Context as _;
+use envoy_types::pb::envoy::service::ext_proc::v3::external_processor_server::ExternalProcessorServer;
+use gpuswap::config::EppConfig;
+use tokio::sync::watch as channel;
+use tonic_health::ServingStatus;
+
+use crate::{
+    discovery::{Discovery, StaticBoxes},
+    fleet::Fleet,
+    picker::Picker,
+};
+
+/// gRPC health service names: GIE's liveness and readiness, and the ext_proc service itself
+/// (what Envoy's health check of the picker cluster asks; same as readiness).
+pub const LIVENESS: &str = "liveness";
+pub const READINESS: &str = "readiness";
+pub const EXT_PROC_SERVICE: &str = "envoy.service.ext_proc.v3.ExternalProcessor";
+
+/// Runs the picker until the server fails.
+pub async fn run(config: EppConfig, listen: Option<String>) -> anyhow::Result<()> {
+    let listen = listen.unwrap_or_else(|| config.listen.clone());
+    let addr: SocketAddr = listen
+        .parse()
+        .with_context(|| format!("epp.listen: {listen:?} is not an address"))?;
+    let fleet = Arc::new(Fleet::default());
+    let picker = Arc::new(Picker {
+        fleet: Arc::clone(&fleet),
+        max_in_flight: config.max_in_flight,
+        fallbacks: config.fallbacks,
+    });
+    let (boxes_tx, boxes_rx) = channel::channel(Vec::new());
+    let (leader_tx, leader_rx) = channel::channel(false);
+    let source = match &config.discovery {
+        None => {
+            // One picker per static list: it leads from the start.
+            leader_tx.send_replace(true);
+            tokio::spawn(async move { StaticBoxes(config.boxes).run(boxes_tx).await })
+        }
+        Some(_) => anyhow::bail!("epp.discovery: etcd discovery is not built in yet"),
+    };
+    tokio::spawn(discovery::apply(fleet, boxes_rx));
+
+    let (reporter, health) = tonic_health::server::health_reporter();
+    reporter
+        .set_service_status(LIVENESS, ServingStatus::Serving)
+        .await;
+    tokio::spawn(report_readiness(reporter, leader_rx));
+
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("cannot listen on {addr}"))?;
+    tracing::info!(%addr, "gpuswap-epp listening (ext_proc + gRPC health)");
+    let server = tonic::transport::Server::builder()
+        .add_service(health)
+        .add_service(ExternalProcessorServer::new(extproc::ExtProc::new(
+            picker,
+            config.max_body,
+        )))
+        .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener));
+    tokio::select! {
+        result = server => result.context("ext_proc server failed"),
+        result = source => match result {
+            Ok(Ok(())) => anyhow::bail!("discovery ended"),
+            Ok(Err(error)) => Err(error.context("discovery failed")),
+            Err(panic) => Err(anyhow::anyhow!("discovery task failed: {panic}")),
+        },
+    }
+}
+
+/// Readiness (and the ext_proc service's health) follow leadership: only the active picker
+/// is SERVING, so the proxy's health check sends traffic to it alone.
+async fn report_readiness(
+    reporter: tonic_health::server::HealthReporter,
+    mut leader: channel::Receiver<bool>,
+) {
+    loop {
+        let status = if *leader.borrow_and_update() {
+            ServingStatus::Serving
+        } else {
+            ServingStatus::NotServing
+        };
+        for service in [READINESS, EXT_PROC_SERVICE] {
+            reporter.set_service_status(service, status).await;
+        }
+        if leader.changed().await.is_err() {
+            return;
+        }
+    }
+}

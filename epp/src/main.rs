@@ -1,0 +1,39 @@
+//! `gpuswap-epp --config FILE [--listen ADDR]`
+
+use std::path::PathBuf;
+
+use anyhow::Context as _;
+use clap::Parser;
+
+/// The Endpoint Picker in front of many gpuswap boxes: an Envoy ext_proc server that sends
+/// each request to the box where its model is loaded, or to the box that should load it.
+#[derive(Parser)]
+#[command(version)]
+struct Args {
+    /// The configuration file (its [epp] and [telemetry] sections are read).
+    #[arg(long, env = "GPUSWAP_CONFIG")]
+    config: PathBuf,
+    /// Address to listen on (overrides epp.listen).
+    #[arg(long)]
+    listen: Option<String>,
+}
+
+fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    let config = gpuswap::config::Config::load(&args.config)?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the runtime")?;
+    let _runtime_context = runtime.enter();
+    let _telemetry = gpuswap_telemetry::init("gpuswap-epp", &config.telemetry)?;
+    runtime.block_on(async move {
+        tokio::select! {
+            result = gpuswap_epp::run(config.epp, args.listen) => result,
+            _ = gpuswap::shutdown::signal() => {
+                tracing::info!("stopping");
+                Ok(())
+            }
+        }
+    })
+}

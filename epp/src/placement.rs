@@ -1,0 +1,532 @@
+//! Which box gets a request for a model: a pure function of what the boxes report, so that
+//! it is tested without processes and timed by the bench.
+//!
+//! The order (llm-d's LoRA-affinity order, at box level: loaded > loading > free slot > full):
+//! 1. a box where the model is ready and not draining (fewest requests in flight);
+//! 2. a box where it is starting (join that load), or where this picker just placed it;
+//! 3. a box where it fits without stopping anything;
+//! 4. a box where every model in its way is ready and has no request in flight: the one
+//!    whose most recently used such model has been idle longest (never used through this
+//!    picker counts as idle the longest);
+//! 5. else the box with the fewest requests in flight (its supervisor drains the holders
+//!    first: nothing is cut off).
+//!
+//! Ties in 2-5 go to the highest rendezvous hash of (box, model), so that every picker that
+//! sees the same boxes makes the same choice for a cold model.
+
+use std::{
+    collections::HashMap,
+    time::{Duration, Instant},
+};
+
+use gpuswap::pb::ModelState;
+
+use crate::fleet::{BoxModels, ModelView, Usage};
+
+/// One box as placement sees it.
+#[derive(Clone, Debug)]
+pub struct Candidate<'a> {
+    pub name: &'a str,
+    pub models: &'a BoxModels,
+    /// Requests in flight there through this picker.
+    pub in_flight: u32,
+    /// Per model: requests in flight and last use, through this picker.
+    pub usage: &'a HashMap<String, Usage>,
+    /// Its gateway answers and its supervisor is watched.
+    pub routable: bool,
+}
+
+/// Why a box was chosen.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Reason {
+    Ready,
+    Starting,
+    /// Placed there by an earlier request that Watch does not show yet.
+    Pending,
+    Fits,
+    Evicts,
+    Busy,
+}
+
+impl Reason {
+    /// A placement that makes the box load the model: later requests must follow it.
+    pub fn is_cold(self) -> bool {
+        matches!(self, Reason::Fits | Reason::Evicts | Reason::Busy)
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Reason::Ready => "ready",
+            Reason::Starting => "starting",
+            Reason::Pending => "pending",
+            Reason::Fits => "fits",
+            Reason::Evicts => "evicts-idle",
+            Reason::Busy => "busy",
+        }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Placement {
+    /// Indexes into the candidates: the chosen box first, then fallbacks.
+    Route {
+        boxes: Vec<usize>,
+        reason: Reason,
+        /// The model's own name on the chosen box (the request may use an alias).
+        model: String,
+    },
+    /// Every box that could serve it is at `max_in_flight`: 429.
+    Shed,
+    /// Some box has it, but none can take requests now: 503.
+    Unavailable(String),
+    /// No box knows the model: 404.
+    UnknownModel,
+}
+
+/// How long a cold placement steers later requests for the model before Watch shows the
+/// load (the box's gateway asks for it within milliseconds; this covers a slow network).
+pub const PENDING_FOR: Duration = Duration::from_secs(10);
+
+/// Places a request for `model` (a name or alias). `pending` maps a model's name to the box
+/// a cold placement chose and when. `max_in_flight` 0 = no limit.
+pub fn place(
+    model: &str,
+    candidates: &[Candidate<'_>],
+    pending: &HashMap<String, (String, Instant)>,
+    now: Instant,
+    max_in_flight: u32,
+    fallbacks: usize,
+) -> Placement {
+    let mut known = false;
+    let mut serving: Vec<(usize, &ModelView)> = Vec::new();
+    for (i, candidate) in candidates.iter().enumerate() {
+        let Some(view) = find(candidate.models, model) else {
+            continue;
+        };
+        known = true;
+        if candidate.routable && view.state != ModelState::Unavailable {
+            serving.push((i, view));
+        }
+    }
+    if serving.is_empty() {
+        return if known {
+            Placement::Unavailable(format!(
+                "no box that has model {model:?} can take requests now"
+            ))
+        } else {
+            Placement::UnknownModel
+        };
+    }
+    let open: Vec<(usize, &ModelView)> = serving
+        .iter()
+        .copied()
+        .filter(|(i, _)| max_in_flight == 0 || candidates[*i].in_flight < max_in_flight)
+        .collect();
+    if open.is_empty() {
+        return Placement::Shed;
+    }
+    let name = open[0].1.name.clone();
+    let hash = |i: usize| rendezvous(candidates[i].name, &name);
+    let ranked = rank(&open, candidates, pending, now, hash);
+    let (first_reason, _) = ranked[0];
+    let boxes: Vec<usize> = ranked.iter().take(1 + fallbacks).map(|(_, i)| *i).collect();
+    Placement::Route {
+        boxes,
+        reason: first_reason,
+        model: name,
+    }
+}
+
+/// Every open box, best first, with the reason it would be chosen.
+fn rank(
+    open: &[(usize, &ModelView)],
+    candidates: &[Candidate<'_>],
+    pending: &HashMap<String, (String, Instant)>,
+    now: Instant,
+    hash: impl Fn(usize) -> u64,
+) -> Vec<(Reason, usize)> {
+    // Sort keys: lower is better.
+    let mut keyed: Vec<((u8, u64, u64), Reason, usize)> = open
+        .iter()
+        .map(|&(i, view)| {
+            let candidate = &candidates[i];
+            let tie = u64::MAX - hash(i);
+            let (reason, key) = match view.state {
+                ModelState::Ready if !view.draining => {
+                    (Reason::Ready, (0, candidate.in_flight as u64, tie))
+                }
+                ModelState::Starting => (Reason::Starting, (1, 0, tie)),
+                _ if is_pending(pending, &view.name, candidate.name, now) => {
+                    (Reason::Pending, (1, 0, tie))
+                }
+                _ => cold_rank(view, candidate, pending, now, tie),
+            };
+            (key, reason, i)
+        })
+        .collect();
+    keyed.sort_by_key(|(key, _, _)| *key);
+    keyed
+        .into_iter()
+        .map(|(_, reason, i)| (reason, i))
+        .collect()
+}
+
+/// Where a model that is not loaded on this box stands: fits, evicts idle models, or busy.
+fn cold_rank(
+    view: &ModelView,
+    candidate: &Candidate<'_>,
+    pending: &HashMap<String, (String, Instant)>,
+    now: Instant,
+    tie: u64,
+) -> (Reason, (u8, u64, u64)) {
+    let footprint = view.footprint();
+    // Models placed here but not yet seen loading count as residents: two cold models in
+    // one burst must not both pick the same free GPU.
+    let placed_here = pending
+        .iter()
+        .filter(|(model, (b, at))| {
+            b == candidate.name && now.duration_since(*at) < PENDING_FOR && **model != view.name
+        })
+        .filter_map(|(model, _)| candidate.models.models.get(model));
+    let mut in_the_way: Vec<&ModelView> = candidate
+        .models
+        .models
+        .values()
+        .filter(|other| other.name != view.name && other.is_resident())
+        .chain(placed_here)
+        .filter(|other| other.footprint().conflicts_with(&footprint))
+        .collect();
+    in_the_way.dedup_by(|a, b| a.name == b.name);
+    if in_the_way.is_empty() {
+        return (Reason::Fits, (2, 0, tie));
+    }
+    let usage = |name: &str| candidate.usage.get(name).copied().unwrap_or_default();
+    let evictable = in_the_way.iter().all(|other| {
+        other.state == ModelState::Ready
+            && !other.draining
+            && usage(&other.name).in_flight == 0
+            && !is_pending(pending, &other.name, candidate.name, now)
+    }) || in_the_way
+        .iter()
+        .all(|other| other.state == ModelState::Stopping);
+    if evictable {
+        // The most recently used model in the way decides: the longer it has been idle,
+        // the better.
+        let newest_idle = in_the_way
+            .iter()
+            .map(|other| {
+                usage(&other.name).last_used.map_or(u64::MAX, |at| {
+                    now.saturating_duration_since(at).as_millis() as u64
+                })
+            })
+            .min()
+            .unwrap_or(u64::MAX);
+        return (Reason::Evicts, (3, u64::MAX - newest_idle, tie));
+    }
+    (Reason::Busy, (4, candidate.in_flight as u64, tie))
+}
+
+fn is_pending(
+    pending: &HashMap<String, (String, Instant)>,
+    model: &str,
+    box_name: &str,
+    now: Instant,
+) -> bool {
+    pending
+        .get(model)
+        .is_some_and(|(b, at)| b == box_name && now.duration_since(*at) < PENDING_FOR)
+}
+
+/// The model `id` (a name or alias) on a box.
+pub fn find<'a>(models: &'a BoxModels, id: &str) -> Option<&'a ModelView> {
+    models
+        .models
+        .get(id)
+        .or_else(|| models.models.values().find(|m| m.is_named(id)))
+}
+
+/// Rendezvous (highest random weight) hash of a box and a model: FNV-1a 64, stable across
+/// builds and platforms so that every picker agrees.
+pub fn rendezvous(box_name: &str, model: &str) -> u64 {
+    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
+    for byte in box_name.bytes().chain([0xff]).chain(model.bytes()) {
+        hash ^= u64::from(byte);
+        hash = hash.wrapping_mul(0x0100_0000_01b3);
+    }
+    // FNV's low bits mix poorly for short keys: finish with a 64-bit avalanche (splitmix64).
+    hash ^= hash >> 30;
+    hash = hash.wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    hash ^= hash >> 27;
+    hash = hash.wrapping_mul(0x94d0_49bb_1331_11eb);
+    hash ^ (hash >> 31)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use super::*;
+
+    fn model(name: &str, state: ModelState, gpus: &[u32], port: u32) -> ModelView {
+        ModelView {
+            name: name.into(),
+            aliases: Vec::new(),
+            state,
+            draining: false,
+            holders: 1,
+            gpus: gpus.to_vec(),
+            port,
+            host: "127.0.0.1".into(),
+        }
+    }
+
+    fn models(list: Vec<ModelView>) -> BoxModels {
+        BoxModels {
+            watching: true,
+            models: list
+                .into_iter()
+                .map(|m| (m.name.clone(), m))
+                .collect::<BTreeMap<_, _>>(),
+        }
+    }
+
+    static NO_USAGE: std::sync::LazyLock<HashMap<String, Usage>> =
+        std::sync::LazyLock::new(HashMap::new);
+
+    fn candidates<'a>(boxes: &'a [(&'a str, BoxModels)]) -> Vec<Candidate<'a>> {
+        boxes
+            .iter()
+            .map(|(name, models)| Candidate {
+                name,
+                models,
+                in_flight: 0,
+                usage: &NO_USAGE,
+                routable: true,
+            })
+            .collect()
+    }
+
+    fn used(in_flight: u32, last_used: Option<Instant>) -> HashMap<String, Usage> {
+        [(
+            "b".to_string(),
+            Usage {
+                in_flight,
+                last_used,
+            },
+        )]
+        .into()
+    }
+
+    fn chosen(p: &Placement) -> (usize, Reason) {
+        match p {
+            Placement::Route { boxes, reason, .. } => (boxes[0], *reason),
+            other => panic!("not routed: {other:?}"),
+        }
+    }
+
+    fn place_now(model: &str, c: &[Candidate<'_>]) -> Placement {
+        place(model, c, &HashMap::new(), Instant::now(), 0, 0)
+    }
+
+    /// Three boxes, each with models a (GPU 0) and b (GPU 0) and c (GPU 1).
+    fn three(states: [[ModelState; 3]; 3]) -> Vec<(&'static str, BoxModels)> {
+        ["gpu1", "gpu2", "gpu3"]
+            .into_iter()
+            .zip(states)
+            .map(|(name, [a, b, c])| {
+                (
+                    name,
+                    models(vec![
+                        model("a", a, &[0], 1),
+                        model("b", b, &[0], 2),
+                        model("c", c, &[1], 3),
+                    ]),
+                )
+            })
+            .collect()
+    }
+
+    use ModelState::{Ready as R, Starting as St, Stopped as S};
+
+    #[test]
+    fn ready_wins_then_fewest_in_flight() {
+        let boxes = three([[S, S, S], [R, S, S], [S, S, S]]);
+        let c = candidates(&boxes);
+        assert_eq!(chosen(&place_now("a", &c)), (1, Reason::Ready));
+        let boxes = three([[R, S, S], [R, S, S], [S, S, S]]);
+        let mut c = candidates(&boxes);
+        c[0].in_flight = 5;
+        c[1].in_flight = 2;
+        assert_eq!(chosen(&place_now("a", &c)), (1, Reason::Ready));
+    }
+
+    #[test]
+    fn draining_or_unroutable_is_not_ready() {
+        let mut boxes = three([[R, S, S], [S, S, S], [S, S, S]]);
+        boxes[0].1.models.get_mut("a").unwrap().draining = true;
+        let c = candidates(&boxes);
+        assert_ne!(chosen(&place_now("a", &c)).1, Reason::Ready);
+        let boxes = three([[R, S, S], [S, S, S], [S, S, S]]);
+        let mut c = candidates(&boxes);
+        c[0].routable = false;
+        assert_ne!(chosen(&place_now("a", &c)).0, 0);
+    }
+
+    #[test]
+    fn starting_is_joined() {
+        let boxes = three([[S, S, S], [S, S, S], [St, S, S]]);
+        assert_eq!(
+            chosen(&place_now("a", &candidates(&boxes))),
+            (2, Reason::Starting)
+        );
+    }
+
+    #[test]
+    fn cold_model_goes_where_it_fits_not_where_it_evicts() {
+        // b is ready on gpu1 and gpu2 (GPU 0 taken): a fits only on gpu3.
+        let boxes = three([[S, R, S], [S, R, S], [S, S, S]]);
+        assert_eq!(
+            chosen(&place_now("a", &candidates(&boxes))),
+            (2, Reason::Fits)
+        );
+        // c (GPU 1) fits everywhere: the rendezvous hash decides, the same every time.
+        let boxes = three([[S, R, S], [S, R, S], [S, S, S]]);
+        let first = chosen(&place_now("c", &candidates(&boxes)));
+        assert_eq!(first.1, Reason::Fits);
+        for _ in 0..10 {
+            assert_eq!(chosen(&place_now("c", &candidates(&boxes))), first);
+        }
+    }
+
+    #[test]
+    fn a_busy_model_is_not_evicted_while_an_idle_box_can_take_it() {
+        let mut boxes = three([[S, R, S], [S, R, S], [S, S, S]]);
+        boxes.truncate(2);
+        let now = Instant::now();
+        let (busy, idle) = (used(1, Some(now)), used(0, Some(now)));
+        let mut c = candidates(&boxes);
+        c[0].usage = &busy;
+        c[1].usage = &idle;
+        assert_eq!(
+            chosen(&place("a", &c, &HashMap::new(), now, 0, 0)),
+            (1, Reason::Evicts)
+        );
+        // Both busy: the one with fewer requests in flight, and it is "busy" (drain first).
+        let busier = used(3, Some(now));
+        let mut c = candidates(&boxes);
+        c[0].usage = &busier;
+        c[0].in_flight = 3;
+        c[1].usage = &busy;
+        c[1].in_flight = 1;
+        assert_eq!(
+            chosen(&place("a", &c, &HashMap::new(), now, 0, 0)),
+            (1, Reason::Busy)
+        );
+    }
+
+    #[test]
+    fn the_longest_idle_box_is_evicted_first() {
+        let boxes = three([[S, R, S], [S, R, S], [S, R, S]]);
+        let now = Instant::now();
+        let usages: Vec<_> = [5u64, 60, 20]
+            .into_iter()
+            .map(|idle| used(0, Some(now - Duration::from_secs(idle))))
+            .collect();
+        let mut c = candidates(&boxes);
+        for (candidate, usage) in c.iter_mut().zip(&usages) {
+            candidate.usage = usage;
+        }
+        assert_eq!(
+            chosen(&place("a", &c, &HashMap::new(), now, 0, 0)),
+            (1, Reason::Evicts)
+        );
+        // A model never used through the picker is the idlest of all.
+        c[2].usage = &NO_USAGE;
+        assert_eq!(
+            chosen(&place("a", &c, &HashMap::new(), now, 0, 0)),
+            (2, Reason::Evicts)
+        );
+    }
+
+    #[test]
+    fn a_pending_placement_is_followed_and_occupies_its_box() {
+        let boxes = three([[S, S, S], [S, S, S], [S, S, S]]);
+        let c = candidates(&boxes);
+        let now = Instant::now();
+        let first = chosen(&place("a", &c, &HashMap::new(), now, 0, 0));
+        assert_eq!(first.1, Reason::Fits);
+        let mut pending = HashMap::new();
+        pending.insert("a".to_string(), (c[first.0].name.to_string(), now));
+        assert_eq!(
+            chosen(&place("a", &c, &pending, now, 0, 0)),
+            (first.0, Reason::Pending)
+        );
+        // b conflicts with the pending a: it does not go to the same box.
+        let b = chosen(&place("b", &c, &pending, now, 0, 0));
+        assert_eq!(b.1, Reason::Fits);
+        assert_ne!(b.0, first.0);
+        // An old pending placement is forgotten.
+        let later = now + PENDING_FOR + Duration::from_millis(1);
+        assert_eq!(
+            chosen(&place("a", &c, &pending, later, 0, 0)).1,
+            Reason::Fits
+        );
+    }
+
+    #[test]
+    fn shed_unavailable_unknown_and_fallbacks() {
+        let boxes = three([[R, S, S], [R, S, S], [S, S, S]]);
+        let mut c = candidates(&boxes);
+        for candidate in &mut c {
+            candidate.in_flight = 4;
+        }
+        assert_eq!(
+            place("a", &c, &HashMap::new(), Instant::now(), 4, 0),
+            Placement::Shed
+        );
+        for candidate in &mut c {
+            candidate.routable = false;
+        }
+        assert!(matches!(place_now("a", &c), Placement::Unavailable(_)));
+        assert_eq!(place_now("nope", &c), Placement::UnknownModel);
+        let c = candidates(&boxes);
+        match place("a", &c, &HashMap::new(), Instant::now(), 0, 2) {
+            Placement::Route { boxes, .. } => {
+                assert_eq!(boxes.len(), 3);
+                assert!(
+                    boxes[..2].contains(&0) && boxes[..2].contains(&1),
+                    "{boxes:?}"
+                );
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn aliases_resolve_to_the_model() {
+        let mut boxes = three([[S, S, S], [R, S, S], [S, S, S]]);
+        for (_, m) in &mut boxes {
+            m.models.get_mut("a").unwrap().aliases.push("alpha".into());
+        }
+        match place_now("alpha", &candidates(&boxes)) {
+            Placement::Route { boxes, model, .. } => {
+                assert_eq!((boxes[0], model.as_str()), (1, "a"))
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn rendezvous_spreads_models() {
+        let boxes = ["gpu1", "gpu2", "gpu3", "gpu4"];
+        let mut wins = [0u32; 4];
+        for m in 0..400 {
+            let model = format!("model-{m}");
+            let best = (0..4)
+                .max_by_key(|&i| rendezvous(boxes[i], &model))
+                .unwrap();
+            wins[best] += 1;
+        }
+        assert!(wins.iter().all(|&w| w > 60), "{wins:?}");
+    }
+}

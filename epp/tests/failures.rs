@@ -1,0 +1,169 @@
+//! `kill -9` of a box's gateway or supervisor behind a real Envoy and the real picker: the
+//! box's requests in flight fail cleanly, new ones go to the other box within seconds, the
+//! other box's requests are untouched, and a restarted box is used again.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::{Front, GpuBox};
+use testkit::MockModel;
+
+/// Two boxes with model a (20 tokens/s, so a stream of 40 lasts two seconds) loaded; gpu3
+/// also has b (GPU 1), which no other box has.
+async fn two_boxes(test: &str) -> Front {
+    let mut boxes = Vec::new();
+    for (name, ip) in [("gpu2", "127.0.0.2"), ("gpu3", "127.0.0.3")] {
+        let mut models = vec![MockModel::new("a").tokens_per_second(20)];
+        if name == "gpu3" {
+            models.push(MockModel::new("b").gpus(&[1]));
+        }
+        let b = GpuBox::start(test, name, ip, models).await;
+        b.load("a").await;
+        boxes.push(b);
+    }
+    Front::start(boxes, &[], |t| t).await
+}
+
+/// Two streams at once: one lands on each box (fewest in flight first). Returns them by box.
+async fn one_stream_per_box(
+    front: &Front,
+    kill: impl FnOnce(),
+) -> Vec<(String, Result<String, String>)> {
+    let streams = (0..2).map(|i| async move {
+        tokio::time::sleep(Duration::from_millis(100 * i)).await;
+        common::stream_timed(front, "a", 40).await
+    });
+    let killer = async {
+        tokio::time::sleep(Duration::from_millis(800)).await;
+        kill();
+    };
+    let (streams, ()) = tokio::join!(futures_util::future::join_all(streams), killer);
+    let mut out: Vec<_> = streams
+        .into_iter()
+        .map(|(by, _, text)| (by, text))
+        .collect();
+    out.sort_by(|a, b| a.0.cmp(&b.0));
+    out
+}
+
+/// New requests for a all go to `expected` within a few seconds of the failure.
+async fn new_requests_go_to(front: &Front, expected: &str) -> Duration {
+    let since = Instant::now();
+    testkit::wait_for(
+        "requests to avoid the dead box",
+        Duration::from_secs(10),
+        || async {
+            let (status, by, _) = front.chat("a", false, 2).await;
+            (status == 200 && by == expected).then_some(())
+        },
+    )
+    .await;
+    let took = since.elapsed();
+    for _ in 0..10 {
+        let (status, by, text) = front.chat("a", false, 2).await;
+        assert_eq!(
+            (status, by.as_str()),
+            (200, expected),
+            "{text}\n{}",
+            front.logs()
+        );
+    }
+    took
+}
+
+async fn both_boxes_serve(front: &Front) {
+    testkit::wait_for("both boxes to serve again", testkit::DEADLINE, || async {
+        let streams = (0..2).map(|_| common::stream_timed(front, "a", 6));
+        let mut served: Vec<String> = futures_util::future::join_all(streams)
+            .await
+            .into_iter()
+            .filter(|(_, _, text)| text.is_ok())
+            .map(|(by, _, _)| by)
+            .collect();
+        served.sort();
+        (served == ["gpu2", "gpu3"]).then_some(())
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_gateway_fails_its_requests_and_its_box_is_avoided_then_used_again() {
+    let mut front = two_boxes("killgw").await;
+    let gateway = front.gpu_box("gpu2").gateway.as_ref().unwrap().pid();
+    let streams = one_stream_per_box(&front, || unsafe {
+        libc::kill(gateway as i32, libc::SIGKILL);
+    })
+    .await;
+    assert_eq!(streams[0].0, "gpu2");
+    assert!(
+        streams[0].1.is_err(),
+        "the stream on the killed gateway did not fail: {:?}",
+        streams[0].1
+    );
+    let other = streams[1]
+        .1
+        .as_ref()
+        .expect("the other box's stream was cut");
+    assert!(other.contains("[DONE]"), "{other}");
+    front
+        .gpu_box_mut("gpu2")
+        .gateway
+        .take()
+        .unwrap()
+        .wait_exit(testkit::DEADLINE);
+    let took = new_requests_go_to(&front, "gpu3").await;
+    eprintln!("requests avoided the dead gateway after {took:?}");
+    front.gpu_box_mut("gpu2").start_gateway().await;
+    both_boxes_serve(&front).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_supervisor_takes_its_box_out_until_it_is_back() {
+    let mut front = two_boxes("killsup").await;
+    let supervisor = front.gpu_box("gpu3").supervisor.as_ref().unwrap().pid();
+    let streams = one_stream_per_box(&front, || unsafe {
+        libc::kill(supervisor as i32, libc::SIGKILL);
+    })
+    .await;
+    // The supervisor takes its backends with it: the stream there is cut, the other is whole.
+    assert_eq!(streams[1].0, "gpu3");
+    let cut = streams[1]
+        .1
+        .as_ref()
+        .map(|t| t.contains("[DONE]"))
+        .unwrap_or(false);
+    assert!(
+        !cut,
+        "the stream on the dead box ended normally: {:?}",
+        streams[1].1
+    );
+    let other = streams[0]
+        .1
+        .as_ref()
+        .expect("the other box's stream was cut");
+    assert!(other.contains("[DONE]"), "{other}");
+    front
+        .gpu_box_mut("gpu3")
+        .base
+        .supervisor
+        .take()
+        .unwrap()
+        .wait_exit(testkit::DEADLINE);
+    let took = new_requests_go_to(&front, "gpu2").await;
+    eprintln!("requests avoided the box without a supervisor after {took:?}");
+    let (status, _, text) = front.chat("b", false, 2).await;
+    assert_eq!(
+        status,
+        503,
+        "b has no box while gpu3 is down: {text}\n{}",
+        front.logs()
+    );
+    front.gpu_box_mut("gpu3").start_supervisor().await;
+    // Its models start again on demand: b (only there) is served once the picker sees it.
+    testkit::wait_for("gpu3 to serve b again", testkit::DEADLINE, || async {
+        let (status, by, _) = front.chat("b", false, 2).await;
+        (status == 200 && by == "gpu3").then_some(())
+    })
+    .await;
+}

@@ -1,0 +1,146 @@
+//! Placement through a real Envoy and the real picker in front of three real boxes
+//! (127.0.0.2, .3, .4: each its own supervisor, gateway and mock backends).
+
+mod common;
+
+use common::{Front, GpuBox};
+use testkit::MockModel;
+
+/// Models a and b share GPU 0 (they swap); c is on GPU 1 (it fits beside either).
+fn models() -> Vec<MockModel> {
+    vec![
+        MockModel::new("a"),
+        MockModel::new("b"),
+        MockModel::new("c").gpus(&[1]),
+    ]
+}
+
+async fn three_boxes(test: &str, models: impl Fn() -> Vec<MockModel>) -> Vec<GpuBox> {
+    let mut boxes = Vec::new();
+    for (name, ip) in [
+        ("gpu2", "127.0.0.2"),
+        ("gpu3", "127.0.0.3"),
+        ("gpu4", "127.0.0.4"),
+    ] {
+        boxes.push(GpuBox::start(test, name, ip, models()).await);
+    }
+    boxes
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_loaded_model_is_served_by_its_box_every_time() {
+    let boxes = three_boxes("loaded", models).await;
+    boxes[0].load("b").await;
+    let front = Front::start(boxes, &[], |t| t).await;
+    for _ in 0..20 {
+        let (status, by, text) = front.chat("b", false, 3).await;
+        assert_eq!(status, 200, "{text}\n{}", front.logs());
+        assert_eq!(by, "gpu2", "{text}");
+        assert!(text.contains("[served by b]"), "{text}");
+    }
+    assert_eq!(front.starts(), vec![("gpu2".to_string(), "b".to_string())]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cold_model_goes_where_it_fits_without_eviction() {
+    let with_d = || {
+        let mut list = models();
+        list.push(MockModel::new("d"));
+        list
+    };
+    let boxes = three_boxes("fits", with_d).await;
+    // GPU 0 is taken on gpu2 (a) and gpu3 (b): only gpu4 can start another GPU 0 model.
+    boxes[0].load("a").await;
+    boxes[1].load("b").await;
+    let front = Front::start(boxes, &[], |t| t).await;
+    for _ in 0..3 {
+        let (status, by, text) = front.chat("d", false, 3).await;
+        assert_eq!(
+            (status, by.as_str()),
+            (200, "gpu4"),
+            "{text}\n{}",
+            front.logs()
+        );
+    }
+    // c (GPU 1) fits on every box: wherever it goes, nothing is stopped.
+    let (status, _, text) = front.chat("c", false, 3).await;
+    assert_eq!(status, 200, "{text}");
+    let ready = gpuswap::pb::ModelState::Ready as i32;
+    assert_eq!(front.gpu_box("gpu2").status("a").await.state, ready);
+    assert_eq!(front.gpu_box("gpu3").status("b").await.state, ready);
+    assert_eq!(front.gpu_box("gpu4").status("d").await.state, ready);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fifty_concurrent_requests_for_a_cold_model_cause_one_load() {
+    // Every box is busy streaming b (GPU 0), so a (GPU 0) must wait for a drain wherever it
+    // goes, and the boxes' in-flight counts change with every request routed: without
+    // coalescing the 50 would spread over the boxes and load a three times.
+    let boxes = three_boxes("coalesce", || {
+        vec![
+            MockModel::new("a").load_time("1s"),
+            MockModel::new("b").tokens_per_second(20),
+        ]
+    })
+    .await;
+    for b in &boxes {
+        b.load("b").await;
+    }
+    let front = Front::start(boxes, &[], |t| t).await;
+    let streams: Vec<_> = (0..3)
+        .map(|_| common::stream_timed(&front, "b", 30))
+        .collect();
+    let cold = async {
+        // Once the three streams are in flight (one per box: fewest in flight first).
+        tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+        futures_util::future::join_all((0..50).map(|_| front.chat("a", false, 2))).await
+    };
+    let (streamed, answers) = tokio::join!(futures_util::future::join_all(streams), cold);
+    let mut stream_boxes: Vec<_> = streamed.iter().map(|(by, _, _)| by.clone()).collect();
+    stream_boxes.sort();
+    assert_eq!(stream_boxes, ["gpu2", "gpu3", "gpu4"]);
+    for (_, _, text) in &streamed {
+        assert!(text.is_ok(), "{text:?}");
+    }
+    let first = answers[0].1.clone();
+    for (status, by, text) in &answers {
+        assert_eq!(*status, 200, "{text}\n{}", front.logs());
+        assert_eq!(*by, first, "{text}");
+    }
+    let loads_of_a: Vec<_> = front
+        .starts()
+        .into_iter()
+        .filter(|(_, m)| m == "a")
+        .collect();
+    assert_eq!(loads_of_a, vec![(first, "a".to_string())]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_busy_model_is_not_evicted_while_an_idle_box_can_take_the_new_one() {
+    let boxes = three_boxes("busy", || {
+        vec![
+            MockModel::new("a"),
+            MockModel::new("b").tokens_per_second(20),
+        ]
+    })
+    .await;
+    let mut boxes = boxes;
+    boxes.truncate(2);
+    for b in &boxes {
+        b.load("b").await;
+    }
+    let front = Front::start(boxes, &[], |t| t).await;
+    // b streams on one box (held there); the other box's b is idle.
+    let stream = common::stream_timed(&front, "b", 40);
+    let cold = async {
+        tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+        front.chat("a", false, 2).await
+    };
+    let ((streamed_by, _, streamed), (status, a_by, text)) = tokio::join!(stream, cold);
+    assert_eq!(status, 200, "{text}");
+    assert_ne!(a_by, streamed_by, "a evicted the busy b\n{}", front.logs());
+    let streamed = streamed.expect("the busy stream was cut");
+    assert!(streamed.contains("[DONE]"), "{streamed}");
+    let ready = gpuswap::pb::ModelState::Ready as i32;
+    assert_eq!(front.gpu_box(&streamed_by).status("b").await.state, ready);
+}
