@@ -600,6 +600,7 @@ async fn activating_unconfigured_names_is_not_found_and_starts_nothing() {
                 model: name.clone(),
                 all: false,
                 force: false,
+                if_idle_generation: None,
             })
             .await;
         assert_eq!(

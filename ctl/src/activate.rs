@@ -100,6 +100,7 @@ pub async fn deactivate(
             model: target.clone(),
             all,
             force,
+            if_idle_generation: None,
         })
         .await;
     if let Some(spinner) = spinner {

@@ -417,6 +417,7 @@ async fn unload(gateway: &Gateway, model: &str) -> Result<Vec<String>, ApiError>
         model: model.to_owned(),
         all: false,
         force: false,
+        if_idle_generation: None,
     };
     match client.deactivate(request).await {
         Ok(response) => Ok(response.into_inner().stopped),

@@ -76,9 +76,10 @@ pub enum ActorMsg {
         model: Arc<str>,
         generation: u64,
     },
-    /// After an idle release: no client holds the model any more.
+    /// After an idle release: no client holds the model any more (in `generation`).
     IdleUnheld {
         model: Arc<str>,
+        generation: u64,
     },
 }
 
@@ -283,7 +284,7 @@ impl Scheduler {
                 error,
             } => self.on_ended(&model, activation, error),
             ActorMsg::Drained { model, generation } => self.on_drained(&model, generation),
-            ActorMsg::IdleUnheld { model } => self.on_idle_unheld(model),
+            ActorMsg::IdleUnheld { model, generation } => self.on_idle_unheld(model, generation),
         }
     }
 
@@ -666,7 +667,7 @@ impl Scheduler {
         self.ensure_activation(model);
     }
 
-    fn on_idle_unheld(&mut self, model: Arc<str>) {
+    fn on_idle_unheld(&mut self, model: Arc<str>, generation: u64) {
         let Some(slot) = self.slots.get(&model) else {
             return;
         };
@@ -675,12 +676,18 @@ impl Scheduler {
         }
         let mut client = self.client.clone();
         tokio::spawn(async move {
+            // Only if still idle as seen: a request from another client that came in since
+            // the Status poll keeps its model (no drain, no reload).
             let request = pb::DeactivateRequest {
                 model: model.to_string(),
                 all: false,
                 force: false,
+                if_idle_generation: Some(generation),
             };
             match client.deactivate(request).await {
+                Ok(response) if response.get_ref().stopped.is_empty() => {
+                    tracing::info!(%model, generation, "idle: in use again, left running")
+                }
                 Ok(_) => tracing::info!(%model, "idle: deactivated"),
                 Err(status) => {
                     tracing::warn!(%model, "idle deactivation failed: {}", describe_status(&status))
@@ -788,7 +795,8 @@ async fn report_when_unheld(
             return;
         }
         if m.holders == 0 {
-            let _ = tx.send(ActorMsg::IdleUnheld { model });
+            let generation = m.generation;
+            let _ = tx.send(ActorMsg::IdleUnheld { model, generation });
             return;
         }
         tokio::time::sleep(Duration::from_millis(50)).await;

@@ -160,6 +160,8 @@ enum Command {
     Deactivate {
         model: Option<String>,
         force: bool,
+        /// Only if the model is still idle in this generation (an idle unload).
+        if_idle_generation: Option<u64>,
         reply: oneshot::Sender<Result<Vec<String>, Status>>,
     },
     Status {
@@ -252,15 +254,19 @@ impl Scheduler {
     }
 
     /// Drains and stops `model` (None: every model); returns the names that were stopped.
+    /// With `if_idle_generation`, stops nothing unless the model is still Ready in that
+    /// generation with no holder and no waiter.
     pub async fn deactivate(
         &self,
         model: Option<String>,
         force: bool,
+        if_idle_generation: Option<u64>,
     ) -> Result<Vec<String>, Status> {
         let (reply, answer) = oneshot::channel();
         self.send(Command::Deactivate {
             model,
             force,
+            if_idle_generation,
             reply,
         })?;
         answer.await.map_err(|_| gone())?
@@ -717,6 +723,7 @@ impl Actor {
             Command::Deactivate {
                 model,
                 force,
+                if_idle_generation,
                 reply,
             } => {
                 let models: Vec<String> = match model {
@@ -730,6 +737,13 @@ impl Actor {
                         }
                     },
                 };
+                if let Some(seen) = if_idle_generation
+                    && let Some(busy) = models.iter().find_map(|name| self.in_use_since(name, seen))
+                {
+                    tracing::info!(?models, seen, busy, "idle deactivation skipped");
+                    let _ = reply.send(Ok(Vec::new()));
+                    return Flow::Continue;
+                }
                 let stopped = models
                     .iter()
                     .filter(|name| {
@@ -779,6 +793,23 @@ impl Actor {
             Command::Shutdown { .. } => unreachable!("handled in run"),
         }
         Flow::Continue
+    }
+
+    /// Why `name` is no longer idle as it was in generation `seen`, or None if it still is
+    /// (Ready in that generation, no holder, nobody waiting for it).
+    fn in_use_since(&self, name: &str, seen: u64) -> Option<&'static str> {
+        let model = self.models.get(name)?;
+        if model.state != State::Ready {
+            Some("not ready")
+        } else if model.generation != seen {
+            Some("another generation")
+        } else if !model.holds.is_empty() {
+            Some("held")
+        } else if self.queue.iter().any(|w| w.model == name) {
+            Some("wanted")
+        } else {
+            None
+        }
     }
 
     // ----- reports from tasks ---------------------------------------------------------

@@ -135,7 +135,15 @@ impl Supervisor for SupervisorService {
             (true, false) => return Err(Status::invalid_argument("give a model or all, not both")),
             (false, true) => return Err(Status::invalid_argument("give a model, or all = true")),
         };
-        let stopped = self.scheduler.deactivate(model, request.force).await?;
+        if request.if_idle_generation.is_some() && model.is_none() {
+            return Err(Status::invalid_argument(
+                "if_idle_generation needs one model, not all",
+            ));
+        }
+        let stopped = self
+            .scheduler
+            .deactivate(model, request.force, request.if_idle_generation)
+            .await?;
         Ok(Response::new(pb::DeactivateResponse { stopped }))
     }
 

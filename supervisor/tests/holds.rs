@@ -283,6 +283,7 @@ async fn deactivate_drains_the_holders_first() {
                 model: "alpha".into(),
                 all: false,
                 force: false,
+                if_idle_generation: None,
             })
             .await
             .map(|r| r.into_inner().stopped)
@@ -301,4 +302,45 @@ async fn deactivate_drains_the_holders_first() {
     assert_eq!(stopped, vec!["alpha".to_string()]);
     assert_eq!(sup.state("alpha").await, ModelState::Stopped);
     sup.wait_no_backends().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_deactivation_stops_only_a_model_still_idle_in_the_generation_seen() {
+    // A short drain: an unconditional Deactivate would revoke the hold within the test.
+    let sup = Supervisor::start(
+        "idledeactivate",
+        &["drain_timeout = \"1s\""],
+        vec![Mock::new("alpha")],
+    )
+    .await;
+    let mut hold = sup.activate("alpha", true).await;
+    let generation = hold.ready().await.generation;
+    let if_idle = |generation| pb::DeactivateRequest {
+        model: "alpha".into(),
+        all: false,
+        force: false,
+        if_idle_generation: Some(generation),
+    };
+    // A request came in after the gateway saw the model idle: it is held now, so it stays.
+    assert!(sup.deactivate_with(if_idle(generation)).await.is_empty());
+    assert_eq!(sup.state("alpha").await, ModelState::Ready);
+    assert!(!hold.saw(|e| matches!(e, Event::DrainRequested(_))));
+    drop(hold);
+    testkit::wait_for("no holder", testkit::DEADLINE, || async {
+        (sup.model("alpha").await.holders == 0).then_some(())
+    })
+    .await;
+    // Not the generation that was seen idle: left alone too.
+    assert!(
+        sup.deactivate_with(if_idle(generation + 1))
+            .await
+            .is_empty()
+    );
+    assert_eq!(sup.state("alpha").await, ModelState::Ready);
+    // Still idle in the generation seen: stopped.
+    assert_eq!(
+        sup.deactivate_with(if_idle(generation)).await,
+        vec!["alpha".to_string()]
+    );
+    assert_eq!(sup.state("alpha").await, ModelState::Stopped);
 }

@@ -138,6 +138,7 @@ pub async fn measure_deactivate(
             model: model.to_owned(),
             all: false,
             force: false,
+            if_idle_generation: None,
         })
         .await
         .with_context(|| format!("Deactivate {model}"))?;

@@ -163,20 +163,23 @@ impl Supervisor {
     }
 
     pub async fn deactivate(&self, model: &str, force: bool) -> Vec<String> {
-        let mut client = self.client.clone();
-        tokio::time::timeout(
-            DEADLINE,
-            client.deactivate(pb::DeactivateRequest {
-                model: model.into(),
-                all: model.is_empty(),
-                force,
-            }),
-        )
+        self.deactivate_with(pb::DeactivateRequest {
+            model: model.into(),
+            all: model.is_empty(),
+            force,
+            if_idle_generation: None,
+        })
         .await
-        .expect("Deactivate in time")
-        .expect("Deactivate")
-        .into_inner()
-        .stopped
+    }
+
+    pub async fn deactivate_with(&self, request: pb::DeactivateRequest) -> Vec<String> {
+        let mut client = self.client.clone();
+        tokio::time::timeout(DEADLINE, client.deactivate(request))
+            .await
+            .expect("Deactivate in time")
+            .expect("Deactivate")
+            .into_inner()
+            .stopped
     }
 
     /// The live processes of this test's backends.

@@ -722,6 +722,7 @@ async fn flood_section(plan: &Plan, g: &Gpuswap, results: &mut Results) {
                 model: "flood".into(),
                 all: false,
                 force: true,
+                if_idle_generation: None,
             })
             .await?;
         if pid.is_none() {
