@@ -150,6 +150,19 @@ impl ApiError {
         Bytes::from(serde_json::to_vec(&envelope).unwrap_or_default())
     }
 
+    /// The error as one SSE event in the API's own shape: Anthropic's `event: error` on
+    /// `/v1/messages` (`anthropic`), else OpenAI's.
+    pub fn sse_event_for(&self, anthropic: bool) -> Bytes {
+        if !anthropic {
+            return self.sse_event();
+        }
+        let body = anthropic_error(self.status, &self.message);
+        let mut event = b"event: error\ndata: ".to_vec();
+        event.extend_from_slice(&body);
+        event.extend_from_slice(b"\n\n");
+        Bytes::from(event)
+    }
+
     /// The error as one SSE event, for failures after a 200 stream started.
     pub fn sse_event(&self) -> Bytes {
         let body = self.body();
@@ -177,6 +190,40 @@ impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         json_response(self.status, self.body())
     }
+}
+
+/// Anthropic's error type for an HTTP status (docs.anthropic.com, "Errors").
+fn anthropic_error_type(status: StatusCode) -> &'static str {
+    match status.as_u16() {
+        401 => "authentication_error",
+        403 => "permission_error",
+        404 => "not_found_error",
+        413 => "request_too_large",
+        429 => "rate_limit_error",
+        503 | 529 => "overloaded_error",
+        400..=499 => "invalid_request_error",
+        _ => "api_error",
+    }
+}
+
+/// `{"type":"error","error":{"type","message"}}`, Anthropic's error body.
+pub fn anthropic_error(status: StatusCode, message: &str) -> Bytes {
+    let body = serde_json::json!({
+        "type": "error",
+        "error": { "type": anthropic_error_type(status), "message": message },
+    });
+    Bytes::from(body.to_string())
+}
+
+/// An OpenAI-shaped error body (the gateway's own, or a backend's it converted) in
+/// Anthropic's shape; None when it is not one (already Anthropic's, or not JSON).
+pub fn openai_error_to_anthropic(status: StatusCode, body: &[u8]) -> Option<Bytes> {
+    let value: serde_json::Value = serde_json::from_slice(body).ok()?;
+    if value.get("type").and_then(|t| t.as_str()) == Some("error") {
+        return None;
+    }
+    let message = value.get("error")?.get("message")?.as_str()?;
+    Some(anthropic_error(status, message))
 }
 
 /// A JSON response with the given status.
@@ -394,5 +441,18 @@ mod tests {
         assert!(v["error"]["message"].as_str().unwrap().contains("boom"));
         assert_eq!(v["error"]["log_tail"][0], "boom");
         assert!(e.sse_event().starts_with(b"data: {\"error\""));
+        let anthropic = e.sse_event_for(true);
+        assert!(
+            anthropic.starts_with(b"event: error\ndata: {"),
+            "{anthropic:?}"
+        );
+        let body: serde_json::Value =
+            serde_json::from_slice(&anthropic[b"event: error\ndata: ".len()..]).unwrap();
+        assert_eq!(body["type"], "error");
+        assert_eq!(body["error"]["message"], e.message);
+        let converted = openai_error_to_anthropic(e.status, &e.body()).unwrap();
+        let converted: serde_json::Value = serde_json::from_slice(&converted).unwrap();
+        assert_eq!(converted["error"]["type"], body["error"]["type"]);
+        assert!(openai_error_to_anthropic(e.status, &anthropic_error(e.status, "x")).is_none());
     }
 }

@@ -130,8 +130,10 @@ pub async fn read_body(headers: &HeaderMap, body: Body, max_body: u64) -> Result
 pub async fn handle(gateway: Arc<Gateway>, request: Request<Body>) -> Response {
     // Without an exporter no span is built at all: spans would cost the hot
     // path an allocation each (the log layer formats their fields).
+    let anthropic = is_anthropic(request.uri().path());
     if !gpuswap_telemetry::exporting() {
-        return handle_in(gateway, request, Span::none()).await;
+        let response = handle_in(gateway, request, Span::none()).await;
+        return anthropic_errors(anthropic, response).await;
     }
     let span = tracing::info_span!(
         "request",
@@ -144,6 +146,7 @@ pub async fn handle(gateway: Arc<Gateway>, request: Request<Body>) -> Response {
     let response = handle_in(gateway, request, span.clone())
         .instrument(span.clone())
         .await;
+    let response = anthropic_errors(anthropic, response).await;
     span.record("http.response.status_code", response.status().as_u16());
     response
 }
@@ -396,6 +399,32 @@ async fn dispatch(gateway: Arc<Gateway>, model: Arc<str>, upstream: Upstream) ->
     }
 }
 
+/// Anthropic's Messages API: its errors are shaped like Anthropic's.
+fn is_anthropic(path: &str) -> bool {
+    path == "/v1/messages"
+}
+
+/// On `/v1/messages`, an error answer (the gateway's, or a backend's in OpenAI's shape) in
+/// Anthropic's shape `{"type":"error","error":{"type","message"}}`.
+async fn anthropic_errors(anthropic: bool, response: Response) -> Response {
+    if !anthropic || response.status().is_success() {
+        return response;
+    }
+    let (mut parts, body) = response.into_parts();
+    let body = Limited::new(body, ERROR_BODY_LIMIT)
+        .collect()
+        .await
+        .map(|c| c.to_bytes())
+        .unwrap_or_default();
+    match crate::error::openai_error_to_anthropic(parts.status, &body) {
+        Some(converted) => {
+            parts.headers.remove(header::CONTENT_LENGTH);
+            Response::from_parts(parts, Body::from(converted))
+        }
+        None => Response::from_parts(parts, Body::from(body)),
+    }
+}
+
 /// An answer given before the request body was read to its end. hyper may
 /// close such a connection after the answer, and a client that did not see
 /// it coming would send its next request into the closing connection: say so.
@@ -456,6 +485,11 @@ pub enum BodyShape {
 impl Upstream {
     pub fn is_chat(&self) -> bool {
         self.parts.uri.path().ends_with("/chat/completions")
+    }
+
+    /// An Anthropic Messages request: its errors are Anthropic-shaped.
+    pub fn anthropic(&self) -> bool {
+        is_anthropic(self.parts.uri.path())
     }
 
     pub fn requested_model(&self) -> &str {
@@ -596,6 +630,7 @@ pub async fn forward(
         incoming,
         guard,
         sse,
+        upstream.anthropic(),
         parts.status,
         metrics,
         upstream.span.clone(),
@@ -616,6 +651,7 @@ pub async fn forward_stream(
             incoming,
             guard,
             true,
+            upstream.anthropic(),
             status,
             metrics,
             upstream.span.clone(),
@@ -634,7 +670,8 @@ async fn open_stream(
     mut guard: InFlight,
     metrics: &mut RequestMetrics,
 ) -> Result<(StatusCode, UpstreamBody, InFlight), (StatusCode, Bytes)> {
-    let as_event = |e: ApiError| (e.status, e.sse_event());
+    let anthropic = upstream.anthropic();
+    let as_event = |e: ApiError| (e.status, e.sse_event_for(anthropic));
     let model = Arc::clone(&guard.route().model);
     let mut refusals = 0;
     let response = loop {
@@ -733,6 +770,8 @@ pub struct GuardedBody {
     guard: Option<InFlight>,
     /// An event stream reports a broken upstream as a final error event.
     sse: bool,
+    /// That event in Anthropic's shape (`/v1/messages`).
+    anthropic: bool,
     done: bool,
     /// The upstream status, recorded when the body ends.
     status: StatusCode,
@@ -751,6 +790,7 @@ impl GuardedBody {
         inner: UpstreamBody,
         guard: InFlight,
         sse: bool,
+        anthropic: bool,
         status: StatusCode,
         metrics: RequestMetrics,
         span: Span,
@@ -759,6 +799,7 @@ impl GuardedBody {
             inner,
             guard: Some(guard),
             sse,
+            anthropic,
             done: false,
             status,
             metrics: Some(metrics),
@@ -839,7 +880,7 @@ impl HttpBody for GuardedBody {
                         format!("the stream broke: {}", error_chain(&e)),
                     );
                     let mut event = b"\n\n".to_vec();
-                    event.extend_from_slice(&error.sse_event());
+                    event.extend_from_slice(&error.sse_event_for(self.anthropic));
                     Poll::Ready(Some(Ok(Frame::data(Bytes::from(event)))))
                 } else {
                     Poll::Ready(Some(Err(e)))

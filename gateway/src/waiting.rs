@@ -38,6 +38,8 @@ pub struct WaitingStream {
     /// The name the client asked for, shown in progress chunks.
     requested: String,
     chat: bool,
+    /// Errors go out in Anthropic's shape (`/v1/messages`).
+    anthropic: bool,
     started: Instant,
     progress: Option<mpsc::Receiver<Progress>>,
     last_progress: Option<Progress>,
@@ -77,6 +79,7 @@ impl WaitingStream {
         Self {
             requested: upstream.requested_model().to_owned(),
             chat: upstream.is_chat(),
+            anthropic: upstream.anthropic(),
             state: State::Waiting {
                 ticket,
                 upstream: Some(Box::new(upstream)),
@@ -157,7 +160,7 @@ impl WaitingStream {
         if let Some(metrics) = self.metrics.take() {
             metrics.finish(error.status.as_u16());
         }
-        self.fail(error.sse_event())
+        self.fail(error.sse_event_for(self.anthropic))
     }
 }
 

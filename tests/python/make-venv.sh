@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Creates the Python environment of the client tests once: the official openai SDK and grpcurl
+# Creates the Python environment of the client tests once: the official openai and anthropic SDKs and grpcurl
 # (tests/python/requirements.txt). Usage: make-venv.sh [VENV_DIR] (default target/test-venv).
 # Safe to run from many tests at once: a file lock makes one install and the others wait for it.
 set -euo pipefail
