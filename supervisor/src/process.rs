@@ -8,7 +8,7 @@
 //! that would steal tokio's statuses) and publishes the exit on a watch channel.
 
 use std::{
-    collections::BTreeSet,
+    collections::BTreeMap,
     io::Read,
     os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd},
     os::unix::process::ExitStatusExt,
@@ -158,9 +158,10 @@ struct Inner {
     ready_log_seen: watch::Receiver<bool>,
     /// The one stop in progress or done; later callers wait on it.
     stop: Mutex<Option<watch::Receiver<Option<ExitInfo>>>>,
-    /// Every pid seen in the tree (guard, backend, workers): who may still hold GPU memory
-    /// after a stop, even the workers of a backend that crashed before it.
-    seen_pids: Mutex<BTreeSet<i32>>,
+    /// Every pid seen in the tree (guard, backend, workers) with its start time (0:
+    /// unknown): who may still hold GPU memory after a stop, even the workers of a backend
+    /// that crashed before it, and who may be killed once the guard is gone.
+    seen_pids: Mutex<BTreeMap<i32, u64>>,
     /// Where the tree's processes are recorded for a successor's cleanup.
     state_file: Option<Arc<StateFile>>,
 }
@@ -359,7 +360,10 @@ impl Backend {
                 exit,
                 ready_log_seen,
                 stop: Mutex::new(None),
-                seen_pids: Mutex::new(BTreeSet::from([guard_pid, backend_pid as i32])),
+                seen_pids: Mutex::new(BTreeMap::from([
+                    (guard_pid, starttime),
+                    (backend_pid as i32, start_of(backend_pid as i32)),
+                ])),
                 state_file: spec.state_file.clone(),
             }),
         })
@@ -547,11 +551,29 @@ impl Backend {
         {
             tracing::warn!(model = %self.inner.model, path = %state.path().display(), "cannot record the tree's processes: {e}");
         }
+        let started: Vec<(i32, u64)> = live.iter().map(|&pid| (pid, start_of(pid))).collect();
         self.inner
             .seen_pids
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .extend(live);
+            .extend(started);
+    }
+
+    /// The processes seen in the tree that still run (same pid, same start time). After the
+    /// guard was reaped these are orphans of a guard killed from outside, or processes stuck
+    /// in the kernel (D state): they may still hold the GPUs.
+    pub fn survivors(&self) -> Vec<i32> {
+        let seen = self
+            .inner
+            .seen_pids
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        seen.iter()
+            .filter(|&(&pid, &start)| {
+                start != 0 && procfs::stat(pid).is_some_and(|s| s.alive() && s.starttime == start)
+            })
+            .map(|(&pid, _)| pid)
+            .collect()
     }
 
     async fn not_ready(
@@ -642,7 +664,7 @@ impl Backend {
             .seen_pids
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .iter()
+            .keys()
             .copied()
             .collect();
         if self.exit_info().is_none() {
@@ -682,6 +704,24 @@ impl Backend {
                 UNKNOWN_EXIT
             }
         };
+        // The guard ends every descendant before it exits; one killed from outside leaves
+        // them orphaned (to init, not to us): end those we know, by pid and start time.
+        let orphans = self.survivors();
+        if !orphans.is_empty() {
+            inner.logs.push(
+                LogStream::Supervisor,
+                format!("processes {orphans:?} outlived the guard: killing them"),
+            );
+            for pid in orphans {
+                let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
+            }
+            let deadline = Instant::now() + BACKSTOP_WAIT;
+            let mut pause = Duration::from_millis(1);
+            while !self.survivors().is_empty() && Instant::now() < deadline {
+                tokio::time::sleep(pause).await;
+                pause = (pause * 2).min(Duration::from_millis(100));
+            }
+        }
         if !wait_port_free(&inner.config.host, inner.config.port, PORT_RELEASE_TIMEOUT).await {
             inner.logs.push(
                 LogStream::Supervisor,
@@ -730,6 +770,11 @@ impl Drop for Inner {
             let _ = killpg(Pid::from_raw(self.guard_pid), Signal::SIGTERM);
         }
     }
+}
+
+/// The start time of `pid` (clock ticks after boot), 0 when it cannot be read.
+fn start_of(pid: i32) -> u64 {
+    procfs::stat(pid).map_or(0, |s| s.starttime)
 }
 
 const UNKNOWN_EXIT: ExitInfo = ExitInfo {

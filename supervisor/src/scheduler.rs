@@ -60,6 +60,9 @@ const MAX_BACKOFF: Duration = Duration::from_secs(30);
 
 const WATCH_CHANNEL_CAPACITY: usize = 256;
 
+/// How often a stop that left processes alive looks again whether they are gone.
+const STUCK_RECHECK: Duration = Duration::from_secs(1);
+
 /// The wait before restart number `failures` (1-based) of a model that keeps failing.
 pub fn crash_backoff(failures: u32) -> Duration {
     if failures == 0 {
@@ -198,6 +201,12 @@ enum Internal {
         model: String,
         generation: u64,
         info: ExitInfo,
+    },
+    /// The stop is over but these processes of the tree still run: the GPUs stay taken.
+    StopStuck {
+        model: String,
+        generation: u64,
+        pids: Vec<i32>,
     },
     /// The client closed an Activate stream (a waiter gave up, or a hold was released).
     StreamClosed { id: u64 },
@@ -831,8 +840,50 @@ impl Actor {
                 generation,
                 info,
             } => self.stop_finished(&model, generation, info),
+            Internal::StopStuck {
+                model,
+                generation,
+                pids,
+            } => self.stop_stuck(&model, generation, &pids),
             Internal::StreamClosed { id } => self.stream_closed(id),
         }
+    }
+
+    /// A stop left processes alive: say so, and fail the deactivations waiting for it (the
+    /// model keeps its GPUs until StopFinished, once the processes are gone).
+    fn stop_stuck(&mut self, name: &str, generation: u64, pids: &[i32]) {
+        let Some(model) = self.models.get_mut(name) else {
+            return;
+        };
+        if model
+            .run
+            .as_ref()
+            .is_none_or(|r| r.generation != generation)
+        {
+            return;
+        }
+        let reason = format!(
+            "the stop left processes {pids:?} running (stuck in the kernel?): its GPUs stay \
+             reserved until they are gone"
+        );
+        model.note(reason.clone());
+        tracing::error!(
+            model = name,
+            generation,
+            ?pids,
+            "stop failed: processes left"
+        );
+        model.last_error = reason.clone();
+        let failed = Status::internal(format!("{name}: {reason}"));
+        self.deactivations.retain_mut(|deactivation| {
+            if !deactivation.models.iter().any(|m| m == name) {
+                return true;
+            }
+            let (reply, _) = oneshot::channel();
+            let reply = std::mem::replace(&mut deactivation.reply, reply);
+            let _ = reply.send(Err(failed.clone()));
+            false
+        });
     }
 
     fn start_finished(&mut self, name: &str, generation: u64, result: Result<(), StartError>) {
@@ -1175,6 +1226,26 @@ impl Actor {
                 }
                 None => backend.stop().await,
             };
+            // Processes the stop could not end (stuck in the kernel) may hold the GPUs: the
+            // stop is reported failed, and finishes (freeing the GPUs) only once they are gone.
+            let mut stuck_reported = false;
+            loop {
+                let pids = backend.survivors();
+                if pids.is_empty() {
+                    break;
+                }
+                if !stuck_reported {
+                    stuck_reported = true;
+                    let (model, pids) = (model.clone(), pids);
+                    let stuck = Internal::StopStuck {
+                        model,
+                        generation,
+                        pids,
+                    };
+                    Self::report(&tx, stuck);
+                }
+                tokio::time::sleep(STUCK_RECHECK).await;
+            }
             Self::report(
                 &tx,
                 Internal::StopFinished {
@@ -2005,6 +2076,37 @@ mod tests {
             }
         }
         assert_eq!(positions, (1..=total).collect::<Vec<_>>());
+        drop(tx);
+    }
+
+    /// A stop that left processes alive fails the Deactivate waiting for it and keeps the
+    /// model's process (its GPUs) in place until they are gone.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_stuck_stop_fails_its_deactivation_and_keeps_the_gpus() {
+        let port = testkit::free_port();
+        let text =
+            format!("[models.m]\nkind = \"vllm\"\ncommand = [\"sleep\", \"30\"]\nport = {port}\n");
+        let options = options(testkit::bin("gpuswap-supervisor"));
+        let (tx, _reports) = mpsc::unbounded_channel();
+        let mut actor = Actor::new(Config::from_toml(&text).unwrap(), options, tx.downgrade());
+        let generation = actor.start("m", &tracing::Span::none()).expect("spawned");
+        let (reply, answer) = oneshot::channel();
+        actor.command(Command::Deactivate {
+            model: Some("m".into()),
+            force: true,
+            if_idle_generation: None,
+            reply,
+        });
+        actor.stop_stuck("m", generation, &[4242]);
+        let status = answer.await.expect("answered").expect_err("a failed stop");
+        assert!(status.message().contains("4242"), "{status:?}");
+        let model = &actor.models["m"];
+        assert!(model.run.is_some(), "the GPUs stay reserved");
+        assert!(
+            model.last_error.contains("stay reserved"),
+            "{}",
+            model.last_error
+        );
         drop(tx);
     }
 

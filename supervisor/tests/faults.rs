@@ -189,17 +189,56 @@ async fn the_guard_ignores_signals_from_its_own_tree_and_stray_sigusr2() {
     wait_for_line_while_ready(&sup, "alpha", "a process of the backend's own tree").await;
 
     // A SIGUSR2 from anyone but the dying supervisor is no parent death.
-    let guard = std::fs::read_to_string(format!("/proc/{pid}/stat"))
-        .expect("backend alive")
-        .rsplit_once(')')
-        .and_then(|(_, rest)| rest.split_whitespace().nth(1)?.parse::<i32>().ok())
-        .expect("ppid");
+    let guard = parent_of(pid);
     // SAFETY: kill with a pid read from /proc (the guard, our supervisor's child).
     assert_eq!(unsafe { libc::kill(guard, libc::SIGUSR2) }, 0);
     wait_for_line_while_ready(&sup, "alpha", "the supervisor (pid").await;
     assert!(testkit::alive(pid), "the backend lives on");
     let status = sup.model("alpha").await;
     assert_eq!((status.pid, status.generation), (pid, ready.generation));
+}
+
+/// The parent of `pid`, from /proc.
+fn parent_of(pid: u32) -> i32 {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .expect("process alive")
+        .rsplit_once(')')
+        .and_then(|(_, rest)| rest.split_whitespace().nth(1)?.parse().ok())
+        .expect("ppid")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_guard_killed_from_outside_keeps_the_gpu_until_its_orphans_are_ended() {
+    // Both on GPU 0; alpha's worker outlives its leader when orphaned (like a CUDA worker).
+    let sup = Supervisor::start(
+        "guardkilled",
+        &[],
+        vec![
+            Mock::new("alpha").args(&["--workers", "1"]),
+            Mock::new("beta"),
+        ],
+    )
+    .await;
+    sup.activate("alpha", false).await.ready().await;
+    let leader = sup.model("alpha").await.pid;
+    let guard = parent_of(leader);
+    let worker = sup
+        .backend_processes()
+        .into_iter()
+        .find(|&pid| pid != leader && pid as i32 != guard && parent_of(pid) == leader as i32)
+        .expect("alpha's worker");
+    // SAFETY: kill with a pid read from /proc (alpha's guard, our supervisor's child).
+    assert_eq!(unsafe { libc::kill(guard, libc::SIGKILL) }, 0);
+    // Seen as a crash first (else beta's swap would stop alpha by signalling its group).
+    sup.wait_state("alpha", ModelState::Failed).await;
+    // beta needs GPU 0: it must not start while alpha's orphaned worker still runs.
+    sup.activate("beta", false).await.ready().await;
+    assert!(
+        !testkit::alive(worker),
+        "beta started while alpha's worker {worker} still ran"
+    );
+    let log = log_lines(&sup, "alpha").await.join("\n");
+    assert!(log.contains("outlived the guard"), "{log}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
