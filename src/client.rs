@@ -1,6 +1,6 @@
 //! Connecting to a supervisor from an endpoint string.
 
-use std::path::PathBuf;
+use std::{path::PathBuf, time::Duration};
 
 use hyper_util::rt::TokioIo;
 use rustls::pki_types::ServerName;
@@ -24,6 +24,28 @@ pub struct ClientOptions {
     /// PEM file of the CA that signed the supervisor's certificate, or of that certificate
     /// itself (trusted exactly: pinned).
     pub ca_file: Option<PathBuf>,
+    pub keepalive: Keepalive,
+}
+
+/// HTTP/2 pings on a connection, idle or not: a peer that does not answer one within
+/// `timeout` (its host died, it froze, a firewall dropped the flow) is disconnected.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Keepalive {
+    pub interval: Duration,
+    pub timeout: Duration,
+}
+
+impl Keepalive {
+    pub const DEFAULT: Keepalive = Keepalive {
+        interval: Duration::from_secs(10),
+        timeout: Duration::from_secs(20),
+    };
+}
+
+impl Default for Keepalive {
+    fn default() -> Self {
+        Self::DEFAULT
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -42,19 +64,24 @@ pub fn connect(
     endpoint: &Endpoint,
     options: &ClientOptions,
 ) -> Result<SupervisorClient, ConnectError> {
+    let keepalive = |endpoint: tonic::transport::Endpoint| {
+        endpoint
+            .http2_keep_alive_interval(options.keepalive.interval)
+            .keep_alive_timeout(options.keepalive.timeout)
+            .keep_alive_while_idle(true)
+    };
     let channel = match endpoint {
         Endpoint::Unix(path) => {
             let path = path.clone();
             // The URI is a placeholder: the connector below ignores it.
-            tonic::transport::Endpoint::from_static("http://[::1]:1").connect_with_connector_lazy(
-                tower::service_fn(move |_: Uri| {
+            keepalive(tonic::transport::Endpoint::from_static("http://[::1]:1"))
+                .connect_with_connector_lazy(tower::service_fn(move |_: Uri| {
                     let path = path.clone();
                     async move {
                         let stream = tokio::net::UnixStream::connect(path).await?;
                         Ok::<_, std::io::Error>(TokioIo::new(stream))
                     }
-                }),
-            )
+                }))
         }
         Endpoint::Https { host, port } => {
             let tls = TlsConnector::from(
@@ -69,15 +96,18 @@ pub fn connect(
                 "http://{}",
                 endpoint.to_string().trim_start_matches("https://")
             );
-            tonic::transport::Endpoint::from_shared(uri)
-                .map_err(|e| ConnectError::Uri(e.to_string()))?
-                .connect_with_connector_lazy(tower::service_fn(move |_: Uri| {
-                    let (tls, server_name) = (tls.clone(), server_name.clone());
-                    let (host, ca_file) = (host.clone(), ca_file.clone());
-                    async move {
-                        let tcp = tokio::net::TcpStream::connect((host.as_str(), port)).await?;
-                        tcp.set_nodelay(true)?;
-                        let stream = tls.connect(server_name, tcp).await.map_err(|error| {
+            keepalive(
+                tonic::transport::Endpoint::from_shared(uri)
+                    .map_err(|e| ConnectError::Uri(e.to_string()))?,
+            )
+            .connect_with_connector_lazy(tower::service_fn(move |_: Uri| {
+                let (tls, server_name) = (tls.clone(), server_name.clone());
+                let (host, ca_file) = (host.clone(), ca_file.clone());
+                async move {
+                    let tcp = tokio::net::TcpStream::connect((host.as_str(), port)).await?;
+                    tcp.set_nodelay(true)?;
+                    let stream =
+                        tls.connect(server_name, tcp).await.map_err(|error| {
                             match error
                                 .get_ref()
                                 .and_then(|e| e.downcast_ref::<rustls::Error>())
@@ -89,9 +119,9 @@ pub fn connect(
                                 None => error,
                             }
                         })?;
-                        Ok::<_, std::io::Error>(TokioIo::new(stream))
-                    }
-                }))
+                    Ok::<_, std::io::Error>(TokioIo::new(stream))
+                }
+            }))
         }
     };
     let interceptor = TokenInterceptor::new(options.token.as_deref())

@@ -93,6 +93,13 @@ pub struct SupervisorConfig {
     /// `token_file`, so that clients can be given the new one.
     #[serde(deserialize_with = "duration")]
     pub token_grace: Duration,
+    /// HTTP/2 pings to each client this often: a holder whose host died or froze is
+    /// found out and loses its holds within interval + timeout, not at drain_timeout.
+    #[serde(deserialize_with = "duration")]
+    pub keepalive_interval: Duration,
+    /// A client that does not answer a ping within this is disconnected.
+    #[serde(deserialize_with = "duration")]
+    pub keepalive_timeout: Duration,
     /// Lines kept per model.
     pub log_lines: usize,
     #[serde(deserialize_with = "duration")]
@@ -136,6 +143,8 @@ impl Default for SupervisorConfig {
             tls_dir: None,
             tls_names: Vec::new(),
             token_grace: Duration::from_secs(600),
+            keepalive_interval: crate::client::Keepalive::DEFAULT.interval,
+            keepalive_timeout: crate::client::Keepalive::DEFAULT.timeout,
             log_lines: 5000,
             drain_timeout: Duration::from_secs(600),
             min_residency: Duration::from_secs(5),
@@ -155,6 +164,12 @@ pub struct GatewayConfig {
     pub token_file: Option<PathBuf>,
     /// CA of an https supervisor's certificate, or that certificate itself (pinned).
     pub ca_file: Option<PathBuf>,
+    /// HTTP/2 pings to the supervisor this often: a supervisor whose host died or froze
+    /// is found out within interval + timeout.
+    #[serde(deserialize_with = "duration")]
+    pub supervisor_keepalive_interval: Duration,
+    #[serde(deserialize_with = "duration")]
+    pub supervisor_keepalive_timeout: Duration,
     /// Empty (and no `keys`): open. Else `Authorization: Bearer` or `x-api-key` must match one.
     pub api_keys: Vec<String>,
     /// Keys for the admin actions (load, unload, logs) and every model. Empty (and no key
@@ -194,6 +209,8 @@ impl Default for GatewayConfig {
             supervisor: "unix:///run/gpuswap/supervisor.sock".into(),
             token_file: None,
             ca_file: None,
+            supervisor_keepalive_interval: crate::client::Keepalive::DEFAULT.interval,
+            supervisor_keepalive_timeout: crate::client::Keepalive::DEFAULT.timeout,
             api_keys: Vec::new(),
             admin_keys: Vec::new(),
             keys: BTreeMap::new(),
@@ -721,6 +738,14 @@ impl Config {
         ] {
             check_duration(format!("supervisor.{k}"), value)?;
         }
+        for (key, value) in [
+            ("keepalive_interval", s.keepalive_interval),
+            ("keepalive_timeout", s.keepalive_timeout),
+        ] {
+            if value.is_zero() {
+                return Err(invalid(format!("supervisor.{key}"), "must be more than 0s"));
+            }
+        }
         if s.log_lines == 0 {
             return Err(invalid("supervisor.log_lines", "must be at least 1"));
         }
@@ -751,6 +776,20 @@ impl Config {
             ("upstream_idle_timeout", g.upstream_idle_timeout),
         ] {
             check_duration(format!("gateway.{k}"), value)?;
+        }
+        for (key, value) in [
+            (
+                "supervisor_keepalive_interval",
+                g.supervisor_keepalive_interval,
+            ),
+            (
+                "supervisor_keepalive_timeout",
+                g.supervisor_keepalive_timeout,
+            ),
+        ] {
+            if value.is_zero() {
+                return Err(invalid(format!("gateway.{key}"), "must be more than 0s"));
+            }
         }
         if g.max_body == 0 {
             return Err(invalid("gateway.max_body", "must be more than 0"));

@@ -25,7 +25,7 @@ pub mod pb {
         include_bytes!(concat!(env!("OUT_DIR"), "/gpuswap_descriptor.bin"));
 }
 
-pub use client::{ClientOptions, SupervisorClient, connect};
+pub use client::{ClientOptions, Keepalive, SupervisorClient, connect};
 pub use endpoint::Endpoint;
 
 /// Human-readable name of a model state (`ready`, `starting`, ...).

@@ -224,6 +224,7 @@ fn connect(global: &GlobalArgs) -> anyhow::Result<SupervisorClient> {
     let options = ClientOptions {
         token,
         ca_file: global.ca_file.clone(),
+        ..ClientOptions::default()
     };
     gpuswap::connect(&global.endpoint, &options)
         .map_err(|error| Failure::new(Code::Usage, error.to_string()).into())

@@ -81,6 +81,7 @@ fn client_for(entry: &BoxEntry) -> anyhow::Result<gpuswap::SupervisorClient> {
     let options = ClientOptions {
         token,
         ca_file: config.ca_file.clone(),
+        ..ClientOptions::default()
     };
     Ok(gpuswap::connect(&endpoint, &options)?)
 }

@@ -122,6 +122,10 @@ pub async fn run(config: GatewayConfig, listen: Option<String>) -> anyhow::Resul
     let options = ClientOptions {
         token,
         ca_file: config.ca_file.clone(),
+        keepalive: gpuswap::Keepalive {
+            interval: config.supervisor_keepalive_interval,
+            timeout: config.supervisor_keepalive_timeout,
+        },
     };
     let supervisor =
         gpuswap::connect(&endpoint, &options).context("connecting to the supervisor")?;

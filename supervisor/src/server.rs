@@ -98,6 +98,7 @@ fn supplementary_groups(pid: i32) -> Vec<u32> {
 pub struct Listener {
     kind: Kind,
     access: Access,
+    keepalive: gpuswap::Keepalive,
 }
 
 enum Kind {
@@ -114,6 +115,21 @@ enum Kind {
 /// Binds `endpoint` with the access rules of `config`. Refuses a Unix socket another live
 /// supervisor listens on.
 pub async fn bind(config: &SupervisorConfig, endpoint: &Endpoint) -> anyhow::Result<Listener> {
+    let (kind, access) = bind_kind(config, endpoint).await?;
+    Ok(Listener {
+        kind,
+        access,
+        keepalive: gpuswap::Keepalive {
+            interval: config.keepalive_interval,
+            timeout: config.keepalive_timeout,
+        },
+    })
+}
+
+async fn bind_kind(
+    config: &SupervisorConfig,
+    endpoint: &Endpoint,
+) -> anyhow::Result<(Kind, Access)> {
     match endpoint {
         Endpoint::Unix(path) => bind_unix(config, path),
         Endpoint::Https { .. } => {
@@ -140,15 +156,12 @@ pub async fn bind(config: &SupervisorConfig, endpoint: &Endpoint) -> anyhow::Res
                     command = tls::client_command(dir, &setup.token_file, bound),
                 );
             }
-            Ok(Listener {
-                kind: Kind::Tls { listener, tls },
-                access: Access::Token(tokens),
-            })
+            Ok((Kind::Tls { listener, tls }, Access::Token(tokens)))
         }
     }
 }
 
-fn bind_unix(config: &SupervisorConfig, path: &Path) -> anyhow::Result<Listener> {
+fn bind_unix(config: &SupervisorConfig, path: &Path) -> anyhow::Result<(Kind, Access)> {
     let mode = parse_mode(&config.socket_mode)
         .context("supervisor.socket_mode: must be an octal file mode")?;
     if let Ok(meta) = std::fs::symlink_metadata(path) {
@@ -186,16 +199,15 @@ fn bind_unix(config: &SupervisorConfig, path: &Path) -> anyhow::Result<Listener>
         nix::unistd::chown(path, None, Some(gid))
             .with_context(|| format!("cannot give {} to group {group}", path.display()))?;
     }
-    Ok(Listener {
-        kind: Kind::Unix {
-            listener,
-            path: path.to_owned(),
-        },
-        access: Access::Peers {
-            uids: config.allowed_uids.clone().into(),
-            gids: config.allowed_gids.clone().into(),
-        },
-    })
+    let kind = Kind::Unix {
+        listener,
+        path: path.to_owned(),
+    };
+    let access = Access::Peers {
+        uids: config.allowed_uids.clone().into(),
+        gids: config.allowed_gids.clone().into(),
+    };
+    Ok((kind, access))
 }
 
 impl Listener {
@@ -245,7 +257,11 @@ impl Listener {
         let reflection_v1 = reflection().build_v1().context("reflection service")?;
         let reflection_v1alpha = reflection().build_v1alpha().context("reflection service")?;
         let supervisor = SupervisorServer::new(SupervisorService::new(scheduler, self.tokens()));
-        let mut builder = Server::builder();
+        // A client that stops answering pings (its host died or froze) is disconnected: its
+        // streams end, and with them its holds.
+        let mut builder = Server::builder()
+            .http2_keepalive_interval(Some(self.keepalive.interval))
+            .http2_keepalive_timeout(Some(self.keepalive.timeout));
         match self.kind {
             Kind::Unix { listener, path } => {
                 let result = builder

@@ -262,6 +262,7 @@ async fn tls_with_a_pinned_self_signed_certificate_and_a_rotated_token() {
             &ClientOptions {
                 token: token.map(str::to_owned),
                 ca_file: Some(cert.clone()),
+                ..ClientOptions::default()
             },
         )
         .expect("client")

@@ -344,3 +344,80 @@ async fn an_idle_deactivation_stops_only_a_model_still_idle_in_the_generation_se
     );
     assert_eq!(sup.state("alpha").await, ModelState::Stopped);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_frozen_holder_loses_its_hold_to_the_keepalive() {
+    // drain_timeout is far past the test's deadline: only the keepalive can end the hold.
+    let sup = Supervisor::start(
+        "frozen",
+        &[
+            "keepalive_interval = \"1s\"",
+            "keepalive_timeout = \"1s\"",
+            "drain_timeout = \"600s\"",
+        ],
+        vec![Mock::new("alpha"), Mock::new("beta")],
+    )
+    .await;
+    let mut command = std::process::Command::new(testkit::bin("gpuswapctl"));
+    command
+        .arg("--endpoint")
+        .arg(format!("unix://{}", sup.socket.display()))
+        .args(["activate", "alpha", "--hold"])
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null());
+    let holder = testkit::Proc::spawn(command);
+    testkit::wait_for("gpuswapctl to hold alpha", testkit::DEADLINE, || async {
+        (sup.model("alpha").await.holders == 1).then_some(())
+    })
+    .await;
+    // Frozen as on a host that died: its connection stays open, nothing answers on it.
+    holder.signal(libc::SIGSTOP);
+    let asked = Instant::now();
+    let mut beta = sup.activate("beta", false).await;
+    beta.ready().await;
+    let took = asked.elapsed();
+    assert!(
+        beta.saw(|e| matches!(e, Event::Draining(_))),
+        "alpha was held when beta was asked for: {:?}",
+        beta.seen
+    );
+    assert!(
+        took < Duration::from_secs(30),
+        "the frozen holder kept alpha for {took:?}"
+    );
+    assert_eq!(sup.state("alpha").await, ModelState::Stopped);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_finds_out_a_frozen_supervisor() {
+    let sup = Supervisor::start("frozensup", &[], vec![Mock::new("alpha")]).await;
+    let options = ClientOptions {
+        keepalive: gpuswap::Keepalive {
+            interval: Duration::from_secs(1),
+            timeout: Duration::from_secs(1),
+        },
+        ..ClientOptions::default()
+    };
+    let client = gpuswap::connect(&Endpoint::Unix(sup.socket.clone()), &options).expect("client");
+    let request = pb::ActivateRequest {
+        model: "alpha".into(),
+        hold: true,
+        force: false,
+        client: "watcher".into(),
+    };
+    let mut hold = activate_on(&client, request).await.expect("Activate");
+    hold.ready().await;
+    // Frozen as on a host that died: the socket stays open, nothing answers on it.
+    let supervisor = sup.proc.as_ref().expect("running");
+    supervisor.signal(libc::SIGSTOP);
+    let frozen = Instant::now();
+    let ended = tokio::time::timeout(testkit::DEADLINE, hold.stream.message()).await;
+    supervisor.signal(libc::SIGCONT);
+    let ended = ended.expect("the hold stream ends instead of hanging");
+    assert!(ended.is_err(), "{ended:?}");
+    assert!(
+        frozen.elapsed() < Duration::from_secs(30),
+        "found out after {:?}",
+        frozen.elapsed()
+    );
+}
