@@ -21,6 +21,8 @@ pub type SupervisorClient =
 pub struct ClientOptions {
     /// Bearer token for https endpoints.
     pub token: Option<String>,
+    /// A file holding the bearer token, read again whenever it changes (instead of `token`).
+    pub token_file: Option<PathBuf>,
     /// PEM file of the CA that signed the supervisor's certificate, or of that certificate
     /// itself (trusted exactly: pinned).
     pub ca_file: Option<PathBuf>,
@@ -54,6 +56,11 @@ pub enum ConnectError {
     Tls(crate::tls::TlsSetupError),
     #[error("invalid token: {0}")]
     Token(String),
+    #[error("cannot read token file {path}: {source}")]
+    TokenFile {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("invalid endpoint: {0}")]
     Uri(String),
 }
@@ -124,8 +131,16 @@ pub fn connect(
             }))
         }
     };
-    let interceptor = TokenInterceptor::new(options.token.as_deref())
-        .map_err(|s| ConnectError::Token(s.message().to_owned()))?;
+    let interceptor = match &options.token_file {
+        Some(path) => {
+            TokenInterceptor::from_file(path).map_err(|source| ConnectError::TokenFile {
+                path: path.clone(),
+                source,
+            })?
+        }
+        None => TokenInterceptor::new(options.token.as_deref())
+            .map_err(|s| ConnectError::Token(s.message().to_owned()))?,
+    };
     Ok(pb::supervisor_client::SupervisorClient::with_interceptor(
         channel,
         interceptor,

@@ -248,19 +248,20 @@ async fn the_readme_with_certificates_the_supervisor_makes() {
         .stderr(std::fs::File::create(&gateway_log).expect("log"));
     let _gateway = Proc::spawn(gateway);
     let http = reqwest::Client::new();
-    let answer = testkit::wait_for("an answer through the gateway", DEADLINE, || async {
+    let ask = || async {
         let response = http
             .post(format!(
                 "http://127.0.0.1:{gateway_port}/v1/chat/completions"
             ))
             .json(&testkit::chat_body("alpha", false, 8))
             .send()
-            .await
-            .ok()?;
-        if !response.status().is_success() {
-            return None;
-        }
-        response.text().await.ok()
+            .await?;
+        let status = response.status();
+        Ok::<_, reqwest::Error>((status, response.text().await?))
+    };
+    let answer = testkit::wait_for("an answer through the gateway", DEADLINE, || async {
+        let (status, text) = ask().await.ok()?;
+        status.is_success().then_some(text)
     })
     .await;
     assert!(
@@ -277,7 +278,7 @@ async fn the_readme_with_certificates_the_supervisor_makes() {
     supervisor.signal(libc::SIGTERM);
     supervisor.wait_exit(DEADLINE);
     let log_before = setting.log().len();
-    let _supervisor = setting.supervisor(&readme.made_config, std::slice::from_ref(&model));
+    let mut supervisor = setting.supervisor(&readme.made_config, std::slice::from_ref(&model));
     ctl_until_it_answers(&client_line).await;
     let again: Vec<Vec<u8>> = ["ca.pem", "server.pem", "token"]
         .iter()
@@ -305,6 +306,33 @@ async fn the_readme_with_certificates_the_supervisor_makes() {
         &testkit::run_ctl_line(&client_line).await,
         "the new token",
         &setting.log(),
+    );
+
+    // The gateway follows a rotation without a restart: with no grace the old token is
+    // refused at once, and the gateway's next call carries the token of its replaced copy.
+    supervisor.signal(libc::SIGTERM);
+    supervisor.wait_exit(DEADLINE);
+    let no_grace = format!("{}token_grace = \"0s\"\n", readme.made_config);
+    let _supervisor = setting.supervisor(&no_grace, std::slice::from_ref(&model));
+    ctl_until_it_answers(&client_line).await;
+    std::fs::write(tls_dir.join("token"), "the-third-token\n").expect("token");
+    assert_ran(
+        &testkit::run_ctl_line(&reload).await,
+        &reload,
+        &setting.log(),
+    );
+    let refused = testkit::run_ctl_line(&client_line).await;
+    assert_eq!(refused.status.code(), Some(5), "{refused:?}");
+    copy_to_client(&setting, "box/tls", &["token"]);
+    // Stopping the model makes the gateway call the supervisor for the next request.
+    let stop = client_line.replace(" status", " deactivate alpha --force");
+    assert_ran(&testkit::run_ctl_line(&stop).await, &stop, &setting.log());
+    let (status, answer) = ask().await.expect("the gateway answers");
+    assert!(
+        status.is_success() && answer.contains(&model.signature()),
+        "{status}: {answer}\ngateway log:\n{}\nsupervisor log:\n{}",
+        testkit::read_lossy(&gateway_log),
+        setting.log()
     );
 }
 

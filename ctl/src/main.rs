@@ -221,8 +221,11 @@ fn connect(global: &GlobalArgs) -> anyhow::Result<SupervisorClient> {
         })?),
         None => None,
     };
+    // Read here (a short-lived command needs no re-reading) so that an unreadable file is a
+    // usage error.
     let options = ClientOptions {
         token,
+        token_file: None,
         ca_file: global.ca_file.clone(),
         ..ClientOptions::default()
     };

@@ -73,13 +73,10 @@ async fn watch_once(
 fn client_for(entry: &BoxEntry) -> anyhow::Result<gpuswap::SupervisorClient> {
     let config = &entry.config;
     let endpoint: Endpoint = config.supervisor.parse()?;
-    let token = config
-        .token_file
-        .as_deref()
-        .map(gpuswap::auth::read_token_file)
-        .transpose()?;
+    // The token file, read again when it changes: a rotated supervisor token needs no restart.
     let options = ClientOptions {
-        token,
+        token: None,
+        token_file: config.token_file.clone(),
         ca_file: config.ca_file.clone(),
         ..ClientOptions::default()
     };

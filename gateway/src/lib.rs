@@ -113,22 +113,19 @@ fn client_name() -> String {
 pub async fn run(config: GatewayConfig, listen: Option<String>) -> anyhow::Result<()> {
     let access = Access::from_config(&config)?;
     let endpoint: Endpoint = config.supervisor.parse().context("gateway.supervisor")?;
-    let token = config
-        .token_file
-        .as_deref()
-        .map(gpuswap::auth::read_token_file)
-        .transpose()
-        .context("gateway.token_file")?;
+    // The token file, not its token: the client reads it again when it changes, so a
+    // rotated supervisor token reaches this gateway without a restart.
     let options = ClientOptions {
-        token,
+        token: None,
+        token_file: config.token_file.clone(),
         ca_file: config.ca_file.clone(),
         keepalive: gpuswap::Keepalive {
             interval: config.supervisor_keepalive_interval,
             timeout: config.supervisor_keepalive_timeout,
         },
     };
-    let supervisor =
-        gpuswap::connect(&endpoint, &options).context("connecting to the supervisor")?;
+    let supervisor = gpuswap::connect(&endpoint, &options)
+        .context("connecting to the supervisor (gateway.token_file, gateway.ca_file)")?;
     let listen = listen.unwrap_or_else(|| config.listen.clone());
     let listener = bind(&listen)
         .await

@@ -261,6 +261,7 @@ async fn tls_with_a_pinned_self_signed_certificate_and_a_rotated_token() {
             &endpoint,
             &ClientOptions {
                 token: token.map(str::to_owned),
+                token_file: None,
                 ca_file: Some(cert.clone()),
                 ..ClientOptions::default()
             },
