@@ -1,8 +1,8 @@
 //! Races between the gateway, gpuswapctl and the supervisor: a start racing a stop, rapid
 //! alternation between two models that share a GPU, and an operator's activation while the
 //! gateway streams. No deadlock (everything ends within the deadline) and no double start:
-//! a background sampler sees at most one server per model, and never two models of one GPU,
-//! at any moment.
+//! a background sampler sees at most one server per model, and never two models of one GPU
+//! (servers or their workers), at any moment.
 
 mod e2e_common;
 
@@ -119,7 +119,12 @@ async fn a_stop_racing_a_start_never_deadlocks_nor_doubles_the_backend() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rapid_alternation_from_many_clients_is_served_without_double_starts() {
     let stack = Stack::builder("e2e-race-alternate")
-        .model(Model::new("alpha").load_time("200ms"))
+        // Workers, like SGLang's schedulers: they hold the GPU too, and the sampler counts them.
+        .model(
+            Model::new("alpha")
+                .load_time("200ms")
+                .args(&["--workers", "2"]),
+        )
         .model(Model::new("beta").flavor("llama-server").load_time("200ms"))
         .start()
         .await;

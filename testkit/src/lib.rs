@@ -83,6 +83,18 @@ pub fn free_port() -> u16 {
     panic!("no free port found");
 }
 
+/// Fails the test, saying why, unless it runs as root. Tests that take other users'
+/// identities need root, and CI runs as root: a test that passed without running would
+/// hide that. Leave one out by name where root is not to be had (`-- --skip NAME`).
+pub fn require_root(why: &str) {
+    // SAFETY: geteuid(2) cannot fail.
+    let euid = unsafe { libc::geteuid() };
+    assert_eq!(
+        euid, 0,
+        "this test needs root ({why}); CI runs as root. Run it as root, or leave it out with `-- --skip TEST_NAME`"
+    );
+}
+
 /// Polls `check` until it returns Some, or panics after `deadline` with `what`.
 pub async fn wait_for<T, F, Fut>(what: &str, deadline: Duration, mut check: F) -> T
 where

@@ -5,7 +5,7 @@
 #![allow(dead_code)] // each test binary uses a different part
 
 use std::{
-    collections::BTreeMap,
+    collections::{BTreeMap, BTreeSet},
     process::Command,
     sync::{
         Arc,
@@ -640,7 +640,8 @@ pub struct SampleReport {
     pub samples: u64,
     /// The most server processes seen at once, per model.
     pub max_leaders: BTreeMap<String, usize>,
-    /// Two servers of one model, or servers of two conflicting models, alive at once.
+    /// Two servers of one model, or processes (servers or workers) of two conflicting models,
+    /// alive at once.
     pub violations: Vec<String>,
 }
 
@@ -717,35 +718,37 @@ impl Drop for Sampler {
 
 fn sample(marker: &str, conflicts: &[(String, String)], report: &mut SampleReport) {
     report.samples += 1;
-    let servers: Vec<MockProcess> = scan_mocks(marker)
-        .into_iter()
-        .filter(|p| !p.worker)
-        .collect();
-    let count = |servers: &[MockProcess]| {
-        let mut by_model: BTreeMap<String, usize> = BTreeMap::new();
-        for p in servers {
-            *by_model.entry(p.model.clone()).or_default() += 1;
+    // Workers count for the GPU (they are what holds its memory), only servers for "one
+    // server per model".
+    let count = |processes: &[MockProcess]| {
+        let mut servers: BTreeMap<String, usize> = BTreeMap::new();
+        let mut on_gpu: BTreeSet<String> = BTreeSet::new();
+        for p in processes {
+            on_gpu.insert(p.model.clone());
+            if !p.worker {
+                *servers.entry(p.model.clone()).or_default() += 1;
+            }
         }
-        by_model
+        (servers, on_gpu)
     };
-    let suspicious = |by_model: &BTreeMap<String, usize>| {
-        by_model.values().any(|n| *n > 1)
+    let suspicious = |(servers, on_gpu): &(BTreeMap<String, usize>, BTreeSet<String>)| {
+        servers.values().any(|n| *n > 1)
             || conflicts
                 .iter()
-                .any(|(a, b)| by_model.contains_key(a) && by_model.contains_key(b))
+                .any(|(a, b)| on_gpu.contains(a) && on_gpu.contains(b))
     };
-    let mut by_model = count(&servers);
-    let mut confirmed = servers;
-    if suspicious(&by_model) {
+    let mut confirmed = scan_mocks(marker);
+    let mut counted = count(&confirmed);
+    if suspicious(&counted) {
         // One scan reads the processes one after the other: confirm that all of them are
         // still alive now, together, before calling it a violation.
         confirmed.retain(|p| still_alive(p.pid, p.starttime));
-        by_model = count(&confirmed);
-        if suspicious(&by_model) {
+        counted = count(&confirmed);
+        if suspicious(&counted) {
             report.violations.push(format!("at once: {confirmed:?}"));
         }
     }
-    for (model, n) in by_model {
+    for (model, n) in counted.0 {
         let max = report.max_leaders.entry(model).or_default();
         *max = (*max).max(n);
     }
