@@ -113,6 +113,58 @@ async fn upstream_paths_reach_the_backend_as_they_are_with_the_access_rules() {
     assert_eq!(stack.starts(), ["alpha"]);
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pass_through_holds_its_model_until_it_ends() {
+    // alpha and beta share GPU 0: beta can start only once alpha is let go.
+    let stack = Stack::builder("passthrough-hold")
+        .model(Model::new("alpha"))
+        .model(Model::new("beta"))
+        .start()
+        .await;
+    let (s, _) = send(
+        &stack,
+        stack.http.get(stack.url("/upstream/alpha/props")),
+        "warm up",
+    )
+    .await;
+    assert_eq!(s, 200);
+    let slow = tokio::spawn({
+        let request = stack
+            .http
+            .get(stack.url("/upstream/alpha/echo?delay_ms=1500"));
+        async move {
+            let response = request.send().await.expect("slow pass-through");
+            (
+                response.status().as_u16(),
+                response.text().await.unwrap_or_default(),
+            )
+        }
+    });
+    testkit::wait_for(
+        "the slow pass-through in flight",
+        testkit::DEADLINE,
+        || async {
+            let health = stack.get_json("/health").await?;
+            let alpha = health["models"]
+                .as_array()?
+                .iter()
+                .find(|m| m["id"] == "alpha")?
+                .clone();
+            (alpha["in_flight"] == 1).then_some(())
+        },
+    )
+    .await;
+    let (s, t) = stack
+        .post("/v1/chat/completions", &Stack::chat("beta", false, 2))
+        .await;
+    assert_eq!(s, 200, "{t}{}", stack.logs());
+    // Not held, alpha would have been stopped for beta mid-request (a 502 here).
+    let (status, body) = slow.await.unwrap();
+    assert_eq!(status, 200, "the pass-through was cut by the swap: {body}");
+    assert_eq!(testkit::json(&body)["model"], "alpha");
+    assert_eq!(stack.starts(), ["alpha", "beta"]);
+}
+
 /// A multipart body: `fields` as form fields, then a file part of `file_len` bytes.
 fn multipart(fields: &[(&str, &str)], file_len: usize, file_first: bool) -> (String, Vec<u8>) {
     let boundary = "gpuswap-test-boundary-7MA4YWxkTrZu0gW";

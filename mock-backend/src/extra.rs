@@ -41,9 +41,20 @@ async fn props(State(shared): AppState) -> Json<Value> {
     }))
 }
 
-/// Any method: what arrived (method, path, query, a few headers, the body's size and text).
+/// Any method: what arrived (method, path, query, a few headers, the body's size and text),
+/// after `delay_ms` (a query parameter) when given: a request that stays in flight.
 async fn echo(State(shared): AppState, request: HttpRequest) -> Json<Value> {
     let (parts, body) = request.into_parts();
+    let delay_ms = parts
+        .uri
+        .query()
+        .unwrap_or("")
+        .split('&')
+        .find_map(|pair| pair.strip_prefix("delay_ms="))
+        .and_then(|ms| ms.parse().ok());
+    if let Some(ms) = delay_ms {
+        tokio::time::sleep(Duration::from_millis(ms)).await;
+    }
     let body = axum::body::to_bytes(body, usize::MAX)
         .await
         .unwrap_or_default();
