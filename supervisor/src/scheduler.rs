@@ -178,6 +178,7 @@ enum Command {
         reply: oneshot::Sender<Result<Vec<LogBuffer>, Status>>,
     },
     Reload {
+        config: Box<Config>,
         reply: oneshot::Sender<Result<pb::ReloadResponse, Status>>,
     },
     Shutdown {
@@ -222,6 +223,8 @@ enum Message {
 pub struct Scheduler {
     tx: mpsc::UnboundedSender<Message>,
     metrics: SupervisorMetrics,
+    /// The file Reload re-reads (here, not on the actor: reading it may block).
+    config_path: Option<PathBuf>,
 }
 
 fn gone() -> Status {
@@ -236,9 +239,17 @@ impl Scheduler {
     ) -> (Scheduler, tokio::task::JoinHandle<()>) {
         let (tx, rx) = mpsc::unbounded_channel();
         let metrics = options.metrics.clone();
+        let config_path = options.config_path.clone();
         let actor = Actor::new(config, options, tx.downgrade());
         let task = tokio::spawn(actor.run(rx));
-        (Scheduler { tx, metrics }, task)
+        (
+            Scheduler {
+                tx,
+                metrics,
+                config_path,
+            },
+            task,
+        )
     }
 
     /// The supervisor's metrics (the service counts the log lines its followers lose).
@@ -303,10 +314,23 @@ impl Scheduler {
         answer.await.map_err(|_| gone())?
     }
 
-    /// Re-reads the configuration file.
+    /// Re-reads the configuration file (on a blocking thread: the actor never waits for
+    /// a slow disk) and hands the new configuration to the actor.
     pub async fn reload(&self) -> Result<pb::ReloadResponse, Status> {
+        let Some(path) = self.config_path.clone() else {
+            return Err(Status::failed_precondition(
+                "no configuration file to reload",
+            ));
+        };
+        let config = tokio::task::spawn_blocking(move || Config::load(&path))
+            .await
+            .map_err(|e| Status::internal(format!("reading the configuration: {e}")))?
+            .map_err(|e| Status::invalid_argument(e.to_string()))?;
         let (reply, answer) = oneshot::channel();
-        self.send(Command::Reload { reply })?;
+        self.send(Command::Reload {
+            config: Box::new(config),
+            reply,
+        })?;
         answer.await.map_err(|_| gone())?
     }
 
@@ -517,7 +541,6 @@ enum Flow {
 }
 
 struct Actor {
-    config_path: Option<PathBuf>,
     guard_exe: PathBuf,
     state_file: Option<Arc<StateFile>>,
     drain_timeout: Duration,
@@ -558,7 +581,6 @@ impl Actor {
             .collect();
         let (watch, _) = broadcast::channel(WATCH_CHANNEL_CAPACITY);
         let mut actor = Actor {
-            config_path: options.config_path,
             guard_exe: options.guard_exe,
             state_file: options.state_file,
             drain_timeout: supervisor.drain_timeout,
@@ -796,8 +818,8 @@ impl Actor {
                 };
                 let _ = reply.send(result);
             }
-            Command::Reload { reply } => {
-                let _ = reply.send(self.reload());
+            Command::Reload { config, reply } => {
+                let _ = reply.send(Ok(self.reload(*config)));
             }
             Command::Shutdown { .. } => unreachable!("handled in run"),
         }
@@ -1661,18 +1683,12 @@ impl Actor {
 
     // ----- reload -------------------------------------------------------------------------
 
-    fn reload(&mut self) -> Result<pb::ReloadResponse, Status> {
+    fn reload(&mut self, config: Config) -> pb::ReloadResponse {
         // Fault injection for the tests, in debug builds only: a bug in the actor.
         #[cfg(debug_assertions)]
         if std::env::var_os("GPUSWAP_TEST_FAULT").is_some_and(|f| f == "actor-panic-on-reload") {
             panic!("injected fault: actor-panic-on-reload");
         }
-        let Some(path) = &self.config_path else {
-            return Err(Status::failed_precondition(
-                "no configuration file to reload",
-            ));
-        };
-        let config = Config::load(path).map_err(|e| Status::invalid_argument(e.to_string()))?;
         let supervisor = &config.supervisor;
         self.drain_timeout = supervisor.drain_timeout;
         self.min_residency = supervisor.min_residency;
@@ -1722,7 +1738,7 @@ impl Actor {
             }
         }
         tracing::info!(added = ?response.added, removed = ?response.removed, changed = ?response.changed, "configuration reloaded");
-        Ok(response)
+        response
     }
 
     // ----- shutdown -----------------------------------------------------------------------
