@@ -4,9 +4,14 @@
 
 use std::{
     future::Future,
-    os::unix::fs::{FileTypeExt, PermissionsExt},
+    os::{
+        fd::AsRawFd,
+        unix::fs::{FileTypeExt, PermissionsExt},
+    },
     path::{Path, PathBuf},
+    pin::Pin,
     sync::Arc,
+    task::{Context as TaskContext, Poll},
 };
 
 use anyhow::{Context, bail};
@@ -15,12 +20,18 @@ use gpuswap::{
     config::{SupervisorConfig, parse_mode},
     pb::supervisor_server::SupervisorServer,
 };
-use tokio::net::{TcpListener, UnixListener};
-use tokio_stream::wrappers::{TcpListenerStream, UnixListenerStream};
+use tokio::{
+    io::{AsyncRead, AsyncWrite, ReadBuf},
+    net::{TcpListener, UnixListener, UnixStream},
+};
+use tokio_stream::{
+    StreamExt,
+    wrappers::{TcpListenerStream, UnixListenerStream},
+};
 use tonic::{
     Request, Status,
     service::{Interceptor, InterceptorLayer},
-    transport::{Identity, Server, ServerTlsConfig, server::UdsConnectInfo},
+    transport::{Identity, Server, ServerTlsConfig, server::Connected},
 };
 
 use crate::{
@@ -40,26 +51,24 @@ pub enum Access {
 }
 
 impl Access {
-    fn check_peer(uids: &[u32], gids: &[u32], info: Option<&UdsConnectInfo>) -> Result<(), Status> {
+    fn check_peer(uids: &[u32], gids: &[u32], peer: Option<&Peer>) -> Result<(), Status> {
         if uids.is_empty() && gids.is_empty() {
             return Ok(());
         }
-        let Some(cred) = info.and_then(|i| i.peer_cred) else {
+        let Some(peer) = peer else {
             return Err(Status::permission_denied("peer credentials unavailable"));
         };
-        let uid = cred.uid();
-        if uid == 0 || uids.contains(&uid) || gids.contains(&cred.gid()) {
-            return Ok(());
-        }
-        if !gids.is_empty()
-            && let Some(pid) = cred.pid()
-            && supplementary_groups(pid).iter().any(|g| gids.contains(g))
+        let uid = peer.uid;
+        if uid == 0
+            || uids.contains(&uid)
+            || gids.contains(&peer.gid)
+            || peer.groups.iter().any(|g| gids.contains(g))
         {
             return Ok(());
         }
         Err(Status::permission_denied(format!(
             "uid {uid} (gid {}) may not use this supervisor (supervisor.allowed_uids / allowed_gids)",
-            cred.gid()
+            peer.gid
         )))
     }
 }
@@ -68,11 +77,140 @@ impl Interceptor for Access {
     fn call(&mut self, request: Request<()>) -> Result<Request<()>, Status> {
         match self {
             Access::Peers { uids, gids } => {
-                Self::check_peer(uids, gids, request.extensions().get::<UdsConnectInfo>())?;
+                Self::check_peer(
+                    uids,
+                    gids,
+                    request
+                        .extensions()
+                        .get::<Option<Peer>>()
+                        .and_then(Option::as_ref),
+                )?;
             }
             Access::Token(tokens) => tokens.check(&request)?,
         }
         Ok(request)
+    }
+}
+
+/// Who connected to the Unix socket, as the kernel recorded it at connect(): never read
+/// again later by pid, which another process may have by then.
+#[derive(Clone, Debug)]
+pub struct Peer {
+    uid: u32,
+    gid: u32,
+    /// Supplementary groups.
+    groups: Arc<[u32]>,
+}
+
+/// An accepted Unix-socket connection that carries its [`Peer`] to every call on it.
+pub struct PeerStream {
+    stream: UnixStream,
+    peer: Option<Peer>,
+}
+
+impl PeerStream {
+    fn new(stream: UnixStream) -> Self {
+        let peer = stream.peer_cred().ok().map(|cred| Peer {
+            uid: cred.uid(),
+            gid: cred.gid(),
+            groups: peer_groups(&stream, cred.pid()).into(),
+        });
+        Self { stream, peer }
+    }
+}
+
+/// SO_PEERGROUPS (Linux 4.13), whose number is the asm-generic one on these architectures.
+#[cfg(any(
+    target_arch = "x86_64",
+    target_arch = "x86",
+    target_arch = "aarch64",
+    target_arch = "arm",
+    target_arch = "riscv64",
+    target_arch = "loongarch64",
+    target_arch = "s390x"
+))]
+const SO_PEERGROUPS: Option<libc::c_int> = Some(59);
+#[cfg(not(any(
+    target_arch = "x86_64",
+    target_arch = "x86",
+    target_arch = "aarch64",
+    target_arch = "arm",
+    target_arch = "riscv64",
+    target_arch = "loongarch64",
+    target_arch = "s390x"
+)))]
+const SO_PEERGROUPS: Option<libc::c_int> = None;
+
+/// The peer's supplementary groups from the socket (SO_PEERGROUPS); where the kernel cannot
+/// tell, from /proc at accept time, the closest to connect() that is left.
+fn peer_groups(stream: &UnixStream, pid: Option<i32>) -> Vec<u32> {
+    if let Some(option) = SO_PEERGROUPS {
+        let mut groups: Vec<libc::gid_t> = vec![0; 64];
+        loop {
+            let mut len = (groups.len() * std::mem::size_of::<libc::gid_t>()) as libc::socklen_t;
+            // SAFETY: getsockopt writes at most `len` bytes into the buffer, which has them.
+            let rc = unsafe {
+                libc::getsockopt(
+                    stream.as_raw_fd(),
+                    libc::SOL_SOCKET,
+                    option,
+                    groups.as_mut_ptr().cast(),
+                    &mut len,
+                )
+            };
+            let wanted = len as usize / std::mem::size_of::<libc::gid_t>();
+            if rc == 0 {
+                groups.truncate(wanted);
+                return groups;
+            }
+            // ERANGE: the buffer was too small; `len` says how large it must be.
+            if std::io::Error::last_os_error().raw_os_error() != Some(libc::ERANGE)
+                || wanted <= groups.len()
+            {
+                break;
+            }
+            groups.resize(wanted, 0);
+        }
+    }
+    pid.map(supplementary_groups).unwrap_or_default()
+}
+
+impl Connected for PeerStream {
+    type ConnectInfo = Option<Peer>;
+
+    fn connect_info(&self) -> Self::ConnectInfo {
+        self.peer.clone()
+    }
+}
+
+impl AsyncRead for PeerStream {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut TaskContext<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.stream).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for PeerStream {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut TaskContext<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.stream).poll_write(cx, buf)
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut TaskContext<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.stream).poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        mut self: Pin<&mut Self>,
+        cx: &mut TaskContext<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.stream).poll_shutdown(cx)
     }
 }
 
@@ -270,7 +408,11 @@ impl Listener {
                     .add_service(health)
                     .add_service(reflection_v1)
                     .add_service(reflection_v1alpha)
-                    .serve_with_incoming_shutdown(UnixListenerStream::new(listener), shutdown)
+                    .serve_with_incoming_shutdown(
+                        UnixListenerStream::new(listener)
+                            .map(|accepted| accepted.map(PeerStream::new)),
+                        shutdown,
+                    )
                     .await;
                 let _ = std::fs::remove_file(&path);
                 result.context("gRPC server")

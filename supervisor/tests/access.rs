@@ -24,35 +24,83 @@ async fn probe_socket_as_another_user() {
     };
     let mut client = gpuswap::connect(&Endpoint::Unix(socket.into()), &ClientOptions::default())
         .expect("client");
-    let outcome = match client.status(pb::StatusRequest {}).await {
+    println!("PROBE_RESULT={}", status_outcome(&mut client).await);
+}
+
+/// The outcome of one Status call: "ok" or the gRPC code.
+async fn status_outcome(client: &mut gpuswap::SupervisorClient) -> String {
+    match client.status(pb::StatusRequest {}).await {
         Ok(_) => "ok".to_owned(),
         Err(status) => format!("{:?}", status.code()),
+    }
+}
+
+/// The user, and its one supplementary group, of `probe_socket_then_leave_the_group`.
+const PEER_USER: u32 = 4545;
+const PEER_GROUP: u32 = 4646;
+
+/// Runs inside a child process (as root) started by
+/// `supplementary_groups_are_those_the_peer_connected_with`: becomes `PEER_USER` with the one
+/// supplementary group `PEER_GROUP` (keeping root as its saved uid), calls Status, leaves the
+/// group, and calls again on the same connection. Ignored in normal runs.
+#[tokio::test]
+#[ignore = "run by supplementary_groups_are_those_the_peer_connected_with"]
+async fn probe_socket_then_leave_the_group() {
+    let Ok(socket) = std::env::var(PROBE_SOCKET_ENV) else {
+        return;
     };
-    println!("PROBE_RESULT={outcome}");
+    let changed = |rc: libc::c_int, what: &str| assert_eq!(rc, 0, "{what}");
+    // SAFETY: plain system calls; glibc applies them to every thread of the process.
+    unsafe {
+        changed(libc::setgroups(1, [PEER_GROUP].as_ptr()), "join the group");
+        changed(
+            libc::setresgid(PEER_USER, PEER_USER, PEER_USER),
+            "setresgid",
+        );
+        changed(libc::setresuid(PEER_USER, PEER_USER, 0), "setresuid");
+    }
+    let mut client = gpuswap::connect(&Endpoint::Unix(socket.into()), &ClientOptions::default())
+        .expect("client");
+    let member = status_outcome(&mut client).await;
+    // SAFETY: as above.
+    unsafe {
+        changed(libc::seteuid(0), "regain root through the saved uid");
+        changed(libc::setgroups(0, std::ptr::null()), "leave the group");
+        changed(libc::seteuid(PEER_USER), "back to the user");
+    }
+    let left = status_outcome(&mut client).await;
+    println!("PROBE_RESULT={member},{left}");
 }
 
 /// Calls Status as `uid` from a child process; returns "ok" or the gRPC code.
 fn status_as(uid: u32, socket: &std::path::Path, dir: &std::path::Path) -> String {
-    let out_path = dir.join(format!("probe-{uid}.out"));
+    run_probe("probe_socket_as_another_user", socket, dir, |command| {
+        command.uid(uid).gid(uid);
+    })
+}
+
+/// Runs the ignored test `probe` of this binary in a child process whose credentials
+/// `credentials` sets; returns what it printed as its result.
+fn run_probe(
+    probe: &str,
+    socket: &std::path::Path,
+    dir: &std::path::Path,
+    credentials: impl FnOnce(&mut Command),
+) -> String {
+    let out_path = dir.join(format!("{probe}.out"));
     let out = std::fs::File::create(&out_path).expect("probe output");
     let mut command = Command::new(std::env::current_exe().expect("test binary"));
     command
-        .args([
-            "--exact",
-            "probe_socket_as_another_user",
-            "--include-ignored",
-            "--nocapture",
-        ])
+        .args(["--exact", probe, "--include-ignored", "--nocapture"])
         .env(PROBE_SOCKET_ENV, socket)
         .stdin(Stdio::null())
-        .stdout(out)
-        .stderr(Stdio::null())
-        .uid(uid)
-        .gid(uid);
+        .stderr(out.try_clone().expect("probe output"))
+        .stdout(out);
+    credentials(&mut command);
     let mut child = Proc::spawn(command);
     let status = child.wait_exit(DEADLINE);
     let output = testkit::read_lossy(&out_path);
-    assert!(status.success(), "probe as uid {uid} failed: {output}");
+    assert!(status.success(), "{probe} failed: {output}");
     output
         .lines()
         .find_map(|l| l.strip_prefix("PROBE_RESULT="))
@@ -103,6 +151,32 @@ async fn peer_credentials_are_checked() {
     assert_eq!(results.1, "PermissionDenied", "an unlisted uid is refused");
     // Root always is.
     sup.status().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn supplementary_groups_are_those_the_peer_connected_with() {
+    testkit::require_root("calling as another user with other groups");
+    let sup = Supervisor::prepare(
+        "peergroups",
+        &[
+            &format!("allowed_gids = [{PEER_GROUP}]"),
+            "socket_mode = \"0666\"",
+        ],
+        vec![],
+    );
+    std::fs::set_permissions(sup.dir.path(), std::fs::Permissions::from_mode(0o755))
+        .expect("chmod");
+    sup.write_config();
+    let sup = sup.launch().await;
+    let (socket, dir) = (sup.socket.clone(), sup.dir.path().to_owned());
+    let result = tokio::task::spawn_blocking(move || {
+        run_probe("probe_socket_then_leave_the_group", &socket, &dir, |_| {})
+    })
+    .await
+    .expect("probe");
+    // The peer was a member when it connected: what it did later (or whoever has its pid
+    // by now) does not change who is on the other end of that connection.
+    assert_eq!(result, "ok,ok");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
