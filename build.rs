@@ -1,5 +1,6 @@
 //! Compiles `proto/gpuswap/v1/*.proto` with protox (pure Rust, so a fresh
-//! machine needs no protoc) and generates the tonic client and server.
+//! machine needs no protoc) and generates the tonic client and server; and the
+//! clients of the part of etcd's API in `proto/etcd/`.
 
 use std::path::PathBuf;
 
@@ -18,5 +19,19 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .build_client(true)
         .build_server(true)
         .compile_fds(fds)?;
+    // The part of etcd's API that box registration, discovery and the pickers' election use
+    // (clients only). etcd-client's build needs protoc; this does not.
+    let etcd = [
+        "proto/etcd/mvccpb.proto",
+        "proto/etcd/etcdserverpb.proto",
+        "proto/etcd/v3electionpb.proto",
+    ];
+    for proto in etcd {
+        println!("cargo:rerun-if-changed={proto}");
+    }
+    tonic_prost_build::configure()
+        .build_client(true)
+        .build_server(false)
+        .compile_fds(protox::compile(etcd, ["proto"])?)?;
     Ok(())
 }

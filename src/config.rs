@@ -200,6 +200,40 @@ pub struct GatewayConfig {
     /// a request lost in the race is sent again on a new one.
     #[serde(deserialize_with = "duration")]
     pub upstream_idle_timeout: Duration,
+    /// Register this box in etcd for the endpoint pickers (`[epp] discovery`).
+    pub register: Option<RegisterConfig>,
+}
+
+/// `[gateway] register`: the box's entry in etcd, under a lease the gateway keeps alive (a
+/// gateway that dies or hangs drops out of placement when the lease runs out).
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct RegisterConfig {
+    /// etcd endpoints (`http://host:port`).
+    pub etcd: Vec<String>,
+    /// The box's name (unique among the boxes).
+    pub name: String,
+    /// `ip:port` the proxy reaches this gateway at.
+    pub advertise: String,
+    /// The supervisor as the pickers reach it (default: `gateway.supervisor`).
+    pub supervisor: Option<String>,
+    #[serde(default = "default_discovery_prefix")]
+    pub prefix: String,
+    /// The lease: how long a box that stopped renewing stays listed.
+    #[serde(default = "default_lease_ttl", deserialize_with = "duration")]
+    pub ttl: Duration,
+}
+
+fn default_lease_ttl() -> Duration {
+    Duration::from_secs(10)
+}
+
+/// `ttl` must be whole seconds, at least one (etcd's lease unit).
+fn validate_ttl(key: &str, ttl: Duration) -> Result<(), ConfigError> {
+    if ttl < Duration::from_secs(1) || ttl.subsec_nanos() != 0 {
+        return Err(invalid(key, "must be whole seconds, at least 1s"));
+    }
+    Ok(())
 }
 
 impl Default for GatewayConfig {
@@ -222,6 +256,7 @@ impl Default for GatewayConfig {
             keepalive_interval: Duration::from_secs(5),
             header_timeout: Duration::from_secs(30),
             upstream_idle_timeout: Duration::from_secs(90),
+            register: None,
         }
     }
 }
@@ -351,6 +386,12 @@ pub struct DiscoveryConfig {
     /// Key prefix of the registrations (`/gpuswap/boxes/`).
     #[serde(default = "default_discovery_prefix")]
     pub prefix: String,
+    /// The lease of the active picker: a standby takes over this long after it died.
+    #[serde(default = "default_lease_ttl", deserialize_with = "duration")]
+    pub ttl: Duration,
+    /// Token and CA for boxes whose registered supervisor is `https://`.
+    pub token_file: Option<PathBuf>,
+    pub ca_file: Option<PathBuf>,
 }
 
 fn default_discovery_prefix() -> String {
@@ -759,6 +800,35 @@ impl Config {
 
     fn validate_gateway(&self) -> Result<(), ConfigError> {
         let g = &self.gateway;
+        if let Some(r) = &g.register {
+            if r.etcd.is_empty() {
+                return Err(invalid(
+                    "gateway.register.etcd",
+                    "must list an etcd endpoint",
+                ));
+            }
+            if r.name.trim().is_empty() || r.name.contains('/') {
+                return Err(invalid(
+                    "gateway.register.name",
+                    "must be non-empty and without '/' (it ends the etcd key)",
+                ));
+            }
+            if let Some(supervisor) = &r.supervisor {
+                supervisor
+                    .parse::<Endpoint>()
+                    .map_err(|e| invalid("gateway.register.supervisor", e.to_string()))?;
+            }
+            if r.advertise.parse::<std::net::SocketAddr>().is_err() {
+                return Err(invalid(
+                    "gateway.register.advertise",
+                    "must be ip:port (the proxy connects to it)",
+                ));
+            }
+            if !r.prefix.starts_with('/') {
+                return Err(invalid("gateway.register.prefix", "must start with '/'"));
+            }
+            validate_ttl("gateway.register.ttl", r.ttl)?;
+        }
         if g.listen.parse::<std::net::SocketAddr>().is_err() {
             return Err(invalid(
                 "gateway.listen",
@@ -867,6 +937,7 @@ impl Config {
             if !d.prefix.starts_with('/') {
                 return Err(invalid("epp.discovery.prefix", "must start with '/'"));
             }
+            validate_ttl("epp.discovery.ttl", d.ttl)?;
         }
         Ok(())
     }

@@ -7,11 +7,13 @@
 //! - [`tls`]: the client's TLS: CA or pinned certificate, refusals explained.
 //! - [`config`]: the one TOML configuration file, loaded in layers and validated.
 //! - [`shutdown`]: the stop signal the daemons share.
+//! - [`etcd`]: leases, prefix watches and elections in etcd (box registration, pickers).
 
 pub mod auth;
 pub mod client;
 pub mod config;
 pub mod endpoint;
+pub mod etcd;
 pub mod shutdown;
 pub mod tls;
 

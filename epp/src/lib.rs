@@ -4,6 +4,7 @@
 //! report on their Watch streams (see `placement` for the order).
 
 pub mod discovery;
+pub mod etcd;
 pub mod extproc;
 pub mod fleet;
 pub mod picker;
@@ -50,7 +51,20 @@ pub async fn run(config: EppConfig, listen: Option<String>) -> anyhow::Result<()
             leader_tx.send_replace(true);
             tokio::spawn(async move { StaticBoxes(config.boxes).run(boxes_tx).await })
         }
-        Some(_) => anyhow::bail!("epp.discovery: etcd discovery is not built in yet"),
+        Some(discovery) => {
+            let etcd = gpuswap::etcd::Etcd::connect(&discovery.etcd)?;
+            tokio::spawn(etcd::elect(
+                etcd.clone(),
+                discovery.clone(),
+                addr.to_string(),
+                leader_tx,
+            ));
+            let source = etcd::EtcdBoxes {
+                etcd,
+                config: discovery.clone(),
+            };
+            tokio::spawn(async move { source.run(boxes_tx).await })
+        }
     };
     tokio::spawn(discovery::apply(fleet, boxes_rx));
 

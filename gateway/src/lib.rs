@@ -13,6 +13,7 @@ pub mod catalog;
 pub mod error;
 pub mod operator;
 pub mod proxy;
+mod register;
 pub mod route;
 pub mod scheduler;
 pub mod server;
@@ -152,6 +153,14 @@ pub async fn run(config: GatewayConfig, listen: Option<String>) -> anyhow::Resul
         Arc::clone(&catalog),
         endpoint.to_string(),
     ));
+    if let Some(register) = config.register.clone() {
+        let supervisor = config.supervisor.clone();
+        tokio::spawn(async move {
+            if let Err(error) = register::run(register, supervisor).await {
+                tracing::error!(%error, "gateway.register: cannot register in etcd");
+            }
+        });
+    }
     tokio::spawn(scheduler.run());
     tokio::spawn(close_stale_connections(Arc::clone(&routes)));
 

@@ -35,7 +35,23 @@ impl GpuBox {
     /// Starts a box named `name` whose gateway listens on `ip` with `models` (each on its
     /// own port, GPU 0 unless told otherwise: the box's GPUs are its own).
     pub async fn start(test: &str, name: &str, ip: &str, models: Vec<MockModel>) -> GpuBox {
+        Self::start_with(test, name, ip, models, |_| Vec::new()).await
+    }
+
+    /// As [`start`](Self::start), with extra `[gateway]` lines made from the gateway's
+    /// `ip:port` (e.g. its etcd registration).
+    pub async fn start_with(
+        test: &str,
+        name: &str,
+        ip: &str,
+        models: Vec<MockModel>,
+        gateway_lines: impl Fn(&str) -> Vec<String>,
+    ) -> GpuBox {
+        let port = testkit::free_port();
         let mut builder = testkit::StackBuilder::<GpuBox>::new(&format!("{test}-{name}"));
+        for line in gateway_lines(&format!("{ip}:{port}")) {
+            builder = builder.gateway(&line);
+        }
         for model in models {
             builder = builder.model(model);
         }
@@ -44,7 +60,7 @@ impl GpuBox {
             base,
             name: name.into(),
             ip: ip.into(),
-            port: testkit::free_port(),
+            port,
             gateway: None,
             runs: 0,
         };
@@ -119,13 +135,51 @@ impl GpuBox {
 /// Envoy's config as the tests change it: a function of the file's text.
 pub type EnvoyPatch = fn(String) -> String;
 
-/// Boxes, the picker and Envoy in front.
+/// One `gpuswap-epp`.
+pub struct Picker {
+    pub proc: Option<Proc>,
+    pub port: u16,
+    pub config: PathBuf,
+    pub log: PathBuf,
+}
+
+impl Picker {
+    pub fn start(&mut self) {
+        self.proc = Some(spawn_picker(&self.config, &self.log));
+    }
+
+    /// `kill -9`.
+    pub fn kill(&mut self) {
+        if let Some(mut proc) = self.proc.take() {
+            proc.signal(libc::SIGKILL);
+            proc.wait_exit(DEADLINE);
+        }
+    }
+
+    /// The gRPC health status of `service` (None: no answer).
+    pub async fn health(&self, service: &str) -> Option<i32> {
+        use tonic_health::pb::{HealthCheckRequest, health_client::HealthClient};
+        let url = format!("http://127.0.0.1:{}", self.port);
+        let channel = tonic::transport::Endpoint::from_shared(url)
+            .ok()?
+            .connect()
+            .await
+            .ok()?;
+        let request = HealthCheckRequest {
+            service: service.into(),
+        };
+        let answer = HealthClient::new(channel).check(request).await.ok()?;
+        Some(answer.into_inner().status)
+    }
+}
+
+/// Boxes, the picker(s) and Envoy in front.
 pub struct Front {
     pub boxes: Vec<GpuBox>,
     pub dir: tempfile::TempDir,
-    pub picker: Option<Proc>,
+    pub pickers: Vec<Picker>,
+    /// The first picker's port.
     pub picker_port: u16,
-    picker_config: PathBuf,
     pub envoy: Proc,
     pub front_port: u16,
     pub admin_port: u16,
@@ -180,36 +234,52 @@ impl Front {
     /// Starts the picker on `boxes` (with extra `[epp]` lines) and Envoy on the deploy config
     /// changed by `patch`; waits until `/v1/models` through Envoy lists every box's models.
     pub async fn start(boxes: Vec<GpuBox>, epp_lines: &[&str], patch: EnvoyPatch) -> Front {
+        let config = picker_toml(&boxes, epp_lines);
+        Self::start_pickers(boxes, &[config], patch).await
+    }
+
+    /// As [`start`](Self::start), with one picker per `[epp]` text (its `listen` is added),
+    /// all listed in Envoy's picker cluster.
+    pub async fn start_pickers(boxes: Vec<GpuBox>, configs: &[String], patch: EnvoyPatch) -> Front {
         let dir = testkit::short_tempdir();
-        let picker_port = testkit::free_port();
-        let picker_config = dir.path().join("epp.toml");
-        std::fs::write(&picker_config, picker_toml(picker_port, &boxes, epp_lines)).unwrap();
+        let mut pickers = Vec::new();
+        for (i, text) in configs.iter().enumerate() {
+            let port = testkit::free_port();
+            let config = dir.path().join(format!("epp{i}.toml"));
+            let text = text.replacen(
+                "[epp]\n",
+                &format!("[epp]\nlisten = \"127.0.0.1:{port}\"\n"),
+                1,
+            );
+            std::fs::write(&config, text).unwrap();
+            let log = dir.path().join(format!("epp{i}.log"));
+            let mut picker = Picker {
+                proc: None,
+                port,
+                config,
+                log,
+            };
+            picker.start();
+            pickers.push(picker);
+        }
         let front_port = testkit::free_port();
         let admin_port = testkit::free_port();
         let envoy_config = dir.path().join("envoy.yaml");
         let text = std::fs::read_to_string(repo().join("deploy/envoy/envoy.yaml")).unwrap();
-        let text = patch(envoy_ports(&text, front_port, admin_port, &[picker_port]));
+        let ports: Vec<u16> = pickers.iter().map(|p| p.port).collect();
+        let text = patch(envoy_ports(&text, front_port, admin_port, &ports));
         std::fs::write(&envoy_config, text).unwrap();
-        let mut front = Front {
+        let front = Front {
             boxes,
-            picker: None,
-            picker_port,
-            picker_config,
+            picker_port: pickers[0].port,
+            pickers,
             envoy: spawn_envoy(&envoy_config, &dir.path().join("envoy.log")),
             dir,
             front_port,
             admin_port,
         };
-        front.start_picker().await;
         front.wait_models_listed().await;
         front
-    }
-
-    pub async fn start_picker(&mut self) {
-        self.picker = Some(spawn_picker(
-            &self.picker_config,
-            &self.dir.path().join("epp.log"),
-        ));
     }
 
     /// Until `/v1/models` through Envoy lists a model of every box.
@@ -238,6 +308,19 @@ impl Front {
             }
         })
         .await;
+    }
+
+    /// [`testkit::wait_for`] that shows every log when it times out.
+    pub async fn wait_logged<T, F, Fut>(&self, what: &str, check: F) -> T
+    where
+        F: FnMut() -> Fut,
+        Fut: std::future::Future<Output = Option<T>>,
+    {
+        let wait = testkit::wait_for(what, Duration::from_secs(3600), check);
+        match tokio::time::timeout(DEADLINE, wait).await {
+            Ok(value) => value,
+            Err(_) => panic!("timed out waiting for {what}\n{}", self.logs()),
+        }
     }
 
     pub fn url(&self, path: &str) -> String {
@@ -296,8 +379,10 @@ impl Front {
             text.push_str(&format!("\n===== box {}", b.name));
             text.push_str(&b.logs_with(b.log_paths()));
         }
-        for name in ["epp.log", "envoy.log"] {
-            let log = testkit::read_lossy(&self.dir.path().join(name));
+        let logs = self.pickers.iter().map(|p| p.log.clone());
+        for path in logs.chain([self.dir.path().join("envoy.log")]) {
+            let name = path.display();
+            let log = testkit::read_lossy(&path);
             let tail: Vec<&str> = log.lines().rev().take(80).collect();
             text.push_str(&format!("\n--- {name} (last lines)\n"));
             for line in tail.into_iter().rev() {
@@ -309,8 +394,8 @@ impl Front {
     }
 }
 
-/// The `[epp]` configuration of a picker on `port` in front of `boxes`.
-pub fn picker_toml(port: u16, boxes: &[GpuBox], extra: &[&str]) -> String {
+/// The `[epp]` configuration of a picker in front of `boxes` (its `listen` is added later).
+pub fn picker_toml(boxes: &[GpuBox], extra: &[&str]) -> String {
     let list: Vec<String> = boxes
         .iter()
         .map(|b| {
@@ -322,10 +407,7 @@ pub fn picker_toml(port: u16, boxes: &[GpuBox], extra: &[&str]) -> String {
             )
         })
         .collect();
-    let mut text = format!(
-        "[epp]\nlisten = \"127.0.0.1:{port}\"\nboxes = [\n  {}\n]\n",
-        list.join(",\n  ")
-    );
+    let mut text = format!("[epp]\nboxes = [\n  {}\n]\n", list.join(",\n  "));
     for line in extra {
         text.push_str(line);
         text.push('\n');
@@ -421,4 +503,50 @@ pub async fn stream_timed(
         }
     }
     (by, times, Ok(String::from_utf8_lossy(&text).into_owned()))
+}
+
+/// A single-member etcd (Debian's `etcd-server`, which `.ci/run` installs) on loopback, its
+/// data in a temporary directory.
+pub struct EtcdServer {
+    pub proc: Proc,
+    pub url: String,
+    _dir: tempfile::TempDir,
+}
+
+impl EtcdServer {
+    pub async fn start() -> EtcdServer {
+        let dir = testkit::short_tempdir();
+        let (client, peer) = (testkit::free_port(), testkit::free_port());
+        let url = format!("http://127.0.0.1:{client}");
+        let peer_url = format!("http://127.0.0.1:{peer}");
+        let log = testkit::append_log(&dir.path().join("etcd.log"));
+        let mut command = Command::new("etcd");
+        command
+            .arg("--data-dir")
+            .arg(dir.path().join("data"))
+            .args(["--name", "test", "--listen-client-urls", &url])
+            .args([
+                "--advertise-client-urls",
+                &url,
+                "--listen-peer-urls",
+                &peer_url,
+            ])
+            .args(["--initial-advertise-peer-urls", &peer_url])
+            .args(["--initial-cluster", &format!("test={peer_url}")])
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log);
+        let proc = Proc::spawn(command);
+        let etcd = gpuswap::etcd::Etcd::connect(std::slice::from_ref(&url)).unwrap();
+        testkit::wait_for("etcd to answer", DEADLINE, || {
+            let etcd = etcd.clone();
+            async move { etcd.list("/").await.ok().map(|_| ()) }
+        })
+        .await;
+        EtcdServer {
+            proc,
+            url,
+            _dir: dir,
+        }
+    }
 }
