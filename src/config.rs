@@ -1253,6 +1253,22 @@ boxes = [
             ),
             ("[epp]\ndiscovery = { etcd = [] }\n", "epp.discovery.etcd"),
             (
+                "[epp]\ndiscovery = { etcd = [\"http://e:2379\"], ttl = \"1500ms\" }\n",
+                "epp.discovery.ttl",
+            ),
+            (
+                "[gateway]\nregister = { etcd = [\"http://e:2379\"], name = \"g\", advertise = \"host\" }\n",
+                "gateway.register.advertise",
+            ),
+            (
+                "[gateway]\nregister = { etcd = [\"http://e:2379\"], name = \"a/b\", advertise = \"1.2.3.4:5\" }\n",
+                "gateway.register.name",
+            ),
+            (
+                "[gateway]\nregister = { etcd = [], name = \"g\", advertise = \"1.2.3.4:5\" }\n",
+                "gateway.register.etcd",
+            ),
+            (
                 "[epp]\ndiscovery = { etcd = [\"http://e:2379\"], prefix = \"boxes\" }\n",
                 "epp.discovery.prefix",
             ),
