@@ -608,9 +608,19 @@ type Samples = VecDeque<(Instant, u64)>;
 
 /// Completion tokens per second per model, from the gateway's own counters sampled each
 /// second over [`RATE_WINDOW`].
-#[derive(Default)]
 pub struct TokenRates {
     samples: Mutex<HashMap<Arc<str>, Samples>>,
+    /// When the counters were 0.
+    started: Instant,
+}
+
+impl Default for TokenRates {
+    fn default() -> Self {
+        Self {
+            samples: Mutex::default(),
+            started: Instant::now(),
+        }
+    }
 }
 
 impl TokenRates {
@@ -630,6 +640,7 @@ impl TokenRates {
     /// Samples every model's counter each second, for ever.
     pub async fn sample(gateway: Arc<Gateway>) {
         let mut tick = tokio::time::interval(Duration::from_secs(1));
+        let started = gateway.token_rates.started;
         loop {
             tick.tick().await;
             let now = Instant::now();
@@ -641,7 +652,11 @@ impl TokenRates {
                 .unwrap_or_else(|e| e.into_inner());
             for name in catalog.models.keys() {
                 let count = gateway.gw_metrics.model_counts(name).generated_tokens;
-                let window = samples.entry(Arc::clone(name)).or_default();
+                // Counters start at 0 with the gateway: a model first sampled after its
+                // first tokens (the catalog came later) has that as its first sample.
+                let window = samples
+                    .entry(Arc::clone(name))
+                    .or_insert_with(|| VecDeque::from([(started, 0)]));
                 window.push_back((now, count));
                 while window
                     .front()

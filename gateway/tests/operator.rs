@@ -186,9 +186,17 @@ async fn load_shows_progress_then_ready_and_unload_stops_with_logs_followed() {
     })
     .await;
     let (s, t) = stack
-        .post("/v1/chat/completions", &Stack::chat("alpha", false, 2))
+        .post("/v1/chat/completions", &Stack::chat("alpha", false, 20))
         .await;
     assert_eq!(s, 200, "{t}");
+    // The gateway's own counters: the tokens generated, and a rate over the last seconds.
+    testkit::wait_for("alpha's tokens per second", DEADLINE, || async {
+        let (_, status) = get(&stack, "/api/status", None).await;
+        let alpha = model(&status, "alpha").clone();
+        let rate = alpha["tokens_per_second"].as_f64()?;
+        (alpha["generated_tokens"] == 20 && rate > 0.0).then_some(())
+    })
+    .await;
     log.until("the chat's access line", |_, line| {
         line["line"]
             .as_str()
