@@ -200,6 +200,24 @@ pub struct GatewayConfig {
     /// a request lost in the race is sent again on a new one.
     #[serde(deserialize_with = "duration")]
     pub upstream_idle_timeout: Duration,
+    /// Bytes of request bodies the gateway may hold for requests that are
+    /// being read or wait for their model; past it a request gets 429.
+    #[serde(deserialize_with = "byte_size")]
+    pub queue_memory: u64,
+    /// Requests that may wait for their model at once; past it, 429.
+    pub max_queued: usize,
+    /// Deadline for a request body, from the end of its headers (408 and close).
+    #[serde(deserialize_with = "duration")]
+    pub body_timeout: Duration,
+    /// Client connections served at once; more wait to be accepted.
+    pub max_connections: usize,
+    /// Put the backend's last log lines in start-failure answers (they can
+    /// hold paths and secrets a backend printed: off for open gateways).
+    pub expose_log_tail: bool,
+    /// Browser origins (`scheme://host[:port]`) allowed to call; `["*"]`: any.
+    pub cors_origins: Vec<String>,
+    /// Host headers served (`host` or `host:port`); empty: any.
+    pub allowed_hosts: Vec<String>,
     /// Register this box in etcd for the endpoint pickers (`[epp] discovery`).
     pub register: Option<RegisterConfig>,
 }
@@ -255,7 +273,14 @@ impl Default for GatewayConfig {
             stream_progress: true,
             keepalive_interval: Duration::from_secs(5),
             header_timeout: Duration::from_secs(30),
-            upstream_idle_timeout: Duration::from_secs(90),
+            upstream_idle_timeout: Duration::from_secs(4),
+            queue_memory: 512 << 20,
+            max_queued: 1024,
+            body_timeout: Duration::from_secs(60),
+            max_connections: 4096,
+            expose_log_tail: false,
+            cors_origins: Vec::new(),
+            allowed_hosts: Vec::new(),
             register: None,
         }
     }
@@ -590,6 +615,8 @@ impl Config {
                     .with_list_parse_key("gateway.admin_keys")
                     .with_list_parse_key("gateway.preload")
                     .with_list_parse_key("supervisor.tls_names")
+                    .with_list_parse_key("gateway.cors_origins")
+                    .with_list_parse_key("gateway.allowed_hosts")
                     .try_parsing(true),
             )
             .build()
@@ -900,6 +927,58 @@ impl Config {
                 "must be more than 0s",
             ));
         }
+        self.validate_gateway_limits()
+    }
+
+    /// The gateway's bounds on what clients may make it hold, and who may call.
+    fn validate_gateway_limits(&self) -> Result<(), ConfigError> {
+        let g = &self.gateway;
+        if g.queue_memory < g.max_body {
+            return Err(invalid(
+                "gateway.queue_memory",
+                format!(
+                    "must be at least gateway.max_body ({} bytes), or no large request could wait",
+                    g.max_body
+                ),
+            ));
+        }
+        if g.max_queued == 0 {
+            return Err(invalid("gateway.max_queued", "must be at least 1"));
+        }
+        if g.body_timeout.is_zero() {
+            return Err(invalid("gateway.body_timeout", "must be more than 0s"));
+        }
+        if g.max_connections == 0 {
+            return Err(invalid("gateway.max_connections", "must be at least 1"));
+        }
+        for origin in &g.cors_origins {
+            if origin != "*" && !is_origin(origin) {
+                return Err(invalid(
+                    "gateway.cors_origins",
+                    format!(
+                        "{origin:?} is not an origin: write scheme://host[:port] (no path, no \
+                         trailing slash), or \"*\" for any"
+                    ),
+                ));
+            }
+        }
+        if g.cors_origins.len() > 1 && g.cors_origins.iter().any(|o| o == "*") {
+            return Err(invalid(
+                "gateway.cors_origins",
+                "\"*\" allows every origin: list it alone",
+            ));
+        }
+        for host in &g.allowed_hosts {
+            if host.is_empty()
+                || host.contains(['/', ' ', '@'])
+                || http::uri::Authority::try_from(host.as_str()).is_err()
+            {
+                return Err(invalid(
+                    "gateway.allowed_hosts",
+                    format!("{host:?} is not a host or host:port"),
+                ));
+            }
+        }
         Ok(())
     }
 
@@ -972,6 +1051,20 @@ fn check_cuda_devices(gpus: Option<&[u32]>, devices: &str) -> Result<(), String>
         // UUIDs or MIG instances with no gpus: the model counts as using every GPU.
         (None, None) => Ok(()),
     }
+}
+
+/// `scheme://host[:port]`, as browsers send it in `Origin`.
+fn is_origin(text: &str) -> bool {
+    let Ok(uri) = text.parse::<http::Uri>() else {
+        return false;
+    };
+    uri.scheme().is_some()
+        && uri.authority().is_some()
+        // The parser reads "http://h" with the path "/": only the text tells
+        // it from "http://h/", which no browser sends.
+        && uri.path() == "/"
+        && uri.query().is_none()
+        && !text.ends_with('/')
 }
 
 /// Parses an octal file mode ("0660", "660", "0o660").
@@ -1277,6 +1370,39 @@ boxes = [
             let e = error_of(text);
             assert!(e.contains(key), "{key}: {e}");
         }
+    }
+
+    #[test]
+    fn gateway_limits_and_origins_are_checked() {
+        let g = Config::default().gateway;
+        assert_eq!(
+            (g.queue_memory, g.max_queued, g.max_connections),
+            (512 << 20, 1024, 4096)
+        );
+        assert_eq!(g.body_timeout, Duration::from_secs(60));
+        assert!(!g.expose_log_tail && g.cors_origins.is_empty() && g.allowed_hosts.is_empty());
+        let c = Config::from_toml(
+            "[gateway]\ncors_origins = [\"http://webui.lan:3000\", \"https://chat.example\"]\n\
+             allowed_hosts = [\"localhost\", \"gpu.lan:8002\", \"[::1]:8002\"]\n",
+        )
+        .unwrap();
+        assert_eq!(c.gateway.cors_origins.len(), 2);
+        for (line, key) in [
+            ("queue_memory = \"1MiB\"", "gateway.queue_memory"),
+            ("max_queued = 0", "gateway.max_queued"),
+            ("body_timeout = \"0s\"", "gateway.body_timeout"),
+            ("max_connections = 0", "gateway.max_connections"),
+            ("cors_origins = [\"http://a.lan/\"]", "gateway.cors_origins"),
+            ("cors_origins = [\"http://a.lan/x\"]", "gateway.cors_origins"),
+            ("cors_origins = [\"a.lan\"]", "gateway.cors_origins"),
+            ("cors_origins = [\"*\", \"http://a.lan\"]", "gateway.cors_origins"),
+            ("allowed_hosts = [\"\"]", "gateway.allowed_hosts"),
+            ("allowed_hosts = [\"http://a.lan\"]", "gateway.allowed_hosts"),
+        ] {
+            let e = error_of(&format!("[gateway]\n{line}\n"));
+            assert!(e.contains(key), "{line}: {e}");
+        }
+        assert!(error_of("[gateway]\nmax_conections = 1\n").contains("max_conections"));
     }
 
     #[test]
