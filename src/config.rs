@@ -502,6 +502,30 @@ pub struct ModelConfig {
     pub idle_ttl: Option<Duration>,
 }
 
+/// Secret values shorter than this are not masked.
+const MIN_SECRET_LEN: usize = 4;
+
+/// A flag or variable name that says its value is secret (`--api-key`,
+/// `HF_TOKEN`, `db-password`, `client_secret`): one of its words (between
+/// `-`, `_` and `.`) is one of these. Whole words, so that
+/// `--max-num-batched-tokens 8192` or `--tokenizer PATH` are not taken for
+/// secrets (masking "8192" would blank every such number in the log).
+pub fn is_secret_name(name: &str) -> bool {
+    name.split(['-', '_', '.']).any(|word| {
+        [
+            "key",
+            "token",
+            "secret",
+            "password",
+            "passwd",
+            "apikey",
+            "passphrase",
+        ]
+        .iter()
+        .any(|secret| word.eq_ignore_ascii_case(secret))
+    })
+}
+
 fn default_host() -> String {
     "127.0.0.1".into()
 }
@@ -521,6 +545,48 @@ impl ModelConfig {
         self.health_path
             .as_deref()
             .unwrap_or_else(|| self.kind.default_health_path())
+    }
+
+    /// The values that must never show in a log a client or an operator
+    /// reads: the `api_key`, the values of command-line flags and of `env`
+    /// variables whose names say they are secret (`--api-key k1,k2`,
+    /// `--hf-token=T`, `HF_TOKEN`), and each item of a comma-separated one
+    /// (a server may print its keys one by one).
+    pub fn secrets(&self) -> Vec<String> {
+        let mut found: Vec<String> = self.api_key.iter().cloned().collect();
+        let mut args = self.command.iter().skip(1).peekable();
+        while let Some(arg) = args.next() {
+            let Some(flag) = arg.strip_prefix('-') else {
+                continue;
+            };
+            match flag.split_once('=') {
+                Some((name, value)) if is_secret_name(name) => found.push(value.to_owned()),
+                Some(_) => {}
+                None if is_secret_name(flag) => {
+                    if let Some(value) = args.next_if(|next| !next.starts_with('-')) {
+                        found.push(value.clone());
+                    }
+                }
+                None => {}
+            }
+        }
+        found.extend(
+            self.env
+                .iter()
+                .filter(|(name, _)| is_secret_name(name))
+                .map(|(_, value)| value.clone()),
+        );
+        let items: Vec<String> = found
+            .iter()
+            .filter(|v| v.contains(','))
+            .flat_map(|v| v.split(',').map(|item| item.trim().to_owned()))
+            .collect();
+        found.extend(items);
+        // Short values would mask common words (and tell how long the secret is).
+        found.retain(|v| v.len() >= MIN_SECRET_LEN);
+        found.sort_by(|a, b| b.len().cmp(&a.len()).then_with(|| a.cmp(b)));
+        found.dedup();
+        found
     }
 
     /// Two models conflict when they share a GPU or a port: they never run together.
@@ -1373,6 +1439,45 @@ boxes = [
     }
 
     #[test]
+    fn secrets_come_from_the_key_secret_flags_and_secret_env() {
+        let c = Config::from_toml(
+            "[models.a]\nkind = \"vllm\"\nport = 1\napi_key = \"sk-config\"\n\
+             command = [\"vllm\", \"serve\", \"--api-key\", \"k-one,k-two\", \"--hf-token=hf_abcdef\",\
+             \"--port\", \"8000\", \"--SSL-KEYFILE\", \"/etc/k.pem\", \"--api-key\", \"--no-value\", \"--tokenizer\", \"some/tokenizer\", \"--max-num-batched-tokens\", \"8192\"]\n\
+             env = { HF_TOKEN = \"hf_env_value\", DB_Password = \"hunter22\", PATH_TOKEN = \"ab\", LANG = \"C.UTF-8\" }\n",
+        )
+        .unwrap();
+        let secrets = c.models["a"].secrets();
+        for s in [
+            "sk-config",
+            "k-one,k-two",
+            "k-one",
+            "k-two",
+            "hf_abcdef",
+            "hf_env_value",
+            "hunter22",
+        ] {
+            assert!(
+                secrets.iter().any(|x| x == s),
+                "{s} missing from {secrets:?}"
+            );
+        }
+        for s in [
+            "8000",
+            "C.UTF-8",
+            "ab",
+            "--no-value",
+            "some/tokenizer",
+            "8192",
+            "/etc/k.pem",
+        ] {
+            assert!(!secrets.iter().any(|x| x == s), "{s} in {secrets:?}");
+        }
+        // Longest first: a key that contains another is masked whole.
+        assert!(secrets.windows(2).all(|w| w[0].len() >= w[1].len()));
+    }
+
+    #[test]
     fn gateway_limits_and_origins_are_checked() {
         let g = Config::default().gateway;
         assert_eq!(
@@ -1393,11 +1498,20 @@ boxes = [
             ("body_timeout = \"0s\"", "gateway.body_timeout"),
             ("max_connections = 0", "gateway.max_connections"),
             ("cors_origins = [\"http://a.lan/\"]", "gateway.cors_origins"),
-            ("cors_origins = [\"http://a.lan/x\"]", "gateway.cors_origins"),
+            (
+                "cors_origins = [\"http://a.lan/x\"]",
+                "gateway.cors_origins",
+            ),
             ("cors_origins = [\"a.lan\"]", "gateway.cors_origins"),
-            ("cors_origins = [\"*\", \"http://a.lan\"]", "gateway.cors_origins"),
+            (
+                "cors_origins = [\"*\", \"http://a.lan\"]",
+                "gateway.cors_origins",
+            ),
             ("allowed_hosts = [\"\"]", "gateway.allowed_hosts"),
-            ("allowed_hosts = [\"http://a.lan\"]", "gateway.allowed_hosts"),
+            (
+                "allowed_hosts = [\"http://a.lan\"]",
+                "gateway.allowed_hosts",
+            ),
         ] {
             let e = error_of(&format!("[gateway]\n{line}\n"));
             assert!(e.contains(key), "{line}: {e}");

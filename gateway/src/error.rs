@@ -18,8 +18,11 @@ pub struct ApiError {
     pub kind: &'static str,
     pub code: Cow<'static, str>,
     pub message: String,
-    /// The backend's last log lines, when a start failed.
+    /// The backend's last log lines, when a start failed (and
+    /// `gateway.expose_log_tail` lets clients see them).
     pub log_tail: Vec<String>,
+    /// Seconds for a `Retry-After` header (the client should come back later).
+    pub retry_after: Option<u32>,
 }
 
 impl ApiError {
@@ -35,6 +38,7 @@ impl ApiError {
             code: code.into(),
             message: message.into(),
             log_tail: Vec::new(),
+            retry_after: None,
         }
     }
 
@@ -92,8 +96,14 @@ impl ApiError {
         )
     }
 
+    /// A failed start, in one line and where its log is; the log lines go in
+    /// only when given (`gateway.expose_log_tail`): they can hold command
+    /// lines, paths and whatever the backend printed.
     pub fn start_failed(model: &str, reason: &str, log_tail: Vec<String>) -> Self {
-        let mut message = format!("Model `{model}` failed to start: {reason}");
+        let reason = truncate(reason.lines().next().unwrap_or("").trim(), REASON_LIMIT);
+        let mut message = format!(
+            "Model `{model}` failed to start: {reason} (its log: `gpuswapctl logs {model}`)"
+        );
         if !log_tail.is_empty() {
             message.push_str("\nLast log lines:\n");
             message.push_str(&log_tail.join("\n"));
@@ -107,6 +117,66 @@ impl ApiError {
                 message,
             )
         }
+    }
+
+    /// `max_queued` requests already wait.
+    pub fn queue_full(limit: usize) -> Self {
+        Self {
+            retry_after: Some(RETRY_AFTER_S),
+            ..Self::new(
+                StatusCode::TOO_MANY_REQUESTS,
+                "rate_limit_exceeded",
+                "queue_full",
+                format!("Too many requests are waiting for models (at most {limit}): retry later"),
+            )
+        }
+    }
+
+    /// The bodies of the requests being read or waiting hold `queue_memory`.
+    pub fn queue_memory(limit: u64) -> Self {
+        Self {
+            retry_after: Some(RETRY_AFTER_S),
+            ..Self::new(
+                StatusCode::TOO_MANY_REQUESTS,
+                "rate_limit_exceeded",
+                "queue_memory_full",
+                format!(
+                    "The requests waiting for models hold the gateway's limit of {limit} bytes: retry later"
+                ),
+            )
+        }
+    }
+
+    /// The body did not arrive within `body_timeout`.
+    pub fn body_timeout(limit: std::time::Duration) -> Self {
+        Self::new(
+            StatusCode::REQUEST_TIMEOUT,
+            "invalid_request_error",
+            "body_timeout",
+            format!("The request body did not arrive within {}", humanize(limit)),
+        )
+    }
+
+    /// A browser request from an origin not in `gateway.cors_origins`.
+    pub fn origin_not_allowed(origin: &str) -> Self {
+        Self::new(
+            StatusCode::FORBIDDEN,
+            "invalid_request_error",
+            "origin_not_allowed",
+            format!(
+                "Requests from origin {origin:?} are not allowed (the gateway's operator can list it in gateway.cors_origins)"
+            ),
+        )
+    }
+
+    /// A `Host` header not in `gateway.allowed_hosts`.
+    pub fn host_not_allowed(host: &str) -> Self {
+        Self::new(
+            StatusCode::FORBIDDEN,
+            "invalid_request_error",
+            "host_not_allowed",
+            format!("This gateway does not serve the host {host:?} (see gateway.allowed_hosts)"),
+        )
     }
 
     pub fn queue_timeout(model: &str, waited: std::time::Duration) -> Self {
@@ -188,7 +258,13 @@ impl std::fmt::Display for ApiError {
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        json_response(self.status, self.body())
+        let mut response = json_response(self.status, self.body());
+        if let Some(seconds) = self.retry_after {
+            response
+                .headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from(seconds));
+        }
+        response
     }
 }
 
@@ -225,6 +301,12 @@ pub fn openai_error_to_anthropic(status: StatusCode, body: &[u8]) -> Option<Byte
     let message = value.get("error")?.get("message")?.as_str()?;
     Some(anthropic_error(status, message))
 }
+
+/// What a refused client is told to wait: a swap takes seconds to minutes,
+/// and waiting requests leave the queue as their model comes up.
+const RETRY_AFTER_S: u32 = 10;
+/// The longest start-failure reason told to HTTP clients.
+const REASON_LIMIT: usize = 300;
 
 /// A JSON response with the given status.
 pub fn json_response(status: StatusCode, body: Bytes) -> Response {
@@ -325,6 +407,7 @@ pub fn convert_backend_error(status: StatusCode, body: &[u8]) -> Option<ApiError
         code,
         message,
         log_tail: Vec::new(),
+        retry_after: None,
     })
 }
 
@@ -434,7 +517,7 @@ mod tests {
     }
 
     #[test]
-    fn start_failure_carries_the_log_tail() {
+    fn start_failure_carries_the_log_tail_only_when_given() {
         let e = ApiError::start_failed("a", "exited with status 1", vec!["boom".into()]);
         let v = error_json(&e);
         assert_eq!(v["error"]["code"], "model_start_failed");
@@ -454,5 +537,12 @@ mod tests {
         let converted: serde_json::Value = serde_json::from_slice(&converted).unwrap();
         assert_eq!(converted["error"]["type"], body["error"]["type"]);
         assert!(openai_error_to_anthropic(e.status, &anthropic_error(e.status, "x")).is_none());
+        let e = ApiError::start_failed("a", "exited with status 1\nmore\nlines", Vec::new());
+        let v = error_json(&e);
+        assert_eq!(
+            v["error"]["message"],
+            "Model `a` failed to start: exited with status 1 (its log: `gpuswapctl logs a`)"
+        );
+        assert!(v["error"].get("log_tail").is_none(), "{v}");
     }
 }

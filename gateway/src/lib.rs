@@ -7,10 +7,14 @@
 //! - [`upstream`]: keep-alive backend connections, driven by the requests using them.
 //! - [`tokens`]: completion tokens counted from response bytes in passing.
 //! - [`server`]: the HTTP endpoints (`/metrics` included) and the accept loop.
+//! - [`limits`]: the bounds on queued requests and their bodies.
+//! - [`browser`]: CORS origins and allowed `Host` headers.
 
 pub mod access;
+pub mod browser;
 pub mod catalog;
 pub mod error;
+pub mod limits;
 pub mod operator;
 pub mod proxy;
 mod register;
@@ -28,7 +32,9 @@ use std::{
 
 use crate::{
     access::Access,
+    browser::BrowserAccess,
     catalog::CatalogHandle,
+    limits::QueueLimits,
     operator::{Swaps, TokenRates},
     route::RouteTable,
     scheduler::{Scheduler, SchedulerConfig, SchedulerHandle},
@@ -48,6 +54,12 @@ pub struct Gateway {
     pub token_rates: TokenRates,
     pub swaps: Swaps,
     pub max_body: u64,
+    /// Deadline for a request body (408 past it).
+    pub body_timeout: Duration,
+    /// `queue_memory` and `max_queued`.
+    pub limits: Arc<QueueLimits>,
+    /// `cors_origins` and `allowed_hosts`.
+    pub browser: BrowserAccess,
     pub queue_timeout: Duration,
     pub keepalive_interval: Duration,
     pub stream_progress: bool,
@@ -102,6 +114,39 @@ async fn bind(listen: &str) -> std::io::Result<tokio::net::TcpListener> {
     }))
 }
 
+/// Descriptors kept free of client connections, at least: the listener, the
+/// supervisor's channel, the runtime's own, logs and traces.
+const RESERVED_FDS: u64 = 256;
+
+/// `max_connections`, lowered to what the open-file limit can serve with a
+/// margin: a quarter of the descriptors (at least [`RESERVED_FDS`]) stays for
+/// backend connections, which only requests in flight use, and the gateway's
+/// own. Past the limit, accept would fail with EMFILE for every later client,
+/// and the backend connections of requests already accepted would fail too.
+fn connection_cap(configured: usize) -> usize {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit writes into the struct it is given.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) } != 0 {
+        return configured;
+    }
+    let margin = (limit.rlim_cur / 4).max(RESERVED_FDS);
+    let fits = usize::try_from(limit.rlim_cur.saturating_sub(margin))
+        .unwrap_or(usize::MAX)
+        .max(1);
+    if fits < configured {
+        tracing::warn!(
+            configured,
+            serving = fits,
+            open_file_limit = limit.rlim_cur,
+            "gateway.max_connections is above what the open file limit allows: lowered"
+        );
+    }
+    configured.min(fits)
+}
+
 /// `gateway@host:pid`, shown in the supervisor's status.
 fn client_name() -> String {
     let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
@@ -145,6 +190,7 @@ pub async fn run(config: GatewayConfig, listen: Option<String>) -> anyhow::Resul
             idle_ttl: config.idle_ttl,
             preload: config.preload.clone(),
             upstream_idle_timeout: config.upstream_idle_timeout,
+            expose_log_tail: config.expose_log_tail,
         },
         gw_metrics.clone(),
     );
@@ -173,6 +219,9 @@ pub async fn run(config: GatewayConfig, listen: Option<String>) -> anyhow::Resul
         token_rates: TokenRates::default(),
         swaps: Swaps::default(),
         max_body: config.max_body,
+        body_timeout: config.body_timeout,
+        limits: QueueLimits::new(config.queue_memory, config.max_queued),
+        browser: BrowserAccess::new(&config.cors_origins, &config.allowed_hosts),
         queue_timeout: config.queue_timeout,
         keepalive_interval: config.keepalive_interval,
         stream_progress: config.stream_progress,
@@ -186,8 +235,9 @@ pub async fn run(config: GatewayConfig, listen: Option<String>) -> anyhow::Resul
     });
     tokio::spawn(TokenRates::sample(Arc::clone(&gateway)));
     tokio::spawn(Swaps::follow(Arc::clone(&gateway)));
-    tracing::info!(listen = %listener.local_addr()?, supervisor = %endpoint, "gpuswap-gateway listening");
-    server::serve(listener, gateway, config.header_timeout).await;
+    let max_connections = connection_cap(config.max_connections);
+    tracing::info!(listen = %listener.local_addr()?, supervisor = %endpoint, max_connections, "gpuswap-gateway listening");
+    server::serve(listener, gateway, config.header_timeout, max_connections).await;
     Ok(())
 }
 
@@ -212,6 +262,7 @@ pub(crate) mod tests {
                 idle_ttl: Duration::ZERO,
                 preload: Vec::new(),
                 upstream_idle_timeout: Duration::from_secs(90),
+                expose_log_tail: false,
             },
             gw_metrics.clone(),
         );
@@ -224,6 +275,9 @@ pub(crate) mod tests {
             token_rates: TokenRates::default(),
             swaps: Swaps::default(),
             max_body: 1 << 20,
+            body_timeout: Duration::from_secs(1),
+            limits: QueueLimits::new(1 << 20, 4),
+            browser: BrowserAccess::default(),
             queue_timeout: Duration::from_secs(1),
             keepalive_interval: Duration::from_secs(1),
             stream_progress: true,

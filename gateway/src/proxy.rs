@@ -14,8 +14,8 @@ use axum::{
     body::Body,
     response::{IntoResponse, Response},
 };
-use bytes::Bytes;
-use gpuswap_telemetry::RequestMetrics;
+use bytes::{Bytes, BytesMut};
+use gpuswap_telemetry::{Refusal, RequestMetrics};
 use http::{HeaderMap, HeaderValue, Request, StatusCode, Uri, header, request::Parts};
 use http_body::{Body as HttpBody, Frame, SizeHint};
 use http_body_util::{BodyExt, Full, LengthLimitError, Limited};
@@ -27,6 +27,7 @@ use crate::{
     Gateway,
     access::Grant,
     error::{ApiError, convert_backend_error},
+    limits::{BodyReservation, QueueSlot},
     route::{InFlight, Route},
     tokens::{Counting, TokenCounter},
     upstream::UpstreamBody,
@@ -104,25 +105,89 @@ pub fn splice(body: &Bytes, span: Range<usize>, literal: &[u8]) -> Bytes {
     Bytes::from(out)
 }
 
-/// Reads a request body once, bounded by `max_body`.
-pub async fn read_body(headers: &HeaderMap, body: Body, max_body: u64) -> Result<Bytes, ApiError> {
+/// Reads a request body once, bounded by `max_body`, counting its bytes in
+/// `reservation` (`queue_memory`) as they arrive.
+pub async fn read_body(
+    headers: &HeaderMap,
+    body: Body,
+    max_body: u64,
+    reservation: &mut BodyReservation,
+) -> Result<Bytes, BodyError> {
     let declared = headers
         .get(header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<u64>().ok());
     if declared.is_some_and(|len| len > max_body) {
-        return Err(ApiError::too_large(max_body));
+        return Err(BodyError::Invalid(ApiError::too_large(max_body)));
     }
     let limit = usize::try_from(max_body).unwrap_or(usize::MAX);
-    match Limited::new(body, limit).collect().await {
-        Ok(collected) => Ok(collected.to_bytes()),
-        Err(e) if e.downcast_ref::<LengthLimitError>().is_some() => {
-            Err(ApiError::too_large(max_body))
+    let mut body = Limited::new(body, limit);
+    let mut first: Option<Bytes> = None;
+    let mut joined = BytesMut::new();
+    while let Some(frame) = body.frame().await {
+        let frame = match frame {
+            Ok(frame) => frame,
+            Err(e) if e.downcast_ref::<LengthLimitError>().is_some() => {
+                return Err(BodyError::Invalid(ApiError::too_large(max_body)));
+            }
+            Err(e) => {
+                return Err(BodyError::Invalid(ApiError::invalid_request(
+                    "invalid_body",
+                    format!("Could not read the request body: {e}"),
+                )));
+            }
+        };
+        let Ok(data) = frame.into_data() else {
+            continue; // trailers
+        };
+        if !reservation.grow(data.len() as u64) {
+            return Err(BodyError::QueueMemory);
         }
-        Err(e) => Err(ApiError::invalid_request(
-            "invalid_body",
-            format!("Could not read the request body: {e}"),
-        )),
+        // One frame (the common case) is kept as is: no copy.
+        match first.take() {
+            None if joined.is_empty() => first = Some(data),
+            None => joined.extend_from_slice(&data),
+            Some(previous) => {
+                joined.extend_from_slice(&previous);
+                joined.extend_from_slice(&data);
+            }
+        }
+    }
+    Ok(first.unwrap_or_else(|| joined.freeze()))
+}
+
+/// Why a request body was not read.
+#[derive(Debug)]
+pub enum BodyError {
+    /// Too large or unreadable: the client's error.
+    Invalid(ApiError),
+    /// The bodies held by the gateway would pass `queue_memory`.
+    QueueMemory,
+}
+
+/// Reads a request's body within `max_body`, `body_timeout` and `queue_memory`;
+/// the refusal to answer otherwise (the connection closes after it).
+async fn read_request_body(
+    gateway: &Gateway,
+    headers: &HeaderMap,
+    body: Body,
+) -> Result<(Bytes, BodyReservation), Response> {
+    let mut reservation = gateway.limits.body();
+    let reading = read_body(headers, body, gateway.max_body, &mut reservation);
+    match tokio::time::timeout(gateway.body_timeout, reading).await {
+        Ok(Ok(body)) => Ok((body, reservation)),
+        Ok(Err(BodyError::Invalid(e))) => Err(closing(e.into_response())),
+        Ok(Err(BodyError::QueueMemory)) => {
+            gateway.gw_metrics.refused(Refusal::QueueMemory);
+            let limit = gateway.limits.max_bytes();
+            Err(closing(ApiError::queue_memory(limit).into_response()))
+        }
+        Err(_) => {
+            gateway.gw_metrics.refused(Refusal::BodyTimeout);
+            Err(closing(
+                ApiError::body_timeout(gateway.body_timeout).into_response(),
+            ))
+        }
     }
 }
 
@@ -156,9 +221,9 @@ async fn handle_in(gateway: Arc<Gateway>, request: Request<Body>, span: Span) ->
     let Some(grant) = gateway.access.grant(&parts.headers) else {
         return closing(ApiError::invalid_api_key().into_response());
     };
-    let body = match read_body(&parts.headers, body, gateway.max_body).await {
-        Ok(b) => b,
-        Err(e) => return closing(e.into_response()),
+    let (body, reservation) = match read_request_body(&gateway, &parts.headers, body).await {
+        Ok(read) => read,
+        Err(refused) => return refused,
     };
     let form = multipart_boundary(&parts.headers);
     let probed = match &form {
@@ -184,6 +249,10 @@ async fn handle_in(gateway: Arc<Gateway>, request: Request<Body>, span: Span) ->
         } else {
             BodyShape::Json
         },
+        held: Some(Held {
+            _body: reservation,
+            place: None,
+        }),
     };
     dispatch(gateway, model, upstream).await
 }
@@ -228,9 +297,9 @@ pub async fn handle_passthrough(gateway: Arc<Gateway>, request: Request<Body>) -
         return ApiError::invalid_request("invalid_path", "The backend path is not a valid URI")
             .into_response();
     };
-    let body = match read_body(&parts.headers, body, gateway.max_body).await {
-        Ok(b) => b,
-        Err(e) => return closing(e.into_response()),
+    let (body, reservation) = match read_request_body(&gateway, &parts.headers, body).await {
+        Ok(read) => read,
+        Err(refused) => return refused,
     };
     let model = match resolve_granted(&gateway, &grant, &requested) {
         Ok(model) => model,
@@ -245,6 +314,10 @@ pub async fn handle_passthrough(gateway: Arc<Gateway>, request: Request<Body>) -
             stream: false,
         },
         span: Span::none(),
+        held: Some(Held {
+            _body: reservation,
+            place: None,
+        }),
         shape: BodyShape::Opaque(target),
     };
     dispatch(gateway, model, upstream).await
@@ -348,7 +421,7 @@ fn is_model_field(head: &[u8]) -> bool {
 
 /// Queues a request for its model's route (or streams progress while it waits), forwards
 /// it and retries it when the backend died before answering.
-async fn dispatch(gateway: Arc<Gateway>, model: Arc<str>, upstream: Upstream) -> Response {
+async fn dispatch(gateway: Arc<Gateway>, model: Arc<str>, mut upstream: Upstream) -> Response {
     let mut metrics = gateway.gw_metrics.request(&model);
     let deadline = tokio::time::Instant::now() + gateway.queue_timeout;
     let mut refusals = 0;
@@ -361,6 +434,18 @@ async fn dispatch(gateway: Arc<Gateway>, model: Arc<str>, upstream: Upstream) ->
                 if !gateway.catalog.connected() {
                     let error = ApiError::supervisor_unavailable(gateway.catalog.last_error());
                     return failed(metrics, error);
+                }
+                if let Some(held) = &mut upstream.held
+                    && held.place.is_none()
+                {
+                    match gateway.limits.enter_queue() {
+                        Some(place) => held.place = Some(place),
+                        None => {
+                            gateway.gw_metrics.refused(Refusal::QueueFull);
+                            let limit = gateway.limits.max_queued();
+                            return failed(metrics, ApiError::queue_full(limit));
+                        }
+                    }
                 }
                 if upstream.probed.stream {
                     return WaitingStream::start(gateway, model, upstream, metrics).into_response();
@@ -378,6 +463,7 @@ async fn dispatch(gateway: Arc<Gateway>, model: Arc<str>, upstream: Upstream) ->
                 }
             }
         };
+        upstream.forwarding();
         match forward(&upstream, guard, metrics).await {
             Forwarded::Response(response) => return response,
             Forwarded::Unanswered {
@@ -469,7 +555,17 @@ pub struct Upstream {
     probed: Probed,
     /// The request's trace span (disabled when no spans are exported).
     span: Span,
+    /// Counted against `queue_memory` and `max_queued` until forwarded.
+    held: Option<Held>,
+
     shape: BodyShape,
+}
+
+/// What a request holds of the gateway's limits until it is forwarded.
+struct Held {
+    _body: BodyReservation,
+    /// Taken when the request has to wait for its model.
+    place: Option<QueueSlot>,
 }
 
 /// What the body is, which says how the model is renamed for the backend.
@@ -483,6 +579,12 @@ pub enum BodyShape {
 }
 
 impl Upstream {
+    /// The request goes to its backend: its body and place no longer count
+    /// as waiting (the backend takes it at its own pace from here).
+    pub fn forwarding(&mut self) {
+        self.held = None;
+    }
+
     pub fn is_chat(&self) -> bool {
         self.parts.uri.path().ends_with("/chat/completions")
     }
@@ -642,10 +744,11 @@ pub async fn forward(
 /// the SSE event that reports why there is none.
 pub async fn forward_stream(
     gateway: Arc<Gateway>,
-    upstream: Upstream,
+    mut upstream: Upstream,
     guard: InFlight,
     mut metrics: RequestMetrics,
 ) -> Result<GuardedBody, Bytes> {
+    upstream.forwarding();
     match open_stream(&gateway, &upstream, guard, &mut metrics).await {
         Ok((status, incoming, guard)) => Ok(GuardedBody::new(
             incoming,

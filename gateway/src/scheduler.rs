@@ -173,6 +173,8 @@ pub struct SchedulerConfig {
     pub preload: Vec<String>,
     /// How long idle backend connections are kept.
     pub upstream_idle_timeout: Duration,
+    /// Start failures carry the backend's last log lines to HTTP clients.
+    pub expose_log_tail: bool,
 }
 
 /// An open Activate stream. Dropping it ends the stream, which releases the hold.
@@ -550,7 +552,12 @@ impl Scheduler {
             return;
         };
         tracing::warn!(%model, reason = %failed.reason, "start failed");
-        let error = ApiError::start_failed(&model, &failed.reason, failed.log_tail);
+        let log_tail = if self.config.expose_log_tail {
+            failed.log_tail
+        } else {
+            Vec::new()
+        };
+        let error = ApiError::start_failed(&model, &failed.reason, log_tail);
         fail_waiters(slot, &error);
         slot.failures += 1;
         let backoff = failure_backoff(slot.failures);

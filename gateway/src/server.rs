@@ -1,5 +1,5 @@
-//! The HTTP front: routes, the catalog endpoints, CORS, and the accept loop
-//! (hyper directly, for the header read timeout).
+//! The HTTP front: routes, the catalog endpoints, CORS and allowed hosts,
+//! and the accept loop (hyper directly, for the header read timeout).
 
 use std::{convert::Infallible, sync::Arc, time::Duration};
 
@@ -10,14 +10,16 @@ use axum::{
     response::{IntoResponse, Response},
     routing::{get, post},
 };
+use gpuswap_telemetry::Refusal;
 use http::{HeaderMap, HeaderValue, Method, StatusCode, header};
 use hyper_util::rt::{TokioIo, TokioTimer};
 use serde_json::json;
-use tokio::net::TcpListener;
+use tokio::{net::TcpListener, sync::Semaphore};
 use tower::Service;
 
 use crate::{
     Gateway,
+    browser::same_origin,
     catalog::ModelInfo,
     error::{ApiError, json_response},
     operator::{self, Peer},
@@ -167,16 +169,12 @@ async fn health(State(gateway): State<Arc<Gateway>>) -> Response {
     json_response(StatusCode::OK, body.to_string().into())
 }
 
-/// Answers a CORS preflight: permissive, browsers may call from any origin.
-fn preflight(headers: &HeaderMap) -> Response {
+/// Answers a CORS preflight from an allowed origin (`allow_origin`).
+fn preflight(headers: &HeaderMap, allow_origin: HeaderValue) -> Response {
     let mut response = Response::new(Body::empty());
     *response.status_mut() = StatusCode::NO_CONTENT;
     let out = response.headers_mut();
-    let origin = headers
-        .get(header::ORIGIN)
-        .cloned()
-        .unwrap_or(HeaderValue::from_static("*"));
-    out.insert(header::ACCESS_CONTROL_ALLOW_ORIGIN, origin);
+    out.insert(header::ACCESS_CONTROL_ALLOW_ORIGIN, allow_origin);
     out.insert(
         header::ACCESS_CONTROL_ALLOW_METHODS,
         HeaderValue::from_static("GET, POST, OPTIONS"),
@@ -196,17 +194,44 @@ fn preflight(headers: &HeaderMap) -> Response {
     response
 }
 
-/// Routes one request, adding CORS headers for browser callers. Model
-/// requests (`POST /v1/*` but the catalog) skip the router: they are the hot path.
+/// Routes one request after the access checks: a `Host` not in
+/// `allowed_hosts` (a DNS-rebinding page) and a browser `Origin` not in
+/// `cors_origins` are refused before anything runs, since a page can send a
+/// simple POST (and so force a swap) without a preflight, even when it may
+/// not read the answer. Model requests (`POST /v1/*` but the catalog) skip
+/// the router: they are the hot path.
 async fn serve_request(
     gateway: Arc<Gateway>,
     mut router: Router,
     request: Request<hyper::body::Incoming>,
 ) -> Result<Response, Infallible> {
-    if request.method() == Method::OPTIONS {
-        return Ok(preflight(request.headers()));
+    let headers = request.headers();
+    if !gateway.browser.host_allowed(headers.get(header::HOST)) {
+        gateway.gw_metrics.refused(Refusal::Host);
+        let host = headers
+            .get(header::HOST)
+            .map(|h| String::from_utf8_lossy(h.as_bytes()).into_owned())
+            .unwrap_or_default();
+        return Ok(refused(ApiError::host_not_allowed(&host)));
     }
-    let origin = request.headers().get(header::ORIGIN).cloned();
+    let allow_origin = match headers.get(header::ORIGIN) {
+        None => None,
+        // The gateway's own pages (`/ui/`): not cross-origin, nothing to allow.
+        Some(origin) if same_origin(origin, headers.get(header::HOST)) => None,
+        Some(origin) => match gateway.browser.allow_origin(origin) {
+            Some(allowed) => Some(allowed),
+            None => {
+                gateway.gw_metrics.refused(Refusal::Origin);
+                let origin = String::from_utf8_lossy(origin.as_bytes()).into_owned();
+                return Ok(refused(ApiError::origin_not_allowed(&origin)));
+            }
+        },
+    };
+    if request.method() == Method::OPTIONS
+        && let Some(allow_origin) = allow_origin.clone()
+    {
+        return Ok(preflight(request.headers(), allow_origin));
+    }
     let path = request.uri().path();
     let proxied = request.method() == Method::POST
         && path.starts_with("/v1/")
@@ -218,18 +243,47 @@ async fn serve_request(
     } else {
         router.call(request.map(Body::new)).await?
     };
-    if let Some(origin) = origin {
+    if let Some(allow_origin) = allow_origin {
         let headers = response.headers_mut();
-        headers.insert(header::ACCESS_CONTROL_ALLOW_ORIGIN, origin);
+        headers.insert(header::ACCESS_CONTROL_ALLOW_ORIGIN, allow_origin);
         headers.append(header::VARY, HeaderValue::from_static("Origin"));
     }
     Ok(response)
 }
 
-/// Accepts connections for ever.
-pub async fn serve(listener: TcpListener, gateway: Arc<Gateway>, header_timeout: Duration) {
+/// A refusal answered before the body was read: the connection closes after it.
+fn refused(error: ApiError) -> Response {
+    let mut response = error.into_response();
+    response
+        .headers_mut()
+        .insert(header::CONNECTION, HeaderValue::from_static("close"));
+    response
+}
+
+/// Accepts connections for ever, serving at most `max_connections` at once:
+/// past that, the loop stops accepting, and new connections wait in the
+/// kernel's listen backlog (their clients see a slow connect, not an error)
+/// until a served one closes.
+pub async fn serve(
+    listener: TcpListener,
+    gateway: Arc<Gateway>,
+    header_timeout: Duration,
+    max_connections: usize,
+) {
     let router = router(Arc::clone(&gateway));
+    let slots = Arc::new(Semaphore::new(max_connections));
     loop {
+        let slot = match Arc::clone(&slots).try_acquire_owned() {
+            Ok(slot) => slot,
+            Err(_) => {
+                gateway.gw_metrics.connection_limit_reached();
+                tracing::debug!(max_connections, "connection limit reached: not accepting");
+                match Arc::clone(&slots).acquire_owned().await {
+                    Ok(slot) => slot,
+                    Err(_) => return, // never closed
+                }
+            }
+        };
         let (stream, peer) = match listener.accept().await {
             Ok(accepted) => accepted,
             Err(e) => {
@@ -242,6 +296,7 @@ pub async fn serve(listener: TcpListener, gateway: Arc<Gateway>, header_timeout:
         let _ = stream.set_nodelay(true);
         let (router, gateway) = (router.clone(), Arc::clone(&gateway));
         tokio::spawn(async move {
+            let _open = (slot, gateway.gw_metrics.connection_opened());
             let service = hyper::service::service_fn(move |mut request: Request<_>| {
                 // Admin actions from loopback need no key when no admin key is configured.
                 request.extensions_mut().insert(Peer(peer));

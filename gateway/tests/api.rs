@@ -357,6 +357,7 @@ async fn backend_error_shapes_are_converted() {
 async fn api_keys_guard_the_api_but_not_health_or_preflight() {
     let stack = Stack::builder("keys")
         .gateway("api_keys = [\"k1\", \"k2\"]")
+        .gateway("cors_origins = [\"http://webui.local\"]")
         .model(
             Model::new("alpha")
                 .args(&["--api-key", "backend-secret"])

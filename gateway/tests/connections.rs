@@ -129,6 +129,9 @@ async fn ten_thousand_idle_connections_are_held_while_the_gateway_serves() {
         // Idle connections are closed by the header timeout; on a loaded
         // machine the first would go before the last were accepted.
         .gateway("header_timeout = \"10m\"")
+        // More than the default 4096 (the cap is lowered to what the open
+        // file limit allows, which this test also checks is enough).
+        .gateway("max_connections = 12000")
         .model(Model::new("alpha"))
         .start()
         .await;

@@ -3,40 +3,10 @@
 
 mod common;
 
-use common::{Model, Stack, read_stream};
+use common::{Model, Stack, metrics_text, metrics_when, read_stream, sample};
 use gpuswap_telemetry::testing::OtlpReceiver;
 use serde_json::{Value, json};
 use testkit::stream_content;
-
-/// The value of the sample `series` (name and labels exactly as exposed).
-fn sample(text: &str, series: &str) -> Option<f64> {
-    text.lines()
-        .find_map(|line| line.strip_prefix(series)?.strip_prefix(' '))
-        .and_then(|value| value.trim().parse().ok())
-}
-
-async fn metrics_text(stack: &Stack) -> String {
-    let response = stack
-        .http
-        .get(stack.url("/metrics"))
-        .send()
-        .await
-        .expect("GET /metrics");
-    assert_eq!(response.status(), 200);
-    let content_type = response.headers()["content-type"].to_str().unwrap();
-    assert_eq!(content_type, gpuswap_telemetry::CONTENT_TYPE);
-    response.text().await.expect("metrics body")
-}
-
-/// Waits until the exposition satisfies `ready` (a response is recorded as
-/// its last byte leaves, which races the client reading it).
-async fn metrics_when(stack: &Stack, what: &str, ready: impl Fn(&str) -> bool) -> String {
-    testkit::wait_for(what, testkit::DEADLINE, || async {
-        let text = metrics_text(stack).await;
-        ready(&text).then_some(text)
-    })
-    .await
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn metrics_count_requests_tokens_and_time_to_first_byte() {

@@ -94,10 +94,27 @@ async fn progress_chunks_can_be_turned_off() {
     );
 }
 
+/// Secrets of a model that fails to start: values of a secret-named flag
+/// and of a secret-named variable; neither is the model's `api_key`.
+const ARG_KEYS: &str = "sk-arg-one,sk-arg-two";
+const ENV_TOKEN: &str = "hf_env_secret_value";
+
+fn broken_model() -> Model {
+    Model::new("broken")
+        .args(&["--api-key", ARG_KEYS, "--fault", "exit-during-load"])
+        .env("HF_TOKEN", ENV_TOKEN)
+}
+
+fn assert_no_secret(what: &str, text: &str) {
+    for secret in ["sk-arg-one", "sk-arg-two", ENV_TOKEN] {
+        assert!(!text.contains(secret), "{secret} leaks in {what}: {text}");
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_failed_start_answers_503_with_the_log_tail() {
+async fn a_failed_start_answers_503_in_one_line_and_the_log_stays_with_the_operator() {
     let stack = Stack::builder("failed")
-        .model(Model::new("broken").args(&["--fault", "exit-during-load"]))
+        .model(broken_model())
         .model(Model::new("fine").gpus(&[1]))
         .start()
         .await;
@@ -109,11 +126,30 @@ async fn a_failed_start_answers_503_with_the_log_tail() {
     assert_eq!(error["code"], "model_start_failed", "{t}");
     let message = error["message"].as_str().unwrap();
     assert!(message.contains("broken"), "{t}");
+    assert!(message.contains("`gpuswapctl logs broken`"), "{t}");
+    assert!(!message.contains('\n'), "more than one line: {t}");
     assert!(
-        message.contains("out of memory"),
-        "the log tail is missing: {t}"
+        !message.contains("out of memory"),
+        "the log tail is sent: {t}"
     );
-    assert!(!error["log_tail"].as_array().unwrap().is_empty(), "{t}");
+    assert!(error.get("log_tail").is_none(), "{t}");
+    assert_no_secret("the 503", &t);
+
+    // Anthropic's route gets the gateway's errors in the same shape, under the same rule.
+    let (s, t) = stack
+        .post(
+            "/v1/messages",
+            &serde_json::json!({"model": "broken", "max_tokens": 2,
+                "messages": [{"role": "user", "content": "hi"}]}),
+        )
+        .await;
+    assert_eq!(s, 503, "{t}");
+    assert_eq!(
+        testkit::json(&t)["error"]["code"],
+        "model_start_failed",
+        "{t}"
+    );
+    assert!(!t.contains("out of memory"), "{t}");
 
     // Streamed: the 200 went out before the failure, so it is an error event.
     let response = stack
@@ -128,12 +164,70 @@ async fn a_failed_start_answers_503_with_the_log_tail() {
     assert!(!text.contains("[DONE]"), "{text}");
     let last = testkit::json(sse_data(&text).last().unwrap());
     assert_eq!(last["error"]["code"], "model_start_failed", "{text}");
+    assert!(!text.contains("out of memory"), "{text}");
+
+    // Where the message points, the operator finds the log, secrets masked.
+    let endpoint = format!("unix://{}", stack.socket.display());
+    let output = testkit::run_ctl(&endpoint, &["logs", "broken"]).await;
+    let logs = String::from_utf8_lossy(&output.stdout);
+    assert!(logs.contains("out of memory"), "{logs}");
+    assert!(logs.contains("--api-key ***"), "{logs}");
+    assert_no_secret("gpuswapctl logs", &logs);
 
     // Other models are not affected.
     let (s, t) = stack
         .post("/v1/chat/completions", &Stack::chat("fine", false, 2))
         .await;
     assert_eq!(s, 200, "{t}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_exposed_log_tail_and_a_line_cut_inside_a_secret_keep_it_masked() {
+    // The supervisor keeps 16 KiB of a line: the token starts 5 bytes before the cut.
+    let long_line = format!("{}{ENV_TOKEN}", "x".repeat(16 * 1024 - 5));
+    let stack = Stack::builder("exposed-tail")
+        .gateway("expose_log_tail = true")
+        .model(broken_model())
+        .model(
+            Model::new("cut")
+                .gpus(&[1])
+                .args(&["--ready-log-line", &long_line])
+                .env("HF_TOKEN", ENV_TOKEN),
+        )
+        .start()
+        .await;
+    let (s, t) = stack
+        .post("/v1/chat/completions", &Stack::chat("broken", false, 2))
+        .await;
+    assert_eq!(s, 503, "{t}{}", stack.logs());
+    let error = &testkit::json(&t)["error"];
+    assert!(
+        error["message"].as_str().unwrap().contains("out of memory"),
+        "{t}"
+    );
+    let tail: Vec<&str> = error["log_tail"]
+        .as_array()
+        .expect("the tail, as asked")
+        .iter()
+        .filter_map(Value::as_str)
+        .collect();
+    assert!(tail.iter().any(|l| l.contains("--api-key ***")), "{tail:?}");
+    assert_no_secret("the exposed tail", &t);
+
+    let (s, t) = stack
+        .post("/v1/chat/completions", &Stack::chat("cut", false, 2))
+        .await;
+    assert_eq!(s, 200, "{t}");
+    let endpoint = format!("unix://{}", stack.socket.display());
+    let output = testkit::run_ctl(&endpoint, &["logs", "cut"]).await;
+    let logs = String::from_utf8_lossy(&output.stdout);
+    let cut = logs
+        .lines()
+        .find(|l| l.starts_with("xxxx"))
+        .unwrap_or_else(|| panic!("no long line in {logs}"));
+    assert!(cut.contains("x***"), "{}", &cut[cut.len() - 60..]);
+    assert!(!cut.contains("xhf_"), "{}", &cut[cut.len() - 60..]);
+    assert_no_secret("gpuswapctl logs", &logs);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -18,6 +18,9 @@ use tokio::{
 /// (a progress bar without newlines, a binary dump) cannot exhaust memory.
 pub const MAX_LINE_BYTES: usize = 16 * 1024;
 
+/// What follows the kept prefix of a cut line: ` …[truncated N bytes]`.
+const TRUNCATED_MARK: &str = " …[truncated ";
+
 /// How many entries a follower may fall behind before it starts losing lines.
 const FOLLOWER_BACKLOG: usize = 1024;
 
@@ -43,8 +46,9 @@ struct Shared {
     capacity: usize,
     ring: Mutex<VecDeque<LogEntry>>,
     followers: broadcast::Sender<LogEntry>,
-    /// Strings masked in every line before it is kept or followed (the backend's API key:
-    /// real servers print their arguments, and log tails reach clients in errors).
+    /// Strings masked in every line before it is kept or followed (the backend's API key
+    /// and the other secrets of its configuration, `ModelConfig::secrets`: real servers
+    /// print their arguments, and the supervisor logs the command line).
     secrets: Mutex<Vec<String>>,
 }
 
@@ -83,11 +87,7 @@ impl LogBuffer {
                 .secrets
                 .lock()
                 .unwrap_or_else(|poisoned| poisoned.into_inner());
-            for secret in secrets.iter() {
-                if line.contains(secret.as_str()) {
-                    line = line.replace(secret.as_str(), "***");
-                }
-            }
+            line = mask(line, &secrets);
         }
         let entry = LogEntry {
             model: self.shared.model.clone(),
@@ -143,6 +143,84 @@ impl LogBuffer {
     }
 }
 
+const MASK: &str = "***";
+
+/// `line` with every known secret masked, then the values of secret-named
+/// flags and variables (`--api-key V`, `--hf-token=V`, `HF_TOKEN=V`) that no
+/// configuration named (a wrapper script's, a traceback's). A line cut at
+/// [`MAX_LINE_BYTES`] may end inside a secret: a tail that begins one is masked too.
+fn mask(line: String, secrets: &[String]) -> String {
+    let (text, cut) = match line.rfind(TRUNCATED_MARK) {
+        Some(at) if line.ends_with(" bytes]") => line.split_at(at),
+        _ => (line.as_str(), ""),
+    };
+    let mut text = text.to_owned();
+    // Longest first (as `ModelConfig::secrets` sorts them): "k1,k2" before "k1".
+    for secret in secrets {
+        if text.contains(secret.as_str()) {
+            text = text.replace(secret.as_str(), MASK);
+        }
+    }
+    let mut text = mask_secret_arguments(text);
+    if !cut.is_empty() {
+        let partial = secrets
+            .iter()
+            .filter_map(|secret| {
+                (1..secret.len())
+                    .rev()
+                    .filter(|&n| secret.is_char_boundary(n))
+                    .find(|&n| text.ends_with(&secret[..n]))
+            })
+            .max();
+        if let Some(n) = partial {
+            text.truncate(text.len() - n);
+            text.push_str(MASK);
+        }
+        text.push_str(cut);
+    }
+    text
+}
+
+/// Masks the value of each `--NAME V`, `--NAME=V` and `NAME=V` whose name says it
+/// is secret (see [`gpuswap::config::is_secret_name`]).
+fn mask_secret_arguments(line: String) -> String {
+    if !line.contains('=') && !line.contains("--") {
+        return line;
+    }
+    let mut out = String::with_capacity(line.len());
+    let mut rest = line.as_str();
+    let mut masked = false;
+    let mut value_follows = false;
+    while !rest.is_empty() {
+        let word_end = rest.find(char::is_whitespace).unwrap_or(rest.len());
+        let (word, after) = rest.split_at(word_end);
+        let space_end = after
+            .find(|c: char| !c.is_whitespace())
+            .unwrap_or(after.len());
+        let (space, next) = after.split_at(space_end);
+        if value_follows && !word.is_empty() && !word.starts_with('-') {
+            out.push_str(MASK);
+            masked = true;
+        } else if let Some((name, value)) = word.split_once('=')
+            && !value.is_empty()
+            && gpuswap::config::is_secret_name(name.trim_start_matches('-'))
+        {
+            out.push_str(name);
+            out.push('=');
+            out.push_str(MASK);
+            masked = true;
+        } else {
+            out.push_str(word);
+        }
+        value_follows = word
+            .strip_prefix("--")
+            .is_some_and(|flag| !flag.contains('=') && gpuswap::config::is_secret_name(flag));
+        out.push_str(space);
+        rest = next;
+    }
+    if masked { out } else { line }
+}
+
 fn unix_time_ms() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -194,7 +272,7 @@ fn finish_line(line: &mut Vec<u8>, dropped: &mut u64) -> String {
     }
     let mut text = String::from_utf8_lossy(line).into_owned();
     if *dropped > 0 {
-        text.push_str(&format!(" …[truncated {dropped} bytes]"));
+        text.push_str(&format!("{TRUNCATED_MARK}{dropped} bytes]"));
     }
     line.clear();
     *dropped = 0;
@@ -227,6 +305,38 @@ mod tests {
         assert_eq!(
             follower.recv().await.expect("entry").line,
             "args: --api-key *** --port 1"
+        );
+    }
+
+    #[test]
+    fn secret_arguments_and_cut_secrets_are_masked() {
+        let logs = LogBuffer::new("m", 10);
+        logs.set_secrets(["k-one,k-two", "hf_abcdefgh", "k-one", "k-two"]);
+        let lines = [
+            "args: --api-key k-one,k-two --port 1",
+            "printed: k-two",
+            "wrapper: --hf-token hf_unknown --db-password=pw123 HF_TOKEN=\"xyz\" --max-tokens 8",
+            "Namespace(model='m', api_key='other')",
+        ];
+        for line in lines {
+            logs.push(LogStream::Stdout, line.into());
+        }
+        let mut cut = "x".repeat(MAX_LINE_BYTES - 4);
+        cut.push_str("hf_a");
+        cut.push_str(&format!("{TRUNCATED_MARK}7 bytes]"));
+        logs.push(LogStream::Stdout, cut);
+        let kept = logs.tail_lines(10);
+        assert_eq!(kept[0], "args: --api-key *** --port 1");
+        assert_eq!(kept[1], "printed: ***");
+        assert_eq!(
+            kept[2],
+            "wrapper: --hf-token *** --db-password=*** HF_TOKEN=*** --max-tokens 8"
+        );
+        assert_eq!(kept[3], "Namespace(model='m', api_key=***");
+        assert!(
+            kept[4].ends_with(&format!("xx***{TRUNCATED_MARK}7 bytes]")),
+            "{}",
+            &kept[4][MAX_LINE_BYTES - 10..]
         );
     }
 

@@ -490,7 +490,7 @@ struct Model {
 impl Model {
     fn new(name: &str, config: ModelConfig, log_lines: usize) -> Self {
         let logs = LogBuffer::new(name, log_lines);
-        logs.set_secrets(config.api_key.as_deref());
+        logs.set_secrets(config.secrets().iter().map(String::as_str));
         Model {
             config,
             state: State::Stopped,
@@ -1721,7 +1721,9 @@ impl Actor {
                 Some(new) if model.removed || *new != model.config => {
                     model.removed = false;
                     model.config = new.clone();
-                    model.logs.set_secrets(new.api_key.as_deref());
+                    model
+                        .logs
+                        .set_secrets(new.secrets().iter().map(String::as_str));
                     response.changed.push(name.clone());
                     if model.run.is_some() {
                         self.begin_stop(&name, "configuration changed", WaiterFate::Requeue, None);

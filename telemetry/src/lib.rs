@@ -52,8 +52,8 @@ pub mod testing;
 
 pub use init::{LOG_FORMAT_ENV, OTLP_ENDPOINT_ENV, TelemetryGuard, init};
 pub use metrics::{
-    CONTENT_TYPE, GatewayMetrics, Metrics, ModelCounts, ModelState, RequestMetrics,
-    STATUS_CLIENT_CLOSED, SupervisorMetrics, SwapPhase,
+    CONTENT_TYPE, GatewayMetrics, Metrics, ModelCounts, ModelState, OpenConnection, Refusal,
+    RequestMetrics, STATUS_CLIENT_CLOSED, SupervisorMetrics, SwapPhase,
 };
 pub use propagation::{
     exporting, extract_grpc, extract_http, inject_grpc, inject_http, set_parent,

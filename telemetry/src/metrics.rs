@@ -65,6 +65,48 @@ struct RequestLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RefusalLabels {
+    reason: &'static str,
+}
+
+/// Why the gateway refused a request before it reached a backend, in
+/// `refused_total{reason}`: each guards the gateway against one way to be
+/// exhausted or misused.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Refusal {
+    /// `max_queued` requests already wait (429).
+    QueueFull,
+    /// The bodies of waiting requests would pass `queue_memory` (429).
+    QueueMemory,
+    /// The body did not arrive within `body_timeout` (408).
+    BodyTimeout,
+    /// An `Origin` not in `cors_origins` (403).
+    Origin,
+    /// A `Host` not in `allowed_hosts` (403).
+    Host,
+}
+
+impl Refusal {
+    pub const ALL: [Refusal; 5] = [
+        Refusal::QueueFull,
+        Refusal::QueueMemory,
+        Refusal::BodyTimeout,
+        Refusal::Origin,
+        Refusal::Host,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Refusal::QueueFull => "queue_full",
+            Refusal::QueueMemory => "queue_memory",
+            Refusal::BodyTimeout => "body_timeout",
+            Refusal::Origin => "origin",
+            Refusal::Host => "host",
+        }
+    }
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct PhaseLabels {
     phase: &'static str,
 }
@@ -224,6 +266,11 @@ impl Drop for GaugeGuard {
     }
 }
 
+/// Counts one client connection in `connections_open` while it lives.
+pub struct OpenConnection {
+    _open: GaugeGuard,
+}
+
 /// The gateway's metrics; cheap to clone (all clones record into one registry).
 #[derive(Clone)]
 pub struct GatewayMetrics {
@@ -239,6 +286,9 @@ struct GatewayFamilies {
     generated_tokens: Family<ModelLabels, Counter>,
     tokens_per_second: HistogramFamily<ModelLabels>,
     swaps: Family<ModelLabels, Counter>,
+    refused: Family<RefusalLabels, Counter>,
+    connections_open: Gauge,
+    connection_limit_reached: Counter,
     models: ModelCache<GatewayModel>,
 }
 
@@ -264,8 +314,17 @@ impl GatewayMetrics {
             generated_tokens: Family::default(),
             tokens_per_second: Family::new_with_constructor(tokens_per_second_histogram),
             swaps: Family::default(),
+            refused: Family::default(),
+            connections_open: Gauge::default(),
+            connection_limit_reached: Counter::default(),
             models: ModelCache::new(),
         };
+        // Every reason shows from the start (at 0), so an alert on one is not "no data".
+        for reason in Refusal::ALL {
+            let _ = families.refused.get_or_create(&RefusalLabels {
+                reason: reason.as_str(),
+            });
+        }
         registry.register(
             "requests",
             "Requests answered, by model and HTTP status (499: the client went away)",
@@ -307,6 +366,23 @@ impl GatewayMetrics {
             "swaps",
             "Requests that had to wait for their model to be started",
             families.swaps.clone(),
+        );
+        registry.register(
+            "refused",
+            "Requests refused before reaching a backend, by reason (queue_full, queue_memory, \
+             body_timeout, origin, host)",
+            families.refused.clone(),
+        );
+        registry.register(
+            "connections_open",
+            "Client connections being served",
+            families.connections_open.clone(),
+        );
+        registry.register(
+            "connection_limit_reached",
+            "Times max_connections client connections were open, so new ones waited in the \
+             listen backlog until one closed",
+            families.connection_limit_reached.clone(),
         );
         Self {
             inner: Arc::new(families),
@@ -358,6 +434,28 @@ impl GatewayMetrics {
             in_flight: instruments.in_flight.get(),
             generated_tokens: instruments.generated_tokens.get(),
         }
+    }
+
+    /// The gateway refused a request for `reason`.
+    pub fn refused(&self, reason: Refusal) {
+        self.inner
+            .refused
+            .get_or_create(&RefusalLabels {
+                reason: reason.as_str(),
+            })
+            .inc();
+    }
+
+    /// A client connection is served until the returned guard is dropped.
+    pub fn connection_opened(&self) -> OpenConnection {
+        OpenConnection {
+            _open: GaugeGuard::raise(&self.inner.connections_open),
+        }
+    }
+
+    /// `max_connections` were open: new connections wait to be accepted.
+    pub fn connection_limit_reached(&self) {
+        self.inner.connection_limit_reached.inc();
     }
 
     /// A request had to wait for `model` to be started (it was not ready).

@@ -10,12 +10,14 @@ pub fn key_of(line: &str) -> String {
     line.split('=').next().unwrap_or("").trim().to_owned()
 }
 
+/// A TOML string.
+pub fn toml_string(text: &str) -> String {
+    format!("\"{}\"", text.replace('\\', "\\\\").replace('"', "\\\""))
+}
+
 /// A TOML array of strings.
 pub fn toml_list(items: &[String]) -> String {
-    let quoted: Vec<String> = items
-        .iter()
-        .map(|s| format!("\"{}\"", s.replace('\\', "\\\\").replace('"', "\\\"")))
-        .collect();
+    let quoted: Vec<String> = items.iter().map(|s| toml_string(s)).collect();
     format!("[{}]", quoted.join(", "))
 }
 
@@ -50,6 +52,8 @@ pub struct MockModel {
     pub args: Vec<String>,
     /// Extra `key = value` lines of the model's table (override the defaults).
     pub toml: Vec<String>,
+    /// Variables of the model's `env`, next to the test's marker.
+    pub env: Vec<(String, String)>,
 }
 
 impl MockModel {
@@ -65,6 +69,7 @@ impl MockModel {
             aliases: Vec::new(),
             args: Vec::new(),
             toml: Vec::new(),
+            env: Vec::new(),
         }
     }
 
@@ -105,6 +110,11 @@ impl MockModel {
 
     pub fn args(mut self, args: &[&str]) -> Self {
         self.args.extend(args.iter().map(|a| a.to_string()));
+        self
+    }
+
+    pub fn env(mut self, name: &str, value: &str) -> Self {
+        self.env.push((name.into(), value.into()));
         self
     }
 
@@ -185,7 +195,11 @@ impl MockModel {
             text.push_str(line);
             text.push('\n');
         }
-        text.push_str(&format!("env = {{ {MARKER_ENV} = \"{marker}\" }}\n"));
+        let mut env = format!("{MARKER_ENV} = \"{marker}\"");
+        for (name, value) in &self.env {
+            env.push_str(&format!(", {name} = {}", toml_string(value)));
+        }
+        text.push_str(&format!("env = {{ {env} }}\n"));
         text
     }
 }
