@@ -117,6 +117,8 @@ struct Stack {
 impl Stack {
     /// Starts the supervisor (socket mode 0666) and the gateway, as `nobody` when
     /// `unprivileged_gateway`, and waits until the gateway sees the supervisor.
+    /// The gateway exposes log tails in start failures (off by default): the
+    /// tails must not leak a key even then.
     async fn start(test: &str, unprivileged_gateway: bool) -> Stack {
         let dir = testkit::short_tempdir();
         // `nobody` must reach the socket and read the configuration.
@@ -129,7 +131,8 @@ impl Stack {
             "[supervisor]\nlisten = \"unix://{socket}\"\nsocket_mode = \"0666\"\n\
              state_file = \"{state}\"\nmin_residency = \"0s\"\ndrain_timeout = \"60s\"\n\
              log_lines = 300\n\n[gateway]\nsupervisor = \"unix://{socket}\"\n\
-             api_keys = [\"{gateway_key}\"]\nqueue_timeout = \"120s\"\nkeepalive_interval = \"200ms\"\n",
+             api_keys = [\"{gateway_key}\"]\nqueue_timeout = \"120s\"\nkeepalive_interval = \"200ms\"\n\
+             expose_log_tail = true\n",
             socket = socket.display(),
             state = dir.path().join("state.json").display(),
             gateway_key = secrets.gateway,

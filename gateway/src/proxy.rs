@@ -469,12 +469,19 @@ async fn dispatch(gateway: Arc<Gateway>, model: Arc<str>, mut upstream: Upstream
             Forwarded::Unanswered {
                 generation,
                 error,
+                delivered,
                 metrics: returned,
             } => {
                 metrics = returned;
-                // The backend died before it answered and the supervisor has
-                // not told yet: retry once the route is replaced (a live
-                // backend keeps its route, and the client gets the 502).
+                // The backend may have read the request (and died of it, or
+                // be generating still): another copy could run it twice.
+                if delivered {
+                    return failed(metrics, ApiError::backend_unavailable(&model, error));
+                }
+                // The backend died before it got the request and the
+                // supervisor has not told yet: retry once the route is
+                // replaced (a live backend keeps its route, and the client
+                // gets the 502).
                 refusals += 1;
                 if refusals > MAX_REFUSALS || !route_replaced(&gateway, &model, generation).await {
                     return failed(metrics, ApiError::backend_unavailable(&model, error));
@@ -624,8 +631,9 @@ impl Upstream {
                 .unwrap_or_else(|| Uri::from_static("/")),
         };
         let mut headers = HeaderMap::with_capacity(self.parts.headers.len() + 2);
+        let hop_by_hop = named_by_connection(&self.parts.headers);
         for (name, value) in &self.parts.headers {
-            if !STRIPPED_REQUEST_HEADERS.contains(&name.as_str()) {
+            if !STRIPPED_REQUEST_HEADERS.contains(&name.as_str()) && !hop_by_hop.contains(name) {
                 headers.append(name.clone(), value.clone());
             }
         }
@@ -683,6 +691,8 @@ pub enum Forwarded {
     Unanswered {
         generation: u64,
         error: String,
+        /// The request was written whole: it must not be sent again.
+        delivered: bool,
         /// Still recording: the request may be retried.
         metrics: RequestMetrics,
     },
@@ -702,6 +712,7 @@ pub async fn forward(
             return Forwarded::Unanswered {
                 generation: route.generation,
                 error: error_chain(&e),
+                delivered: e.delivered(),
                 metrics,
             };
         }
@@ -782,7 +793,7 @@ async fn open_stream(
         metrics.forwarding();
         match route.pool.send(|| upstream.to_request(&route)).await {
             Ok(response) => break response,
-            Err(e) if refusals < MAX_REFUSALS => {
+            Err(e) if refusals < MAX_REFUSALS && !e.delivered() => {
                 refusals += 1;
                 drop(guard);
                 if !route_replaced(gateway, &model, route.generation).await {
@@ -838,9 +849,24 @@ async fn read_error_body(incoming: UpstreamBody) -> Bytes {
 }
 
 fn strip_response_headers(headers: &mut HeaderMap) {
+    for name in named_by_connection(headers) {
+        headers.remove(name);
+    }
     for name in STRIPPED_RESPONSE_HEADERS {
         headers.remove(*name);
     }
+}
+
+/// The headers a message's `Connection` names (RFC 9110 7.6.1): they are
+/// for this hop only, and a proxy removes them with `Connection` itself.
+fn named_by_connection(headers: &HeaderMap) -> Vec<header::HeaderName> {
+    headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|value| value.to_str().ok())
+        .flat_map(|value| value.split(','))
+        .filter_map(|token| header::HeaderName::from_bytes(token.trim().as_bytes()).ok())
+        .collect()
 }
 
 fn is_event_stream(headers: &HeaderMap) -> bool {
@@ -1063,6 +1089,22 @@ mod tests {
                 "{end}"
             );
         }
+    }
+
+    #[test]
+    fn headers_named_by_connection_are_hop_by_hop() {
+        let mut headers = HeaderMap::new();
+        headers.insert(
+            header::CONNECTION,
+            HeaderValue::from_static("keep-alive, X-Hop"),
+        );
+        headers.append(header::CONNECTION, HeaderValue::from_static("x-other ,"));
+        headers.insert("x-hop", HeaderValue::from_static("1"));
+        headers.insert("x-other", HeaderValue::from_static("1"));
+        headers.insert("x-end-to-end", HeaderValue::from_static("1"));
+        strip_response_headers(&mut headers);
+        let left: Vec<&str> = headers.keys().map(|k| k.as_str()).collect();
+        assert_eq!(left, ["x-end-to-end"]);
     }
 
     #[test]

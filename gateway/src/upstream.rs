@@ -15,7 +15,10 @@ use std::{
     collections::VecDeque,
     future::{Future, poll_fn},
     pin::Pin,
-    sync::{Arc, Mutex},
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicBool, AtomicU64, Ordering::Relaxed},
+    },
     task::{Context, Poll, Waker, ready},
     time::{Duration, Instant},
 };
@@ -29,7 +32,10 @@ use hyper::{
     client::conn::http1::{self, Connection, SendRequest},
 };
 use hyper_util::rt::TokioIo;
-use tokio::net::TcpStream;
+use tokio::{
+    io::{AsyncRead, AsyncWrite, ReadBuf},
+    net::TcpStream,
+};
 
 /// How often [`ConnPool::close_stale`] is due.
 pub const IDLE_SWEEP: Duration = Duration::from_secs(1);
@@ -49,8 +55,107 @@ pub enum UpstreamError {
     },
     #[error("cannot connect to {0}: timed out after {CONNECT_TIMEOUT:?}")]
     ConnectTimeout(Authority),
-    #[error(transparent)]
-    Http(#[from] hyper::Error),
+    /// The connection failed before an answer's head.
+    #[error("{}", if *delivered {
+        "the connection failed after the whole request was sent"
+    } else {
+        "the connection failed before the whole request was sent"
+    })]
+    Http {
+        source: hyper::Error,
+        /// Every byte of the request was written: the backend may have read
+        /// it and started a generation, so it must not be sent again.
+        delivered: bool,
+    },
+}
+
+impl UpstreamError {
+    /// Whether the backend may have seen the request whole (sending it again
+    /// could run it twice); false when it cannot have.
+    pub fn delivered(&self) -> bool {
+        matches!(
+            self,
+            UpstreamError::Http {
+                delivered: true,
+                ..
+            }
+        )
+    }
+}
+
+/// What was written to a backend connection: tells whether a request that
+/// got no answer can have reached the backend.
+#[derive(Debug, Default)]
+struct Writes {
+    bytes: AtomicU64,
+    /// A write failed since the current request started.
+    failed: AtomicBool,
+}
+
+/// A backend socket that counts what is written to it.
+struct CountedStream {
+    inner: TcpStream,
+    writes: Arc<Writes>,
+}
+
+impl CountedStream {
+    fn count(&self, written: &Poll<std::io::Result<usize>>) {
+        match written {
+            Poll::Ready(Ok(n)) => {
+                self.writes.bytes.fetch_add(*n as u64, Relaxed);
+            }
+            Poll::Ready(Err(_)) => self.writes.failed.store(true, Relaxed),
+            Poll::Pending => {}
+        }
+    }
+}
+
+impl AsyncRead for CountedStream {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for CountedStream {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        let written = Pin::new(&mut self.inner).poll_write(cx, buf);
+        self.count(&written);
+        written
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        let written = Pin::new(&mut self.inner).poll_write_vectored(cx, bufs);
+        self.count(&written);
+        written
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        let flushed = Pin::new(&mut self.inner).poll_flush(cx);
+        if let Poll::Ready(Err(_)) = &flushed {
+            self.writes.failed.store(true, Relaxed);
+        }
+        flushed
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
 }
 
 /// One HTTP/1.1 connection: the handle that sends requests and the state
@@ -59,7 +164,8 @@ struct Conn {
     sender: SendRequest<Full<Bytes>>,
     /// `None` once the connection ended; boxed once per connection, as it
     /// holds the buffers and moves with every request.
-    driver: Option<Box<Connection<TokioIo<TcpStream>, Full<Bytes>>>>,
+    driver: Option<Box<Connection<TokioIo<CountedStream>, Full<Bytes>>>>,
+    writes: Arc<Writes>,
 }
 
 impl Conn {
@@ -118,11 +224,13 @@ impl ConnPool {
 
     /// Sends the request `make` builds and waits for the answer's head; the
     /// body comes with the connection. A reused connection that fails before
-    /// any answer is retried once on a new one: the backend closed it as the
-    /// request went out (its keep-alive timeout: a FIN, or a reset if the
-    /// request was already in its buffer), so it never saw the request. Were
-    /// it a backend that died mid-request instead, the new connection is
-    /// refused, and the caller deals with a dead backend.
+    /// the request was written whole (found closed, or a write failed) is
+    /// retried once on a new one: the backend cannot have read the request.
+    /// One that fails after is not: the backend may have read it and started
+    /// a generation that a second copy would run again. (The race where a
+    /// backend's keep-alive timeout closes a connection just as a request
+    /// goes out is avoided by `upstream_idle_timeout` being shorter than the
+    /// backends' own.)
     pub async fn send(
         self: &Arc<Self>,
         make: impl Fn() -> Request<Full<Bytes>>,
@@ -130,9 +238,10 @@ impl ConnPool {
         if let Some(conn) = self.take_idle() {
             match exchange(conn, make()).await {
                 Ok((response, conn)) => return Ok(self.attach(response, conn)),
-                Err(e) => {
+                Err(e) if !e.delivered() => {
                     tracing::debug!(upstream = %self.authority, "reused connection failed: {e}; retrying on a new one");
                 }
+                Err(e) => return Err(e),
             }
         }
         let conn = self.connect().await?;
@@ -167,12 +276,22 @@ impl ConnPool {
         };
         // Tokens are small writes: Nagle would hold each one back.
         let _ = stream.set_nodelay(true);
+        let writes = Arc::new(Writes::default());
+        let stream = CountedStream {
+            inner: stream,
+            writes: Arc::clone(&writes),
+        };
         let (sender, driver) = http1::Builder::new()
             .handshake(TokioIo::new(stream))
-            .await?;
+            .await
+            .map_err(|source| UpstreamError::Http {
+                source,
+                delivered: false,
+            })?;
         Ok(Conn {
             sender,
             driver: Some(Box::new(driver)),
+            writes,
         })
     }
 
@@ -229,11 +348,15 @@ impl ConnPool {
     }
 }
 
-/// Sends `request` on `conn`, driving the connection until the answer's head arrives.
+/// Sends `request` on `conn`, driving the connection until the answer's head
+/// arrives; a failure says whether the request was written whole.
 async fn exchange(
     mut conn: Conn,
     request: Request<Full<Bytes>>,
-) -> Result<(Response<Incoming>, Conn), hyper::Error> {
+) -> Result<(Response<Incoming>, Conn), UpstreamError> {
+    let written_before = conn.writes.bytes.load(Relaxed);
+    conn.writes.failed.store(false, Relaxed);
+    let body_len = request.body().size_hint().exact().unwrap_or(0);
     let mut response = std::pin::pin!(conn.sender.send_request(request));
     let result = poll_fn(|cx| {
         // Polled first so the request is written and the answer read; an
@@ -242,7 +365,19 @@ async fn exchange(
         response.as_mut().poll(cx)
     })
     .await;
-    result.map(|response| (response, conn))
+    match result {
+        Ok(response) => Ok((response, conn)),
+        Err(source) => {
+            // Not delivered: nothing written (the connection was found
+            // closed), fewer bytes than the body alone (the backend never got
+            // its end: a reset while writing may fail the read first), or a
+            // failed write. Anything else counts as delivered, a head cut
+            // short included: better a 502 than a generation run twice.
+            let written = conn.writes.bytes.load(Relaxed) - written_before;
+            let delivered = written > body_len && !conn.writes.failed.load(Relaxed);
+            Err(UpstreamError::Http { source, delivered })
+        }
+    }
 }
 
 /// A backend's answer body. Polling it drives its connection, which goes
@@ -393,11 +528,13 @@ mod tests {
         /// backend's keep-alive timeout would, between requests).
         CloseAfterAnswer,
         /// Reads the second request of a connection, then closes it unanswered
-        /// (the keep-alive timeout fired as the request was on its way).
+        /// (it may have started generating: the request must not be sent again).
         DropSecondRequest,
-        /// The same, closing with a reset (the request was still unread in
-        /// the backend's buffer when it closed).
+        /// The same, closing with a reset.
         ResetSecondRequest,
+        /// Reads the head of the second request, then resets the connection
+        /// before its body arrived (it cannot have run it).
+        ResetSecondRequestBeforeItsBody,
         /// Writes these bytes as the answer (in one write), then closes.
         Raw(&'static [u8]),
     }
@@ -426,8 +563,17 @@ mod tests {
                 tokio::spawn(async move {
                     let mut buf = Vec::new();
                     for served in 0.. {
-                        if !read_request(&mut socket, &mut buf).await {
+                        let Some(body_len) = read_head(&mut socket, &mut buf).await else {
                             closes.fetch_add(1, SeqCst);
+                            return;
+                        };
+                        if matches!(behaviour, Behaviour::ResetSecondRequestBeforeItsBody)
+                            && served == 1
+                        {
+                            socket.set_zero_linger().unwrap();
+                            return;
+                        }
+                        if !read_body(&mut socket, &mut buf, body_len).await {
                             return;
                         }
                         if matches!(behaviour, Behaviour::DropSecondRequest) && served == 1 {
@@ -455,17 +601,46 @@ mod tests {
         (authority, accepted, closed)
     }
 
-    /// Reads one request without a body; false at end of stream.
-    async fn read_request(socket: &mut TcpStream, buf: &mut Vec<u8>) -> bool {
+    /// Reads one request's head; its body's length, None at end of stream.
+    async fn read_head(socket: &mut TcpStream, buf: &mut Vec<u8>) -> Option<usize> {
         loop {
             if let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                let head = String::from_utf8_lossy(&buf[..end]).to_ascii_lowercase();
                 buf.drain(..end + 4);
+                let length = head
+                    .lines()
+                    .find_map(|l| l.strip_prefix("content-length:"))
+                    .map_or(0, |l| l.trim().parse().unwrap());
+                return Some(length);
+            }
+            if !read_more(socket, buf).await {
+                return None;
+            }
+        }
+    }
+
+    /// Reads (and drops) `length` bytes of body; false at end of stream.
+    async fn read_body(socket: &mut TcpStream, buf: &mut Vec<u8>, mut length: usize) -> bool {
+        loop {
+            let taken = length.min(buf.len());
+            buf.drain(..taken);
+            length -= taken;
+            if length == 0 {
                 return true;
             }
-            let mut chunk = [0u8; 4096];
-            match socket.read(&mut chunk).await {
-                Ok(0) | Err(_) => return false,
-                Ok(n) => buf.extend_from_slice(&chunk[..n]),
+            if !read_more(socket, buf).await {
+                return false;
+            }
+        }
+    }
+
+    async fn read_more(socket: &mut TcpStream, buf: &mut Vec<u8>) -> bool {
+        let mut chunk = [0u8; 64 * 1024];
+        match socket.read(&mut chunk).await {
+            Ok(0) | Err(_) => false,
+            Ok(n) => {
+                buf.extend_from_slice(&chunk[..n]);
+                true
             }
         }
     }
@@ -512,21 +687,46 @@ mod tests {
         assert_eq!(accepted.load(SeqCst), 3);
     }
 
-    #[tokio::test]
-    async fn a_request_lost_on_a_closing_reused_connection_is_sent_again_on_a_new_one() {
-        let (authority, accepted) = backend(Behaviour::DropSecondRequest).await;
+    /// A request the backend read whole and left unanswered fails, and is
+    /// not sent again: the backend may be running it.
+    async fn assert_not_sent_again(behaviour: Behaviour) {
+        let (authority, accepted) = backend(behaviour).await;
         let pool = ConnPool::new(authority, TEST_IDLE);
         assert_eq!(text(&pool).await, "conn-1");
+        let error = pool.send(get).await.unwrap_err();
+        assert!(error.delivered(), "{error}");
+        assert_eq!(accepted.load(SeqCst), 1, "sent again");
         assert_eq!(text(&pool).await, "conn-2");
-        assert_eq!(accepted.load(SeqCst), 2);
     }
 
     #[tokio::test]
-    async fn a_request_reset_on_a_closing_reused_connection_is_sent_again_on_a_new_one() {
-        let (authority, accepted) = backend(Behaviour::ResetSecondRequest).await;
+    async fn a_request_read_by_the_backend_is_not_sent_again_when_it_closes_unanswered() {
+        assert_not_sent_again(Behaviour::DropSecondRequest).await;
+    }
+
+    #[tokio::test]
+    async fn a_request_read_by_the_backend_is_not_sent_again_when_it_resets_unanswered() {
+        assert_not_sent_again(Behaviour::ResetSecondRequest).await;
+    }
+
+    #[tokio::test]
+    async fn a_request_cut_off_before_its_body_is_sent_again_on_a_new_connection() {
+        let (authority, accepted) = backend(Behaviour::ResetSecondRequestBeforeItsBody).await;
         let pool = ConnPool::new(authority, TEST_IDLE);
         assert_eq!(text(&pool).await, "conn-1");
-        assert_eq!(text(&pool).await, "conn-2");
+        // Larger than the socket buffers of both ends: the reset comes mid-body.
+        let body = Bytes::from(vec![b'x'; 32 << 20]);
+        let post = || {
+            Request::builder()
+                .method("POST")
+                .uri("/x")
+                .header("host", "backend")
+                .body(Full::new(body.clone()))
+                .unwrap()
+        };
+        let response = pool.send(post).await.expect("sent again");
+        let answer = response.into_body().collect().await.unwrap().to_bytes();
+        assert_eq!(answer, "conn-2");
         assert_eq!(accepted.load(SeqCst), 2);
     }
 

@@ -346,3 +346,82 @@ async fn without_cors_origins_no_origin_is_echoed() {
             .is_none()
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_the_backend_read_is_never_sent_to_it_twice() {
+    // The second completion request is read whole, then its connection is
+    // closed unanswered (the backend may be generating): sending it again on
+    // a new connection would run the generation twice.
+    let stack = Stack::builder("no-double-run")
+        .model(Model::new("flaky").args(&["--fault", "hang-up:2"]))
+        .start()
+        .await;
+    let (s, t) = stack
+        .post("/v1/chat/completions", &Stack::chat("flaky", false, 2))
+        .await;
+    assert_eq!(s, 200, "{t}{}", stack.logs());
+    let asked = std::time::Instant::now();
+    let (s, t) = stack
+        .post("/v1/chat/completions", &Stack::chat("flaky", false, 2))
+        .await;
+    assert_eq!(s, 502, "{t}{}", stack.logs());
+    assert_eq!(
+        testkit::json(&t)["error"]["code"],
+        "backend_unavailable",
+        "{t}"
+    );
+    // At once: the backend lives, and nothing waits for it to be replaced.
+    assert!(
+        asked.elapsed() < Duration::from_secs(4),
+        "{:?}",
+        asked.elapsed()
+    );
+    let (s, t) = stack
+        .post("/v1/chat/completions", &Stack::chat("flaky", false, 2))
+        .await;
+    assert_eq!(s, 200, "{t}");
+
+    let endpoint = format!("unix://{}", stack.socket.display());
+    let output = testkit::run_ctl(&endpoint, &["logs", "flaky"]).await;
+    let logs = String::from_utf8_lossy(&output.stdout);
+    assert_eq!(
+        logs.matches("hang-up fault: completion request").count(),
+        1,
+        "{logs}"
+    );
+    assert_eq!(
+        logs.matches("\"POST /v1/chat/completions HTTP/1.1\" 200")
+            .count(),
+        2,
+        "a request ran twice: {logs}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn headers_named_in_connection_stay_on_their_hop() {
+    let stack = Stack::builder("hop-by-hop")
+        .model(Model::new("alpha"))
+        .start()
+        .await;
+    let traceparent = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01";
+    let backend_saw = |connection: Option<&'static str>| {
+        let mut request = stack
+            .http
+            .post(stack.url("/v1/chat/completions"))
+            .header("traceparent", traceparent)
+            .json(&Stack::chat("alpha", false, 2));
+        if let Some(connection) = connection {
+            request = request.header("connection", connection);
+        }
+        async move {
+            let body: Value = request.send().await.unwrap().json().await.unwrap();
+            body["gpuswap_mock"]["traceparent"]
+                .as_str()
+                .map(str::to_owned)
+        }
+    };
+    // The mock echoes the header it got: an end-to-end header passes...
+    assert_eq!(backend_saw(None).await.as_deref(), Some(traceparent));
+    // ...and one the client named in `Connection` is for the gateway only.
+    assert_eq!(backend_saw(Some("keep-alive, traceparent")).await, None);
+}

@@ -3,7 +3,7 @@
 
 mod common;
 
-use common::{Model, Stack, metrics_text, metrics_when, read_stream, sample};
+use common::{Model, Stack, metrics_when, read_stream, sample};
 use gpuswap_telemetry::testing::OtlpReceiver;
 use serde_json::{Value, json};
 use testkit::stream_content;

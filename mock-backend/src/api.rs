@@ -243,6 +243,15 @@ async fn complete(
     body: Bytes,
     endpoint: Endpoint,
 ) -> Response {
+    let read = shared.completion_read();
+    if shared.args.hang_up_at() == Some(read) {
+        log::err(format!(
+            "hang-up fault: completion request {read} read, closing its connection unanswered"
+        ));
+        // A handler has no hold of its connection: a panic ends the
+        // connection's task, which drops (closes) the socket, and only it.
+        panic!("hang-up fault");
+    }
     let value = match admit(&shared, &headers, &body) {
         Ok(value) => value,
         Err(error) => return error.render(shared.flavor()),

@@ -20,6 +20,9 @@ pub enum Fault {
     ExitDuringLoad,
     NeverReady,
     CrashAfter(u64),
+    /// The Nth completion request (from 1) is read whole, then its
+    /// connection is closed unanswered, and the server serves on.
+    HangUp(u64),
     IgnoreSigterm,
     Flood(u64),
     ExitAfterReady,
@@ -37,13 +40,17 @@ impl FromStr for Fault {
                 "exit-after-ready" => Ok(Self::ExitAfterReady),
                 _ => Err(format!(
                     "unknown fault {text:?}: expected exit-during-load, never-ready, \
-                     crash-after:N, ignore-sigterm, flood:BYTES or exit-after-ready"
+                     crash-after:N, hang-up:N, ignore-sigterm, flood:BYTES or exit-after-ready"
                 )),
             },
             Some(("crash-after", n)) => n
                 .parse()
                 .map(Self::CrashAfter)
                 .map_err(|e| format!("crash-after:{n}: {e}")),
+            Some(("hang-up", n)) => n
+                .parse()
+                .map(Self::HangUp)
+                .map_err(|e| format!("hang-up:{n}: {e}")),
             Some(("flood", bytes)) => parse_bytes(bytes).map(Self::Flood),
             Some(_) => Err(format!("unknown fault {text:?}")),
         }
@@ -140,6 +147,13 @@ impl Args {
         })
     }
 
+    pub fn hang_up_at(&self) -> Option<u64> {
+        self.faults.iter().find_map(|fault| match fault {
+            Fault::HangUp(n) => Some(*n),
+            _ => None,
+        })
+    }
+
     pub fn flood_bytes(&self) -> Option<u64> {
         self.faults.iter().find_map(|fault| match fault {
             Fault::Flood(n) => Some(*n),
@@ -179,6 +193,7 @@ mod tests {
         assert_eq!("never-ready".parse(), Ok(Fault::NeverReady));
         assert_eq!("exit-after-ready".parse(), Ok(Fault::ExitAfterReady));
         assert_eq!("crash-after:7".parse(), Ok(Fault::CrashAfter(7)));
+        assert_eq!("hang-up:2".parse(), Ok(Fault::HangUp(2)));
         assert_eq!("flood:3M".parse(), Ok(Fault::Flood(3 << 20)));
         assert_eq!("flood:1000".parse(), Ok(Fault::Flood(1000)));
         assert!("crash-after:x".parse::<Fault>().is_err());

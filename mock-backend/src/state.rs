@@ -21,6 +21,8 @@ pub struct Shared {
     /// The port actually bound (TabbyAPI moves to port+1 when the port is busy).
     port: AtomicU16,
     request_seq: AtomicU64,
+    /// Completion requests read so far (for the `hang-up:N` fault).
+    completions: AtomicU64,
 }
 
 impl Shared {
@@ -32,6 +34,7 @@ impl Shared {
             phase: AtomicU8::new(Phase::Loading as u8),
             port: AtomicU16::new(port),
             request_seq: AtomicU64::new(0),
+            completions: AtomicU64::new(0),
         }
     }
 
@@ -61,6 +64,11 @@ impl Shared {
 
     pub fn set_port(&self, port: u16) {
         self.port.store(port, Ordering::SeqCst);
+    }
+
+    /// Counts a completion request read; its number, from 1.
+    pub fn completion_read(&self) -> u64 {
+        self.completions.fetch_add(1, Ordering::SeqCst) + 1
     }
 
     pub fn next_request(&self) -> u64 {
