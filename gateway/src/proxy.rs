@@ -425,6 +425,8 @@ async fn dispatch(gateway: Arc<Gateway>, model: Arc<str>, mut upstream: Upstream
     let mut metrics = gateway.gw_metrics.request(&model);
     let deadline = tokio::time::Instant::now() + gateway.queue_timeout;
     let mut refusals = 0;
+    // The generation that may have read the request, and why it did not answer.
+    let mut read_by: Option<(u64, String)> = None;
     loop {
         // Fast path: a live route that accepts. No message, no lock, no copy.
         let fast = gateway.routes.get(&model).and_then(|r| r.try_enter());
@@ -463,6 +465,11 @@ async fn dispatch(gateway: Arc<Gateway>, model: Arc<str>, mut upstream: Upstream
                 }
             }
         };
+        if let Some((generation, error)) = &read_by
+            && guard.route().generation == *generation
+        {
+            return failed(metrics, ApiError::backend_unavailable(&model, error));
+        }
         upstream.forwarding();
         match forward(&upstream, guard, metrics).await {
             Forwarded::Response(response) => return response,
@@ -473,18 +480,17 @@ async fn dispatch(gateway: Arc<Gateway>, model: Arc<str>, mut upstream: Upstream
                 metrics: returned,
             } => {
                 metrics = returned;
-                // The backend may have read the request (and died of it, or
-                // be generating still): another copy could run it twice.
-                if delivered {
-                    return failed(metrics, ApiError::backend_unavailable(&model, error));
-                }
-                // The backend died before it got the request and the
-                // supervisor has not told yet: retry once the route is
-                // replaced (a live backend keeps its route, and the client
-                // gets the 502).
+                // The backend died before it answered and the supervisor has
+                // not told yet: retry once the route is replaced (a live
+                // backend keeps its route, and the client gets the 502).
                 refusals += 1;
                 if refusals > MAX_REFUSALS || !route_replaced(&gateway, &model, generation).await {
                     return failed(metrics, ApiError::backend_unavailable(&model, error));
+                }
+                // A backend that may have read the request may be running it
+                // still: only a new one (its predecessor is gone) gets it again.
+                if delivered {
+                    read_by = Some((generation, error));
                 }
                 tracing::debug!(%model, generation, "the backend failed before answering: retrying");
             }
@@ -793,7 +799,7 @@ async fn open_stream(
         metrics.forwarding();
         match route.pool.send(|| upstream.to_request(&route)).await {
             Ok(response) => break response,
-            Err(e) if refusals < MAX_REFUSALS && !e.delivered() => {
+            Err(e) if refusals < MAX_REFUSALS => {
                 refusals += 1;
                 drop(guard);
                 if !route_replaced(gateway, &model, route.generation).await {
@@ -803,6 +809,14 @@ async fn open_stream(
                     )));
                 }
                 guard = regrant(gateway, &model).await.map_err(as_event)?;
+                // Read whole by a backend that may be running it still: only
+                // a new one (its predecessor is gone) gets it again.
+                if e.delivered() && guard.route().generation == route.generation {
+                    return Err(as_event(ApiError::backend_unavailable(
+                        &model,
+                        error_chain(&e),
+                    )));
+                }
             }
             Err(e) => {
                 return Err(as_event(ApiError::backend_unavailable(
