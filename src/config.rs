@@ -129,6 +129,64 @@ impl SupervisorConfig {
     }
 }
 
+impl SupervisorConfig {
+    /// The keys whose value in `new` differs from this running one and that a reload cannot
+    /// apply (the listener, its access rules, TLS, the state file, metrics): they take effect
+    /// at the next start. Every field is named here, so that a new one must be sorted too.
+    pub fn keys_needing_restart(&self, new: &SupervisorConfig) -> Vec<&'static str> {
+        let SupervisorConfig {
+            // The --listen flag overrides it: the file's value says nothing about the socket.
+            listen: _,
+            socket_mode,
+            socket_group,
+            allowed_uids,
+            allowed_gids,
+            tls_cert,
+            tls_key,
+            // Its contents are read again on reload; another path is not.
+            token_file,
+            tls_dir,
+            tls_names,
+            token_grace,
+            keepalive_interval,
+            keepalive_timeout,
+            state_file,
+            metrics_listen,
+            // Applied by a reload.
+            log_lines: _,
+            drain_timeout: _,
+            min_residency: _,
+            gpu_release_timeout: _,
+        } = self;
+        let changed = [
+            ("socket_mode", *socket_mode != new.socket_mode),
+            ("socket_group", *socket_group != new.socket_group),
+            ("allowed_uids", *allowed_uids != new.allowed_uids),
+            ("allowed_gids", *allowed_gids != new.allowed_gids),
+            ("tls_cert", *tls_cert != new.tls_cert),
+            ("tls_key", *tls_key != new.tls_key),
+            ("token_file", *token_file != new.token_file),
+            ("tls_dir", *tls_dir != new.tls_dir),
+            ("tls_names", *tls_names != new.tls_names),
+            ("token_grace", *token_grace != new.token_grace),
+            (
+                "keepalive_interval",
+                *keepalive_interval != new.keepalive_interval,
+            ),
+            (
+                "keepalive_timeout",
+                *keepalive_timeout != new.keepalive_timeout,
+            ),
+            ("state_file", *state_file != new.state_file),
+            ("metrics_listen", *metrics_listen != new.metrics_listen),
+        ];
+        changed
+            .into_iter()
+            .filter_map(|(key, differs)| differs.then_some(key))
+            .collect()
+    }
+}
+
 impl Default for SupervisorConfig {
     fn default() -> Self {
         Self {

@@ -12,6 +12,7 @@ pub async fn reload(mut ctx: Ctx) -> anyhow::Result<Code> {
             "added": response.added,
             "removed": response.removed,
             "changed": response.changed,
+            "needs_restart": response.needs_restart,
         }))?;
         return Ok(Code::Success);
     }
@@ -21,17 +22,23 @@ pub async fn reload(mut ctx: Ctx) -> anyhow::Result<Code> {
         ("changed", &response.changed, output::YELLOW),
     ];
     if groups.iter().all(|(_, names, _)| names.is_empty()) {
-        output::println("configuration reloaded: no changes")?;
-        return Ok(Code::Success);
-    }
-    output::println("configuration reloaded:")?;
-    for (label, names, color) in groups {
-        for name in names {
-            output::println(format!(
-                "  {}  {name}",
-                ctx.out.paint(color, &format!("{label:<7}"))
-            ))?;
+        output::println("configuration reloaded: no model changes")?;
+    } else {
+        output::println("configuration reloaded:")?;
+        for (label, names, color) in groups {
+            for name in names {
+                output::println(format!(
+                    "  {}  {name}",
+                    ctx.out.paint(color, &format!("{label:<7}"))
+                ))?;
+            }
         }
+    }
+    for key in &response.needs_restart {
+        output::println(format!(
+            "  {}  {key}: takes effect after a restart of the supervisor",
+            ctx.out.paint(output::YELLOW, "restart")
+        ))?;
     }
     Ok(Code::Success)
 }

@@ -21,7 +21,7 @@ use std::{
 };
 
 use gpuswap::{
-    config::{Config, ModelConfig},
+    config::{Config, ModelConfig, SupervisorConfig},
     pb::{self, activate_event::Event},
 };
 use gpuswap_telemetry::{ModelState as MetricState, SupervisorMetrics, SwapPhase};
@@ -225,6 +225,8 @@ pub struct Scheduler {
     metrics: SupervisorMetrics,
     /// The file Reload re-reads (here, not on the actor: reading it may block).
     config_path: Option<PathBuf>,
+    /// The `[supervisor]` section the daemon started with: what a reload cannot change.
+    started_with: Arc<SupervisorConfig>,
 }
 
 fn gone() -> Status {
@@ -240,6 +242,7 @@ impl Scheduler {
         let (tx, rx) = mpsc::unbounded_channel();
         let metrics = options.metrics.clone();
         let config_path = options.config_path.clone();
+        let started_with = Arc::new(config.supervisor.clone());
         let actor = Actor::new(config, options, tx.downgrade());
         let task = tokio::spawn(actor.run(rx));
         (
@@ -247,6 +250,7 @@ impl Scheduler {
                 tx,
                 metrics,
                 config_path,
+                started_with,
             },
             task,
         )
@@ -326,12 +330,23 @@ impl Scheduler {
             .await
             .map_err(|e| Status::internal(format!("reading the configuration: {e}")))?
             .map_err(|e| Status::invalid_argument(e.to_string()))?;
+        let needs_restart: Vec<String> = self
+            .started_with
+            .keys_needing_restart(&config.supervisor)
+            .into_iter()
+            .map(|key| format!("supervisor.{key}"))
+            .collect();
         let (reply, answer) = oneshot::channel();
         self.send(Command::Reload {
             config: Box::new(config),
             reply,
         })?;
-        answer.await.map_err(|_| gone())?
+        let mut response = answer.await.map_err(|_| gone())??;
+        if !needs_restart.is_empty() {
+            tracing::warn!(keys = ?needs_restart, "reload: these changes take effect only after a restart");
+        }
+        response.needs_restart = needs_restart;
+        Ok(response)
     }
 
     /// Ends every stream, stops every backend (in parallel) and ends the actor.

@@ -206,6 +206,52 @@ async fn a_second_supervisor_on_a_live_socket_is_refused_and_a_stale_socket_is_r
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_names_the_changes_that_need_a_restart() {
+    let mut sup = Supervisor::start("reloadkeys", &[], vec![Mock::new("alpha")]).await;
+    sup.settings.extend(
+        [
+            "allowed_uids = [4242]",
+            "allowed_gids = [4343]",
+            "socket_mode = \"0600\"",
+            // Applied by the reload: not named.
+            "drain_timeout = \"30s\"",
+        ]
+        .map(String::from),
+    );
+    sup.write_config();
+    let endpoint = format!("unix://{}", sup.socket.display());
+    let reload = testkit::run_ctl(&endpoint, &["reload"]).await;
+    let stdout = String::from_utf8_lossy(&reload.stdout);
+    assert!(reload.status.success(), "{reload:?}");
+    for key in [
+        "supervisor.socket_mode",
+        "supervisor.allowed_uids",
+        "supervisor.allowed_gids",
+    ] {
+        assert!(
+            stdout
+                .lines()
+                .any(|l| l.contains(key) && l.contains("after a restart")),
+            "gpuswapctl reload does not say that {key} needs a restart: {stdout}"
+        );
+    }
+    let mut client = sup.client.clone();
+    let response = client
+        .reload(pb::ReloadRequest {})
+        .await
+        .expect("Reload")
+        .into_inner();
+    assert_eq!(
+        response.needs_restart,
+        [
+            "supervisor.socket_mode",
+            "supervisor.allowed_uids",
+            "supervisor.allowed_gids"
+        ]
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reload_adds_removes_and_restarts_only_changed_models() {
     let mut sup = Supervisor::start(
         "reload",
