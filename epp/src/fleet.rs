@@ -82,8 +82,9 @@ pub struct BoxEntry {
     gateway_up: AtomicBool,
     /// Requests this picker sent there that have not finished.
     in_flight: AtomicU32,
-    /// The same per model, with when each was last used.
-    usage: Mutex<HashMap<String, Usage>>,
+    /// The same per model, with when each was last used. Copied on write: a placement takes
+    /// the current map without copying it (it runs per request over every box).
+    usage: Mutex<Arc<HashMap<String, Usage>>>,
 }
 
 /// One model's traffic on one box through this picker. With one active picker (the etcd
@@ -107,9 +108,9 @@ impl BoxEntry {
         }
     }
 
-    /// Every model's usage (a copy: placement reads it without the lock).
-    pub fn usage(&self) -> HashMap<String, Usage> {
-        self.usage.lock().unwrap().clone()
+    /// Every model's usage (placement reads it without the lock).
+    pub fn usage(&self) -> Arc<HashMap<String, Usage>> {
+        Arc::clone(&self.usage.lock().unwrap())
     }
 
     pub fn models(&self) -> Arc<BoxModels> {
@@ -140,7 +141,9 @@ impl BoxEntry {
         self.in_flight.fetch_add(1, Ordering::Relaxed);
         if let Some(model) = model {
             let mut usage = self.usage.lock().unwrap();
-            let entry = usage.entry(model.to_owned()).or_default();
+            let entry = Arc::make_mut(&mut usage)
+                .entry(model.to_owned())
+                .or_default();
             entry.in_flight += 1;
             entry.last_used = Some(Instant::now());
         }
@@ -207,7 +210,7 @@ impl Drop for InFlight {
         self.entry.in_flight.fetch_sub(1, Ordering::Relaxed);
         if let Some(model) = &self.model {
             let mut usage = self.entry.usage.lock().unwrap();
-            if let Some(entry) = usage.get_mut(model) {
+            if let Some(entry) = Arc::make_mut(&mut usage).get_mut(model) {
                 entry.in_flight = entry.in_flight.saturating_sub(1);
                 entry.last_used = Some(Instant::now());
             }

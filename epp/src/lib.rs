@@ -84,7 +84,11 @@ pub async fn run(config: EppConfig, listen: Option<String>) -> anyhow::Result<()
             picker,
             config.max_body,
         )))
-        .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener));
+        // Without TCP_NODELAY, Nagle and the proxy's delayed ACKs hold the small answers of
+        // an exchange for ~40 ms each (measured: 64 ms per request at one client).
+        .serve_with_incoming(
+            tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true)),
+        );
     tokio::select! {
         result = server => result.context("ext_proc server failed"),
         result = source => match result {

@@ -127,7 +127,23 @@ pub fn place(
     }
     let name = open[0].1.name.clone();
     let hash = |i: usize| rendezvous(candidates[i].name, &name);
-    let ranked = rank(&open, candidates, pending, now, hash);
+    // Where the model is loaded or loading, and no fallback is wanted, the cold ranking of
+    // every other box (a walk over its models) is not needed.
+    let warm: Vec<(usize, &ModelView)> = open
+        .iter()
+        .copied()
+        .filter(|(i, view)| {
+            matches!(view.state, ModelState::Ready if !view.draining)
+                || view.state == ModelState::Starting
+                || is_pending(pending, &view.name, candidates[*i].name, now)
+        })
+        .collect();
+    let considered = if fallbacks == 0 && !warm.is_empty() {
+        &warm
+    } else {
+        &open
+    };
+    let ranked = rank(considered, candidates, pending, now, hash);
     let (first_reason, _) = ranked[0];
     let boxes: Vec<usize> = ranked.iter().take(1 + fallbacks).map(|(_, i)| *i).collect();
     Placement::Route {
