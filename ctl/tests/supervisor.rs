@@ -576,7 +576,7 @@ fn reload_reports_added_and_removed_models() {
     let again = h.json(&["reload"]);
     assert_eq!(
         again,
-        serde_json::json!({"added": [], "removed": [], "changed": []})
+        serde_json::json!({"added": [], "removed": [], "changed": [], "needs_restart": []})
     );
 }
 
