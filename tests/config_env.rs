@@ -30,6 +30,30 @@ fn env_overrides_the_file_and_is_validated() {
     assert!(e.contains("gateway.listen"), "{e}");
 
     unsafe { std::env::remove_var("GPUSWAP__GATEWAY__LISTEN") };
+
+    // The Kubernetes DaemonSet names each box and its pod address this way
+    // (deploy/kubernetes/boxes.yaml): keys inside the file's `register` table.
+    let registered = dir.path().join("r.toml");
+    std::fs::write(
+        &registered,
+        "[gateway]\nregister = { etcd = [\"http://e:2379\"], name = \"set-by-env\", advertise = \"0.0.0.0:8002\" }\n",
+    )
+    .unwrap();
+    unsafe {
+        std::env::set_var("GPUSWAP__GATEWAY__REGISTER__NAME", "node-7");
+        std::env::set_var("GPUSWAP__GATEWAY__REGISTER__ADVERTISE", "10.1.2.3:8002");
+    }
+    let register = Config::load(&registered).unwrap().gateway.register.unwrap();
+    assert_eq!(
+        (register.name.as_str(), register.advertise.as_str()),
+        ("node-7", "10.1.2.3:8002")
+    );
+    assert_eq!(register.etcd, ["http://e:2379"]);
+    unsafe {
+        std::env::remove_var("GPUSWAP__GATEWAY__REGISTER__NAME");
+        std::env::remove_var("GPUSWAP__GATEWAY__REGISTER__ADVERTISE");
+    }
+
     let e = Config::load(&dir.path().join("missing.toml"))
         .unwrap_err()
         .to_string();
