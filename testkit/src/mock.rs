@@ -171,12 +171,18 @@ impl MockModel {
         ];
         command.extend(flavor_args.iter().map(|a| a.to_string()));
         command.extend(self.args.iter().cloned());
+        self.render_command(&command, marker)
+    }
+
+    /// The model's table with `command` as its command (a real server's, say); its
+    /// processes carry `MARKER_ENV = marker`.
+    pub fn render_command(&self, command: &[String], marker: &str) -> String {
         let gpus: Vec<String> = self.gpus.iter().map(u32::to_string).collect();
         let mut text = format!(
             "\n[models.\"{}\"]\nkind = \"{}\"\ncommand = {}\nport = {}\ngpus = [{}]\n",
             self.name,
             self.flavor,
-            toml_list(&command),
+            toml_list(command),
             self.port,
             gpus.join(", "),
         );

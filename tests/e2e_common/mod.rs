@@ -70,6 +70,17 @@ impl StartStack for Stack {
     /// Writes the configuration, starts the supervisor and the gateway, and waits until the
     /// gateway sees the supervisor.
     async fn start(builder: StackBuilder) -> Stack {
+        Stack::start_rendered(builder, render).await
+    }
+}
+
+impl Stack {
+    /// As `start`, with each model's table written by `render(model, stack_marker)` (the
+    /// real-server suite renders real servers' commands).
+    pub async fn start_rendered(
+        builder: StackBuilder,
+        render: impl Fn(&Model, &str) -> String,
+    ) -> Stack {
         let mut stack = Stack {
             base: builder.write(300, render),
             gateway: None,

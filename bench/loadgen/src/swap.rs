@@ -125,25 +125,27 @@ pub struct SwapSample {
     pub served_by_expected: bool,
 }
 
-/// Sends one streaming chat request for `model` through `url` while `probe`
-/// watches the backend that should serve it.
-pub async fn measure(
+/// One streaming chat request read to its end.
+pub struct Streamed {
+    pub started: Instant,
+    /// Response headers (a proxy may send them before the swap is done).
+    pub headers: Duration,
+    /// The first event with generated text.
+    pub first_text: Instant,
+    pub total: Duration,
+    pub body: Vec<u8>,
+}
+
+/// Sends one streaming chat request for `model` through `url` and reads the answer, noting
+/// when its first generated text arrived; an error status or no text at all is an error.
+pub async fn stream_once(
     url: &str,
     model: &str,
-    expect_served: &str,
     bearer: Option<&str>,
-    probe: ReadyProbe,
     timeout: Duration,
-) -> Result<SwapSample> {
+) -> Result<Streamed> {
     let target = Target::parse(url)?;
     let mut sender = connect(target.addr, Duration::from_secs(10)).await?;
-    if probe.check() {
-        bail!(
-            "{model}'s backend at {} is ready before the request: nothing to swap",
-            probe.addr
-        );
-    }
-    let poller = ReadyPoller::start(probe);
     let request = post(&target, chat_body(model, true, 8), bearer)?;
     let started = Instant::now();
     let exchange = async {
@@ -171,25 +173,57 @@ pub async fn measure(
         };
         Ok((headers, first_text, all))
     };
-    let outcome = tokio::time::timeout(timeout, exchange).await;
-    let total = started.elapsed();
+    let (headers, first_text, body) = tokio::time::timeout(timeout, exchange)
+        .await
+        .context("no complete answer in time")??;
+    Ok(Streamed {
+        started,
+        headers,
+        first_text,
+        total: started.elapsed(),
+        body,
+    })
+}
+
+/// Milliseconds from `earlier` to `later`, negative when `later` came first.
+pub fn signed_ms(later: Instant, earlier: Instant) -> f64 {
+    match later.checked_duration_since(earlier) {
+        Some(d) => d.as_secs_f64() * 1000.0,
+        None => -(earlier - later).as_secs_f64() * 1000.0,
+    }
+}
+
+/// Sends one streaming chat request for `model` through `url` while `probe`
+/// watches the backend that should serve it.
+pub async fn measure(
+    url: &str,
+    model: &str,
+    expect_served: &str,
+    bearer: Option<&str>,
+    probe: ReadyProbe,
+    timeout: Duration,
+) -> Result<SwapSample> {
+    if probe.check() {
+        bail!(
+            "{model}'s backend at {} is ready before the request: nothing to swap",
+            probe.addr
+        );
+    }
+    let poller = ReadyPoller::start(probe);
+    let outcome = stream_once(url, model, bearer, timeout).await;
     let ready = poller.finish(Duration::from_millis(200)).await;
-    let (headers, first_text, body) = outcome.context("swap timed out")??;
+    let streamed = outcome.context("swap")?;
     let Some(ready) = ready else {
         bail!("the backend of {model} never answered its readiness probe");
     };
     let ms = |d: Duration| d.as_secs_f64() * 1000.0;
-    let signed_ms = |later: Instant, earlier: Instant| match later.checked_duration_since(earlier) {
-        Some(d) => ms(d),
-        None => -ms(earlier - later),
-    };
     Ok(SwapSample {
         model: model.to_owned(),
-        headers_ms: ms(headers),
-        first_text_ms: signed_ms(first_text, started),
-        backend_ready_ms: signed_ms(ready, started),
-        overhead_ms: signed_ms(first_text, ready),
-        total_ms: ms(total),
-        served_by_expected: String::from_utf8_lossy(&body).contains(expect_served),
+        headers_ms: ms(streamed.headers),
+        first_text_ms: signed_ms(streamed.first_text, streamed.started),
+        backend_ready_ms: signed_ms(ready, streamed.started),
+        overhead_ms: signed_ms(streamed.first_text, ready),
+        total_ms: ms(streamed.total),
+        served_by_expected: String::from_utf8_lossy(&streamed.body).contains(expect_served),
     })
 }

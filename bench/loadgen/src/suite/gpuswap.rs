@@ -7,6 +7,7 @@
 //!   the load and scale measurements; they never conflict, so they stay loaded.
 //! - 3: two models per swap flavor (`swap-<flavor>-a`/`-b`), all conflicting.
 //! - 4: the stop cases, 5: the log flood.
+//! - 6: the router race's two real llama-server models (`router-a`/`-b`), when it runs.
 
 use std::{fmt::Write as _, path::Path, time::Duration};
 
@@ -82,6 +83,8 @@ pub struct Settings<'a> {
     pub swap_load_time: Duration,
     pub scale_tokens_per_second: f64,
     pub flood_bytes: u64,
+    /// The router race's two real llama-server models (GPU 6), when it runs.
+    pub router: Option<&'a super::router::RouterSetup>,
 }
 
 /// One configured mock model.
@@ -244,6 +247,21 @@ pub fn bench_models(settings: &Settings) -> Result<Vec<Model>> {
         }
         .build(bin)?,
     );
+    if let Some(router) = settings.router {
+        for (i, id) in super::router::ROUTER_MODELS.iter().enumerate() {
+            let port = free_port()?;
+            models.push(Model {
+                id: (*id).into(),
+                kind: "llama-server".into(),
+                port,
+                gpu: 6,
+                command: router.server_command(i, port),
+                api_key: None,
+                stop_timeout: Duration::from_secs(10),
+                health_path: "/health".into(),
+            });
+        }
+    }
     Ok(models)
 }
 

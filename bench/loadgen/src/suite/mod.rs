@@ -9,6 +9,7 @@ mod gpuswap;
 mod peers;
 mod procs;
 mod report;
+mod router;
 mod scenarios;
 
 use std::{
@@ -28,6 +29,7 @@ use crate::{
 use gpuswap::{Gpuswap, SWAP_FLAVORS, Settings};
 use peers::Upstream;
 use procs::Proc;
+use router::{RouterReport, RouterSetup};
 use scenarios::{SCENARIOS, Scenario};
 
 #[derive(Debug, Clone, clap::Args)]
@@ -67,7 +69,17 @@ pub struct SuiteArgs {
     /// The `litellm` program (from its venv).
     #[arg(long, default_value = "bench/.venv/bin/litellm")]
     pub litellm: String,
-    /// Leave out targets: any of nginx, litellm, gpuswap.
+    /// llama.cpp's `llama-server`: with `--router-models`, its router mode is raced against
+    /// gpuswap (bench/run.sh builds it with tests/real/setup.sh).
+    #[arg(long)]
+    pub llama_server: Option<PathBuf>,
+    /// Two GGUF models for the router race (made by bench/run.sh).
+    #[arg(long, value_delimiter = ',')]
+    pub router_models: Vec<PathBuf>,
+    /// Swaps measured per proxy in the router race [default: 6, quick 2].
+    #[arg(long)]
+    pub router_swaps: Option<usize>,
+    /// Leave out targets: any of nginx, litellm, gpuswap, router.
     #[arg(long, value_delimiter = ',')]
     pub skip: Vec<String>,
     /// Only the proxy-overhead scenarios (no swap, stop, scale or flood
@@ -100,6 +112,9 @@ pub struct Plan {
     pub scale_tokens_per_second: f64,
     pub scale_max_tokens: u32,
     pub flood_bytes: u64,
+    pub router_swaps: usize,
+    /// Small chats per target for the router race's proxy overhead.
+    pub router_requests: u64,
     pub reproduce: String,
 }
 
@@ -134,6 +149,8 @@ impl Plan {
             scale_tokens_per_second: 5.0,
             scale_max_tokens: 25,
             flood_bytes: args.flood_bytes,
+            router_swaps: args.router_swaps.unwrap_or(if q { 2 } else { 6 }).max(1),
+            router_requests: if q { 5 } else { 20 },
             reproduce: args.reproduce.clone(),
         }
     }
@@ -176,6 +193,8 @@ pub struct Results {
     pub stop: Vec<StopRun>,
     pub scale: Option<LoadReport>,
     pub flood: Option<FloodReport>,
+    /// llama-server's router mode against gpuswap (when given the server and models).
+    pub router: Option<RouterReport>,
     /// What failed to run (not missed targets).
     pub failures: Vec<String>,
 }
@@ -289,6 +308,11 @@ async fn run_all(
     procs: &mut Vec<Proc>,
 ) -> Result<()> {
     let skip = |name: &str| args.skip.iter().any(|s| s == name);
+    let router = if skip("router") || args.load_only {
+        None
+    } else {
+        RouterSetup::new(&args.llama_server, &args.router_models)?
+    };
 
     // The backends the peers and the direct baseline use (gpuswap starts its own
     // identical ones through the supervisor).
@@ -346,6 +370,7 @@ async fn run_all(
             swap_load_time: plan.swap_load_time,
             scale_tokens_per_second: plan.scale_tokens_per_second,
             flood_bytes: plan.flood_bytes,
+            router: router.as_ref(),
         };
         match gpuswap::start(&settings, work, logs).await {
             Ok(g) => {
@@ -395,6 +420,12 @@ async fn run_all(
         if !args.load_only {
             if gateway_ok {
                 swap_section(plan, &g, results).await;
+                if let Some(setup) = &router {
+                    match router::section(plan, setup, &g, work, logs).await {
+                        Ok(report) => results.router = Some(report),
+                        Err(e) => results.failed("the llama-server router race", e),
+                    }
+                }
             }
             stop_section(plan, &g, bin_dir, results).await;
             if gateway_ok {

@@ -241,6 +241,22 @@ pub fn render(plan: &Plan, results: &Results, env: &Environment, took: Duration)
         );
     }
 
+    // The llama-server router race.
+    let router_md = results.router.as_ref().map(|r| {
+        let (md, gpuswap_ms, router_ms) = router_section(r);
+        if let (Some(g), Some(rt)) = (gpuswap_ms, router_ms) {
+            goal(
+                "swap between two real llama-server models: gpuswap vs llama-server's router \
+                 (request → first token)"
+                    .into(),
+                format!("median gpuswap {} ms vs router {} ms", fig(g), fig(rt)),
+                "≤ router".into(),
+                Some(g <= rt),
+            );
+        }
+        md
+    });
+
     // Stops.
     let mut stop_rows = String::new();
     for run in &results.stop {
@@ -449,6 +465,9 @@ pub fn render(plan: &Plan, results: &Results, env: &Environment, took: Duration)
          average.\n",
         plan.swap_load_time.as_millis()
     );
+    if let Some(router_md) = router_md {
+        let _ = writeln!(md, "{router_md}");
+    }
     let _ = writeln!(
         md,
         "## Stop\n\n\
@@ -489,4 +508,89 @@ pub fn render(plan: &Plan, results: &Results, env: &Environment, took: Duration)
          (not committed); process logs in `bench/out/logs/`."
     );
     md
+}
+
+/// The router race's section, and the median request-to-first-token of gpuswap and the router.
+fn router_section(r: &super::RouterReport) -> (String, Option<f64>, Option<f64>) {
+    let mib: Vec<String> = r
+        .model_bytes
+        .iter()
+        .map(|b| fig(*b as f64 / (1024.0 * 1024.0)))
+        .collect();
+    let gpuswap_first: Vec<f64> = r.gpuswap_swaps.iter().map(|s| s.first_text_ms).collect();
+    let gpuswap_overhead: Vec<f64> = r.gpuswap_swaps.iter().map(|s| s.overhead_ms).collect();
+    let router_first: Vec<f64> = r.router_swaps.iter().map(|s| s.first_text_ms).collect();
+    let max = |v: &[f64]| v.iter().copied().fold(f64::NAN, f64::max);
+    let (gpuswap_ms, router_ms) = (median(&gpuswap_first), median(&router_first));
+    let wrong = r
+        .gpuswap_swaps
+        .iter()
+        .filter(|s| !s.served_by_expected)
+        .count();
+    let mut md = format!(
+        "## A real swapper: llama-server's router mode\n\n\
+         llama.cpp's `llama-server` ({}) in router mode (`--models-dir DIR --models-max 1`: a \
+         child llama-server per loaded model, swapped on the request's `model`) against gpuswap \
+         with the same two random-weight GGUF models ({} MiB, made at bench time by \
+         tests/real/make_models.py) as two `llama-server` models on one GPU. Requests alternate \
+         between the two models, streamed; each is a swap (the first, a start from nothing). \
+         *Request → first token* includes the real load of the weights. gpuswap's overhead is \
+         first token − the backend's own `/health` 200 (as in the swap section); the router's \
+         children listen on ports of its own, so its share cannot be split out. Milliseconds.\n\n\
+         | proxy | swaps | request → first token (median) | (max) | overhead beyond backend ready (median) |\n\
+         |---|---|---|---|---|\n\
+         | gpuswap | {} | **{}** | {} | {} |\n\
+         | llama-server router | {} | **{}** | {} | - |\n",
+        if r.llama_server_version.is_empty() {
+            "version unknown"
+        } else {
+            &r.llama_server_version
+        },
+        mib.join(" and "),
+        r.gpuswap_swaps.len(),
+        gpuswap_ms.map_or("-".into(), fig),
+        fig(max(&gpuswap_first)),
+        median(&gpuswap_overhead).map_or("-".into(), fig),
+        r.router_swaps.len(),
+        router_ms.map_or("-".into(), fig),
+        fig(max(&router_first)),
+    );
+    if wrong > 0 {
+        let _ = writeln!(md, "\n{wrong} gpuswap answer(s) from the wrong model!");
+    }
+    let direct = r
+        .latency
+        .iter()
+        .find(|l| l.target == "direct")
+        .and_then(|l| l.report.latency_ms);
+    let _ = writeln!(
+        md,
+        "\nProxy overhead with the model loaded: 2-token chats, one at a time, to the same model \
+         through each, and to a llama-server of the same file alone (latency in ms).\n\n\
+         | target | requests | p50 latency | p99 latency |\n|---|---|---|---|"
+    );
+    for l in &r.latency {
+        let Some(lat) = l.report.latency_ms else {
+            continue;
+        };
+        let ratio = |v: f64, d: Option<f64>| match d {
+            Some(d) if l.target != "direct" && d > 0.0 => format!(" (×{:.2})", v / d),
+            _ => String::new(),
+        };
+        let _ = writeln!(
+            md,
+            "| {} | {} | {}{} | {}{} |",
+            match l.target {
+                "router" => "llama-server router",
+                "direct" => "llama-server alone",
+                other => other,
+            },
+            l.report.requests_ok,
+            fig(lat.p50),
+            ratio(lat.p50, direct.map(|d| d.p50)),
+            fig(lat.p99),
+            ratio(lat.p99, direct.map(|d| d.p99)),
+        );
+    }
+    (md, gpuswap_ms, router_ms)
 }
