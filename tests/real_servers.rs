@@ -315,24 +315,48 @@ fn process(pid: u32) -> Option<Process> {
     Some(Process { pid, cmdline })
 }
 
+/// The processes of `model`: those carrying its marker and every descendant of them (vLLM's
+/// setproctitle may overwrite where /proc shows a process's environment, marker included).
 fn model_processes(stack: &Stack, model: &str) -> Vec<Process> {
-    stack
-        .model_processes(model)
+    let marked = stack.model_processes(model);
+    let parent = |pid: u32| -> Option<u32> {
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+        stat.rsplit_once(')')?
+            .1
+            .split_whitespace()
+            .nth(1)?
+            .parse()
+            .ok()
+    };
+    let descends = |mut pid: u32| {
+        while pid > 1 {
+            if marked.contains(&pid) {
+                return true;
+            }
+            match parent(pid) {
+                Some(ppid) => pid = ppid,
+                None => return false,
+            }
+        }
+        false
+    };
+    testkit::process_ids()
         .into_iter()
+        .filter(|&pid| testkit::alive(pid) && descends(pid))
         .filter_map(process)
         .collect()
 }
 
-/// Waits until no process of `model` is left; how long that took from `since`.
-async fn wait_all_gone(stack: &Stack, model: &str, since: Instant) -> Duration {
+/// Waits until no process of `model` is left, `tree` (seen before) included; how long that
+/// took from `since`.
+async fn wait_all_gone(stack: &Stack, model: &str, tree: &[Process], since: Instant) -> Duration {
     testkit::wait_for(
-        &format!("every process of {model} to end"),
+        &format!("every process of {model} to end: {tree:#?}"),
         Duration::from_secs(30),
         || async {
-            stack
-                .model_processes(model)
-                .is_empty()
-                .then(|| since.elapsed())
+            let gone = tree.iter().all(|p| !testkit::alive(p.pid))
+                && stack.model_processes(model).is_empty();
+            gone.then(|| since.elapsed())
         },
     )
     .await
@@ -519,7 +543,7 @@ async fn stopping_vllm_by_sigterm_or_after_its_leader_is_killed_leaves_no_proces
     let stopping = Instant::now();
     let out = stack.ctl(&["deactivate", "vllm"]).await;
     assert_eq!(out.code, Some(0), "{out:?}");
-    let took = wait_all_gone(&stack, "vllm", stopping).await;
+    let took = wait_all_gone(&stack, "vllm", &tree, stopping).await;
     eprintln!("SIGTERM stop: {} processes gone after {took:?}", tree.len());
 
     // SIGKILL of the API server alone (a crash, an OOM kill): vLLM's engine core, worker and
@@ -529,7 +553,7 @@ async fn stopping_vllm_by_sigterm_or_after_its_leader_is_killed_leaves_no_proces
     let killed = Instant::now();
     // SAFETY: plain kill(2) of a process this test's stack started.
     unsafe { libc::kill(leader.pid as i32, libc::SIGKILL) };
-    let took = wait_all_gone(&stack, "vllm", killed).await;
+    let took = wait_all_gone(&stack, "vllm", &tree, killed).await;
     eprintln!(
         "leader SIGKILLed: the other {} processes gone after {took:?}",
         tree.len() - 1
@@ -552,7 +576,7 @@ async fn a_sigkill_escalation_or_a_killed_supervisor_leaves_no_vllm_process() {
     let stopping = Instant::now();
     let out = stack.ctl(&["deactivate", "vllm"]).await;
     assert_eq!(out.code, Some(0), "{out:?}");
-    let took = wait_all_gone(&stack, "vllm", stopping).await;
+    let took = wait_all_gone(&stack, "vllm", &tree, stopping).await;
     eprintln!(
         "SIGKILL escalation: {} processes gone after {took:?}",
         tree.len()
@@ -567,7 +591,7 @@ async fn a_sigkill_escalation_or_a_killed_supervisor_leaves_no_vllm_process() {
     // kill -9 of the supervisor: the guards' parent-death signal ends every vLLM process.
     let tree = activate_vllm(&stack, "vllm").await;
     let killed = stack.kill_supervisor();
-    let took = wait_all_gone(&stack, "vllm", killed).await;
+    let took = wait_all_gone(&stack, "vllm", &tree, killed).await;
     eprintln!(
         "supervisor SIGKILLed: {} vLLM processes gone after {took:?}",
         tree.len()
@@ -576,10 +600,15 @@ async fn a_sigkill_escalation_or_a_killed_supervisor_leaves_no_vllm_process() {
 
 /// Starts vLLM through gpuswapctl and returns its processes, checked to be vLLM's whole tree.
 async fn activate_vllm(stack: &Stack, model: &str) -> Vec<Process> {
-    let out = tokio::time::timeout(START_DEADLINE, stack.ctl(&["activate", model]))
-        .await
-        .expect("vLLM within the deadline");
-    assert_eq!(out.code, Some(0), "{out:?}{}", stack.logs());
+    let out =
+        testkit::run_ctl_within(&stack.endpoint(), &["activate", model], START_DEADLINE).await;
+    assert!(
+        out.status.success(),
+        "{}{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+        stack.logs()
+    );
     let processes = model_processes(stack, model);
     let tree = vllm_tree(&processes);
     assert!(

@@ -339,9 +339,10 @@ pub fn convert_backend_error(status: StatusCode, body: &[u8]) -> Option<ApiError
         #[serde(rename = "type")]
         kind: Option<String>,
         code: Option<serde_json::Value>,
+        param: Option<serde_json::Value>,
     }
     let parsed: Option<Loose> = serde_json::from_slice(body).ok();
-    let (message, kind, code) = match parsed {
+    let (message, kind, code, param) = match parsed {
         // OpenAI-shaped already; vLLM and llama-server put the status in `code`.
         Some(Loose {
             error: Some(serde_json::Value::Object(error)),
@@ -362,24 +363,30 @@ pub fn convert_backend_error(status: StatusCode, body: &[u8]) -> Option<ApiError
                 .get("type")
                 .and_then(|t| t.as_str())
                 .map(str::to_owned);
-            (message, kind, error.get("code").cloned())
+            (
+                message,
+                kind,
+                error.get("code").cloned(),
+                error.get("param").cloned(),
+            )
         }
         // SGLang / vLLM: {"object":"error","message":...,"type":...,"code":400}
         Some(Loose {
             message: Some(message),
             kind,
             code,
+            param,
             ..
-        }) => (text_of(&message), kind, code),
+        }) => (text_of(&message), kind, code, param),
         // TabbyAPI / FastAPI: {"detail": "..."} or a list of validation errors.
         Some(Loose {
             detail: Some(detail),
             ..
-        }) => (text_of(&detail), None, None),
+        }) => (text_of(&detail), None, None, None),
         // llama-server sometimes: {"error": "text"}
         Some(Loose {
             error: Some(error), ..
-        }) => (text_of(&error), None, None),
+        }) => (text_of(&error), None, None, None),
         _ => {
             let text = String::from_utf8_lossy(body);
             let text = text.trim();
@@ -388,11 +395,18 @@ pub fn convert_backend_error(status: StatusCode, body: &[u8]) -> Option<ApiError
             } else {
                 truncate(text, 4096).to_owned()
             };
-            (message, None, None)
+            (message, None, None, None)
         }
     };
     let code = match code {
         Some(serde_json::Value::String(s)) if !s.is_empty() => Cow::Owned(s),
+        // vLLM answers a model it does not serve with 404, `param: "model"` and its status as
+        // the code: OpenAI's contract (and clients) call that `model_not_found`.
+        _ if status == StatusCode::NOT_FOUND
+            && param.as_ref().and_then(|p| p.as_str()) == Some("model") =>
+        {
+            Cow::Borrowed("model_not_found")
+        }
         _ => Cow::Borrowed(code_for_status(status)),
     };
     let kind = match kind.as_deref() {
@@ -514,6 +528,20 @@ mod tests {
         )
         .unwrap();
         assert_eq!(e.message, "Loading model");
+    }
+
+    #[test]
+    fn a_real_vllm_unknown_model_becomes_model_not_found() {
+        // vLLM 0.32's own body for a model it does not serve (seen in tests/real_servers.rs).
+        let body = br#"{"error":{"message":"The model `nope` does not exist. Valid aliases: tiny.","type":"NotFoundError","param":"model","code":404}}"#;
+        let e = convert_backend_error(StatusCode::NOT_FOUND, body).unwrap();
+        let v = error_json(&e);
+        assert_eq!(v["error"]["code"], "model_not_found");
+        assert_eq!(v["error"]["type"], "invalid_request_error");
+        assert!(v["error"]["message"].as_str().unwrap().contains("`nope`"));
+        // A 404 about something else stays a plain not_found.
+        let e = convert_backend_error(StatusCode::NOT_FOUND, br#"{"detail":"Not Found"}"#).unwrap();
+        assert_eq!(&*e.code, "not_found");
     }
 
     #[test]

@@ -49,6 +49,10 @@ pub fn router(shared: Arc<Shared>) -> Router {
 async fn access_log(State(shared): AppState, request: HttpRequest, next: Next) -> Response {
     let method = request.method().clone();
     let path = request.uri().path().to_owned();
+    let peer = request
+        .extensions()
+        .get::<axum::extract::ConnectInfo<std::net::SocketAddr>>()
+        .map(|info| info.0);
     let response = next.run(request).await;
     let status = response.status();
     match shared.flavor() {
@@ -56,8 +60,10 @@ async fn access_log(State(shared): AppState, request: HttpRequest, next: Next) -
             "srv  log_server_r: request: {method} {path} 127.0.0.1 {}",
             status.as_u16()
         )),
+        // uvicorn's: `INFO:     127.0.0.1:54321 - "GET /health HTTP/1.1" 200 OK`.
         _ => log::out(format!(
-            "INFO:     127.0.0.1 - \"{method} {path} HTTP/1.1\" {} {}",
+            "INFO:     {} - \"{method} {path} HTTP/1.1\" {} {}",
+            peer.map_or_else(|| "127.0.0.1".to_owned(), |p| p.to_string()),
             status.as_u16(),
             status.canonical_reason().unwrap_or("")
         )),

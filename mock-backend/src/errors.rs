@@ -73,6 +73,16 @@ impl ApiError {
                 "code": code,
             }),
             Flavor::Tabbyapi => json!({ "detail": self.message }),
+            // vLLM 0.32 names a model it does not serve `NotFoundError` with its status as the
+            // code (the gateway turns that into OpenAI's `model_not_found`).
+            Flavor::Vllm if self.code == Some("model_not_found") => json!({
+                "error": {
+                    "message": self.message,
+                    "type": "NotFoundError",
+                    "param": self.param,
+                    "code": self.status.as_u16(),
+                }
+            }),
             Flavor::Vllm => json!({
                 "error": {
                     "message": self.message,

@@ -107,29 +107,36 @@ impl Startup {
 
     async fn vllm(self) -> anyhow::Result<()> {
         let (model, host, pid) = (self.shared.model(), &self.args().host, self.shared.pid);
+        // vLLM 0.32 prefixes each line with the process that wrote it (its API server, engine
+        // core and worker are separate processes) and stamps it `MM-DD HH:MM:SS`.
+        let stamp = || log::timestamp()[5..].to_owned();
         log::out(format!(
-            "INFO {} [api_server.py:1000] vLLM API server version 0.11.0",
-            timestamp()
+            "(APIServer pid={pid}) INFO {} [api_utils.py:347] vLLM version 0.32.0 (gpuswap mock)",
+            stamp()
         ));
         log::out(format!(
-            "INFO {} [utils.py:300] non-default args: {{'model': '{model}', 'served_model_name': ['{model}']}}",
-            timestamp()
+            "(APIServer pid={pid}) INFO {} [api_utils.py:286] non-default args: {{'model': '{model}', 'served_model_name': ['{model}']}}",
+            stamp()
         ));
         log::out(format!(
-            "INFO {} [gpu_model_runner.py:2000] Starting to load model {model}...",
-            timestamp()
+            "(EngineCore pid={pid}) INFO {} [core.py:133] Initializing a V1 LLM engine (v0.32.0) with config: model='{model}'",
+            stamp()
+        ));
+        log::out(format!(
+            "(Worker pid={pid}) INFO {} [cpu_model_runner.py:68] Starting to load model {model}...",
+            stamp()
         ));
         self.load().await;
         log::out(format!(
-            "INFO {} [gpu_model_runner.py:2100] Model loading took 16.40 GiB and {:.2} seconds",
-            timestamp(),
+            "(Worker pid={pid}) INFO {} [default_loader.py:501] Loading weights took {:.2} seconds",
+            stamp(),
             self.args().load_time.as_secs_f64()
         ));
         let server = self.listen().await;
         let port = self.shared.port();
         log::out(format!(
-            "INFO {} [launcher.py:30] Starting vLLM API server 0 on http://{host}:{port}",
-            timestamp()
+            "(APIServer pid={pid}) INFO {} [entry.py:140] Starting vLLM server on http://{host}:{port}",
+            stamp()
         ));
         log::out(format!("INFO:     Started server process [{pid}]"));
         log::out("INFO:     Waiting for application startup.");
@@ -266,7 +273,9 @@ impl Startup {
         let listener = listener.tap_io(|tcp| {
             let _ = tcp.set_nodelay(true);
         });
-        tokio::spawn(async move { axum::serve(listener, router).await })
+        // The peer's address: uvicorn's access lines name the client's port.
+        let service = router.into_make_service_with_connect_info::<std::net::SocketAddr>();
+        tokio::spawn(async move { axum::serve(listener, service).await })
     }
 
     async fn serve_until_exit(self, server: Server) -> anyhow::Result<()> {
