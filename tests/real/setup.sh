@@ -40,11 +40,14 @@ setup_llama_server() {
     DEBIAN_FRONTEND=noninteractive apt-get install -y -qq cmake >&2
   fi
   local work=$llama_dir.work
-  rm -rf "$work" && mkdir -p "$work"
-  log "downloading the llama-cpp-python $LLAMA_CPP_PYTHON_VERSION sdist"
-  "$python" -m pip download --quiet --no-deps --no-binary llama-cpp-python -d "$work" \
-    "llama-cpp-python==$LLAMA_CPP_PYTHON_VERSION" >&2
-  tar -xzf "$work"/llama_cpp_python-*.tar.gz -C "$work"
+  # An interrupted build (a full disk, a killed CI run) is resumed, not redone.
+  if [ ! -f "$work/build/CMakeCache.txt" ]; then
+    rm -rf "$work" && mkdir -p "$work"
+    log "downloading the llama-cpp-python $LLAMA_CPP_PYTHON_VERSION sdist"
+    "$python" -m pip download --quiet --no-deps --no-binary llama-cpp-python -d "$work" \
+      "llama-cpp-python==$LLAMA_CPP_PYTHON_VERSION" >&2
+    tar -xzf "$work"/llama_cpp_python-*.tar.gz -C "$work"
+  fi
   local src
   src=$(echo "$work"/llama_cpp_python-*/vendor/llama.cpp)
   # LLAMA_USE_PREBUILT_UI defaults to downloading the web UI, which cannot be fetched here;

@@ -86,6 +86,10 @@ pub struct SuiteArgs {
     /// sections): for quick A/B runs; the table goes to OUT/RESULTS.md.
     #[arg(long)]
     pub load_only: bool,
+    /// Only the llama-server router race (with gpuswap; no other target or section): the
+    /// table goes to OUT/RESULTS.md.
+    #[arg(long)]
+    pub router_only: bool,
     /// Raw JSON, logs and a copy of the table go here.
     #[arg(long, default_value = "bench/out")]
     pub out: PathBuf,
@@ -273,7 +277,7 @@ pub async fn run(args: SuiteArgs) -> Result<()> {
     let markdown = report::render(&plan, &results, &environment, started.elapsed());
     println!("{markdown}");
     let results_path = args.results.clone().unwrap_or_else(|| {
-        if plan.quick || args.load_only {
+        if plan.quick || args.load_only || args.router_only {
             out.join("RESULTS.md")
         } else {
             PathBuf::from("bench/RESULTS.md")
@@ -307,7 +311,11 @@ async fn run_all(
     results: &mut Results,
     procs: &mut Vec<Proc>,
 ) -> Result<()> {
-    let skip = |name: &str| args.skip.iter().any(|s| s == name);
+    // --router-only races gpuswap and the router alone.
+    let skip = |name: &str| {
+        args.skip.iter().any(|s| s == name)
+            || (args.router_only && matches!(name, "nginx" | "litellm"))
+    };
     let router = if skip("router") || args.load_only {
         None
     } else {
@@ -413,20 +421,28 @@ async fn run_all(
         usable.iter().map(|t| t.key).collect::<Vec<_>>().join(", ")
     );
 
-    load_rounds(plan, &usable, raw, results).await;
+    if !args.router_only {
+        load_rounds(plan, &usable, raw, results).await;
+    }
 
     if let Some(mut g) = gpuswap {
         let gateway_ok = usable.iter().any(|t| t.key == "gpuswap");
-        if !args.load_only {
-            if gateway_ok {
-                swap_section(plan, &g, results).await;
-                if let Some(setup) = &router {
-                    match router::section(plan, setup, &g, work, logs).await {
-                        Ok(report) => results.router = Some(report),
-                        Err(e) => results.failed("the llama-server router race", e),
-                    }
-                }
-            }
+        let sections = !args.load_only && !args.router_only;
+        if sections && gateway_ok {
+            swap_section(plan, &g, results).await;
+        }
+        match &router {
+            Some(setup) if gateway_ok => match router::section(plan, setup, &g, work, logs).await {
+                Ok(report) => results.router = Some(report),
+                Err(e) => results.failed("the llama-server router race", e),
+            },
+            _ if args.router_only => results.failed(
+                "the llama-server router race",
+                anyhow!("--router-only needs gpuswap, --llama-server and --router-models"),
+            ),
+            _ => {}
+        }
+        if sections {
             stop_section(plan, &g, bin_dir, results).await;
             if gateway_ok {
                 scale_section(plan, &g, results).await;
