@@ -43,3 +43,70 @@ pub fn state_name(state: pb::ModelState) -> &'static str {
         S::Unavailable => "unavailable",
     }
 }
+
+/// A load's progress in words, the same for every client: "45 % (9/20 shards), about 25 s
+/// left; last loads took 52 s". Empty when nothing is known beyond the elapsed time.
+pub fn progress_text(progress: &pb::LoadProgress) -> String {
+    let mut parts = Vec::new();
+    match (progress.percent, progress.detail.is_empty()) {
+        (Some(percent), true) => parts.push(format!("{percent:.0} %")),
+        (Some(percent), false) => parts.push(format!("{percent:.0} % ({})", progress.detail)),
+        (None, false) => parts.push(progress.detail.clone()),
+        (None, true) => {}
+    }
+    let mut text = parts.join("");
+    let seconds = |ms: u64| ms.div_ceil(1000);
+    let mut estimate = Vec::new();
+    if let Some(eta) = progress.eta_ms {
+        estimate.push(format!("about {} s left", seconds(eta)));
+    }
+    if progress.typical_ms > 0 {
+        let noun = if progress.phase == "waking" {
+            "wakes"
+        } else {
+            "loads"
+        };
+        estimate.push(format!(
+            "last {noun} took {} s",
+            seconds(progress.typical_ms)
+        ));
+    }
+    if !estimate.is_empty() {
+        if !text.is_empty() {
+            text.push_str(", ");
+        }
+        text.push_str(&estimate.join("; "));
+    }
+    text
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn progress_text_says_what_is_known() {
+        let mut p = pb::LoadProgress {
+            model: "m".into(),
+            phase: "loading".into(),
+            percent: Some(45.0),
+            detail: "9/20 shards".into(),
+            elapsed_ms: 20_000,
+            eta_ms: Some(24_500),
+            typical_ms: 52_000,
+        };
+        assert_eq!(
+            progress_text(&p),
+            "45 % (9/20 shards), about 25 s left; last loads took 52 s"
+        );
+        p.detail.clear();
+        p.typical_ms = 0;
+        assert_eq!(progress_text(&p), "45 %, about 25 s left");
+        p.percent = None;
+        p.eta_ms = None;
+        assert_eq!(progress_text(&p), "");
+        p.phase = "waking".into();
+        p.typical_ms = 1_200;
+        assert_eq!(progress_text(&p), "last wakes took 2 s");
+    }
+}

@@ -171,6 +171,8 @@ enum Phase {
         model: String,
         pid: u32,
         generation: u64,
+        /// The load's progress as the supervisor last reported it.
+        progress: Option<pb::LoadProgress>,
     },
     Holding {
         generation: u64,
@@ -237,8 +239,24 @@ impl ProgressView {
                     model: s.model.clone(),
                     pid: s.pid,
                     generation: s.generation,
+                    progress: None,
                 };
                 self.last_log.clear();
+            }
+            Event::Progress(p) => {
+                let Phase::Starting { progress, .. } = &mut self.phase else {
+                    return Ok(None);
+                };
+                // A refresh that only moves the estimate is shown by the spinner, not as a
+                // new line.
+                let moved = progress
+                    .as_ref()
+                    .is_none_or(|old| old.percent != p.percent || old.detail != p.detail);
+                *progress = Some(p.clone());
+                if !moved || self.spinner.is_some() {
+                    self.refresh();
+                    return Ok(None);
+                }
             }
             Event::Log(line) => {
                 self.last_log = line.line.clone();
@@ -395,7 +413,22 @@ impl ProgressView {
                 model,
                 pid,
                 generation,
-            } => format!("starting {model} (pid {pid}, generation {generation})"),
+                progress,
+            } => {
+                let mut text = format!("starting {model} (pid {pid}, generation {generation})");
+                if let Some(progress) = progress {
+                    if let Some(percent) = progress.percent {
+                        text.push(' ');
+                        text.push_str(&output::bar(percent, 20));
+                    }
+                    let said = gpuswap::progress_text(progress);
+                    if !said.is_empty() {
+                        text.push(' ');
+                        text.push_str(&said);
+                    }
+                }
+                text
+            }
             Phase::Holding { generation } => format!(
                 "holding {} (generation {generation}); Ctrl-C releases it",
                 self.model
@@ -464,6 +497,11 @@ fn event_json(elapsed_ms: u64, event: &Event) -> Value {
             "deadline_ms": d.deadline_ms,
         }),
         Event::HoldLost(h) => json!({"event": "hold_lost", "model": h.model, "reason": h.reason}),
+        Event::Progress(p) => json!({
+            "event": "progress", "model": p.model, "phase": p.phase, "percent": p.percent,
+            "detail": p.detail, "eta_ms": p.eta_ms, "typical_ms": p.typical_ms,
+            "text": gpuswap::progress_text(p),
+        }),
     };
     value["elapsed_ms"] = elapsed_ms.into();
     value

@@ -182,6 +182,12 @@ pub fn seconds(ms: u64) -> String {
     format!("{:.1} s", ms as f64 / 1000.0)
 }
 
+/// A text progress bar `width` cells wide: "[#########-----------]".
+pub fn bar(percent: f32, width: usize) -> String {
+    let filled = ((percent.clamp(0.0, 100.0) / 100.0) * width as f32).round() as usize;
+    format!("[{}{}]", "#".repeat(filled), "-".repeat(width - filled))
+}
+
 /// At most `max` chars on one line, ending in "…" when cut.
 pub fn truncate(text: &str, max: usize) -> String {
     let one_line: String = text
@@ -259,6 +265,10 @@ pub fn model_json(model: &pb::ModelStatus) -> Value {
         "detail": empty_to_null(&model.detail),
         "last_startup_ms": nonzero(model.last_startup_ms),
         "idle_ttl_ms": model.idle_ttl_ms,
+        "progress": model.progress.as_ref().map(|p| json!({
+            "phase": p.phase, "percent": p.percent, "detail": p.detail,
+            "elapsed_ms": p.elapsed_ms, "eta_ms": p.eta_ms, "typical_ms": p.typical_ms,
+        })),
     })
 }
 

@@ -152,6 +152,12 @@ impl WatchView<'_> {
         {
             facts.push(format!("restarts {}", model.restarts));
         }
+        if let Some(progress) = &model.progress {
+            let said = gpuswap::progress_text(progress);
+            if !said.is_empty() {
+                facts.push(format!("loading: {said}"));
+            }
+        }
         if !model.last_error.is_empty()
             && before.is_none_or(|previous| previous.last_error != model.last_error)
         {

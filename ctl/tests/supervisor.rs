@@ -373,6 +373,36 @@ fn activate_json_prints_one_event_per_line_ending_in_ready() {
 }
 
 #[test]
+fn activate_shows_the_backends_own_load_percentage() {
+    // The mock prints vLLM's shard lines: "Loading safetensors checkpoint shards:  50% Completed | 2/4".
+    let h = Harness::start(&[Model {
+        extra: &["--shards", "4"],
+        ..model("m1")
+    }]);
+    let stdout = text(&h.expect(&["activate", "m1", "--json"], 0).stdout);
+    let percents: Vec<f64> = stdout
+        .lines()
+        .map(testkit::json)
+        .filter(|e| e["event"] == "progress")
+        .filter_map(|e| e["percent"].as_f64())
+        .collect();
+    assert!(
+        percents.iter().any(|p| *p > 0.0 && *p < 100.0),
+        "progress events with the backend's percentage: {stdout}"
+    );
+    h.expect(&["deactivate", "m1"], 0);
+    // Without a terminal: one line per step, with the percentage and the shards.
+    let out = h.expect(&["activate", "m1"], 0);
+    let stderr = text(&out.stderr);
+    assert!(
+        stderr
+            .lines()
+            .any(|l| l.contains("starting m1") && l.contains("% (") && l.contains("/4 shards)")),
+        "{stderr}"
+    );
+}
+
+#[test]
 fn activate_of_an_unknown_model_exits_4() {
     let h = Harness::start(&[model("m1")]);
     let out = h.expect(&["activate", "nope"], 4);

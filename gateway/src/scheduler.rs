@@ -35,6 +35,8 @@ pub struct Progress {
     pub phase: &'static str,
     pub text: String,
     pub queue_position: Option<u32>,
+    /// The backend's own load percentage, when it prints one.
+    pub percent: Option<f32>,
 }
 
 /// One request waiting for its model.
@@ -369,6 +371,7 @@ impl Scheduler {
             phase: "queued",
             text: format!("Waiting for {model}"),
             queue_position: None,
+            percent: None,
         };
         slot.progress = Some(progress);
         tracing::debug!(%model, activation = id, "activating");
@@ -421,6 +424,7 @@ impl Scheduler {
                     )
                 },
                 queue_position: Some(q.position),
+                percent: None,
             },
             E::Draining(d) => Progress {
                 phase: "draining",
@@ -437,11 +441,13 @@ impl Scheduler {
                     )
                 },
                 queue_position: None,
+                percent: None,
             },
             E::Stopping(s) => Progress {
                 phase: "stopping",
                 text: format!("Loading {model} (stopping {})", s.model),
                 queue_position: None,
+                percent: None,
             },
             E::Starting(_) => {
                 for waiter in slot.waiters.iter_mut().filter(|w| !w.swap_counted) {
@@ -452,6 +458,20 @@ impl Scheduler {
                     phase: STARTING,
                     text: format!("Loading {model}"),
                     queue_position: None,
+                    percent: None,
+                }
+            }
+            E::Progress(p) => {
+                let said = gpuswap::progress_text(&p);
+                Progress {
+                    phase: STARTING,
+                    text: if said.is_empty() {
+                        format!("Loading {model}")
+                    } else {
+                        format!("Loading {model}: {said}")
+                    },
+                    queue_position: None,
+                    percent: p.percent,
                 }
             }
             E::Log(line) => {

@@ -104,9 +104,9 @@ impl WaitingStream {
     /// `reasoning_content` (OpenWebUI shows it as a collapsible thinking block).
     fn progress_chunk(&self) -> Bytes {
         let elapsed = self.started.elapsed();
-        let (phase, text, position) = match &self.last_progress {
-            Some(p) => (p.phase, p.text.as_str(), p.queue_position),
-            None => ("queued", "", None),
+        let (phase, text, position, percent) = match &self.last_progress {
+            Some(p) => (p.phase, p.text.as_str(), p.queue_position, p.percent),
+            None => ("queued", "", None, None),
         };
         let text = if text.is_empty() {
             format!("Waiting for {}", self.model)
@@ -132,6 +132,7 @@ impl WaitingStream {
                 "model": &*self.model,
                 "elapsed_ms": elapsed.as_millis() as u64,
                 "queue_position": position,
+                "percent": percent,
             },
         });
         let mut event = b"data: ".to_vec();

@@ -444,3 +444,90 @@ async fn preloaded_models_are_held_from_the_start() {
     assert_eq!(s, 200, "{t}");
     assert_eq!(stack.starts(), ["warm"]);
 }
+
+/// The reasoning text and `gpuswap_progress` of every progress chunk before the answer.
+fn progress_chunks(text: &str) -> Vec<Value> {
+    sse_data(text)
+        .iter()
+        .filter(|d| **d != "[DONE]")
+        .map(|d| testkit::json(d))
+        .filter(|v| v["id"] == "gpuswap-progress")
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_backends_own_load_progress_and_past_load_times_reach_the_client() {
+    // vLLM-like: one "Loading safetensors checkpoint shards: NN% Completed | n/4" line per shard.
+    let stack = Stack::builder("load-progress")
+        .model(
+            Model::new("sharded")
+                .flavor("vllm")
+                .load_time("2s")
+                .args(&["--shards", "4"]),
+        )
+        .start()
+        .await;
+    let response = stack
+        .http
+        .post(stack.url("/v1/chat/completions"))
+        .json(&Stack::chat("sharded", true, 2))
+        .send()
+        .await
+        .unwrap();
+    let text = read_stream(response).await;
+    let progress = progress_chunks(&text);
+    let percents: Vec<f64> = progress
+        .iter()
+        .filter_map(|c| c["gpuswap_progress"]["percent"].as_f64())
+        .collect();
+    assert!(
+        percents.iter().any(|p| *p > 0.0 && *p < 100.0),
+        "a percentage between 0 and 100 from the backend's lines: {percents:?}\n{text}"
+    );
+    assert!(
+        percents.windows(2).all(|w| w[0] <= w[1]),
+        "the percentage only grows: {percents:?}"
+    );
+    let said: Vec<&str> = progress
+        .iter()
+        .filter_map(|c| c["choices"][0]["delta"]["reasoning_content"].as_str())
+        .collect();
+    assert!(
+        said.iter()
+            .any(|s| s.contains("Loading sharded: ") && s.contains("/4 shards)")),
+        "the shard count in words: {said:#?}"
+    );
+    assert!(
+        stream_content(&text).starts_with("[served by sharded]"),
+        "{text}"
+    );
+
+    // Stopped and asked for again: the estimate now comes from the first load too.
+    stack
+        .client
+        .clone()
+        .deactivate(gpuswap::pb::DeactivateRequest {
+            model: "sharded".into(),
+            ..Default::default()
+        })
+        .await
+        .expect("deactivate");
+    let response = stack
+        .http
+        .post(stack.url("/v1/chat/completions"))
+        .json(&Stack::chat("sharded", true, 2))
+        .send()
+        .await
+        .unwrap();
+    let text = read_stream(response).await;
+    let said: Vec<String> = progress_chunks(&text)
+        .iter()
+        .filter_map(|c| c["choices"][0]["delta"]["reasoning_content"].as_str())
+        .map(str::to_owned)
+        .collect();
+    assert!(
+        said.iter()
+            .any(|s| s.contains("s left") && s.contains("last loads took")),
+        "an estimate from the last load: {said:#?}"
+    );
+}

@@ -119,6 +119,14 @@ pub struct Args {
     /// An extra log line printed at the moment the server becomes ready.
     #[arg(long)]
     pub ready_log_line: Option<String>,
+    /// Weight shards the load goes through (vllm and sglang print a progress line per shard,
+    /// as their safetensors loaders do).
+    #[arg(long, default_value_t = 4)]
+    pub shards: u32,
+    /// A "weights" file read whole during the load (on top of --load-time), so that a load
+    /// from the page cache is measurably faster than one from disk.
+    #[arg(long)]
+    pub load_file: Option<std::path::PathBuf>,
 }
 
 impl Args {

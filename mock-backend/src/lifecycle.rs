@@ -156,11 +156,15 @@ impl Startup {
             "main: HTTP server is listening, hostname: {host}, port: {port}, http threads: 15"
         ));
         log::out("main: loading model");
-        log::out(format!(
-            "llama_model_loader: loaded meta data with 30 key-value pairs from {model}.gguf"
+        log::err(format!(
+            "llama_model_loader: loaded meta data with 30 key-value pairs and 291 tensors from {model}.gguf (version GGUF V3 (latest))"
         ));
+        log::err("load_tensors: loading model tensors, this can take a while... (mmap = true)");
         self.load().await;
-        log::out("load_tensors: offloaded 33/33 layers to GPU");
+        log::err("load_tensors: offloaded 33/33 layers to GPU");
+        // llama.cpp prints a dot per percent of the load on one line.
+        log::err(".".repeat(100));
+        log::err("llama_context: constructing llama_context");
         self.warm_up().await;
         log::out("main: model loaded");
         self.become_ready(&format!(
@@ -207,7 +211,43 @@ impl Startup {
 
     /// Loading the weights; `never-ready` hangs here (except where a flavor says otherwise).
     async fn load(&self) {
-        self.load_or_exit(self.args().load_time).await;
+        if let Some(path) = &self.args().load_file {
+            let path = path.clone();
+            let started = std::time::Instant::now();
+            let read = tokio::task::spawn_blocking(move || read_whole(&path)).await;
+            match read {
+                Ok(Ok(bytes)) => log::out(format!(
+                    "Read {bytes} bytes of weights in {:.3} s",
+                    started.elapsed().as_secs_f64()
+                )),
+                Ok(Err(e)) => self.exit_with(1, &format!("ERROR: reading the weights: {e}")),
+                Err(e) => self.exit_with(1, &format!("ERROR: reading the weights: {e}")),
+            }
+        }
+        match self.shared.flavor() {
+            // Their safetensors loaders print a tqdm line per shard (the bar format ends in
+            // a newline); vLLM's comes from its engine process, which prefixes its name.
+            Flavor::Vllm | Flavor::Sglang if self.args().shards > 0 => {
+                let shards = self.args().shards;
+                let prefix = if self.shared.flavor() == Flavor::Vllm {
+                    format!("(EngineCore_DP0 pid={}) ", self.shared.pid)
+                } else {
+                    String::new()
+                };
+                let step = self.args().load_time / shards;
+                let started = std::time::Instant::now();
+                for done in 0..=shards {
+                    if done > 0 {
+                        self.load_or_exit(step).await;
+                    }
+                    log::err(format!(
+                        "{prefix}{}",
+                        shard_bar(done, shards, started.elapsed(), step)
+                    ));
+                }
+            }
+            _ => self.load_or_exit(self.args().load_time).await,
+        }
         if self.fault(Fault::NeverReady) {
             log::out("Loading is taking a long time...");
             std::future::pending::<()>().await;
@@ -289,6 +329,32 @@ impl Startup {
         self.workers.kill_unless_escaped();
         std::process::exit(code);
     }
+}
+
+/// Reads `path` to the end (the bytes are dropped) and says how many there were.
+fn read_whole(path: &std::path::Path) -> std::io::Result<u64> {
+    let mut file = std::fs::File::open(path)?;
+    std::io::copy(&mut file, &mut std::io::sink())
+}
+
+/// One line of the shard loader's tqdm bar, in its format
+/// `{desc}: {percentage:3.0f}% Completed | {n_fmt}/{total_fmt} [{elapsed}<{remaining}, {rate_fmt}]`.
+fn shard_bar(done: u32, shards: u32, elapsed: Duration, step: Duration) -> String {
+    let clock = |d: Duration| format!("{:02}:{:02}", d.as_secs() / 60, d.as_secs() % 60);
+    let (remaining, rate) = if done == 0 {
+        ("?".to_owned(), "?it/s".to_owned())
+    } else {
+        let per = elapsed.as_secs_f64() / f64::from(done);
+        (
+            clock(Duration::from_secs_f64(per * f64::from(shards - done))),
+            format!("{:5.2}s/it", step.as_secs_f64()),
+        )
+    };
+    format!(
+        "\rLoading safetensors checkpoint shards: {:3.0}% Completed | {done}/{shards} [{}<{remaining}, {rate}]",
+        100.0 * f64::from(done) / f64::from(shards),
+        clock(elapsed),
+    )
 }
 
 /// SIGTERM/SIGINT: log, linger `--stop-delay` (still serving), kill own

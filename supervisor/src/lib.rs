@@ -4,6 +4,7 @@
 //! - [`guard`]: the tiny parent of every backend; kills all descendants when the backend
 //!   exits, when told to stop, or when the supervisor dies.
 //! - [`probe`]: readiness per backend kind (port, health codes, ready log line).
+//! - [`load_progress`]: a load's progress from the backend's own output; recent load times.
 //! - [`logs`]: bounded per-model log ring buffers with followers.
 //! - [`state_file`]: records live process groups; a restarted supervisor ends leftovers.
 //! - [`gpu`]: after a stop, waits until the stopped processes left the GPUs (NVML, if any).
@@ -14,6 +15,7 @@
 
 pub mod gpu;
 pub mod guard;
+pub mod load_progress;
 pub mod logs;
 pub mod probe;
 pub mod process;

@@ -34,6 +34,7 @@ use tonic::Status;
 use tracing::Instrument as _;
 
 use crate::{
+    load_progress::{self, LoadHistory, LoadProgress, Operation},
     logs::{LogBuffer, LogEntry},
     process::{Backend, ExitInfo, LaunchSpec, StartError},
     state_file::StateFile,
@@ -211,6 +212,13 @@ enum Internal {
     },
     /// The client closed an Activate stream (a waiter gave up, or a hold was released).
     StreamClosed { id: u64 },
+    /// A starting backend printed a progress line (`parsed`), or it is time to refresh the
+    /// estimate of the time left (None).
+    Progress {
+        model: String,
+        generation: u64,
+        parsed: Option<LoadProgress>,
+    },
 }
 
 enum Message {
@@ -456,6 +464,8 @@ struct Run {
     generation: u64,
     spawned_at: Instant,
     stop_requested: bool,
+    /// Reads the backend's load progress while it starts (see [`track_progress`]).
+    progress_tracker: Option<DropGuard>,
 }
 
 /// Holders of a model are being asked to let go.
@@ -497,6 +507,8 @@ struct Model {
     retry_at: Option<Instant>,
     last_error: String,
     last_startup_ms: u64,
+    /// The last progress the starting backend printed.
+    progress: Option<LoadProgress>,
     drain: Option<Drain>,
     /// Removed by a reload; dropped once its process is gone.
     removed: bool,
@@ -519,6 +531,7 @@ impl Model {
             retry_at: None,
             last_error: String::new(),
             last_startup_ms: 0,
+            progress: None,
             drain: None,
             removed: false,
         }
@@ -575,6 +588,8 @@ struct Actor {
     metrics: SupervisorMetrics,
     /// The state each model last showed in `model_state`.
     recorded_states: HashMap<String, MetricState>,
+    /// Recent load durations per model, for the estimate of the time left.
+    history: LoadHistory,
 }
 
 impl Actor {
@@ -595,6 +610,7 @@ impl Actor {
             })
             .collect();
         let (watch, _) = broadcast::channel(WATCH_CHANNEL_CAPACITY);
+        let history = LoadHistory::open(options.state_file.as_deref().map(StateFile::path));
         let mut actor = Actor {
             guard_exe: options.guard_exe,
             state_file: options.state_file,
@@ -614,6 +630,7 @@ impl Actor {
             started: Instant::now(),
             metrics: options.metrics,
             recorded_states: HashMap::new(),
+            history,
         };
         actor.published = actor
             .models
@@ -883,6 +900,11 @@ impl Actor {
                 pids,
             } => self.stop_stuck(&model, generation, &pids),
             Internal::StreamClosed { id } => self.stream_closed(id),
+            Internal::Progress {
+                model,
+                generation,
+                parsed,
+            } => self.load_progressed(&model, generation, parsed),
         }
     }
 
@@ -923,6 +945,61 @@ impl Actor {
         });
     }
 
+    /// Keeps the starting model's progress for Status and Watch and tells every waiter that
+    /// follows this start.
+    fn load_progressed(&mut self, name: &str, generation: u64, parsed: Option<LoadProgress>) {
+        let Some(model) = self.models.get_mut(name) else {
+            return;
+        };
+        let current = model
+            .run
+            .as_ref()
+            .is_some_and(|r| r.generation == generation);
+        if !current || model.state != State::Starting {
+            return;
+        }
+        if let Some(parsed) = parsed {
+            if model.progress.as_ref() == Some(&parsed) {
+                return;
+            }
+            model.progress = Some(parsed);
+        }
+        let Some(progress) = self.load_progress(name) else {
+            return;
+        };
+        for waiter in &self.queue {
+            if waiter.model == name && waiter.joined == Some(generation) {
+                waiter.stream.send(Event::Progress(progress.clone()));
+            }
+        }
+    }
+
+    /// Where the start of `name` stands: the backend's own words and an estimate of the time
+    /// left from its percentage or from its recent loads. None unless it is starting.
+    fn load_progress(&self, name: &str) -> Option<pb::LoadProgress> {
+        let model = &self.models[name];
+        let run = model
+            .run
+            .as_ref()
+            .filter(|_| model.state == State::Starting)?;
+        let elapsed = run.spawned_at.elapsed();
+        let typical = self.history.typical(name, Operation::Load);
+        let percent = model.progress.as_ref().and_then(|p| p.percent);
+        Some(pb::LoadProgress {
+            model: name.to_owned(),
+            phase: "loading".into(),
+            percent,
+            detail: model
+                .progress
+                .as_ref()
+                .map(|p| p.detail.clone())
+                .unwrap_or_default(),
+            elapsed_ms: millis(elapsed),
+            eta_ms: load_progress::time_left(elapsed, percent, typical).map(millis),
+            typical_ms: typical.map_or(0, millis),
+        })
+    }
+
     fn start_finished(&mut self, name: &str, generation: u64, result: Result<(), StartError>) {
         let Some(model) = self.models.get_mut(name) else {
             return;
@@ -955,6 +1032,11 @@ impl Actor {
                     .as_ref()
                     .map_or(Duration::ZERO, |r| now - r.spawned_at);
                 model.last_startup_ms = millis(took);
+                model.progress = None;
+                if let Some(run) = model.run.as_mut() {
+                    run.progress_tracker = None;
+                }
+                self.history.record(name, Operation::Load, took);
                 self.metrics.phase_finished(SwapPhase::Ready, took);
                 model.note(format!(
                     "ready after {} ms (generation {generation})",
@@ -1099,12 +1181,21 @@ impl Actor {
         model.state = State::Starting;
         model.generation = generation;
         model.ready_at = None;
+        model.progress = None;
+        let progress_tracker = track_progress(
+            model.logs.subscribe(),
+            spec.config.kind,
+            tx.clone(),
+            name.to_owned(),
+            generation,
+        );
         model.run = Some(Run {
             backend: backend.clone(),
             config: spec.config,
             generation,
             spawned_at: Instant::now(),
             stop_requested: false,
+            progress_tracker: Some(progress_tracker),
         });
         {
             let (tx, backend, model) = (tx.clone(), backend.clone(), name.to_owned());
@@ -1831,6 +1922,7 @@ impl Actor {
             detail,
             last_startup_ms: model.last_startup_ms,
             idle_ttl_ms: config.idle_ttl.map(millis),
+            progress: self.load_progress(name),
         }
     }
 
@@ -1838,6 +1930,10 @@ impl Actor {
     fn comparable_status(&self, name: &str) -> pb::ModelStatus {
         let mut status = self.model_status(name);
         status.uptime_ms = 0;
+        if let Some(progress) = status.progress.as_mut() {
+            progress.elapsed_ms = 0;
+            progress.eta_ms = None;
+        }
         if status.detail.starts_with("draining") {
             status.detail = "draining".into();
         }
@@ -2040,6 +2136,48 @@ fn forward_logs(
         }
     });
     forward
+}
+
+/// How often a start's estimate of the time left is refreshed when the backend prints nothing.
+const PROGRESS_REFRESH: Duration = Duration::from_secs(5);
+
+/// Reads a starting backend's output for progress lines and reports them to the actor, plus a
+/// refresh every [`PROGRESS_REFRESH`] (the first at once); ends when the guard is dropped.
+fn track_progress(
+    mut lines: broadcast::Receiver<LogEntry>,
+    kind: gpuswap::config::BackendKind,
+    tx: mpsc::UnboundedSender<Message>,
+    model: String,
+    generation: u64,
+) -> DropGuard {
+    let token = CancellationToken::new();
+    let guard = token.clone().drop_guard();
+    tokio::spawn(async move {
+        let mut refresh = tokio::time::interval(PROGRESS_REFRESH);
+        loop {
+            let parsed = tokio::select! {
+                _ = token.cancelled() => break,
+                _ = refresh.tick() => None,
+                entry = lines.recv() => match entry {
+                    Ok(entry) => match load_progress::parse_line(kind, &entry.line) {
+                        Some(parsed) => Some(parsed),
+                        None => continue,
+                    },
+                    Err(broadcast::error::RecvError::Lagged(_)) => continue,
+                    Err(broadcast::error::RecvError::Closed) => break,
+                },
+            };
+            let report = Internal::Progress {
+                model: model.clone(),
+                generation,
+                parsed,
+            };
+            if tx.send(Message::Internal(report)).is_err() {
+                break;
+            }
+        }
+    });
+    guard
 }
 
 /// Counts the log lines a reader of `model`'s output did not get.
