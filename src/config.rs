@@ -556,6 +556,11 @@ pub struct ModelConfig {
     /// Files that must exist before the model can start (weights still downloading).
     #[serde(default)]
     pub requires: Vec<PathBuf>,
+    /// The weight files its load reads (absolute paths; `*` and `?` in the file name), read
+    /// into the page cache while a swap to it drains and stops the previous model. Empty:
+    /// the files under `requires`.
+    #[serde(default)]
+    pub weights: Vec<String>,
     #[serde(default, deserialize_with = "opt_duration")]
     pub idle_ttl: Option<Duration>,
 }
@@ -838,6 +843,9 @@ impl Config {
             if let Some(devices) = model.env.get("CUDA_VISIBLE_DEVICES") {
                 check_cuda_devices(model.gpus.as_deref(), devices)
                     .map_err(|message| invalid(key("env.CUDA_VISIBLE_DEVICES"), message))?;
+            }
+            if model.weights.iter().any(|w| !w.starts_with('/')) {
+                return Err(invalid(key("weights"), "paths must be absolute"));
             }
             for path in &model.requires {
                 if !path.is_absolute() {

@@ -8,6 +8,7 @@
 //! - [`logs`]: bounded per-model log ring buffers with followers.
 //! - [`state_file`]: records live process groups; a restarted supervisor ends leftovers.
 //! - [`gpu`]: after a stop, waits until the stopped processes left the GPUs (NVML, if any).
+//! - [`warm`]: reads the next model's weight files into the page cache during a swap.
 //! - [`scheduler`]: the one owner of model state: queue, holds, drains, min residency.
 //! - [`service`]: the gRPC service over the scheduler.
 //! - [`server`]: listeners (Unix socket with mode/group/peer checks, or TLS + token).
@@ -24,3 +25,4 @@ pub mod server;
 pub mod service;
 pub mod state_file;
 pub mod tls;
+pub mod warm;

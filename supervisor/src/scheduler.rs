@@ -38,6 +38,7 @@ use crate::{
     logs::{LogBuffer, LogEntry},
     process::{Backend, ExitInfo, LaunchSpec, StartError},
     state_file::StateFile,
+    warm::{self, WarmGuard},
 };
 
 /// The sending half of one Activate stream.
@@ -509,6 +510,8 @@ struct Model {
     last_startup_ms: u64,
     /// The last progress the starting backend printed.
     progress: Option<LoadProgress>,
+    /// Its weight files being read into the page cache for a swap to it.
+    warming: Option<WarmGuard>,
     drain: Option<Drain>,
     /// Removed by a reload; dropped once its process is gone.
     removed: bool,
@@ -532,6 +535,7 @@ impl Model {
             last_error: String::new(),
             last_startup_ms: 0,
             progress: None,
+            warming: None,
             drain: None,
             removed: false,
         }
@@ -1021,6 +1025,7 @@ impl Actor {
                     None => Ok(()),
                 },
             );
+        model.warming = None;
         match result {
             Ok(()) => {
                 let now = Instant::now();
@@ -1633,10 +1638,41 @@ impl Actor {
             };
         }
         let force = self.queue[index].force;
+        self.warm_weights(&target);
         for name in conflicting {
             self.make_room(index, &name, force, now, needed);
         }
         true
+    }
+
+    /// Reads `name`'s weight files into the page cache while its swap frees the GPUs (once
+    /// per swap; the warming ends with the start it prepared).
+    fn warm_weights(&mut self, name: &str) {
+        let model = self.models.get_mut(name).expect("a configured model");
+        if model.warming.as_ref().is_some_and(|w| !w.finished()) {
+            return;
+        }
+        let files = warm::weight_files(&model.config);
+        if files.is_empty() {
+            return;
+        }
+        model.note(format!(
+            "warming {} weight file(s) into the page cache while the GPUs are freed",
+            files.len()
+        ));
+        let logs = model.logs.clone();
+        model.warming = Some(warm::start(files, move |warmed| {
+            logs.push(
+                pb::LogStream::Supervisor,
+                format!(
+                    "weights warmed: {} in {} file(s) in {:.2} s ({} left cold)",
+                    warm::human_bytes(warmed.bytes),
+                    warmed.files,
+                    warmed.took.as_secs_f64(),
+                    warm::human_bytes(warmed.skipped),
+                ),
+            );
+        }));
     }
 
     /// Stops `name` because the waiter at `index` (for `target`) needs its GPUs: tells the
