@@ -344,3 +344,62 @@ async fn logs_tail_and_follow() {
     .expect("a followed line about the stop");
     assert_eq!(stopped.model, "alpha");
 }
+
+/// Every line of `model`'s log the supervisor keeps, oldest first.
+async fn log_lines(sup: &Supervisor, model: &str) -> Vec<String> {
+    let mut client = sup.client.clone();
+    let mut tail = client
+        .logs(pb::LogsRequest {
+            model: model.into(),
+            tail: 10_000,
+            follow: false,
+        })
+        .await
+        .expect("Logs")
+        .into_inner();
+    let mut lines = Vec::new();
+    while let Some(line) = tail.message().await.expect("Logs stream") {
+        lines.push(line.line);
+    }
+    lines
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_swap_reads_the_next_models_weights_into_the_page_cache_while_the_old_one_stops() {
+    let weights = tempfile::tempdir().expect("tempdir");
+    let shard = weights.path().join("model-00001-of-00001.safetensors");
+    std::fs::write(&shard, vec![1u8; 8 << 20]).expect("write the weights");
+    let shard_arg = shard.to_str().expect("utf-8 path");
+    let sup = Supervisor::start(
+        "warm",
+        &[],
+        vec![
+            // Its stop takes a second: the time the swap spends freeing the GPU.
+            Mock::new("old").args(&["--stop-delay", "1s"]),
+            Mock::new("new")
+                .args(&["--load-file", shard_arg])
+                .toml(&format!(
+                    "weights = [\"{}/*.safetensors\"]",
+                    weights.path().display()
+                )),
+        ],
+    )
+    .await;
+    sup.activate("old", false).await.ready().await;
+    sup.activate("new", false).await.ready().await;
+    let lines = log_lines(&sup, "new").await;
+    let position = |what: &str| {
+        lines
+            .iter()
+            .position(|l| l.contains(what))
+            .unwrap_or_else(|| panic!("no line with {what:?} in {lines:#?}"))
+    };
+    let warmed = position("weights warmed: 8.0 MiB in 1 file(s)");
+    assert!(position("warming 1 weight file(s)") < warmed, "{lines:#?}");
+    // Warmed while the old model stopped, before the new one was started.
+    assert!(warmed < position("starting generation"), "{lines:#?}");
+    assert!(
+        position("Read 8388608 bytes of weights") > warmed,
+        "{lines:#?}"
+    );
+}
