@@ -270,6 +270,7 @@ async fn watch_sends_a_snapshot_then_changes() {
     }
     sup.activate("alpha", false).await.ready().await;
     let mut states = Vec::new();
+    let mut progress = Vec::new();
     while states.last() != Some(&ModelState::Ready) {
         let event = tokio::time::timeout(testkit::DEADLINE, watch.message())
             .await
@@ -279,12 +280,27 @@ async fn watch_sends_a_snapshot_then_changes() {
         match event.event {
             Some(pb::watch_event::Event::Changed(model)) => {
                 assert_eq!(model.name, "alpha");
+                if model.state() == ModelState::Starting && states.last() == Some(&model.state()) {
+                    // Only the load's progress moves while it starts (the mock prints shard lines).
+                    progress.push(
+                        model
+                            .progress
+                            .clone()
+                            .expect("a repeated Starting has progress"),
+                    );
+                    continue;
+                }
                 states.push(model.state());
             }
             other => panic!("unexpected {other:?}"),
         }
     }
     assert_eq!(states, vec![ModelState::Starting, ModelState::Ready]);
+    let percents: Vec<Option<f32>> = progress.iter().map(|p| p.percent).collect();
+    assert!(
+        percents.windows(2).all(|w| w[0] != w[1]),
+        "each repeated change says something new: {percents:?}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
