@@ -147,9 +147,11 @@ impl Startup {
 
     async fn llama_server(self) -> anyhow::Result<()> {
         let (model, host, port) = (self.shared.model(), &self.args().host, self.args().port);
-        log::out("build: 6000 (0123abcd) with cc (GCC) 13.3.0 for x86_64-linux-gnu");
-        log::out("system info: n_threads = 8, n_threads_batch = 8, total_threads = 16");
-        // llama-server listens while it loads, answering 503 "Loading model".
+        // HTTP is up while it loads, answering 503 "Loading model"; "listening on" comes only
+        // once the model is loaded, as llama.cpp (llama-cpp-python 0.3.36's) prints it. The
+        // loading lines are an older llama.cpp's, which the supervisor's load progress reads
+        // (docs/backends.md lists the difference).
+        log::out("0.00.002.282 I srv  llama_server: initializing ...");
         let server = self.listen().await;
         let port = if port == 0 { self.shared.port() } else { port };
         log::out(format!(
@@ -168,7 +170,7 @@ impl Startup {
         self.warm_up().await;
         log::out("main: model loaded");
         self.become_ready(&format!(
-            "main: server is listening on http://{host}:{port} - starting the main loop"
+            "0.00.237.727 I srv  llama_server: listening on http://{host}:{port}"
         ));
         log::out("srv  update_slots: all slots are idle");
         self.serve_until_exit(server).await

@@ -14,7 +14,7 @@ async fn ready(flavor: &str, extra: &[&str]) -> Mock {
     let ready_line = match flavor {
         "sglang" => "fired up",
         "vllm" => "Application startup complete.",
-        "llama-server" => "server is listening on",
+        "llama-server" => "llama_server: listening on",
         _ => "is ready",
     };
     mock.wait_log(ready_line).await;

@@ -167,7 +167,7 @@ async fn still_serving_during_the_stop_delay() {
 #[tokio::test]
 async fn sigint_exits_0() {
     let mut mock = Mock::start("llama-server", &["--load-time", "10ms"]);
-    mock.wait_log("server is listening on").await;
+    mock.wait_log("llama_server: listening on").await;
     mock.signal(libc::SIGINT);
     assert_eq!(mock.wait_exit().code(), Some(0));
 }

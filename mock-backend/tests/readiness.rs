@@ -95,7 +95,7 @@ async fn llama_server_listens_while_loading_with_503_loading_model() {
 #[tokio::test]
 async fn llama_server_health_ok_once_loaded() {
     let mock = Mock::start("llama-server", &["--load-time", "100ms"]);
-    mock.wait_log("main: server is listening on http://127.0.0.1:")
+    mock.wait_log("llama_server: listening on http://127.0.0.1:")
         .await;
     let health = get(mock.port, "/health").await;
     assert_eq!(health.status, 200);
