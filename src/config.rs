@@ -114,6 +114,58 @@ pub struct SupervisorConfig {
     pub gpu_release_timeout: Duration,
     /// Prometheus metrics (`host:port`), off when unset.
     pub metrics_listen: Option<String>,
+    /// Memory of each GPU that models may share (`vram`); unset: NVML's total, and without
+    /// NVML a model takes its GPUs whole.
+    pub gpu_memory: Option<GpuMemory>,
+}
+
+/// `[supervisor] gpu_memory`: one size for every GPU, or a size per GPU index.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum GpuMemory {
+    Every(u64),
+    PerGpu(BTreeMap<u32, u64>),
+}
+
+impl GpuMemory {
+    /// The configured capacity of `gpu` (None: not configured for it).
+    pub fn of(&self, gpu: u32) -> Option<u64> {
+        match self {
+            GpuMemory::Every(bytes) => Some(*bytes),
+            GpuMemory::PerGpu(sizes) => sizes.get(&gpu).copied(),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for GpuMemory {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            One(TextOrNumber),
+            PerGpu(BTreeMap<String, TextOrNumber>),
+        }
+        let size = |value: TextOrNumber| match value {
+            TextOrNumber::Text(t) => parse_byte_size(&t),
+            TextOrNumber::Number(n) => Ok(n),
+        };
+        match Raw::deserialize(d)? {
+            Raw::One(value) => size(value)
+                .map(GpuMemory::Every)
+                .map_err(serde::de::Error::custom),
+            Raw::PerGpu(table) => table
+                .into_iter()
+                .map(|(gpu, value)| {
+                    let index = gpu.trim().parse::<u32>().map_err(|_| {
+                        serde::de::Error::custom(format!(
+                            "gpu_memory: {gpu:?} is not a GPU index (\"0\", \"1\", ...)"
+                        ))
+                    })?;
+                    Ok((index, size(value).map_err(serde::de::Error::custom)?))
+                })
+                .collect::<Result<_, D::Error>>()
+                .map(GpuMemory::PerGpu),
+        }
+    }
 }
 
 impl SupervisorConfig {
@@ -157,6 +209,7 @@ impl SupervisorConfig {
             drain_timeout: _,
             min_residency: _,
             gpu_release_timeout: _,
+            gpu_memory: _,
         } = self;
         let changed = [
             ("socket_mode", *socket_mode != new.socket_mode),
@@ -209,6 +262,7 @@ impl Default for SupervisorConfig {
             state_file: "/run/gpuswap/supervisor.state".into(),
             gpu_release_timeout: Duration::from_secs(10),
             metrics_listen: None,
+            gpu_memory: None,
         }
     }
 }
@@ -563,6 +617,13 @@ pub struct ModelConfig {
     pub weights: Vec<String>,
     #[serde(default, deserialize_with = "opt_duration")]
     pub idle_ttl: Option<Duration>,
+    /// Memory the model takes on each of its GPUs; None: the whole GPU (it runs alone there).
+    #[serde(default, deserialize_with = "opt_byte_size")]
+    pub vram: Option<u64>,
+    /// Never stopped to make room for another model (only by deactivate, idle_ttl, reload or
+    /// shutdown).
+    #[serde(default)]
+    pub pinned: bool,
 }
 
 /// Secret values shorter than this are not masked.
@@ -692,7 +753,7 @@ impl Footprint<'_> {
 
 /// Whether two backends listening on the same port at hosts `a` and `b` can collide: the
 /// kernel refuses the second bind, or a client of one reaches the other.
-fn hosts_overlap(a: &str, b: &str) -> bool {
+pub fn hosts_overlap(a: &str, b: &str) -> bool {
     match (bind_addresses(a), bind_addresses(b)) {
         (Some(a), Some(b)) => a.iter().any(|ip| b.contains(ip)),
         // A wildcard takes the port on every address.
@@ -847,6 +908,30 @@ impl Config {
             if model.weights.iter().any(|w| !w.starts_with('/')) {
                 return Err(invalid(key("weights"), "paths must be absolute"));
             }
+            if model.vram == Some(0) {
+                return Err(invalid(key("vram"), "must be more than 0"));
+            }
+            if let (Some(vram), Some(memory)) = (model.vram, &self.supervisor.gpu_memory) {
+                let gpus: Vec<u32> = match (&model.gpus, memory) {
+                    (Some(gpus), _) => gpus.clone(),
+                    (None, GpuMemory::PerGpu(sizes)) => sizes.keys().copied().collect(),
+                    (None, GpuMemory::Every(_)) => vec![0],
+                };
+                for gpu in gpus {
+                    if let Some(capacity) = memory.of(gpu)
+                        && vram > capacity
+                    {
+                        return Err(invalid(
+                            key("vram"),
+                            format!(
+                                "model {name:?} needs {} but GPU {gpu} has {} (supervisor.gpu_memory)",
+                                format_bytes(vram),
+                                format_bytes(capacity)
+                            ),
+                        ));
+                    }
+                }
+            }
             for path in &model.requires {
                 if !path.is_absolute() {
                     return Err(invalid(key("requires"), "paths must be absolute"));
@@ -953,6 +1038,14 @@ impl Config {
             && addr.parse::<std::net::SocketAddr>().is_err()
         {
             return Err(invalid("supervisor.metrics_listen", "must be host:port"));
+        }
+        let sizes: Vec<u64> = match &s.gpu_memory {
+            None => Vec::new(),
+            Some(GpuMemory::Every(bytes)) => vec![*bytes],
+            Some(GpuMemory::PerGpu(sizes)) => sizes.values().copied().collect(),
+        };
+        if sizes.contains(&0) {
+            return Err(invalid("supervisor.gpu_memory", "must be more than 0"));
         }
         Ok(())
     }
@@ -1214,6 +1307,22 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
     humantime::parse_duration(text).map_err(|e| format!("invalid duration {text:?}: {e}"))
 }
 
+/// A size for people: "40 GiB", "1.5 GiB", "512 MiB", "100 B".
+pub fn format_bytes(bytes: u64) -> String {
+    const UNITS: [(&str, u64); 3] = [("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)];
+    for (unit, size) in UNITS {
+        if bytes >= size {
+            let whole = bytes / size;
+            return if whole * size == bytes {
+                format!("{whole} {unit}")
+            } else {
+                format!("{:.1} {unit}", bytes as f64 / size as f64)
+            };
+        }
+    }
+    format!("{bytes} B")
+}
+
 /// Parses "32MiB", "512KB", "1048576".
 pub fn parse_byte_size(text: &str) -> Result<u64, String> {
     let text = text.trim();
@@ -1255,6 +1364,10 @@ fn duration<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
 
 fn opt_duration<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
     duration(d).map(Some)
+}
+
+fn opt_byte_size<'de, D: Deserializer<'de>>(d: D) -> Result<Option<u64>, D::Error> {
+    byte_size(d).map(Some)
 }
 
 fn byte_size<'de, D: Deserializer<'de>>(d: D) -> Result<u64, D::Error> {
@@ -1583,6 +1696,53 @@ boxes = [
             assert!(e.contains(key), "{line}: {e}");
         }
         assert!(error_of("[gateway]\nmax_conections = 1\n").contains("max_conections"));
+    }
+
+    #[test]
+    fn gpu_memory_and_vram() {
+        let model = |extra: &str| {
+            format!(
+                "[models.big]\nkind = \"vllm\"\ncommand = [\"x\"]\nport = 1\ngpus = [1]\n{extra}"
+            )
+        };
+        let c = Config::from_toml(&format!(
+            "[supervisor]\ngpu_memory = \"96GiB\"\n{}",
+            model("vram = \"40GiB\"\npinned = true\n")
+        ))
+        .unwrap();
+        assert_eq!(c.supervisor.gpu_memory, Some(GpuMemory::Every(96 << 30)));
+        assert_eq!(c.models["big"].vram, Some(40 << 30));
+        assert!(c.models["big"].pinned);
+        let c = Config::from_toml(&format!(
+            "[supervisor]\ngpu_memory = {{ \"0\" = \"96GiB\", \"1\" = \"48GiB\" }}\n{}",
+            model("")
+        ))
+        .unwrap();
+        let memory = c.supervisor.gpu_memory.unwrap();
+        assert_eq!(
+            (memory.of(0), memory.of(1), memory.of(2)),
+            (Some(96 << 30), Some(48 << 30), None)
+        );
+        assert!(!c.models["big"].pinned && c.models["big"].vram.is_none());
+        let e = error_of(&format!(
+            "[supervisor]\ngpu_memory = {{ \"0\" = \"96GiB\", \"1\" = \"48GiB\" }}\n{}",
+            model("vram = \"50GiB\"\n")
+        ));
+        assert!(
+            e.contains("models.\"big\".vram") && e.contains("GPU 1 has 48 GiB"),
+            "{e}"
+        );
+        let e = error_of(&format!(
+            "[supervisor]\ngpu_memory = {{ gpu0 = \"1GiB\" }}\n{}",
+            model("")
+        ));
+        assert!(e.contains("gpu0"), "{e}");
+        let e = error_of(&model("vram = \"lots\"\n"));
+        assert!(e.contains("lots"), "{e}");
+        let e = error_of(&model("vram = 0\n"));
+        assert!(e.contains("models.\"big\".vram"), "{e}");
+        assert_eq!(format_bytes(40 << 30), "40 GiB");
+        assert_eq!(format_bytes(3 << 29), "1.5 GiB");
     }
 
     #[test]

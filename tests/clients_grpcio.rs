@@ -50,6 +50,7 @@ async fn grpcio_discovers_the_supervisor_through_reflection_and_calls_it() {
             "Deactivate",
             "Logs",
             "Reload",
+            "ReportUse",
             "Status",
             "Watch"
         ]),

@@ -116,6 +116,7 @@ async fn grpcurl_discovers_the_supervisor_through_server_reflection() {
         "Watch",
         "Logs",
         "Reload",
+        "ReportUse",
     ] {
         let method = format!("gpuswap.v1.Supervisor.{method}");
         assert!(

@@ -43,7 +43,12 @@ fn blackwell_example_is_the_seed_setup() {
             assert!(cmd.contains(flag), "{name}: {flag} missing");
         }
     }
+    for (name, m) in &sglang {
+        // --mem-fraction-static 0.88 of a 96 GB card, plus CUDA context and graphs.
+        assert_eq!(m.vram, Some(87 << 30), "{name}");
+    }
     let tabby = &c.models["monstral-123b-exl2-4bpw"];
+    assert_eq!(tabby.vram, Some(70 << 30));
     assert_eq!(tabby.kind, BackendKind::Tabbyapi);
     assert_eq!(tabby.port, 5000);
     assert!(!tabby.requires.is_empty());

@@ -7,7 +7,7 @@ use std::{
     time::{Duration, SystemTime},
 };
 
-use gpuswap::pb;
+use gpuswap::{config::format_bytes, pb};
 use serde_json::{Value, json};
 
 pub const BOLD: &str = "1";
@@ -269,7 +269,47 @@ pub fn model_json(model: &pb::ModelStatus) -> Value {
             "phase": p.phase, "percent": p.percent, "detail": p.detail,
             "elapsed_ms": p.elapsed_ms, "eta_ms": p.eta_ms, "typical_ms": p.typical_ms,
         })),
+        "vram_bytes": model.vram_bytes,
+        "pinned": model.pinned,
+        "last_used_ms": model.last_used_ms,
     })
+}
+
+pub fn gpu_json(gpu: &pb::GpuStatus) -> Value {
+    json!({
+        "index": gpu.index,
+        "capacity_bytes": gpu.capacity_bytes,
+        "reserved_bytes": gpu.reserved_bytes,
+        "used_bytes": gpu.used_bytes,
+        "models": gpu.models,
+    })
+}
+
+/// What a model takes: "40 GiB", "whole GPU"; ", pinned" when it is.
+pub fn vram_text(model: &pb::ModelStatus) -> String {
+    let mut text = model
+        .vram_bytes
+        .map_or_else(|| "whole GPU".to_owned(), format_bytes);
+    if model.pinned {
+        text.push_str(", pinned");
+    }
+    text
+}
+
+/// "GPU 0: 80 GiB of 96 GiB reserved (82.3 GiB used) by a, b"
+pub fn gpu_line(gpu: &pb::GpuStatus) -> String {
+    let mut line = format!("GPU {}: {} ", gpu.index, format_bytes(gpu.reserved_bytes));
+    match gpu.capacity_bytes {
+        Some(capacity) => line.push_str(&format!("of {} reserved", format_bytes(capacity))),
+        None => line.push_str("reserved"),
+    }
+    if let Some(used) = gpu.used_bytes {
+        line.push_str(&format!(" ({} used)", format_bytes(used)));
+    }
+    if !gpu.models.is_empty() {
+        line.push_str(&format!(" by {}", gpu.models.join(", ")));
+    }
+    line
 }
 
 pub fn supervisor_json(info: &pb::SupervisorInfo) -> Value {

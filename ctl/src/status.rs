@@ -21,6 +21,7 @@ pub async fn status(mut ctx: Ctx, model: Option<String>, log_lines: u32) -> anyh
             output::json_pretty(&json!({
                 "supervisor": output::supervisor_json(&info),
                 "models": snapshot.models.iter().map(output::model_json).collect::<Vec<_>>(),
+                "gpus": snapshot.gpus.iter().map(output::gpu_json).collect::<Vec<_>>(),
             }))?;
         } else {
             output::println(header(&info, ctx.out))?;
@@ -29,6 +30,9 @@ pub async fn status(mut ctx: Ctx, model: Option<String>, log_lines: u32) -> anyh
                 output::println("no models configured")?;
             } else {
                 output::print(&status_table(&snapshot.models, ctx.out))?;
+            }
+            for gpu in &snapshot.gpus {
+                output::println(output::gpu_line(gpu))?;
             }
         }
         return Ok(Code::Success);
@@ -162,6 +166,8 @@ pub fn status_table(models: &[pb::ModelStatus], style: Style) -> String {
     let show_served = models
         .iter()
         .any(|m| !m.served_name.is_empty() && m.served_name != m.name);
+    // Memory-aware placement in use: what each model takes.
+    let show_vram = models.iter().any(|m| m.vram_bytes.is_some() || m.pinned);
     let mut columns = vec![("MODEL", false)];
     if show_aliases {
         columns.push(("ALIASES", false));
@@ -174,6 +180,11 @@ pub fn status_table(models: &[pb::ModelStatus], style: Style) -> String {
         ("PID", true),
         ("UPTIME", true),
         ("GPUS", false),
+    ]);
+    if show_vram {
+        columns.push(("VRAM", false));
+    }
+    columns.extend([
         ("PORT", true),
         ("HOLDERS", true),
         ("RESTARTS", true),
@@ -217,6 +228,11 @@ pub fn status_table(models: &[pb::ModelStatus], style: Style) -> String {
             } else {
                 output::list_or_dash(&model.gpus)
             }),
+        ]);
+        if show_vram {
+            row.push(Cell::plain(output::vram_text(model)));
+        }
+        row.extend([
             Cell::plain(model.port.to_string()),
             Cell::plain(model.holders.to_string()),
             Cell::plain(model.restarts.to_string()),
@@ -263,6 +279,16 @@ fn details(model: &pb::ModelStatus, style: Style) -> Vec<String> {
             "last start",
             format!("took {}", output::seconds(model.last_startup_ms)),
         );
+    }
+    if model.vram_bytes.is_some() || model.pinned {
+        field("vram", output::vram_text(model));
+    }
+    if let Some(used) = model.last_used_ms {
+        let ago = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |now| now.as_millis() as u64)
+            .saturating_sub(used);
+        field("last use", format!("{} ago", output::humanize_ms(ago)));
     }
     if let Some(ttl) = model.idle_ttl_ms {
         field(

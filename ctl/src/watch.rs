@@ -100,6 +100,11 @@ impl WatchView<'_> {
                 self.order.retain(|n| *n != name);
                 vec![format!("{time} {name} removed by a reload")]
             }
+            Event::Gpus(memory) => memory
+                .gpus
+                .iter()
+                .map(|gpu| format!("{time} {}", output::gpu_line(gpu)))
+                .collect(),
         }
     }
 
@@ -210,8 +215,13 @@ fn event_json(event: &Event) -> serde_json::Value {
             "event": "snapshot",
             "supervisor": snapshot.supervisor.as_ref().map(output::supervisor_json),
             "models": snapshot.models.iter().map(output::model_json).collect::<Vec<_>>(),
+            "gpus": snapshot.gpus.iter().map(output::gpu_json).collect::<Vec<_>>(),
         }),
         Event::Changed(model) => json!({"event": "changed", "model": output::model_json(model)}),
         Event::Removed(name) => json!({"event": "removed", "model": name}),
+        Event::Gpus(memory) => json!({
+            "event": "gpus",
+            "gpus": memory.gpus.iter().map(output::gpu_json).collect::<Vec<_>>(),
+        }),
     }
 }

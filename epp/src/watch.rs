@@ -64,7 +64,8 @@ async fn watch_once(
             }
             Some(pb::watch_event::Event::Changed(status)) => entry.apply_change(status),
             Some(pb::watch_event::Event::Removed(name)) => entry.apply_removed(&name),
-            None => {}
+            // GPU memory does not steer the picker.
+            Some(pb::watch_event::Event::Gpus(_)) | None => {}
         }
     }
     Ok(())

@@ -157,6 +157,8 @@ const EVENT_BUFFER: usize = 1024;
 /// The shared catalog, whether the supervisor is reachable now, and the event feed.
 pub struct CatalogHandle {
     current: ArcSwap<Catalog>,
+    /// The memory of the supervisor's GPUs, as last reported.
+    gpus: ArcSwap<Vec<pb::GpuStatus>>,
     connected: AtomicBool,
     last_error: Mutex<String>,
     events: broadcast::Sender<Event>,
@@ -166,6 +168,7 @@ impl Default for CatalogHandle {
     fn default() -> Self {
         Self {
             current: ArcSwap::default(),
+            gpus: ArcSwap::default(),
             connected: AtomicBool::default(),
             last_error: Mutex::default(),
             events: broadcast::channel(EVENT_BUFFER).0,
@@ -174,6 +177,11 @@ impl Default for CatalogHandle {
 }
 
 impl CatalogHandle {
+    /// The memory of the supervisor's GPUs (configured, reserved, used), as last reported.
+    pub fn gpus(&self) -> Arc<Vec<pb::GpuStatus>> {
+        self.gpus.load_full()
+    }
+
     /// Every event from now on.
     pub fn subscribe(&self) -> broadcast::Receiver<Event> {
         self.events.subscribe()
@@ -240,6 +248,7 @@ async fn follow_once(
         let Some(event) = event.event else { continue };
         match event {
             pb::watch_event::Event::Snapshot(snapshot) => {
+                catalog.gpus.store(Arc::new(snapshot.gpus));
                 let catalog_new =
                     Catalog::from_models(snapshot.models.into_iter().map(ModelInfo::from_status));
                 *backoff = BACKOFF_MIN;
@@ -265,6 +274,7 @@ async fn follow_once(
                     catalog.publish(name, EventKind::Status(Arc::clone(model)));
                 }
             }
+            pb::watch_event::Event::Gpus(memory) => catalog.gpus.store(Arc::new(memory.gpus)),
             pb::watch_event::Event::Removed(name) => {
                 let next = catalog.current.load().without(&name);
                 catalog.current.store(Arc::new(next));

@@ -224,6 +224,10 @@ pub struct Scheduler {
     config: SchedulerConfig,
     slots: HashMap<Arc<str>, Slot>,
     next_activation: u64,
+    /// The `last_done` of each route last reported to the supervisor.
+    reported_use: HashMap<Arc<str>, u64>,
+    /// A ReportUse call is under way (the next waits for it).
+    reporting: Arc<std::sync::atomic::AtomicBool>,
     metrics: GatewayMetrics,
 }
 
@@ -249,6 +253,8 @@ impl Scheduler {
             config,
             slots: HashMap::new(),
             next_activation: 1,
+            reported_use: HashMap::new(),
+            reporting: Arc::default(),
             metrics,
         };
         (scheduler, handle)
@@ -727,6 +733,7 @@ impl Scheduler {
         if !self.config.preload.is_empty() && self.catalog.connected() {
             self.start_preloads();
         }
+        self.report_use();
         let models: Vec<Arc<str>> = self.slots.keys().cloned().collect();
         for model in models {
             let Some(slot) = self.slots.get_mut(&model) else {
@@ -748,6 +755,40 @@ impl Scheduler {
             }
             self.release_if_idle(&model);
         }
+    }
+
+    /// Tells the supervisor when the models with a route were last used (requests in flight:
+    /// now), so that the least recently used one is stopped to make room. One call at a
+    /// time, only for models used since the last report.
+    fn report_use(&mut self) {
+        if self.reporting.load(SeqCst) {
+            return;
+        }
+        let mut uses = Vec::new();
+        for (model, slot) in &self.slots {
+            let Some(route) = &slot.route else { continue };
+            let last_done = route.last_done.load(SeqCst);
+            let busy = route.in_flight.load(SeqCst) > 0;
+            if !busy && self.reported_use.get(model) == Some(&last_done) {
+                continue;
+            }
+            self.reported_use.insert(Arc::clone(model), last_done);
+            uses.push(pb::ModelUse {
+                model: model.to_string(),
+                idle_ms: if busy { 0 } else { millis(route.idle_for()) },
+            });
+        }
+        if uses.is_empty() {
+            return;
+        }
+        self.reporting.store(true, SeqCst);
+        let (mut client, reporting) = (self.client.clone(), Arc::clone(&self.reporting));
+        tokio::spawn(async move {
+            if let Err(status) = client.report_use(pb::ReportUseRequest { uses }).await {
+                tracing::debug!("reporting model use failed: {}", describe_status(&status));
+            }
+            reporting.store(false, SeqCst);
+        });
     }
 
     fn start_preloads(&mut self) {
@@ -796,6 +837,10 @@ impl Scheduler {
             self.tx.clone(),
         ));
     }
+}
+
+fn millis(d: Duration) -> u64 {
+    d.as_millis().min(u128::from(u64::MAX)) as u64
 }
 
 /// After an idle release, waits until the supervisor shows no holder of the

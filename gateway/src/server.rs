@@ -73,7 +73,13 @@ fn model_entry(
     created: u64,
     alias_of: Option<&str>,
 ) -> serde_json::Value {
-    let mut gpuswap = json!({ "state": model.public_state() });
+    let status = &model.status;
+    let mut gpuswap = json!({
+        "state": model.public_state(),
+        "vram_bytes": status.vram_bytes,
+        "pinned": status.pinned,
+        "last_used_ms": status.last_used_ms,
+    });
     if let Some(of) = alias_of {
         gpuswap["alias_of"] = json!(of);
     }
@@ -107,7 +113,22 @@ pub async fn list_models(State(gateway): State<Arc<Gateway>>, headers: HeaderMap
             ));
         }
     }
-    let body = json!({ "object": "list", "data": data });
+    let gpus: Vec<serde_json::Value> = gateway
+        .catalog
+        .gpus()
+        .iter()
+        .map(|gpu| {
+            json!({
+                "index": gpu.index,
+                "capacity_bytes": gpu.capacity_bytes,
+                "reserved_bytes": gpu.reserved_bytes,
+                "used_bytes": gpu.used_bytes,
+                "models": gpu.models,
+            })
+        })
+        .collect();
+    // The GPUs' memory next to the OpenAI list (clients ignore what they do not know).
+    let body = json!({ "object": "list", "data": data, "gpuswap": { "gpus": gpus } });
     json_response(StatusCode::OK, body.to_string().into())
 }
 

@@ -263,3 +263,165 @@ async fn a_backend_crash_mid_stream_ends_with_an_error_and_the_next_request_rest
     .await;
     assert_eq!(stack.starts(), ["alpha", "alpha"], "{}", stack.logs());
 }
+
+/// `[supervisor] gpu_memory` of the placement tests: one 96 GiB GPU.
+const GPU_96_GIB: &str = "gpu_memory = \"96GiB\"";
+
+/// A model of `gib` GiB on GPU 0.
+fn sized(name: &str, gib: u32) -> Model {
+    Model::new(name).toml(&format!("vram = \"{gib}GiB\""))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn models_that_fit_share_the_gpu_and_a_bigger_one_stops_both() {
+    let stack = Stack::builder("fit")
+        .supervisor(GPU_96_GIB)
+        // Slow answers: the second model is asked for while the first one streams.
+        .model(sized("a40", 40).tokens_per_second(20))
+        .model(sized("b40", 40).tokens_per_second(20))
+        .model(sized("c70", 70))
+        .start()
+        .await;
+    let (a, b, c) = (
+        stack.model("a40").clone(),
+        stack.model("b40").clone(),
+        stack.model("c70").clone(),
+    );
+    let (s, t) = chat(&stack, 0, "a40", false, 1).await;
+    assert_served_by(&a, false, s, &t);
+    let a_pid = stack.status("a40").await.pid;
+    // a40 streams 40 tokens at 20 per second; b40 starts and answers meanwhile.
+    let (http, url) = (stack.http.clone(), stack.url("/v1/chat/completions"));
+    let streaming = tokio::spawn(async move {
+        let response = http
+            .post(&url)
+            .json(&Stack::chat("a40", true, 40))
+            .send()
+            .await
+            .expect("a40 stream");
+        (response.status().as_u16(), read_stream(response).await)
+    });
+    let (s, t) = chat(&stack, 0, "b40", false, 1).await;
+    assert_served_by(&b, false, s, &t);
+    assert!(
+        !streaming.is_finished(),
+        "b40 answered only after a40's stream ended{}",
+        stack.logs()
+    );
+    let (s, t) = streaming.await.expect("a40 stream task");
+    assert_served_by(&a, true, s, &t);
+    assert_eq!(stack.starts(), ["a40", "b40"], "{}", stack.logs());
+    let a_status = stack.status("a40").await;
+    assert_eq!(a_status.pid, a_pid, "a40 was restarted{}", stack.logs());
+    assert_eq!(a_status.state(), gpuswap::pb::ModelState::Ready);
+    let status = stack.statuses().await;
+    let gpu = status.gpus.iter().find(|g| g.index == 0).expect("GPU 0");
+    assert_eq!(gpu.capacity_bytes, Some(96 << 30));
+    assert_eq!(gpu.reserved_bytes, 80 << 30, "{gpu:?}");
+    // The gateway's model list shows the same, from its Watch stream.
+    let list = testkit::wait_for(
+        "/v1/models with 80 GiB reserved",
+        testkit::DEADLINE,
+        || async {
+            let list = stack.get_json("/v1/models").await?;
+            (list["gpuswap"]["gpus"][0]["reserved_bytes"] == 80u64 << 30).then_some(list)
+        },
+    )
+    .await;
+    assert_eq!(list["gpuswap"]["gpus"][0]["capacity_bytes"], 96u64 << 30);
+    let entry = list["data"]
+        .as_array()
+        .and_then(|data| data.iter().find(|m| m["id"] == "a40"))
+        .cloned()
+        .unwrap_or_default();
+    assert_eq!(entry["gpuswap"]["vram_bytes"], 40u64 << 30, "{entry}");
+    assert_eq!(entry["gpuswap"]["pinned"], false, "{entry}");
+    assert!(entry["gpuswap"]["last_used_ms"].is_u64(), "{entry}");
+    // 70 GiB fits only alone: both 40 GiB models go.
+    let (s, t) = chat(&stack, 0, "c70", false, 1).await;
+    assert_served_by(&c, false, s, &t);
+    assert_eq!(stack.starts(), ["a40", "b40", "c70"], "{}", stack.logs());
+    for name in ["a40", "b40"] {
+        stack
+            .wait_state(name, gpuswap::pb::ModelState::Stopped)
+            .await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_model_that_does_not_fit_next_to_a_pinned_one_fails_fast() {
+    let stack = Stack::builder("pinned")
+        .supervisor(GPU_96_GIB)
+        .model(sized("p30", 30).toml("pinned = true"))
+        .model(sized("big70", 70))
+        .start()
+        .await;
+    let pinned = stack.model("p30").clone();
+    let (s, t) = chat(&stack, 0, "p30", false, 1).await;
+    assert_served_by(&pinned, false, s, &t);
+    let before = stack.status("p30").await;
+    let began = Instant::now();
+    let (s, t) = chat(&stack, 0, "big70", false, 1).await;
+    let took = began.elapsed();
+    assert_eq!(s, 503, "{t}");
+    let message = testkit::json(&t)["error"]["message"]
+        .as_str()
+        .unwrap_or_default()
+        .to_owned();
+    assert!(
+        message.contains("pinned model p30"),
+        "the reason names the pinned model: {message}"
+    );
+    assert!(took < Duration::from_secs(2), "failed after {took:?}");
+    // The pinned model never stopped, and still serves.
+    let (s, t) = chat(&stack, 0, "p30", false, 1).await;
+    assert_served_by(&pinned, false, s, &t);
+    let after = stack.status("p30").await;
+    assert_eq!(
+        (after.pid, after.generation, after.state()),
+        (
+            before.pid,
+            before.generation,
+            gpuswap::pb::ModelState::Ready
+        )
+    );
+    assert!(after.pinned);
+    assert_eq!(stack.starts(), ["p30"], "{}", stack.logs());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_least_recently_used_model_makes_room() {
+    let stack = Stack::builder("lru")
+        .supervisor(GPU_96_GIB)
+        .model(sized("a", 40))
+        .model(sized("b", 40))
+        .model(sized("c", 40))
+        .start()
+        .await;
+    for name in ["a", "b", "a"] {
+        let model = stack.model(name).clone();
+        let (s, t) = chat(&stack, 0, name, false, 1).await;
+        assert_served_by(&model, false, s, &t);
+    }
+    // The gateway reports each model's last use to the supervisor.
+    testkit::wait_for("a used after b", testkit::DEADLINE, || async {
+        let (a, b) = (stack.status("a").await, stack.status("b").await);
+        (a.last_used_ms? > b.last_used_ms?).then_some(())
+    })
+    .await;
+    let a_pid = stack.status("a").await.pid;
+    let c = stack.model("c").clone();
+    let (s, t) = chat(&stack, 0, "c", false, 1).await;
+    assert_served_by(&c, false, s, &t);
+    stack
+        .wait_state("b", gpuswap::pb::ModelState::Stopped)
+        .await;
+    let a = stack.status("a").await;
+    assert_eq!(
+        (a.state(), a.pid),
+        (gpuswap::pb::ModelState::Ready, a_pid),
+        "{}",
+        stack.logs()
+    );
+    assert_eq!(stack.starts(), ["a", "b", "c"], "{}", stack.logs());
+}

@@ -10,7 +10,7 @@
 //! initialised once, on first use, and shared by every stop.
 
 use std::{
-    collections::BTreeSet,
+    collections::{BTreeMap, BTreeSet},
     future::Future,
     sync::{
         Arc, OnceLock,
@@ -99,6 +99,37 @@ async fn shared_nvml(timeout: Duration, logs: &LogBuffer) -> Option<&'static Nvm
             None
         }
     }
+}
+
+/// One GPU's memory, as NVML reports it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct MemoryReading {
+    pub total: u64,
+    pub used: u64,
+}
+
+/// Every GPU's memory by NVML index; None without a usable NVML (or when it does not answer
+/// within `timeout`).
+pub async fn memory(timeout: Duration) -> Option<BTreeMap<u32, MemoryReading>> {
+    let look = tokio::task::spawn_blocking(|| {
+        let nvml = NVML.get_or_init(init_nvml).as_ref().ok()?;
+        let count = nvml.device_count().ok()?;
+        let mut readings = BTreeMap::new();
+        for index in 0..count {
+            // A GPU that cannot be read is left out (it keeps its configured size).
+            if let Ok(info) = nvml.device_by_index(index).and_then(|d| d.memory_info()) {
+                readings.insert(
+                    index,
+                    MemoryReading {
+                        total: info.total,
+                        used: info.used,
+                    },
+                );
+            }
+        }
+        Some(readings)
+    });
+    tokio::time::timeout(timeout, look).await.ok()?.ok()?
 }
 
 fn init_nvml() -> Result<Nvml, String> {

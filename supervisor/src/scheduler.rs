@@ -1,17 +1,21 @@
-//! The scheduler actor: the one owner of model state.
+//! The scheduler actor: the one owner of model state, and the hands of the policy.
 //!
-//! Every decision (who waits, which model is drained, stopped or started) is taken by one
-//! task that owns all model state; everything else talks to it over a channel. Slow work
-//! (readiness probes, stops, watching a client's stream) runs in small spawned tasks that
-//! report back as messages, each tagged with the generation it belongs to so that a late
-//! report about an older process is ignored.
-//!
-//! After every message the actor walks the queue of waiting activations in arrival order
-//! ([`Actor::pump`]); a waiter whose model conflicts with an earlier waiter's model waits,
-//! so no waiter starves.
+//! Every decision (who waits, which model is drained, stopped or started) is taken by the
+//! pure state machine in [`policy`] (placement rules in [`placement`]); this actor feeds it
+//! events (commands from the gRPC service, reports from its own tasks, timers) and carries
+//! out the actions it returns: spawning and stopping backends, sending events on the
+//! clients' Activate streams, answering deactivations. Slow work (readiness probes, stops,
+//! watching a client's stream) runs in small spawned tasks that report back as messages,
+//! each tagged with the generation it belongs to so that a late report about an older
+//! process is ignored.
+
+pub mod placement;
+pub mod policy;
+#[cfg(test)]
+mod policy_props;
 
 use std::{
-    collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque},
+    collections::{BTreeMap, BTreeSet, HashMap},
     path::{Path, PathBuf},
     sync::{
         Arc,
@@ -34,12 +38,15 @@ use tonic::Status;
 use tracing::Instrument as _;
 
 use crate::{
+    gpu,
     load_progress::{self, LoadHistory, LoadProgress, Operation},
     logs::{LogBuffer, LogEntry},
     process::{Backend, ExitInfo, LaunchSpec, StartError},
     state_file::StateFile,
     warm::{self, WarmGuard},
 };
+use placement::{Capacity, Placement};
+use policy::{Action, FailureKind, Notice, Policy, Settings, Slot, State, StreamId};
 
 /// The sending half of one Activate stream.
 pub type EventSender = mpsc::Sender<Result<pb::ActivateEvent, Status>>;
@@ -53,26 +60,17 @@ const CONTROL_RESERVE: usize = 16;
 /// Lines of the backend's output sent with a `Failed` event.
 const FAILURE_TAIL_LINES: usize = 20;
 
-/// A backend that stayed ready this long is considered healthy: a crash after that starts
-/// the crash-loop backoff from the beginning again.
-const HEALTHY_AFTER: Duration = Duration::from_secs(60);
-
-/// Longest wait before restarting a model that keeps failing.
-const MAX_BACKOFF: Duration = Duration::from_secs(30);
-
 const WATCH_CHANNEL_CAPACITY: usize = 256;
 
 /// How often a stop that left processes alive looks again whether they are gone.
 const STUCK_RECHECK: Duration = Duration::from_secs(1);
 
-/// The wait before restart number `failures` (1-based) of a model that keeps failing.
-pub fn crash_backoff(failures: u32) -> Duration {
-    if failures == 0 {
-        return Duration::ZERO;
-    }
-    let exponent = (failures - 1).min(16);
-    Duration::from_secs(1u64 << exponent).min(MAX_BACKOFF)
-}
+/// How often NVML's reading of the GPUs' memory is refreshed (a start waiting for memory
+/// asks for one at once).
+const GPU_POLL_INTERVAL: Duration = Duration::from_secs(1);
+
+/// Longest wait for one NVML reading.
+const GPU_READ_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// A phase of a swap (start, ready, stop) of one generation, in the swap's trace.
 fn swap_phase_span(
@@ -183,6 +181,11 @@ enum Command {
         config: Box<Config>,
         reply: oneshot::Sender<Result<pb::ReloadResponse, Status>>,
     },
+    /// When a client's models were last used.
+    ReportUse {
+        uses: Vec<pb::ModelUse>,
+        received: Instant,
+    },
     Shutdown {
         reply: oneshot::Sender<()>,
     },
@@ -213,6 +216,8 @@ enum Internal {
     },
     /// The client closed an Activate stream (a waiter gave up, or a hold was released).
     StreamClosed { id: u64 },
+    /// NVML's reading of the GPUs' memory.
+    GpuMemory(BTreeMap<u32, gpu::MemoryReading>),
     /// A starting backend printed a progress line (`parsed`), or it is time to refresh the
     /// estimate of the time left (None).
     Progress {
@@ -358,6 +363,14 @@ impl Scheduler {
         Ok(response)
     }
 
+    /// Records when models were last used (they are then the last to be stopped).
+    pub fn report_use(&self, uses: Vec<pb::ModelUse>) -> Result<(), Status> {
+        self.send(Command::ReportUse {
+            uses,
+            received: Instant::now(),
+        })
+    }
+
     /// Ends every stream, stops every backend (in parallel) and ends the actor.
     pub async fn shutdown(&self) {
         let (reply, answer) = oneshot::channel();
@@ -402,119 +415,35 @@ impl ClientStream {
     }
 }
 
-struct Waiter {
+/// One client's Activate stream as the actor keeps it: a waiter, then maybe a hold.
+struct Stream {
     stream: ClientStream,
     /// The configured model id (aliases resolved).
     model: String,
-    hold: bool,
-    force: bool,
     client: String,
-    /// The generation whose start this waiter follows.
-    joined: Option<u64>,
-    /// Progress notices already sent, so each is sent once.
-    notices: HashSet<String>,
     /// Stops the forwarding of start-up log lines.
     log_forward: Option<LogForward>,
-    /// The activation's span; it ends when the waiter leaves the queue.
+    /// The activation's span; it ends with Ready or Failed. The phases of a swap the
+    /// activation causes are its children.
     span: tracing::Span,
-}
-
-impl Waiter {
-    /// Ends the waiter with a last event (Failed): log forwarding stops first.
-    fn finish(mut self, event: Event) {
-        self.log_forward = None;
-        if let Event::Failed(failed) = &event {
-            self.span.in_scope(|| {
-                tracing::info!(
-                    model = failed.model,
-                    reason = failed.reason,
-                    "activation failed"
-                );
-            });
-        }
-        self.stream.send(event);
-    }
-
-    fn notice(&mut self, key: String, event: Event) {
-        if self.notices.insert(key) {
-            self.stream.send(event);
-        }
-    }
-}
-
-struct Hold {
-    stream: ClientStream,
-    client: String,
-    drain_requested: bool,
-}
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum State {
-    Stopped,
-    Starting,
-    Ready,
-    Stopping,
-    Failed,
 }
 
 /// A live process tree of a model.
 struct Run {
     backend: Backend,
-    /// The configuration it was started with (a reload may have changed the model's since).
-    config: ModelConfig,
     generation: u64,
-    spawned_at: Instant,
-    stop_requested: bool,
     /// Reads the backend's load progress while it starts (see [`track_progress`]).
     progress_tracker: Option<DropGuard>,
 }
 
-/// Holders of a model are being asked to let go.
-struct Drain {
-    deadline: Instant,
-    started: Instant,
-    /// Asked for by an activation (a swap's drain phase), not by a deactivation.
-    for_swap: bool,
-    /// The drain phase's span; it ends with the drain.
-    _span: tracing::Span,
-}
-
-impl Drain {
-    fn new(deadline: Instant, now: Instant, swap: Option<&tracing::Span>, model: &str) -> Self {
-        let span = match swap {
-            Some(parent) => tracing::info_span!(parent: parent, "swap", phase = "drain", model),
-            None => tracing::Span::none(),
-        };
-        Drain {
-            deadline,
-            started: now,
-            for_swap: swap.is_some(),
-            _span: span,
-        }
-    }
-}
-
 struct Model {
     config: ModelConfig,
-    state: State,
     run: Option<Run>,
     logs: LogBuffer,
-    holds: BTreeMap<u64, Hold>,
-    ready_at: Option<Instant>,
-    generation: u64,
-    restarts: u32,
-    /// Consecutive failed starts and crashes: drives the restart backoff.
-    failures: u32,
-    retry_at: Option<Instant>,
-    last_error: String,
-    last_startup_ms: u64,
     /// The last progress the starting backend printed.
     progress: Option<LoadProgress>,
     /// Its weight files being read into the page cache for a swap to it.
     warming: Option<WarmGuard>,
-    drain: Option<Drain>,
-    /// Removed by a reload; dropped once its process is gone.
-    removed: bool,
 }
 
 impl Model {
@@ -523,47 +452,16 @@ impl Model {
         logs.set_secrets(config.secrets().iter().map(String::as_str));
         Model {
             config,
-            state: State::Stopped,
             run: None,
             logs,
-            holds: BTreeMap::new(),
-            ready_at: None,
-            generation: 0,
-            restarts: 0,
-            failures: 0,
-            retry_at: None,
-            last_error: String::new(),
-            last_startup_ms: 0,
             progress: None,
             warming: None,
-            drain: None,
-            removed: false,
         }
     }
 
     fn note(&self, line: String) {
         self.logs.push(pb::LogStream::Supervisor, line);
     }
-
-    /// The configuration that decides which GPUs and port the model occupies now.
-    fn occupied_config(&self) -> &ModelConfig {
-        self.run.as_ref().map_or(&self.config, |run| &run.config)
-    }
-}
-
-struct PendingDeactivation {
-    models: Vec<String>,
-    stopped: Vec<String>,
-    force: bool,
-    deadline: Instant,
-    reply: oneshot::Sender<Result<Vec<String>, Status>>,
-}
-
-/// What to do with the waiters of a start that is cancelled.
-enum WaiterFate<'a> {
-    Fail(&'a str),
-    /// Keep them queued: the model starts again (a reload changed it).
-    Requeue,
 }
 
 #[derive(PartialEq)]
@@ -572,18 +470,29 @@ enum Flow {
     Stop,
 }
 
+/// The policy's settings from the configuration (and what NVML measured).
+fn settings(config: &Config, measured: &BTreeMap<u32, u64>) -> Settings {
+    let supervisor = &config.supervisor;
+    Settings {
+        drain_timeout: supervisor.drain_timeout,
+        min_residency: supervisor.min_residency,
+        capacity: Capacity::new(supervisor.gpu_memory.clone(), measured.clone()),
+    }
+}
+
 struct Actor {
     guard_exe: PathBuf,
     state_file: Option<Arc<StateFile>>,
-    drain_timeout: Duration,
-    min_residency: Duration,
     log_lines: usize,
     gpu_release_timeout: Duration,
+    policy: Policy,
     models: BTreeMap<String, Model>,
-    queue: VecDeque<Waiter>,
-    deactivations: Vec<PendingDeactivation>,
-    next_generation: u64,
+    streams: HashMap<StreamId, Stream>,
+    deactivations: HashMap<u64, oneshot::Sender<Result<Vec<String>, Status>>>,
+    /// The drain phase's span of each draining model; it ends with the drain.
+    drain_spans: HashMap<String, tracing::Span>,
     next_stream_id: u64,
+    next_deactivation: u64,
     me: mpsc::WeakUnboundedSender<Message>,
     watch: broadcast::Sender<pb::WatchEvent>,
     published: HashMap<String, pb::ModelStatus>,
@@ -592,6 +501,16 @@ struct Actor {
     metrics: SupervisorMetrics,
     /// The state each model last showed in `model_state`.
     recorded_states: HashMap<String, MetricState>,
+    /// GPU sizes NVML reported (empty without NVML).
+    measured: BTreeMap<u32, u64>,
+    /// GPU memory in use as NVML last reported it (empty without NVML).
+    gpu_used: BTreeMap<u32, u64>,
+    /// Unix time of `started`, in milliseconds.
+    started_unix_ms: u64,
+    /// The GPUs' memory as last published on Watch (NVML's use in whole GiB).
+    published_gpus: Vec<pb::GpuStatus>,
+    /// Wakes the NVML poller for a reading now.
+    measure_now: Arc<tokio::sync::Notify>,
     /// Recent load durations per model, for the estimate of the time left.
     history: LoadHistory,
 }
@@ -602,11 +521,14 @@ impl Actor {
         options: SchedulerOptions,
         me: mpsc::WeakUnboundedSender<Message>,
     ) -> Self {
+        let measured = BTreeMap::new();
+        let mut policy = Policy::new(settings(&config, &measured), first_generation());
         let supervisor = &config.supervisor;
         let models = config
             .models
             .iter()
             .map(|(name, model)| {
+                policy.add_model(name, Placement::of(model));
                 (
                     name.clone(),
                     Model::new(name, model.clone(), supervisor.log_lines),
@@ -618,15 +540,15 @@ impl Actor {
         let mut actor = Actor {
             guard_exe: options.guard_exe,
             state_file: options.state_file,
-            drain_timeout: supervisor.drain_timeout,
-            min_residency: supervisor.min_residency,
             log_lines: supervisor.log_lines,
             gpu_release_timeout: supervisor.gpu_release_timeout,
+            policy,
             models,
-            queue: VecDeque::new(),
-            deactivations: Vec::new(),
-            next_generation: first_generation(),
+            streams: HashMap::new(),
+            deactivations: HashMap::new(),
+            drain_spans: HashMap::new(),
             next_stream_id: 1,
+            next_deactivation: 1,
             me,
             watch,
             published: HashMap::new(),
@@ -634,6 +556,11 @@ impl Actor {
             started: Instant::now(),
             metrics: options.metrics,
             recorded_states: HashMap::new(),
+            measured,
+            gpu_used: BTreeMap::new(),
+            started_unix_ms: unix_millis(),
+            published_gpus: Vec::new(),
+            measure_now: Arc::default(),
             history,
         };
         actor.published = actor
@@ -646,6 +573,10 @@ impl Actor {
     }
 
     async fn run(mut self, mut rx: mpsc::UnboundedReceiver<Message>) {
+        tokio::spawn(poll_gpu_memory(
+            self.me.clone(),
+            Arc::clone(&self.measure_now),
+        ));
         loop {
             let next_timer = self.timers.first().copied();
             let message = tokio::select! {
@@ -690,10 +621,6 @@ impl Actor {
         let _ = tx.send(Message::Internal(internal));
     }
 
-    fn wake_at(&mut self, at: Instant) {
-        self.timers.insert(at);
-    }
-
     /// Wraps a client's stream. Its task moves the control events that found the channel
     /// full into it as room appears, and reports when the client closes the stream.
     fn client_stream(&mut self, events: EventSender, received: Instant) -> ClientStream {
@@ -734,437 +661,266 @@ impl Actor {
 
     /// The configured model a name or alias refers to.
     fn resolve(&self, name: &str) -> Option<String> {
-        let live = |(_, m): &(&String, &Model)| !m.removed;
-        if let Some((key, _)) = self.models.get_key_value(name).filter(|(_, m)| !m.removed) {
+        let policy = &self.policy;
+        let live = |key: &String| policy.slot(key).is_some_and(|s| !s.removed);
+        if let Some((key, _)) = self.models.get_key_value(name).filter(|(k, _)| live(k)) {
             return Some(key.clone());
         }
         self.models
             .iter()
-            .filter(live)
+            .filter(|(key, _)| live(key))
             .find(|(_, m)| m.config.aliases.iter().any(|a| a == name))
             .map(|(key, _)| key.clone())
     }
 
-    // ----- commands -------------------------------------------------------------------
-
-    fn command(&mut self, command: Command) -> Flow {
-        match command {
-            Command::Activate {
-                args,
-                received,
-                events,
-                accepted,
-            } => {
-                let Some(model) = self.resolve(&args.model) else {
-                    args.span
-                        .in_scope(|| tracing::info!(model = args.model, "unknown model"));
-                    let _ = accepted.send(Err(Status::not_found(format!(
-                        "unknown model {}",
-                        args.model
-                    ))));
-                    return Flow::Continue;
-                };
-                let stream = self.client_stream(events, received);
-                args.span.in_scope(|| {
-                    tracing::info!(
-                        model,
-                        client = %args.client,
-                        hold = args.hold,
-                        force = args.force,
-                        "activate"
-                    );
-                });
-                self.queue.push_back(Waiter {
-                    stream,
-                    model,
-                    hold: args.hold,
-                    force: args.force,
-                    client: args.client,
-                    joined: None,
-                    notices: HashSet::new(),
-                    log_forward: None,
-                    span: args.span,
-                });
-                let _ = accepted.send(Ok(()));
-            }
-            Command::Deactivate {
-                model,
-                force,
-                if_idle_generation,
-                reply,
-            } => {
-                let models: Vec<String> = match model {
-                    None => self.models.keys().cloned().collect(),
-                    Some(name) => match self.resolve(&name) {
-                        Some(model) => vec![model],
-                        None => {
-                            let _ =
-                                reply.send(Err(Status::not_found(format!("unknown model {name}"))));
-                            return Flow::Continue;
-                        }
-                    },
-                };
-                if let Some(seen) = if_idle_generation
-                    && let Some(busy) = models.iter().find_map(|name| self.in_use_since(name, seen))
-                {
-                    tracing::info!(?models, seen, busy, "idle deactivation skipped");
-                    let _ = reply.send(Ok(Vec::new()));
-                    return Flow::Continue;
-                }
-                let stopped = models
-                    .iter()
-                    .filter(|name| {
-                        self.models
-                            .get(*name)
-                            .is_some_and(|m| m.run.is_some() && m.state != State::Failed)
-                    })
-                    .cloned()
-                    .collect();
-                tracing::info!(?models, force, "deactivate");
-                let deadline = Instant::now() + self.drain_timeout;
-                self.deactivations.push(PendingDeactivation {
-                    models,
-                    stopped,
-                    force,
-                    deadline,
-                    reply,
-                });
-            }
-            Command::Status { reply } => {
-                let _ = reply.send(self.status_response());
-            }
-            Command::Watch { reply } => {
-                // Publish first so the snapshot and the stream of changes line up.
-                self.publish_changes();
-                let receiver = self.watch.subscribe();
-                let _ = reply.send((self.status_response(), receiver));
-            }
-            Command::Logs { model, reply } => {
-                let result = match model {
-                    None => Ok(self
-                        .models
-                        .values()
-                        .filter(|m| !m.removed)
-                        .map(|m| m.logs.clone())
-                        .collect()),
-                    Some(name) => match self.resolve(&name) {
-                        Some(model) => Ok(vec![self.models[&model].logs.clone()]),
-                        None => Err(Status::not_found(format!("unknown model {name}"))),
-                    },
-                };
-                let _ = reply.send(result);
-            }
-            Command::Reload { config, reply } => {
-                let _ = reply.send(Ok(self.reload(*config)));
-            }
-            Command::Shutdown { .. } => unreachable!("handled in run"),
-        }
-        Flow::Continue
+    /// The span of a stream's activation (none once it is over).
+    fn span_of(&self, stream: StreamId) -> tracing::Span {
+        self.streams
+            .get(&stream)
+            .map_or_else(tracing::Span::none, |s| s.span.clone())
     }
 
-    /// Why `name` is no longer idle as it was in generation `seen`, or None if it still is
-    /// (Ready in that generation, no holder, nobody waiting for it).
-    fn in_use_since(&self, name: &str, seen: u64) -> Option<&'static str> {
-        let model = self.models.get(name)?;
-        if model.state != State::Ready {
-            Some("not ready")
-        } else if model.generation != seen {
-            Some("another generation")
-        } else if !model.holds.is_empty() {
-            Some("held")
-        } else if self.queue.iter().any(|w| w.model == name) {
-            Some("wanted")
-        } else {
-            None
-        }
-    }
+    // ----- the policy -----------------------------------------------------------------
 
-    // ----- reports from tasks ---------------------------------------------------------
-
-    fn internal(&mut self, internal: Internal) {
-        match internal {
-            Internal::StartFinished {
-                model,
-                generation,
-                result,
-            } => self.start_finished(&model, generation, result),
-            Internal::Exited {
-                model,
-                generation,
-                info,
-            } => self.exited(&model, generation, info),
-            Internal::StopFinished {
-                model,
-                generation,
-                info,
-            } => self.stop_finished(&model, generation, info),
-            Internal::StopStuck {
-                model,
-                generation,
-                pids,
-            } => self.stop_stuck(&model, generation, &pids),
-            Internal::StreamClosed { id } => self.stream_closed(id),
-            Internal::Progress {
-                model,
-                generation,
-                parsed,
-            } => self.load_progressed(&model, generation, parsed),
-        }
-    }
-
-    /// A stop left processes alive: say so, and fail the deactivations waiting for it (the
-    /// model keeps its GPUs until StopFinished, once the processes are gone).
-    fn stop_stuck(&mut self, name: &str, generation: u64, pids: &[i32]) {
-        let Some(model) = self.models.get_mut(name) else {
-            return;
+    /// Lets the policy walk the queue, and carries out what it decided.
+    fn pump(&mut self) {
+        let models = &self.models;
+        let unavailable = |name: &str| {
+            let model = models.get(name)?;
+            missing_requirement(&model.config).map(|path| format!("missing {}", path.display()))
         };
-        if model
-            .run
-            .as_ref()
-            .is_none_or(|r| r.generation != generation)
-        {
-            return;
-        }
-        let reason = format!(
-            "the stop left processes {pids:?} running (stuck in the kernel?): its GPUs stay \
-             reserved until they are gone"
-        );
-        model.note(reason.clone());
-        tracing::error!(
-            model = name,
-            generation,
-            ?pids,
-            "stop failed: processes left"
-        );
-        model.last_error = reason.clone();
-        let failed = Status::internal(format!("{name}: {reason}"));
-        self.deactivations.retain_mut(|deactivation| {
-            if !deactivation.models.iter().any(|m| m == name) {
-                return true;
-            }
-            let (reply, _) = oneshot::channel();
-            let reply = std::mem::replace(&mut deactivation.reply, reply);
-            let _ = reply.send(Err(failed.clone()));
-            false
-        });
+        self.policy.pump(Instant::now(), &unavailable);
+        self.carry_out();
     }
 
-    /// Keeps the starting model's progress for Status and Watch and tells every waiter that
-    /// follows this start.
-    fn load_progressed(&mut self, name: &str, generation: u64, parsed: Option<LoadProgress>) {
-        let Some(model) = self.models.get_mut(name) else {
-            return;
-        };
-        let current = model
-            .run
-            .as_ref()
-            .is_some_and(|r| r.generation == generation);
-        if !current || model.state != State::Starting {
-            return;
-        }
-        if let Some(parsed) = parsed {
-            if model.progress.as_ref() == Some(&parsed) {
+    /// Carries out the actions the policy decided so far (and those they lead to).
+    fn carry_out(&mut self) {
+        loop {
+            let actions = self.policy.take_actions();
+            if actions.is_empty() {
                 return;
             }
-            model.progress = Some(parsed);
-        }
-        let Some(progress) = self.load_progress(name) else {
-            return;
-        };
-        for waiter in &self.queue {
-            if waiter.model == name && waiter.joined == Some(generation) {
-                waiter.stream.send(Event::Progress(progress.clone()));
+            for action in actions {
+                self.apply(action);
             }
         }
     }
 
-    /// Where the start of `name` stands: the backend's own words and an estimate of the time
-    /// left from its percentage or from its recent loads. None unless it is starting.
-    fn load_progress(&self, name: &str) -> Option<pb::LoadProgress> {
-        let model = &self.models[name];
-        let run = model
-            .run
-            .as_ref()
-            .filter(|_| model.state == State::Starting)?;
-        let elapsed = run.spawned_at.elapsed();
-        let typical = self.history.typical(name, Operation::Load);
-        let percent = model.progress.as_ref().and_then(|p| p.percent);
-        Some(pb::LoadProgress {
-            model: name.to_owned(),
-            phase: "loading".into(),
-            percent,
-            detail: model
-                .progress
-                .as_ref()
-                .map(|p| p.detail.clone())
-                .unwrap_or_default(),
-            elapsed_ms: millis(elapsed),
-            eta_ms: load_progress::time_left(elapsed, percent, typical).map(millis),
-            typical_ms: typical.map_or(0, millis),
-        })
-    }
-
-    fn start_finished(&mut self, name: &str, generation: u64, result: Result<(), StartError>) {
-        let Some(model) = self.models.get_mut(name) else {
-            return;
-        };
-        let current = model
-            .run
-            .as_ref()
-            .is_some_and(|r| r.generation == generation);
-        if !current || model.state != State::Starting {
-            return;
-        }
-        // A backend that passed its readiness check and died at once (a 200 then a crash)
-        // is a crash, never Ready: its Exited report may have come first, and was ignored
-        // while Starting.
-        let result =
-            result.and_then(
-                |()| match model.run.as_ref().and_then(|r| r.backend.leader_gone()) {
-                    Some(why) => Err(StartError::ExitedAfterReady(why)),
-                    None => Ok(()),
-                },
-            );
-        model.warming = None;
-        match result {
-            Ok(()) => {
-                let now = Instant::now();
-                model.state = State::Ready;
-                model.ready_at = Some(now);
-                model.retry_at = None;
-                let took = model
-                    .run
-                    .as_ref()
-                    .map_or(Duration::ZERO, |r| now - r.spawned_at);
-                model.last_startup_ms = millis(took);
-                model.progress = None;
-                if let Some(run) = model.run.as_mut() {
-                    run.progress_tracker = None;
+    fn apply(&mut self, action: Action) {
+        match action {
+            Action::Send {
+                stream,
+                model,
+                notice,
+            } => self.send_notice(stream, &model, notice),
+            Action::Close { stream } => {
+                self.streams.remove(&stream);
+            }
+            Action::Unjoin { stream } => {
+                if let Some(s) = self.streams.get_mut(&stream) {
+                    s.log_forward = None;
                 }
-                self.history.record(name, Operation::Load, took);
+            }
+            Action::Spawn {
+                model,
+                generation,
+                cause,
+                restart,
+            } => self.spawn(&model, generation, cause, restart),
+            Action::Stop {
+                model,
+                generation,
+                reason,
+                swap,
+            } => self.stop(&model, generation, reason, swap),
+            Action::Ready {
+                model,
+                generation,
+                took,
+            } => {
+                if let Some(m) = self.models.get_mut(&model) {
+                    m.progress = None;
+                    if let Some(run) = m.run.as_mut() {
+                        run.progress_tracker = None;
+                    }
+                }
+                self.history.record(&model, Operation::Load, took);
                 self.metrics.phase_finished(SwapPhase::Ready, took);
-                model.note(format!(
-                    "ready after {} ms (generation {generation})",
-                    millis(took)
-                ));
-                tracing::info!(model = name, generation, startup_ms = millis(took), "ready");
+                if let Some(m) = self.models.get(&model) {
+                    m.note(format!(
+                        "ready after {} ms (generation {generation})",
+                        millis(took)
+                    ));
+                }
+                tracing::info!(model, generation, startup_ms = millis(took), "ready");
             }
-            Err(error) => {
-                let (cause, kind) = match error {
-                    StartError::ExitedAfterReady(_) => ("exited", FailureKind::Crash),
-                    _ => (start_failure_reason(&error), FailureKind::Start),
+            Action::Failed {
+                model,
+                reason,
+                cause,
+            } => {
+                if let Some(m) = self.models.get(&model) {
+                    m.note(format!("failed: {reason}"));
+                }
+                let failures = self.policy.slot(&model).map_or(0, |s| s.failures);
+                tracing::warn!(model, %reason, failures, "failed");
+                self.metrics.backend_failed(&model, cause);
+            }
+            Action::DrainBegan { model, swap } => {
+                let span = match swap {
+                    Some(stream) => {
+                        let parent = self.span_of(stream);
+                        tracing::info_span!(parent: &parent, "swap", phase = "drain", model)
+                    }
+                    None => tracing::Span::none(),
                 };
-                self.fail(name, error.to_string(), kind, cause);
+                self.drain_spans.insert(model, span);
             }
+            Action::DrainEnded { model, swap_took } => {
+                self.drain_spans.remove(&model);
+                if let Some(took) = swap_took {
+                    self.metrics.phase_finished(SwapPhase::Drain, took);
+                }
+            }
+            Action::Deactivated { id, stopped } => {
+                if let Some(reply) = self.deactivations.remove(&id) {
+                    let _ = reply.send(Ok(stopped));
+                }
+            }
+            Action::DeactivationFailed { id, model, reason } => {
+                if let Some(reply) = self.deactivations.remove(&id) {
+                    let _ = reply.send(Err(Status::internal(format!("{model}: {reason}"))));
+                }
+            }
+            Action::Removed { model } => {
+                self.models.remove(&model);
+                self.published.remove(&model);
+                let _ = self.watch.send(pb::WatchEvent {
+                    event: Some(pb::watch_event::Event::Removed(model)),
+                });
+            }
+            Action::WakeAt(at) => {
+                self.timers.insert(at);
+            }
+            Action::MeasureGpus => self.measure_now.notify_one(),
+            Action::MakingRoom { model } => self.warm_weights(&model),
         }
     }
 
-    fn exited(&mut self, name: &str, generation: u64, info: ExitInfo) {
+    /// Sends what the policy says to one stream, filling in what only the actor knows.
+    fn send_notice(&mut self, id: StreamId, name: &str, notice: Notice) {
         let Some(model) = self.models.get(name) else {
             return;
         };
-        let current = model
-            .run
-            .as_ref()
-            .is_some_and(|r| r.generation == generation);
-        if !current {
+        let Some(stream) = self.streams.get_mut(&id) else {
             return;
-        }
-        match model.state {
-            State::Ready => {
-                tracing::warn!(model = name, generation, %info, "backend exited on its own");
-                self.fail(
-                    name,
-                    format!("exited: {info}"),
-                    FailureKind::Crash,
-                    "exited",
-                );
+        };
+        match notice {
+            Notice::Event(event) => {
+                if let Event::HoldLost(lost) = &event {
+                    tracing::info!(
+                        model = name,
+                        client = stream.client,
+                        reason = lost.reason,
+                        "hold lost"
+                    );
+                }
+                stream.stream.send(event);
             }
-            // A start reports its own failure (and start_finished looks again at the leader,
-            // in case the exit came right after a passed check); a stop reports its own end.
-            State::Starting | State::Stopping | State::Failed | State::Stopped => {}
+            Notice::Starting { generation } => {
+                let Some(run) = model.run.as_ref().filter(|r| r.generation == generation) else {
+                    return;
+                };
+                stream.stream.send(Event::Starting(pb::Starting {
+                    model: name.to_owned(),
+                    pid: run.backend.pid(),
+                    generation,
+                }));
+                stream.log_forward = Some(forward_logs(
+                    model.logs.subscribe(),
+                    stream.stream.events.clone(),
+                    stream.stream.pending.clone(),
+                    stream.stream.received,
+                    LostLines {
+                        metrics: self.metrics.clone(),
+                        model: name.to_owned(),
+                    },
+                ));
+            }
+            Notice::Ready {
+                generation,
+                startup_ms,
+                hold,
+            } => {
+                stream.log_forward = None;
+                stream.stream.send(Event::Ready(pb::Ready {
+                    model: name.to_owned(),
+                    address: client_address(&model.config),
+                    served_name: model.config.served_name(name).to_owned(),
+                    generation,
+                    api_key: model.config.api_key.clone().unwrap_or_default(),
+                    startup_ms,
+                }));
+                let span = std::mem::replace(&mut stream.span, tracing::Span::none());
+                let _in_activation = span.enter();
+                tracing::debug!(model = name, generation, startup_ms, "activation ready");
+                if hold {
+                    tracing::info!(model = name, client = stream.client, "hold granted");
+                }
+            }
+            Notice::Failed { reason, log_tail } => {
+                stream.log_forward = None;
+                let log_tail = if log_tail {
+                    model.logs.tail_lines(FAILURE_TAIL_LINES)
+                } else {
+                    Vec::new()
+                };
+                stream.span.in_scope(|| {
+                    tracing::info!(model = name, reason, "activation failed");
+                });
+                stream.stream.send(Event::Failed(pb::Failed {
+                    model: name.to_owned(),
+                    reason,
+                    log_tail,
+                }));
+            }
+            Notice::Line(line) => stream.stream.send(Event::Log(pb::LogLine {
+                model: name.to_owned(),
+                stream: pb::LogStream::Supervisor as i32,
+                line,
+                time_ms: unix_millis(),
+                dropped: 0,
+            })),
         }
     }
 
-    fn stop_finished(&mut self, name: &str, generation: u64, info: ExitInfo) {
+    /// Spawns `name` for the activation `cause` and the tasks that report readiness and
+    /// exit. The start and ready phases are traced under the activation's span.
+    fn spawn(&mut self, name: &str, generation: u64, cause: StreamId, restart: bool) {
+        let cause_span = self.span_of(cause);
+        let Some(tx) = self.sender() else {
+            let reason = "the supervisor is shutting down".to_owned();
+            self.policy
+                .spawn_failed(name, generation, reason, "spawn_failed", Instant::now());
+            return;
+        };
         let Some(model) = self.models.get_mut(name) else {
             return;
         };
-        if model
-            .run
-            .as_ref()
-            .is_none_or(|r| r.generation != generation)
-        {
-            return;
-        }
-        model.run = None;
-        model.note(format!("stopped generation {generation} ({info})"));
-        tracing::info!(model = name, generation, %info, "stopped");
-        if model.state == State::Stopping {
-            model.state = State::Stopped;
-            model.failures = 0;
-        }
-        model.ready_at = None;
-        if model.removed {
-            self.models.remove(name);
-            self.published.remove(name);
-            let _ = self.watch.send(pb::WatchEvent {
-                event: Some(pb::watch_event::Event::Removed(name.to_owned())),
-            });
-        }
-    }
-
-    fn stream_closed(&mut self, id: u64) {
-        if let Some(index) = self.queue.iter().position(|w| w.stream.id == id) {
-            if let Some(waiter) = self.queue.remove(index) {
-                tracing::info!(
-                    model = waiter.model,
-                    client = waiter.client,
-                    "activation abandoned"
-                );
-            }
-            return;
-        }
-        for (name, model) in &mut self.models {
-            if let Some(hold) = model.holds.remove(&id) {
-                tracing::info!(model = name, client = hold.client, "hold released");
-                return;
-            }
-        }
-    }
-
-    // ----- state transitions -----------------------------------------------------------
-
-    /// Starts `name` for the activation whose span is `cause`: spawns it and the tasks that
-    /// report readiness and exit. The start and ready phases are traced under `cause`.
-    fn start(&mut self, name: &str, cause: &tracing::Span) -> Result<u64, String> {
-        let generation = self.next_generation;
-        self.next_generation += 1;
-        let Some(tx) = self.sender() else {
-            return Err("the supervisor is shutting down".into());
+        let spec = LaunchSpec {
+            model: name.to_owned(),
+            config: model.config.clone(),
+            guard_exe: self.guard_exe.clone(),
+            gpu_release_timeout: self.gpu_release_timeout,
+            state_file: self.state_file.clone(),
         };
-        let spec = {
-            let model = &self.models[name];
-            LaunchSpec {
-                model: name.to_owned(),
-                config: model.config.clone(),
-                guard_exe: self.guard_exe.clone(),
-                gpu_release_timeout: self.gpu_release_timeout,
-                state_file: self.state_file.clone(),
-            }
-        };
-        let model = self
-            .models
-            .get_mut(name)
-            .expect("start of a configured model");
         self.metrics.swap_started(name);
-        if model.failures > 0 {
-            model.restarts += 1;
+        if restart {
             self.metrics.backend_restarted(name);
         }
         // The command line itself is logged by the process layer (with the API key masked).
         model.note(format!("starting generation {generation}"));
-        let start_span = swap_phase_span(cause, "start", name, generation);
+        let start_span = swap_phase_span(&cause_span, "start", name, generation);
         let began = Instant::now();
         let spawned = start_span.in_scope(|| {
             tracing::info!(model = name, generation, "starting");
@@ -1176,16 +932,14 @@ impl Actor {
                 let reason = error.to_string();
                 let cause = start_failure_reason(&error);
                 start_span.in_scope(|| tracing::warn!(model = name, %reason, "spawn failed"));
-                self.fail(name, reason.clone(), FailureKind::Start, cause);
-                return Err(reason);
+                self.policy
+                    .spawn_failed(name, generation, reason, cause, Instant::now());
+                return;
             }
         };
         self.metrics
             .phase_finished(SwapPhase::Start, began.elapsed());
         drop(start_span);
-        model.state = State::Starting;
-        model.generation = generation;
-        model.ready_at = None;
         model.progress = None;
         let progress_tracker = track_progress(
             model.logs.subscribe(),
@@ -1196,15 +950,12 @@ impl Actor {
         );
         model.run = Some(Run {
             backend: backend.clone(),
-            config: spec.config,
             generation,
-            spawned_at: Instant::now(),
-            stop_requested: false,
             progress_tracker: Some(progress_tracker),
         });
         {
             let (tx, backend, model) = (tx.clone(), backend.clone(), name.to_owned());
-            let ready_span = swap_phase_span(cause, "ready", name, generation);
+            let ready_span = swap_phase_span(&cause_span, "ready", name, generation);
             tokio::spawn(async move {
                 let result = backend.wait_ready().instrument(ready_span).await;
                 Self::report(
@@ -1217,137 +968,51 @@ impl Actor {
                 );
             });
         }
-        let model = name.to_owned();
-        tokio::spawn(async move {
-            let info = backend.exited().await;
-            Self::report(
-                &tx,
-                Internal::Exited {
-                    model,
-                    generation,
-                    info,
-                },
-            );
-        });
-        Ok(generation)
-    }
-
-    /// A start failed or a ready backend exited: every waiter of this start and every hold
-    /// learns why, and whatever is left of the process tree is stopped. `cause` is the
-    /// fixed word counted in `backend_failures_total{reason}`.
-    fn fail(&mut self, name: &str, reason: String, kind: FailureKind, cause: &'static str) {
-        let now = Instant::now();
-        let Some(model) = self.models.get_mut(name) else {
-            return;
-        };
-        let healthy_for = model.ready_at.map(|t| now - t);
-        model.failures = match (kind, healthy_for) {
-            (FailureKind::Crash, Some(up)) if up >= HEALTHY_AFTER => 1,
-            _ => model.failures.saturating_add(1),
-        };
-        model.retry_at = Some(now + crash_backoff(model.failures));
-        model.state = State::Failed;
-        model.ready_at = None;
-        model.last_error = reason.clone();
-        end_drain(model, &self.metrics);
-        model.note(format!("failed: {reason}"));
-        tracing::warn!(model = name, %reason, failures = model.failures, "failed");
-        self.metrics.backend_failed(name, cause);
-        let log_tail = model.logs.tail_lines(FAILURE_TAIL_LINES);
-        for (_, hold) in std::mem::take(&mut model.holds) {
-            hold.stream.send(Event::HoldLost(pb::HoldLost {
-                model: name.to_owned(),
-                reason: reason.clone(),
-            }));
+        {
+            let model = name.to_owned();
+            tokio::spawn(async move {
+                let info = backend.exited().await;
+                Self::report(
+                    &tx,
+                    Internal::Exited {
+                        model,
+                        generation,
+                        info,
+                    },
+                );
+            });
         }
-        let generation = model.run.as_ref().map(|r| r.generation);
-        let failed = pb::Failed {
-            model: name.to_owned(),
-            reason,
-            log_tail,
-        };
-        self.queue.retain_mut(|w| {
-            let joined = w.model == name && (w.joined.is_some() && w.joined == generation);
-            if joined {
-                w.log_forward = None;
-                w.span
-                    .in_scope(|| tracing::warn!(model = name, reason = failed.reason, "failed"));
-                w.stream.send(Event::Failed(failed.clone()));
-            }
-            !joined
-        });
-        self.stop_process(name, None);
+        self.send_notice(cause, name, Notice::Starting { generation });
     }
 
-    /// Takes a Ready or Starting model down: holds are lost, the process is stopped. `swap`
-    /// is the span of the activation that needs the GPUs, if one does: the drain that ends
-    /// here and the stop are then phases of its swap.
-    fn begin_stop(
+    /// Stops the process tree of `name` in a task; StopFinished reports the end. For a swap
+    /// (`swap`: the waiting activation) the stop is traced and timed as its phase.
+    fn stop(
         &mut self,
         name: &str,
-        reason: &str,
-        waiters: WaiterFate<'_>,
-        swap: Option<&tracing::Span>,
+        generation: u64,
+        reason: Option<String>,
+        swap: Option<StreamId>,
     ) {
-        let Some(model) = self.models.get_mut(name) else {
+        let swap_span = swap.map(|stream| self.span_of(stream));
+        let Some(model) = self.models.get(name) else {
             return;
         };
-        if model.run.is_none() || matches!(model.state, State::Stopping | State::Failed) {
-            return;
+        if let Some(reason) = &reason {
+            model.note(format!("stopping: {reason}"));
+            tracing::info!(model = name, reason, "stopping");
         }
-        let generation = model.run.as_ref().map(|r| r.generation);
-        for (_, hold) in std::mem::take(&mut model.holds) {
-            hold.stream.send(Event::HoldLost(pb::HoldLost {
-                model: name.to_owned(),
-                reason: reason.to_owned(),
-            }));
-        }
-        model.state = State::Stopping;
-        end_drain(model, &self.metrics);
-        model.note(format!("stopping: {reason}"));
-        tracing::info!(model = name, reason, "stopping");
-        let log_tail = model.logs.tail_lines(FAILURE_TAIL_LINES);
-        let mut index = 0;
-        while index < self.queue.len() {
-            let waiter = &mut self.queue[index];
-            if waiter.model == name && waiter.joined.is_some() && waiter.joined == generation {
-                match waiters {
-                    WaiterFate::Fail(why) => {
-                        let waiter = self.queue.remove(index).expect("index in range");
-                        waiter.finish(Event::Failed(pb::Failed {
-                            model: name.to_owned(),
-                            reason: format!("start cancelled: {why}"),
-                            log_tail: log_tail.clone(),
-                        }));
-                        continue;
-                    }
-                    WaiterFate::Requeue => {
-                        waiter.joined = None;
-                        waiter.log_forward = None;
-                    }
-                }
-            }
-            index += 1;
-        }
-        self.stop_process(name, swap);
-    }
-
-    /// Stops the process tree of `name` in a task (once); StopFinished reports the end.
-    /// For a swap (`swap`: the activation's span) the stop is traced and timed as its phase.
-    fn stop_process(&mut self, name: &str, swap: Option<&tracing::Span>) {
+        let backend = match &model.run {
+            Some(run) if run.generation == generation => run.backend.clone(),
+            // Nothing left to stop.
+            _ => return self.policy.stop_finished(name, generation),
+        };
         let Some(tx) = self.sender() else { return };
-        let Some(run) = self.models.get_mut(name).and_then(|m| m.run.as_mut()) else {
-            return;
-        };
-        if run.stop_requested {
-            return;
-        }
-        run.stop_requested = true;
-        let (backend, generation, model) = (run.backend.clone(), run.generation, name.to_owned());
-        let phase = swap.map(|parent| {
-            let span = swap_phase_span(parent, "stop", name, generation);
+        let phase = swap_span.map(|parent| {
+            let span = swap_phase_span(&parent, "stop", name, generation);
             (span, self.metrics.clone())
         });
+        let model = name.to_owned();
         tokio::spawn(async move {
             let info = match phase {
                 // From the SIGTERM until the port and the GPU memory are free again.
@@ -1390,265 +1055,297 @@ impl Actor {
         });
     }
 
-    /// Sends Ready to the waiter at `index` and either ends its stream or keeps it as a hold.
-    fn grant(&mut self, index: usize) {
-        let Some(mut waiter) = self.queue.remove(index) else {
-            return;
-        };
-        let Some(model) = self.models.get_mut(&waiter.model) else {
-            return;
-        };
-        waiter.log_forward = None;
-        let startup_ms = if waiter.joined == Some(model.generation) {
-            model.last_startup_ms
-        } else {
-            0
-        };
-        waiter.stream.send(Event::Ready(pb::Ready {
-            model: waiter.model.clone(),
-            address: client_address(&model.config),
-            served_name: model.config.served_name(&waiter.model).to_owned(),
-            generation: model.generation,
-            api_key: model.config.api_key.clone().unwrap_or_default(),
-            startup_ms,
-        }));
-        let _in_activation = waiter.span.enter();
-        tracing::debug!(
-            model = waiter.model,
-            generation = model.generation,
-            startup_ms,
-            "activation ready"
-        );
-        if waiter.hold {
-            tracing::info!(model = waiter.model, client = waiter.client, "hold granted");
-            model.holds.insert(
-                waiter.stream.id,
-                Hold {
-                    stream: waiter.stream,
-                    client: waiter.client,
-                    drain_requested: false,
-                },
-            );
+    // ----- commands -------------------------------------------------------------------
+
+    fn command(&mut self, command: Command) -> Flow {
+        match command {
+            Command::Activate {
+                args,
+                received,
+                events,
+                accepted,
+            } => {
+                let Some(model) = self.resolve(&args.model) else {
+                    args.span
+                        .in_scope(|| tracing::info!(model = args.model, "unknown model"));
+                    let _ = accepted.send(Err(Status::not_found(format!(
+                        "unknown model {}",
+                        args.model
+                    ))));
+                    return Flow::Continue;
+                };
+                let stream = self.client_stream(events, received);
+                args.span.in_scope(|| {
+                    tracing::info!(
+                        model,
+                        client = %args.client,
+                        hold = args.hold,
+                        force = args.force,
+                        "activate"
+                    );
+                });
+                let id = stream.id;
+                self.policy.activate(id, &model, args.hold, args.force);
+                self.streams.insert(
+                    id,
+                    Stream {
+                        stream,
+                        model,
+                        client: args.client,
+                        log_forward: None,
+                        span: args.span,
+                    },
+                );
+                let _ = accepted.send(Ok(()));
+            }
+            Command::Deactivate {
+                model,
+                force,
+                if_idle_generation,
+                reply,
+            } => {
+                let models: Vec<String> = match model {
+                    None => self.models.keys().cloned().collect(),
+                    Some(name) => match self.resolve(&name) {
+                        Some(model) => vec![model],
+                        None => {
+                            let _ =
+                                reply.send(Err(Status::not_found(format!("unknown model {name}"))));
+                            return Flow::Continue;
+                        }
+                    },
+                };
+                if let Some(seen) = if_idle_generation
+                    && let Some(busy) = models
+                        .iter()
+                        .find_map(|name| self.policy.in_use_since(name, seen))
+                {
+                    tracing::info!(?models, seen, busy, "idle deactivation skipped");
+                    let _ = reply.send(Ok(Vec::new()));
+                    return Flow::Continue;
+                }
+                tracing::info!(?models, force, "deactivate");
+                let id = self.next_deactivation;
+                self.next_deactivation += 1;
+                self.deactivations.insert(id, reply);
+                self.policy.deactivate(id, models, force, Instant::now());
+            }
+            Command::Status { reply } => {
+                let _ = reply.send(self.status_response());
+            }
+            Command::Watch { reply } => {
+                // Publish first so the snapshot and the stream of changes line up.
+                self.publish_changes();
+                let receiver = self.watch.subscribe();
+                let _ = reply.send((self.status_response(), receiver));
+            }
+            Command::Logs { model, reply } => {
+                let result = match model {
+                    None => Ok(self
+                        .models
+                        .iter()
+                        .filter(|(name, _)| self.policy.slot(name).is_some_and(|s| !s.removed))
+                        .map(|(_, m)| m.logs.clone())
+                        .collect()),
+                    Some(name) => match self.resolve(&name) {
+                        Some(model) => Ok(vec![self.models[&model].logs.clone()]),
+                        None => Err(Status::not_found(format!("unknown model {name}"))),
+                    },
+                };
+                let _ = reply.send(result);
+            }
+            Command::Reload { config, reply } => {
+                let _ = reply.send(Ok(self.reload(*config)));
+            }
+            Command::ReportUse { uses, received } => {
+                for usage in uses {
+                    if let Some(model) = self.resolve(&usage.model) {
+                        let ended = received
+                            .checked_sub(Duration::from_millis(usage.idle_ms))
+                            .unwrap_or(received);
+                        self.policy.used(&model, ended);
+                    }
+                }
+            }
+            Command::Shutdown { .. } => unreachable!("handled in run"),
         }
+        Flow::Continue
     }
 
-    // ----- the queue --------------------------------------------------------------------
+    // ----- reports from tasks ---------------------------------------------------------
 
-    /// Walks the waiters in arrival order and moves each as far as it can go.
-    fn pump(&mut self) {
+    fn internal(&mut self, internal: Internal) {
         let now = Instant::now();
-        // Models somebody currently needs stopped (their drains stay armed).
-        let mut needed: HashSet<String> = HashSet::new();
-        self.pump_deactivations(now, &mut needed);
-        let mut reserved: Vec<String> = Vec::new();
-        let mut index = 0;
-        while index < self.queue.len() {
-            let target = self.queue[index].model.clone();
-            // Only a waiter that is still waiting reserves its model against later ones.
-            if self.advance(index, &reserved, now, &mut needed) {
-                if !reserved.contains(&target) {
-                    reserved.push(target);
+        match internal {
+            Internal::StartFinished {
+                model,
+                generation,
+                result,
+            } => {
+                // A backend that passed its readiness check and died at once (a 200 then a
+                // crash) is a crash, never Ready: its Exited report may have come first, and
+                // was ignored while Starting.
+                if let Some(m) = self.models.get_mut(&model) {
+                    m.warming = None;
                 }
-                index += 1;
-            }
-        }
-        // Holds are sticky: once nobody waits for a model's GPUs its drain is called off.
-        for (name, model) in &mut self.models {
-            if !needed.contains(name) {
-                model.drain = None;
-            }
-        }
-    }
-
-    /// Moves the waiter at `index` forward. Returns false when it left the queue.
-    fn advance(
-        &mut self,
-        index: usize,
-        reserved: &[String],
-        now: Instant,
-        needed: &mut HashSet<String>,
-    ) -> bool {
-        let target = self.queue[index].model.clone();
-        let Some(model) = self.models.get(&target) else {
-            let waiter = self.queue.remove(index).expect("index in range");
-            waiter.finish(Event::Failed(pb::Failed {
-                model: target.clone(),
-                reason: format!("model {target} was removed from the configuration"),
-                log_tail: Vec::new(),
-            }));
-            return false;
-        };
-        if model.removed {
-            let waiter = self.queue.remove(index).expect("index in range");
-            waiter.finish(Event::Failed(pb::Failed {
-                model: target.clone(),
-                reason: format!("model {target} was removed from the configuration"),
-                log_tail: Vec::new(),
-            }));
-            return false;
-        }
-        // An earlier waiter wants a model that cannot run next to this one: wait behind it.
-        let blocker = reserved.iter().find(|other| {
-            **other != target
-                && self
+                let leader_gone = self
                     .models
-                    .get(*other)
-                    .is_some_and(|o| o.config.conflicts_with(&model.config))
-        });
-        if let Some(blocker) = blocker {
-            let position = index as u32 + 1;
-            let behind = blocker.clone();
-            self.queue[index].notice(
-                format!("queued:{position}:{behind}"),
-                Event::Queued(pb::Queued { position, behind }),
-            );
-            return true;
-        }
-        if self
-            .deactivations
-            .iter()
-            .any(|d| d.models.contains(&target))
-        {
-            let position = index as u32 + 1;
-            self.queue[index].notice(
-                format!("queued:{position}:deactivate"),
-                Event::Queued(pb::Queued {
-                    position,
-                    behind: target.clone(),
-                }),
-            );
-            return true;
-        }
-        let (state, has_process) = (model.state, model.run.is_some());
-        match state {
-            State::Ready => {
-                self.grant(index);
-                false
+                    .get(&model)
+                    .and_then(|m| m.run.as_ref())
+                    .filter(|r| r.generation == generation)
+                    .and_then(|r| r.backend.leader_gone());
+                let result = result.and(match leader_gone {
+                    Some(why) => Err(StartError::ExitedAfterReady(why)),
+                    None => Ok(()),
+                });
+                match result {
+                    Ok(()) => self.policy.start_succeeded(&model, generation, now),
+                    Err(error) => {
+                        let (cause, kind) = match error {
+                            StartError::ExitedAfterReady(_) => ("exited", FailureKind::Crash),
+                            _ => (start_failure_reason(&error), FailureKind::Start),
+                        };
+                        let reason = error.to_string();
+                        self.policy
+                            .start_failed(&model, generation, reason, cause, kind, now);
+                    }
+                }
             }
-            State::Starting => {
-                self.join_start(index);
-                true
+            Internal::Exited {
+                model,
+                generation,
+                info,
+            } => {
+                if self
+                    .policy
+                    .slot(&model)
+                    .is_some_and(|s| s.state == State::Ready && s.generation == generation)
+                {
+                    tracing::warn!(model, generation, %info, "backend exited on its own");
+                }
+                self.policy
+                    .exited(&model, generation, format!("exited: {info}"), now);
             }
-            // The target's own process is still going away.
-            State::Stopping => true,
-            State::Failed if has_process => true,
-            State::Stopped | State::Failed => self.make_room_or_start(index, now, needed),
+            Internal::StopFinished {
+                model,
+                generation,
+                info,
+            } => {
+                if let Some(m) = self.models.get_mut(&model)
+                    && m.run.as_ref().is_some_and(|r| r.generation == generation)
+                {
+                    m.run = None;
+                    m.note(format!("stopped generation {generation} ({info})"));
+                    tracing::info!(model, generation, %info, "stopped");
+                }
+                self.policy.stop_finished(&model, generation);
+            }
+            Internal::StopStuck {
+                model,
+                generation,
+                pids,
+            } => self.stop_stuck(&model, generation, &pids),
+            Internal::StreamClosed { id } => {
+                if let Some(stream) = self.streams.get(&id) {
+                    let what = if self.policy.is_waiting(id) {
+                        "activation abandoned"
+                    } else {
+                        "hold released"
+                    };
+                    tracing::info!(model = stream.model, client = stream.client, "{what}");
+                }
+                self.policy.stream_closed(id, now);
+                self.streams.remove(&id);
+            }
+            Internal::Progress {
+                model,
+                generation,
+                parsed,
+            } => self.load_progressed(&model, generation, parsed),
+            Internal::GpuMemory(readings) => {
+                let totals: BTreeMap<u32, u64> =
+                    readings.iter().map(|(gpu, r)| (*gpu, r.total)).collect();
+                if totals != self.measured {
+                    self.measured = totals;
+                    let mut settings = self.policy.settings().clone();
+                    settings.capacity = settings.capacity.with_measured(self.measured.clone());
+                    self.policy.set_settings(settings);
+                }
+                self.gpu_used = readings.iter().map(|(gpu, r)| (*gpu, r.used)).collect();
+                self.policy.gpu_memory(self.gpu_used.clone());
+            }
         }
+        self.carry_out();
     }
 
-    /// The waiter follows the start of its model: Starting once, then its log lines.
-    fn join_start(&mut self, index: usize) {
-        let waiter = &mut self.queue[index];
-        let Some(model) = self.models.get(&waiter.model) else {
+    /// Keeps the starting model's progress for Status and Watch and tells every waiter that
+    /// follows this start.
+    fn load_progressed(&mut self, name: &str, generation: u64, parsed: Option<LoadProgress>) {
+        let starting = self
+            .policy
+            .slot(name)
+            .is_some_and(|s| s.state == State::Starting && s.generation == generation);
+        let Some(model) = self.models.get_mut(name) else {
             return;
         };
-        let Some(run) = &model.run else { return };
-        if waiter.joined == Some(run.generation) {
+        if !starting
+            || model
+                .run
+                .as_ref()
+                .is_none_or(|r| r.generation != generation)
+        {
             return;
         }
-        waiter.joined = Some(run.generation);
-        waiter.stream.send(Event::Starting(pb::Starting {
-            model: waiter.model.clone(),
-            pid: run.backend.pid(),
-            generation: run.generation,
-        }));
-        waiter.log_forward = Some(forward_logs(
-            model.logs.subscribe(),
-            waiter.stream.events.clone(),
-            waiter.stream.pending.clone(),
-            waiter.stream.received,
-            LostLines {
-                metrics: self.metrics.clone(),
-                model: waiter.model.clone(),
-            },
-        ));
+        if let Some(parsed) = parsed {
+            if model.progress.as_ref() == Some(&parsed) {
+                return;
+            }
+            model.progress = Some(parsed);
+        }
+        let Some(progress) = self.load_progress(name) else {
+            return;
+        };
+        for id in self.policy.followers(name, generation) {
+            if let Some(stream) = self.streams.get(&id) {
+                stream.stream.send(Event::Progress(progress.clone()));
+            }
+        }
     }
 
-    /// The target is not running: drain and stop what conflicts with it, then start it.
-    fn make_room_or_start(
-        &mut self,
-        index: usize,
-        now: Instant,
-        needed: &mut HashSet<String>,
-    ) -> bool {
-        let target = self.queue[index].model.clone();
-        let model = &self.models[&target];
-        if let Some(path) = missing_requirement(&model.config) {
-            let waiter = self.queue.remove(index).expect("index in range");
-            waiter.finish(Event::Failed(pb::Failed {
-                model: target.clone(),
-                reason: format!("model {target} is unavailable: missing {}", path.display()),
-                log_tail: Vec::new(),
-            }));
-            return false;
-        }
-        if let Some(retry_at) = model.retry_at
-            && retry_at > now
-        {
-            let wait = retry_at - now;
-            let line = format!(
-                "restarting {target} in {:.1}s after {} consecutive failure(s): {}",
-                wait.as_secs_f64(),
-                model.failures,
-                model.last_error
-            );
-            let key = format!("backoff:{}", model.failures);
-            self.wake_at(retry_at);
-            let waiter = &mut self.queue[index];
-            if waiter.notices.insert(key) {
-                waiter.stream.send(Event::Log(pb::LogLine {
-                    model: target.clone(),
-                    stream: pb::LogStream::Supervisor as i32,
-                    line,
-                    time_ms: unix_millis(),
-                    dropped: 0,
-                }));
-            }
-            return true;
-        }
-        let conflicting: Vec<String> = self
-            .models
-            .iter()
-            .filter(|(name, other)| {
-                **name != target
-                    && other.run.is_some()
-                    && other.occupied_config().conflicts_with(&model.config)
-            })
-            .map(|(name, _)| name.clone())
-            .collect();
-        if conflicting.is_empty() {
-            self.queue[index].joined = None;
-            let cause = self.queue[index].span.clone();
-            return match self.start(&target, &cause) {
-                Ok(_) => {
-                    self.join_start(index);
-                    true
-                }
-                // start() failed the model; this waiter had not joined yet.
-                Err(reason) => {
-                    let waiter = self.queue.remove(index).expect("index in range");
-                    let log_tail = self.models[&target].logs.tail_lines(FAILURE_TAIL_LINES);
-                    waiter.finish(Event::Failed(pb::Failed {
-                        model: target,
-                        reason,
-                        log_tail,
-                    }));
-                    false
-                }
-            };
-        }
-        let force = self.queue[index].force;
-        self.warm_weights(&target);
-        for name in conflicting {
-            self.make_room(index, &name, force, now, needed);
-        }
-        true
+    /// Where the start of `name` stands: the backend's own words and an estimate of the time
+    /// left from its percentage or from its recent loads. None unless it is starting.
+    fn load_progress(&self, name: &str) -> Option<pb::LoadProgress> {
+        let model = &self.models[name];
+        let run = self
+            .policy
+            .slot(name)
+            .filter(|s| s.state == State::Starting)?
+            .run
+            .as_ref()?;
+        let elapsed = run.spawned_at.elapsed();
+        let typical = self.history.typical(name, Operation::Load);
+        let percent = model.progress.as_ref().and_then(|p| p.percent);
+        Some(pb::LoadProgress {
+            model: name.to_owned(),
+            phase: "loading".into(),
+            percent,
+            detail: model
+                .progress
+                .as_ref()
+                .map(|p| p.detail.clone())
+                .unwrap_or_default(),
+            elapsed_ms: millis(elapsed),
+            eta_ms: load_progress::time_left(elapsed, percent, typical).map(millis),
+            typical_ms: typical.map_or(0, millis),
+        })
     }
 
     /// Reads `name`'s weight files into the page cache while its swap frees the GPUs (once
     /// per swap; the warming ends with the start it prepared).
     fn warm_weights(&mut self, name: &str) {
-        let model = self.models.get_mut(name).expect("a configured model");
+        let Some(model) = self.models.get_mut(name) else {
+            return;
+        };
         if model.warming.as_ref().is_some_and(|w| !w.finished()) {
             return;
         }
@@ -1675,152 +1372,31 @@ impl Actor {
         }));
     }
 
-    /// Stops `name` because the waiter at `index` (for `target`) needs its GPUs: tells the
-    /// waiter, and times the stop inside that waiter's swap span.
-    fn stop_for_waiter(&mut self, index: usize, name: &str, target: &str) {
-        self.queue[index].notice(
-            format!("stopping:{name}"),
-            Event::Stopping(pb::Stopping {
-                model: name.to_owned(),
-            }),
-        );
-        let swap = self.queue[index].span.clone();
-        self.begin_stop(
-            name,
-            &format!("{target} needs the GPUs"),
-            WaiterFate::Requeue,
-            Some(&swap),
-        );
-    }
-
-    /// Moves the conflicting model `name` one step towards stopped, for the waiter at `index`.
-    fn make_room(
-        &mut self,
-        index: usize,
-        name: &str,
-        force: bool,
-        now: Instant,
-        needed: &mut HashSet<String>,
-    ) {
-        let target = self.queue[index].model.clone();
-        let wanted_elsewhere = self.queue.iter().any(|w| w.model == name);
-        let Some(model) = self.models.get_mut(name) else {
+    /// A stop left processes alive: say so, and fail the deactivations waiting for it (the
+    /// model keeps its GPUs until StopFinished, once the processes are gone).
+    fn stop_stuck(&mut self, name: &str, generation: u64, pids: &[i32]) {
+        let Some(model) = self.models.get(name) else {
             return;
         };
-        match model.state {
-            State::Stopping | State::Failed | State::Stopped => {
-                self.queue[index].notice(
-                    format!("stopping:{name}"),
-                    Event::Stopping(pb::Stopping {
-                        model: name.to_owned(),
-                    }),
-                );
-            }
-            State::Starting => {
-                // Only a start nobody waits for can be in the way (a later waiter of it
-                // waits behind this one): cancel it.
-                if !wanted_elsewhere {
-                    self.stop_for_waiter(index, name, &target);
-                }
-            }
-            State::Ready => {
-                let ready_at = model.ready_at.unwrap_or(now);
-                let residency_end = ready_at + self.min_residency;
-                if residency_end > now {
-                    let holders = model.holds.len() as u32;
-                    self.timers.insert(residency_end);
-                    self.queue[index].notice(
-                        format!("residency:{name}"),
-                        Event::Draining(pb::Draining {
-                            model: name.to_owned(),
-                            holders,
-                            deadline_ms: 0,
-                            residency_ms: millis(residency_end - now),
-                        }),
-                    );
-                    return;
-                }
-                needed.insert(name.to_owned());
-                if !model.holds.is_empty() {
-                    let deadline = match &model.drain {
-                        Some(drain) => drain.deadline,
-                        None => {
-                            let deadline = now + self.drain_timeout;
-                            let swap = &self.queue[index].span;
-                            model.drain = Some(Drain::new(deadline, now, Some(swap), name));
-                            deadline
-                        }
-                    };
-                    request_drain(name, model, &target, deadline, now);
-                    if force || now >= deadline {
-                        let reason = if force {
-                            format!("revoked: {target} was activated with force")
-                        } else {
-                            format!("revoked: drain_timeout passed while {target} waited")
-                        };
-                        revoke_holds(name, model, &reason);
-                    } else {
-                        let holders = model.holds.len() as u32;
-                        self.timers.insert(deadline);
-                        self.queue[index].notice(
-                            format!("draining:{name}"),
-                            Event::Draining(pb::Draining {
-                                model: name.to_owned(),
-                                holders,
-                                deadline_ms: millis(deadline - now),
-                                residency_ms: 0,
-                            }),
-                        );
-                        return;
-                    }
-                }
-                self.stop_for_waiter(index, name, &target);
-            }
+        if model
+            .run
+            .as_ref()
+            .is_none_or(|r| r.generation != generation)
+        {
+            return;
         }
-    }
-
-    /// Moves every pending Deactivate forward; answers those whose models are all stopped.
-    fn pump_deactivations(&mut self, now: Instant, needed: &mut HashSet<String>) {
-        let mut pending = std::mem::take(&mut self.deactivations);
-        for deactivation in &pending {
-            for name in &deactivation.models {
-                let Some(model) = self.models.get_mut(name) else {
-                    continue;
-                };
-                if model.run.is_none() || !matches!(model.state, State::Ready | State::Starting) {
-                    continue;
-                }
-                needed.insert(name.clone());
-                if !model.holds.is_empty() {
-                    let deadline = model
-                        .drain
-                        .get_or_insert_with(|| Drain::new(deactivation.deadline, now, None, name))
-                        .deadline
-                        .min(deactivation.deadline);
-                    request_drain(name, model, "deactivate", deadline, now);
-                    if deactivation.force || now >= deadline {
-                        revoke_holds(name, model, "deactivated");
-                    } else {
-                        self.timers.insert(deadline);
-                        continue;
-                    }
-                }
-                self.begin_stop(name, "deactivated", WaiterFate::Fail("deactivated"), None);
-            }
-        }
-        pending.retain_mut(|deactivation| {
-            let done = deactivation
-                .models
-                .iter()
-                .all(|name| self.models.get(name).is_none_or(|m| m.run.is_none()));
-            if done {
-                let (reply, _) = oneshot::channel();
-                let reply = std::mem::replace(&mut deactivation.reply, reply);
-                let _ = reply.send(Ok(std::mem::take(&mut deactivation.stopped)));
-            }
-            !done
-        });
-        self.deactivations = pending;
+        let reason = format!(
+            "the stop left processes {pids:?} running (stuck in the kernel?): its GPUs stay \
+             reserved until they are gone"
+        );
+        model.note(reason.clone());
+        tracing::error!(
+            model = name,
+            generation,
+            ?pids,
+            "stop failed: processes left"
+        );
+        self.policy.stop_stuck(name, generation, reason);
     }
 
     // ----- reload -------------------------------------------------------------------------
@@ -1832,44 +1408,28 @@ impl Actor {
             panic!("injected fault: actor-panic-on-reload");
         }
         let supervisor = &config.supervisor;
-        self.drain_timeout = supervisor.drain_timeout;
-        self.min_residency = supervisor.min_residency;
+        self.policy.set_settings(settings(&config, &self.measured));
         self.log_lines = supervisor.log_lines;
         self.gpu_release_timeout = supervisor.gpu_release_timeout;
+        let now = Instant::now();
         let mut response = pb::ReloadResponse::default();
         let names: Vec<String> = self.models.keys().cloned().collect();
         for name in names {
+            let removed = self.policy.slot(&name).is_none_or(|s| s.removed);
             let model = self.models.get_mut(&name).expect("listed above");
             match config.models.get(&name) {
-                None if model.removed => {}
+                None if removed => {}
                 None => {
-                    model.removed = true;
                     response.removed.push(name.clone());
-                    if model.run.is_some() {
-                        self.begin_stop(
-                            &name,
-                            "removed from the configuration",
-                            WaiterFate::Fail("removed"),
-                            None,
-                        );
-                    } else {
-                        self.models.remove(&name);
-                        self.published.remove(&name);
-                        let _ = self.watch.send(pb::WatchEvent {
-                            event: Some(pb::watch_event::Event::Removed(name.clone())),
-                        });
-                    }
+                    self.policy.remove_model(&name, now);
                 }
-                Some(new) if model.removed || *new != model.config => {
-                    model.removed = false;
+                Some(new) if removed || *new != model.config => {
                     model.config = new.clone();
                     model
                         .logs
                         .set_secrets(new.secrets().iter().map(String::as_str));
                     response.changed.push(name.clone());
-                    if model.run.is_some() {
-                        self.begin_stop(&name, "configuration changed", WaiterFate::Requeue, None);
-                    }
+                    self.policy.change_model(&name, Placement::of(new), now);
                 }
                 Some(_) => {}
             }
@@ -1878,9 +1438,11 @@ impl Actor {
             if !self.models.contains_key(name) {
                 self.models
                     .insert(name.clone(), Model::new(name, new.clone(), self.log_lines));
+                self.policy.add_model(name, Placement::of(new));
                 response.added.push(name.clone());
             }
         }
+        self.carry_out();
         tracing::info!(added = ?response.added, removed = ?response.removed, changed = ?response.changed, "configuration reloaded");
         response
     }
@@ -1889,19 +1451,19 @@ impl Actor {
 
     async fn shutdown(&mut self) {
         tracing::info!("stopping every backend");
-        for waiter in std::mem::take(&mut self.queue) {
-            let model = waiter.model.clone();
-            waiter.finish(Event::Failed(pb::Failed {
-                model,
-                reason: "the supervisor is shutting down".into(),
-                log_tail: Vec::new(),
-            }));
+        self.policy.shutdown();
+        // Deactivations are answered once the processes are gone.
+        let (answers, others): (Vec<Action>, Vec<Action>) = self
+            .policy
+            .take_actions()
+            .into_iter()
+            .partition(|a| matches!(a, Action::Deactivated { .. }));
+        for action in others {
+            self.apply(action);
         }
         let mut stops = Vec::new();
         for (name, model) in &mut self.models {
-            revoke_holds(name, model, "the supervisor is shutting down");
             if let Some(run) = model.run.take() {
-                model.state = State::Stopped;
                 let name = name.clone();
                 stops.push(async move {
                     let info = run.backend.stop().await;
@@ -1910,8 +1472,8 @@ impl Actor {
             }
         }
         futures_util::future::join_all(stops).await;
-        for deactivation in std::mem::take(&mut self.deactivations) {
-            let _ = deactivation.reply.send(Ok(deactivation.stopped));
+        for action in answers {
+            self.apply(action);
         }
     }
 
@@ -1919,8 +1481,12 @@ impl Actor {
 
     fn model_status(&self, name: &str) -> pb::ModelStatus {
         let model = &self.models[name];
+        let slot = self
+            .policy
+            .slot(name)
+            .expect("the policy knows every model");
         let config = &model.config;
-        let mut state = match model.state {
+        let mut state = match slot.state {
             State::Stopped => pb::ModelState::Stopped,
             State::Starting => pb::ModelState::Starting,
             State::Ready => pb::ModelState::Ready,
@@ -1928,44 +1494,50 @@ impl Actor {
             State::Failed => pb::ModelState::Failed,
         };
         let mut detail = String::new();
-        if model.run.is_none()
+        if slot.run.is_none()
             && let Some(path) = missing_requirement(config)
         {
             state = pb::ModelState::Unavailable;
             detail = format!("missing {}", path.display());
-        } else if let Some(drain) = &model.drain {
+        } else if let Some(drain) = &slot.drain {
             detail = format!(
                 "draining: holds revoked in {} ms",
                 millis(drain.deadline.saturating_duration_since(Instant::now()))
             );
         }
-        let run = model.run.as_ref();
+        let run = slot.run.as_ref();
         pb::ModelStatus {
             name: name.to_owned(),
             aliases: config.aliases.clone(),
             kind: config.kind.as_str().to_owned(),
             state: state as i32,
-            pid: run.map_or(0, |r| r.backend.pid()),
+            pid: model.run.as_ref().map_or(0, |r| r.backend.pid()),
             uptime_ms: run.map_or(0, |r| millis(r.spawned_at.elapsed())),
-            restarts: model.restarts,
-            last_error: model.last_error.clone(),
+            restarts: slot.restarts,
+            last_error: slot.last_error.clone(),
             gpus: config.gpus.clone().unwrap_or_default(),
             port: u32::from(config.port),
             host: config.host.clone(),
             served_name: config.served_name(name).to_owned(),
-            generation: model.generation,
-            holders: model.holds.len() as u32,
+            generation: slot.generation,
+            holders: slot.holds.len() as u32,
             detail,
-            last_startup_ms: model.last_startup_ms,
+            last_startup_ms: slot.last_startup.map_or(0, millis),
             idle_ttl_ms: config.idle_ttl.map(millis),
             progress: self.load_progress(name),
+            vram_bytes: config.vram,
+            pinned: config.pinned,
+            last_used_ms: slot.last_use.map(|at| self.unix_ms(at)),
         }
     }
 
-    /// The status without the fields that change by themselves (uptime, countdowns).
+    /// The status without the fields that change by themselves (uptime, countdowns) or with
+    /// every request (the last use, which a busy gateway reports ten times a second): a
+    /// change of those alone is not published on Watch.
     fn comparable_status(&self, name: &str) -> pb::ModelStatus {
         let mut status = self.model_status(name);
         status.uptime_ms = 0;
+        status.last_used_ms = None;
         if let Some(progress) = status.progress.as_mut() {
             progress.elapsed_ms = 0;
             progress.eta_ms = None;
@@ -1976,20 +1548,63 @@ impl Actor {
         status
     }
 
+    /// The Unix time of `at`, in milliseconds (stable: from the actor's own start).
+    fn unix_ms(&self, at: Instant) -> u64 {
+        match at.checked_duration_since(self.started) {
+            Some(after) => self.started_unix_ms.saturating_add(millis(after)),
+            None => self
+                .started_unix_ms
+                .saturating_sub(millis(self.started - at)),
+        }
+    }
+
+    /// The memory of every GPU of known size (configured, or seen by NVML).
+    fn gpu_status(&self) -> Vec<pb::GpuStatus> {
+        let live: Vec<(&str, &Placement)> = self
+            .policy
+            .slots()
+            .filter(|(_, slot)| slot.run.is_some())
+            .map(|(name, slot)| (name.as_str(), slot.occupied()))
+            .collect();
+        self.policy
+            .settings()
+            .capacity
+            .reservations(&live)
+            .into_iter()
+            .filter(|r| r.capacity.is_some() || self.gpu_used.contains_key(&r.gpu))
+            .map(|r| pb::GpuStatus {
+                index: r.gpu,
+                capacity_bytes: r.capacity,
+                reserved_bytes: r.reserved,
+                used_bytes: self.gpu_used.get(&r.gpu).copied(),
+                models: r.models,
+            })
+            .collect()
+    }
+
+    /// The models a client sees: not those a reload removed.
+    fn listed(&self) -> Vec<String> {
+        self.models
+            .keys()
+            .filter(|name| self.policy.slot(name).is_some_and(|s| !s.removed))
+            .cloned()
+            .collect()
+    }
+
     fn status_response(&self) -> pb::StatusResponse {
         pb::StatusResponse {
             models: self
-                .models
+                .listed()
                 .iter()
-                .filter(|(_, m)| !m.removed)
-                .map(|(name, _)| self.model_status(name))
+                .map(|name| self.model_status(name))
                 .collect(),
             supervisor: Some(pb::SupervisorInfo {
                 version: env!("CARGO_PKG_VERSION").to_owned(),
                 pid: std::process::id(),
                 uptime_ms: millis(self.started.elapsed()),
-                queue: self.queue.iter().map(|w| w.model.clone()).collect(),
+                queue: self.policy.queue().map(str::to_owned).collect(),
             }),
+            gpus: self.gpu_status(),
         }
     }
 
@@ -1997,18 +1612,18 @@ impl Actor {
     /// [`Actor::publish_changes`], so no assignment of a state can be missed; a state that
     /// lasted less than one message (a spawn that failed at once) is never visible.
     fn record_states(&mut self) {
-        for (name, model) in &self.models {
-            let state = metric_state(model);
+        for (name, slot) in self.policy.slots() {
+            let state = metric_state(slot);
             if self.recorded_states.get(name) != Some(&state) {
                 self.metrics.set_model_state(name, state);
                 self.recorded_states.insert(name.clone(), state);
             }
         }
         // A model removed by a reload is gone: it is no longer in any live state.
-        let models = &self.models;
+        let policy = &self.policy;
         let metrics = &self.metrics;
         self.recorded_states.retain(|name, state| {
-            let kept = models.contains_key(name);
+            let kept = policy.slot(name).is_some();
             if !kept && *state != MetricState::Stopped {
                 metrics.set_model_state(name, MetricState::Stopped);
             }
@@ -2016,15 +1631,24 @@ impl Actor {
         });
     }
 
-    /// Sends one `changed` per model whose state, holders or the like changed.
+    /// Sends one `changed` per model whose state, holders or the like changed, and the GPUs'
+    /// memory when it changed (NVML's use by a GiB or more).
     fn publish_changes(&mut self) {
-        let names: Vec<String> = self
-            .models
+        let gpus = self.gpu_status();
+        let comparable: Vec<pb::GpuStatus> = gpus
             .iter()
-            .filter(|(_, m)| !m.removed)
-            .map(|(name, _)| name.clone())
+            .map(|g| pb::GpuStatus {
+                used_bytes: g.used_bytes.map(|used| used >> 30),
+                ..g.clone()
+            })
             .collect();
-        for name in names {
+        if comparable != self.published_gpus {
+            self.published_gpus = comparable;
+            let _ = self.watch.send(pb::WatchEvent {
+                event: Some(pb::watch_event::Event::Gpus(pb::GpuMemory { gpus })),
+            });
+        }
+        for name in self.listed() {
             let status = self.comparable_status(&name);
             if self.published.get(&name) == Some(&status) {
                 continue;
@@ -2037,18 +1661,37 @@ impl Actor {
     }
 }
 
-#[derive(Clone, Copy, PartialEq, Eq)]
-enum FailureKind {
-    Start,
-    Crash,
+/// Reads the GPUs' memory every [`GPU_POLL_INTERVAL`] (or at once when asked) for as long as
+/// the actor lives; without NVML it stops after the first try.
+async fn poll_gpu_memory(
+    actor: mpsc::WeakUnboundedSender<Message>,
+    measure_now: Arc<tokio::sync::Notify>,
+) {
+    loop {
+        let Some(readings) = gpu::memory(GPU_READ_TIMEOUT).await else {
+            return;
+        };
+        let Some(tx) = actor.upgrade() else { return };
+        if tx
+            .send(Message::Internal(Internal::GpuMemory(readings)))
+            .is_err()
+        {
+            return;
+        }
+        drop(tx);
+        tokio::select! {
+            _ = tokio::time::sleep(GPU_POLL_INTERVAL) => {}
+            _ = measure_now.notified() => {}
+        }
+    }
 }
 
 /// The `model_state` of a model: a Ready model whose holders are asked to let go is draining.
-fn metric_state(model: &Model) -> MetricState {
-    match model.state {
+fn metric_state(slot: &Slot) -> MetricState {
+    match slot.state {
         State::Stopped => MetricState::Stopped,
         State::Starting => MetricState::Starting,
-        State::Ready if model.drain.is_some() && !model.holds.is_empty() => MetricState::Draining,
+        State::Ready if slot.drain.is_some() && !slot.holds.is_empty() => MetricState::Draining,
         State::Ready => MetricState::Ready,
         State::Stopping => MetricState::Stopping,
         State::Failed => MetricState::Failed,
@@ -2067,41 +1710,6 @@ fn start_failure_reason(error: &StartError) -> &'static str {
         StartError::Timeout(_) => "startup_timeout",
         // Nothing ever listened on its port.
         StartError::NotListening { .. } => "never_ready",
-    }
-}
-
-/// Asks every holder of `model` (once each) to finish its requests and let go.
-fn request_drain(name: &str, model: &mut Model, wanted_by: &str, deadline: Instant, now: Instant) {
-    for hold in model.holds.values_mut() {
-        if !hold.drain_requested {
-            hold.drain_requested = true;
-            hold.stream.send(Event::DrainRequested(pb::DrainRequested {
-                model: name.to_owned(),
-                wanted_by: wanted_by.to_owned(),
-                deadline_ms: millis(deadline.saturating_duration_since(now)),
-            }));
-        }
-    }
-}
-
-/// The drain of `model` is over (its holds are gone, or its backend failed); the drain
-/// phase of a swap is timed.
-fn end_drain(model: &mut Model, metrics: &SupervisorMetrics) {
-    if let Some(drain) = model.drain.take()
-        && drain.for_swap
-    {
-        metrics.phase_finished(SwapPhase::Drain, drain.started.elapsed());
-    }
-}
-
-/// Ends every hold of `model` with HoldLost.
-fn revoke_holds(name: &str, model: &mut Model, reason: &str) {
-    for (_, hold) in std::mem::take(&mut model.holds) {
-        tracing::info!(model = name, client = hold.client, reason, "hold lost");
-        hold.stream.send(Event::HoldLost(pb::HoldLost {
-            model: name.to_owned(),
-            reason: reason.to_owned(),
-        }));
     }
 }
 
@@ -2232,16 +1840,6 @@ impl LostLines {
 mod tests {
     use super::*;
 
-    #[test]
-    fn backoff_doubles_up_to_the_cap() {
-        assert_eq!(crash_backoff(0), Duration::ZERO);
-        assert_eq!(crash_backoff(1), Duration::from_secs(1));
-        assert_eq!(crash_backoff(2), Duration::from_secs(2));
-        assert_eq!(crash_backoff(5), Duration::from_secs(16));
-        assert_eq!(crash_backoff(6), MAX_BACKOFF);
-        assert_eq!(crash_backoff(1000), MAX_BACKOFF);
-    }
-
     fn model(host: &str, port: u16) -> ModelConfig {
         let text = format!(
             "[models.m]\nkind = \"vllm\"\ncommand = [\"x\"]\nport = {port}\nhost = \"{host}\"\n"
@@ -2296,7 +1894,9 @@ mod tests {
         let options = options(testkit::bin("gpuswap-supervisor"));
         let (tx, _reports) = mpsc::unbounded_channel();
         let mut actor = Actor::new(Config::from_toml(&text).unwrap(), options, tx.downgrade());
-        let generation = actor.start("m", &tracing::Span::none()).expect("spawned");
+        actor.policy.activate(1, "m", false, false);
+        actor.pump();
+        let generation = actor.models["m"].run.as_ref().expect("spawned").generation;
         let (reply, answer) = oneshot::channel();
         actor.command(Command::Deactivate {
             model: Some("m".into()),
@@ -2304,15 +1904,18 @@ mod tests {
             if_idle_generation: None,
             reply,
         });
+        actor.pump();
         actor.stop_stuck("m", generation, &[4242]);
+        actor.carry_out();
         let status = answer.await.expect("answered").expect_err("a failed stop");
         assert!(status.message().contains("4242"), "{status:?}");
-        let model = &actor.models["m"];
-        assert!(model.run.is_some(), "the GPUs stay reserved");
+        assert!(actor.models["m"].run.is_some(), "the GPUs stay reserved");
+        let slot = actor.policy.slot("m").expect("model");
+        assert!(slot.run.is_some(), "the GPUs stay reserved");
         assert!(
-            model.last_error.contains("stay reserved"),
+            slot.last_error.contains("stay reserved"),
             "{}",
-            model.last_error
+            slot.last_error
         );
         drop(tx);
     }
@@ -2328,20 +1931,25 @@ mod tests {
         let options = options(testkit::bin("gpuswap-supervisor"));
         let (tx, _reports) = mpsc::unbounded_channel();
         let mut actor = Actor::new(Config::from_toml(&text).unwrap(), options, tx.downgrade());
-        let generation = actor.start("m", &tracing::Span::none()).expect("spawned");
-        let backend = actor.models["m"].run.as_ref().expect("run").backend.clone();
+        actor.policy.activate(1, "m", false, false);
+        actor.pump();
+        let run = actor.models["m"].run.as_ref().expect("spawned");
+        let (backend, generation) = (run.backend.clone(), run.generation);
         backend.exited().await;
-        actor.start_finished("m", generation, Ok(()));
-        let model = &actor.models["m"];
-        assert_eq!(model.state, State::Failed);
+        actor.internal(Internal::StartFinished {
+            model: "m".into(),
+            generation,
+            result: Ok(()),
+        });
+        let slot = actor.policy.slot("m").expect("model");
+        assert_eq!(slot.state, State::Failed);
         assert!(
-            model
-                .last_error
+            slot.last_error
                 .contains("right after passing its readiness check"),
             "{}",
-            model.last_error
+            slot.last_error
         );
-        assert!(model.retry_at.is_some(), "restarted after a backoff");
+        assert!(slot.retry_at.is_some(), "restarted after a backoff");
         drop(tx);
     }
 

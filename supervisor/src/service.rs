@@ -252,4 +252,12 @@ impl Supervisor for SupervisorService {
         }
         Ok(Response::new(self.scheduler.reload().await?))
     }
+
+    async fn report_use(
+        &self,
+        request: Request<pb::ReportUseRequest>,
+    ) -> Result<Response<pb::ReportUseResponse>, Status> {
+        self.scheduler.report_use(request.into_inner().uses)?;
+        Ok(Response::new(pb::ReportUseResponse {}))
+    }
 }
