@@ -71,8 +71,12 @@ fn tqdm_bar(line: &str) -> Option<LoadProgress> {
 
 /// llama-server's load steps, in the order it prints them.
 fn llama_server_step(line: &str) -> Option<LoadProgress> {
+    // Older builds print `main: ...` and the loader's own lines; current ones (llama.cpp as
+    // vendored by llama-cpp-python 0.3.36) print `srv    load_model: loading model 'FILE'` and
+    // `srv  llama_server: model loaded`.
     const STEPS: &[(&str, f32, &str)] = &[
         ("main: loading model", 2.0, "reading the model"),
+        ("load_model: loading model", 2.0, "reading the model"),
         (
             "llama_model_loader: loaded meta data",
             5.0,
@@ -86,6 +90,7 @@ fn llama_server_step(line: &str) -> Option<LoadProgress> {
         ("llama_context: constructing", 85.0, "creating the context"),
         ("warming up the model", 90.0, "warming up"),
         ("main: model loaded", 99.0, "model loaded"),
+        ("llama_server: model loaded", 99.0, "model loaded"),
     ];
     if line.len() >= 8 && line.bytes().all(|b| b == b'.') {
         return Some(LoadProgress {
@@ -267,6 +272,14 @@ mod tests {
             Some(80.0)
         );
         assert_eq!(step("main: model loaded"), Some(99.0));
+        assert_eq!(
+            step("0.00.003.101 I srv    load_model: loading model '/m/tiny.gguf'"),
+            Some(2.0)
+        );
+        assert_eq!(
+            step("0.00.200.000 I srv  llama_server: model loaded"),
+            Some(99.0)
+        );
         assert_eq!(step("..."), None);
         assert_eq!(step("srv  update_slots: all slots are idle"), None);
     }
