@@ -619,6 +619,8 @@ async fn real_failed_starts_name_the_cause() {
     let _slot = VllmSlot::take();
     let stack = start(
         Stack::builder("real-fail")
+            // The server's own words (the log tail) in the answer, not only in gpuswapctl logs.
+            .gateway("expose_log_tail = true")
             .model(vllm_of(
                 "vllm-missing",
                 "missing",
