@@ -1,4 +1,4 @@
-//! The guard process: parent of one backend. (owner: process layer)
+//! The guard process: parent of one backend.
 //!
 //! `gpuswap-supervisor guard [--uid U --gid G] [--stop-timeout-ms N] [--workdir D]
 //! [--report-fd FD] [--supervisor-pid PID] -- PROGRAM ARGS...`

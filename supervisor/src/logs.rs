@@ -1,6 +1,4 @@
-//! Bounded per-model log buffers. (owner: process layer)
-//!
-//! Interface used by the scheduler and the gRPC service; keep these signatures.
+//! Bounded per-model log buffers.
 
 use std::{
     collections::VecDeque,

@@ -1,5 +1,5 @@
-//! gpuswap-supervisor: see the crate docs in lib.rs. (owner: scheduler layer, except the
-//! `guard` dispatch below which belongs to the process layer)
+//! gpuswap-supervisor: see the crate docs in lib.rs. The same binary also runs as the
+//! `guard` of each backend (the dispatch below).
 
 use std::{path::PathBuf, process::ExitCode, sync::Arc, time::Duration};
 

@@ -1,7 +1,7 @@
-//! Readiness probes per backend kind. (owner: process layer)
+//! Readiness probes per backend kind.
 //!
 //! Every kind is ready when its health path answers 200; what differs is what comes
-//! before (see /work/shared/notes/backends.md):
+//! before (docs/backends.md has what each real server did):
 //! - sglang: connection refused while loading, `/health` 503 while warming, then 200;
 //! - vllm: refused, then `/health` 200;
 //! - llama-server: `/health` 503 while loading, then 200;

@@ -1,6 +1,4 @@
-//! Backend processes: spawn under a guard, probe readiness, stop the whole tree. (owner: process layer)
-//!
-//! Interface used by the scheduler; keep these signatures.
+//! Backend processes: spawn under a guard, probe readiness, stop the whole tree.
 //!
 //! The supervisor never runs a backend itself: it runs `gpuswap-supervisor guard -- CMD`
 //! (see [`crate::guard`]) in a new process group with a parent-death signal, and the guard

@@ -1,4 +1,4 @@
-//! Records live process groups so a restarted supervisor can end its predecessor's leftovers. (owner: process layer)
+//! Records live process groups so a restarted supervisor can end its predecessor's leftovers.
 //!
 //! The file is JSON, `{"boot_id", "groups":[{"model","pgid","starttime","processes"}]}`,
 //! rewritten atomically (temporary file + rename) on every change. Cleanup kills only what it
