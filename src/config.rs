@@ -1245,17 +1245,6 @@ impl Config {
         }
         Ok(())
     }
-
-    /// The model a name or alias refers to.
-    pub fn resolve(&self, name: &str) -> Option<(&str, &ModelConfig)> {
-        if let Some((k, m)) = self.models.get_key_value(name) {
-            return Some((k.as_str(), m));
-        }
-        self.models
-            .iter()
-            .find(|(_, m)| m.aliases.iter().any(|a| a == name))
-            .map(|(k, m)| (k.as_str(), m))
-    }
 }
 
 /// `env.CUDA_VISIBLE_DEVICES` may only repeat `gpus`: the scheduler keeps two models off one
@@ -1417,8 +1406,9 @@ gpus = [1]
         let c = Config::from_toml(EXAMPLE).unwrap();
         assert_eq!(c.supervisor.drain_timeout, Duration::from_secs(600));
         assert_eq!(c.gateway.max_body, 1 << 20);
-        let (name, llama) = c.resolve("llama3").unwrap();
-        assert_eq!(name, "llama-3.3-70b-awq");
+        let name = "llama-3.3-70b-awq";
+        let llama = &c.models[name];
+        assert_eq!(llama.aliases, ["llama3"]);
         assert_eq!(llama.served_name(name), "llama");
         assert_eq!(llama.health_path(), "/health");
         assert_eq!(c.models["tabby"].health_path(), "/v1/model");

@@ -260,11 +260,6 @@ impl Scheduler {
         (scheduler, handle)
     }
 
-    /// A sender for routes, whose last request reports a finished drain.
-    pub fn notifier(&self) -> mpsc::UnboundedSender<ActorMsg> {
-        self.tx.clone()
-    }
-
     pub async fn run(mut self) {
         let mut tick = tokio::time::interval(TICK);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);

@@ -8,7 +8,7 @@ use axum::{
     body::Body,
     extract::{Path, Request, State},
     response::{IntoResponse, Response},
-    routing::{get, post},
+    routing::get,
 };
 use gpuswap_telemetry::Refusal;
 use http::{HeaderMap, HeaderValue, Method, StatusCode, header};
@@ -32,15 +32,10 @@ pub fn router(gateway: Arc<Gateway>) -> Router {
         .route("/metrics", get(metrics))
         .route("/v1/models", get(list_models))
         .route("/v1/models/{*id}", get(get_model))
-        .route("/v1/{*rest}", post(proxy_request))
         .merge(operator::routes())
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .with_state(gateway)
-}
-
-async fn proxy_request(State(gateway): State<Arc<Gateway>>, request: Request) -> Response {
-    proxy::handle(gateway, request).await
 }
 
 async fn not_found(request: Request) -> Response {
@@ -254,11 +249,13 @@ async fn serve_request(
         return Ok(preflight(request.headers(), allow_origin));
     }
     let path = request.uri().path();
-    let proxied = request.method() == Method::POST
-        && path.starts_with("/v1/")
-        && !path.starts_with("/v1/models");
-    let mut response = if proxied {
+    // Everything under /v1/ but the model list (the router's) is the proxy's, POST only.
+    let inference =
+        path.starts_with("/v1/") && path != "/v1/models" && !path.starts_with("/v1/models/");
+    let mut response = if inference && request.method() == Method::POST {
         proxy::handle(gateway, request.map(Body::new)).await
+    } else if inference {
+        method_not_allowed(request.map(Body::new)).await
     } else if path.starts_with(proxy::PASSTHROUGH_PREFIX) {
         proxy::handle_passthrough(gateway, request.map(Body::new)).await
     } else {

@@ -195,11 +195,6 @@ impl Metrics {
         self.supervisor.clone().expect("registered above")
     }
 
-    /// For a daemon's own extra metrics (names get the `gpuswap_` prefix).
-    pub fn registry_mut(&mut self) -> &mut Registry {
-        &mut self.registry
-    }
-
     /// The Prometheus text exposition (serve it with [`CONTENT_TYPE`]).
     pub fn encode(&self) -> String {
         let mut openmetrics = String::new();
