@@ -15,6 +15,7 @@ pub mod config;
 pub mod endpoint;
 pub mod etcd;
 pub mod shutdown;
+pub mod sleep;
 pub mod tls;
 
 /// Generated protocol code.
