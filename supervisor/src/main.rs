@@ -7,9 +7,9 @@ use anyhow::Context;
 use clap::{Parser, ValueEnum};
 use gpuswap::{Endpoint, config::Config};
 use gpuswap_supervisor::{
+    backend::state_file::StateFile,
     scheduler::{Scheduler, SchedulerOptions},
     server,
-    state_file::StateFile,
 };
 use tokio::signal::unix::{SignalKind, signal};
 
@@ -56,10 +56,10 @@ impl LogFormat {
 }
 
 fn main() -> ExitCode {
-    // `gpuswap-supervisor guard ...` is the parent of one backend (see guard.rs); it must not
+    // `gpuswap-supervisor guard ...` is the parent of one backend (see backend/guard.rs); it must not
     // start a tokio runtime or parse the daemon's flags.
     if std::env::args_os().nth(1).is_some_and(|a| a == "guard") {
-        gpuswap_supervisor::guard::main();
+        gpuswap_supervisor::backend::guard::main();
     }
     let args = Args::parse();
     let config = match load_config(&args) {

@@ -35,6 +35,7 @@ use tonic::{
 };
 
 use crate::{
+    backend::process_tree,
     scheduler::Scheduler,
     service::SupervisorService,
     tls::{self, Tokens},
@@ -172,7 +173,8 @@ fn peer_groups(stream: &UnixStream, pid: Option<i32>) -> Vec<u32> {
             groups.resize(wanted, 0);
         }
     }
-    pid.map(supplementary_groups).unwrap_or_default()
+    pid.map(process_tree::supplementary_groups)
+        .unwrap_or_default()
 }
 
 impl Connected for PeerStream {
@@ -212,24 +214,6 @@ impl AsyncWrite for PeerStream {
     ) -> Poll<std::io::Result<()>> {
         Pin::new(&mut self.stream).poll_shutdown(cx)
     }
-}
-
-/// The supplementary groups of a process (the `Groups:` line of /proc/PID/status).
-fn supplementary_groups(pid: i32) -> Vec<u32> {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .ok()
-        .and_then(|status| {
-            status
-                .lines()
-                .find_map(|l| l.strip_prefix("Groups:"))
-                .map(|groups| {
-                    groups
-                        .split_whitespace()
-                        .filter_map(|g| g.parse().ok())
-                        .collect()
-                })
-        })
-        .unwrap_or_default()
 }
 
 /// A bound listener, ready to serve.

@@ -10,7 +10,7 @@ use tokio_stream::{Stream, wrappers::ReceiverStream};
 use tonic::{Request, Response, Status};
 
 use crate::{
-    logs::{LogBuffer, LogEntry},
+    backend::logs::{LogBuffer, LogEntry},
     scheduler::{ActivateArgs, EVENT_CHANNEL_CAPACITY, LostLines, Scheduler},
     tls::Tokens,
 };

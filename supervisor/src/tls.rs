@@ -273,9 +273,9 @@ fn certificate_names(extra: &[String], listen: IpAddr) -> Vec<String> {
 }
 
 fn host_name() -> Option<String> {
-    std::fs::read_to_string("/proc/sys/kernel/hostname")
+    nix::unistd::gethostname()
         .ok()
-        .map(|h| h.trim().to_owned())
+        .and_then(|h| h.into_string().ok())
         .filter(|h| !h.is_empty())
 }
 

@@ -6,7 +6,7 @@ mod process_support;
 
 use std::time::{Duration, Instant};
 
-use gpuswap_supervisor::process::Backend;
+use gpuswap_supervisor::backend::Backend;
 use process_support::{logs, model, sh, spec};
 use serde_json::json;
 use testkit::{DEADLINE, free_port};

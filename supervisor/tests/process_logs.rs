@@ -2,9 +2,9 @@
 
 mod process_support;
 
-use gpuswap_supervisor::{
+use gpuswap_supervisor::backend::{
+    Backend,
     logs::{LogBuffer, MAX_LINE_BYTES},
-    process::Backend,
 };
 use process_support::{model, spec};
 use serde_json::json;

@@ -4,10 +4,7 @@ mod process_support;
 
 use std::time::Duration;
 
-use gpuswap_supervisor::{
-    logs::LogBuffer,
-    process::{Backend, StartError},
-};
+use gpuswap_supervisor::backend::{Backend, StartError, logs::LogBuffer};
 use process_support::{http_server, logged, logs, model, python3, spec};
 use serde_json::json;
 use testkit::{DEADLINE, free_port, short_tempdir};

@@ -9,10 +9,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use gpuswap_supervisor::{
-    process::{Backend, StartError},
-    state_file::StateFile,
-};
+use gpuswap_supervisor::backend::{Backend, StartError, state_file::StateFile};
 use process_support::{logged, logs, model, sh, spec, tagged};
 use serde_json::json;
 use testkit::{DEADLINE, free_port, unique_marker, wait_for, wait_for_blocking};

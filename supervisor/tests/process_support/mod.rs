@@ -4,7 +4,7 @@
 use std::{path::Path, time::Duration};
 
 use gpuswap::config::ModelConfig;
-use gpuswap_supervisor::{logs::LogBuffer, process::LaunchSpec};
+use gpuswap_supervisor::backend::{LaunchSpec, logs::LogBuffer};
 use serde_json::{Value, json};
 
 /// A model config of `kind` running `command` on 127.0.0.1:`port`; `extra` overrides keys.

@@ -22,7 +22,7 @@ use std::{
 use gpuswap::pb::LogStream;
 use nvml_wrapper::{Nvml, error::NvmlError};
 
-use crate::logs::LogBuffer;
+use super::logs::LogBuffer;
 
 /// The first pause between two looks at the GPU process lists; it doubles up to
 /// [`MAX_PAUSE`]. Memory that is already free costs one look and no pause.

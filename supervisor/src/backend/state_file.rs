@@ -21,7 +21,7 @@ use nix::{
 };
 use serde::{Deserialize, Serialize};
 
-use crate::guard::procfs;
+use super::process_tree;
 
 /// How long cleanup waits for a killed leftover to disappear.
 const CLEANUP_DEADLINE: Duration = Duration::from_secs(10);
@@ -96,7 +96,7 @@ impl StateFile {
         };
         Ok(StateFile {
             path: path.to_owned(),
-            boot_id: ::procfs::sys::kernel::random::boot_id().ok(),
+            boot_id: procfs::sys::kernel::random::boot_id().ok(),
             records: Mutex::new(Records {
                 leftovers: contents.groups,
                 leftovers_boot_id: contents.boot_id,
@@ -131,7 +131,7 @@ impl StateFile {
         };
         let before = group.processes.len();
         for &pid in pids {
-            let Some(stat) = procfs::stat(pid).filter(|s| s.alive()) else {
+            let Some(stat) = process_tree::stat(pid).filter(|s| s.alive()) else {
                 continue;
             };
             let process = ProcessRecord {
@@ -244,7 +244,7 @@ fn leftover_processes(record: &GroupRecord) -> Leftover {
     let mut processes = Vec::new();
     let mut whole_group = false;
     for process in recorded {
-        let Some(stat) = procfs::stat(process.pid) else {
+        let Some(stat) = process_tree::stat(process.pid) else {
             continue;
         };
         if !stat.alive() || stat.starttime != process.starttime {
@@ -254,10 +254,10 @@ fn leftover_processes(record: &GroupRecord) -> Leftover {
         add_new(&mut processes, [process.pid]);
     }
     for pid in processes.clone() {
-        add_new(&mut processes, procfs::descendants(pid));
+        add_new(&mut processes, process_tree::descendants(pid));
     }
     if whole_group {
-        add_new(&mut processes, procfs::group_members(record.pgid));
+        add_new(&mut processes, process_tree::group_members(record.pgid));
     }
     Leftover {
         processes,
@@ -279,7 +279,7 @@ fn end_leftover(record: &GroupRecord) -> Option<String> {
         whole_group,
     } = leftover_processes(record);
     if processes.is_empty() {
-        let strangers = procfs::group_members(record.pgid);
+        let strangers = process_tree::group_members(record.pgid);
         return (!strangers.is_empty()).then(|| {
             format!(
                 "left alone process(es) {strangers:?} in process group {} of model {:?}: none of the recorded processes runs, so the group id may have been reused",
@@ -298,9 +298,9 @@ fn end_leftover(record: &GroupRecord) -> Option<String> {
         if whole_group {
             let _ = killpg(Pid::from_raw(record.pgid), Signal::SIGKILL);
         }
-        processes.retain(|&pid| procfs::alive(pid));
+        processes.retain(|&pid| process_tree::alive(pid));
         if whole_group {
-            add_new(&mut processes, procfs::group_members(record.pgid));
+            add_new(&mut processes, process_tree::group_members(record.pgid));
         }
         if processes.is_empty() {
             return Some(format!(
@@ -347,7 +347,7 @@ mod tests {
     fn a_reused_pid_is_left_alone() {
         // Our own pid with a start time that is not ours: an unrelated process.
         let me = std::process::id() as i32;
-        let real = procfs::stat(me).expect("own stat").starttime;
+        let real = process_tree::stat(me).expect("own stat").starttime;
         let record = GroupRecord {
             model: "m".into(),
             pgid: me,

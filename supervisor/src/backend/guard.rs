@@ -34,6 +34,8 @@ use nix::{
     unistd::{Gid, Pid, Uid, User},
 };
 
+use super::process_tree;
+
 /// The signal the supervisor's death sends to the guard (PR_SET_PDEATHSIG). Catchable on
 /// purpose: the guard must kill the tree before it goes, which SIGKILL would not allow.
 pub const PARENT_DEATH_SIGNAL: Signal = Signal::SIGUSR2;
@@ -313,7 +315,7 @@ fn from_own_tree(pid: i32) -> bool {
         if current <= 1 {
             return false;
         }
-        match procfs::stat(current) {
+        match process_tree::stat(current) {
             Some(stat) => current = stat.ppid,
             // Gone already: not provably ours, so it counts (as it always did).
             None => return false,
@@ -349,15 +351,15 @@ fn signal_tree(signal: Signal) {
     let own_group = nix::unistd::getpgrp();
     // We are in the group too, with the signal blocked: it stays pending and is ignored.
     let _ = killpg(own_group, signal);
-    for pid in procfs::descendants(nix::unistd::getpid().as_raw()) {
-        if procfs::stat(pid).is_some_and(|s| s.pgrp != own_group.as_raw()) {
+    for pid in process_tree::descendants(nix::unistd::getpid().as_raw()) {
+        if process_tree::stat(pid).is_some_and(|s| s.pgrp != own_group.as_raw()) {
             let _ = kill(Pid::from_raw(pid), signal);
         }
     }
 }
 
 fn kill_descendants() {
-    for pid in procfs::descendants(nix::unistd::getpid().as_raw()) {
+    for pid in process_tree::descendants(nix::unistd::getpid().as_raw()) {
         let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
     }
 }
@@ -400,153 +402,6 @@ fn mirror(status: WaitStatus) -> ! {
             std::process::exit(128 + signal as i32)
         }
         _ => std::process::exit(EXIT_CANNOT_START),
-    }
-}
-
-/// Reading process relations from /proc (shared with the supervisor side).
-pub(crate) mod procfs {
-    use std::collections::HashMap;
-
-    /// The fields of /proc/PID/stat that matter here.
-    #[derive(Clone, Copy, Debug)]
-    pub struct Stat {
-        pub ppid: i32,
-        pub pgrp: i32,
-        pub state: char,
-        /// Clock ticks after boot (field 22): tells a pid apart from a reused one.
-        pub starttime: u64,
-    }
-
-    impl Stat {
-        pub fn alive(&self) -> bool {
-            !matches!(self.state, 'Z' | 'X')
-        }
-    }
-
-    pub fn stat(pid: i32) -> Option<Stat> {
-        let text = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-        parse_stat(&text)
-    }
-
-    fn parse_stat(text: &str) -> Option<Stat> {
-        // The command name (field 2) may hold spaces and parentheses: split after the last ')'.
-        let (_, rest) = text.rsplit_once(')')?;
-        let fields: Vec<&str> = rest.split_whitespace().collect();
-        // fields[0] is field 3 (state).
-        Some(Stat {
-            state: fields.first()?.chars().next()?,
-            ppid: fields.get(1)?.parse().ok()?,
-            pgrp: fields.get(2)?.parse().ok()?,
-            starttime: fields.get(19)?.parse().ok()?,
-        })
-    }
-
-    /// True while `pid` exists and is not a zombie.
-    pub fn alive(pid: i32) -> bool {
-        stat(pid).is_some_and(|s| s.alive())
-    }
-
-    /// Every live descendant of `root` (not `root` itself), parents before children.
-    pub fn descendants(root: i32) -> Vec<i32> {
-        let mut found = Vec::new();
-        let mut queue = vec![root];
-        let mut by_parent: Option<HashMap<i32, Vec<i32>>> = None;
-        while let Some(pid) = queue.pop() {
-            let children = match children_of(pid) {
-                Some(children) => children,
-                // No /proc/PID/task/TID/children (CONFIG_PROC_CHILDREN off): scan once.
-                None => by_parent
-                    .get_or_insert_with(parent_map)
-                    .get(&pid)
-                    .cloned()
-                    .unwrap_or_default(),
-            };
-            for child in children {
-                if !found.contains(&child) {
-                    found.push(child);
-                    queue.push(child);
-                }
-            }
-        }
-        found
-    }
-
-    /// The children of `pid` from /proc/PID/task/*/children; None when unsupported.
-    fn children_of(pid: i32) -> Option<Vec<i32>> {
-        let tasks = match std::fs::read_dir(format!("/proc/{pid}/task")) {
-            Ok(tasks) => tasks,
-            // The process is gone: no children.
-            Err(_) => return Some(Vec::new()),
-        };
-        let mut children = Vec::new();
-        for task in tasks.flatten() {
-            match std::fs::read_to_string(task.path().join("children")) {
-                Ok(text) => children.extend(
-                    text.split_whitespace()
-                        .filter_map(|p| p.parse::<i32>().ok()),
-                ),
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound && task.path().exists() => {
-                    return None;
-                }
-                Err(_) => {}
-            }
-        }
-        Some(children)
-    }
-
-    fn parent_map() -> HashMap<i32, Vec<i32>> {
-        let mut map: HashMap<i32, Vec<i32>> = HashMap::new();
-        for pid in all_pids() {
-            if let Some(s) = stat(pid) {
-                map.entry(s.ppid).or_default().push(pid);
-            }
-        }
-        map
-    }
-
-    pub fn all_pids() -> Vec<i32> {
-        std::fs::read_dir("/proc")
-            .map(|entries| {
-                entries
-                    .flatten()
-                    .filter_map(|e| e.file_name().to_str()?.parse().ok())
-                    .collect()
-            })
-            .unwrap_or_default()
-    }
-
-    /// Every live member of the process group `pgid`.
-    pub fn group_members(pgid: i32) -> Vec<i32> {
-        all_pids()
-            .into_iter()
-            .filter(|&pid| stat(pid).is_some_and(|s| s.pgrp == pgid && s.alive()))
-            .collect()
-    }
-
-    #[cfg(test)]
-    mod tests {
-        use super::*;
-
-        #[test]
-        fn parses_a_stat_line_with_odd_names() {
-            let text =
-                "42 (a) b (c)) S 7 42 42 0 -1 4194560 100 0 0 0 1 2 0 0 20 0 1 0 98765 1000 10";
-            let s = parse_stat(text).expect("parse");
-            assert_eq!((s.state, s.ppid, s.pgrp, s.starttime), ('S', 7, 42, 98765));
-        }
-
-        #[test]
-        fn finds_our_own_children() {
-            let mut child = std::process::Command::new("sleep")
-                .arg("30")
-                .spawn()
-                .expect("spawn sleep");
-            let me = std::process::id() as i32;
-            assert!(descendants(me).contains(&(child.id() as i32)));
-            assert_eq!(stat(child.id() as i32).map(|s| s.ppid), Some(me));
-            let _ = child.kill();
-            let _ = child.wait();
-        }
     }
 }
 
