@@ -20,7 +20,7 @@ use crate::{
     cli::{Fault, Flavor},
     errors::ApiError,
     generate::{self, Answer, Endpoint},
-    log,
+    log, sleep,
     state::{Phase, Shared},
 };
 
@@ -40,6 +40,7 @@ pub fn router(shared: Arc<Shared>) -> Router {
         .route("/v1/completions", post(text_completions))
         .route("/v1/embeddings", post(embeddings))
         .merge(crate::extra::routes())
+        .merge(crate::sleep::routes(shared.flavor()))
         .fallback(not_found)
         .layer(middleware::from_fn_with_state(shared.clone(), access_log))
         .with_state(shared)
@@ -89,6 +90,10 @@ fn gate(shared: &Shared, headers: &HeaderMap, need: Need) -> Result<(), ApiError
     if !authorized(shared, headers) {
         return Err(ApiError::unauthorized());
     }
+    // TabbyAPI with its model unloaded answers as if none had been loaded yet.
+    if need == Need::Ready && flavor == Flavor::Tabbyapi && !shared.memory.borrow().serves() {
+        return Err(ApiError::unavailable("No models are currently loaded."));
+    }
     if need == Need::Ready && phase != Phase::Ready {
         let message = match flavor {
             Flavor::Tabbyapi => "No models are currently loaded.",
@@ -104,6 +109,11 @@ fn authorized(shared: &Shared, headers: &HeaderMap) -> bool {
     let Some(key) = shared.args.api_key.as_deref() else {
         return true;
     };
+    // TabbyAPI's admin key passes wherever its API key does.
+    let admin = match shared.flavor() {
+        Flavor::Tabbyapi => shared.args.admin_key.as_deref(),
+        _ => None,
+    };
     let header_text = |name| {
         headers
             .get(name)
@@ -116,7 +126,10 @@ fn authorized(shared: &Shared, headers: &HeaderMap) -> bool {
         Flavor::Tabbyapi => header_text("x-api-key").map(str::trim),
         _ => None,
     };
-    bearer == Some(key) || x_api_key == Some(key)
+    [Some(key), admin]
+        .into_iter()
+        .flatten()
+        .any(|key| bearer == Some(key) || x_api_key == Some(key))
 }
 
 async fn health(State(shared): AppState) -> Response {
@@ -266,6 +279,10 @@ async fn complete(
         Ok(request) => request,
         Err(error) => return error.render(shared.flavor()),
     };
+    if let Err(error) = sleep::before_request(&shared).await {
+        return error.render(shared.flavor());
+    }
+    let in_flight = sleep::InFlight::start(&shared);
     let mut answer = Answer::new(&shared, request);
     answer.echo_traceparent(
         headers
@@ -273,7 +290,7 @@ async fn complete(
             .and_then(|value| value.to_str().ok()),
     );
     if answer.request.stream {
-        return stream(shared, answer);
+        return stream(shared, answer, in_flight);
     }
     let interval = shared.args.token_interval();
     let tokens = answer.request.max_tokens;
@@ -289,9 +306,12 @@ async fn complete(
 
 /// Streams the answer as SSE, written byte for byte: TabbyAPI's CRLF line
 /// endings and `: ping` comment included.
-fn stream(shared: Arc<Shared>, answer: Answer) -> Response {
+fn stream(shared: Arc<Shared>, answer: Answer, in_flight: sleep::InFlight) -> Response {
     let (sender, receiver) = mpsc::channel::<Result<Bytes, Infallible>>(4);
-    tokio::spawn(produce_stream(shared.clone(), answer, sender));
+    tokio::spawn(async move {
+        produce_stream(shared, answer, sender).await;
+        drop(in_flight);
+    });
     Response::builder()
         .status(StatusCode::OK)
         .header(header::CONTENT_TYPE, "text/event-stream; charset=utf-8")
@@ -374,6 +394,9 @@ async fn embeddings(State(shared): AppState, headers: HeaderMap, body: Bytes) ->
         Ok(value) => value,
         Err(error) => return error.render(shared.flavor()),
     };
+    if let Err(error) = sleep::before_request(&shared).await {
+        return error.render(shared.flavor());
+    }
     let inputs: Vec<String> = match value.get("input") {
         Some(Value::String(text)) => vec![text.clone()],
         Some(Value::Array(items)) if !items.is_empty() => items

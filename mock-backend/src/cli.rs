@@ -26,6 +26,13 @@ pub enum Fault {
     IgnoreSigterm,
     Flood(u64),
     ExitAfterReady,
+    /// The sleep request answers 500 and the server stays awake.
+    SleepFails,
+    /// The wake request fails (500; TabbyAPI: an error event in its load stream) and the
+    /// server stays asleep.
+    WakeFails,
+    /// A sleep says it succeeded but frees no GPU memory.
+    SleepKeepsMemory,
 }
 
 impl FromStr for Fault {
@@ -38,9 +45,13 @@ impl FromStr for Fault {
                 "never-ready" => Ok(Self::NeverReady),
                 "ignore-sigterm" => Ok(Self::IgnoreSigterm),
                 "exit-after-ready" => Ok(Self::ExitAfterReady),
+                "sleep-fails" => Ok(Self::SleepFails),
+                "wake-fails" => Ok(Self::WakeFails),
+                "sleep-keeps-memory" => Ok(Self::SleepKeepsMemory),
                 _ => Err(format!(
                     "unknown fault {text:?}: expected exit-during-load, never-ready, \
-                     crash-after:N, hang-up:N, ignore-sigterm, flood:BYTES or exit-after-ready"
+                     crash-after:N, hang-up:N, ignore-sigterm, flood:BYTES, exit-after-ready, \
+                     sleep-fails, wake-fails or sleep-keeps-memory"
                 )),
             },
             Some(("crash-after", n)) => n
@@ -58,7 +69,7 @@ impl FromStr for Fault {
 }
 
 /// `1000`, `64K`/`64KiB`, `3M`/`3MiB`, `1G`/`1GiB` (binary multiples).
-fn parse_bytes(text: &str) -> Result<u64, String> {
+pub fn parse_bytes(text: &str) -> Result<u64, String> {
     let digits_end = text
         .find(|c: char| !c.is_ascii_digit())
         .unwrap_or(text.len());
@@ -127,6 +138,42 @@ pub struct Args {
     /// from the page cache is measurably faster than one from disk.
     #[arg(long)]
     pub load_file: Option<std::path::PathBuf>,
+    /// vLLM: a sleep really frees the GPU memory. Without it `/sleep` still answers 200 and
+    /// `/is_sleeping` says true, but nothing is freed (vLLM on CPU does that). Its sleep routes
+    /// exist only with the environment variable VLLM_SERVER_DEV_MODE=1, as in vLLM.
+    #[arg(long)]
+    pub enable_sleep_mode: bool,
+    /// SGLang: `/release_memory_occupation` really frees the GPU memory (without it, nothing).
+    #[arg(long)]
+    pub enable_memory_saver: bool,
+    /// SGLang: released weights are kept in host RAM; without it they are lost until
+    /// `/update_weights_from_disk` reloads them.
+    #[arg(long)]
+    pub enable_weights_cpu_backup: bool,
+    /// TabbyAPI's admin key, needed by `/v1/model/load` and `/v1/model/unload` (it also passes
+    /// where the API key does); default: --api-key.
+    #[arg(long)]
+    pub admin_key: Option<String>,
+    /// llama-server: after this many seconds without a request the weights are dropped; the
+    /// next request reloads them (-1: never).
+    #[arg(long, default_value_t = -1, allow_negative_numbers = true)]
+    pub sleep_idle_seconds: i64,
+    /// How long putting the model to sleep takes (default: --load-time / 40).
+    #[arg(long, value_parser = humantime::parse_duration)]
+    pub sleep_time: Option<Duration>,
+    /// How long a wake takes when the weights stayed in host RAM (default: --load-time / 20).
+    /// Weights that were dropped take --load-time to reload.
+    #[arg(long, value_parser = humantime::parse_duration)]
+    pub wake_time: Option<Duration>,
+    /// The "GPU memory" the loaded model holds (`16G`, `512M`), reported by
+    /// `GET /gpuswap_mock/memory` (and --gpu-memory-file): its weights are half, its KV cache
+    /// the other half, and a sleep frees what it releases.
+    #[arg(long, default_value = "16G", value_parser = parse_bytes)]
+    pub gpu_memory: u64,
+    /// A file rewritten (atomically) with `{"pid", "gpu_memory_bytes", "host_memory_bytes",
+    /// "asleep"}` whenever they change, for a test that stands in for NVML.
+    #[arg(long)]
+    pub gpu_memory_file: Option<std::path::PathBuf>,
 }
 
 impl Args {
@@ -142,6 +189,14 @@ impl Args {
             Flavor::Sglang => 1,
             _ => 0,
         })
+    }
+
+    pub fn sleep_time(&self) -> Duration {
+        self.sleep_time.unwrap_or(self.load_time / 40)
+    }
+
+    pub fn wake_time(&self) -> Duration {
+        self.wake_time.unwrap_or(self.load_time / 20)
     }
 
     pub fn has_fault(&self, wanted: Fault) -> bool {
@@ -200,6 +255,8 @@ mod tests {
     fn faults_parse() {
         assert_eq!("never-ready".parse(), Ok(Fault::NeverReady));
         assert_eq!("exit-after-ready".parse(), Ok(Fault::ExitAfterReady));
+        assert_eq!("wake-fails".parse(), Ok(Fault::WakeFails));
+        assert_eq!("sleep-keeps-memory".parse(), Ok(Fault::SleepKeepsMemory));
         assert_eq!("crash-after:7".parse(), Ok(Fault::CrashAfter(7)));
         assert_eq!("hang-up:2".parse(), Ok(Fault::HangUp(2)));
         assert_eq!("flood:3M".parse(), Ok(Fault::Flood(3 << 20)));

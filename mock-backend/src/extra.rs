@@ -38,6 +38,7 @@ async fn props(State(shared): AppState) -> Json<Value> {
         "model_alias": shared.model(),
         "total_slots": 1,
         "role": "model",
+        "is_sleeping": shared.memory.borrow().asleep(),
     }))
 }
 

@@ -277,6 +277,10 @@ impl Startup {
 
     fn become_ready(&self, ready_line: &str) {
         self.shared.set_phase(Phase::Ready);
+        crate::sleep::publish(&self.shared);
+        if self.shared.flavor() == Flavor::LlamaServer {
+            crate::sleep::watch_idle(self.shared.clone());
+        }
         log::out(ready_line);
         if let Some(extra) = &self.args().ready_log_line {
             log::out(extra);
@@ -334,7 +338,7 @@ impl Startup {
 }
 
 /// Reads `path` to the end (the bytes are dropped) and says how many there were.
-fn read_whole(path: &std::path::Path) -> std::io::Result<u64> {
+pub(crate) fn read_whole(path: &std::path::Path) -> std::io::Result<u64> {
     let mut file = std::fs::File::open(path)?;
     std::io::copy(&mut file, &mut std::io::sink())
 }

@@ -11,6 +11,7 @@ mod flood;
 mod generate;
 mod lifecycle;
 mod log;
+mod sleep;
 mod state;
 mod workers;
 

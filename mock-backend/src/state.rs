@@ -23,6 +23,16 @@ pub struct Shared {
     request_seq: AtomicU64,
     /// Completion requests read so far (for the `hang-up:N` fault).
     completions: AtomicU64,
+    /// What of the model's GPU memory a sleep released (see `sleep.rs`).
+    pub memory: tokio::sync::watch::Sender<crate::sleep::Memory>,
+    /// Completion requests being answered now.
+    pub in_flight: AtomicU64,
+    /// Milliseconds since `started` of the last completion request's start or end
+    /// (llama-server's idle sleep counts from it).
+    pub last_activity_ms: AtomicU64,
+    pub started: std::time::Instant,
+    /// One sleep or wake at a time.
+    pub transition: tokio::sync::Mutex<()>,
 }
 
 impl Shared {
@@ -35,6 +45,11 @@ impl Shared {
             port: AtomicU16::new(port),
             request_seq: AtomicU64::new(0),
             completions: AtomicU64::new(0),
+            memory: tokio::sync::watch::Sender::new(crate::sleep::Memory::default()),
+            in_flight: AtomicU64::new(0),
+            last_activity_ms: AtomicU64::new(0),
+            started: std::time::Instant::now(),
+            transition: tokio::sync::Mutex::new(()),
         }
     }
 

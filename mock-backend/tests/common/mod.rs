@@ -43,6 +43,15 @@ impl Mock {
     }
 
     pub fn start_on(flavor: &str, port: u16, extra: &[&str]) -> Self {
+        Self::spawn(flavor, port, extra, &[])
+    }
+
+    /// With environment variables set (vLLM's VLLM_SERVER_DEV_MODE).
+    pub fn start_with_env(flavor: &str, extra: &[&str], env: &[(&str, &str)]) -> Self {
+        Self::spawn(flavor, testkit::free_port(), extra, env)
+    }
+
+    fn spawn(flavor: &str, port: u16, extra: &[&str], env: &[(&str, &str)]) -> Self {
         let model = format!("mock-{flavor}-model");
         let marker = testkit::unique_marker(flavor);
         let mut command = Command::new(env!("CARGO_BIN_EXE_gpuswap-mock-backend"));
@@ -56,6 +65,7 @@ impl Mock {
                 &model,
             ])
             .args(extra)
+            .envs(env.iter().copied())
             .env(MARKER_ENV, &marker)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
