@@ -149,6 +149,9 @@ pub enum EventKind {
     Progress { phase: &'static str, text: String },
     /// A reload removed the model.
     Removed,
+    /// The GPUs' memory changed (the new figures are in [`CatalogHandle::gpus`]); `model` is
+    /// empty.
+    Gpus,
 }
 
 /// Events kept for a slow subscriber before it misses some (it then gets a fresh snapshot).
@@ -249,6 +252,7 @@ async fn follow_once(
         match event {
             pb::watch_event::Event::Snapshot(snapshot) => {
                 catalog.gpus.store(Arc::new(snapshot.gpus));
+                catalog.publish("".into(), EventKind::Gpus);
                 let catalog_new =
                     Catalog::from_models(snapshot.models.into_iter().map(ModelInfo::from_status));
                 *backoff = BACKOFF_MIN;
@@ -274,7 +278,10 @@ async fn follow_once(
                     catalog.publish(name, EventKind::Status(Arc::clone(model)));
                 }
             }
-            pb::watch_event::Event::Gpus(memory) => catalog.gpus.store(Arc::new(memory.gpus)),
+            pb::watch_event::Event::Gpus(memory) => {
+                catalog.gpus.store(Arc::new(memory.gpus));
+                catalog.publish("".into(), EventKind::Gpus);
+            }
             pb::watch_event::Event::Removed(name) => {
                 let next = catalog.current.load().without(&name);
                 catalog.current.store(Arc::new(next));

@@ -153,11 +153,45 @@ pub fn model_json(gateway: &Gateway, model: &ModelInfo) -> Value {
         "holders": s.holders,
         "last_startup_ms": s.last_startup_ms,
         "idle_ttl_ms": s.idle_ttl_ms,
+        "vram_bytes": s.vram_bytes,
+        "pinned": s.pinned,
+        "last_used_ms": s.last_used_ms,
         "queued": counts.queued,
         "in_flight": counts.in_flight,
         "generated_tokens": counts.generated_tokens,
         "tokens_per_second": gateway.token_rates.rate(&model.name),
     })
+}
+
+/// The memory of each GPU as the supervisor last reported it: `capacity_bytes` (configured
+/// or NVML's total), `reserved_bytes` (the vram of gpuswap's live models on it), `used_bytes`
+/// (NVML's; null without NVML), `free_bytes` (what another model could still take: the
+/// capacity less the larger of reserved and used) and the live models on it that `grant`
+/// may see.
+pub fn gpus_json(gateway: &Gateway, grant: &Grant) -> Vec<Value> {
+    let catalog = gateway.catalog.load();
+    gateway
+        .catalog
+        .gpus()
+        .iter()
+        .map(|gpu| {
+            let taken = gpu.reserved_bytes.max(gpu.used_bytes.unwrap_or(0));
+            let models: Vec<&str> = gpu
+                .models
+                .iter()
+                .filter(|name| catalog.resolve(name).is_some_and(|m| grant.allows(m)))
+                .map(String::as_str)
+                .collect();
+            json!({
+                "index": gpu.index,
+                "capacity_bytes": gpu.capacity_bytes,
+                "reserved_bytes": gpu.reserved_bytes,
+                "used_bytes": gpu.used_bytes,
+                "free_bytes": gpu.capacity_bytes.map(|c| c.saturating_sub(taken)),
+                "models": models,
+            })
+        })
+        .collect()
 }
 
 fn status_json(gateway: &Gateway, grant: &Grant, admin: bool) -> Value {
@@ -178,6 +212,7 @@ fn status_json(gateway: &Gateway, grant: &Grant, admin: bool) -> Value {
         },
         "admin": admin,
         "models": models,
+        "gpus": gpus_json(gateway, grant),
         "swaps": gateway.swaps.recent(grant),
     })
 }
@@ -233,6 +268,8 @@ fn grant_events(
                     Ok(Ok(event)) => {
                         let visible = match &event.kind {
                             EventKind::Status(model) => grant.allows(model),
+                            // Rendered per grant (names of hidden models left out).
+                            EventKind::Gpus => true,
                             _ => gateway
                                 .catalog
                                 .load()
@@ -275,6 +312,7 @@ async fn api_events(
                 &json!({ "model": &*event.model, "phase": phase, "text": text }),
             ),
             EventKind::Removed => sse_event("removed", &json!({ "model": &*event.model })),
+            EventKind::Gpus => sse_event("gpus", &json!({ "gpus": gpus_json(&g, &grant2) })),
         },
     });
     sse_response(stream::once(async move { first }).chain(rest))
@@ -490,6 +528,37 @@ fn router_ok() -> Response {
     json_response(StatusCode::OK, Bytes::from_static(br#"{"success":true}"#))
 }
 
+/// Whether a backend runs (or is starting) for the model: what the router API calls running.
+fn router_running(model: &ModelInfo) -> bool {
+    matches!(
+        model.state,
+        pb::ModelState::Ready | pb::ModelState::Starting
+    )
+}
+
+/// The model a router API action (`/models/load`, `/models/unload`) names, once the caller
+/// proved it may administer; else the answer to send. llama-server answers an unknown model
+/// with `unknown_status` (404 on load, 400 on unload). (The answer is boxed: a `Response` is
+/// large for an `Err`.)
+fn router_target(
+    gateway: &Gateway,
+    peer: Option<Extension<Peer>>,
+    headers: &HeaderMap,
+    body: Option<Json<RouterModel>>,
+    unknown_status: StatusCode,
+) -> Result<Arc<ModelInfo>, Box<Response>> {
+    let grant = admit_admin(gateway, headers, peer).map_err(|e| Box::new(e.into_response()))?;
+    let name = body.map(|Json(b)| b.model).unwrap_or_default();
+    visible_model(gateway, &grant, &name).map_err(|_| {
+        let kind = if unknown_status == StatusCode::NOT_FOUND {
+            "not_found_error"
+        } else {
+            "invalid_request_error"
+        };
+        Box::new(router_error(unknown_status, kind, "model is not found"))
+    })
+}
+
 /// `POST /models/load {"model"}` (admin): `{"success": true}` once the load started.
 async fn router_load(
     State(gateway): State<Arc<Gateway>>,
@@ -497,22 +566,11 @@ async fn router_load(
     headers: HeaderMap,
     body: Option<Json<RouterModel>>,
 ) -> Response {
-    let grant = match admit_admin(&gateway, &headers, peer) {
-        Ok(g) => g,
-        Err(e) => return e.into_response(),
+    let model = match router_target(&gateway, peer, &headers, body, StatusCode::NOT_FOUND) {
+        Ok(model) => model,
+        Err(answer) => return *answer,
     };
-    let name = body.map(|Json(b)| b.model).unwrap_or_default();
-    let Ok(model) = visible_model(&gateway, &grant, &name) else {
-        return router_error(
-            StatusCode::NOT_FOUND,
-            "not_found_error",
-            "model is not found",
-        );
-    };
-    if matches!(
-        model.state,
-        pb::ModelState::Ready | pb::ModelState::Starting
-    ) {
+    if router_running(&model) {
         return router_error(
             StatusCode::BAD_REQUEST,
             "invalid_request_error",
@@ -530,22 +588,11 @@ async fn router_unload(
     headers: HeaderMap,
     body: Option<Json<RouterModel>>,
 ) -> Response {
-    let grant = match admit_admin(&gateway, &headers, peer) {
-        Ok(g) => g,
-        Err(e) => return e.into_response(),
+    let model = match router_target(&gateway, peer, &headers, body, StatusCode::BAD_REQUEST) {
+        Ok(model) => model,
+        Err(answer) => return *answer,
     };
-    let name = body.map(|Json(b)| b.model).unwrap_or_default();
-    let Ok(model) = visible_model(&gateway, &grant, &name) else {
-        return router_error(
-            StatusCode::BAD_REQUEST,
-            "invalid_request_error",
-            "model is not found",
-        );
-    };
-    if !matches!(
-        model.state,
-        pb::ModelState::Ready | pb::ModelState::Starting
-    ) {
+    if !router_running(&model) {
         return router_error(
             StatusCode::BAD_REQUEST,
             "invalid_request_error",
@@ -763,6 +810,7 @@ impl Swaps {
                 EventKind::Removed => {
                     open.remove(&event.model);
                 }
+                EventKind::Gpus => {}
             }
         }
     }

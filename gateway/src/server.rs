@@ -108,21 +108,8 @@ pub async fn list_models(State(gateway): State<Arc<Gateway>>, headers: HeaderMap
             ));
         }
     }
-    let gpus: Vec<serde_json::Value> = gateway
-        .catalog
-        .gpus()
-        .iter()
-        .map(|gpu| {
-            json!({
-                "index": gpu.index,
-                "capacity_bytes": gpu.capacity_bytes,
-                "reserved_bytes": gpu.reserved_bytes,
-                "used_bytes": gpu.used_bytes,
-                "models": gpu.models,
-            })
-        })
-        .collect();
     // The GPUs' memory next to the OpenAI list (clients ignore what they do not know).
+    let gpus = operator::gpus_json(&gateway, &grant);
     let body = json!({ "object": "list", "data": data, "gpuswap": { "gpus": gpus } });
     json_response(StatusCode::OK, body.to_string().into())
 }

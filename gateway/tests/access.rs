@@ -40,6 +40,22 @@ fn ids(text: &str) -> Vec<String> {
     ids
 }
 
+/// The models the GPU memory of a `/v1/models` or `/api/status` answer names on GPU 0.
+fn gpu0_models(text: &str) -> Vec<String> {
+    let body = testkit::json(text);
+    let gpus = body
+        .pointer("/gpuswap/gpus")
+        .or_else(|| body.pointer("/gpus"))
+        .unwrap_or_else(|| panic!("no gpus: {text}"));
+    gpus.as_array()
+        .into_iter()
+        .flatten()
+        .filter(|gpu| gpu["index"] == 0)
+        .flat_map(|gpu| gpu["models"].as_array().cloned().unwrap_or_default())
+        .map(|name| name.as_str().unwrap_or_default().to_owned())
+        .collect()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_key_sees_and_uses_only_its_models_and_is_never_logged() {
     let keys = testkit::short_tempdir();
@@ -53,8 +69,10 @@ async fn a_key_sees_and_uses_only_its_models_and_is_never_logged() {
             "keys.bob = {{ key_file = \"{}\", models = [\"b\"] }}",
             bob_file.display()
         ))
-        .model(Model::new("alpha").alias("a"))
-        .model(Model::new("beta").alias("b"))
+        // Both fit on GPU 0 together: its memory then names them both.
+        .supervisor("gpu_memory = \"96GiB\"")
+        .model(Model::new("alpha").alias("a").toml("vram = \"40GiB\""))
+        .model(Model::new("beta").alias("b").toml("vram = \"40GiB\""))
         .start()
         .await;
     let alice = Some(("authorization", "Bearer alice-secret"));
@@ -135,6 +153,21 @@ async fn a_key_sees_and_uses_only_its_models_and_is_never_logged() {
     )
     .await;
     assert_eq!(s, 401, "{t}");
+
+    // The GPUs' memory names only the models the key may see.
+    let admin = Some(("authorization", "Bearer admin-secret"));
+    testkit::wait_for("both models on GPU 0", testkit::DEADLINE, || async {
+        let (_, t) = call(&stack, "/v1/models", admin, None).await;
+        (gpu0_models(&t) == ["alpha", "beta"]).then_some(())
+    })
+    .await;
+    for (key, own) in [(alice, "alpha"), (bob, "beta")] {
+        for path in ["/v1/models", "/api/status"] {
+            let (s, t) = call(&stack, path, key, None).await;
+            assert_eq!(s, 200, "{t}");
+            assert_eq!(gpu0_models(&t), [own], "{path}: {t}");
+        }
+    }
 
     let logs = stack.logs();
     for secret in [

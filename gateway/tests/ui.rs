@@ -3,7 +3,7 @@
 //!
 //! Without chromedriver the test fails (CI installs it); `GPUSWAP_SKIP_BROWSER=1` skips it
 //! on a machine without a browser. `GPUSWAP_UI_SCREENSHOT=PATH` saves a screenshot of the
-//! page with a model ready and its log shown (docs/status-page.png is one).
+//! page with a model ready, the GPUs' memory and its log shown (docs/status-page.png is one).
 
 mod common;
 
@@ -207,6 +207,27 @@ fn state_of(model: &str) -> String {
     )
 }
 
+/// A script that returns null until the GPU `index` row shows `want` (total, reserved by
+/// models, models on it) and a free figure of total less reserved when there is no NVML
+/// (with NVML, the real use counts too); then true.
+fn gpu_row_is(index: u32, total: &str, reserved: &str, free: &str, models: &str) -> String {
+    format!(
+        "const r = document.querySelector('#gpus tr[data-gpu=\"{index}\"]'); \
+         if (!r) return null; \
+         const cell = (c) => r.querySelector('.' + c).textContent; \
+         const freeOk = cell('used') !== 'no NVML' || cell('free') === '{free}'; \
+         return cell('total') === '{total}' && cell('reserved') === '{reserved}' \
+           && cell('models') === '{models}' && freeOk"
+    )
+}
+
+fn memory_of(model: &str) -> String {
+    format!(
+        "const c = document.querySelector('tr[data-model=\"{model}\"] .memory'); \
+         return c && [c.firstChild.textContent, !!c.querySelector('.pinned')]"
+    )
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_page_loads_follows_and_unloads_a_model_live() {
     if std::env::var_os("GPUSWAP_SKIP_BROWSER").is_some() {
@@ -214,8 +235,20 @@ async fn the_page_loads_follows_and_unloads_a_model_live() {
         return;
     }
     let stack = Stack::builder("ui")
-        .model(Model::new("llama-70b").alias("llama").load_time("2s"))
-        .model(Model::new("qwen-32b").alias("qwen"))
+        // Two GPUs of known size: the page shows their memory before any model runs.
+        .supervisor(r#"gpu_memory = { "0" = "96GiB", "1" = "48GiB" }"#)
+        .model(
+            Model::new("llama-70b")
+                .alias("llama")
+                .load_time("2s")
+                .toml(r#"vram = "70GiB""#),
+        )
+        .model(
+            Model::new("qwen-32b")
+                .alias("qwen")
+                .toml(r#"vram = "32GiB""#)
+                .toml("pinned = true"),
+        )
         .model(Model::new("mistral-small").gpus(&[1]))
         .start()
         .await;
@@ -227,6 +260,25 @@ async fn the_page_loads_follows_and_unloads_a_model_live() {
             .await;
         assert_eq!(state, "stopped", "{model}");
     }
+    for (model, memory) in [
+        ("llama-70b", json!(["70 GiB", false])),
+        ("qwen-32b", json!(["32 GiB", true])),
+        ("mistral-small", json!(["whole GPU", false])),
+    ] {
+        assert_eq!(browser.run(&memory_of(model)).await, memory, "{model}");
+    }
+    browser
+        .wait(
+            "GPU 0's memory, all free",
+            &gpu_row_is(0, "96 GiB", "0 GiB", "96 GiB", ""),
+        )
+        .await;
+    browser
+        .wait(
+            "GPU 1's memory, all free",
+            &gpu_row_is(1, "48 GiB", "0 GiB", "48 GiB", ""),
+        )
+        .await;
     // Set in the page: still there at the end proves the page never reloaded.
     browser
         .run("window.gpuswapTestMarker = 42; return true")
@@ -249,6 +301,12 @@ async fn the_page_loads_follows_and_unloads_a_model_live() {
     );
     browser
         .wait("llama-70b ready", &state_is("llama-70b", "ready"))
+        .await;
+    browser
+        .wait(
+            "GPU 0 with llama-70b's 70 GiB reserved",
+            &gpu_row_is(0, "96 GiB", "70 GiB", "26 GiB", "llama-70b"),
+        )
         .await;
 
     browser
@@ -280,6 +338,12 @@ async fn the_page_loads_follows_and_unloads_a_model_live() {
         .await;
     browser
         .wait("llama-70b stopped", &state_is("llama-70b", "stopped"))
+        .await;
+    browser
+        .wait(
+            "GPU 0's memory free again",
+            &gpu_row_is(0, "96 GiB", "0 GiB", "96 GiB", ""),
+        )
         .await;
     assert_eq!(browser.run("return window.gpuswapTestMarker").await, 42);
     assert_eq!(stack.starts(), ["llama-70b"]);

@@ -2,7 +2,7 @@
 // JSON and SSE API; fetch() streams the SSE so that the API key can go in a header.
 "use strict";
 
-const state = { models: new Map(), progress: new Map(), swaps: [], admin: false, logModel: null, logAbort: null };
+const state = { models: new Map(), progress: new Map(), swaps: [], gpus: [], admin: false, logModel: null, logAbort: null };
 
 function key() { return localStorage.getItem("gpuswap-key") || ""; }
 function headers() { const k = key(); return k ? { Authorization: "Bearer " + k } : {}; }
@@ -22,6 +22,12 @@ function duration(ms) {
   if (s < 60) return s + " s";
   if (s < 3600) return Math.floor(s / 60) + " min " + (s % 60) + " s";
   return Math.floor(s / 3600) + " h " + Math.floor((s % 3600) / 60) + " min";
+}
+
+function bytes(n) {
+  const gib = n / 2 ** 30;
+  if (gib >= 1 || n === 0) return (Number.isInteger(gib) ? gib : gib.toFixed(1)) + " GiB";
+  return Math.round(n / 2 ** 20) + " MiB";
 }
 
 function message(text) {
@@ -88,6 +94,9 @@ function renderModel(m) {
     stateCell,
     el("td", {}, m.kind),
     el("td", {}, m.gpus.length ? m.gpus.join(", ") : "all"),
+    // vram is per GPU; a model without it reserves its GPUs whole.
+    el("td", { class: "memory" }, m.vram_bytes != null ? bytes(m.vram_bytes) : "whole GPU",
+      m.pinned ? el("span", { class: "pinned", title: "never stopped to make room for another model" }, "pinned") : null),
     el("td", {}, String(m.holders)),
     el("td", {}, String(m.in_flight)),
     el("td", {}, String(m.queued)),
@@ -108,6 +117,23 @@ function renderSwaps() {
   )));
 }
 
+function renderGpus() {
+  document.getElementById("gpu-section").hidden = state.gpus.length === 0;
+  document.querySelector("#gpus tbody").replaceChildren(...state.gpus.map((g) => {
+    const capacity = g.capacity_bytes;
+    const taken = Math.max(g.reserved_bytes, g.used_bytes || 0);
+    const bar = capacity ? el("div", { class: "bar" }, el("div", { style: `width:${Math.min(100, Math.round((100 * taken) / capacity))}%` })) : null;
+    return el("tr", { "data-gpu": String(g.index) },
+      el("td", {}, "GPU " + g.index),
+      el("td", { class: "total" }, capacity != null ? bytes(capacity) : "unknown"),
+      el("td", { class: "reserved" }, bytes(g.reserved_bytes)),
+      el("td", { class: "used" }, g.used_bytes != null ? bytes(g.used_bytes) : "no NVML"),
+      el("td", { class: "free" }, g.free_bytes != null ? bytes(g.free_bytes) : "", bar),
+      el("td", { class: "models" }, g.models.join(", ")),
+    );
+  }));
+}
+
 function snapshot(status) {
   state.admin = status.admin;
   state.swaps = status.swaps;
@@ -116,6 +142,8 @@ function snapshot(status) {
   document.querySelector("#models tbody").replaceChildren();
   state.models = new Map(status.models.map((m) => [m.id, m]));
   for (const m of status.models) renderModel(m);
+  state.gpus = status.gpus;
+  renderGpus();
   renderSwaps();
 }
 
@@ -136,6 +164,9 @@ function onEvent(name, data) {
     state.progress.set(data.model, p);
     const m = state.models.get(data.model);
     if (m) renderModel(m);
+  } else if (name === "gpus") {
+    state.gpus = data.gpus;
+    renderGpus();
   } else if (name === "removed") {
     state.models.delete(data.model);
     const row = document.querySelector(`#models tr[data-model="${CSS.escape(data.model)}"]`);
