@@ -1,7 +1,8 @@
 //! The one configuration file shared by the supervisor and the gateway.
 //!
 //! Layers: built-in defaults, then the TOML file, then `GPUSWAP__SECTION__KEY`
-//! environment overrides (then each binary's flags), then [`Config::validate`].
+//! environment overrides, then the daemon's flags ([`Flags`]), then [`Config::validate`]:
+//! [`ConfigLoader`] does it all, at start and again on every reload.
 //! Unknown keys are refused, and every error names the model and the key.
 
 use std::{
@@ -9,6 +10,7 @@ use std::{
     fmt,
     net::{IpAddr, Ipv4Addr, Ipv6Addr},
     path::PathBuf,
+    str::FromStr,
     time::Duration,
 };
 
@@ -554,10 +556,59 @@ fn default_discovery_prefix() -> String {
 #[derive(Clone, Debug, Default, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct TelemetryConfig {
-    /// `json` or `text` (default: text).
-    pub log_format: Option<String>,
+    /// None: `GPUSWAP_LOG_FORMAT`, else text.
+    pub log_format: Option<LogFormat>,
     /// OTLP/gRPC endpoint for traces; `OTEL_EXPORTER_OTLP_ENDPOINT` also works.
     pub otlp_endpoint: Option<String>,
+}
+
+/// How a daemon writes its log lines on stderr (`[telemetry] log_format`, `--log-format`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum LogFormat {
+    #[default]
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+impl LogFormat {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            LogFormat::Text => "text",
+            LogFormat::Json => "json",
+        }
+    }
+}
+
+impl fmt::Display for LogFormat {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("{0:?} is not a log format (expected \"text\" or \"json\")")]
+pub struct UnknownLogFormat(String);
+
+/// Either case ("JSON" too), as the environment variable always took it.
+impl FromStr for LogFormat {
+    type Err = UnknownLogFormat;
+
+    fn from_str(text: &str) -> Result<Self, Self::Err> {
+        match text.trim().to_ascii_lowercase().as_str() {
+            "text" => Ok(LogFormat::Text),
+            "json" => Ok(LogFormat::Json),
+            _ => Err(UnknownLogFormat(text.to_owned())),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for LogFormat {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        String::deserialize(d)?
+            .parse()
+            .map_err(serde::de::Error::custom)
+    }
 }
 
 /// What kind of server a backend is: it decides how readiness is probed.
@@ -1087,9 +1138,95 @@ fn cuda_device_indices(value: &str) -> Option<BTreeSet<u32>> {
         .collect()
 }
 
+/// A daemon's command-line flags: the last layer, above the file and the environment. They
+/// are applied before [`Config::validate`], so a flag is checked like the key it sets (an
+/// error names both), and again on every reload, so a flag is kept.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Flags {
+    /// gpuswap-supervisor's `--listen`: `supervisor.listen`.
+    pub supervisor_listen: Option<String>,
+    /// gpuswap-gateway's `--listen`: `gateway.listen`.
+    pub gateway_listen: Option<String>,
+    /// gpuswap-epp's `--listen`: `epp.listen`.
+    pub epp_listen: Option<String>,
+    /// `--log-format`: `telemetry.log_format`.
+    pub log_format: Option<LogFormat>,
+}
+
+impl Flags {
+    /// Sets the keys that flags were given for; returns each key with its flag.
+    fn apply(&self, config: &mut Config) -> Vec<(&'static str, &'static str)> {
+        let mut set = Vec::new();
+        let mut listen = |flag: &Option<String>, key, field: &mut String| {
+            if let Some(value) = flag {
+                field.clone_from(value);
+                set.push((key, "--listen"));
+            }
+        };
+        listen(
+            &self.supervisor_listen,
+            "supervisor.listen",
+            &mut config.supervisor.listen,
+        );
+        listen(
+            &self.gateway_listen,
+            "gateway.listen",
+            &mut config.gateway.listen,
+        );
+        listen(&self.epp_listen, "epp.listen", &mut config.epp.listen);
+        if let Some(format) = self.log_format {
+            config.telemetry.log_format = Some(format);
+            set.push(("telemetry.log_format", "--log-format"));
+        }
+        set
+    }
+}
+
+/// Where a daemon's configuration comes from: its file and its flags. A daemon that reloads
+/// keeps it, so that the reloaded file gets the same flags on top.
+#[derive(Clone, Debug)]
+pub struct ConfigLoader {
+    pub path: PathBuf,
+    pub flags: Flags,
+}
+
+impl ConfigLoader {
+    pub fn new(path: impl Into<PathBuf>, flags: Flags) -> Self {
+        Self {
+            path: path.into(),
+            flags,
+        }
+    }
+
+    /// Defaults, the file, `GPUSWAP__*` environment overrides, the flags; then validates.
+    pub fn load(&self) -> Result<Config, ConfigError> {
+        let mut config = Config::read(&self.path)?;
+        let flagged = self.flags.apply(&mut config);
+        config.validate().map_err(|error| match error {
+            ConfigError::Invalid { key, message } => {
+                match flagged.iter().find(|(flagged, _)| *flagged == key) {
+                    Some((_, flag)) => ConfigError::Invalid {
+                        key: format!("{key} (set by {flag})"),
+                        message,
+                    },
+                    None => ConfigError::Invalid { key, message },
+                }
+            }
+            other => other,
+        })?;
+        Ok(config)
+    }
+}
+
 impl Config {
-    /// Loads defaults, then `path`, then `GPUSWAP__*` environment overrides, and validates.
+    /// Loads defaults, then `path`, then `GPUSWAP__*` environment overrides, and validates
+    /// (a daemon's flags too: [`ConfigLoader`]).
     pub fn load(path: &std::path::Path) -> Result<Self, ConfigError> {
+        ConfigLoader::new(path, Flags::default()).load()
+    }
+
+    /// The layers below the flags, not validated.
+    fn read(path: &std::path::Path) -> Result<Self, ConfigError> {
         let load_err = |message: String| ConfigError::Load {
             path: path.to_owned(),
             message,
@@ -1114,11 +1251,9 @@ impl Config {
             )
             .build()
             .map_err(|e| load_err(e.to_string()))?;
-        let config: Config = layered
+        layered
             .try_deserialize()
-            .map_err(|e| load_err(e.to_string()))?;
-        config.validate()?;
-        Ok(config)
+            .map_err(|e| load_err(e.to_string()))
     }
 
     /// Parses TOML text alone (no environment), then validates.
@@ -1768,6 +1903,63 @@ gpus = [1]
 
     fn error_of(text: &str) -> String {
         Config::from_toml(text).unwrap_err().to_string()
+    }
+
+    #[test]
+    fn log_formats_parse_in_either_case_and_bad_ones_name_the_key() {
+        assert_eq!("JSON".parse::<LogFormat>().unwrap(), LogFormat::Json);
+        assert_eq!(" text ".parse::<LogFormat>().unwrap(), LogFormat::Text);
+        let c = Config::from_toml("[telemetry]\nlog_format = \"Json\"\n").unwrap();
+        assert_eq!(c.telemetry.log_format, Some(LogFormat::Json));
+        let e = error_of("[telemetry]\nlog_format = \"yaml\"\n");
+        assert!(
+            e.contains("telemetry.log_format") && e.contains("\"yaml\" is not a log format"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn flags_are_a_layer_under_validation() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("gpuswap.toml");
+        std::fs::write(
+            &path,
+            "[gateway]\nlisten = \"127.0.0.1:8002\"\n[telemetry]\nlog_format = \"json\"\n",
+        )
+        .unwrap();
+        let flags = Flags {
+            gateway_listen: Some("127.0.0.1:9000".into()),
+            log_format: Some(LogFormat::Text),
+            ..Flags::default()
+        };
+        let c = ConfigLoader::new(&path, flags).load().unwrap();
+        assert_eq!(c.gateway.listen, "127.0.0.1:9000");
+        assert_eq!(c.telemetry.log_format, Some(LogFormat::Text));
+
+        // A flag is checked like its key, and the error names both.
+        let flags = Flags {
+            gateway_listen: Some("localhost:9000".into()),
+            ..Flags::default()
+        };
+        let e = ConfigLoader::new(&path, flags)
+            .load()
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("gateway.listen (set by --listen)"), "{e}");
+
+        // The file's value is not checked when a flag replaces it.
+        std::fs::write(&path, "[supervisor]\nlisten = \"nowhere\"\n").unwrap();
+        let e = Config::load(&path).unwrap_err().to_string();
+        assert!(
+            e.contains("supervisor.listen") && !e.contains("--listen"),
+            "{e}"
+        );
+        let flags = Flags {
+            supervisor_listen: Some("unix:///run/gpuswap/s.sock".into()),
+            ..Flags::default()
+        };
+        let c = ConfigLoader::new(&path, flags).load().unwrap();
+        assert_eq!(c.supervisor.listen, "unix:///run/gpuswap/s.sock");
     }
 
     #[test]

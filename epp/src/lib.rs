@@ -32,11 +32,11 @@ pub const READINESS: &str = "readiness";
 pub const EXT_PROC_SERVICE: &str = "envoy.service.ext_proc.v3.ExternalProcessor";
 
 /// Runs the picker until the server fails.
-pub async fn run(config: EppConfig, listen: Option<String>) -> anyhow::Result<()> {
-    let listen = listen.unwrap_or_else(|| config.listen.clone());
-    let addr: SocketAddr = listen
+pub async fn run(config: EppConfig) -> anyhow::Result<()> {
+    let addr: SocketAddr = config
+        .listen
         .parse()
-        .with_context(|| format!("epp.listen: {listen:?} is not an address"))?;
+        .with_context(|| format!("epp.listen: {:?} is not an address", config.listen))?;
     let fleet = Arc::new(Fleet::default());
     let picker = Arc::new(Picker {
         fleet: Arc::clone(&fleet),

@@ -4,6 +4,7 @@ use std::path::PathBuf;
 
 use anyhow::Context as _;
 use clap::Parser;
+use gpuswap::config::{ConfigLoader, Flags};
 
 /// The Endpoint Picker in front of many gpuswap boxes: an Envoy ext_proc server that sends
 /// each request to the box where its model is loaded, or to the box that should load it.
@@ -13,14 +14,18 @@ struct Args {
     /// The configuration file (its [epp] and [telemetry] sections are read).
     #[arg(long, env = "GPUSWAP_CONFIG")]
     config: PathBuf,
-    /// Address to listen on (overrides epp.listen).
+    /// Address to listen on (overrides epp.listen, and is checked like it).
     #[arg(long)]
     listen: Option<String>,
 }
 
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    let config = gpuswap::config::Config::load(&args.config)?;
+    let flags = Flags {
+        epp_listen: args.listen,
+        ..Flags::default()
+    };
+    let config = ConfigLoader::new(args.config, flags).load()?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -29,7 +34,7 @@ fn main() -> anyhow::Result<()> {
     let _telemetry = gpuswap_telemetry::init("gpuswap-epp", &config.telemetry)?;
     runtime.block_on(async move {
         tokio::select! {
-            result = gpuswap_epp::run(config.epp, args.listen) => result,
+            result = gpuswap_epp::run(config.epp) => result,
             _ = gpuswap::shutdown::signal() => {
                 tracing::info!("stopping");
                 Ok(())

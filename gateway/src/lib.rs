@@ -156,7 +156,7 @@ fn client_name() -> String {
 }
 
 /// Runs the gateway until the process is told to stop.
-pub async fn run(config: GatewayConfig, listen: Option<String>) -> anyhow::Result<()> {
+pub async fn run(config: GatewayConfig) -> anyhow::Result<()> {
     let access = Access::from_config(&config)?;
     let endpoint: Endpoint = config.supervisor.parse().context("gateway.supervisor")?;
     // The token file, not its token: the client reads it again when it changes, so a
@@ -172,10 +172,9 @@ pub async fn run(config: GatewayConfig, listen: Option<String>) -> anyhow::Resul
     };
     let supervisor = gpuswap::connect(&endpoint, &options)
         .context("connecting to the supervisor (gateway.token_file, gateway.ca_file)")?;
-    let listen = listen.unwrap_or_else(|| config.listen.clone());
-    let listener = bind(&listen)
+    let listener = bind(&config.listen)
         .await
-        .with_context(|| format!("cannot listen on {listen}"))?;
+        .with_context(|| format!("gateway.listen: cannot listen on {}", config.listen))?;
 
     let mut metrics = Metrics::new();
     let gw_metrics = metrics.gateway();

@@ -3,7 +3,8 @@
 use std::path::PathBuf;
 
 use anyhow::Context as _;
-use clap::{Parser, ValueEnum};
+use clap::Parser;
+use gpuswap::config::{ConfigLoader, Flags, LogFormat};
 
 /// The OpenAI-compatible front of gpuswap: routes requests to the model they
 /// name, asking the supervisor to swap models in as needed.
@@ -13,30 +14,22 @@ struct Args {
     /// The shared configuration file (its [gateway] and [telemetry] sections are read).
     #[arg(long, env = "GPUSWAP_CONFIG")]
     config: PathBuf,
-    /// Address to listen on (overrides gateway.listen).
+    /// Address to listen on (overrides gateway.listen, and is checked like it).
     #[arg(long)]
     listen: Option<String>,
-    /// Log format on stderr (overrides telemetry.log_format and GPUSWAP_LOG_FORMAT).
-    #[arg(long, value_enum)]
+    /// Log format on stderr, text or json (overrides telemetry.log_format and GPUSWAP_LOG_FORMAT).
+    #[arg(long)]
     log_format: Option<LogFormat>,
-}
-
-#[derive(Clone, Copy, ValueEnum)]
-enum LogFormat {
-    Text,
-    Json,
 }
 
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    let mut config = gpuswap::config::Config::load(&args.config)?;
-    if let Some(format) = args.log_format {
-        let name = match format {
-            LogFormat::Text => "text",
-            LogFormat::Json => "json",
-        };
-        config.telemetry.log_format = Some(name.into());
-    }
+    let flags = Flags {
+        gateway_listen: args.listen,
+        log_format: args.log_format,
+        ..Flags::default()
+    };
+    let config = ConfigLoader::new(args.config, flags).load()?;
     let fd_limit = raise_fd_limit();
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -55,7 +48,7 @@ fn main() -> anyhow::Result<()> {
     }
     runtime.block_on(async move {
         tokio::select! {
-            result = gpuswap_gateway::run(config.gateway, args.listen) => result,
+            result = gpuswap_gateway::run(config.gateway) => result,
             _ = gpuswap::shutdown::signal() => {
                 tracing::info!("stopping");
                 Ok(())

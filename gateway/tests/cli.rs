@@ -1,5 +1,5 @@
 //! The command line: the log format from `[telemetry]`, overridden by
-//! `--log-format`, and bad formats refused.
+//! `--log-format`, and bad formats refused; `--listen` checked like `gateway.listen`.
 
 use std::{
     path::Path,
@@ -91,4 +91,28 @@ fn unknown_log_formats_are_refused() {
     assert!(!configured.wait_exit(DEADLINE).success());
     let stderr = testkit::read_lossy(&log);
     assert!(stderr.contains("telemetry.log_format"), "{stderr}");
+}
+
+#[test]
+fn the_listen_flag_is_checked_like_the_key_it_sets() {
+    let dir = testkit::short_tempdir();
+    let log = dir.path().join("gateway.log");
+    let config = config(dir.path(), None);
+
+    // gateway.listen takes an address, not a host name; the flag, a layer under the same
+    // validation, is refused the same way, naming the key and the flag.
+    for listen in ["localhost:0", "nowhere"] {
+        let mut refused = gateway(&["--config", &config, "--listen", listen], &log);
+        assert!(!refused.wait_exit(DEADLINE).success(), "--listen {listen}");
+        let stderr = testkit::read_lossy(&log);
+        assert!(
+            stderr.contains("gateway.listen (set by --listen)"),
+            "--listen {listen}: {stderr}"
+        );
+    }
+
+    let listen = format!("127.0.0.1:{}", testkit::free_port());
+    let _gateway = gateway(&["--config", &config, "--listen", &listen], &log);
+    let line = listening_line(&log);
+    assert!(line.contains(&listen), "--listen {listen}: {line}");
 }

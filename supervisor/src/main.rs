@@ -4,8 +4,11 @@
 use std::{path::PathBuf, process::ExitCode, sync::Arc, time::Duration};
 
 use anyhow::Context;
-use clap::{Parser, ValueEnum};
-use gpuswap::{Endpoint, config::Config};
+use clap::Parser;
+use gpuswap::{
+    Endpoint,
+    config::{Config, ConfigLoader, Flags, LogFormat},
+};
 use gpuswap_supervisor::{
     backend::state_file::StateFile,
     scheduler::{Scheduler, SchedulerOptions},
@@ -29,30 +32,15 @@ struct Args {
     /// The configuration file (TOML).
     #[arg(long, env = "GPUSWAP_CONFIG")]
     config: PathBuf,
-    /// Overrides supervisor.listen: unix:///path.sock or https://ip:port.
+    /// Overrides supervisor.listen (and is checked like it): unix:///path.sock or https://ip:port.
     #[arg(long)]
     listen: Option<String>,
-    /// Overrides telemetry.log_format.
-    #[arg(long, value_enum)]
+    /// Log format on stderr, text or json (overrides telemetry.log_format and GPUSWAP_LOG_FORMAT).
+    #[arg(long)]
     log_format: Option<LogFormat>,
     /// Validate the configuration, print a summary and exit (0: valid, 2: invalid).
     #[arg(long)]
     check: bool,
-}
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
-enum LogFormat {
-    Text,
-    Json,
-}
-
-impl LogFormat {
-    fn as_str(self) -> &'static str {
-        match self {
-            LogFormat::Text => "text",
-            LogFormat::Json => "json",
-        }
-    }
 }
 
 fn main() -> ExitCode {
@@ -62,7 +50,15 @@ fn main() -> ExitCode {
         gpuswap_supervisor::backend::guard::main();
     }
     let args = Args::parse();
-    let config = match load_config(&args) {
+    let loader = ConfigLoader::new(
+        &args.config,
+        Flags {
+            supervisor_listen: args.listen.clone(),
+            log_format: args.log_format,
+            ..Flags::default()
+        },
+    );
+    let config = match loader.load() {
         Ok(config) => config,
         Err(error) => {
             eprintln!("gpuswap-supervisor: {error:#}");
@@ -106,18 +102,6 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
-}
-
-fn load_config(args: &Args) -> anyhow::Result<Config> {
-    let mut config = Config::load(&args.config)?;
-    if let Some(listen) = &args.listen {
-        config.supervisor.listen = listen.clone();
-        config.validate().context("--listen")?;
-    }
-    if let Some(format) = args.log_format {
-        config.telemetry.log_format = Some(format.as_str().to_owned());
-    }
-    Ok(config)
 }
 
 async fn run(config_path: PathBuf, config: Config) -> anyhow::Result<()> {
