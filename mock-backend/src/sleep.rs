@@ -182,9 +182,7 @@ pub async fn before_request(shared: &Arc<Shared>) -> Result<(), ApiError> {
             let _ = memory.wait_for(|m| !m.asleep()).await;
             if shared.memory.borrow().weights_lost {
                 // The real one would compute with empty weights; the mock says so instead.
-                return Err(ApiError::new(
-                    StatusCode::INTERNAL_SERVER_ERROR,
-                    "InternalServerError",
+                return Err(internal_error(
                     "(mock) the weights were discarded by a level 2 sleep and not reloaded \
                      (POST /collective_rpc {\"method\":\"reload_weights\"})",
                 ));
@@ -194,9 +192,7 @@ pub async fn before_request(shared: &Arc<Shared>) -> Result<(), ApiError> {
         Flavor::LlamaServer => wake_llama_server(shared).await,
         // SGLang does not guard it (its scheduler would run on released memory); the mock
         // refuses rather than pretend.
-        Flavor::Sglang => Err(ApiError::new(
-            StatusCode::INTERNAL_SERVER_ERROR,
-            "InternalServerError",
+        Flavor::Sglang => Err(internal_error(
             "(mock) a request while the GPU memory is released: SGLang does not guard this",
         )),
         Flavor::Tabbyapi => Err(ApiError::unavailable("No models are currently loaded.")),
@@ -228,15 +224,31 @@ fn query_values(query: Option<&str>, name: &str) -> Vec<String> {
         .collect()
 }
 
-fn fails(shared: &Shared, fault: Fault, what: &str) -> Option<ApiError> {
+/// With `fault` injected: logs that `what` failed and gives the message to answer.
+fn injected(shared: &Shared, fault: Fault, what: &str) -> Option<String> {
     shared.args.has_fault(fault).then(|| {
         log::err(format!("ERROR: {what} failed (fault {fault:?})"));
-        ApiError::new(
-            StatusCode::INTERNAL_SERVER_ERROR,
-            "InternalServerError",
-            format!("(mock) {what} failed"),
-        )
+        format!("(mock) {what} failed")
     })
+}
+
+fn internal_error(message: impl Into<String>) -> ApiError {
+    ApiError::new(
+        StatusCode::INTERNAL_SERVER_ERROR,
+        "InternalServerError",
+        message,
+    )
+}
+
+/// Wakes the parts asked for; what it freed nothing for is then no longer held either.
+fn mark_awake(shared: &Shared, weights: bool, kv_cache: bool) {
+    update(shared, |m| {
+        m.weights_released &= !weights;
+        m.kv_released &= !kv_cache;
+        if !m.asleep() {
+            m.held_anyway = false;
+        }
+    });
 }
 
 fn vllm_line(shared: &Shared, process: &str, text: &str) {
@@ -260,8 +272,8 @@ async fn vllm_sleep(State(shared): AppState, RawQuery(query): RawQuery) -> Respo
         }
     };
     let _transition = shared.transition.lock().await;
-    if let Some(error) = fails(&shared, Fault::SleepFails, "sleep") {
-        return error.render(Flavor::Vllm);
+    if let Some(message) = injected(&shared, Fault::SleepFails, "sleep") {
+        return internal_error(message).render(Flavor::Vllm);
     }
     // vLLM's default mode=abort aborts what runs; the mock lets it finish.
     wait_idle(&shared).await;
@@ -296,21 +308,15 @@ async fn vllm_wake_up(State(shared): AppState, RawQuery(query): RawQuery) -> Res
         ),
     );
     let _transition = shared.transition.lock().await;
-    if let Some(error) = fails(&shared, Fault::WakeFails, "wake_up") {
-        return error.render(Flavor::Vllm);
+    if let Some(message) = injected(&shared, Fault::WakeFails, "wake_up") {
+        return internal_error(message).render(Flavor::Vllm);
     }
     let weights = tags.is_empty() || tags.iter().any(|t| t == "weights");
     let kv_cache = tags.is_empty() || tags.iter().any(|t| t == "kv_cache");
     if weights && shared.memory.borrow().weights_released {
         tokio::time::sleep(shared.args.wake_time()).await;
     }
-    update(&shared, |m| {
-        m.weights_released &= !weights;
-        m.kv_released &= !kv_cache;
-        if !m.asleep() {
-            m.held_anyway = false;
-        }
-    });
+    mark_awake(&shared, weights, kv_cache);
     StatusCode::OK.into_response()
 }
 
@@ -332,18 +338,14 @@ async fn vllm_collective_rpc(State(shared): AppState, body: Bytes) -> Response {
         );
     };
     if method != "reload_weights" {
-        return ApiError::new(
-            StatusCode::INTERNAL_SERVER_ERROR,
-            "InternalServerError",
-            format!("(mock) collective_rpc {method:?}: only reload_weights is implemented"),
-        )
+        return internal_error(format!(
+            "(mock) collective_rpc {method:?}: only reload_weights is implemented"
+        ))
         .render(Flavor::Vllm);
     }
     let _transition = shared.transition.lock().await;
     if shared.memory.borrow().weights_released {
-        return ApiError::new(
-            StatusCode::INTERNAL_SERVER_ERROR,
-            "InternalServerError",
+        return internal_error(
             "(mock) the weights' memory sleeps: POST /wake_up?tags=weights first",
         )
         .render(Flavor::Vllm);
@@ -396,13 +398,8 @@ async fn sglang_release(State(shared): AppState, body: Bytes) -> Response {
             "release_memory_occupation should be called only when server is idle.",
         );
     }
-    if shared.args.has_fault(Fault::SleepFails) {
-        log::err("ERROR: release_memory_occupation failed (fault SleepFails)");
-        return sglang_answer(
-            StatusCode::INTERNAL_SERVER_ERROR,
-            false,
-            "(mock) release failed",
-        );
+    if let Some(message) = injected(&shared, Fault::SleepFails, "release_memory_occupation") {
+        return sglang_answer(StatusCode::INTERNAL_SERVER_ERROR, false, &message);
     }
     let (weights, kv_cache) = sglang_tags(&body);
     tokio::time::sleep(shared.args.sleep_time()).await;
@@ -423,25 +420,14 @@ async fn sglang_release(State(shared): AppState, body: Bytes) -> Response {
 
 async fn sglang_resume(State(shared): AppState, body: Bytes) -> Response {
     let _transition = shared.transition.lock().await;
-    if shared.args.has_fault(Fault::WakeFails) {
-        log::err("ERROR: resume_memory_occupation failed (fault WakeFails)");
-        return sglang_answer(
-            StatusCode::INTERNAL_SERVER_ERROR,
-            false,
-            "(mock) resume failed",
-        );
+    if let Some(message) = injected(&shared, Fault::WakeFails, "resume_memory_occupation") {
+        return sglang_answer(StatusCode::INTERNAL_SERVER_ERROR, false, &message);
     }
     let (weights, kv_cache) = sglang_tags(&body);
     if weights && shared.memory.borrow().weights_released {
         tokio::time::sleep(shared.args.wake_time()).await;
     }
-    update(&shared, |m| {
-        m.weights_released &= !weights;
-        m.kv_released &= !kv_cache;
-        if !m.asleep() {
-            m.held_anyway = false;
-        }
-    });
+    mark_awake(&shared, weights, kv_cache);
     sglang_answer(StatusCode::OK, true, "Success")
 }
 
@@ -511,8 +497,8 @@ async fn tabby_unload(State(shared): AppState, headers: HeaderMap) -> Response {
     if shared.phase() != Phase::Ready || !shared.memory.borrow().serves() {
         return ApiError::unavailable("No models are currently loaded.").render(Flavor::Tabbyapi);
     }
-    if let Some(error) = fails(&shared, Fault::SleepFails, "unload") {
-        return error.render(Flavor::Tabbyapi);
+    if let Some(message) = injected(&shared, Fault::SleepFails, "unload") {
+        return internal_error(message).render(Flavor::Tabbyapi);
     }
     // Unloading cuts what runs; the mock lets it finish.
     wait_idle(&shared).await;
