@@ -119,6 +119,8 @@ fn memory_json(shared: &Shared) -> Value {
         "host_memory_bytes": if kept_in_ram { shared.args.gpu_memory / 2 } else { 0 },
         "asleep": memory.asleep(),
         "weights_lost": memory.weights_lost,
+        "requests_while_asleep": shared.requests_while_asleep.load(Ordering::SeqCst),
+        "sleeps_while_busy": shared.sleeps_while_busy.load(Ordering::SeqCst),
     })
 }
 
@@ -174,6 +176,11 @@ pub async fn before_request(shared: &Arc<Shared>) -> Result<(), ApiError> {
     if shared.phase() != Phase::Ready || shared.memory.borrow().serves() {
         return Ok(());
     }
+    // llama-server's own sleep is meant to be woken by a request.
+    if shared.flavor() != Flavor::LlamaServer {
+        shared.requests_while_asleep.fetch_add(1, Ordering::SeqCst);
+        log::err("WARNING: (mock) a completion request arrived while the model sleeps");
+    }
     match shared.flavor() {
         // vLLM takes it and holds it until woken (seen with vLLM 0.32: a chat sent while
         // sleeping hangs until /wake_up).
@@ -199,8 +206,16 @@ pub async fn before_request(shared: &Arc<Shared>) -> Result<(), ApiError> {
     }
 }
 
-/// Waits until no completion request runs (the mock lets them finish before a sleep).
+/// Waits until no completion request runs (the mock lets them finish before a sleep), and
+/// counts a sleep that had to wait.
 async fn wait_idle(shared: &Shared) {
+    let running = shared.in_flight.load(Ordering::SeqCst);
+    if running > 0 {
+        shared.sleeps_while_busy.fetch_add(1, Ordering::SeqCst);
+        log::err(format!(
+            "WARNING: (mock) asked to sleep while {running} requests run; letting them finish"
+        ));
+    }
     while shared.in_flight.load(Ordering::SeqCst) > 0 {
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
@@ -392,6 +407,7 @@ async fn sglang_release(State(shared): AppState, body: Bytes) -> Response {
     let _transition = shared.transition.lock().await;
     // Its scheduler asserts that it is idle.
     if shared.in_flight.load(Ordering::SeqCst) > 0 {
+        shared.sleeps_while_busy.fetch_add(1, Ordering::SeqCst);
         return sglang_answer(
             StatusCode::BAD_REQUEST,
             false,

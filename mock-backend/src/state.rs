@@ -31,6 +31,10 @@ pub struct Shared {
     /// (llama-server's idle sleep counts from it).
     pub last_activity_ms: AtomicU64,
     pub started: std::time::Instant,
+    /// Completion requests that arrived while the model slept or had lost its weights, and
+    /// sleeps asked for while requests ran: a swapper should cause neither.
+    pub requests_while_asleep: AtomicU64,
+    pub sleeps_while_busy: AtomicU64,
     /// One sleep or wake at a time.
     pub transition: tokio::sync::Mutex<()>,
 }
@@ -47,6 +51,8 @@ impl Shared {
             completions: AtomicU64::new(0),
             memory: tokio::sync::watch::Sender::new(crate::sleep::Memory::default()),
             in_flight: AtomicU64::new(0),
+            requests_while_asleep: AtomicU64::new(0),
+            sleeps_while_busy: AtomicU64::new(0),
             last_activity_ms: AtomicU64::new(0),
             started: std::time::Instant::now(),
             transition: tokio::sync::Mutex::new(()),

@@ -111,7 +111,15 @@ async fn vllm_level_one_frees_the_gpu_keeps_the_weights_in_ram_and_holds_chats_u
         .unwrap();
     assert_eq!(reply.status, 200, "{}", reply.text());
     assert!(reply.text().contains("[served by mock-vllm-model]"));
-    assert_eq!(memory(mock.port).await["gpu_memory_bytes"], 8 * GIB);
+    let after = memory(mock.port).await;
+    assert_eq!(after["gpu_memory_bytes"], 8 * GIB);
+    assert_eq!(
+        (
+            after["requests_while_asleep"].as_u64(),
+            after["sleeps_while_busy"].as_u64()
+        ),
+        (Some(1), Some(0))
+    );
     mock.wait_log("wake up the engine with tags: None").await;
 }
 
@@ -259,6 +267,7 @@ async fn sglang_refuses_to_release_while_serving_and_reloads_weights_it_did_not_
         "release_memory_occupation should be called only when server is idle."
     );
     assert_eq!(streaming.await.unwrap().status, 200);
+    assert!(memory(mock.port).await["sleeps_while_busy"].as_u64() >= Some(1));
 
     let released = post(mock.port, "/release_memory_occupation", &json!({})).await;
     assert_eq!(
@@ -479,4 +488,9 @@ async fn llama_server_sleeps_when_idle_stays_healthy_and_the_next_request_reload
             .expect("the reload is logged"),
     );
     assert!(left < loaded);
+    assert_eq!(
+        memory(mock.port).await["requests_while_asleep"],
+        0,
+        "its own sleep is meant to be woken"
+    );
 }
