@@ -203,8 +203,8 @@ impl SupervisorConfig {
     /// at the next start. Every field is named here, so that a new one must be sorted too.
     pub fn keys_needing_restart(&self, new: &SupervisorConfig) -> Vec<&'static str> {
         let SupervisorConfig {
-            // The --listen flag overrides it: the file's value says nothing about the socket.
-            listen: _,
+            // The --listen flag is applied on reload too: this compares what would be served.
+            listen,
             socket_mode,
             socket_group,
             allowed_uids,
@@ -229,6 +229,7 @@ impl SupervisorConfig {
             host_memory: _,
         } = self;
         let changed = [
+            ("listen", *listen != new.listen),
             ("socket_mode", *socket_mode != new.socket_mode),
             ("socket_group", *socket_group != new.socket_group),
             ("allowed_uids", *allowed_uids != new.allowed_uids),

@@ -50,8 +50,10 @@ fn main() -> ExitCode {
         gpuswap_supervisor::backend::guard::main();
     }
     let args = Args::parse();
+    // Absolute: the reload reads it again.
+    let path = std::path::absolute(&args.config).unwrap_or_else(|_| args.config.clone());
     let loader = ConfigLoader::new(
-        &args.config,
+        path,
         Flags {
             supervisor_listen: args.listen.clone(),
             log_format: args.log_format,
@@ -94,7 +96,7 @@ fn main() -> ExitCode {
             return ExitCode::from(EXIT_BAD_CONFIG);
         }
     };
-    match runtime.block_on(run(args.config, config)) {
+    match runtime.block_on(run(loader, config)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
             tracing::error!("{error:#}");
@@ -104,7 +106,7 @@ fn main() -> ExitCode {
     }
 }
 
-async fn run(config_path: PathBuf, config: Config) -> anyhow::Result<()> {
+async fn run(config_loader: ConfigLoader, config: Config) -> anyhow::Result<()> {
     let endpoint: Endpoint = config.supervisor.listen.parse()?;
     // Bind first: a second supervisor must not clean up the processes of a live one.
     let listener = server::bind(&config.supervisor, &endpoint).await?;
@@ -144,11 +146,10 @@ async fn run(config_path: PathBuf, config: Config) -> anyhow::Result<()> {
     }
     let guard_exe =
         std::env::current_exe().context("cannot find the supervisor's own executable")?;
-    let config_path = std::path::absolute(&config_path).unwrap_or(config_path);
     let (scheduler, mut actor) = Scheduler::spawn(
         config,
         SchedulerOptions {
-            config_path: Some(config_path),
+            config_loader: Some(config_loader),
             guard_exe,
             state_file: Some(state_file),
             metrics: supervisor_metrics,

@@ -206,10 +206,54 @@ async fn a_second_supervisor_on_a_live_socket_is_refused_and_a_stale_socket_is_r
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_listen_flag_is_applied_before_validation_and_kept_across_reloads() {
+    // The file's listen would be refused; the flag replaces it before the check.
+    let mut sup = Supervisor::prepare(
+        "listenflag",
+        &["listen = \"nowhere\""],
+        vec![Mock::new("alpha")],
+    );
+    sup.write_config();
+    let mut command = sup.command();
+    command
+        .arg("--listen")
+        .arg(format!("unix://{}", sup.socket.display()));
+    let mut proc = Proc::spawn(command);
+    testkit::wait_until_answering(&sup.client, &mut proc, &sup.stderr_path).await;
+    sup.proc = Some(proc);
+
+    // A reload reads the file again with the flag on top: still valid, nothing to restart.
+    sup.models.push(Mock::new("beta"));
+    sup.write_config();
+    let mut client = sup.client.clone();
+    let response = client
+        .reload(pb::ReloadRequest {})
+        .await
+        .expect("Reload")
+        .into_inner();
+    assert_eq!(response.added, ["beta"]);
+    assert!(response.needs_restart.is_empty(), "{response:?}");
+
+    // Another valid socket in the file: the flag still decides, nothing to restart.
+    let other = sup.dir.path().join("other.sock");
+    sup.settings = vec![format!("listen = \"unix://{}\"", other.display())];
+    sup.write_config();
+    let response = client
+        .reload(pb::ReloadRequest {})
+        .await
+        .expect("Reload")
+        .into_inner();
+    assert!(response.needs_restart.is_empty(), "{response:?}");
+    assert!(!other.exists());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_reload_names_the_changes_that_need_a_restart() {
     let mut sup = Supervisor::start("reloadkeys", &[], vec![Mock::new("alpha")]).await;
+    let other = sup.dir.path().join("other.sock");
     sup.settings.extend(
         [
+            &format!("listen = \"unix://{}\"", other.display()),
             "allowed_uids = [4242]",
             "allowed_gids = [4343]",
             "socket_mode = \"0600\"",
@@ -244,6 +288,7 @@ async fn a_reload_names_the_changes_that_need_a_restart() {
     assert_eq!(
         response.needs_restart,
         [
+            "supervisor.listen",
             "supervisor.socket_mode",
             "supervisor.allowed_uids",
             "supervisor.allowed_gids"

@@ -329,7 +329,7 @@ pub(super) async fn poll_gpu_memory(
 #[cfg(test)]
 pub(super) fn test_options(guard_exe: PathBuf) -> SchedulerOptions {
     SchedulerOptions {
-        config_path: None,
+        config_loader: None,
         guard_exe,
         state_file: None,
         metrics: gpuswap_telemetry::Metrics::new().supervisor(),

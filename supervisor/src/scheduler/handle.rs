@@ -1,9 +1,9 @@
 //! The handle the gRPC service holds: each call is a message to the actor and its answer.
 
-use std::{path::PathBuf, sync::Arc};
+use std::sync::Arc;
 
 use gpuswap::{
-    config::{Config, SupervisorConfig},
+    config::{Config, ConfigLoader, SupervisorConfig},
     pb,
 };
 use gpuswap_telemetry::SupervisorMetrics;
@@ -21,8 +21,8 @@ use crate::backend::logs::LogBuffer;
 pub struct Scheduler {
     tx: mpsc::UnboundedSender<Message>,
     metrics: SupervisorMetrics,
-    /// The file Reload re-reads (here, not on the actor: reading it may block).
-    config_path: Option<PathBuf>,
+    /// Reads the configuration again for Reload (here, not on the actor: reading it may block).
+    config_loader: Option<ConfigLoader>,
     /// The `[supervisor]` section the daemon started with: what a reload cannot change.
     started_with: Arc<SupervisorConfig>,
 }
@@ -39,7 +39,7 @@ impl Scheduler {
     ) -> (Scheduler, tokio::task::JoinHandle<()>) {
         let (tx, rx) = mpsc::unbounded_channel();
         let metrics = options.metrics.clone();
-        let config_path = options.config_path.clone();
+        let config_loader = options.config_loader.clone();
         let started_with = Arc::new(config.supervisor.clone());
         let actor = Actor::new(config, options, tx.downgrade());
         let task = tokio::spawn(actor.run(rx));
@@ -47,7 +47,7 @@ impl Scheduler {
             Scheduler {
                 tx,
                 metrics,
-                config_path,
+                config_loader,
                 started_with,
             },
             task,
@@ -116,15 +116,15 @@ impl Scheduler {
         answer.await.map_err(|_| gone())?
     }
 
-    /// Re-reads the configuration file (on a blocking thread: the actor never waits for
-    /// a slow disk) and hands the new configuration to the actor.
+    /// Re-reads the configuration file, with the daemon's flags on top (on a blocking thread:
+    /// the actor never waits for a slow disk) and hands the new configuration to the actor.
     pub async fn reload(&self) -> Result<pb::ReloadResponse, Status> {
-        let Some(path) = self.config_path.clone() else {
+        let Some(loader) = self.config_loader.clone() else {
             return Err(Status::failed_precondition(
                 "no configuration file to reload",
             ));
         };
-        let config = tokio::task::spawn_blocking(move || Config::load(&path))
+        let config = tokio::task::spawn_blocking(move || loader.load())
             .await
             .map_err(|e| Status::internal(format!("reading the configuration: {e}")))?
             .map_err(|e| Status::invalid_argument(e.to_string()))?;

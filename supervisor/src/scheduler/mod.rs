@@ -37,7 +37,10 @@ mod streams;
 
 use std::{collections::BTreeMap, path::PathBuf, sync::Arc};
 
-use gpuswap::{config::Config, pb};
+use gpuswap::{
+    config::{Config, ConfigLoader},
+    pb,
+};
 use gpuswap_telemetry::SupervisorMetrics;
 use tokio::{
     sync::{broadcast, mpsc, oneshot},
@@ -64,8 +67,9 @@ const CONTROL_RESERVE: usize = 16;
 /// What the scheduler needs besides the configuration.
 #[derive(Clone)]
 pub struct SchedulerOptions {
-    /// The file Reload re-reads; None: reload is refused.
-    pub config_path: Option<PathBuf>,
+    /// Where Reload reads the configuration again: the file, and the flags on top of it
+    /// (a flag outlives a reload); None: reload is refused.
+    pub config_loader: Option<ConfigLoader>,
     /// The supervisor's own executable, run as `guard` to parent every backend.
     pub guard_exe: PathBuf,
     /// Records live process groups for a successor after a crash.

@@ -103,13 +103,18 @@ impl Supervisor {
 
     /// The supervisor process for this config (stderr appended to `stderr_path`).
     pub fn spawn_process(&self) -> Proc {
+        Proc::spawn(self.command())
+    }
+
+    /// The command `spawn_process` runs, for a test to add flags to.
+    pub fn command(&self) -> Command {
         let mut command =
             testkit::supervisor_command(&self.config_path, "info,gpuswap_supervisor=debug");
         command
             .envs(self.env.iter().map(|(k, v)| (k, v)))
             .stdout(Stdio::null())
             .stderr(testkit::append_log(&self.stderr_path));
-        Proc::spawn(command)
+        command
     }
 
     pub fn pid(&self) -> u32 {
