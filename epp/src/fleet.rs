@@ -1,5 +1,7 @@
-//! What the picker knows of every box: its models as its supervisor's Watch stream reports
-//! them, whether its gateway answers, and how many requests this picker has in flight there.
+//! What the picker knows of every box: its models and GPU memory as its supervisor's Watch
+//! stream reports them, whether its gateway answers, how many requests this picker has in
+//! flight there, and the requests the box's gateway itself reports (its `/metrics`: traffic
+//! from other fronts and clients too).
 
 use std::{
     collections::{BTreeMap, HashMap},
@@ -7,7 +9,7 @@ use std::{
         Arc, Mutex, RwLock,
         atomic::{AtomicBool, AtomicU32, Ordering},
     },
-    time::Instant,
+    time::{Duration, Instant, SystemTime, UNIX_EPOCH},
 };
 
 use gpuswap::{config::BoxConfig, pb};
@@ -28,11 +30,22 @@ pub struct ModelView {
     pub gpus: Vec<u32>,
     pub port: u32,
     pub host: String,
+    /// Memory it takes on each of its GPUs; None: the whole GPU.
+    pub vram: Option<u64>,
+    /// Never stopped to make room for another model: the picker never places a model
+    /// where it would have to be.
+    pub pinned: bool,
+    /// When its last use ended, as the box's clients report it to the supervisor (requests
+    /// from every front, not only this picker's); None: never used.
+    pub last_used: Option<Instant>,
 }
 
 impl ModelView {
     fn from_status(status: pb::ModelStatus) -> Self {
         ModelView {
+            vram: status.vram_bytes,
+            pinned: status.pinned,
+            last_used: status.last_used_ms.map(instant_of_unix_ms),
             state: pb::ModelState::try_from(status.state).unwrap_or(pb::ModelState::Unspecified),
             draining: status.detail.starts_with("draining"),
             name: status.name,
@@ -65,12 +78,55 @@ impl ModelView {
     }
 }
 
+/// The `Instant` of a Unix time in milliseconds (the supervisor's clock; boxes' clocks are
+/// assumed NTP-close: an error of a second only reorders idle models of about the same age).
+fn instant_of_unix_ms(unix_ms: u64) -> Instant {
+    let now_ms = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64);
+    let ago = Duration::from_millis(now_ms.saturating_sub(unix_ms));
+    let now = Instant::now();
+    now.checked_sub(ago).unwrap_or(now)
+}
+
+/// One GPU of a box, as its supervisor reports it.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct GpuView {
+    /// Its memory; None: unknown (a model without vram, or any model on a GPU of unknown
+    /// size, takes it whole).
+    pub capacity: Option<u64>,
+    /// What the live models reserve on it (the supervisor's own sum).
+    pub reserved: u64,
+}
+
 /// A box's models, replaced whole on every change so that readers take a consistent copy.
 #[derive(Clone, Debug, Default)]
 pub struct BoxModels {
     /// The Watch stream is open and its snapshot arrived.
     pub watching: bool,
     pub models: BTreeMap<String, ModelView>,
+    /// The GPUs of known size, by index.
+    pub gpus: BTreeMap<u32, GpuView>,
+}
+
+fn gpu_views(gpus: Vec<pb::GpuStatus>) -> BTreeMap<u32, GpuView> {
+    gpus.into_iter()
+        .map(|g| {
+            let view = GpuView {
+                capacity: g.capacity_bytes,
+                reserved: g.reserved_bytes,
+            };
+            (g.index, view)
+        })
+        .collect()
+}
+
+/// What a box's gateway reports in flight or queued, less this picker's own requests at the
+/// time it was read: the box's load from other fronts and clients.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct OtherLoad {
+    pub total: u32,
+    pub models: HashMap<String, u32>,
 }
 
 /// One box.
@@ -85,6 +141,8 @@ pub struct BoxEntry {
     /// The same per model, with when each was last used. Copied on write: a placement takes
     /// the current map without copying it (it runs per request over every box).
     usage: Mutex<Arc<HashMap<String, Usage>>>,
+    /// From the gateway's `/metrics` (see [`OtherLoad`]).
+    others: Mutex<Arc<OtherLoad>>,
 }
 
 /// One model's traffic on one box through this picker. With one active picker (the etcd
@@ -105,6 +163,34 @@ impl BoxEntry {
             gateway_up: AtomicBool::new(false),
             in_flight: AtomicU32::new(0),
             usage: Mutex::default(),
+            others: Mutex::default(),
+        }
+    }
+
+    pub fn others(&self) -> Arc<OtherLoad> {
+        Arc::clone(&self.others.lock().unwrap())
+    }
+
+    /// The gateway reports `reported` requests (in flight and queued) per model: what is not
+    /// this picker's own is the load of other fronts.
+    pub fn set_reported(&self, reported: &HashMap<String, u32>) {
+        let own = self.usage();
+        let models: HashMap<String, u32> = reported
+            .iter()
+            .map(|(model, &count)| {
+                let mine = own.get(model).map_or(0, |u| u.in_flight);
+                (model.clone(), count.saturating_sub(mine))
+            })
+            .filter(|(_, count)| *count > 0)
+            .collect();
+        let load = OtherLoad {
+            total: models.values().sum(),
+            models,
+        };
+        let mut guard = self.others.lock().unwrap();
+        if **guard != load {
+            tracing::debug!(r#box = %self.config.name, others_total = load.total, others = ?load.models, "requests from other fronts changed");
+            *guard = Arc::new(load);
         }
     }
 
@@ -155,7 +241,7 @@ impl BoxEntry {
     }
 
     /// The Watch stream's first event: every model.
-    pub fn apply_snapshot(&self, models: Vec<pb::ModelStatus>) {
+    pub fn apply_snapshot(&self, models: Vec<pb::ModelStatus>, gpus: Vec<pb::GpuStatus>) {
         let models = models
             .into_iter()
             .map(|status| {
@@ -167,7 +253,15 @@ impl BoxEntry {
         *guard = Arc::new(BoxModels {
             watching: true,
             models,
+            gpus: gpu_views(gpus),
         });
+    }
+
+    pub fn apply_gpus(&self, gpus: Vec<pb::GpuStatus>) {
+        let mut guard = self.models.write().unwrap();
+        let mut next = BoxModels::clone(&guard);
+        next.gpus = gpu_views(gpus);
+        *guard = Arc::new(next);
     }
 
     pub fn apply_change(&self, status: pb::ModelStatus) {

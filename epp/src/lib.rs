@@ -7,6 +7,7 @@ pub mod discovery;
 pub mod etcd;
 pub mod extproc;
 pub mod fleet;
+pub mod http;
 pub mod picker;
 pub mod placement;
 pub mod watch;

@@ -50,15 +50,19 @@ impl Picker {
         let Some(model) = model else {
             return self.any_box(&boxes);
         };
-        let snapshots: Vec<_> = boxes.iter().map(|b| (b.models(), b.usage())).collect();
+        let snapshots: Vec<_> = boxes
+            .iter()
+            .map(|b| (b.models(), b.usage(), b.others()))
+            .collect();
         let candidates: Vec<Candidate<'_>> = boxes
             .iter()
             .zip(&snapshots)
-            .map(|(entry, (models, usage))| Candidate {
+            .map(|(entry, (models, usage, others))| Candidate {
                 name: &entry.config.name,
                 models,
-                in_flight: entry.in_flight(),
+                in_flight: entry.in_flight() + others.total,
                 usage,
+                others,
                 routable: models.watching && entry.gateway_up(),
             })
             .collect();
@@ -121,7 +125,7 @@ impl Picker {
         let best = boxes
             .iter()
             .filter(|b| b.routable())
-            .min_by_key(|b| b.in_flight());
+            .min_by_key(|b| b.in_flight() + b.others().total);
         match best {
             Some(entry) => Decision::Route {
                 endpoints: vec![entry.config.gateway.clone()],

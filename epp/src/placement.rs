@@ -4,12 +4,19 @@
 //! The order (llm-d's LoRA-affinity order, at box level: loaded > loading > free slot > full):
 //! 1. a box where the model is ready and not draining (fewest requests in flight);
 //! 2. a box where it is starting (join that load), or where this picker just placed it;
-//! 3. a box where it fits without stopping anything;
-//! 4. a box where every model in its way is ready and has no request in flight: the one
-//!    whose most recently used such model has been idle longest (never used through this
-//!    picker counts as idle the longest);
+//! 3. a box where it fits without stopping anything: no port in common with a live model,
+//!    and on each of its GPUs either no live model or room for its `vram` next to what the
+//!    supervisor reports reserved there (a model without `vram`, or a GPU of unknown size,
+//!    takes the GPU whole: the supervisor's own rule);
+//! 4. a box where every model in its way is ready and has no request in flight (from this
+//!    picker, or any other front as the box's gateway reports): the one whose most recently
+//!    used such model has been idle longest (the later of this picker's last request and the
+//!    last use the box's clients report to its supervisor; never used counts as the idlest);
 //! 5. else the box with the fewest requests in flight (its supervisor drains the holders
 //!    first: nothing is cut off).
+//!
+//! A box where a pinned model is in the way (it would have to stop and never does) is never
+//! chosen for a cold model: when every box that has the model is such a box, 503.
 //!
 //! Ties in 2-5 go to the highest rendezvous hash of (box, model), so that every picker that
 //! sees the same boxes makes the same choice for a cold model.
@@ -21,17 +28,19 @@ use std::{
 
 use gpuswap::pb::ModelState;
 
-use crate::fleet::{BoxModels, ModelView, Usage};
+use crate::fleet::{BoxModels, ModelView, OtherLoad, Usage};
 
 /// One box as placement sees it.
 #[derive(Clone, Debug)]
 pub struct Candidate<'a> {
     pub name: &'a str,
     pub models: &'a BoxModels,
-    /// Requests in flight there through this picker.
+    /// Requests in flight there: this picker's, and the others its gateway reports.
     pub in_flight: u32,
     /// Per model: requests in flight and last use, through this picker.
     pub usage: &'a HashMap<String, Usage>,
+    /// Per model: requests in flight or queued there from other fronts and clients.
+    pub others: &'a OtherLoad,
     /// Its gateway answers and its supervisor is watched.
     pub routable: bool,
 }
@@ -46,6 +55,8 @@ pub enum Reason {
     Fits,
     Evicts,
     Busy,
+    /// A pinned model is in the way: never chosen.
+    Blocked,
 }
 
 impl Reason {
@@ -62,6 +73,7 @@ impl Reason {
             Reason::Fits => "fits",
             Reason::Evicts => "evicts-idle",
             Reason::Busy => "busy",
+            Reason::Blocked => "blocked-by-pinned",
         }
     }
 }
@@ -143,8 +155,13 @@ pub fn place(
     } else {
         &open
     };
-    let ranked = rank(considered, candidates, pending, now, hash);
-    let (first_reason, _) = ranked[0];
+    let mut ranked = rank(considered, candidates, pending, now, hash);
+    ranked.retain(|(reason, _)| *reason != Reason::Blocked);
+    let Some(&(first_reason, _)) = ranked.first() else {
+        return Placement::Unavailable(format!(
+            "every box that has model {name:?} would have to stop a pinned model to start it"
+        ));
+    };
     let boxes: Vec<usize> = ranked.iter().take(1 + fallbacks).map(|(_, i)| *i).collect();
     Placement::Route {
         boxes,
@@ -187,7 +204,8 @@ fn rank(
         .collect()
 }
 
-/// Where a model that is not loaded on this box stands: fits, evicts idle models, or busy.
+/// Where a model that is not loaded on this box stands: fits, evicts idle models, busy,
+/// or blocked by a pinned model.
 fn cold_rank(
     view: &ModelView,
     candidate: &Candidate<'_>,
@@ -195,32 +213,29 @@ fn cold_rank(
     now: Instant,
     tie: u64,
 ) -> (Reason, (u8, u64, u64)) {
-    let footprint = view.footprint();
     // Models placed here but not yet seen loading count as residents: two cold models in
     // one burst must not both pick the same free GPU.
-    let placed_here = pending
+    let placed_here: Vec<&ModelView> = pending
         .iter()
         .filter(|(model, (b, at))| {
             b == candidate.name && now.duration_since(*at) < PENDING_FOR && **model != view.name
         })
-        .filter_map(|(model, _)| candidate.models.models.get(model));
-    let mut in_the_way: Vec<&ModelView> = candidate
-        .models
-        .models
-        .values()
-        .filter(|other| other.name != view.name && other.is_resident())
-        .chain(placed_here)
-        .filter(|other| other.footprint().conflicts_with(&footprint))
+        .filter_map(|(model, _)| candidate.models.models.get(model))
         .collect();
-    in_the_way.dedup_by(|a, b| a.name == b.name);
+    let Some(in_the_way) = in_the_way(view, candidate.models, &placed_here) else {
+        return (Reason::Blocked, (5, 0, tie));
+    };
     if in_the_way.is_empty() {
         return (Reason::Fits, (2, 0, tie));
     }
     let usage = |name: &str| candidate.usage.get(name).copied().unwrap_or_default();
+    let idle = |other: &ModelView| {
+        usage(&other.name).in_flight == 0 && !candidate.others.models.contains_key(&other.name)
+    };
     let evictable = in_the_way.iter().all(|other| {
         other.state == ModelState::Ready
             && !other.draining
-            && usage(&other.name).in_flight == 0
+            && idle(other)
             && !is_pending(pending, &other.name, candidate.name, now)
     }) || in_the_way
         .iter()
@@ -231,7 +246,8 @@ fn cold_rank(
         let newest_idle = in_the_way
             .iter()
             .map(|other| {
-                usage(&other.name).last_used.map_or(u64::MAX, |at| {
+                let last_used = usage(&other.name).last_used.max(other.last_used);
+                last_used.map_or(u64::MAX, |at| {
                     now.saturating_duration_since(at).as_millis() as u64
                 })
             })
@@ -240,6 +256,80 @@ fn cold_rank(
         return (Reason::Evicts, (3, u64::MAX - newest_idle, tie));
     }
     (Reason::Busy, (4, candidate.in_flight as u64, tie))
+}
+
+/// Stands for "every GPU" on a box that reports no GPU by index.
+const EVERY_GPU: u32 = u32::MAX;
+
+/// The models on a box that must stop for `view` to start there (empty: it fits), from the
+/// live models and `placed_here`; None when a pinned model would have to stop.
+fn in_the_way<'a>(
+    view: &ModelView,
+    models: &'a BoxModels,
+    placed_here: &[&'a ModelView],
+) -> Option<Vec<&'a ModelView>> {
+    let live: Vec<&ModelView> = models
+        .models
+        .values()
+        .filter(|other| other.name != view.name && other.is_resident())
+        .chain(placed_here.iter().copied())
+        .collect();
+    let mut stop: Vec<&ModelView> = live
+        .iter()
+        .copied()
+        .filter(|other| {
+            other.port == view.port && gpuswap::config::hosts_overlap(&other.host, &view.host)
+        })
+        .collect();
+    if stop.iter().any(|other| other.pinned) {
+        return None;
+    }
+    let uses = |model: &ModelView, gpu: u32| {
+        gpu == EVERY_GPU || model.gpus.is_empty() || model.gpus.contains(&gpu)
+    };
+    let mut gpus: Vec<u32> = if view.gpus.is_empty() {
+        let mut known: Vec<u32> = models.gpus.keys().copied().collect();
+        known.extend(live.iter().flat_map(|m| m.gpus.iter().copied()));
+        known.sort_unstable();
+        known.dedup();
+        known
+    } else {
+        view.gpus.clone()
+    };
+    if gpus.is_empty() {
+        gpus.push(EVERY_GPU);
+    }
+    for gpu in gpus {
+        let users: Vec<&ModelView> = live.iter().copied().filter(|m| uses(m, gpu)).collect();
+        if users.is_empty() {
+            continue;
+        }
+        let capacity = models.gpus.get(&gpu).and_then(|g| g.capacity);
+        // What `who` take on this GPU; None: unknown, so the GPU is theirs whole.
+        let need = |who: &mut dyn Iterator<Item = &&ModelView>| -> Option<u64> {
+            who.map(|m| m.vram.or(capacity))
+                .try_fold(0u64, |sum, v| Some(sum.saturating_add(v?)))
+        };
+        let room = |taken: Option<u64>| match (capacity, view.vram, taken) {
+            (Some(capacity), Some(vram), Some(taken)) => taken.saturating_add(vram) <= capacity,
+            _ => false,
+        };
+        // The supervisor's reservation covers its live models; placements it has not
+        // seen yet come on top.
+        let reserved = models.gpus.get(&gpu).map(|g| g.reserved);
+        let placed = need(&mut users.iter().filter(|m| !m.is_resident()));
+        if room(reserved.zip(placed).map(|(r, p)| r.saturating_add(p))) {
+            continue;
+        }
+        let pinned = need(&mut users.iter().filter(|m| m.pinned));
+        if users.iter().any(|m| m.pinned) && !room(pinned) {
+            return None;
+        }
+        stop.extend(users.into_iter().filter(|m| !m.pinned));
+    }
+    stop.sort_by(|a, b| a.name.cmp(&b.name));
+    stop.dedup_by(|a, b| a.name == b.name);
+    Some(stop)
 }
 
 fn is_pending(
@@ -293,6 +383,9 @@ mod tests {
             gpus: gpus.to_vec(),
             port,
             host: "127.0.0.1".into(),
+            vram: None,
+            pinned: false,
+            last_used: None,
         }
     }
 
@@ -303,11 +396,13 @@ mod tests {
                 .into_iter()
                 .map(|m| (m.name.clone(), m))
                 .collect::<BTreeMap<_, _>>(),
+            gpus: BTreeMap::new(),
         }
     }
 
     static NO_USAGE: std::sync::LazyLock<HashMap<String, Usage>> =
         std::sync::LazyLock::new(HashMap::new);
+    static NO_OTHERS: std::sync::LazyLock<OtherLoad> = std::sync::LazyLock::new(OtherLoad::default);
 
     fn candidates<'a>(boxes: &'a [(&'a str, BoxModels)]) -> Vec<Candidate<'a>> {
         boxes
@@ -317,6 +412,7 @@ mod tests {
                 models,
                 in_flight: 0,
                 usage: &NO_USAGE,
+                others: &NO_OTHERS,
                 routable: true,
             })
             .collect()
@@ -530,6 +626,152 @@ mod tests {
             }
             other => panic!("{other:?}"),
         }
+    }
+
+    const GIB: u64 = 1 << 30;
+
+    fn memory(boxes: &mut [(&str, BoxModels)], capacity: u64) {
+        for (_, models) in boxes {
+            let live = |gpu: u32| {
+                models
+                    .models
+                    .values()
+                    .filter(|m| m.is_resident() && (m.gpus.is_empty() || m.gpus.contains(&gpu)))
+                    .map(|m| m.vram.unwrap_or(capacity))
+                    .sum()
+            };
+            models.gpus = [0, 1]
+                .into_iter()
+                .map(|gpu| {
+                    let view = crate::fleet::GpuView {
+                        capacity: Some(capacity),
+                        reserved: live(gpu),
+                    };
+                    (gpu, view)
+                })
+                .collect();
+        }
+    }
+
+    fn set(boxes: &mut [(&str, BoxModels)], model: &str, change: impl Fn(&mut ModelView)) {
+        for (_, models) in boxes {
+            change(models.models.get_mut(model).unwrap());
+        }
+    }
+
+    #[test]
+    fn a_model_fits_next_to_another_where_the_gpu_has_room() {
+        // a and b share GPU 0: with vram 10 + 10 GiB on 24 GiB GPUs both fit, so a goes
+        // next to the ready b (fits) rather than wherever the hash says.
+        let mut boxes = three([[S, R, S], [S, S, S], [S, S, S]]);
+        set(&mut boxes, "a", |m| m.vram = Some(10 * GIB));
+        set(&mut boxes, "b", |m| m.vram = Some(10 * GIB));
+        // Boxes 2 and 3 are busy elsewhere: b's GPU on box 1 has room.
+        boxes[1].1.models.get_mut("b").unwrap().state = R;
+        boxes[2].1.models.get_mut("b").unwrap().state = R;
+        memory(&mut boxes, 24 * GIB);
+        let c = candidates(&boxes);
+        let (_, reason) = chosen(&place_now("a", &c));
+        assert_eq!(reason, Reason::Fits);
+        // 20 GiB each: no longer fits next to b anywhere; they are all "evict idle".
+        set(&mut boxes, "a", |m| m.vram = Some(20 * GIB));
+        memory(&mut boxes, 24 * GIB);
+        assert_eq!(
+            chosen(&place_now("a", &candidates(&boxes))).1,
+            Reason::Evicts
+        );
+        // Without a known GPU size the GPU is taken whole, whatever the vram.
+        set(&mut boxes, "a", |m| m.vram = Some(GIB));
+        for (_, models) in &mut boxes {
+            models.gpus.clear();
+        }
+        assert_eq!(
+            chosen(&place_now("a", &candidates(&boxes))).1,
+            Reason::Evicts
+        );
+    }
+
+    #[test]
+    fn a_pinned_model_is_never_in_the_way() {
+        // b (GPU 0) is ready everywhere; pinned on gpu1 and gpu2: a goes to gpu3, even
+        // though gpu3's b was used more recently.
+        let mut boxes = three([[S, R, S], [S, R, S], [S, R, S]]);
+        boxes[0].1.models.get_mut("b").unwrap().pinned = true;
+        boxes[1].1.models.get_mut("b").unwrap().pinned = true;
+        let now = Instant::now();
+        let recent = used(0, Some(now));
+        let mut c = candidates(&boxes);
+        c[2].usage = &recent;
+        assert_eq!(
+            chosen(&place("a", &c, &HashMap::new(), now, 0, 0)),
+            (2, Reason::Evicts)
+        );
+        // Even busy there: busy beats blocked.
+        let busy = used(3, Some(now));
+        c[2].usage = &busy;
+        assert_eq!(
+            chosen(&place("a", &c, &HashMap::new(), now, 0, 0)),
+            (2, Reason::Busy)
+        );
+        // Pinned everywhere: no box can start it.
+        boxes[2].1.models.get_mut("b").unwrap().pinned = true;
+        assert!(matches!(
+            place("a", &candidates(&boxes), &HashMap::new(), now, 0, 0),
+            Placement::Unavailable(m) if m.contains("pinned")
+        ));
+        // A pinned model that leaves room on its GPU does not block.
+        set(&mut boxes, "a", |m| m.vram = Some(4 * GIB));
+        set(&mut boxes, "b", |m| m.vram = Some(4 * GIB));
+        memory(&mut boxes, 24 * GIB);
+        assert_eq!(chosen(&place_now("a", &candidates(&boxes))).1, Reason::Fits);
+    }
+
+    #[test]
+    fn other_fronts_requests_make_a_model_busy_and_a_box_loaded() {
+        let boxes = three([[S, R, S], [S, R, S], [S, S, S]]);
+        let mut boxes = boxes;
+        boxes.truncate(2);
+        // Box 0's b is busy with another front's requests (its gateway reports them).
+        let others = OtherLoad {
+            total: 2,
+            models: [("b".to_string(), 2)].into(),
+        };
+        // Box 1's b was used through this picker just now; box 0's never was (the idlest,
+        // were its other requests not counted).
+        let now = Instant::now();
+        let just_used = used(0, Some(now));
+        let mut c = candidates(&boxes);
+        c[0].others = &others;
+        c[0].in_flight = 2;
+        c[1].usage = &just_used;
+        assert_eq!(
+            chosen(&place("a", &c, &HashMap::new(), now, 0, 0)),
+            (1, Reason::Evicts)
+        );
+        // Ready on both: the less loaded one, counting the others' requests.
+        let boxes = three([[R, S, S], [R, S, S], [S, S, S]]);
+        let mut c = candidates(&boxes);
+        c[1].others = &others;
+        c[1].in_flight = 2;
+        c[0].in_flight = 1;
+        assert_eq!(chosen(&place_now("a", &c)), (0, Reason::Ready));
+    }
+
+    #[test]
+    fn the_supervisors_last_use_counts_as_use() {
+        // The b on gpu2 was never used through this picker but another front used it just
+        // now (the supervisor's last use): gpu1's b, idle for a minute, is the one to go.
+        let mut boxes = three([[S, R, S], [S, R, S], [S, S, S]]);
+        boxes.truncate(2);
+        let now = Instant::now();
+        boxes[1].1.models.get_mut("b").unwrap().last_used = Some(now);
+        let minute = used(0, Some(now - Duration::from_secs(60)));
+        let mut c = candidates(&boxes);
+        c[0].usage = &minute;
+        assert_eq!(
+            chosen(&place("a", &c, &HashMap::new(), now, 0, 0)),
+            (0, Reason::Evicts)
+        );
     }
 
     #[test]

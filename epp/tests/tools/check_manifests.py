@@ -1,4 +1,4 @@
-"""Checks deploy/kubernetes/*.yaml offline (run by epp/tests/kubernetes.rs with the tools venv).
+"""Checks deploy/kubernetes/*.yaml offline (run by epp/tests/it/kubernetes.rs with the tools venv).
 
 - core kinds: kubernetes-validate --strict (Kubernetes' own schemas, shipped in the package);
 - the InferencePool: the openAPIV3Schema of the vendored GIE CRD (deploy/kubernetes/crds/);

@@ -2,8 +2,7 @@
 //! Kubernetes' own schemas (kubernetes-validate, strict), the InferencePool CRD's schema, the
 //! references between the objects, and the ConfigMaps' gpuswap.toml through the real loader.
 
-mod common;
-
+use crate::common;
 use std::process::Command;
 
 #[test]

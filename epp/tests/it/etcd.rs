@@ -1,11 +1,9 @@
 //! etcd discovery and election with a real etcd: box gateways register themselves under a
 //! lease they keep alive, two pickers elect the active one, Envoy follows the leader.
 
-mod common;
-
 use std::time::{Duration, Instant};
 
-use common::{EtcdServer, Front, GpuBox};
+use crate::common::{self, EtcdServer, Front, GpuBox};
 use testkit::MockModel;
 
 /// Boxes registered with a 2 s lease (so a hung gateway drops out within about 2 s).
@@ -69,6 +67,12 @@ async fn a_box_that_stops_renewing_its_lease_leaves_placement_and_comes_back() {
         })
         .await;
     eprintln!("the hung box left placement after {:?}", since.elapsed());
+    // Its gateway's metrics no longer answer, which takes it out of placement first; the
+    // lease is what takes it off the box list.
+    front
+        .wait_picker_logged("gpu2's lease to run out", &["box removed", "box=gpu2"])
+        .await;
+    eprintln!("the hung box left the box list after {:?}", since.elapsed());
     for _ in 0..5 {
         assert_eq!(
             served_within(&front, testkit::DEADLINE).await.as_deref(),

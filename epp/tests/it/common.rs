@@ -1,7 +1,6 @@
 //! Harness of the picker's tests: real boxes (each its own supervisor, gateway on its own
 //! loopback address 127.0.0.N, and mock backends), the real `gpuswap-epp` and a real Envoy
 //! running `deploy/envoy/envoy.yaml`, all over real sockets.
-#![allow(dead_code)] // each test binary uses a different part
 
 use std::{
     path::{Path, PathBuf},
@@ -47,8 +46,23 @@ impl GpuBox {
         models: Vec<MockModel>,
         gateway_lines: impl Fn(&str) -> Vec<String>,
     ) -> GpuBox {
+        Self::start_configured(test, name, ip, models, &[], gateway_lines).await
+    }
+
+    /// As [`start_with`](Self::start_with), with extra `[supervisor]` lines.
+    pub async fn start_configured(
+        test: &str,
+        name: &str,
+        ip: &str,
+        models: Vec<MockModel>,
+        supervisor_lines: &[&str],
+        gateway_lines: impl Fn(&str) -> Vec<String>,
+    ) -> GpuBox {
         let port = testkit::free_port();
         let mut builder = testkit::StackBuilder::<GpuBox>::new(&format!("{test}-{name}"));
+        for line in supervisor_lines {
+            builder = builder.supervisor(line);
+        }
         for line in gateway_lines(&format!("{ip}:{port}")) {
             builder = builder.gateway(&line);
         }
@@ -102,14 +116,6 @@ impl GpuBox {
         }
     }
 
-    /// `kill -9` of the supervisor (its backends go with it).
-    pub fn kill_supervisor(&mut self) {
-        if let Some(mut proc) = self.base.supervisor.take() {
-            proc.signal(libc::SIGKILL);
-            proc.wait_exit(DEADLINE);
-        }
-    }
-
     /// Makes `model` ready on this box (through its own gateway, as a client would).
     pub async fn load(&self, model: &str) {
         let url = format!("http://{}/v1/chat/completions", self.gateway_addr());
@@ -125,6 +131,19 @@ impl GpuBox {
             "load {model} on {}: {answer:?}",
             self.name
         );
+    }
+
+    /// A streaming chat request straight to this box's gateway (another front's traffic,
+    /// which the picker sees only in the gateway's metrics), read to its end.
+    pub async fn stream_direct(&self, model: &str, max_tokens: u32) -> Result<String, String> {
+        let url = format!("http://{}/v1/chat/completions", self.gateway_addr());
+        let response = http()
+            .post(&url)
+            .json(&testkit::chat_body(model, true, max_tokens))
+            .send()
+            .await
+            .map_err(|e| e.to_string())?;
+        response.text().await.map_err(|e| e.to_string())
     }
 
     pub fn log_paths(&self) -> Vec<PathBuf> {
@@ -180,9 +199,9 @@ pub struct Front {
     pub pickers: Vec<Picker>,
     /// The first picker's port.
     pub picker_port: u16,
-    pub envoy: Proc,
+    /// Envoy runs as long as the front.
+    _envoy: Proc,
     pub front_port: u16,
-    pub admin_port: u16,
 }
 
 /// The Envoy binary (installed by `epp/tests/tools/make-venv.sh`, run once per machine).
@@ -273,10 +292,9 @@ impl Front {
             boxes,
             picker_port: pickers[0].port,
             pickers,
-            envoy: spawn_envoy(&envoy_config, &dir.path().join("envoy.log")),
+            _envoy: spawn_envoy(&envoy_config, &dir.path().join("envoy.log")),
             dir,
             front_port,
-            admin_port,
         };
         front.wait_models_listed().await;
         front
@@ -370,6 +388,17 @@ impl Front {
             .iter()
             .flat_map(|b| b.starts().into_iter().map(|m| (b.name.clone(), m)))
             .collect()
+    }
+
+    /// Until the first picker's log has a line with every one of `parts`.
+    pub async fn wait_picker_logged(&self, what: &str, parts: &[&str]) {
+        let log = self.pickers[0].log.clone();
+        self.wait_logged(what, || {
+            let text = without_colors(&testkit::read_lossy(&log));
+            let found = text.lines().any(|l| parts.iter().all(|p| l.contains(p)));
+            async move { found.then_some(()) }
+        })
+        .await;
     }
 
     /// Every log, for assertion messages.
@@ -508,7 +537,8 @@ pub async fn stream_timed(
 /// A single-member etcd (Debian's `etcd-server`, which `.ci/run` installs) on loopback, its
 /// data in a temporary directory.
 pub struct EtcdServer {
-    pub proc: Proc,
+    /// etcd runs as long as this.
+    _proc: Proc,
     pub url: String,
     _dir: tempfile::TempDir,
 }
@@ -544,9 +574,23 @@ impl EtcdServer {
         })
         .await;
         EtcdServer {
-            proc,
+            _proc: proc,
             url,
             _dir: dir,
         }
     }
+}
+
+/// `text` without its ANSI color sequences (the daemons color their logs).
+pub fn without_colors(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut chars = text.chars();
+    while let Some(c) = chars.next() {
+        if c == '\x1b' {
+            chars.by_ref().find(|c| c.is_ascii_alphabetic());
+        } else {
+            out.push(c);
+        }
+    }
+    out
 }

@@ -1,10 +1,8 @@
 //! Scale bench of the picker, outside the normal run (timings on a loaded 2-core machine are
 //! figures, not pass/fail). Run it in release, alone:
 //!   cargo build --release --workspace --bins
-//!   cargo test --release -p gpuswap-epp --test scale -- --ignored --nocapture --test-threads 1
+//!   cargo test --release -p gpuswap-epp --test it scale:: -- --ignored --nocapture --test-threads 1
 //! Figures go to bench/RESULTS.md ("Endpoint picker").
-
-mod common;
 
 use std::{
     process::{Command, Stdio},
@@ -12,7 +10,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use common::{Front, GpuBox};
+use crate::common::{self, Front, GpuBox};
 use gpuswap::{config::BoxConfig, pb};
 use gpuswap_epp::{
     fleet::Fleet,
@@ -64,7 +62,7 @@ fn fleet(boxes: usize, models: usize) -> Picker {
                 }
             })
             .collect();
-        entry.apply_snapshot(statuses);
+        entry.apply_snapshot(statuses, Vec::new());
         entry.set_gateway_up(true);
     }
     Picker {

@@ -1,9 +1,7 @@
 //! Placement through a real Envoy and the real picker in front of three real boxes
 //! (127.0.0.2, .3, .4: each its own supervisor, gateway and mock backends).
 
-mod common;
-
-use common::{Front, GpuBox};
+use crate::common::{self, Front, GpuBox};
 use testkit::MockModel;
 
 /// Models a and b share GPU 0 (they swap); c is on GPU 1 (it fits beside either).
@@ -143,4 +141,144 @@ async fn a_busy_model_is_not_evicted_while_an_idle_box_can_take_the_new_one() {
     assert!(streamed.contains("[DONE]"), "{streamed}");
     let ready = gpuswap::pb::ModelState::Ready as i32;
     assert_eq!(front.gpu_box(&streamed_by).status("b").await.state, ready);
+}
+
+/// The box of `names` that the rendezvous hash prefers for `model` (where a picker that
+/// ignored what is in the way would put it).
+fn preferred(names: &[&'static str], model: &str) -> &'static str {
+    names
+        .iter()
+        .copied()
+        .max_by_key(|b| gpuswap_epp::placement::rendezvous(b, model))
+        .unwrap()
+}
+
+async fn two_boxes(
+    test: &str,
+    models: impl Fn(&str) -> Vec<MockModel>,
+    supervisor: &[&str],
+) -> Vec<GpuBox> {
+    let mut boxes = Vec::new();
+    for (name, ip) in [("gpu2", "127.0.0.2"), ("gpu3", "127.0.0.3")] {
+        let gpu_box =
+            GpuBox::start_configured(test, name, ip, models(name), supervisor, |_| Vec::new())
+                .await;
+        boxes.push(gpu_box);
+    }
+    boxes
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cold_model_never_goes_where_a_pinned_model_is_in_its_way() {
+    // b (GPU 0) is ready on both boxes, pinned on the box the hash prefers for a (GPU 0).
+    let pinned_box = preferred(&["gpu2", "gpu3"], "a");
+    let boxes = two_boxes(
+        "pinned",
+        |name| {
+            let b = MockModel::new("b");
+            vec![
+                MockModel::new("a"),
+                if name == pinned_box {
+                    b.toml("pinned = true")
+                } else {
+                    b
+                },
+            ]
+        },
+        &[],
+    )
+    .await;
+    for b in &boxes {
+        b.load("b").await;
+    }
+    let front = Front::start(boxes, &[], |t| t).await;
+    let (status, by, text) = front.chat("a", false, 2).await;
+    assert_eq!(status, 200, "{text}\n{}", front.logs());
+    assert_ne!(by, pinned_box, "{}", front.logs());
+    let ready = gpuswap::pb::ModelState::Ready as i32;
+    assert_eq!(front.gpu_box(pinned_box).status("b").await.state, ready);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cold_model_goes_where_its_gpu_has_room() {
+    // 24 GiB GPUs. a and b take 10 GiB each (they fit together); c takes GPU 0 whole.
+    // b is ready on one box, c on the one the hash prefers for a: a joins b, nothing stops.
+    let full_box = preferred(&["gpu2", "gpu3"], "a");
+    let boxes = two_boxes(
+        "memory",
+        |_| {
+            vec![
+                MockModel::new("a").toml("vram = \"10GiB\""),
+                MockModel::new("b").toml("vram = \"10GiB\""),
+                MockModel::new("c"),
+            ]
+        },
+        &["gpu_memory = \"24GiB\""],
+    )
+    .await;
+    let room_box = if full_box == "gpu2" { "gpu3" } else { "gpu2" };
+    // c first: the full box's model is the idler one, which a picker that thought both
+    // boxes full would evict.
+    for (name, model) in [(full_box, "c"), (room_box, "b")] {
+        boxes
+            .iter()
+            .find(|b| b.name == name)
+            .unwrap()
+            .load(model)
+            .await;
+    }
+    let front = Front::start(boxes, &[], |t| t).await;
+    let (status, by, text) = front.chat("a", false, 2).await;
+    assert_eq!(status, 200, "{text}\n{}", front.logs());
+    assert_eq!(by, room_box, "{}", front.logs());
+    let ready = gpuswap::pb::ModelState::Ready as i32;
+    assert_eq!(front.gpu_box(room_box).status("b").await.state, ready);
+    assert_eq!(front.gpu_box(full_box).status("c").await.state, ready);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn another_fronts_requests_count_in_a_boxs_load() {
+    // b is ready on both boxes; on the box the hash prefers for b another client streams b
+    // straight through that box's gateway: the picker sees it only in the gateway's
+    // metrics, and sends b (least loaded) and a (GPU 0: b is in its way, busy there) to
+    // the other box.
+    let busy_box = preferred(&["gpu2", "gpu3"], "b");
+    let boxes = two_boxes(
+        "others",
+        |_| {
+            vec![
+                MockModel::new("a"),
+                MockModel::new("b").tokens_per_second(20),
+            ]
+        },
+        &[],
+    )
+    .await;
+    for b in &boxes {
+        b.load("b").await;
+    }
+    let front = Front::start(boxes, &[], |t| t).await;
+    let stream = front.gpu_box(busy_box).stream_direct("b", 60);
+    let through_front = async {
+        front
+            .wait_picker_logged(
+                "the picker to read the other front's request",
+                &[&format!("box={busy_box}"), "others_total=1"],
+            )
+            .await;
+        (
+            front.chat("b", false, 2).await,
+            front.chat("a", false, 2).await,
+        )
+    };
+    let (streamed, ((b_status, b_by, b_text), (status, by, text))) =
+        tokio::join!(stream, through_front);
+    assert_eq!(b_status, 200, "{b_text}\n{}", front.logs());
+    assert_ne!(b_by, busy_box, "b went to the busier box\n{}", front.logs());
+    assert_eq!(status, 200, "{text}\n{}", front.logs());
+    assert_ne!(by, busy_box, "a evicted the busy b\n{}", front.logs());
+    let streamed = streamed.expect("the other front's stream was cut");
+    assert!(streamed.contains("[DONE]"), "{streamed}");
+    let ready = gpuswap::pb::ModelState::Ready as i32;
+    assert_eq!(front.gpu_box(busy_box).status("b").await.state, ready);
 }

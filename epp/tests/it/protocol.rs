@@ -1,11 +1,9 @@
 //! The EPP protocol: through a real Envoy (its body modes, streaming, `/v1/models`, refusals)
 //! and spoken directly to the picker over gRPC (chunking, fallbacks, subset hint, health).
 
-mod common;
-
 use std::time::Duration;
 
-use common::{Front, GpuBox};
+use crate::common::{self, Front, GpuBox};
 use envoy_types::pb::envoy::{
     config::core::v3::{HeaderMap, HeaderValue, Metadata},
     extensions::filters::http::ext_proc::v3::processing_mode::BodySendMode,

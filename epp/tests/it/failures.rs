@@ -2,11 +2,9 @@
 //! box's requests in flight fail cleanly, new ones go to the other box within seconds, the
 //! other box's requests are untouched, and a restarted box is used again.
 
-mod common;
-
 use std::time::{Duration, Instant};
 
-use common::{Front, GpuBox};
+use crate::common::{self, Front, GpuBox};
 use testkit::MockModel;
 
 /// Two boxes with model a (20 tokens/s, so a stream of 40 lasts two seconds) loaded; gpu3
