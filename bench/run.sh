@@ -51,13 +51,13 @@ if ! $skip_litellm && [ ! -x "$LITELLM" ]; then
 fi
 
 # llama-server's router mode, raced against gpuswap: llama.cpp is built (once per machine,
-# cached) by tests/real/setup.sh; the two GGUF models are made here, never committed: a few
+# cached) by e2e/real/setup.sh; the two GGUF models are made here, never committed: a few
 # hundred MB each so that loading them is measurable (the smoke run makes small ones).
 router_args=()
 if ! $skip_router; then
-  log "llama-server and the model tools (tests/real/setup.sh; cached after the first run)"
-  eval "$(tests/real/setup.sh llama-server)"
-  eval "$(tests/real/setup.sh models)"
+  log "llama-server and the model tools (e2e/real/setup.sh; cached after the first run)"
+  eval "$(e2e/real/setup.sh llama-server)"
+  eval "$(e2e/real/setup.sh models)"
   if $quick; then
     size=(--hidden 512 --layers 4 --ffn 2048) models_dir=bench/out/router-models/small  # ~34 MB
   else
@@ -69,7 +69,7 @@ if ! $skip_router; then
     if [ ! -f "$model" ]; then
       log "making $model"
       seed=$([ $side = a ] && echo 1 || echo 2)
-      "$GPUSWAP_REAL_MODEL_TOOLS_PYTHON" tests/real/make_models.py gguf "$model" \
+      "$GPUSWAP_REAL_MODEL_TOOLS_PYTHON" e2e/real/make_models.py gguf "$model" \
         "${size[@]}" --head-dim 64 --f16 --seed "$seed" >&2
     fi
   done

@@ -147,7 +147,7 @@ async fn unknown_model_is_404_in_each_flavors_shape() {
     )
     .await;
     assert_eq!(reply.status, 404);
-    // vLLM 0.32's own shape (tests/real_servers.rs saw it): the status as the code.
+    // vLLM 0.32's own shape (e2e/tests/real_servers.rs saw it): the status as the code.
     let body = reply.json();
     assert_eq!(body["error"]["type"], "NotFoundError", "{body}");
     assert_eq!(body["error"]["code"], 404, "{body}");

@@ -70,7 +70,7 @@ pub struct SuiteArgs {
     #[arg(long, default_value = "bench/.venv/bin/litellm")]
     pub litellm: String,
     /// llama.cpp's `llama-server`: with `--router-models`, its router mode is raced against
-    /// gpuswap (bench/run.sh builds it with tests/real/setup.sh).
+    /// gpuswap (bench/run.sh builds it with e2e/real/setup.sh).
     #[arg(long)]
     pub llama_server: Option<PathBuf>,
     /// Two GGUF models for the router race (made by bench/run.sh).

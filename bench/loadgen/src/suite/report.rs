@@ -532,7 +532,7 @@ fn router_section(r: &super::RouterReport) -> (String, Option<f64>, Option<f64>)
          llama.cpp's `llama-server` ({}) in router mode (`--models-dir DIR --models-max 1`: a \
          child llama-server per loaded model, swapped on the request's `model`) against gpuswap \
          with the same two random-weight GGUF models ({} MiB, made at bench time by \
-         tests/real/make_models.py) as two `llama-server` models on one GPU. Requests alternate \
+         e2e/real/make_models.py) as two `llama-server` models on one GPU. Requests alternate \
          between the two models, streamed; each is a swap (the first, a start from nothing). \
          *Request → first token* includes the real load of the weights. gpuswap's overhead is \
          first token − the backend's own `/health` 200 (as in the swap section); the router's \

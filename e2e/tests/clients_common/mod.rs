@@ -14,12 +14,14 @@ use gpuswap::{SupervisorClient, pb};
 use serde_json::Value;
 use testkit::{DEADLINE, Proc};
 
-/// The repository root (the root package's manifest directory).
+/// The repository root (the parent of this package's `e2e/`).
 pub fn repo() -> &'static Path {
     Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("e2e/ is inside the repository")
 }
 
-/// The Python venv with the real clients (tests/python/requirements.txt).
+/// The Python venv with the real clients (e2e/python/requirements.txt).
 pub struct Venv {
     pub python: PathBuf,
     /// The grpcurl binary itself, not the package's Python wrapper script.
@@ -28,11 +30,11 @@ pub struct Venv {
 
 /// Ensures `target/test-venv` exists with the pinned clients and returns it.
 ///
-/// tests/python/make-venv.sh does the work under a file lock, so the tests
+/// e2e/python/make-venv.sh does the work under a file lock, so the tests
 /// that start at once install it once; `.ci/run` runs it up front.
 pub fn venv() -> Venv {
     let dir = repo().join("target/test-venv");
-    let script = repo().join("tests/python/make-venv.sh");
+    let script = repo().join("e2e/python/make-venv.sh");
     let output = Command::new(&script)
         .arg(&dir)
         .stdin(Stdio::null())

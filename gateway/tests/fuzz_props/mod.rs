@@ -1,5 +1,5 @@
 //! Properties of the gateway's request parsing, shared by the proptest suite
-//! (`tests/fuzz_parse.rs`, stable, in every test run) and the cargo-fuzz target
+//! (`gateway/tests/fuzz_parse.rs`, stable, in every test run) and the cargo-fuzz target
 //! (`fuzz/fuzz_targets/parse_request.rs`). Each check panics on a violation.
 //!
 //! Only what the gateway makes `pub` is reached: `proxy::probe` and `proxy::splice` (the

@@ -1,4 +1,4 @@
-//! OpenWebUI itself (PyPI `open-webui`, pinned in tests/openwebui/make-venv.sh) in front of
+//! OpenWebUI itself (PyPI `open-webui`, pinned in e2e/openwebui/make-venv.sh) in front of
 //! the real gateway, supervisor and mock llama-servers, driven through OpenWebUI's own HTTP
 //! API, the calls its pages make: the model list (every gpuswap model, each with the "loaded"
 //! state OpenWebUI reads from llama-server's router fields), a chat with a model that is not
@@ -9,8 +9,8 @@
 //!
 //! Ignored by `cargo test`: OpenWebUI takes one to two minutes to start on a small machine
 //! (measured on 2 busy cores: 122 s the first time, 57 s once its files are cached). `.ci/run` makes its venv
-//! (`tests/openwebui/make-venv.sh`, a few GB, cached per version under ~/.cache/gpuswap) and
-//! runs it: `cargo test --test clients_openwebui -- --ignored`.
+//! (`e2e/openwebui/make-venv.sh`, a few GB, cached per version under ~/.cache/gpuswap) and
+//! runs it: `cargo test -p gpuswap-e2e --test clients_openwebui -- --ignored`.
 
 mod clients_common;
 
@@ -32,9 +32,9 @@ const OPENWEBUI_START: Duration = Duration::from_secs(600);
 /// The key OpenWebUI's connection uses: an admin key, so its load and eject are allowed.
 const ADMIN_KEY: &str = "openwebui-admin-key";
 
-/// The OpenWebUI venv, made (or found) by tests/openwebui/make-venv.sh.
+/// The OpenWebUI venv, made (or found) by e2e/openwebui/make-venv.sh.
 fn openwebui_venv() -> PathBuf {
-    let script = clients_common::repo().join("tests/openwebui/make-venv.sh");
+    let script = clients_common::repo().join("e2e/openwebui/make-venv.sh");
     let output = Command::new(&script)
         .stdin(Stdio::null())
         .output()

@@ -2,8 +2,12 @@
 
 use gpuswap::config::{BackendKind, Config};
 
+/// Loads a configuration by its path from the repository root.
 fn load(path: &str) -> Config {
-    let text = std::fs::read_to_string(path).unwrap_or_else(|e| panic!("{path}: {e}"));
+    let file = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("..")
+        .join(path);
+    let text = std::fs::read_to_string(file).unwrap_or_else(|e| panic!("{path}: {e}"));
     Config::from_toml(&text).unwrap_or_else(|e| panic!("{path}: {e}"))
 }
 

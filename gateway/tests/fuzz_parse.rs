@@ -1,5 +1,5 @@
 //! The gateway's request parsing under generated input, on stable in every test run: the
-//! properties of `tests/fuzz_props` (shared with the cargo-fuzz target in `fuzz/`) over
+//! properties of `fuzz_props` (shared with the cargo-fuzz target in `fuzz/`) over
 //! well-formed requests written in many styles, over those requests with a few bytes
 //! changed, and over arbitrary bytes.
 

@@ -1,7 +1,7 @@
 //! The official anthropic Python SDK against the real gateway, supervisor and mock backends:
 //! Anthropic's Messages API (`/v1/messages`, served by llama-server and vLLM) passes through,
 //! streaming included, with `x-api-key` and `anthropic-version`, and the gateway's errors on
-//! that path are Anthropic-shaped (tests/python/anthropic_client.py).
+//! that path are Anthropic-shaped (e2e/python/anthropic_client.py).
 
 mod clients_common;
 
@@ -29,7 +29,7 @@ async fn anthropic_python_sdk_streams_and_gets_anthropic_errors() {
 
     let mut command = tokio::process::Command::new(&venv.python);
     command
-        .arg(clients_common::repo().join("tests/python/anthropic_client.py"))
+        .arg(clients_common::repo().join("e2e/python/anthropic_client.py"))
         .args(["--base-url", &base])
         .args(["--key", "anthropic-test-key"])
         .args(["--model", "claude-like"])

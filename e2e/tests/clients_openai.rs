@@ -1,5 +1,5 @@
 //! The official openai Python SDK against the real gateway, supervisor and mock
-//! backends: what applications built on it see (tests/python/openai_client.py).
+//! backends: what applications built on it see (e2e/python/openai_client.py).
 
 mod clients_common;
 
@@ -22,7 +22,7 @@ async fn openai_python_sdk_lists_chats_streams_fails_and_swaps() {
 
     let mut command = tokio::process::Command::new(&venv.python);
     command
-        .arg(clients_common::repo().join("tests/python/openai_client.py"))
+        .arg(clients_common::repo().join("e2e/python/openai_client.py"))
         .args(["--base-url", &stack.base_url])
         .args([
             "--first",

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Creates the Python environment of the client tests once: the official openai and anthropic SDKs and grpcurl
-# (tests/python/requirements.txt). Usage: make-venv.sh [VENV_DIR] (default target/test-venv).
+# (e2e/python/requirements.txt). Usage: make-venv.sh [VENV_DIR] (default target/test-venv).
 # Safe to run from many tests at once: a file lock makes one install and the others wait for it.
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)

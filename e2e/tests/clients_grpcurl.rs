@@ -25,7 +25,7 @@ fn proto_flags() -> Vec<String> {
         "-import-path".to_owned(),
         repo.join("proto").display().to_string(),
         "-import-path".to_owned(),
-        repo.join("tests/python/proto").display().to_string(),
+        repo.join("e2e/python/proto").display().to_string(),
         "-proto".to_owned(),
         "gpuswap/v1/supervisor.proto".to_owned(),
         "-proto".to_owned(),

@@ -4,12 +4,12 @@
 //! readiness signals, swaps through the openai SDK, `served_name`, usage and final chunks,
 //! the process trees a stop must end, failed starts, error bodies, llama-server's idle sleep.
 //!
-//! The servers are installed by `tests/real/setup.sh` (minutes the first time, cached per
+//! The servers are installed by `e2e/real/setup.sh` (minutes the first time, cached per
 //! machine), so these tests are `#[ignore]`d in a plain `cargo test --workspace` (which
 //! reports them as ignored) and run by `.ci/run`:
 //!
 //! ```text
-//! eval "$(tests/real/setup.sh)"
+//! eval "$(e2e/real/setup.sh)"
 //! cargo test --test real_servers -- --ignored
 //! ```
 //!
@@ -38,7 +38,7 @@ const VLLM_MAX_MODEL_LEN: u32 = 256;
 
 // ----- the installed servers -------------------------------------------------------------
 
-/// A path that `tests/real/setup.sh` installed, from the environment it prints:
+/// A path that `e2e/real/setup.sh` installed, from the environment it prints:
 /// `GPUSWAP_REAL_LLAMA_SERVER`, `GPUSWAP_REAL_VLLM_PYTHON`, or `GPUSWAP_REAL_MODELS` (which
 /// holds `tiny-llama-hf/` for vLLM and `tiny-llama.gguf` for llama-server). Each test asks
 /// only for what it runs.
@@ -46,14 +46,14 @@ fn installed(name: &str) -> PathBuf {
     let value = std::env::var_os(name).unwrap_or_else(|| {
         panic!(
             "{name} is not set: the real-server suite needs the servers that \
-             tests/real/setup.sh installs. Run `eval \"$(tests/real/setup.sh)\"`, then \
+             e2e/real/setup.sh installs. Run `eval \"$(e2e/real/setup.sh)\"`, then \
              `cargo test --test real_servers -- --ignored` (.ci/run does both)"
         )
     });
     let path = PathBuf::from(value);
     assert!(
         path.exists(),
-        "{name}={} does not exist: run tests/real/setup.sh again",
+        "{name}={} does not exist: run e2e/real/setup.sh again",
         path.display()
     );
     path
@@ -371,7 +371,7 @@ fn vllm_tree(processes: &[Process]) -> [Option<Process>; 4] {
 // ----- the tests -----------------------------------------------------------------------------
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "needs the real servers: eval \"$(tests/real/setup.sh)\", then --ignored"]
+#[ignore = "needs the real servers: eval \"$(e2e/real/setup.sh)\", then --ignored"]
 async fn real_vllm_and_llama_server_swap_on_one_gpu_through_the_openai_sdk() {
     let _slot = VllmSlot::take();
     let stack = start(
@@ -437,7 +437,7 @@ async fn real_vllm_and_llama_server_swap_on_one_gpu_through_the_openai_sdk() {
     let venv = clients_common::venv();
     let mut command = tokio::process::Command::new(&venv.python);
     command
-        .arg(clients_common::repo().join("tests/python/real_servers_client.py"))
+        .arg(clients_common::repo().join("e2e/python/real_servers_client.py"))
         .args(["--base-url", &stack.url("/v1")])
         .args(["--sequence", "llama-chat,vllm-chat"]);
     let (status, stdout, stderr) = clients_common::run_client(command, START_DEADLINE).await;
@@ -527,7 +527,7 @@ fn assert_usage(usage: &Value, context: &str) {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "needs the real servers: eval \"$(tests/real/setup.sh)\", then --ignored"]
+#[ignore = "needs the real servers: eval \"$(e2e/real/setup.sh)\", then --ignored"]
 async fn stopping_vllm_by_sigterm_or_after_its_leader_is_killed_leaves_no_process() {
     let _slot = VllmSlot::take();
     let stack = start(Stack::builder("real-stop").model(vllm("vllm", "tiny"))).await;
@@ -557,7 +557,7 @@ async fn stopping_vllm_by_sigterm_or_after_its_leader_is_killed_leaves_no_proces
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "needs the real servers: eval \"$(tests/real/setup.sh)\", then --ignored"]
+#[ignore = "needs the real servers: eval \"$(e2e/real/setup.sh)\", then --ignored"]
 async fn a_sigkill_escalation_or_a_killed_supervisor_leaves_no_vllm_process() {
     let _slot = VllmSlot::take();
     // vLLM takes ~0.5 s to exit on SIGTERM: a 1 ms stop_timeout escalates to SIGKILL mid-way.
@@ -614,7 +614,7 @@ async fn activate_vllm(stack: &Stack, model: &str) -> Vec<Process> {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "needs the real servers: eval \"$(tests/real/setup.sh)\", then --ignored"]
+#[ignore = "needs the real servers: eval \"$(e2e/real/setup.sh)\", then --ignored"]
 async fn real_failed_starts_name_the_cause() {
     let _slot = VllmSlot::take();
     let stack = start(
@@ -674,7 +674,7 @@ async fn real_failed_starts_name_the_cause() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "needs the real servers: eval \"$(tests/real/setup.sh)\", then --ignored"]
+#[ignore = "needs the real servers: eval \"$(e2e/real/setup.sh)\", then --ignored"]
 async fn a_sleeping_llama_server_is_ready_not_dead() {
     // llama-server unloads its weights after 1 s without a request; /health stays 200.
     let stack = start(

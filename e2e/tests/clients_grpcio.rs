@@ -1,6 +1,6 @@
 //! Python grpcio (Google's gRPC core, a second independent gRPC stack) against a
 //! real supervisor on its Unix socket: it learns the schema through server
-//! reflection and calls the supervisor with it (tests/python/grpc_reflection_client.py).
+//! reflection and calls the supervisor with it (e2e/python/grpc_reflection_client.py).
 
 mod clients_common;
 
@@ -9,7 +9,7 @@ use std::time::Duration;
 use clients_common::{Stack, mock};
 use serde_json::{Value, json};
 
-/// Runs tests/python/grpc_reflection_client.py against a fresh supervisor: its
+/// Runs e2e/python/grpc_reflection_client.py against a fresh supervisor: its
 /// JSON results and a context for assertion messages.
 async fn discover(test: &str) -> (Value, String) {
     let venv = clients_common::venv();
@@ -20,7 +20,7 @@ async fn discover(test: &str) -> (Value, String) {
     .await;
     let mut command = tokio::process::Command::new(&venv.python);
     command
-        .arg(clients_common::repo().join("tests/python/grpc_reflection_client.py"))
+        .arg(clients_common::repo().join("e2e/python/grpc_reflection_client.py"))
         .arg("--socket")
         .arg(&stack.socket);
     let (status, stdout, stderr) =
