@@ -1,17 +1,7 @@
-//! Prometheus metrics of the two daemons over `prometheus-client`.
-//!
-//! Model names are interned: each model's instruments are looked up once and
-//! kept behind an `Arc<str>` key, so recording on the hot path is a map read
-//! and a few atomic adds, without allocation.
-//!
-//! Label values must come from the configuration (model ids, fixed reasons),
-//! never from raw client input, or a client could grow the label sets without bound.
+//! The gateway's instruments (`gpuswap_gateway_*`): requests, queue, tokens, refusals,
+//! connections.
 
-use std::{
-    collections::HashMap,
-    sync::{Arc, PoisonError, RwLock},
-    time::{Duration, Instant},
-};
+use std::{sync::Arc, time::Instant};
 
 use prometheus_client::{
     encoding::EncodeLabelSet,
@@ -19,11 +9,7 @@ use prometheus_client::{
     registry::{Registry, Unit},
 };
 
-/// The `Content-Type` of [`Metrics::encode`]'s output: the Prometheus text format.
-pub const CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
-
-/// Every metric name starts with this (`gpuswap_gateway_...`, `gpuswap_supervisor_...`).
-const PREFIX: &str = "gpuswap";
+use super::{HistogramFamily, ModelCache, ModelLabels};
 
 /// Seconds from a request's arrival to its first byte, or of a whole request:
 /// a swap can take minutes, a warm answer milliseconds.
@@ -33,29 +19,16 @@ const LATENCY_BUCKETS: [f64; 16] = [
 const TOKENS_PER_SECOND_BUCKETS: [f64; 15] = [
     1.0, 2.0, 5.0, 10.0, 20.0, 30.0, 50.0, 75.0, 100.0, 150.0, 200.0, 300.0, 500.0, 1000.0, 2000.0,
 ];
-const PHASE_BUCKETS: [f64; 14] = [
-    0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0,
-];
 
 /// Recorded for a request dropped before [`RequestMetrics::finish`]: the
 /// client went away (nginx's "client closed request").
 pub const STATUS_CLIENT_CLOSED: u16 = 499;
-
-type HistogramFamily<L> = Family<L, Histogram, fn() -> Histogram>;
 
 fn latency_histogram() -> Histogram {
     Histogram::new(LATENCY_BUCKETS)
 }
 fn tokens_per_second_histogram() -> Histogram {
     Histogram::new(TOKENS_PER_SECOND_BUCKETS)
-}
-fn phase_histogram() -> Histogram {
-    Histogram::new(PHASE_BUCKETS)
-}
-
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-struct ModelLabels {
-    model: Arc<str>,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -104,139 +77,6 @@ impl Refusal {
             Refusal::Host => "host",
         }
     }
-}
-
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-struct PhaseLabels {
-    phase: &'static str,
-}
-
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-struct FailureLabels {
-    model: Arc<str>,
-    reason: &'static str,
-}
-
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-struct StateLabels {
-    model: Arc<str>,
-    state: &'static str,
-}
-
-/// Per-model instruments, resolved once per model name.
-struct ModelCache<T> {
-    entries: RwLock<HashMap<Arc<str>, Arc<T>>>,
-}
-
-impl<T> ModelCache<T> {
-    fn new() -> Self {
-        Self {
-            entries: RwLock::new(HashMap::new()),
-        }
-    }
-
-    fn get_or_create(&self, model: &str, create: impl FnOnce(Arc<str>) -> T) -> Arc<T> {
-        // A panic elsewhere cannot leave the map half-updated: recover it.
-        if let Some(found) = self
-            .entries
-            .read()
-            .unwrap_or_else(PoisonError::into_inner)
-            .get(model)
-        {
-            return found.clone();
-        }
-        let mut entries = self.entries.write().unwrap_or_else(PoisonError::into_inner);
-        entries
-            .entry(Arc::from(model))
-            .or_insert_with_key(|key| Arc::new(create(key.clone())))
-            .clone()
-    }
-}
-
-/// The registry of one daemon. Create it once, take [`Metrics::gateway`] or
-/// [`Metrics::supervisor`] from it, then share it (`Arc<Metrics>`) with the
-/// code that serves `GET /metrics`.
-pub struct Metrics {
-    registry: Registry,
-    gateway: Option<GatewayMetrics>,
-    supervisor: Option<SupervisorMetrics>,
-}
-
-impl Default for Metrics {
-    fn default() -> Self {
-        Self::new()
-    }
-}
-
-impl Metrics {
-    pub fn new() -> Self {
-        Self {
-            registry: Registry::with_prefix(PREFIX),
-            gateway: None,
-            supervisor: None,
-        }
-    }
-
-    /// The gateway's metrics (`gpuswap_gateway_*`), registered on the first call.
-    pub fn gateway(&mut self) -> GatewayMetrics {
-        if self.gateway.is_none() {
-            let sub = self.registry.sub_registry_with_prefix("gateway");
-            self.gateway = Some(GatewayMetrics::register(sub));
-        }
-        self.gateway.clone().expect("registered above")
-    }
-
-    /// The supervisor's metrics (`gpuswap_supervisor_*`), registered on the first call.
-    pub fn supervisor(&mut self) -> SupervisorMetrics {
-        if self.supervisor.is_none() {
-            let sub = self.registry.sub_registry_with_prefix("supervisor");
-            self.supervisor = Some(SupervisorMetrics::register(sub));
-        }
-        self.supervisor.clone().expect("registered above")
-    }
-
-    /// The Prometheus text exposition (serve it with [`CONTENT_TYPE`]).
-    pub fn encode(&self) -> String {
-        let mut openmetrics = String::new();
-        // Writing into a String cannot fail, and every label value here encodes.
-        if let Err(error) =
-            prometheus_client::encoding::text::encode(&mut openmetrics, &self.registry)
-        {
-            tracing::error!(%error, "cannot encode metrics");
-        }
-        openmetrics_to_prometheus_text(&openmetrics)
-    }
-}
-
-/// prometheus-client writes OpenMetrics, whose counter families are named
-/// without `_total` and which has `# UNIT` and `# EOF` lines. The classic
-/// Prometheus text format (0.0.4) is the one every scraper and `promtool`
-/// read, so counters get their sample name in `# HELP`/`# TYPE` and the
-/// OpenMetrics-only lines go. Gauges and histograms read the same in both.
-fn openmetrics_to_prometheus_text(openmetrics: &str) -> String {
-    let counters: Vec<&str> = openmetrics
-        .lines()
-        .filter_map(|line| line.strip_prefix("# TYPE ")?.strip_suffix(" counter"))
-        .collect();
-    let mut text = String::with_capacity(openmetrics.len() + 16 * counters.len());
-    for line in openmetrics.lines() {
-        if line == "# EOF" || line.starts_with("# UNIT ") {
-            continue;
-        }
-        let descriptor = ["# HELP ", "# TYPE "].into_iter().find_map(|keyword| {
-            let rest = line.strip_prefix(keyword)?;
-            let (name, tail) = rest.split_once(' ').unwrap_or((rest, ""));
-            counters
-                .contains(&name)
-                .then(|| format!("{keyword}{name}_total {tail}"))
-        });
-        match descriptor {
-            Some(renamed) => text.push_str(renamed.trim_end()),
-            None => text.push_str(line),
-        }
-        text.push('\n');
-    }
-    text
 }
 
 /// A gauge raised while the guard lives.
@@ -299,7 +139,7 @@ struct GatewayModel {
 }
 
 impl GatewayMetrics {
-    fn register(registry: &mut Registry) -> Self {
+    pub(super) fn register(registry: &mut Registry) -> Self {
         let families = GatewayFamilies {
             requests: Family::default(),
             queue_depth: Family::default(),
@@ -563,214 +403,9 @@ impl Drop for RequestMetrics {
     }
 }
 
-/// The phases of a swap, each timed in `swap_phase_duration_seconds{phase}`.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub enum SwapPhase {
-    /// Waiting for the holds of the models in the way to be released.
-    Drain,
-    /// Stopping the backends in the way (until their GPU memory is free).
-    Stop,
-    /// Spawning the new backend until its process runs.
-    Start,
-    /// From spawn until the backend's health check passes.
-    Ready,
-}
-
-impl SwapPhase {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            SwapPhase::Drain => "drain",
-            SwapPhase::Stop => "stop",
-            SwapPhase::Start => "start",
-            SwapPhase::Ready => "ready",
-        }
-    }
-}
-
-/// A model's state in `model_state{model,state}`: the current one is 1, the others 0.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub enum ModelState {
-    Stopped,
-    Starting,
-    Ready,
-    Draining,
-    Stopping,
-    Failed,
-}
-
-impl ModelState {
-    pub const ALL: [ModelState; 6] = [
-        ModelState::Stopped,
-        ModelState::Starting,
-        ModelState::Ready,
-        ModelState::Draining,
-        ModelState::Stopping,
-        ModelState::Failed,
-    ];
-
-    pub fn as_str(self) -> &'static str {
-        match self {
-            ModelState::Stopped => "stopped",
-            ModelState::Starting => "starting",
-            ModelState::Ready => "ready",
-            ModelState::Draining => "draining",
-            ModelState::Stopping => "stopping",
-            ModelState::Failed => "failed",
-        }
-    }
-}
-
-/// The supervisor's metrics; cheap to clone.
-#[derive(Clone)]
-pub struct SupervisorMetrics {
-    inner: Arc<SupervisorFamilies>,
-}
-
-struct SupervisorFamilies {
-    swaps: Family<ModelLabels, Counter>,
-    swap_phase_duration: HistogramFamily<PhaseLabels>,
-    backend_restarts: Family<ModelLabels, Counter>,
-    backend_failures: Family<FailureLabels, Counter>,
-    model_state: Family<StateLabels, Gauge>,
-    log_lines_dropped: Family<ModelLabels, Counter>,
-    models: ModelCache<SupervisorModel>,
-}
-
-struct SupervisorModel {
-    model: Arc<str>,
-    swaps: Counter,
-    backend_restarts: Counter,
-    log_lines_dropped: Counter,
-    states: [(ModelState, Gauge); ModelState::ALL.len()],
-}
-
-impl SupervisorMetrics {
-    fn register(registry: &mut Registry) -> Self {
-        let families = SupervisorFamilies {
-            swaps: Family::default(),
-            swap_phase_duration: Family::new_with_constructor(phase_histogram),
-            backend_restarts: Family::default(),
-            backend_failures: Family::default(),
-            model_state: Family::default(),
-            log_lines_dropped: Family::default(),
-            models: ModelCache::new(),
-        };
-        registry.register(
-            "swaps",
-            "Swaps started, by the model swapped in",
-            families.swaps.clone(),
-        );
-        registry.register_with_unit(
-            "swap_phase_duration",
-            "Duration of each phase of a swap (drain, stop, start, ready)",
-            Unit::Seconds,
-            families.swap_phase_duration.clone(),
-        );
-        registry.register(
-            "backend_restarts",
-            "Backends started again after they exited or failed",
-            families.backend_restarts.clone(),
-        );
-        registry.register(
-            "backend_failures",
-            "Backend failures, by model and reason",
-            families.backend_failures.clone(),
-        );
-        registry.register(
-            "model_state",
-            "1 for each model's current state, 0 for the others",
-            families.model_state.clone(),
-        );
-        registry.register(
-            "log_lines_dropped",
-            "Backend log lines dropped (too long, or a follower too slow)",
-            families.log_lines_dropped.clone(),
-        );
-        Self {
-            inner: Arc::new(families),
-        }
-    }
-
-    fn model(&self, model: &str) -> Arc<SupervisorModel> {
-        let f = &*self.inner;
-        f.models.get_or_create(model, |model| {
-            let labels = ModelLabels {
-                model: model.clone(),
-            };
-            let states = ModelState::ALL.map(|state| {
-                let gauge = f.model_state.get_or_create_owned(&StateLabels {
-                    model: model.clone(),
-                    state: state.as_str(),
-                });
-                (state, gauge)
-            });
-            SupervisorModel {
-                swaps: f.swaps.get_or_create_owned(&labels),
-                backend_restarts: f.backend_restarts.get_or_create_owned(&labels),
-                log_lines_dropped: f.log_lines_dropped.get_or_create_owned(&labels),
-                states,
-                model,
-            }
-        })
-    }
-
-    /// A swap to `model` begins (it was not running).
-    pub fn swap_started(&self, model: &str) {
-        self.model(model).swaps.inc();
-    }
-
-    /// One phase of a swap took `took`.
-    pub fn phase_finished(&self, phase: SwapPhase, took: Duration) {
-        self.inner
-            .swap_phase_duration
-            .get_or_create(&PhaseLabels {
-                phase: phase.as_str(),
-            })
-            .observe(took.as_secs_f64());
-    }
-
-    /// `model`'s backend is started again after it exited or failed.
-    pub fn backend_restarted(&self, model: &str) {
-        self.model(model).backend_restarts.inc();
-    }
-
-    /// `model`'s backend failed; `reason` is a fixed word such as
-    /// `exited`, `startup_timeout`, `spawn_failed`, `crashed`.
-    pub fn backend_failed(&self, model: &str, reason: &'static str) {
-        let model = self.model(model).model.clone();
-        self.inner
-            .backend_failures
-            .get_or_create(&FailureLabels { model, reason })
-            .inc();
-    }
-
-    /// `model` is now in `state`.
-    pub fn set_model_state(&self, model: &str, state: ModelState) {
-        for (each, gauge) in &self.model(model).states {
-            gauge.set(i64::from(*each == state));
-        }
-    }
-
-    /// `lines` of `model`'s log output were dropped.
-    pub fn log_lines_dropped(&self, model: &str, lines: u64) {
-        self.model(model).log_lines_dropped.inc_by(lines);
-    }
-}
-
 #[cfg(test)]
 mod tests {
-    use super::*;
-
-    fn sample(text: &str, name_and_labels: &str) -> f64 {
-        text.lines()
-            .find_map(|line| line.strip_prefix(name_and_labels)?.strip_prefix(' '))
-            .unwrap_or_else(|| panic!("no sample {name_and_labels} in\n{text}"))
-            .split(' ')
-            .next()
-            .unwrap()
-            .parse()
-            .unwrap()
-    }
+    use super::super::{Metrics, tests::sample};
 
     #[test]
     fn a_request_moves_from_queue_to_in_flight_and_is_counted() {
@@ -861,96 +496,6 @@ mod tests {
         assert_eq!(
             sample(&text, "gpuswap_gateway_generated_tokens_total{model=\"m\"}"),
             5.0
-        );
-    }
-
-    #[test]
-    fn model_state_has_exactly_one_current_state() {
-        let mut metrics = Metrics::new();
-        let supervisor = metrics.supervisor();
-        supervisor.set_model_state("a", ModelState::Starting);
-        supervisor.set_model_state("a", ModelState::Ready);
-        let text = metrics.encode();
-        for state in ModelState::ALL {
-            let expected = if state == ModelState::Ready { 1.0 } else { 0.0 };
-            let name = format!(
-                "gpuswap_supervisor_model_state{{model=\"a\",state=\"{}\"}}",
-                state.as_str()
-            );
-            assert_eq!(sample(&text, &name), expected, "{name}");
-        }
-    }
-
-    #[test]
-    fn supervisor_counters_and_phases() {
-        let mut metrics = Metrics::new();
-        let supervisor = metrics.supervisor();
-        supervisor.swap_started("a");
-        supervisor.phase_finished(SwapPhase::Drain, Duration::from_millis(30));
-        supervisor.backend_failed("a", "startup_timeout");
-        supervisor.backend_restarted("a");
-        supervisor.log_lines_dropped("a", 7);
-        let text = metrics.encode();
-        assert_eq!(
-            sample(&text, "gpuswap_supervisor_swaps_total{model=\"a\"}"),
-            1.0
-        );
-        assert_eq!(
-            sample(
-                &text,
-                "gpuswap_supervisor_swap_phase_duration_seconds_bucket{le=\"0.05\",phase=\"drain\"}"
-            ),
-            1.0
-        );
-        assert_eq!(
-            sample(
-                &text,
-                "gpuswap_supervisor_backend_failures_total{model=\"a\",reason=\"startup_timeout\"}"
-            ),
-            1.0
-        );
-        assert_eq!(
-            sample(
-                &text,
-                "gpuswap_supervisor_backend_restarts_total{model=\"a\"}"
-            ),
-            1.0
-        );
-        assert_eq!(
-            sample(
-                &text,
-                "gpuswap_supervisor_log_lines_dropped_total{model=\"a\"}"
-            ),
-            7.0
-        );
-    }
-
-    #[test]
-    fn counters_are_declared_by_their_sample_name() {
-        let openmetrics = "# HELP a_swaps Swaps.\n# TYPE a_swaps counter\na_swaps_total 1\n\
-            # HELP a_ttfb_seconds T.\n# TYPE a_ttfb_seconds histogram\n# UNIT a_ttfb_seconds seconds\n\
-            a_ttfb_seconds_count 0\n# EOF\n";
-        assert_eq!(
-            openmetrics_to_prometheus_text(openmetrics),
-            "# HELP a_swaps_total Swaps.\n# TYPE a_swaps_total counter\na_swaps_total 1\n\
-             # HELP a_ttfb_seconds T.\n# TYPE a_ttfb_seconds histogram\na_ttfb_seconds_count 0\n"
-        );
-    }
-
-    #[test]
-    fn taking_the_same_metrics_twice_registers_them_once() {
-        let mut metrics = Metrics::new();
-        metrics.gateway().swap_waited("a");
-        metrics.gateway().swap_waited("a");
-        let text = metrics.encode();
-        assert_eq!(
-            text.matches("# TYPE gpuswap_gateway_swaps_total counter")
-                .count(),
-            1
-        );
-        assert_eq!(
-            sample(&text, "gpuswap_gateway_swaps_total{model=\"a\"}"),
-            2.0
         );
     }
 }
