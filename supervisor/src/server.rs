@@ -5,7 +5,7 @@
 use std::{
     future::Future,
     os::{
-        fd::AsRawFd,
+        fd::{AsRawFd, OwnedFd},
         unix::fs::{FileTypeExt, PermissionsExt},
     },
     path::{Path, PathBuf},
@@ -216,6 +216,25 @@ impl AsyncWrite for PeerStream {
     }
 }
 
+/// A Unix stream socket bound to `path`, not listening yet (connections are refused).
+fn bind_unix_socket(path: &Path) -> std::io::Result<OwnedFd> {
+    use nix::sys::socket::{AddressFamily, SockFlag, SockType, UnixAddr, bind, socket};
+    let socket = socket(
+        AddressFamily::Unix,
+        SockType::Stream,
+        SockFlag::SOCK_CLOEXEC | SockFlag::SOCK_NONBLOCK,
+        None,
+    )?;
+    bind(socket.as_raw_fd(), &UnixAddr::new(path)?)?;
+    Ok(socket)
+}
+
+/// Starts listening on a socket from [`bind_unix_socket`] (on the current tokio runtime).
+fn listen_unix(socket: OwnedFd) -> std::io::Result<UnixListener> {
+    nix::sys::socket::listen(&socket, nix::sys::socket::Backlog::MAXCONN)?;
+    UnixListener::from_std(std::os::unix::net::UnixListener::from(socket))
+}
+
 /// A bound listener, ready to serve.
 pub struct Listener {
     kind: Kind,
@@ -303,14 +322,11 @@ fn bind_unix(config: &SupervisorConfig, path: &Path) -> anyhow::Result<(Kind, Ac
         std::fs::create_dir_all(parent)
             .with_context(|| format!("cannot create {}", parent.display()))?;
     }
-    // Create the socket owner-only, then open it up to the configured mode and group: no
-    // moment where the umask's default lets others in.
-    // SAFETY: umask(2) cannot fail; nothing else creates files while the daemon starts.
-    let old_mask = unsafe { libc::umask(0o177) };
-    let bound = UnixListener::bind(path);
-    // SAFETY: as above.
-    unsafe { libc::umask(old_mask) };
-    let listener = bound.with_context(|| format!("cannot listen on {}", path.display()))?;
+    // bind -> chmod/chown -> listen: until listen() nobody can connect (a bound socket that
+    // does not listen refuses connections), so the umask's default mode of the fresh file
+    // never lets anyone in, and no process-wide umask change is needed.
+    let socket =
+        bind_unix_socket(path).with_context(|| format!("cannot bind {}", path.display()))?;
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
         .with_context(|| format!("cannot chmod {}", path.display()))?;
     if let Some(group) = &config.socket_group {
@@ -321,6 +337,8 @@ fn bind_unix(config: &SupervisorConfig, path: &Path) -> anyhow::Result<(Kind, Ac
         nix::unistd::chown(path, None, Some(gid))
             .with_context(|| format!("cannot give {} to group {group}", path.display()))?;
     }
+    let listener =
+        listen_unix(socket).with_context(|| format!("cannot listen on {}", path.display()))?;
     let kind = Kind::Unix {
         listener,
         path: path.to_owned(),
@@ -414,5 +432,29 @@ impl Listener {
                     .context("gRPC server")
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// What the bind -> chmod -> listen order relies on: until listen(), the socket file
+    /// (whatever mode the umask gave it) refuses every connection; after it, the file has
+    /// exactly the configured mode.
+    #[tokio::test]
+    async fn a_bound_socket_refuses_connections_until_it_listens_with_its_mode() {
+        let dir = testkit::short_tempdir();
+        let path = dir.path().join("s.sock");
+        let socket = bind_unix_socket(&path).expect("bind");
+        let refused = std::os::unix::net::UnixStream::connect(&path).expect_err("not listening");
+        assert_eq!(refused.kind(), std::io::ErrorKind::ConnectionRefused);
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).expect("chmod");
+        let listener = listen_unix(socket).expect("listen");
+        let mode = std::fs::metadata(&path).expect("stat").permissions().mode();
+        assert_eq!(mode & 0o777, 0o600);
+        let (client, accepted) = tokio::join!(UnixStream::connect(&path), listener.accept());
+        client.expect("connects once listening");
+        accepted.expect("accepted");
     }
 }
