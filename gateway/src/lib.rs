@@ -37,7 +37,7 @@ use crate::{
     limits::QueueLimits,
     operator::{Swaps, TokenRates},
     route::RouteTable,
-    scheduler::{Scheduler, SchedulerConfig, SchedulerHandle},
+    scheduler::{Actor, Scheduler, SchedulerOptions},
 };
 use anyhow::Context as _;
 use gpuswap::{ClientOptions, Endpoint, SupervisorClient, config::GatewayConfig};
@@ -47,7 +47,7 @@ use gpuswap_telemetry::{GatewayMetrics, Metrics};
 pub struct Gateway {
     pub catalog: Arc<CatalogHandle>,
     pub routes: Arc<RouteTable>,
-    pub scheduler: SchedulerHandle,
+    pub scheduler: Scheduler,
     pub access: Access,
     /// For the operator's calls (logs, unload).
     pub supervisor: SupervisorClient,
@@ -180,11 +180,11 @@ pub async fn run(config: GatewayConfig) -> anyhow::Result<()> {
     let gw_metrics = metrics.gateway();
     let catalog = Arc::new(CatalogHandle::default());
     let routes = Arc::new(RouteTable::default());
-    let (scheduler, handle) = Scheduler::new(
+    let (actor, scheduler) = Actor::new(
         supervisor.clone(),
         Arc::clone(&catalog),
         Arc::clone(&routes),
-        SchedulerConfig {
+        SchedulerOptions {
             client_name: client_name(),
             idle_ttl: config.idle_ttl,
             preload: config.preload.clone(),
@@ -206,13 +206,13 @@ pub async fn run(config: GatewayConfig) -> anyhow::Result<()> {
             }
         });
     }
-    tokio::spawn(scheduler.run());
+    tokio::spawn(actor.run());
     tokio::spawn(close_stale_connections(Arc::clone(&routes)));
 
     let gateway = Arc::new(Gateway {
         catalog,
         routes,
-        scheduler: handle,
+        scheduler,
         access,
         supervisor,
         token_rates: TokenRates::default(),
@@ -252,11 +252,11 @@ pub(crate) mod tests {
         let routes = Arc::new(RouteTable::default());
         let mut metrics = Metrics::new();
         let gw_metrics = metrics.gateway();
-        let (_scheduler, handle) = Scheduler::new(
+        let (_actor, scheduler) = Actor::new(
             supervisor.clone(),
             Arc::clone(&catalog),
             Arc::clone(&routes),
-            SchedulerConfig {
+            SchedulerOptions {
                 client_name: "test".into(),
                 idle_ttl: Duration::ZERO,
                 preload: Vec::new(),
@@ -268,7 +268,7 @@ pub(crate) mod tests {
         Arc::new(Gateway {
             catalog,
             routes,
-            scheduler: handle,
+            scheduler,
             access: Access::with_api_keys(&["k1", "k2"]),
             supervisor,
             token_rates: TokenRates::default(),

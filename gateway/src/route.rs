@@ -15,7 +15,7 @@ use bytes::Bytes;
 use http::{HeaderValue, uri::Authority};
 use tokio::sync::mpsc;
 
-use crate::{scheduler::ActorMsg, upstream::ConnPool};
+use crate::{scheduler::Message, upstream::ConnPool};
 
 /// Where requests for one model go while the gateway holds it.
 #[derive(Debug)]
@@ -38,7 +38,7 @@ pub struct Route {
     /// When the last request finished, in [`now_ms`] units.
     pub last_done: AtomicU64,
     /// Tells the scheduler when the last request of a draining route finished.
-    notify: mpsc::UnboundedSender<ActorMsg>,
+    notify: mpsc::UnboundedSender<Message>,
 }
 
 impl Route {
@@ -48,7 +48,7 @@ impl Route {
         served_name: String,
         api_key: Option<(HeaderValue, HeaderValue)>,
         generation: u64,
-        notify: mpsc::UnboundedSender<ActorMsg>,
+        notify: mpsc::UnboundedSender<Message>,
         upstream_idle_timeout: Duration,
     ) -> Self {
         let served_name_json = Bytes::from(serde_json::to_vec(&served_name).unwrap_or_default());
@@ -121,7 +121,7 @@ impl Drop for InFlight {
         let route = &self.route;
         route.last_done.store(now_ms(), SeqCst);
         if route.in_flight.fetch_sub(1, SeqCst) == 1 && !route.accepting.load(SeqCst) {
-            let _ = route.notify.send(ActorMsg::Drained {
+            let _ = route.notify.send(Message::Drained {
                 model: Arc::clone(&route.model),
                 generation: route.generation,
             });
@@ -174,7 +174,7 @@ pub fn now_ms() -> u64 {
 mod tests {
     use super::*;
 
-    fn route(tx: mpsc::UnboundedSender<ActorMsg>) -> Arc<Route> {
+    fn route(tx: mpsc::UnboundedSender<Message>) -> Arc<Route> {
         Arc::new(Route::new(
             "m".into(),
             Authority::from_static("127.0.0.1:1"),
@@ -201,7 +201,7 @@ mod tests {
         assert!(rx.try_recv().is_err());
         drop(b);
         match rx.try_recv() {
-            Ok(ActorMsg::Drained { model, generation }) => {
+            Ok(Message::Drained { model, generation }) => {
                 assert_eq!(&*model, "m");
                 assert_eq!(generation, 7);
             }

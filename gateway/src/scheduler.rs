@@ -7,6 +7,9 @@
 //! supervisor asks for a drain, the route stops accepting, and the hold is
 //! released once the last request in flight finished. Waiters left behind by a
 //! released hold trigger a new activation, which the supervisor queues fairly.
+//!
+//! Named as in the supervisor: [`Scheduler`] is the handle request handlers hold, [`Actor`]
+//! the task that owns the state, [`Message`] what the actor receives.
 
 use std::{
     collections::{HashMap, VecDeque},
@@ -52,7 +55,7 @@ pub struct Waiter {
 }
 
 #[derive(Debug)]
-pub enum ActorMsg {
+pub enum Message {
     Wait {
         model: Arc<str>,
         waiter: Waiter,
@@ -87,12 +90,12 @@ pub enum ActorMsg {
 
 /// The handle request handlers use to wait for a model.
 #[derive(Clone)]
-pub struct SchedulerHandle {
-    tx: mpsc::UnboundedSender<ActorMsg>,
+pub struct Scheduler {
+    tx: mpsc::UnboundedSender<Message>,
     next_waiter: Arc<AtomicU64>,
 }
 
-impl SchedulerHandle {
+impl Scheduler {
     /// Queues a request for `model`; await the ticket for the grant. Call it
     /// inside the request's span.
     pub fn wait(&self, model: Arc<str>, progress: Option<mpsc::Sender<Progress>>) -> WaitTicket {
@@ -110,7 +113,7 @@ impl SchedulerHandle {
             span,
             swap_counted: false,
         };
-        let _ = self.tx.send(ActorMsg::Wait {
+        let _ = self.tx.send(Message::Wait {
             model: Arc::clone(&model),
             waiter,
         });
@@ -128,7 +131,7 @@ impl SchedulerHandle {
 pub struct WaitTicket {
     id: u64,
     model: Arc<str>,
-    tx: mpsc::UnboundedSender<ActorMsg>,
+    tx: mpsc::UnboundedSender<Message>,
     rx: oneshot::Receiver<Result<InFlight, ApiError>>,
     settled: bool,
 }
@@ -158,7 +161,7 @@ impl std::future::Future for WaitTicket {
 impl Drop for WaitTicket {
     fn drop(&mut self) {
         if !self.settled {
-            let _ = self.tx.send(ActorMsg::WaiterGone {
+            let _ = self.tx.send(Message::WaiterGone {
                 model: Arc::clone(&self.model),
                 id: self.id,
             });
@@ -167,7 +170,7 @@ impl Drop for WaitTicket {
 }
 
 /// Settings of the scheduler.
-pub struct SchedulerConfig {
+pub struct SchedulerOptions {
     /// Shown in the supervisor's status: `gateway@host:pid`.
     pub client_name: String,
     /// Idle time after which a model's hold is released (0: never); a model's own wins.
@@ -215,13 +218,13 @@ const STARTING: &str = "starting";
 /// A hold that lived this long was healthy: the next loss starts backoff afresh.
 const HEALTHY_HOLD: Duration = Duration::from_secs(10);
 
-pub struct Scheduler {
-    rx: mpsc::UnboundedReceiver<ActorMsg>,
-    tx: mpsc::UnboundedSender<ActorMsg>,
+pub struct Actor {
+    rx: mpsc::UnboundedReceiver<Message>,
+    tx: mpsc::UnboundedSender<Message>,
     client: SupervisorClient,
     catalog: Arc<CatalogHandle>,
     routes: Arc<RouteTable>,
-    config: SchedulerConfig,
+    config: SchedulerOptions,
     slots: HashMap<Arc<str>, Slot>,
     next_activation: u64,
     /// The `last_done` of each route last reported to the supervisor.
@@ -231,20 +234,20 @@ pub struct Scheduler {
     metrics: GatewayMetrics,
 }
 
-impl Scheduler {
+impl Actor {
     pub fn new(
         client: SupervisorClient,
         catalog: Arc<CatalogHandle>,
         routes: Arc<RouteTable>,
-        config: SchedulerConfig,
+        config: SchedulerOptions,
         metrics: GatewayMetrics,
-    ) -> (Self, SchedulerHandle) {
+    ) -> (Self, Scheduler) {
         let (tx, rx) = mpsc::unbounded_channel();
-        let handle = SchedulerHandle {
+        let handle = Scheduler {
             tx: tx.clone(),
             next_waiter: Arc::new(AtomicU64::new(1)),
         };
-        let scheduler = Self {
+        let actor = Self {
             rx,
             tx,
             client,
@@ -257,7 +260,7 @@ impl Scheduler {
             reporting: Arc::default(),
             metrics,
         };
-        (scheduler, handle)
+        (actor, handle)
     }
 
     pub async fn run(mut self) {
@@ -274,22 +277,22 @@ impl Scheduler {
         }
     }
 
-    fn handle(&mut self, msg: ActorMsg) {
+    fn handle(&mut self, msg: Message) {
         match msg {
-            ActorMsg::Wait { model, waiter } => self.on_wait(model, waiter),
-            ActorMsg::WaiterGone { model, id } => self.on_waiter_gone(&model, id),
-            ActorMsg::Event {
+            Message::Wait { model, waiter } => self.on_wait(model, waiter),
+            Message::WaiterGone { model, id } => self.on_waiter_gone(&model, id),
+            Message::Event {
                 model,
                 activation,
                 event,
             } => self.on_event(model, activation, event),
-            ActorMsg::Ended {
+            Message::Ended {
                 model,
                 activation,
                 error,
             } => self.on_ended(&model, activation, error),
-            ActorMsg::Drained { model, generation } => self.on_drained(&model, generation),
-            ActorMsg::IdleUnheld { model, generation } => self.on_idle_unheld(model, generation),
+            Message::Drained { model, generation } => self.on_drained(&model, generation),
+            Message::IdleUnheld { model, generation } => self.on_idle_unheld(model, generation),
         }
     }
 
@@ -843,7 +846,7 @@ fn millis(d: Duration) -> u64 {
 async fn report_when_unheld(
     mut client: SupervisorClient,
     model: Arc<str>,
-    tx: mpsc::UnboundedSender<ActorMsg>,
+    tx: mpsc::UnboundedSender<Message>,
 ) {
     let deadline = Instant::now() + Duration::from_secs(3);
     while Instant::now() < deadline {
@@ -863,7 +866,7 @@ async fn report_when_unheld(
         }
         if m.holders == 0 {
             let generation = m.generation;
-            let _ = tx.send(ActorMsg::IdleUnheld { model, generation });
+            let _ = tx.send(Message::IdleUnheld { model, generation });
             return;
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
@@ -880,7 +883,7 @@ async fn activation_stream(
     model: Arc<str>,
     activation: u64,
     client_name: String,
-    tx: mpsc::UnboundedSender<ActorMsg>,
+    tx: mpsc::UnboundedSender<Message>,
     mut release: oneshot::Receiver<()>,
     mut span: Span,
 ) {
@@ -891,7 +894,7 @@ async fn activation_stream(
         client: client_name,
     });
     span.in_scope(|| gpuswap_telemetry::inject_grpc(request.metadata_mut()));
-    let ended = |error| ActorMsg::Ended {
+    let ended = |error| Message::Ended {
         model: Arc::clone(&model),
         activation,
         error,
@@ -923,7 +926,7 @@ async fn activation_stream(
                         span.record("outcome", outcome);
                         span = Span::none();
                     }
-                    let _ = tx.send(ActorMsg::Event { model: Arc::clone(&model), activation, event });
+                    let _ = tx.send(Message::Event { model: Arc::clone(&model), activation, event });
                 }
                 Ok(Some(_)) => {}
                 Ok(None) => {
