@@ -170,8 +170,8 @@ pub struct Args {
     /// the other half, and a sleep frees what it releases.
     #[arg(long, default_value = "16G", value_parser = parse_bytes)]
     pub gpu_memory: u64,
-    /// A file rewritten (atomically) with `{"pid", "gpu_memory_bytes", "host_memory_bytes",
-    /// "asleep"}` whenever they change, for a test that stands in for NVML.
+    /// A file rewritten (atomically) with what `GET /gpuswap_mock/memory` answers whenever it
+    /// changes, for a test that stands in for NVML.
     #[arg(long)]
     pub gpu_memory_file: Option<std::path::PathBuf>,
 }

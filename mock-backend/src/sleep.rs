@@ -179,6 +179,7 @@ pub async fn before_request(shared: &Arc<Shared>) -> Result<(), ApiError> {
     // llama-server's own sleep is meant to be woken by a request.
     if shared.flavor() != Flavor::LlamaServer {
         shared.requests_while_asleep.fetch_add(1, Ordering::SeqCst);
+        publish(shared);
         log::err("WARNING: (mock) a completion request arrived while the model sleeps");
     }
     match shared.flavor() {
@@ -212,6 +213,7 @@ async fn wait_idle(shared: &Shared) {
     let running = shared.in_flight.load(Ordering::SeqCst);
     if running > 0 {
         shared.sleeps_while_busy.fetch_add(1, Ordering::SeqCst);
+        publish(shared);
         log::err(format!(
             "WARNING: (mock) asked to sleep while {running} requests run; letting them finish"
         ));
@@ -408,6 +410,7 @@ async fn sglang_release(State(shared): AppState, body: Bytes) -> Response {
     // Its scheduler asserts that it is idle.
     if shared.in_flight.load(Ordering::SeqCst) > 0 {
         shared.sleeps_while_busy.fetch_add(1, Ordering::SeqCst);
+        publish(&shared);
         return sglang_answer(
             StatusCode::BAD_REQUEST,
             false,

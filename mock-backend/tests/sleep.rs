@@ -66,7 +66,10 @@ fn vllm(extra: &[&str]) -> Mock {
 
 #[tokio::test]
 async fn vllm_level_one_frees_the_gpu_keeps_the_weights_in_ram_and_holds_chats_until_woken() {
-    let mock = vllm(&["--enable-sleep-mode"]);
+    let dir = testkit::short_tempdir();
+    let report = dir.path().join("gpu.json");
+    let report_arg = report.to_string_lossy().into_owned();
+    let mock = vllm(&["--enable-sleep-mode", "--gpu-memory-file", &report_arg]);
     ready(&mock, "/health", &[]).await;
     assert_eq!(memory(mock.port).await["gpu_memory_bytes"], 8 * GIB);
     assert_eq!(
@@ -120,6 +123,8 @@ async fn vllm_level_one_frees_the_gpu_keeps_the_weights_in_ram_and_holds_chats_u
         ),
         (Some(1), Some(0))
     );
+    let written = testkit::json(&std::fs::read_to_string(&report).unwrap());
+    assert_eq!(written, after, "the file says what the endpoint says");
     mock.wait_log("wake up the engine with tags: None").await;
 }
 
