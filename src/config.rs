@@ -21,10 +21,19 @@ use crate::{
     sleep::{SLEEPER_BASE_HOST_MEMORY, SleepProtocol, SleepRequest},
 };
 
+/// Why a configuration was refused. The one-line form with the reason of a `Load` is
+/// [`crate::error_chain`].
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
-    #[error("cannot load configuration {path}: {message}")]
-    Load { path: PathBuf, message: String },
+    #[error("cannot load configuration {path}: file not found")]
+    NotFound { path: PathBuf },
+    /// The file does not parse, or a key is unknown or of the wrong type (the source names it).
+    #[error("cannot load configuration {path}")]
+    Load {
+        path: PathBuf,
+        // Boxed: the config crate's error is large, and this one is returned everywhere.
+        source: Box<config::ConfigError>,
+    },
     #[error("invalid configuration: {key}: {message}")]
     Invalid { key: String, message: String },
 }
@@ -1228,12 +1237,14 @@ impl Config {
 
     /// The layers below the flags, not validated.
     fn read(path: &std::path::Path) -> Result<Self, ConfigError> {
-        let load_err = |message: String| ConfigError::Load {
+        let load_err = |source| ConfigError::Load {
             path: path.to_owned(),
-            message,
+            source: Box::new(source),
         };
         if !path.exists() {
-            return Err(load_err("file not found".into()));
+            return Err(ConfigError::NotFound {
+                path: path.to_owned(),
+            });
         }
         let layered = config::Config::builder()
             .add_source(config::File::from(path).format(config::FileFormat::Toml))
@@ -1251,25 +1262,21 @@ impl Config {
                     .try_parsing(true),
             )
             .build()
-            .map_err(|e| load_err(e.to_string()))?;
-        layered
-            .try_deserialize()
-            .map_err(|e| load_err(e.to_string()))
+            .map_err(load_err)?;
+        layered.try_deserialize().map_err(load_err)
     }
 
     /// Parses TOML text alone (no environment), then validates.
     pub fn from_toml(text: &str) -> Result<Self, ConfigError> {
-        let layered = config::Config::builder()
+        let load_err = |source| ConfigError::Load {
+            path: "<inline>".into(),
+            source: Box::new(source),
+        };
+        let config: Config = config::Config::builder()
             .add_source(config::File::from_str(text, config::FileFormat::Toml))
             .build()
-            .map_err(|e| ConfigError::Load {
-                path: "<inline>".into(),
-                message: e.to_string(),
-            })?;
-        let config: Config = layered.try_deserialize().map_err(|e| ConfigError::Load {
-            path: "<inline>".into(),
-            message: e.to_string(),
-        })?;
+            .and_then(|layered| layered.try_deserialize())
+            .map_err(load_err)?;
         config.validate()?;
         Ok(config)
     }
@@ -1771,13 +1778,23 @@ pub fn parse_mode(text: &str) -> Option<u32> {
     u32::from_str_radix(digits, 8).ok().filter(|m| *m <= 0o7777)
 }
 
+#[derive(Debug, thiserror::Error)]
+#[error("invalid duration {text:?}")]
+pub struct InvalidDuration {
+    text: String,
+    source: humantime::DurationError,
+}
+
 /// Parses "10m", "5s", "1h 30m", "250ms"; a bare number means seconds.
-pub fn parse_duration(text: &str) -> Result<Duration, String> {
+pub fn parse_duration(text: &str) -> Result<Duration, InvalidDuration> {
     let text = text.trim();
     if let Ok(secs) = text.parse::<u64>() {
         return Ok(Duration::from_secs(secs));
     }
-    humantime::parse_duration(text).map_err(|e| format!("invalid duration {text:?}: {e}"))
+    humantime::parse_duration(text).map_err(|source| InvalidDuration {
+        text: text.to_owned(),
+        source,
+    })
 }
 
 /// A size for people: "40 GiB", "1.5 GiB", "512 MiB", "100 B".
@@ -1796,8 +1813,18 @@ pub fn format_bytes(bytes: u64) -> String {
     format!("{bytes} B")
 }
 
+#[derive(Debug, thiserror::Error)]
+pub enum InvalidSize {
+    #[error("invalid size {0:?}: expected a number with an optional unit")]
+    NotANumber(String),
+    #[error("invalid size {text:?}: unknown unit {unit:?}")]
+    UnknownUnit { text: String, unit: String },
+    #[error("invalid size {0:?}: too large")]
+    TooLarge(String),
+}
+
 /// Parses "32MiB", "512KB", "1048576".
-pub fn parse_byte_size(text: &str) -> Result<u64, String> {
+pub fn parse_byte_size(text: &str) -> Result<u64, InvalidSize> {
     let text = text.trim();
     let split = text
         .find(|c: char| !c.is_ascii_digit())
@@ -1805,7 +1832,7 @@ pub fn parse_byte_size(text: &str) -> Result<u64, String> {
     let (number, unit) = text.split_at(split);
     let number: u64 = number
         .parse()
-        .map_err(|_| format!("invalid size {text:?}: expected a number with an optional unit"))?;
+        .map_err(|_| InvalidSize::NotANumber(text.to_owned()))?;
     let factor: u64 = match unit.trim().to_ascii_lowercase().as_str() {
         "" | "b" => 1,
         "k" | "kb" => 1_000,
@@ -1814,11 +1841,16 @@ pub fn parse_byte_size(text: &str) -> Result<u64, String> {
         "mib" => 1 << 20,
         "g" | "gb" => 1_000_000_000,
         "gib" => 1 << 30,
-        other => return Err(format!("invalid size {text:?}: unknown unit {other:?}")),
+        other => {
+            return Err(InvalidSize::UnknownUnit {
+                text: text.to_owned(),
+                unit: other.to_owned(),
+            });
+        }
     };
     number
         .checked_mul(factor)
-        .ok_or_else(|| format!("invalid size {text:?}: too large"))
+        .ok_or_else(|| InvalidSize::TooLarge(text.to_owned()))
 }
 
 #[derive(Deserialize)]
@@ -1828,9 +1860,14 @@ enum TextOrNumber {
     Number(u64),
 }
 
+/// A deserializer's error says one line: the error with its sources.
+fn de_error<E: serde::de::Error>(error: &dyn std::error::Error) -> E {
+    E::custom(crate::error_chain(error))
+}
+
 fn duration<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
     match TextOrNumber::deserialize(d)? {
-        TextOrNumber::Text(t) => parse_duration(&t).map_err(serde::de::Error::custom),
+        TextOrNumber::Text(t) => parse_duration(&t).map_err(|e| de_error(&e)),
         TextOrNumber::Number(n) => Ok(Duration::from_secs(n)),
     }
 }
@@ -1845,7 +1882,7 @@ fn opt_byte_size<'de, D: Deserializer<'de>>(d: D) -> Result<Option<u64>, D::Erro
 
 fn byte_size<'de, D: Deserializer<'de>>(d: D) -> Result<u64, D::Error> {
     match TextOrNumber::deserialize(d)? {
-        TextOrNumber::Text(t) => parse_byte_size(&t).map_err(serde::de::Error::custom),
+        TextOrNumber::Text(t) => parse_byte_size(&t).map_err(|e| de_error(&e)),
         TextOrNumber::Number(n) => Ok(n),
     }
 }
@@ -1903,7 +1940,7 @@ gpus = [1]
     }
 
     fn error_of(text: &str) -> String {
-        Config::from_toml(text).unwrap_err().to_string()
+        crate::error_chain(&Config::from_toml(text).unwrap_err())
     }
 
     #[test]
@@ -2588,7 +2625,14 @@ boxes = [
         assert!(parse_byte_size("10XB").is_err());
         assert_eq!(parse_duration("250ms").unwrap(), Duration::from_millis(250));
         assert_eq!(parse_duration("7").unwrap(), Duration::from_secs(7));
-        assert!(parse_duration("soon").is_err());
+        let error = parse_duration("soon").unwrap_err();
+        assert!(std::error::Error::source(&error).is_some(), "{error:?}");
+        // A file's bad duration says which and why, under the key.
+        let e = error_of("[supervisor]\ndrain_timeout = \"soon\"\n");
+        assert!(
+            e.contains("invalid duration \"soon\": ") && e.contains("supervisor.drain_timeout"),
+            "{e}"
+        );
     }
 
     #[test]

@@ -31,6 +31,15 @@ pub mod pb {
 pub use client::{ClientOptions, Keepalive, SupervisorClient, connect};
 pub use endpoint::Endpoint;
 
+/// An error and its sources, `: `-separated: what a typed error with a source says in one line
+/// (a log field, a gRPC status message, an HTTP error body).
+pub fn error_chain(error: &dyn std::error::Error) -> String {
+    std::iter::successors(Some(error), |e| e.source())
+        .map(ToString::to_string)
+        .collect::<Vec<_>>()
+        .join(": ")
+}
+
 /// Human-readable name of a model state (`ready`, `starting`, ...).
 pub fn state_name(state: pb::ModelState) -> &'static str {
     use pb::ModelState as S;

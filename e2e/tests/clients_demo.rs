@@ -51,8 +51,12 @@ fn relocated_demo(dir: &std::path::Path, gateway_port: u16, marker: &str) -> (St
             tagged.push_str(&format!("env = {{ GPUSWAP_TEST_MARKER = \"{marker}\" }}\n"));
         }
     }
-    let relocated =
-        Config::from_toml(&tagged).unwrap_or_else(|e| panic!("relocated demo.toml: {e}\n{tagged}"));
+    let relocated = Config::from_toml(&tagged).unwrap_or_else(|e| {
+        panic!(
+            "relocated demo.toml: {}\n{tagged}",
+            gpuswap::error_chain(&e)
+        )
+    });
     // The relocation must have moved everything the demo binds or creates.
     assert!(!tagged.contains(DEMO_DIR), "{tagged}");
     assert_eq!(

@@ -32,8 +32,8 @@ struct Unit {
 impl Unit {
     fn load(path: &str) -> Unit {
         let path = clients_common::repo().join(path);
-        let text =
-            std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+        let text = std::fs::read_to_string(&path)
+            .unwrap_or_else(|e| panic!("{}: {}", path.display(), gpuswap::error_chain(&e)));
         let mut section = String::new();
         let mut service = Vec::new();
         for line in text.lines().map(str::trim) {
@@ -80,8 +80,10 @@ fn time_span(value: &str) -> Duration {
 
 fn load_config(path: &str) -> Config {
     let path = clients_common::repo().join(path);
-    let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
-    Config::from_toml(&text).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+    let text = std::fs::read_to_string(&path)
+        .unwrap_or_else(|e| panic!("{}: {}", path.display(), gpuswap::error_chain(&e)));
+    Config::from_toml(&text)
+        .unwrap_or_else(|e| panic!("{}: {}", path.display(), gpuswap::error_chain(&e)))
 }
 
 #[test]

@@ -8,7 +8,7 @@ fn load(path: &str) -> Config {
         .join("..")
         .join(path);
     let text = std::fs::read_to_string(file).unwrap_or_else(|e| panic!("{path}: {e}"));
-    Config::from_toml(&text).unwrap_or_else(|e| panic!("{path}: {e}"))
+    Config::from_toml(&text).unwrap_or_else(|e| panic!("{path}: {}", gpuswap::error_chain(&e)))
 }
 
 #[test]

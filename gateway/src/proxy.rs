@@ -15,6 +15,7 @@ use axum::{
     response::{IntoResponse, Response},
 };
 use bytes::{Bytes, BytesMut};
+use gpuswap::error_chain;
 use gpuswap_telemetry::{Refusal, RequestMetrics};
 use http::{HeaderMap, HeaderValue, Request, StatusCode, Uri, header, request::Parts};
 use http_body::{Body as HttpBody, Frame, SizeHint};
@@ -892,17 +893,6 @@ fn is_event_stream(headers: &HeaderMap) -> bool {
 pub fn add_event_stream_headers(headers: &mut HeaderMap) {
     headers.insert("x-accel-buffering", HeaderValue::from_static("no"));
     headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
-}
-
-fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut text = e.to_string();
-    let mut source = e.source();
-    while let Some(s) = source {
-        text.push_str(": ");
-        text.push_str(&s.to_string());
-        source = s.source();
-    }
-    text
 }
 
 /// The upstream body, passed through frame by frame, holding the request's

@@ -519,7 +519,7 @@ impl Actor {
         let upstream = match upstream_authority(&ready.address) {
             Ok(a) => a,
             Err(why) => {
-                let error = ApiError::backend_unavailable(&model, why);
+                let error = ApiError::backend_unavailable(&model, gpuswap::error_chain(&why));
                 fail_waiters(slot, &error);
                 slot.activation = None;
                 return;
@@ -963,8 +963,15 @@ fn churn_backoff(churn: u32) -> Duration {
     (Duration::from_millis(100) * (1 << shift)).min(Duration::from_secs(5))
 }
 
+#[derive(Debug, thiserror::Error)]
+#[error("the supervisor reported an invalid address {address:?}")]
+struct InvalidAddress {
+    address: String,
+    source: http::uri::InvalidUri,
+}
+
 /// The authority to connect to; a wildcard bind address means this host.
-fn upstream_authority(address: &str) -> Result<Authority, String> {
+fn upstream_authority(address: &str) -> Result<Authority, InvalidAddress> {
     let address = if let Some(port) = address.strip_prefix("0.0.0.0:") {
         format!("127.0.0.1:{port}")
     } else if let Some(port) = address.strip_prefix("[::]:") {
@@ -974,7 +981,7 @@ fn upstream_authority(address: &str) -> Result<Authority, String> {
     };
     address
         .parse::<Authority>()
-        .map_err(|e| format!("the supervisor reported an invalid address {address:?}: {e}"))
+        .map_err(|source| InvalidAddress { address, source })
 }
 
 fn backend_key_headers(key: &str) -> Option<(HeaderValue, HeaderValue)> {

@@ -63,7 +63,7 @@ fn main() -> ExitCode {
     let config = match loader.load() {
         Ok(config) => config,
         Err(error) => {
-            eprintln!("gpuswap-supervisor: {error:#}");
+            eprintln!("gpuswap-supervisor: {}", gpuswap::error_chain(&error));
             return ExitCode::from(EXIT_BAD_CONFIG);
         }
     };

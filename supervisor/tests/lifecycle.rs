@@ -363,6 +363,12 @@ async fn reload_adds_removes_and_restarts_only_changed_models() {
         .await
         .expect_err("invalid config");
     assert_eq!(error.code(), tonic::Code::InvalidArgument, "{error:?}");
+    // The reason, not only "cannot load": the file does not deserialize, and says where.
+    assert!(
+        error.message().contains("cannot load configuration")
+            && error.message().contains("models.x"),
+        "{error:?}"
+    );
     assert_eq!(sup.model("same").await.pid, same_pid);
 
     // SIGHUP reloads too.

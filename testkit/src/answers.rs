@@ -55,9 +55,4 @@ fn content_of(chunks: impl Iterator<Item = Value>) -> String {
 }
 
 /// An error and its sources, `: `-separated (what a transport error really says).
-pub fn error_chain(e: &dyn std::error::Error) -> String {
-    std::iter::successors(Some(e), |e| e.source())
-        .map(ToString::to_string)
-        .collect::<Vec<_>>()
-        .join(": ")
-}
+pub use gpuswap::error_chain;

@@ -25,7 +25,7 @@ fn the_kubernetes_manifests_validate() {
     for (name, text) in configs {
         let text = text.as_str().unwrap();
         if let Err(error) = gpuswap::config::Config::from_toml(text) {
-            panic!("ConfigMap {name}: {error}\n{text}");
+            panic!("ConfigMap {name}: {}\n{text}", gpuswap::error_chain(&error));
         }
     }
 }

@@ -33,7 +33,20 @@ const MAX_PAUSE: Duration = Duration::from_millis(50);
 const NO_DRIVER_NOTICE: &str = "no NVIDIA driver found, skipping GPU release checks";
 
 /// NVML, or why it is unusable; set by the first stop that asks.
-static NVML: OnceLock<Result<Nvml, String>> = OnceLock::new();
+static NVML: OnceLock<Result<Nvml, NvmlUnusable>> = OnceLock::new();
+
+/// Why NVML cannot be used on this machine.
+#[derive(Debug, thiserror::Error)]
+enum NvmlUnusable {
+    /// The library is not installed: no driver on this machine. (NVML's own error repeats
+    /// its source in its message: the source is taken from it.)
+    #[error("cannot load the NVML library")]
+    NoLibrary(#[source] Box<dyn std::error::Error + Send + Sync>),
+    #[error("NVML")]
+    Init(#[source] NvmlError),
+    #[error("NVML initialisation panicked")]
+    Panicked,
+}
 /// Whether [`NO_DRIVER_NOTICE`] has been said.
 static ANNOUNCED: AtomicBool = AtomicBool::new(false);
 
@@ -76,7 +89,7 @@ async fn shared_nvml(timeout: Duration, logs: &LogBuffer) -> Option<&'static Nvm
             let init = tokio::task::spawn_blocking(|| NVML.get_or_init(init_nvml));
             match tokio::time::timeout(timeout, init).await {
                 Ok(Ok(nvml)) => nvml,
-                Ok(Err(_)) => NVML.get_or_init(|| Err("NVML initialisation panicked".into())),
+                Ok(Err(_)) => NVML.get_or_init(|| Err(NvmlUnusable::Panicked)),
                 Err(_) => {
                     let line = format!(
                         "NVML did not initialise within {timeout:?} (gpu_release_timeout): \
@@ -93,6 +106,7 @@ async fn shared_nvml(timeout: Duration, logs: &LogBuffer) -> Option<&'static Nvm
         Ok(nvml) => Some(nvml),
         Err(why) => {
             if !ANNOUNCED.swap(true, Ordering::Relaxed) {
+                let why = gpuswap::error_chain(why);
                 tracing::info!(reason = %why, "{NO_DRIVER_NOTICE}");
                 logs.push(LogStream::Supervisor, format!("{NO_DRIVER_NOTICE} ({why})"));
             }
@@ -132,11 +146,10 @@ pub async fn memory(timeout: Duration) -> Option<BTreeMap<u32, MemoryReading>> {
     tokio::time::timeout(timeout, look).await.ok()?.ok()?
 }
 
-fn init_nvml() -> Result<Nvml, String> {
+fn init_nvml() -> Result<Nvml, NvmlUnusable> {
     Nvml::init().map_err(|e| match e {
-        // The library is not installed: no driver on this machine.
-        NvmlError::LibloadingError(e) => format!("cannot load the NVML library: {e}"),
-        e => format!("NVML: {e}"),
+        NvmlError::LibloadingError(e) => NvmlUnusable::NoLibrary(Box::new(e)),
+        e => NvmlUnusable::Init(e),
     })
 }
 

@@ -127,7 +127,7 @@ impl Scheduler {
         let config = tokio::task::spawn_blocking(move || loader.load())
             .await
             .map_err(|e| Status::internal(format!("reading the configuration: {e}")))?
-            .map_err(|e| Status::invalid_argument(e.to_string()))?;
+            .map_err(|e| Status::invalid_argument(gpuswap::error_chain(&e)))?;
         let needs_restart: Vec<String> = self
             .started_with
             .keys_needing_restart(&config.supervisor)
