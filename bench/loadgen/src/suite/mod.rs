@@ -283,7 +283,12 @@ pub async fn run(args: SuiteArgs) -> Result<()> {
             PathBuf::from("bench/RESULTS.md")
         }
     });
-    std::fs::write(&results_path, &markdown)
+    // Sections pasted in from other benches (warm weights, the endpoint picker) are kept.
+    let written = match std::fs::read_to_string(&results_path) {
+        Ok(old) => report::keep_pasted_sections(&markdown, &old),
+        Err(_) => markdown.clone(),
+    };
+    std::fs::write(&results_path, &written)
         .with_context(|| format!("write {}", results_path.display()))?;
     if results_path != out.join("RESULTS.md") {
         std::fs::write(out.join("RESULTS.md"), &markdown)?;

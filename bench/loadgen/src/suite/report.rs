@@ -18,6 +18,52 @@ const NGINX_PARITY: f64 = 0.10;
 /// A first token slower than this from a backend with no token delay is a stall.
 const STALLED_FIRST_TOKEN_MS: f64 = 20.0;
 
+const ROUTER_HEADING: &str = "## A real swapper: llama-server's router mode";
+/// The sections [`render`] writes, by heading. Any other `## ` section of the results file
+/// was pasted in from a bench the suite does not run (warm weights, the endpoint picker):
+/// [`keep_pasted_sections`] carries those over when the file is rewritten.
+const OWN_SECTIONS: [&str; 7] = [
+    "## Targets",
+    "## Proxy overhead",
+    "## Swap overhead",
+    ROUTER_HEADING,
+    "## Stop",
+    "## Scale",
+    "## Failed to run",
+];
+
+/// `new` (a [`render`]ed report) followed by the sections of `old` that no run of the suite
+/// writes, so that rewriting the results file does not lose them.
+pub fn keep_pasted_sections(new: &str, old: &str) -> String {
+    let mut md = new.trim_end().to_owned();
+    md.push('\n');
+    let pasted = sections(old).into_iter().filter(|section| {
+        !OWN_SECTIONS
+            .iter()
+            .any(|own| section.lines().next().is_some_and(|h| h.starts_with(own)))
+    });
+    for section in pasted {
+        md.push('\n');
+        md.push_str(section.trim_end());
+        md.push('\n');
+    }
+    md
+}
+
+/// The `## ` sections of a Markdown text, each from its heading to the next one.
+fn sections(md: &str) -> Vec<&str> {
+    let starts: Vec<usize> = md
+        .match_indices("## ")
+        .map(|(at, _)| at)
+        .filter(|&at| at == 0 || md.as_bytes()[at - 1] == b'\n')
+        .collect();
+    starts
+        .iter()
+        .zip(starts.iter().skip(1).copied().chain([md.len()]))
+        .map(|(&start, end)| &md[start..end])
+        .collect()
+}
+
 pub struct Environment {
     pub date: String,
     pub cores: usize,
@@ -528,7 +574,7 @@ fn router_section(r: &super::RouterReport) -> (String, Option<f64>, Option<f64>)
         .filter(|s| !s.served_by_expected)
         .count();
     let mut md = format!(
-        "## A real swapper: llama-server's router mode\n\n\
+        "{ROUTER_HEADING}\n\n\
          llama.cpp's `llama-server` ({}) in router mode (`--models-dir DIR --models-max 1`: a \
          child llama-server per loaded model, swapped on the request's `model`) against gpuswap \
          with the same two random-weight GGUF models ({} MiB, made at bench time by \
@@ -593,4 +639,33 @@ fn router_section(r: &super::RouterReport) -> (String, Option<f64>, Option<f64>)
         );
     }
     (md, gpuswap_ms, router_ms)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_rewrite_keeps_the_pasted_sections_and_replaces_its_own() {
+        let old = "# gpuswap benchmark results\n\n- Date: then\n\n## Targets\n\nold targets\n\n\
+                   ## Warm weights (cold vs warmed)\nwarm table\n### a subsection\nmore\n\n\
+                   ## Stop\n\nold stop\n\n## Endpoint picker (gpuswap-epp)\npicker table\n";
+        let new = "# gpuswap benchmark results\n\n- Date: now\n\n## Targets\n\nnew targets\n\n\
+                   ## Stop\n\nnew stop\n";
+        let kept = keep_pasted_sections(new, old);
+        assert!(kept.starts_with(new), "{kept}");
+        for pasted in [
+            "## Warm weights (cold vs warmed)\nwarm table\n### a subsection\nmore\n",
+            "## Endpoint picker (gpuswap-epp)\npicker table\n",
+        ] {
+            assert_eq!(kept.matches(pasted).count(), 1, "{kept}");
+        }
+        assert!(
+            !kept.contains("old targets") && !kept.contains("old stop"),
+            "{kept}"
+        );
+        // The suite's router section is its own: a run without the router drops it.
+        let old = format!("{new}\n{ROUTER_HEADING}\n\nold race\n");
+        assert_eq!(keep_pasted_sections(new, &old), new);
+    }
 }
