@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Installs OpenWebUI (PyPI open-webui, pinned below) for the OpenWebUI test (e2e/tests/clients_openwebui.rs)
+# Installs OpenWebUI (PyPI open-webui, pinned below) for the OpenWebUI test (e2e/tests/it/clients_openwebui.rs)
 # into ~/.cache/gpuswap/open-webui-VERSION/venv (or $1) and prints the venv's path.
 # Its install is large (torch, transformers, ...: a few GB) and slow, so it is cached per version
 # and made by .ci/run before the tests rather than inside a timed test.

@@ -2,7 +2,7 @@
 """Drives a gpuswap gateway with the official anthropic SDK (Messages API).
 
 Prints one JSON object with what the SDK saw at each step; the Rust test
-(e2e/tests/clients_anthropic.rs) asserts on it. Exits non-zero when a step raises
+(e2e/tests/it/clients_anthropic.rs) asserts on it. Exits non-zero when a step raises
 something other than what that step expects, with the traceback on stderr.
 
 Steps: a streamed message to MODEL (stopped at first: the stream waits for the

@@ -2,7 +2,7 @@
 """Discovers and calls a gpuswap supervisor with Python grpcio, knowing nothing of
 gpuswap beforehand: the schema comes from the server's reflection service.
 
-Prints one JSON object with what it saw; the Rust test (e2e/tests/clients_grpcio.rs)
+Prints one JSON object with what it saw; the Rust test (e2e/tests/it/clients_grpcio.rs)
 asserts on it. Exits non-zero when a call fails, with the traceback on stderr.
 
 grpcio-reflection's own client speaks only the v1alpha protocol; the messages

@@ -2,7 +2,7 @@
 """Drives a gpuswap gateway with the official openai SDK, the way applications do.
 
 Prints one JSON object with what the SDK saw at each step; the Rust test
-(e2e/tests/clients_openai.rs) asserts on it. Exits non-zero when a step raises
+(e2e/tests/it/clients_openai.rs) asserts on it. Exits non-zero when a step raises
 something other than what that step expects, with the traceback on stderr.
 
 Steps: list models, retrieve one, chat without and with streaming on FIRST,

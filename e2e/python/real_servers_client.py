@@ -3,7 +3,7 @@
 
 For each model of --sequence (in order, so consecutive models on one GPU swap): a chat without
 streaming, then a streaming chat asking for usage (stream_options.include_usage). Prints one JSON
-list, a step per model, with what the SDK saw; e2e/tests/real_servers.rs asserts on it. Any exception
+list, a step per model, with what the SDK saw; e2e/tests/it/real_servers.rs asserts on it. Any exception
 ends the script non-zero with the traceback on stderr.
 """
 

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Installs the real inference servers the real-server suite (e2e/tests/real_servers.rs) and the bench's
+# Installs the real inference servers the real-server suite (e2e/tests/it/real_servers.rs) and the bench's
 # router peer drive, and makes their tiny models. Everything is cached per machine under
 # $GPUSWAP_REAL_CACHE (default ~/.cache/gpuswap), one folder per component keyed by its version,
 # so CI pays the downloads and the llama.cpp build once per machine; a machine with no cache gets

@@ -2,7 +2,7 @@
 //! request body (or a body alone); see `fuzz_props` for the properties checked.
 #![no_main]
 
-#[path = "../../gateway/tests/fuzz_props/mod.rs"]
+#[path = "../../gateway/tests/it/fuzz_props.rs"]
 mod fuzz_props;
 
 use libfuzzer_sys::fuzz_target;

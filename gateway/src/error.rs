@@ -532,7 +532,7 @@ mod tests {
 
     #[test]
     fn a_real_vllm_unknown_model_becomes_model_not_found() {
-        // vLLM 0.32's own body for a model it does not serve (seen in e2e/tests/real_servers.rs).
+        // vLLM 0.32's own body for a model it does not serve (seen in e2e/tests/it/real_servers.rs).
         let body = br#"{"error":{"message":"The model `nope` does not exist. Valid aliases: tiny.","type":"NotFoundError","param":"model","code":404}}"#;
         let e = convert_backend_error(StatusCode::NOT_FOUND, body).unwrap();
         let v = error_json(&e);

@@ -51,6 +51,41 @@ pub fn bin(name: &str) -> PathBuf {
     path
 }
 
+/// The name libtest gives the test `name` of the module `module` (the caller's
+/// `module_path!()`): a crate's integration tests are one binary (`tests/it/main.rs`), whose
+/// tests are named by their module path without the crate's own name. A test that runs one
+/// of its binary's tests in a child process (another user, an environment of its own, a
+/// process-wide subscriber) names it so for `--exact`.
+pub fn test_name(module: &str, name: &str) -> String {
+    match module.split_once("::") {
+        Some((_crate, path)) => format!("{path}::{name}"),
+        None => name.to_owned(),
+    }
+}
+
+/// Runs the test `name` of the caller's module (`module_path!()`) alone in a new process of
+/// this test binary, with `configure` applied to its command (its environment); fails unless
+/// it ran and passed. For a test whose body changes what the whole process shares (the
+/// process environment, which the other tests' children would inherit).
+pub fn run_test_in_child(
+    module: &str,
+    name: &str,
+    configure: impl FnOnce(&mut std::process::Command),
+) {
+    let test = test_name(module, name);
+    let mut command = std::process::Command::new(std::env::current_exe().expect("current_exe"));
+    command.args([test.as_str(), "--exact", "--nocapture", "--test-threads=1"]);
+    configure(&mut command);
+    let output = command.output().expect("run the test binary");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success() && stdout.contains("test result: ok. 1 passed"),
+        "the child running {test} failed ({}):\n{stdout}\n{}",
+        output.status,
+        String::from_utf8_lossy(&output.stderr)
+    );
+}
+
 /// Ports held for the whole test process: a lock file per port makes
 /// allocation race-free across the many test processes that run at once.
 static HELD: Mutex<Vec<File>> = Mutex::new(Vec::new());

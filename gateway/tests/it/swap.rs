@@ -1,0 +1,425 @@
+//! Swaps through the gateway: routing under swaps, collation, concurrent load,
+//! two gateways on one supervisor, and a backend that crashes mid-stream.
+
+use std::time::{Duration, Instant};
+
+use crate::common::{Model, Stack, post_to, read_stream};
+use serde_json::Value;
+use testkit::stream_content;
+
+/// Checks that a chat answer came from `model`: non-stream JSON or SSE text.
+fn assert_served_by(model: &Model, stream: bool, status: u16, text: &str) {
+    assert_eq!(status, 200, "{}: {text}", model.name);
+    if stream {
+        assert!(
+            text.trim_end().ends_with("data: [DONE]"),
+            "{}: {text}",
+            model.name
+        );
+        let content = stream_content(text);
+        assert!(
+            content.starts_with(&model.signature()),
+            "{}: {content}",
+            model.name
+        );
+    } else {
+        let body = testkit::json(text);
+        assert_eq!(body["model"], model.served(), "{text}");
+        assert_eq!(
+            body["gpuswap_mock"]["request_model"],
+            model.served(),
+            "{text}"
+        );
+        let content = body["choices"][0]["message"]["content"]
+            .as_str()
+            .unwrap_or("");
+        assert!(
+            content.starts_with(&model.signature()),
+            "{}: {text}",
+            model.name
+        );
+    }
+}
+
+async fn chat(
+    stack: &Stack,
+    gateway: usize,
+    model: &str,
+    stream: bool,
+    max_tokens: u32,
+) -> (u16, String) {
+    let url = stack.gateways[gateway].url("/v1/chat/completions");
+    let response = stack
+        .http
+        .post(&url)
+        .json(&Stack::chat(model, stream, max_tokens))
+        .send()
+        .await
+        .unwrap_or_else(|e| panic!("POST {url}: {e}"));
+    let status = response.status().as_u16();
+    (status, read_stream(response).await)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_then_b_then_a_each_answer_names_the_model_asked_for() {
+    let stack = Stack::builder("aba")
+        .model(Model::new("alpha").served_name("alpha-served").alias("a"))
+        .model(Model::new("beta").flavor("sglang"))
+        .start()
+        .await;
+    let alpha = stack.model("alpha").clone();
+    let beta = stack.model("beta").clone();
+    let (s, t) = chat(&stack, 0, "a", false, 3).await;
+    assert_served_by(&alpha, false, s, &t);
+    let (s, t) = chat(&stack, 0, "beta", true, 3).await;
+    assert_served_by(&beta, true, s, &t);
+    let (s, t) = chat(&stack, 0, "alpha", false, 3).await;
+    assert_served_by(&alpha, false, s, &t);
+    let (s, t) = chat(&stack, 0, "alpha", true, 3).await;
+    assert_served_by(&alpha, true, s, &t);
+    testkit::wait_for("three starts", testkit::DEADLINE, || async {
+        (stack.starts().len() >= 3).then_some(())
+    })
+    .await;
+    assert_eq!(
+        stack.starts(),
+        ["alpha", "beta", "alpha"],
+        "{}",
+        stack.logs()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn alternating_arrivals_are_collated() {
+    let stack = Stack::builder("collate")
+        // Every request arrives while the first model still loads.
+        .model(Model::new("alpha").load_time("1500ms"))
+        .model(Model::new("beta").load_time("300ms"))
+        .start()
+        .await;
+    let mut tasks = Vec::new();
+    for i in 0..16 {
+        let name = if i % 2 == 0 { "alpha" } else { "beta" };
+        let model = stack.model(name).clone();
+        let (http, url) = (stack.http.clone(), stack.url("/v1/chat/completions"));
+        tasks.push(tokio::spawn(async move {
+            let (s, t) = post_to(&http, &url, &Stack::chat(&model.name, false, 2)).await;
+            assert_served_by(&model, false, s, &t);
+        }));
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    for task in tasks {
+        task.await.unwrap_or_else(|e| panic!("{e}{}", stack.logs()));
+    }
+    // 15 alternations in the arrival order, served as one batch per model.
+    let starts = stack.starts();
+    assert!(starts.len() <= 3, "{starts:?}{}", stack.logs());
+    assert_eq!(&starts[..2], ["alpha", "beta"], "{}", stack.logs());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mixed_concurrent_load_has_no_misroute_and_no_loss() {
+    let stack = Stack::builder("mixed")
+        .model(Model::new("m1").load_time("200ms"))
+        .model(Model::new("m2").load_time("200ms").flavor("sglang"))
+        .model(Model::new("m3").load_time("200ms").flavor("tabbyapi"))
+        .start()
+        .await;
+    let models: Vec<Model> = ["m1", "m2", "m3"]
+        .iter()
+        .map(|m| stack.model(m).clone())
+        .collect();
+    // 200 requests per model in a shuffled order, half of them streamed.
+    let mut order: Vec<usize> = (0..600).map(|i| i % 3).collect();
+    let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+    for i in (1..order.len()).rev() {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        order.swap(i, (x % (i as u64 + 1)) as usize);
+    }
+    let started = Instant::now();
+    let mut tasks = Vec::new();
+    for (i, m) in order.iter().enumerate() {
+        let model = models[*m].clone();
+        let stream = i % 2 == 0;
+        let (http, url) = (stack.http.clone(), stack.url("/v1/chat/completions"));
+        tasks.push(tokio::spawn(async move {
+            let response = http
+                .post(&url)
+                .json(&Stack::chat(&model.name, stream, 3))
+                .send()
+                .await
+                .map_err(|e| format!("{}: {e}", model.name))?;
+            let status = response.status().as_u16();
+            let text = response
+                .text()
+                .await
+                .map_err(|e| format!("{}: {e}", model.name))?;
+            assert_served_by(&model, stream, status, &text);
+            Ok::<_, String>(())
+        }));
+    }
+    let mut failures = Vec::new();
+    for task in tasks {
+        match task.await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => failures.push(e),
+            Err(panic) => failures.push(panic.to_string()),
+        }
+    }
+    assert!(
+        failures.is_empty(),
+        "{} of 600 failed: {:?}{}",
+        failures.len(),
+        &failures[..failures.len().min(5)],
+        stack.logs()
+    );
+    let starts = stack.starts();
+    eprintln!(
+        "600 requests in {:?} with {} starts",
+        started.elapsed(),
+        starts.len()
+    );
+    assert!(starts.len() < 60, "{starts:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_gateways_alternating_models_do_not_thrash() {
+    let residency = Duration::from_secs(1);
+    let mut stack = Stack::builder("two-gateways")
+        .supervisor("min_residency = \"1s\"")
+        .model(Model::new("alpha").load_time("200ms"))
+        .model(Model::new("beta").load_time("200ms"))
+        .start()
+        .await;
+    stack.add_gateway().await;
+    let run_for = Duration::from_secs(5);
+    let started = Instant::now();
+    let mut tasks = Vec::new();
+    for (gateway, name) in [(0, "alpha"), (1, "beta")] {
+        let model = stack.model(name).clone();
+        let (http, url) = (
+            stack.http.clone(),
+            stack.gateways[gateway].url("/v1/chat/completions"),
+        );
+        tasks.push(tokio::spawn(async move {
+            let mut served = 0;
+            while started.elapsed() < run_for {
+                let (s, t) = post_to(&http, &url, &Stack::chat(&model.name, false, 2)).await;
+                assert_served_by(&model, false, s, &t);
+                served += 1;
+            }
+            served
+        }));
+    }
+    let mut served = Vec::new();
+    for task in tasks {
+        served.push(task.await.unwrap_or_else(|e| panic!("{e}{}", stack.logs())));
+    }
+    let elapsed = started.elapsed();
+    let starts = stack.starts();
+    // Each model keeps the GPU at least min_residency: at most one start per residency.
+    let bound = (elapsed.as_secs_f64() / residency.as_secs_f64()).ceil() as usize + 2;
+    eprintln!(
+        "served {served:?} in {elapsed:?} with {} starts (bound {bound})",
+        starts.len()
+    );
+    assert!(
+        starts.len() <= bound,
+        "{} starts > {bound}: {starts:?}{}",
+        starts.len(),
+        stack.logs()
+    );
+    assert!(served.iter().all(|n| *n >= 1), "{served:?}");
+    assert!(
+        served.iter().sum::<usize>() > starts.len() * 2,
+        "requests were not batched: {served:?} vs {starts:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backend_crash_mid_stream_ends_with_an_error_and_the_next_request_restarts_it() {
+    let stack = Stack::builder("crash")
+        .model(Model::new("alpha").args(&["--fault", "crash-after:3"]))
+        .start()
+        .await;
+    let (s, t) = chat(&stack, 0, "alpha", true, 10).await;
+    assert_eq!(s, 200, "{t}");
+    assert!(!t.contains("[DONE]"), "{t}");
+    let data = testkit::sse_data(&t);
+    let last: Value = testkit::json(data.last().unwrap());
+    assert_eq!(last["error"]["code"], "backend_unavailable", "{t}");
+    assert!(stream_content(&t).starts_with("[served by alpha]"), "{t}");
+
+    // The hold ended with the process; the next request starts it again.
+    let (s, t) = chat(&stack, 0, "alpha", false, 2).await;
+    assert_served_by(stack.model("alpha"), false, s, &t);
+    testkit::wait_for("the second start", testkit::DEADLINE, || async {
+        (stack.starts().len() >= 2).then_some(())
+    })
+    .await;
+    assert_eq!(stack.starts(), ["alpha", "alpha"], "{}", stack.logs());
+}
+
+/// `[supervisor] gpu_memory` of the placement tests: one 96 GiB GPU.
+const GPU_96_GIB: &str = "gpu_memory = \"96GiB\"";
+
+/// A model of `gib` GiB on GPU 0.
+fn sized(name: &str, gib: u32) -> Model {
+    Model::new(name).toml(&format!("vram = \"{gib}GiB\""))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn models_that_fit_share_the_gpu_and_a_bigger_one_stops_both() {
+    let stack = Stack::builder("fit")
+        .supervisor(GPU_96_GIB)
+        // Slow answers: the second model is asked for while the first one streams.
+        .model(sized("a40", 40).tokens_per_second(20))
+        .model(sized("b40", 40).tokens_per_second(20))
+        .model(sized("c70", 70))
+        .start()
+        .await;
+    let (a, b, c) = (
+        stack.model("a40").clone(),
+        stack.model("b40").clone(),
+        stack.model("c70").clone(),
+    );
+    let (s, t) = chat(&stack, 0, "a40", false, 1).await;
+    assert_served_by(&a, false, s, &t);
+    let a_pid = stack.status("a40").await.pid;
+    // a40 streams 40 tokens at 20 per second; b40 starts and answers meanwhile.
+    let (http, url) = (stack.http.clone(), stack.url("/v1/chat/completions"));
+    let streaming = tokio::spawn(async move {
+        let response = http
+            .post(&url)
+            .json(&Stack::chat("a40", true, 40))
+            .send()
+            .await
+            .expect("a40 stream");
+        (response.status().as_u16(), read_stream(response).await)
+    });
+    let (s, t) = chat(&stack, 0, "b40", false, 1).await;
+    assert_served_by(&b, false, s, &t);
+    assert!(
+        !streaming.is_finished(),
+        "b40 answered only after a40's stream ended{}",
+        stack.logs()
+    );
+    let (s, t) = streaming.await.expect("a40 stream task");
+    assert_served_by(&a, true, s, &t);
+    assert_eq!(stack.starts(), ["a40", "b40"], "{}", stack.logs());
+    let a_status = stack.status("a40").await;
+    assert_eq!(a_status.pid, a_pid, "a40 was restarted{}", stack.logs());
+    assert_eq!(a_status.state(), gpuswap::pb::ModelState::Ready);
+    let status = stack.statuses().await;
+    let gpu = status.gpus.iter().find(|g| g.index == 0).expect("GPU 0");
+    assert_eq!(gpu.capacity_bytes, Some(96 << 30));
+    assert_eq!(gpu.reserved_bytes, 80 << 30, "{gpu:?}");
+    // The gateway's model list shows the same, from its Watch stream.
+    let list = testkit::wait_for(
+        "/v1/models with 80 GiB reserved",
+        testkit::DEADLINE,
+        || async {
+            let list = stack.get_json("/v1/models").await?;
+            (list["gpuswap"]["gpus"][0]["reserved_bytes"] == 80u64 << 30).then_some(list)
+        },
+    )
+    .await;
+    assert_eq!(list["gpuswap"]["gpus"][0]["capacity_bytes"], 96u64 << 30);
+    let entry = list["data"]
+        .as_array()
+        .and_then(|data| data.iter().find(|m| m["id"] == "a40"))
+        .cloned()
+        .unwrap_or_default();
+    assert_eq!(entry["gpuswap"]["vram_bytes"], 40u64 << 30, "{entry}");
+    assert_eq!(entry["gpuswap"]["pinned"], false, "{entry}");
+    assert!(entry["gpuswap"]["last_used_ms"].is_u64(), "{entry}");
+    // 70 GiB fits only alone: both 40 GiB models go.
+    let (s, t) = chat(&stack, 0, "c70", false, 1).await;
+    assert_served_by(&c, false, s, &t);
+    assert_eq!(stack.starts(), ["a40", "b40", "c70"], "{}", stack.logs());
+    for name in ["a40", "b40"] {
+        stack
+            .wait_state(name, gpuswap::pb::ModelState::Stopped)
+            .await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_model_that_does_not_fit_next_to_a_pinned_one_fails_fast() {
+    let stack = Stack::builder("pinned")
+        .supervisor(GPU_96_GIB)
+        .model(sized("p30", 30).toml("pinned = true"))
+        .model(sized("big70", 70))
+        .start()
+        .await;
+    let pinned = stack.model("p30").clone();
+    let (s, t) = chat(&stack, 0, "p30", false, 1).await;
+    assert_served_by(&pinned, false, s, &t);
+    let before = stack.status("p30").await;
+    let began = Instant::now();
+    let (s, t) = chat(&stack, 0, "big70", false, 1).await;
+    let took = began.elapsed();
+    assert_eq!(s, 503, "{t}");
+    let message = testkit::json(&t)["error"]["message"]
+        .as_str()
+        .unwrap_or_default()
+        .to_owned();
+    assert!(
+        message.contains("pinned model p30"),
+        "the reason names the pinned model: {message}"
+    );
+    assert!(took < Duration::from_secs(2), "failed after {took:?}");
+    // The pinned model never stopped, and still serves.
+    let (s, t) = chat(&stack, 0, "p30", false, 1).await;
+    assert_served_by(&pinned, false, s, &t);
+    let after = stack.status("p30").await;
+    assert_eq!(
+        (after.pid, after.generation, after.state()),
+        (
+            before.pid,
+            before.generation,
+            gpuswap::pb::ModelState::Ready
+        )
+    );
+    assert!(after.pinned);
+    assert_eq!(stack.starts(), ["p30"], "{}", stack.logs());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_least_recently_used_model_makes_room() {
+    let stack = Stack::builder("lru")
+        .supervisor(GPU_96_GIB)
+        .model(sized("a", 40))
+        .model(sized("b", 40))
+        .model(sized("c", 40))
+        .start()
+        .await;
+    for name in ["a", "b", "a"] {
+        let model = stack.model(name).clone();
+        let (s, t) = chat(&stack, 0, name, false, 1).await;
+        assert_served_by(&model, false, s, &t);
+    }
+    // The gateway reports each model's last use to the supervisor.
+    testkit::wait_for("a used after b", testkit::DEADLINE, || async {
+        let (a, b) = (stack.status("a").await, stack.status("b").await);
+        (a.last_used_ms? > b.last_used_ms?).then_some(())
+    })
+    .await;
+    let a_pid = stack.status("a").await.pid;
+    let c = stack.model("c").clone();
+    let (s, t) = chat(&stack, 0, "c", false, 1).await;
+    assert_served_by(&c, false, s, &t);
+    stack
+        .wait_state("b", gpuswap::pb::ModelState::Stopped)
+        .await;
+    let a = stack.status("a").await;
+    assert_eq!(
+        (a.state(), a.pid),
+        (gpuswap::pb::ModelState::Ready, a_pid),
+        "{}",
+        stack.logs()
+    );
+    assert_eq!(stack.starts(), ["a", "b", "c"], "{}", stack.logs());
+}

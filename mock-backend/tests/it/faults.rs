@@ -1,0 +1,179 @@
+//! Fault modes and signals.
+
+use std::time::Instant;
+
+use crate::common::{Mock, Reply, chat_request, chat_stream_tokens, get, post, probe};
+
+/// A vLLM mock (no delay between tokens) that crashes after `crash_after` streamed tokens,
+/// once it serves, and its reply to a streamed chat request for `max_tokens`.
+async fn stream_from_crashing_vllm(crash_after: u32, max_tokens: u64) -> (Mock, Reply) {
+    let mock = Mock::start(
+        "vllm",
+        &[
+            "--load-time",
+            "10ms",
+            "--tokens-per-second",
+            "0",
+            "--fault",
+            &format!("crash-after:{crash_after}"),
+        ],
+    );
+    mock.wait_log("Application startup complete.").await;
+    let body = chat_request(&mock.model, true, max_tokens);
+    let reply = post(mock.port, "/v1/chat/completions", &body).await;
+    (mock, reply)
+}
+
+#[tokio::test]
+async fn exit_during_load_exits_1_with_an_oom_line_and_kills_its_workers() {
+    let mut mock = Mock::start(
+        "sglang",
+        &[
+            "--load-time",
+            "400ms",
+            "--workers",
+            "2",
+            "--fault",
+            "exit-during-load",
+        ],
+    );
+    let status = mock.wait_exit();
+    assert_eq!(status.code(), Some(1));
+    mock.wait_log("CUDA out of memory").await;
+    assert!(!mock.has_log("Load weight end"));
+    testkit::wait_for("workers gone", testkit::DEADLINE, || async {
+        testkit::processes_with_marker(&mock.marker)
+            .is_empty()
+            .then_some(())
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn never_ready_sglang_never_listens() {
+    let mock = Mock::start("sglang", &["--load-time", "50ms", "--fault", "never-ready"]);
+    mock.wait_log("Loading is taking a long time").await;
+    assert_eq!(probe(mock.port, "/health").await, None);
+    assert!(testkit::alive(mock.pid()));
+}
+
+#[tokio::test]
+async fn never_ready_llama_server_answers_503_forever() {
+    let mock = Mock::start(
+        "llama-server",
+        &["--load-time", "50ms", "--fault", "never-ready"],
+    );
+    mock.wait_log("Loading is taking a long time").await;
+    assert_eq!(probe(mock.port, "/health").await, Some(503));
+    assert!(!mock.has_log("main: model loaded"));
+}
+
+#[tokio::test]
+async fn never_ready_tabbyapi_serves_without_a_model() {
+    let mock = Mock::start(
+        "tabbyapi",
+        &["--load-time", "50ms", "--fault", "never-ready"],
+    );
+    mock.wait_log("Uvicorn running on").await;
+    assert_eq!(probe(mock.port, "/health").await, Some(200));
+    assert_eq!(probe(mock.port, "/v1/model").await, Some(503));
+}
+
+#[tokio::test]
+async fn crash_after_cuts_the_stream_and_exits_139() {
+    let (mut mock, reply) = stream_from_crashing_vllm(3, 10).await;
+    assert_eq!(reply.status, 200);
+    assert!(!reply.complete, "the stream must be cut: {}", reply.text());
+    assert!(!reply.sse_data().iter().any(|data| data == "[DONE]"));
+    assert!(chat_stream_tokens(&reply.sse_chunks()).len() <= 3);
+    assert_eq!(mock.wait_exit().code(), Some(139));
+}
+
+#[tokio::test]
+async fn crash_after_leaves_shorter_answers_alone() {
+    let (mock, reply) = stream_from_crashing_vllm(5, 5).await;
+    assert!(reply.complete);
+    assert_eq!(chat_stream_tokens(&reply.sse_chunks()).len(), 5);
+    assert!(testkit::alive(mock.pid()));
+}
+
+#[tokio::test]
+async fn ignore_sigterm_keeps_serving_until_sigkill() {
+    let mock = Mock::start(
+        "vllm",
+        &["--load-time", "10ms", "--fault", "ignore-sigterm"],
+    );
+    mock.wait_log("Application startup complete.").await;
+    mock.signal(libc::SIGTERM);
+    mock.wait_log("ignoring").await;
+    assert_eq!(probe(mock.port, "/health").await, Some(200));
+    assert!(testkit::alive(mock.pid()));
+}
+
+#[tokio::test]
+async fn flood_writes_its_bytes_with_megabyte_lines_while_serving() {
+    let budget: u64 = 3 << 20;
+    let mock = Mock::start(
+        "vllm",
+        &["--load-time", "10ms", "--fault", &format!("flood:{budget}")],
+    );
+    mock.wait_log("flood done").await;
+    assert!(
+        mock.output_bytes() >= budget,
+        "{} bytes",
+        mock.output_bytes()
+    );
+    assert!(
+        mock.longest_line() > 1 << 20,
+        "longest line {}",
+        mock.longest_line()
+    );
+    mock.wait_log("Application startup complete.").await;
+    assert_eq!(probe(mock.port, "/health").await, Some(200));
+}
+
+#[tokio::test]
+async fn sigterm_exits_0_after_the_stop_delay() {
+    let mut mock = Mock::start("vllm", &["--load-time", "10ms", "--stop-delay", "300ms"]);
+    mock.wait_log("Application startup complete.").await;
+    let start = Instant::now();
+    mock.signal(libc::SIGTERM);
+    assert_eq!(mock.wait_exit().code(), Some(0));
+    assert!(start.elapsed().as_millis() >= 290, "{:?}", start.elapsed());
+    mock.wait_log("Finished server process").await;
+}
+
+#[tokio::test]
+async fn still_serving_during_the_stop_delay() {
+    let mock = Mock::start(
+        "sglang",
+        &[
+            "--load-time",
+            "10ms",
+            "--warmup",
+            "0s",
+            "--stop-delay",
+            "600s",
+        ],
+    );
+    mock.wait_log("fired up").await;
+    mock.signal(libc::SIGTERM);
+    mock.wait_log("shutting down").await;
+    assert_eq!(get(mock.port, "/health").await.status, 200);
+}
+
+#[tokio::test]
+async fn sigint_exits_0() {
+    let mut mock = Mock::start("llama-server", &["--load-time", "10ms"]);
+    mock.wait_log("llama_server: listening on").await;
+    mock.signal(libc::SIGINT);
+    assert_eq!(mock.wait_exit().code(), Some(0));
+}
+
+#[tokio::test]
+async fn sigterm_during_load_exits_promptly() {
+    let mut mock = Mock::start("tabbyapi", &["--load-time", "600s"]);
+    mock.wait_log("Loading model").await;
+    mock.signal(libc::SIGTERM);
+    assert_eq!(mock.wait_exit().code(), Some(0));
+}

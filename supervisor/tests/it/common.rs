@@ -1,0 +1,358 @@
+//! Harness of the supervisor's integration tests: the real supervisor binary, real mock
+//! backends, a real Unix socket.
+
+use std::{
+    path::{Path, PathBuf},
+    process::{Command, Stdio},
+};
+
+use gpuswap::{
+    SupervisorClient,
+    pb::{self, activate_event::Event},
+};
+use testkit::{DEADLINE, Proc};
+use tokio::{
+    io::{AsyncReadExt, AsyncWriteExt},
+    net::TcpStream,
+};
+
+/// The variable that tags every backend process of one test (see `processes_with_marker`).
+#[allow(unused_imports)] // lifecycle.rs tags a process of its own
+pub use testkit::MARKER_ENV;
+
+pub fn supervisor_exe() -> &'static str {
+    env!("CARGO_BIN_EXE_gpuswap-supervisor")
+}
+
+/// One model served by a mock backend (testkit's: vLLM-like, GPU 0, loads in 300 ms).
+pub type Mock = testkit::MockModel;
+
+/// A running supervisor with its own directory, socket, state file and marker.
+pub struct Supervisor {
+    pub dir: tempfile::TempDir,
+    pub socket: PathBuf,
+    pub config_path: PathBuf,
+    pub state_path: PathBuf,
+    pub stderr_path: PathBuf,
+    pub marker: String,
+    pub settings: Vec<String>,
+    /// Extra environment of the supervisor process.
+    pub env: Vec<(String, String)>,
+    pub models: Vec<Mock>,
+    pub proc: Option<Proc>,
+    pub client: SupervisorClient,
+}
+
+impl Supervisor {
+    /// Starts a supervisor for `models`; `settings` are extra `[supervisor]` lines.
+    pub async fn start(test: &str, settings: &[&str], models: Vec<Mock>) -> Supervisor {
+        let supervisor = Self::prepare(test, settings, models);
+        supervisor.write_config();
+        supervisor.launch().await
+    }
+
+    /// Everything but the process: the config is written by `write_config`.
+    pub fn prepare(test: &str, settings: &[&str], models: Vec<Mock>) -> Supervisor {
+        let dir = testkit::short_tempdir();
+        let socket = dir.path().join("s.sock");
+        let client = testkit::supervisor_client(&socket);
+        Supervisor {
+            config_path: dir.path().join("gpuswap.toml"),
+            state_path: dir.path().join("state.json"),
+            stderr_path: dir.path().join("supervisor.log"),
+            socket,
+            marker: testkit::unique_marker(test),
+            settings: settings.iter().map(|s| s.to_string()).collect(),
+            env: Vec::new(),
+            models,
+            proc: None,
+            client,
+            dir,
+        }
+    }
+
+    pub fn config_text(&self) -> String {
+        let defaults = [
+            format!("listen = \"unix://{}\"", self.socket.display()),
+            format!("state_file = \"{}\"", self.state_path.display()),
+            "min_residency = \"0s\"".to_owned(),
+            "drain_timeout = \"60s\"".to_owned(),
+            "log_lines = 500".to_owned(),
+        ];
+        let mut text = String::from("[supervisor]\n");
+        text.push_str(&testkit::lines_with_defaults(&defaults, &self.settings));
+        for model in &self.models {
+            text.push_str(&model.render(&self.marker));
+        }
+        text
+    }
+
+    pub fn write_config(&self) {
+        std::fs::write(&self.config_path, self.config_text()).expect("write config");
+    }
+
+    /// Spawns the supervisor and waits until its socket answers Status.
+    pub async fn launch(mut self) -> Supervisor {
+        let mut proc = self.spawn_process();
+        testkit::wait_until_answering(&self.client, &mut proc, &self.stderr_path).await;
+        self.proc = Some(proc);
+        self
+    }
+
+    /// The supervisor process for this config (stderr appended to `stderr_path`).
+    pub fn spawn_process(&self) -> Proc {
+        Proc::spawn(self.command())
+    }
+
+    /// The command `spawn_process` runs, for a test to add flags to.
+    pub fn command(&self) -> Command {
+        let mut command =
+            testkit::supervisor_command(&self.config_path, "info,gpuswap_supervisor=debug");
+        command
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
+            .stdout(Stdio::null())
+            .stderr(testkit::append_log(&self.stderr_path));
+        command
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.proc.as_ref().expect("running").pid()
+    }
+
+    pub fn log(&self) -> String {
+        testkit::read_lossy(&self.stderr_path)
+    }
+
+    pub fn mock(&self, name: &str) -> &Mock {
+        self.models
+            .iter()
+            .find(|m| m.name == name)
+            .expect("configured mock")
+    }
+
+    pub async fn status(&self) -> pb::StatusResponse {
+        testkit::status(&self.client).await
+    }
+
+    pub async fn model(&self, name: &str) -> pb::ModelStatus {
+        testkit::model_status(&self.client, name).await
+    }
+
+    pub async fn state(&self, name: &str) -> pb::ModelState {
+        self.model(name).await.state()
+    }
+
+    /// Waits until `name` is in `state`.
+    pub async fn wait_state(&self, name: &str, state: pb::ModelState) -> pb::ModelStatus {
+        testkit::wait_state(&self.client, name, state).await
+    }
+
+    pub async fn activate(&self, model: &str, hold: bool) -> Activation {
+        self.activate_with(pb::ActivateRequest {
+            model: model.into(),
+            hold,
+            force: false,
+            client: "test".into(),
+        })
+        .await
+        .expect("Activate accepted")
+    }
+
+    pub async fn activate_with(
+        &self,
+        request: pb::ActivateRequest,
+    ) -> Result<Activation, tonic::Status> {
+        activate_on(&self.client, request).await
+    }
+
+    pub async fn deactivate(&self, model: &str, force: bool) -> Vec<String> {
+        self.deactivate_with(pb::DeactivateRequest {
+            model: model.into(),
+            all: model.is_empty(),
+            force,
+            if_idle_generation: None,
+        })
+        .await
+    }
+
+    pub async fn deactivate_with(&self, request: pb::DeactivateRequest) -> Vec<String> {
+        let mut client = self.client.clone();
+        tokio::time::timeout(DEADLINE, client.deactivate(request))
+            .await
+            .expect("Deactivate in time")
+            .expect("Deactivate")
+            .into_inner()
+            .stopped
+    }
+
+    /// The live processes of this test's backends.
+    pub fn backend_processes(&self) -> Vec<u32> {
+        testkit::processes_with_marker(&self.marker)
+    }
+
+    /// Waits until no backend process of this test is left.
+    pub async fn wait_no_backends(&self) {
+        testkit::wait_for("no backend process left", DEADLINE, || async {
+            self.backend_processes().is_empty().then_some(())
+        })
+        .await;
+    }
+
+    /// SIGTERM, expect exit 0 and no backend left.
+    pub async fn terminate(&mut self) {
+        let mut proc = self.proc.take().expect("running");
+        proc.signal(libc::SIGTERM);
+        let status = tokio::task::block_in_place(|| proc.wait_exit(DEADLINE));
+        assert!(
+            status.success(),
+            "supervisor exit: {status}\n{}",
+            self.log()
+        );
+        self.wait_no_backends().await;
+    }
+}
+
+impl Drop for Supervisor {
+    fn drop(&mut self) {
+        // The supervisor's death ends every guard (parent-death signal), and so every backend.
+        drop(self.proc.take());
+        if std::thread::panicking() {
+            eprintln!("--- supervisor log ---\n{}", self.log());
+        }
+    }
+}
+
+pub async fn activate_on(
+    client: &SupervisorClient,
+    request: pb::ActivateRequest,
+) -> Result<Activation, tonic::Status> {
+    let mut client = client.clone();
+    let stream = tokio::time::timeout(DEADLINE, client.activate(request))
+        .await
+        .expect("Activate answered in time")?
+        .into_inner();
+    Ok(Activation {
+        stream,
+        seen: Vec::new(),
+    })
+}
+
+/// One Activate stream and the events read from it so far.
+#[derive(Debug)]
+pub struct Activation {
+    pub stream: tonic::Streaming<pb::ActivateEvent>,
+    pub seen: Vec<Event>,
+}
+
+impl Activation {
+    /// The next event; None when the stream ended.
+    pub async fn next(&mut self) -> Option<Event> {
+        let message = tokio::time::timeout(DEADLINE, self.stream.message())
+            .await
+            .unwrap_or_else(|_| panic!("no event within {DEADLINE:?}; seen: {:?}", self.seen))
+            .unwrap_or_else(|status| panic!("stream error {status:?}; seen: {:?}", self.seen))?;
+        let event = message.event.expect("an event");
+        self.seen.push(event.clone());
+        Some(event)
+    }
+
+    /// Reads until `pick` matches; panics when the stream ends first.
+    pub async fn until<T>(&mut self, what: &str, pick: impl Fn(&Event) -> Option<T>) -> T {
+        loop {
+            match self.next().await {
+                Some(event) => {
+                    if let Some(found) = pick(&event) {
+                        return found;
+                    }
+                }
+                None => panic!("stream ended before {what}; seen: {:?}", self.seen),
+            }
+        }
+    }
+
+    pub async fn ready(&mut self) -> pb::Ready {
+        loop {
+            match self.next().await {
+                Some(Event::Ready(ready)) => return ready,
+                Some(Event::Failed(failed)) => panic!("Failed instead of Ready: {failed:?}"),
+                Some(_) => {}
+                None => panic!("stream ended before Ready; seen: {:?}", self.seen),
+            }
+        }
+    }
+
+    pub async fn failed(&mut self) -> pb::Failed {
+        self.until("Failed", |e| match e {
+            Event::Failed(failed) => Some(failed.clone()),
+            Event::Ready(ready) => panic!("Ready instead of Failed: {ready:?}"),
+            _ => None,
+        })
+        .await
+    }
+
+    pub fn saw(&self, pick: impl Fn(&Event) -> bool) -> bool {
+        self.seen.iter().any(pick)
+    }
+}
+
+/// One HTTP/1.1 request over a fresh connection: (status, body).
+pub async fn http(
+    address: &str,
+    method: &str,
+    path: &str,
+    body: Option<&str>,
+) -> std::io::Result<(u16, String)> {
+    let exchange = async {
+        let mut stream = TcpStream::connect(address).await?;
+        let body = body.unwrap_or("");
+        let request = format!(
+            "{method} {path} HTTP/1.1\r\nHost: {address}\r\nConnection: close\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+            body.len()
+        );
+        stream.write_all(request.as_bytes()).await?;
+        let mut response = Vec::new();
+        stream.read_to_end(&mut response).await?;
+        let text = String::from_utf8_lossy(&response).into_owned();
+        let code = text
+            .split_whitespace()
+            .nth(1)
+            .and_then(|c| c.parse().ok())
+            .ok_or_else(|| std::io::Error::other(format!("not HTTP: {text:?}")))?;
+        let body = text
+            .split_once("\r\n\r\n")
+            .map(|(_, b)| b.to_owned())
+            .unwrap_or_default();
+        Ok((code, body))
+    };
+    tokio::time::timeout(DEADLINE, exchange)
+        .await
+        .unwrap_or_else(|_| Err(std::io::Error::other("HTTP request timed out")))
+}
+
+/// The resident memory of a process in bytes.
+pub fn rss_bytes(pid: u32) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let kib: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))?
+        .split_whitespace()
+        .next()?
+        .parse()
+        .ok()?;
+    Some(kib * 1024)
+}
+
+/// Runs the supervisor binary to its end (bad configs): (exit code, stderr).
+pub fn run_to_exit(args: &[&str], dir: &Path) -> (Option<i32>, String) {
+    let stderr_path = dir.join("run.stderr");
+    let stderr = std::fs::File::create(&stderr_path).expect("stderr file");
+    let mut command = Command::new(supervisor_exe());
+    command
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(stderr);
+    let mut proc = Proc::spawn(command);
+    let status = proc.wait_exit(DEADLINE);
+    (status.code(), testkit::read_lossy(&stderr_path))
+}
