@@ -138,6 +138,12 @@ pub fn main() -> ! {
             std::process::exit(EXIT_CANNOT_START);
         }
     };
+    // Fault injection for the tests, in debug builds only: a guard slow to report, as on a
+    // machine under heavy load (the supervisor waits up to 10 s for the report).
+    #[cfg(debug_assertions)]
+    if std::env::var_os("GPUSWAP_TEST_FAULT").is_some_and(|f| f == "guard-slow-report") {
+        std::thread::sleep(Duration::from_secs(5));
+    }
     if let Some(report) = report.as_mut() {
         report.send(&format!("pid {backend}\n"));
     }

@@ -101,6 +101,8 @@ pub(super) struct Model {
     pub(super) logs: LogBuffer,
     /// The last progress the starting backend printed.
     pub(super) progress: Option<LoadProgress>,
+    /// The generation being spawned (off the actor), until the spawn reports.
+    pub(super) spawning: Option<u64>,
     /// Its weight files being read into the page cache for a swap to it.
     pub(super) warming: Option<WarmGuard>,
 }
@@ -114,6 +116,7 @@ impl Model {
             run: None,
             logs,
             progress: None,
+            spawning: None,
             warming: None,
         }
     }
@@ -250,7 +253,7 @@ impl Actor {
             if let Some(message) = message {
                 let flow = match message {
                     Message::Command(Command::Shutdown { reply }) => {
-                        self.shutdown().await;
+                        self.shutdown(&mut rx).await;
                         let _ = reply.send(());
                         Flow::Stop
                     }
@@ -333,5 +336,20 @@ pub(super) fn test_options(guard_exe: PathBuf) -> SchedulerOptions {
         guard_exe,
         state_file: None,
         metrics: gpuswap_telemetry::Metrics::new().supervisor(),
+    }
+}
+
+/// Hands the next spawn's outcome among `reports` to `actor` (a spawn runs off the actor).
+#[cfg(test)]
+pub(super) async fn take_spawned(
+    actor: &mut Actor,
+    reports: &mut mpsc::UnboundedReceiver<Message>,
+) {
+    loop {
+        if let Message::Internal(Internal::Spawned(spawned)) =
+            reports.recv().await.expect("a report")
+        {
+            return actor.internal(Internal::Spawned(spawned));
+        }
     }
 }

@@ -9,7 +9,7 @@ use tokio::time::Instant;
 use tracing::Instrument as _;
 
 use super::{
-    Internal,
+    Internal, Spawned,
     actor::{Actor, Run},
     policy::{Notice, StreamId},
     progress::track_progress,
@@ -30,8 +30,10 @@ pub(super) fn swap_phase_span(
 }
 
 impl Actor {
-    /// Spawns `name` for the activation `cause` and the tasks that report readiness and
-    /// exit. The start and ready phases are traced under the activation's span.
+    /// Spawns `name` for the activation `cause` on a blocking thread (a user lookup, the port
+    /// check, the state file and the guard's report may each take a while): the actor goes
+    /// on answering meanwhile, and [`Actor::spawned`] takes the outcome. The start and ready
+    /// phases are traced under the activation's span.
     pub(super) fn spawn(&mut self, name: &str, generation: u64, cause: StreamId, restart: bool) {
         let cause_span = self.span_of(cause);
         let Some(tx) = self.sender() else {
@@ -56,32 +58,77 @@ impl Actor {
         }
         // The command line itself is logged by the process layer (with the API key masked).
         model.note(format!("starting generation {generation}"));
+        model.spawning = Some(generation);
         let start_span = swap_phase_span(&cause_span, "start", name, generation);
-        let began = Instant::now();
-        let spawned = start_span.in_scope(|| {
-            tracing::info!(model = name, generation, "starting");
-            Backend::spawn(&spec, model.logs.clone())
+        let (logs, model) = (model.logs.clone(), name.to_owned());
+        tokio::spawn(async move {
+            let began = Instant::now();
+            let span = start_span.clone();
+            let spawned = tokio::task::spawn_blocking(move || {
+                span.in_scope(|| {
+                    tracing::info!(model = spec.model, generation, "starting");
+                    Backend::spawn(&spec, logs)
+                })
+            })
+            .await
+            .unwrap_or_else(|e| {
+                Err(StartError::Spawn {
+                    program: String::new(),
+                    source: std::io::Error::other(format!("the spawn did not finish: {e}")),
+                })
+            });
+            let spawned = Internal::Spawned(Spawned {
+                model,
+                generation,
+                result: spawned,
+                took: began.elapsed(),
+                start_span,
+                cause_span,
+            });
+            Self::report(&tx, spawned);
         });
-        let backend = match spawned {
+    }
+
+    /// A spawn is over: the backend's readiness and exit are watched and the waiters that
+    /// follow the start are told Starting; or the start failed.
+    pub(super) fn spawned(&mut self, spawned: Spawned) {
+        let Spawned {
+            model: name,
+            generation,
+            result,
+            took,
+            start_span,
+            cause_span,
+        } = spawned;
+        // None only once the actor is gone; a backend dropped unwatched is stopped.
+        let Some(tx) = self.sender() else { return };
+        let Some(model) = self
+            .models
+            .get_mut(&name)
+            .filter(|m| m.spawning == Some(generation))
+        else {
+            return;
+        };
+        model.spawning = None;
+        let backend = match result {
             Ok(backend) => backend,
             Err(error) => {
                 let reason = error.to_string();
                 let cause = start_failure_reason(&error);
                 start_span.in_scope(|| tracing::warn!(model = name, %reason, "spawn failed"));
                 self.policy
-                    .spawn_failed(name, generation, reason, cause, Instant::now());
+                    .spawn_failed(&name, generation, reason, cause, Instant::now());
                 return;
             }
         };
-        self.metrics
-            .phase_finished(SwapPhase::Start, began.elapsed());
         drop(start_span);
+        self.metrics.phase_finished(SwapPhase::Start, took);
         model.progress = None;
         let progress_tracker = track_progress(
             model.logs.subscribe(),
-            spec.config.kind,
+            model.config.kind,
             tx.clone(),
-            name.to_owned(),
+            name.clone(),
             generation,
         );
         model.run = Some(Run {
@@ -90,8 +137,8 @@ impl Actor {
             progress_tracker: Some(progress_tracker),
         });
         {
-            let (tx, backend, model) = (tx.clone(), backend.clone(), name.to_owned());
-            let ready_span = swap_phase_span(&cause_span, "ready", name, generation);
+            let (tx, backend, model) = (tx.clone(), backend.clone(), name.clone());
+            let ready_span = swap_phase_span(&cause_span, "ready", &name, generation);
             tokio::spawn(async move {
                 let result = backend.wait_ready().instrument(ready_span).await;
                 Self::report(
@@ -105,7 +152,7 @@ impl Actor {
             });
         }
         {
-            let model = name.to_owned();
+            let model = name.clone();
             tokio::spawn(async move {
                 let info = backend.exited().await;
                 Self::report(
@@ -118,7 +165,10 @@ impl Actor {
                 );
             });
         }
-        self.send_notice(cause, name, Notice::Starting { generation });
+        for stream in self.policy.followers(&name, generation) {
+            self.send_notice(stream, &name, Notice::Starting { generation });
+        }
+        self.policy.spawned(&name, generation);
     }
 
     /// Stops the process tree of `name` in a task; StopFinished reports the end. For a swap

@@ -49,7 +49,8 @@ use tokio::{
 use tonic::Status;
 
 use crate::backend::{
-    ExitInfo, StartError, gpu, load_progress::LoadProgress, logs::LogBuffer, state_file::StateFile,
+    Backend, ExitInfo, StartError, gpu, load_progress::LoadProgress, logs::LogBuffer,
+    state_file::StateFile,
 };
 pub use actions::client_address;
 pub use handle::Scheduler;
@@ -131,6 +132,8 @@ enum Command {
 
 /// Reports from the actor's own tasks.
 enum Internal {
+    /// A spawn (off the actor) is over.
+    Spawned(Spawned),
     StartFinished {
         model: String,
         generation: u64,
@@ -163,6 +166,16 @@ enum Internal {
         generation: u64,
         parsed: Option<LoadProgress>,
     },
+}
+
+/// The outcome of a spawn, with the spans its later phases belong to.
+struct Spawned {
+    model: String,
+    generation: u64,
+    result: Result<Backend, StartError>,
+    took: std::time::Duration,
+    start_span: tracing::Span,
+    cause_span: tracing::Span,
 }
 
 enum Message {

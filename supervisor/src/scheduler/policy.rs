@@ -78,6 +78,10 @@ pub struct Run {
     pub placement: Placement,
     pub spawned_at: Instant,
     pub stop_requested: bool,
+    /// The actor spawns off its loop: until [`Policy::spawned`] there is no process to stop.
+    pub spawning: bool,
+    /// A stop asked for while spawning (its reason and swap), sent once the spawn is done.
+    pub deferred_stop: Option<(Option<String>, Option<StreamId>)>,
 }
 
 /// Holders of a model are being asked to let go.
@@ -210,7 +214,7 @@ pub enum Action {
     Unjoin {
         stream: StreamId,
     },
-    /// Start the model; on success `cause` is told Starting, on failure call
+    /// Start the model, then call [`Policy::spawned`] (its followers are told Starting) or
     /// [`Policy::spawn_failed`]. The swap is traced under `cause`'s activation.
     Spawn {
         model: String,
@@ -535,6 +539,25 @@ impl Policy {
         }
     }
 
+    /// The process of `generation` exists now: a stop asked for meanwhile goes out.
+    pub fn spawned(&mut self, name: &str, generation: u64) {
+        let Some(run) = self
+            .current(name, generation)
+            .and_then(|slot| slot.run.as_mut())
+        else {
+            return;
+        };
+        run.spawning = false;
+        if let Some((reason, swap)) = run.deferred_stop.take() {
+            self.out.push(Action::Stop {
+                model: name.to_owned(),
+                generation,
+                reason,
+                swap,
+            });
+        }
+    }
+
     /// The spawn of `generation` failed at once: there is no process to stop.
     pub fn spawn_failed(
         &mut self,
@@ -547,6 +570,11 @@ impl Policy {
         let Some(slot) = self.current(name, generation) else {
             return;
         };
+        if slot.state == State::Stopping {
+            // It was to be stopped once spawned: nothing to stop, the stop is over.
+            slot.last_error = reason;
+            return self.stop_finished(name, generation);
+        }
         if let Some(run) = slot.run.as_mut() {
             run.stop_requested = true;
         }
@@ -801,6 +829,10 @@ impl Policy {
             return;
         }
         run.stop_requested = true;
+        if run.spawning {
+            run.deferred_stop = Some((reason, swap));
+            return;
+        }
         self.out.push(Action::Stop {
             model: name.to_owned(),
             generation: run.generation,
@@ -1111,6 +1143,8 @@ impl Policy {
             placement: slot.placement.clone(),
             spawned_at: now,
             stop_requested: false,
+            spawning: true,
+            deferred_stop: None,
         });
         self.out.push(Action::Spawn {
             model: target,
@@ -1437,6 +1471,61 @@ mod tests {
             actions.iter().any(|a| matches!(a, Action::Spawn { .. })),
             "{actions:?}"
         );
+    }
+
+    /// A stop asked for while the actor spawns goes out once the process exists; if the
+    /// spawn fails instead, there is nothing to stop and the deactivation is answered.
+    #[test]
+    fn a_stop_during_a_spawn_waits_for_the_process() {
+        let settings = Settings {
+            drain_timeout: Duration::from_secs(10),
+            min_residency: Duration::ZERO,
+            capacity: Capacity::new(None, BTreeMap::new()),
+        };
+        let placement = Placement {
+            gpus: Some(vec![0]),
+            port: 1,
+            host: "127.0.0.1".into(),
+            vram: None,
+            pinned: false,
+        };
+        let now = Instant::now();
+        for spawn_works in [true, false] {
+            let mut policy = Policy::new(settings.clone(), 1);
+            policy.add_model("m", placement.clone());
+            policy.activate(7, "m", false, false);
+            policy.pump(now, &|_| None);
+            let generation = policy.slot("m").expect("m").generation;
+            policy.take_actions();
+            policy.deactivate(1, vec!["m".into()], true, now);
+            policy.pump(now, &|_| None);
+            let actions = policy.take_actions();
+            assert!(
+                !actions.iter().any(|a| matches!(a, Action::Stop { .. })),
+                "{actions:?}"
+            );
+            if spawn_works {
+                policy.spawned("m", generation);
+                let actions = policy.take_actions();
+                assert!(
+                    actions.iter().any(|a| matches!(a, Action::Stop { .. })),
+                    "{actions:?}"
+                );
+                policy.stop_finished("m", generation);
+            } else {
+                policy.spawn_failed("m", generation, "no".into(), "spawn_failed", now);
+            }
+            policy.pump(now, &|_| None);
+            let actions = policy.take_actions();
+            assert!(
+                actions.contains(&Action::Deactivated {
+                    id: 1,
+                    stopped: vec!["m".into()]
+                }),
+                "{actions:?}"
+            );
+            assert_eq!(policy.slot("m").expect("m").state, State::Stopped);
+        }
     }
 
     #[test]

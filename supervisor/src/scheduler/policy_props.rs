@@ -296,6 +296,8 @@ impl World {
                     );
                     self.processes
                         .insert(model.clone(), (generation, placement));
+                    // The actor reports the spawn as soon as the process exists.
+                    self.policy.spawned(&model, generation);
                     self.starting.push((model, generation));
                 }
                 Action::Stop {

@@ -17,6 +17,7 @@ impl Actor {
     pub(super) fn internal(&mut self, internal: Internal) {
         let now = Instant::now();
         match internal {
+            Internal::Spawned(spawned) => self.spawned(spawned),
             Internal::StartFinished {
                 model,
                 generation,
@@ -152,7 +153,10 @@ mod tests {
     use tokio::sync::{mpsc, oneshot};
 
     use super::*;
-    use crate::scheduler::{Command, actor::test_options};
+    use crate::scheduler::{
+        Command,
+        actor::{take_spawned, test_options},
+    };
 
     /// A stop that left processes alive fails the Deactivate waiting for it and keeps the
     /// model's process (its GPUs) in place until they are gone.
@@ -162,10 +166,11 @@ mod tests {
         let text =
             format!("[models.m]\nkind = \"vllm\"\ncommand = [\"sleep\", \"30\"]\nport = {port}\n");
         let options = test_options(testkit::bin("gpuswap-supervisor"));
-        let (tx, _reports) = mpsc::unbounded_channel();
+        let (tx, mut reports) = mpsc::unbounded_channel();
         let mut actor = Actor::new(Config::from_toml(&text).unwrap(), options, tx.downgrade());
         actor.policy.activate(1, "m", false, false);
         actor.pump();
+        take_spawned(&mut actor, &mut reports).await;
         let generation = actor.models["m"].run.as_ref().expect("spawned").generation;
         let (reply, answer) = oneshot::channel();
         actor.command(Command::Deactivate {
@@ -199,10 +204,11 @@ mod tests {
             "[models.m]\nkind = \"vllm\"\ncommand = [\"sh\", \"-c\", \"exit 3\"]\nport = {port}\n"
         );
         let options = test_options(testkit::bin("gpuswap-supervisor"));
-        let (tx, _reports) = mpsc::unbounded_channel();
+        let (tx, mut reports) = mpsc::unbounded_channel();
         let mut actor = Actor::new(Config::from_toml(&text).unwrap(), options, tx.downgrade());
         actor.policy.activate(1, "m", false, false);
         actor.pump();
+        take_spawned(&mut actor, &mut reports).await;
         let run = actor.models["m"].run.as_ref().expect("spawned");
         let (backend, generation) = (run.backend.clone(), run.generation);
         backend.exited().await;

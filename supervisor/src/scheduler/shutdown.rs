@@ -1,9 +1,13 @@
 //! The end: every stream ends, every backend stops (in parallel), then deactivations are answered.
 
-use super::{actor::Actor, policy::Action};
+use tokio::sync::mpsc;
+
+use super::{Internal, Message, actor::Actor, policy::Action};
+use crate::backend::Backend;
 
 impl Actor {
-    pub(super) async fn shutdown(&mut self) {
+    /// `rx` brings the outcome of spawns still under way: those backends are stopped too.
+    pub(super) async fn shutdown(&mut self, rx: &mut mpsc::UnboundedReceiver<Message>) {
         tracing::info!("stopping every backend");
         self.policy.shutdown();
         // Deactivations are answered once the processes are gone.
@@ -15,16 +19,31 @@ impl Actor {
         for action in others {
             self.apply(action);
         }
-        let mut stops = Vec::new();
+        let mut backends: Vec<(String, Backend)> = Vec::new();
         for (name, model) in &mut self.models {
             if let Some(run) = model.run.take() {
-                let name = name.clone();
-                stops.push(async move {
-                    let info = run.backend.stop().await;
-                    tracing::info!(model = name, %info, "stopped");
-                });
+                backends.push((name.clone(), run.backend));
             }
         }
+        // Other messages are dropped: their callers hear that the supervisor is going.
+        while self.models.values().any(|m| m.spawning.is_some()) {
+            let Some(message) = rx.recv().await else {
+                break;
+            };
+            if let Message::Internal(Internal::Spawned(spawned)) = message
+                && let Some(model) = self.models.get_mut(&spawned.model)
+                && model.spawning == Some(spawned.generation)
+            {
+                model.spawning = None;
+                if let Ok(backend) = spawned.result {
+                    backends.push((spawned.model, backend));
+                }
+            }
+        }
+        let stops = backends.into_iter().map(|(name, backend)| async move {
+            let info = backend.stop().await;
+            tracing::info!(model = name, %info, "stopped");
+        });
         futures_util::future::join_all(stops).await;
         for action in answers {
             self.apply(action);

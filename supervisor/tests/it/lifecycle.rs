@@ -411,3 +411,48 @@ async fn a_model_is_unavailable_until_its_required_files_exist() {
     assert_eq!(sup.state("alpha").await, ModelState::Stopped);
     sup.activate("alpha", false).await.ready().await;
 }
+
+/// A spawn runs off the actor: while a backend's guard is slow to report its pid (5 s here
+/// by a debug build's fault injection; the supervisor waits up to 10 s), Status and other
+/// models' activations are answered at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_supervisor_answers_while_a_spawn_is_slow() {
+    let sup = Supervisor::start(
+        "slowspawn",
+        &[],
+        vec![
+            Mock::new("alpha").env("GPUSWAP_TEST_FAULT", "guard-slow-report"),
+            Mock::new("beta").gpus(&[1]),
+        ],
+    )
+    .await;
+    let mut alpha = sup.activate("alpha", false).await;
+    let answer = std::time::Duration::from_secs(2);
+    let began = std::time::Instant::now();
+    let status = tokio::time::timeout(answer, sup.model("alpha"))
+        .await
+        .unwrap_or_else(|_| panic!("no Status answer within {answer:?} during a slow spawn"));
+    assert_eq!(status.state(), ModelState::Starting, "{status:?}");
+    // Another model starts meanwhile: its activation is not stuck behind alpha's spawn.
+    let mut beta = sup.activate("beta", false).await;
+    tokio::time::timeout(
+        answer,
+        beta.until("Starting", |e| match e {
+            Event::Starting(s) => Some(s.pid),
+            _ => None,
+        }),
+    )
+    .await
+    .expect("beta starts while alpha's spawn waits for its guard");
+    assert!(began.elapsed() < 2 * answer, "{:?}", began.elapsed());
+    // The slow spawn goes on to its end: alpha is told Starting, then Ready.
+    let pid = alpha
+        .until("Starting", |e| match e {
+            Event::Starting(s) => Some(s.pid),
+            _ => None,
+        })
+        .await;
+    assert!(pid > 0);
+    alpha.ready().await;
+    beta.ready().await;
+}
