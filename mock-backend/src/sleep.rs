@@ -307,7 +307,8 @@ async fn vllm_sleep(State(shared): AppState, RawQuery(query): RawQuery) -> Respo
             (shared.args.gpu_memory - freed) as f64 / f64::from(1 << 30),
         ),
     );
-    StatusCode::OK.into_response()
+    // vLLM 0.32's answer (the router's code before it answered an empty 200).
+    Json(json!({"status": "sleeping", "level": level})).into_response()
 }
 
 async fn vllm_wake_up(State(shared): AppState, RawQuery(query): RawQuery) -> Response {
@@ -334,7 +335,18 @@ async fn vllm_wake_up(State(shared): AppState, RawQuery(query): RawQuery) -> Res
         tokio::time::sleep(shared.args.wake_time()).await;
     }
     mark_awake(&shared, weights, kv_cache);
-    StatusCode::OK.into_response()
+    // vLLM 0.32: the state after the wake, and the tags asked for (null: all).
+    let status = if shared.memory.borrow().asleep() {
+        "sleeping"
+    } else {
+        "awake"
+    };
+    let tags = if tags.is_empty() {
+        Value::Null
+    } else {
+        json!(tags)
+    };
+    Json(json!({"status": status, "tags": tags})).into_response()
 }
 
 async fn vllm_is_sleeping(State(shared): AppState) -> Json<Value> {
@@ -342,17 +354,16 @@ async fn vllm_is_sleeping(State(shared): AppState) -> Json<Value> {
 }
 
 async fn vllm_collective_rpc(State(shared): AppState, body: Bytes) -> Response {
-    let detail =
-        |status: StatusCode, text: String| (status, Json(json!({"detail": text}))).into_response();
+    // vLLM 0.32 answers these in its error shape, type "Bad Request".
+    let bad = |text: String| {
+        ApiError::new(StatusCode::BAD_REQUEST, "Bad Request", text).render(Flavor::Vllm)
+    };
     let value: Value = match serde_json::from_slice(&body) {
         Ok(value) => value,
-        Err(e) => return detail(StatusCode::BAD_REQUEST, format!("JSON decode error: {e}")),
+        Err(e) => return bad(format!("JSON decode error: {e}")),
     };
     let Some(method) = value.get("method").and_then(Value::as_str) else {
-        return detail(
-            StatusCode::BAD_REQUEST,
-            "Missing 'method' in request body".into(),
-        );
+        return bad("Missing 'method' in request body".into());
     };
     if method != "reload_weights" {
         return internal_error(format!(

@@ -75,9 +75,10 @@ async fn vllm_level_one_frees_the_gpu_keeps_the_weights_in_ram_and_holds_chats_u
         json!({"is_sleeping": false})
     );
 
+    // The answers' bodies are vLLM 0.32's.
     assert_eq!(
-        post(mock.port, "/sleep?level=1", &json!({})).await.status,
-        200
+        post(mock.port, "/sleep?level=1", &json!({})).await.json(),
+        json!({"status": "sleeping", "level": 1})
     );
     assert_eq!(
         get(mock.port, "/is_sleeping").await.json(),
@@ -148,8 +149,9 @@ async fn vllm_level_two_needs_its_weights_reloaded_before_the_kv_cache_wakes() {
     assert_eq!(
         post(mock.port, "/wake_up?tags=weights", &json!({}))
             .await
-            .status,
-        200
+            .json(),
+        json!({"status": "sleeping", "tags": ["weights"]}),
+        "vLLM 0.32 answers the state after the wake"
     );
     assert_eq!(
         get(mock.port, "/is_sleeping").await.json()["is_sleeping"],
@@ -177,7 +179,7 @@ async fn vllm_level_two_needs_its_weights_reloaded_before_the_kv_cache_wakes() {
     assert!(reply.text().contains("reload_weights"), "{}", reply.text());
     let missing = post(mock.port, "/collective_rpc", &json!({})).await;
     assert_eq!(
-        (missing.status, missing.json()["detail"].as_str()),
+        (missing.status, missing.json()["error"]["message"].as_str()),
         (400, Some("Missing 'method' in request body"))
     );
 }
