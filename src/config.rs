@@ -542,12 +542,17 @@ impl BoxConfig {
     }
 }
 
-/// `[epp] discovery`: where boxes register themselves.
+/// `[epp] discovery`: where the boxes are found (etcd registrations, or pods through the
+/// Kubernetes API) and where the pickers elect the active one (etcd's election, or a
+/// `coordination.k8s.io` Lease).
 #[derive(Clone, Debug, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct DiscoveryConfig {
     /// etcd endpoints (`http://host:port`).
+    #[serde(default)]
     pub etcd: Vec<String>,
+    /// The box pods and the Lease, through the Kubernetes API (instead of `etcd`).
+    pub kubernetes: Option<KubernetesConfig>,
     /// Key prefix of the registrations (`/gpuswap/boxes/`).
     #[serde(default = "default_discovery_prefix")]
     pub prefix: String,
@@ -557,6 +562,47 @@ pub struct DiscoveryConfig {
     /// Token and CA for boxes whose registered supervisor is `https://`.
     pub token_file: Option<PathBuf>,
     pub ca_file: Option<PathBuf>,
+}
+
+/// `[epp] discovery.kubernetes`: the boxes are the ready pods that `selector` matches (the
+/// InferencePool's selector), listed and then watched through the API; the active picker
+/// holds the Lease `lease`.
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct KubernetesConfig {
+    /// The API server (`https://host:port`); unset: in the cluster, from
+    /// `KUBERNETES_SERVICE_HOST` and `KUBERNETES_SERVICE_PORT`.
+    pub api: Option<String>,
+    /// The API's bearer token (re-read for every request: projected tokens rotate); unset:
+    /// the pod's service account token.
+    pub api_token_file: Option<PathBuf>,
+    /// The CA of the API's certificate; unset: the service account's `ca.crt`.
+    pub api_ca_file: Option<PathBuf>,
+    /// The namespace of the box pods and the Lease; unset: the picker's own (the service
+    /// account's `namespace` file).
+    pub namespace: Option<String>,
+    /// Label selector of the box pods (`app=gpuswap-box,tier=gpu`).
+    pub selector: String,
+    /// The port of each pod's gateway (the InferencePool's `targetPorts`).
+    pub gateway_port: u16,
+    /// Each pod's supervisor, `{ip}` standing for the pod's IP (a pod's annotation
+    /// `gpuswap.io/supervisor` overrides it).
+    #[serde(default = "default_pod_supervisor")]
+    pub supervisor: String,
+    /// The Lease of the active picker.
+    #[serde(default = "default_lease_name")]
+    pub lease: String,
+}
+
+/// Where the service account's token, CA and namespace are mounted in a pod.
+pub const SERVICE_ACCOUNT_DIR: &str = "/var/run/secrets/kubernetes.io/serviceaccount";
+
+fn default_pod_supervisor() -> String {
+    "https://{ip}:7070".into()
+}
+
+fn default_lease_name() -> String {
+    "gpuswap-epp".into()
 }
 
 fn default_discovery_prefix() -> String {
@@ -1726,13 +1772,59 @@ impl Config {
                     "use either epp.boxes or epp.discovery, not both",
                 ));
             }
-            if d.etcd.is_empty() {
-                return Err(invalid("epp.discovery.etcd", "must list an etcd endpoint"));
+            match &d.kubernetes {
+                None if d.etcd.is_empty() => {
+                    return Err(invalid(
+                        "epp.discovery.etcd",
+                        "must list an etcd endpoint (or set epp.discovery.kubernetes)",
+                    ));
+                }
+                Some(_) if !d.etcd.is_empty() => {
+                    return Err(invalid(
+                        "epp.discovery.kubernetes",
+                        "use either epp.discovery.etcd or epp.discovery.kubernetes, not both",
+                    ));
+                }
+                Some(k) => k.validate()?,
+                None => {}
             }
             if !d.prefix.starts_with('/') {
                 return Err(invalid("epp.discovery.prefix", "must start with '/'"));
             }
             validate_ttl("epp.discovery.ttl", d.ttl)?;
+        }
+        Ok(())
+    }
+}
+
+impl KubernetesConfig {
+    fn validate(&self) -> Result<(), ConfigError> {
+        let key = |k: &str| format!("epp.discovery.kubernetes.{k}");
+        let scheme_ok = |api: &String| api.starts_with("https://") || api.starts_with("http://");
+        if !self.api.as_ref().is_none_or(scheme_ok) {
+            return Err(invalid(key("api"), "must be https://host:port"));
+        }
+        if self.selector.trim().is_empty() {
+            return Err(invalid(
+                key("selector"),
+                "must select the box pods (app=gpuswap-box)",
+            ));
+        }
+        if self.gateway_port == 0 {
+            return Err(invalid(key("gateway_port"), "must be a port"));
+        }
+        if !self.supervisor.contains("{ip}") {
+            return Err(invalid(
+                key("supervisor"),
+                "must contain {ip} (the pod's IP), e.g. https://{ip}:7070",
+            ));
+        }
+        let lease_name = |c: char| c.is_ascii_lowercase() || c.is_ascii_digit() || "-.".contains(c);
+        if self.lease.is_empty() || !self.lease.chars().all(lease_name) {
+            return Err(invalid(
+                key("lease"),
+                "must be a Kubernetes object name (lowercase letters, digits, '-' and '.')",
+            ));
         }
         Ok(())
     }
@@ -2141,6 +2233,15 @@ boxes = [
         let etcd = Config::from_toml("[epp]\ndiscovery = { etcd = [\"http://127.0.0.1:2379\"] }\n")
             .unwrap();
         assert_eq!(etcd.epp.discovery.unwrap().prefix, "/gpuswap/boxes/");
+        let kube = Config::from_toml(
+            "[epp]\ndiscovery = { kubernetes = { selector = \"app=gpuswap-box\", gateway_port = 8002 } }\n",
+        )
+        .unwrap();
+        let kube = kube.epp.discovery.unwrap().kubernetes.unwrap();
+        assert_eq!(
+            (kube.supervisor.as_str(), kube.lease.as_str(), kube.api),
+            ("https://{ip}:7070", "gpuswap-epp", None)
+        );
         let cases = [
             ("[epp]\nlisten = \"nowhere\"\n", "epp.listen"),
             (
@@ -2179,6 +2280,26 @@ boxes = [
             (
                 "[epp]\ndiscovery = { etcd = [\"http://e:2379\"], prefix = \"boxes\" }\n",
                 "epp.discovery.prefix",
+            ),
+            (
+                "[epp]\ndiscovery = { etcd = [\"http://e:2379\"], kubernetes = { selector = \"a=b\", gateway_port = 8002 } }\n",
+                "epp.discovery.kubernetes",
+            ),
+            (
+                "[epp]\ndiscovery = { kubernetes = { selector = \" \", gateway_port = 8002 } }\n",
+                "epp.discovery.kubernetes.selector",
+            ),
+            (
+                "[epp]\ndiscovery = { kubernetes = { selector = \"a=b\", gateway_port = 8002, supervisor = \"https://box:7070\" } }\n",
+                "epp.discovery.kubernetes.supervisor",
+            ),
+            (
+                "[epp]\ndiscovery = { kubernetes = { selector = \"a=b\", gateway_port = 8002, lease = \"Leader\" } }\n",
+                "epp.discovery.kubernetes.lease",
+            ),
+            (
+                "[epp]\ndiscovery = { kubernetes = { selector = \"a=b\", gateway_port = 8002, api = \"kube:6443\" } }\n",
+                "epp.discovery.kubernetes.api",
             ),
         ];
         for (text, key) in cases {

@@ -1,7 +1,6 @@
 //! Where the list of boxes comes from, behind one trait: a static list in the configuration
-//! file, or etcd registrations (see `etcd`). Kubernetes is served by the manifests in
-//! `deploy/kubernetes/`: there the proxy hands the pool's endpoints to the picker as the
-//! subset hint, and the boxes are listed in the picker's configuration.
+//! file, etcd registrations (see `etcd`), or the ready pods of a label selector through the
+//! Kubernetes API (see `kubernetes`).
 
 use std::{collections::HashMap, future::Future, sync::Arc};
 

@@ -8,6 +8,7 @@ pub mod etcd;
 pub mod extproc;
 pub mod fleet;
 pub mod http;
+pub mod kubernetes;
 pub mod picker;
 pub mod placement;
 pub mod watch;
@@ -51,6 +52,28 @@ pub async fn run(config: EppConfig) -> anyhow::Result<()> {
             // One picker per static list: it leads from the start.
             leader_tx.send_replace(true);
             tokio::spawn(async move { StaticBoxes(config.boxes).run(boxes_tx).await })
+        }
+        Some(discovery) if discovery.kubernetes.is_some() => {
+            let kubernetes = discovery.kubernetes.clone().expect("matched");
+            let api = kubernetes::Api::new(&kubernetes)?;
+            // In a pod HOSTNAME is the pod's name: the Lease's holder says which picker leads.
+            let me = match std::env::var("HOSTNAME") {
+                Ok(host) if !host.is_empty() => format!("{host}_{addr}"),
+                _ => addr.to_string(),
+            };
+            tokio::spawn(kubernetes::elect(
+                api.clone(),
+                kubernetes.lease.clone(),
+                discovery.ttl,
+                me,
+                leader_tx,
+            ));
+            let source = kubernetes::KubernetesBoxes {
+                api,
+                config: kubernetes,
+                discovery: discovery.clone(),
+            };
+            tokio::spawn(async move { source.run(boxes_tx).await })
         }
         Some(discovery) => {
             let etcd = gpuswap::etcd::Etcd::connect(&discovery.etcd)?;

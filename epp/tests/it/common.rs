@@ -46,19 +46,20 @@ impl GpuBox {
         models: Vec<MockModel>,
         gateway_lines: impl Fn(&str) -> Vec<String>,
     ) -> GpuBox {
-        Self::start_configured(test, name, ip, models, &[], gateway_lines).await
+        let port = testkit::free_port();
+        Self::start_configured(test, name, (ip, port), models, &[], gateway_lines).await
     }
 
-    /// As [`start_with`](Self::start_with), with extra `[supervisor]` lines.
+    /// As [`start_with`](Self::start_with), with the gateway on `ip:port` (boxes on several
+    /// addresses may share a port, as pods do) and extra `[supervisor]` lines.
     pub async fn start_configured(
         test: &str,
         name: &str,
-        ip: &str,
+        (ip, port): (&str, u16),
         models: Vec<MockModel>,
         supervisor_lines: &[&str],
         gateway_lines: impl Fn(&str) -> Vec<String>,
     ) -> GpuBox {
-        let port = testkit::free_port();
         let mut builder = testkit::StackBuilder::<GpuBox>::new(&format!("{test}-{name}"));
         for line in supervisor_lines {
             builder = builder.supervisor(line);

@@ -1,6 +1,8 @@
 //! The Kubernetes manifests (deploy/kubernetes/), checked offline: there is no cluster here.
-//! Kubernetes' own schemas (kubernetes-validate, strict), the InferencePool CRD's schema, the
-//! references between the objects, and the ConfigMaps' gpuswap.toml through the real loader.
+//! Kubernetes' own schemas (kubernetes-validate, strict), the CRD schemas of the InferencePool,
+//! the HTTPRoute and the Gateway (vendored in deploy/kubernetes/crds/), the references between
+//! the objects (the pickers' selector, port and RBAC too), and the ConfigMaps' gpuswap.toml
+//! through the real loader.
 
 use crate::common;
 use std::process::Command;

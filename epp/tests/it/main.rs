@@ -4,7 +4,9 @@
 mod common;
 mod etcd;
 mod failures;
+mod kube_api;
 mod kubernetes;
+mod kubernetes_api;
 mod placement;
 mod protocol;
 mod scale;

@@ -160,9 +160,15 @@ async fn two_boxes(
 ) -> Vec<GpuBox> {
     let mut boxes = Vec::new();
     for (name, ip) in [("gpu2", "127.0.0.2"), ("gpu3", "127.0.0.3")] {
-        let gpu_box =
-            GpuBox::start_configured(test, name, ip, models(name), supervisor, |_| Vec::new())
-                .await;
+        let gpu_box = GpuBox::start_configured(
+            test,
+            name,
+            (ip, testkit::free_port()),
+            models(name),
+            supervisor,
+            |_| Vec::new(),
+        )
+        .await;
         boxes.push(gpu_box);
     }
     boxes
