@@ -102,6 +102,8 @@ pub fn count_words(value: &Value) -> u64 {
 /// One answer being produced: ids, tokens and the JSON around them.
 pub struct Answer {
     pub request: Request,
+    /// Cut short by a vLLM sleep (`mode=abort`): finish_reason "abort".
+    pub aborted: bool,
     id: String,
     created: u64,
     seq: u64,
@@ -129,6 +131,7 @@ impl Answer {
             model: shared.model().to_owned(),
             mock_info,
             request,
+            aborted: false,
         }
     }
 
@@ -157,7 +160,9 @@ impl Answer {
     }
 
     fn finish_reason(&self) -> &'static str {
-        if self.request.max_tokens_given {
+        if self.aborted {
+            "abort"
+        } else if self.request.max_tokens_given {
             "length"
         } else {
             "stop"

@@ -121,6 +121,7 @@ fn memory_json(shared: &Shared) -> Value {
         "weights_lost": memory.weights_lost,
         "requests_while_asleep": shared.requests_while_asleep.load(Ordering::SeqCst),
         "sleeps_while_busy": shared.sleeps_while_busy.load(Ordering::SeqCst),
+        "requests_in_flight": shared.in_flight.load(Ordering::SeqCst),
     })
 }
 
@@ -292,7 +293,12 @@ async fn vllm_sleep(State(shared): AppState, RawQuery(query): RawQuery) -> Respo
     if let Some(message) = injected(&shared, Fault::SleepFails, "sleep") {
         return internal_error(message).render(Flavor::Vllm);
     }
-    // vLLM's default mode=abort aborts what runs; the mock lets it finish.
+    // The default mode=abort cuts what runs short (finish_reason "abort"); wait (and keep,
+    // which the mock does not tell apart) lets it finish first.
+    let mode = query_values(query.as_deref(), "mode");
+    if mode.first().is_none_or(|m| m == "abort") && shared.in_flight.load(Ordering::SeqCst) > 0 {
+        shared.abort.send_replace(());
+    }
     wait_idle(&shared).await;
     tokio::time::sleep(shared.args.sleep_time()).await;
     let frees = shared.args.enable_sleep_mode && !shared.args.has_fault(Fault::SleepKeepsMemory);

@@ -35,6 +35,8 @@ pub struct Shared {
     /// sleeps asked for while requests ran: a swapper should cause neither.
     pub requests_while_asleep: AtomicU64,
     pub sleeps_while_busy: AtomicU64,
+    /// Sent by a vLLM sleep with `mode=abort`: requests that began before it end at once.
+    pub abort: tokio::sync::watch::Sender<()>,
     /// One sleep or wake at a time.
     pub transition: tokio::sync::Mutex<()>,
 }
@@ -53,6 +55,7 @@ impl Shared {
             in_flight: AtomicU64::new(0),
             requests_while_asleep: AtomicU64::new(0),
             sleeps_while_busy: AtomicU64::new(0),
+            abort: tokio::sync::watch::Sender::new(()),
             last_activity_ms: AtomicU64::new(0),
             started: std::time::Instant::now(),
             transition: tokio::sync::Mutex::new(()),

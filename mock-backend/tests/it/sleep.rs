@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use crate::common::{Mock, Reply, chat_request, get, http, post, probe};
+use crate::common::{Mock, Reply, chat_request, chat_stream_tokens, get, http, post, probe};
 use serde_json::{Value, json};
 use testkit::DEADLINE;
 
@@ -497,5 +497,57 @@ async fn llama_server_sleeps_when_idle_stays_healthy_and_the_next_request_reload
         memory(mock.port).await["requests_while_asleep"],
         0,
         "its own sleep is meant to be woken"
+    );
+}
+
+/// Waits until `count` completion requests are being answered.
+async fn in_flight(mock: &Mock, count: u64) {
+    testkit::wait_for("requests in flight", DEADLINE, || async {
+        (memory(mock.port).await["requests_in_flight"] == count).then_some(())
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_vllm_sleep_aborts_requests_in_flight_unless_told_to_wait() {
+    let mock = vllm(&["--enable-sleep-mode", "--tokens-per-second", "10"]);
+    ready(&mock, "/health", &[]).await;
+    let start = |stream: bool| {
+        let (port, body) = (mock.port, chat_request(&mock.model, stream, 40));
+        tokio::spawn(async move { post(port, "/v1/chat/completions", &body).await })
+    };
+    let (streamed, whole) = (start(true), start(false));
+    in_flight(&mock, 2).await;
+    // The default mode=abort: both end at once, cut short, as vLLM 0.32 answered them.
+    assert_eq!(post(mock.port, "/sleep", &json!({})).await.status, 200);
+    let streamed = streamed.await.unwrap();
+    let chunks = streamed.sse_chunks();
+    assert_eq!(
+        chunks.last().unwrap()["choices"][0]["finish_reason"],
+        "abort"
+    );
+    assert_eq!(
+        streamed.sse_data().last().map(String::as_str),
+        Some("[DONE]")
+    );
+    assert!(chat_stream_tokens(&chunks).len() < 40, "cut short");
+    let whole = whole.await.unwrap().json();
+    assert_eq!(whole["choices"][0]["finish_reason"], "abort");
+    assert!(whole["usage"]["completion_tokens"].as_u64().unwrap() < 40);
+    assert_eq!(memory(mock.port).await["sleeps_while_busy"], 1);
+
+    // mode=wait: the sleep answers once the request has finished whole.
+    post(mock.port, "/wake_up", &json!({})).await;
+    let streamed = start(true);
+    in_flight(&mock, 1).await;
+    assert_eq!(
+        post(mock.port, "/sleep?mode=wait", &json!({})).await.status,
+        200
+    );
+    let chunks = streamed.await.unwrap().sse_chunks();
+    assert_eq!(chat_stream_tokens(&chunks).len(), 40);
+    assert_eq!(
+        chunks.last().unwrap()["choices"][0]["finish_reason"],
+        "length"
     );
 }
