@@ -426,6 +426,10 @@ async fn the_supervisor_answers_while_a_spawn_is_slow() {
         ],
     )
     .await;
+    let starting = |e: &Event| match e {
+        Event::Starting(s) => Some(s.pid),
+        _ => None,
+    };
     let mut alpha = sup.activate("alpha", false).await;
     let answer = std::time::Duration::from_secs(2);
     let began = std::time::Instant::now();
@@ -435,23 +439,12 @@ async fn the_supervisor_answers_while_a_spawn_is_slow() {
     assert_eq!(status.state(), ModelState::Starting, "{status:?}");
     // Another model starts meanwhile: its activation is not stuck behind alpha's spawn.
     let mut beta = sup.activate("beta", false).await;
-    tokio::time::timeout(
-        answer,
-        beta.until("Starting", |e| match e {
-            Event::Starting(s) => Some(s.pid),
-            _ => None,
-        }),
-    )
-    .await
-    .expect("beta starts while alpha's spawn waits for its guard");
+    tokio::time::timeout(answer, beta.until("Starting", starting))
+        .await
+        .expect("beta starts while alpha's spawn waits for its guard");
     assert!(began.elapsed() < 2 * answer, "{:?}", began.elapsed());
     // The slow spawn goes on to its end: alpha is told Starting, then Ready.
-    let pid = alpha
-        .until("Starting", |e| match e {
-            Event::Starting(s) => Some(s.pid),
-            _ => None,
-        })
-        .await;
+    let pid = alpha.until("Starting", starting).await;
     assert!(pid > 0);
     alpha.ready().await;
     beta.ready().await;
