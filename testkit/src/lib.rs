@@ -15,6 +15,7 @@ use std::{
 mod answers;
 mod ctl;
 mod mock;
+mod process;
 mod promtool;
 mod stack;
 mod supervisor;
@@ -24,6 +25,10 @@ pub use answers::{
 };
 pub use ctl::{run_ctl, run_ctl_line, run_ctl_within};
 pub use mock::{MARKER_ENV, MockModel, key_of, lines_with_defaults, stack_sections, toml_list};
+pub use process::{
+    alive, cmdline, env_var, open_fds, open_files_limit, parent, proc_status, process, process_ids,
+    processes_with_marker, rss_bytes, starttime, stat,
+};
 pub use promtool::promtool_check;
 pub use stack::{StackBase, StackBuilder, StartStack};
 pub use supervisor::{
@@ -168,54 +173,6 @@ pub fn wait_for_blocking<T>(
         std::thread::sleep(pause);
         pause = (pause * 2).min(Duration::from_millis(100));
     }
-}
-
-/// True while a process exists and is not a zombie.
-pub fn alive(pid: u32) -> bool {
-    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
-        Ok(stat) => {
-            // The state letter follows the ")" that closes the command name.
-            let state = stat
-                .rsplit_once(')')
-                .and_then(|(_, rest)| rest.trim_start().chars().next());
-            !matches!(state, Some('Z') | Some('X') | None)
-        }
-        Err(_) => false,
-    }
-}
-
-/// Every live process whose environment or command line carries `marker`.
-///
-/// Tests tag the backends they start with a unique marker (an env variable the
-/// supervisor passes through), so a leak check finds every descendant, even one
-/// that left its process group or was re-parented.
-pub fn processes_with_marker(marker: &str) -> Vec<u32> {
-    let mut found = Vec::new();
-    for pid in process_ids() {
-        if pid == std::process::id() {
-            continue;
-        }
-        let hit = |file: &str| {
-            std::fs::read(format!("/proc/{pid}/{file}"))
-                .map(|bytes| bytes.windows(marker.len()).any(|w| w == marker.as_bytes()))
-                .unwrap_or(false)
-        };
-        if (hit("environ") || hit("cmdline")) && alive(pid) {
-            found.push(pid);
-        }
-    }
-    found
-}
-
-/// The id of every process in `/proc` (none when it cannot be read).
-pub fn process_ids() -> Vec<u32> {
-    let Ok(entries) = std::fs::read_dir("/proc") else {
-        return Vec::new();
-    };
-    entries
-        .flatten()
-        .filter_map(|entry| entry.file_name().to_str()?.parse::<u32>().ok())
-        .collect()
 }
 
 /// A unique marker for [`processes_with_marker`].

@@ -108,12 +108,9 @@ fn described(output: &Output) -> String {
 fn left_behind(marker: &str) -> Vec<String> {
     testkit::processes_with_marker(marker)
         .iter()
-        .map(|pid| {
-            let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
-            format!(
-                "{pid}: {}",
-                String::from_utf8_lossy(&cmdline).replace('\0', " ")
-            )
+        .map(|&pid| {
+            let cmdline = testkit::cmdline(pid).unwrap_or_default();
+            format!("{pid}: {}", cmdline.join(" "))
         })
         .collect()
 }

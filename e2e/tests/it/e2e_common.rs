@@ -568,48 +568,19 @@ pub struct MockProcess {
     pub starttime: u64,
 }
 
-/// The fields of /proc/PID/stat a scan needs: (comm, state, ppid, starttime).
-fn proc_stat(pid: u32) -> Option<(String, char, u32, u64)> {
-    let text = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    let open = text.find('(')?;
-    let (head, rest) = text.rsplit_once(')')?;
-    let comm = head.get(open + 1..)?.to_owned();
-    let fields: Vec<&str> = rest.split_whitespace().collect();
-    Some((
-        comm,
-        fields.first()?.chars().next()?,
-        fields.get(1)?.parse().ok()?,
-        fields.get(19)?.parse().ok()?,
-    ))
-}
-
-fn live(state: char) -> bool {
-    !matches!(state, 'Z' | 'X')
-}
-
-/// The value of `MARKER_ENV` in a process's environment.
-fn marker_of(pid: u32) -> Option<String> {
-    let environ = std::fs::read(format!("/proc/{pid}/environ")).ok()?;
-    let prefix = format!("{MARKER_ENV}=");
-    environ
-        .split(|b| *b == 0)
-        .find_map(|entry| entry.strip_prefix(prefix.as_bytes()))
-        .map(|value| String::from_utf8_lossy(value).into_owned())
-}
-
 /// Every live mock backend process tagged with `stack_marker`, by model. Cheap enough to run
 /// every few milliseconds: only processes named like the mock are read further.
 pub fn scan_mocks(stack_marker: &str) -> Vec<MockProcess> {
     let mut found = Vec::new();
     let prefix = format!("{stack_marker}/");
     for pid in testkit::process_ids() {
-        let Some((comm, state, ppid, starttime)) = proc_stat(pid) else {
+        let Some(stat) = testkit::stat(pid) else {
             continue;
         };
-        if comm != MOCK_COMM || !live(state) {
+        if stat.comm != MOCK_COMM || matches!(stat.state, 'Z' | 'X') {
             continue;
         }
-        let Some(marker) = marker_of(pid) else {
+        let Some(marker) = testkit::env_var(pid, MARKER_ENV) else {
             continue;
         };
         let Some(model) = marker
@@ -618,16 +589,19 @@ pub fn scan_mocks(stack_marker: &str) -> Vec<MockProcess> {
         else {
             continue;
         };
-        let argv = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
-        let is_worker_command = argv.split(|b| *b == 0).nth(1) == Some(b"worker".as_slice());
+        let argv = testkit::cmdline(pid).unwrap_or_default();
+        let is_worker_command = argv.get(1).is_some_and(|arg| arg == "worker");
         // A server's parent is its guard; a mock whose parent is a mock is a worker, or a
         // worker between fork and exec (it still shows the server's command line).
-        let parent_is_mock = proc_stat(ppid).is_some_and(|(c, _, _, _)| c == MOCK_COMM);
+        let parent_is_mock = u32::try_from(stat.ppid)
+            .ok()
+            .and_then(testkit::stat)
+            .is_some_and(|parent| parent.comm == MOCK_COMM);
         found.push(MockProcess {
             pid,
             model: model.to_owned(),
             worker: is_worker_command || parent_is_mock,
-            starttime,
+            starttime: stat.starttime,
         });
     }
     found
@@ -635,7 +609,8 @@ pub fn scan_mocks(stack_marker: &str) -> Vec<MockProcess> {
 
 /// True while `pid` is the same live process (same start time).
 fn still_alive(pid: u32, starttime: u64) -> bool {
-    proc_stat(pid).is_some_and(|(_, state, _, start)| live(state) && start == starttime)
+    testkit::stat(pid)
+        .is_some_and(|stat| !matches!(stat.state, 'Z' | 'X') && stat.starttime == starttime)
 }
 
 /// What the sampler saw.

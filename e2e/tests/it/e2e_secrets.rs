@@ -683,22 +683,19 @@ async fn the_gateway_serves_as_an_unprivileged_user() {
     );
     let stack = Stack::start("unprivileged", true).await;
     let gateway_pid = stack.gateway.as_ref().expect("a gateway").pid();
-    let status = std::fs::read_to_string(format!("/proc/{gateway_pid}/status")).expect("status");
-    let ids = |key: &str| {
-        status
-            .lines()
-            .find_map(|l| l.strip_prefix(key))
-            .map(|v| v.split_whitespace().map(str::to_owned).collect::<Vec<_>>())
-            .unwrap_or_default()
-    };
-    assert_eq!(ids("Uid:"), ["65534"; 4], "the gateway runs as nobody");
-    assert_eq!(ids("Gid:"), ["65534"; 4], "the gateway runs as nogroup");
-    assert!(ids("Groups:").is_empty(), "no supplementary groups");
+    let status = testkit::proc_status(gateway_pid).expect("the gateway's status");
     assert_eq!(
-        ids("CapEff:"),
-        ["0000000000000000"],
-        "the gateway has no capabilities"
+        [status.ruid, status.euid, status.suid, status.fuid],
+        [65534; 4],
+        "the gateway runs as nobody"
     );
+    assert_eq!(
+        [status.rgid, status.egid, status.sgid, status.fgid],
+        [65534; 4],
+        "the gateway runs as nogroup"
+    );
+    assert!(status.groups.is_empty(), "no supplementary groups");
+    assert_eq!(status.capeff, 0, "the gateway has no capabilities");
 
     let bearer = stack.bearer();
     for stream in [false, true] {

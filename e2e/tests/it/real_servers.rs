@@ -300,11 +300,7 @@ struct Process {
 }
 
 fn process(pid: u32) -> Option<Process> {
-    let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
-    let cmdline = String::from_utf8_lossy(&cmdline)
-        .replace('\0', " ")
-        .trim()
-        .to_owned();
+    let cmdline = testkit::cmdline(pid)?.join(" ");
     Some(Process { pid, cmdline })
 }
 
@@ -312,21 +308,12 @@ fn process(pid: u32) -> Option<Process> {
 /// setproctitle may overwrite where /proc shows a process's environment, marker included).
 fn model_processes(stack: &Stack, model: &str) -> Vec<Process> {
     let marked = stack.model_processes(model);
-    let parent = |pid: u32| -> Option<u32> {
-        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-        stat.rsplit_once(')')?
-            .1
-            .split_whitespace()
-            .nth(1)?
-            .parse()
-            .ok()
-    };
     let descends = |mut pid: u32| {
         while pid > 1 {
             if marked.contains(&pid) {
                 return true;
             }
-            match parent(pid) {
+            match testkit::parent(pid) {
                 Some(ppid) => pid = ppid,
                 None => return false,
             }

@@ -116,6 +116,18 @@ impl Stack {
         testkit::chat_body(model, stream, max_tokens)
     }
 
+    /// A streamed chat of `model` through the first gateway, read to its end: the SSE text.
+    pub async fn stream_chat(&self, model: &str, max_tokens: u32) -> String {
+        let response = self
+            .http
+            .post(self.url("/v1/chat/completions"))
+            .json(&Self::chat(model, true, max_tokens))
+            .send()
+            .await
+            .expect("POST /v1/chat/completions");
+        read_stream(response).await
+    }
+
     /// GETs JSON from the first gateway; None when it does not answer with JSON.
     pub async fn get_json(&self, path: &str) -> Option<Value> {
         self.http

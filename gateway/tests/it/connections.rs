@@ -96,27 +96,6 @@ fn set_soft_fd_limit(soft: u64) {
     assert_eq!(unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &limit) }, 0);
 }
 
-/// `Max open files` of a process: (soft, hard).
-fn open_files_limit(pid: u32) -> (u64, u64) {
-    let limits = std::fs::read_to_string(format!("/proc/{pid}/limits")).expect("limits");
-    let line = limits
-        .lines()
-        .find(|l| l.starts_with("Max open files"))
-        .expect("Max open files");
-    let mut numbers = line.split_whitespace().filter_map(|w| {
-        w.parse::<u64>()
-            .ok()
-            .or((w == "unlimited").then_some(u64::MAX))
-    });
-    (numbers.next().unwrap(), numbers.next().unwrap())
-}
-
-fn open_fds(pid: u32) -> usize {
-    std::fs::read_dir(format!("/proc/{pid}/fd"))
-        .map(|dir| dir.count())
-        .unwrap_or(0)
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ten_thousand_idle_connections_are_held_while_the_gateway_serves() {
     const WANTED: u64 = 10_000;
@@ -135,7 +114,7 @@ async fn ten_thousand_idle_connections_are_held_while_the_gateway_serves() {
         .await;
     set_soft_fd_limit(hard);
     let pid = stack.gateway().proc.pid();
-    let (soft, gateway_hard) = open_files_limit(pid);
+    let (soft, gateway_hard) = testkit::open_files_limit(pid);
     assert_eq!(
         soft, gateway_hard,
         "the gateway did not raise its soft limit"
@@ -161,7 +140,7 @@ async fn ten_thousand_idle_connections_are_held_while_the_gateway_serves() {
     // Descriptors of the gateway's own (listener, supervisor, runtime) may
     // come and go meanwhile.
     const SLACK: usize = 16;
-    let baseline = open_fds(pid);
+    let baseline = testkit::open_fds(pid);
     let started = Instant::now();
     let mut idle: Vec<TcpStream> = Vec::with_capacity(count as usize);
     let mut left = count;
@@ -185,7 +164,7 @@ async fn ten_thousand_idle_connections_are_held_while_the_gateway_serves() {
         // Every one accepted: the gateway holds a descriptor for each.
         let wanted = baseline + idle.len() - SLACK.min(baseline);
         let waiting = Instant::now();
-        while open_fds(pid) < wanted {
+        while testkit::open_fds(pid) < wanted {
             if waiting.elapsed() > testkit::DEADLINE {
                 let listen = Command::new("ss")
                     .args(["-tln", &format!("sport = :{}", addr.port())])
@@ -194,7 +173,7 @@ async fn ten_thousand_idle_connections_are_held_while_the_gateway_serves() {
                     .unwrap_or_default();
                 panic!(
                     "the gateway accepted {} of {} connections (fds {baseline} before)\n{listen}{}",
-                    open_fds(pid) - baseline,
+                    testkit::open_fds(pid) - baseline,
                     idle.len(),
                     stack.logs()
                 );
@@ -214,7 +193,7 @@ async fn ten_thousand_idle_connections_are_held_while_the_gateway_serves() {
     testkit::wait_for(
         "the idle connections to be closed",
         testkit::DEADLINE,
-        || async { (open_fds(pid) < wanted_fds / 10).then_some(()) },
+        || async { (testkit::open_fds(pid) < wanted_fds / 10).then_some(()) },
     )
     .await;
 }

@@ -76,14 +76,7 @@ async fn progress_chunks_can_be_turned_off() {
         .model(Model::new("slow").load_time("1s"))
         .start()
         .await;
-    let response = stack
-        .http
-        .post(stack.url("/v1/chat/completions"))
-        .json(&Stack::chat("slow", true, 2))
-        .send()
-        .await
-        .unwrap();
-    let text = read_stream(response).await;
+    let text = stack.stream_chat("slow", 2).await;
     assert!(text.starts_with(": keep-alive\n\n"), "{text}");
     assert!(!text.contains("gpuswap-progress"), "{text}");
     assert!(
@@ -465,14 +458,7 @@ async fn the_backends_own_load_progress_and_past_load_times_reach_the_client() {
         )
         .start()
         .await;
-    let response = stack
-        .http
-        .post(stack.url("/v1/chat/completions"))
-        .json(&Stack::chat("sharded", true, 2))
-        .send()
-        .await
-        .unwrap();
-    let text = read_stream(response).await;
+    let text = stack.stream_chat("sharded", 2).await;
     let progress = progress_chunks(&text);
     let percents: Vec<f64> = progress
         .iter()
@@ -510,14 +496,7 @@ async fn the_backends_own_load_progress_and_past_load_times_reach_the_client() {
         })
         .await
         .expect("deactivate");
-    let response = stack
-        .http
-        .post(stack.url("/v1/chat/completions"))
-        .json(&Stack::chat("sharded", true, 2))
-        .send()
-        .await
-        .unwrap();
-    let text = read_stream(response).await;
+    let text = stack.stream_chat("sharded", 2).await;
     let said: Vec<String> = progress_chunks(&text)
         .iter()
         .filter_map(|c| c["choices"][0]["delta"]["reasoning_content"].as_str())

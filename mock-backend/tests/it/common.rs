@@ -366,14 +366,9 @@ pub fn chat_stream_tokens(chunks: &[Value]) -> Vec<String> {
         .collect()
 }
 
-/// `/proc/<pid>/stat` fields after the command name: (ppid, pgrp, session).
+/// A process's (parent, group, session).
 pub fn proc_ids(pid: u32) -> Option<(u32, u32, u32)> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    let (_, rest) = stat.rsplit_once(')')?;
-    let fields: Vec<&str> = rest.split_whitespace().collect();
-    Some((
-        fields.get(1)?.parse().ok()?,
-        fields.get(2)?.parse().ok()?,
-        fields.get(3)?.parse().ok()?,
-    ))
+    let stat = testkit::stat(pid)?;
+    let id = |n: i32| u32::try_from(n).ok();
+    Some((id(stat.ppid)?, id(stat.pgrp)?, id(stat.session)?))
 }

@@ -329,19 +329,6 @@ pub async fn http(
         .unwrap_or_else(|_| Err(std::io::Error::other("HTTP request timed out")))
 }
 
-/// The resident memory of a process in bytes.
-pub fn rss_bytes(pid: u32) -> Option<u64> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    let kib: u64 = status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))?
-        .split_whitespace()
-        .next()?
-        .parse()
-        .ok()?;
-    Some(kib * 1024)
-}
-
 /// Runs the supervisor binary to its end (bad configs): (exit code, stderr).
 pub fn run_to_exit(args: &[&str], dir: &Path) -> (Option<i32>, String) {
     let stderr_path = dir.join("run.stderr");

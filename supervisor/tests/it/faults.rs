@@ -3,8 +3,9 @@
 use std::time::{Duration, Instant};
 
 use crate::common;
-use crate::common::{Mock, Supervisor, http, rss_bytes};
+use crate::common::{Mock, Supervisor, http};
 use gpuswap::pb::{self, ModelState, activate_event::Event};
+use testkit::rss_bytes;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn exit_during_load_fails_with_the_log_tail() {
@@ -199,11 +200,7 @@ async fn the_guard_ignores_signals_from_its_own_tree_and_stray_sigusr2() {
 
 /// The parent of `pid`, from /proc.
 fn parent_of(pid: u32) -> i32 {
-    std::fs::read_to_string(format!("/proc/{pid}/stat"))
-        .expect("process alive")
-        .rsplit_once(')')
-        .and_then(|(_, rest)| rest.split_whitespace().nth(1)?.parse().ok())
-        .expect("ppid")
+    testkit::stat(pid).expect("process alive").ppid
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

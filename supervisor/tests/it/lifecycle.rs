@@ -149,15 +149,9 @@ async fn kill_9_of_the_supervisor_leaves_no_backend_process() {
     sup.wait_no_backends().await;
 }
 
-/// The start time of a process (field 22 of /proc/PID/stat).
+/// The start time of a live process.
 fn starttime(pid: u32) -> u64 {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).expect("stat");
-    let (_, rest) = stat.rsplit_once(')').expect("stat format");
-    rest.split_whitespace()
-        .nth(19)
-        .expect("field 22")
-        .parse()
-        .expect("number")
+    testkit::starttime(pid).expect("the process runs")
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -54,7 +54,7 @@ async fn stop_ends_a_worker_that_left_the_group() {
     let outside: Vec<u32> = found
         .iter()
         .copied()
-        .filter(|&pid| pgrp(pid) != Some(backend.pgid()))
+        .filter(|&pid| testkit::stat(pid).map(|stat| stat.pgrp) != Some(backend.pgid()))
         .collect();
     assert_eq!(
         outside.len(),
@@ -272,11 +272,11 @@ async fn the_state_file_lists_running_groups() {
         recorded[0]
             .processes
             .iter()
-            .any(|p| p.pid == backend_pid as i32 && p.starttime == stat_field_22(backend_pid)),
+            .any(|p| p.pid == backend_pid as i32 && p.starttime == starttime(backend_pid)),
         "{recorded:?}"
     );
     let text = std::fs::read_to_string(state.path()).expect("read");
-    let boot_id = std::fs::read_to_string("/proc/sys/kernel/random/boot_id").expect("boot id");
+    let boot_id = procfs::sys::kernel::random::boot_id().expect("boot id");
     assert!(text.contains(boot_id.trim()), "{text}");
     backend.stop().await;
     assert!(
@@ -301,7 +301,7 @@ fn cleanup_ends_a_recorded_leftover_group() {
     wait_for_blocking("the leftover tree", DEADLINE, || {
         (tagged(&marker, &[]).len() >= 3).then_some(())
     });
-    let starttime = stat_field_22(leftover.pid());
+    let starttime = starttime(leftover.pid());
     StateFile::open(&path)
         .expect("open")
         .record("old", pgid, starttime)
@@ -382,7 +382,7 @@ fn cleanup_kills_nothing_recorded_in_another_boot() {
     // The same pid and start time, but of another boot: another process.
     let record = json!({
         "boot_id": "00000000-0000-0000-0000-000000000000",
-        "groups": [{"model": "old", "pgid": other.pid(), "starttime": stat_field_22(other.pid())}]
+        "groups": [{"model": "old", "pgid": other.pid(), "starttime": starttime(other.pid())}]
     });
     std::fs::write(&path, record.to_string()).expect("state file");
     let report = StateFile::open(&path).expect("open").cleanup_leftovers();
@@ -468,23 +468,9 @@ fn spawner_helper() {
     });
 }
 
-fn pgrp(pid: u32) -> Option<i32> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    stat.rsplit_once(')')?
-        .1
-        .split_whitespace()
-        .nth(2)?
-        .parse()
-        .ok()
-}
-
-fn stat_field_22(pid: u32) -> u64 {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).expect("stat");
-    let (_, rest) = stat.rsplit_once(')').expect("stat format");
-    rest.split_whitespace()
-        .nth(19)
-        .and_then(|s| s.parse().ok())
-        .expect("starttime")
+/// The start time of a live process.
+fn starttime(pid: u32) -> u64 {
+    testkit::starttime(pid).expect("the process runs")
 }
 
 #[tokio::test]
