@@ -9,7 +9,7 @@ use tokio::time::Instant;
 use tonic::Status;
 
 use super::{
-    actor::{Actor, millis, missing_requirement, unix_millis},
+    actor::{Actor, millis, unix_millis},
     log_forward::{LostLines, forward_logs},
     policy::{Action, Notice, StreamId},
 };
@@ -35,10 +35,12 @@ pub fn client_address(config: &ModelConfig) -> String {
 impl Actor {
     /// Lets the policy walk the queue, and carries out what it decided.
     pub(super) fn pump(&mut self) {
-        let models = &self.models;
+        let (models, requirements) = (&self.models, &self.requirements);
         let unavailable = |name: &str| {
             let model = models.get(name)?;
-            missing_requirement(&model.config).map(|path| format!("missing {}", path.display()))
+            requirements
+                .unmet(&model.config)
+                .map(|unmet| unmet.to_string())
         };
         self.policy.pump(Instant::now(), &unavailable);
         self.carry_out();

@@ -2,7 +2,7 @@
 
 use std::{
     collections::{BTreeMap, BTreeSet, HashMap},
-    path::{Path, PathBuf},
+    path::PathBuf,
     sync::Arc,
     time::{Duration, SystemTime, UNIX_EPOCH},
 };
@@ -24,6 +24,7 @@ use super::{
     log_forward::LogForward,
     placement::{Capacity, Placement},
     policy::{Policy, Settings, StreamId},
+    requirements::Requirements,
     streams::ClientStream,
 };
 use crate::backend::{
@@ -42,15 +43,6 @@ pub(super) const GPU_POLL_INTERVAL: Duration = Duration::from_secs(1);
 
 /// Longest wait for one NVML reading.
 pub(super) const GPU_READ_TIMEOUT: Duration = Duration::from_secs(5);
-
-/// The first file in `requires` that does not exist.
-pub(super) fn missing_requirement(config: &ModelConfig) -> Option<&Path> {
-    config
-        .requires
-        .iter()
-        .map(PathBuf::as_path)
-        .find(|path| !path.exists())
-}
 
 pub(super) fn unix_millis() -> u64 {
     SystemTime::now()
@@ -175,6 +167,8 @@ pub(super) struct Actor {
     pub(super) measure_now: Arc<tokio::sync::Notify>,
     /// Recent load durations per model, for the estimate of the time left.
     pub(super) history: LoadHistory,
+    /// Looks at `requires` paths without stalling on a hung mount.
+    pub(super) requirements: Requirements,
 }
 
 impl Actor {
@@ -224,6 +218,7 @@ impl Actor {
             published_gpus: Vec::new(),
             measure_now: Arc::default(),
             history,
+            requirements: Requirements::default(),
         };
         actor.published = actor
             .models

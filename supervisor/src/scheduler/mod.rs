@@ -31,6 +31,7 @@ mod policy_props;
 mod progress;
 mod reload;
 mod reports;
+mod requirements;
 mod shutdown;
 mod status;
 mod streams;

@@ -5,7 +5,7 @@ use gpuswap_telemetry::ModelState as MetricState;
 use tokio::time::Instant;
 
 use super::{
-    actor::{Actor, millis, missing_requirement},
+    actor::{Actor, millis},
     placement::Placement,
     policy::{Slot, State},
 };
@@ -27,10 +27,10 @@ impl Actor {
         };
         let mut detail = String::new();
         if slot.run.is_none()
-            && let Some(path) = missing_requirement(config)
+            && let Some(unmet) = self.requirements.unmet(config)
         {
             state = pb::ModelState::Unavailable;
-            detail = format!("missing {}", path.display());
+            detail = unmet.to_string();
         } else if let Some(drain) = &slot.drain {
             detail = format!(
                 "draining: holds revoked in {} ms",
