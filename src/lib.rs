@@ -51,6 +51,7 @@ pub fn state_name(state: pb::ModelState) -> &'static str {
         S::Stopping => "stopping",
         S::Failed => "failed",
         S::Unavailable => "unavailable",
+        S::Sleeping => "sleeping",
     }
 }
 

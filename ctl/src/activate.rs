@@ -415,7 +415,12 @@ impl ProgressView {
                 generation,
                 progress,
             } => {
-                let mut text = format!("starting {model} (pid {pid}, generation {generation})");
+                // The same pid and generation as its start: a sleeping model wakes.
+                let verb = match progress {
+                    Some(p) if p.phase == "waking" => "waking",
+                    _ => "starting",
+                };
+                let mut text = format!("{verb} {model} (pid {pid}, generation {generation})");
                 if let Some(progress) = progress {
                     if let Some(percent) = progress.percent {
                         text.push(' ');

@@ -67,7 +67,7 @@ pub fn state_color(state: pb::ModelState) -> &'static str {
         S::Starting | S::Stopping => YELLOW,
         S::Failed => "1;31",
         S::Unavailable => MAGENTA,
-        S::Stopped => DIM,
+        S::Stopped | S::Sleeping => DIM,
         S::Unspecified => "",
     }
 }

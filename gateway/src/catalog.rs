@@ -54,7 +54,12 @@ impl ModelInfo {
         match self.state {
             S::Ready => "loaded",
             S::Starting => "loading",
-            S::Stopped | S::Stopping | S::Failed | S::Unavailable | S::Unspecified => "unloaded",
+            S::Stopped
+            | S::Stopping
+            | S::Failed
+            | S::Unavailable
+            | S::Sleeping
+            | S::Unspecified => "unloaded",
         }
     }
 
@@ -77,6 +82,7 @@ impl ModelInfo {
             S::Starting => "loading",
             S::Failed => "failed",
             S::Unavailable => "unavailable",
+            S::Sleeping => "sleeping",
             S::Stopped | S::Stopping | S::Unspecified => "stopped",
         }
     }

@@ -111,6 +111,7 @@ fn state_name(state: pb::ModelState) -> &'static str {
         S::Stopping => "stopping",
         S::Failed => "failed",
         S::Unavailable => "unavailable",
+        S::Sleeping => "sleeping",
     }
 }
 

@@ -467,12 +467,18 @@ impl Actor {
             }
             E::Progress(p) => {
                 let said = gpuswap::progress_text(&p);
+                // A sleeping model wakes in its own process: much faster than a load.
+                let verb = if p.phase == "waking" {
+                    "Waking"
+                } else {
+                    "Loading"
+                };
                 Progress {
                     phase: STARTING,
                     text: if said.is_empty() {
-                        format!("Loading {model}")
+                        format!("{verb} {model}")
                     } else {
-                        format!("Loading {model}: {said}")
+                        format!("{verb} {model}: {said}")
                     },
                     queue_position: None,
                     percent: p.percent,

@@ -19,8 +19,9 @@ use std::{
     time::{Duration, Instant},
 };
 
+use gpuswap::config::format_bytes;
 use gpuswap::pb::LogStream;
-use nvml_wrapper::{Nvml, error::NvmlError};
+use nvml_wrapper::{Nvml, enums::device::UsedGpuMemory, error::NvmlError};
 
 use super::logs::LogBuffer;
 
@@ -246,6 +247,108 @@ where
     }
 }
 
+/// What a sleeping backend's processes may keep on one GPU: its CUDA context and allocator
+/// pools (vLLM keeps a few hundred MiB after `/sleep`). More means the sleep did not free
+/// the GPU.
+pub const SLEEP_RESIDUE: u64 = 2 << 30;
+
+/// Waits (bounded by `timeout`) until the processes of `tree` hold at most
+/// [`SLEEP_RESIDUE`] on every GPU. Err says what they still hold. Without a usable NVML it
+/// cannot look, says so once (as a stop does) and returns Ok.
+pub async fn wait_sleep_released(
+    tree: &[i32],
+    timeout: Duration,
+    logs: &LogBuffer,
+) -> Result<(), String> {
+    let started = Instant::now();
+    let Some(nvml) = shared_nvml(timeout, logs).await else {
+        return Ok(());
+    };
+    let tree: Arc<BTreeSet<u32>> = Arc::new(
+        tree.iter()
+            .filter_map(|&pid| u32::try_from(pid).ok())
+            .filter(|&pid| pid > 0)
+            .collect(),
+    );
+    wait_below(
+        timeout.saturating_sub(started.elapsed()),
+        SLEEP_RESIDUE,
+        || {
+            let tree = Arc::clone(&tree);
+            async move {
+                tokio::task::spawn_blocking(move || tree_memory(nvml, &tree))
+                    .await
+                    .unwrap_or_else(|e| Err(format!("the NVML query panicked: {e}")))
+            }
+        },
+    )
+    .await
+}
+
+/// The GPU memory the processes of `tree` use, by GPU index (a process whose use NVML
+/// cannot tell counts as nothing).
+fn tree_memory(nvml: &Nvml, tree: &BTreeSet<u32>) -> Result<BTreeMap<u32, u64>, String> {
+    let mut used = BTreeMap::new();
+    let count = nvml
+        .device_count()
+        .map_err(|e| format!("counting GPUs: {e}"))?;
+    for index in 0..count {
+        let device = nvml
+            .device_by_index(index)
+            .map_err(|e| format!("GPU {index}: {e}"))?;
+        let compute = device
+            .running_compute_processes()
+            .map_err(|e| format!("GPU {index}: listing compute processes: {e}"))?;
+        let bytes: u64 = compute
+            .iter()
+            .filter(|process| tree.contains(&process.pid))
+            .map(|process| match process.used_gpu_memory {
+                UsedGpuMemory::Used(bytes) => bytes,
+                UsedGpuMemory::Unavailable => 0,
+            })
+            .sum();
+        if bytes > 0 {
+            used.insert(index, bytes);
+        }
+    }
+    Ok(used)
+}
+
+/// Polls `used` (1 ms doubling to 50 ms) until no GPU shows more than `residue`, for at most
+/// `timeout`.
+async fn wait_below<F, Fut>(timeout: Duration, residue: u64, mut used: F) -> Result<(), String>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<BTreeMap<u32, u64>, String>>,
+{
+    let deadline = Instant::now() + timeout;
+    let mut pause = FIRST_PAUSE;
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let look = tokio::time::timeout(left, used())
+            .await
+            .map_err(|_| format!("NVML did not answer within {timeout:?}"))??;
+        let over: Vec<String> = look
+            .iter()
+            .filter(|(_, bytes)| **bytes > residue)
+            .map(|(gpu, bytes)| format!("{} on GPU {gpu}", format_bytes(*bytes)))
+            .collect();
+        if over.is_empty() {
+            return Ok(());
+        }
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(format!(
+                "its processes still hold {} {timeout:?} after the sleep \
+                 (gpu_release_timeout)",
+                over.join(", ")
+            ));
+        }
+        tokio::time::sleep(pause.min(left)).await;
+        pause = (pause * 2).min(MAX_PAUSE);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use std::sync::Mutex;
@@ -336,6 +439,37 @@ mod tests {
             lines.len() == 1 && lines[0].contains("NVML did not answer"),
             "{lines:?}"
         );
+    }
+
+    /// A fake reading of the tree's GPU memory: `answers` in turn, then the last for ever.
+    fn readings(
+        answers: Vec<u64>,
+    ) -> impl FnMut() -> std::future::Ready<Result<BTreeMap<u32, u64>, String>> {
+        let mut calls = 0;
+        move || {
+            let bytes = answers[calls.min(answers.len() - 1)];
+            calls += 1;
+            std::future::ready(Ok(BTreeMap::from([(0, bytes)])))
+        }
+    }
+
+    #[tokio::test]
+    async fn a_sleep_is_released_once_the_tree_holds_no_more_than_the_residue() {
+        let gib = 1u64 << 30;
+        let looks = readings(vec![40 * gib, 20 * gib, gib / 2]);
+        let result = wait_below(Duration::from_secs(600), SLEEP_RESIDUE, looks).await;
+        assert_eq!(result, Ok(()));
+    }
+
+    #[tokio::test]
+    async fn a_sleep_that_keeps_the_memory_fails_naming_it() {
+        let looks = readings(vec![40 << 30]);
+        let timeout = Duration::from_millis(50);
+        let started = Instant::now();
+        let result = wait_below(timeout, SLEEP_RESIDUE, looks).await;
+        assert!(started.elapsed() >= timeout);
+        let why = result.unwrap_err();
+        assert!(why.contains("40 GiB on GPU 0"), "{why}");
     }
 
     #[tokio::test]

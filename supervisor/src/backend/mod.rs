@@ -16,6 +16,7 @@
 //! - [`guard`]: the guard process itself. [`state_file`]: live groups for a successor.
 //! - [`load_progress`]: a load's progress from the output; [`warm`]: weights into the page
 //!   cache during a swap.
+//! - [`sleep`]: a sleeping model's protocol sent to its backend (sleep, wake) over HTTP.
 
 mod env;
 mod error;
@@ -30,6 +31,7 @@ mod ports;
 pub mod probe;
 pub mod process_tree;
 mod readiness;
+pub mod sleep;
 mod spawn;
 pub mod state_file;
 mod stop;

@@ -157,11 +157,34 @@ impl Actor {
             }
             Action::MeasureGpus => self.measure_now.notify_one(),
             Action::MakingRoom { model } => self.warm_weights(&model),
+            Action::Sleep {
+                model,
+                generation,
+                reason,
+                swap,
+            } => self.sleep(&model, generation, reason, swap),
+            Action::Wake {
+                model,
+                generation,
+                cause,
+            } => self.wake(&model, generation, cause),
+            Action::Woke {
+                model,
+                generation,
+                took,
+            } => self.woke(&model, generation, took),
         }
     }
 
     /// Sends what the policy says to one stream, filling in what only the actor knows.
     pub(super) fn send_notice(&mut self, id: StreamId, name: &str, notice: Notice) {
+        // A waiter of a wake learns at once that it is one ("Waking X").
+        let waking = match notice {
+            Notice::Starting { .. } => self
+                .load_progress(name)
+                .filter(|progress| progress.phase == "waking"),
+            _ => None,
+        };
         let Some(model) = self.models.get(name) else {
             return;
         };
@@ -189,6 +212,9 @@ impl Actor {
                     pid: run.backend.pid(),
                     generation,
                 }));
+                if let Some(progress) = waking {
+                    stream.stream.send(Event::Progress(progress));
+                }
                 stream.log_forward = Some(forward_logs(
                     model.logs.subscribe(),
                     stream.stream.events.clone(),

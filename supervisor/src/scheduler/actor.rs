@@ -131,6 +131,7 @@ pub(super) fn settings(config: &Config, measured: &BTreeMap<u32, u64>) -> Settin
         drain_timeout: supervisor.drain_timeout,
         min_residency: supervisor.min_residency,
         capacity: Capacity::new(supervisor.gpu_memory.clone(), measured.clone()),
+        host_memory: supervisor.host_memory_budget(),
     }
 }
 
@@ -184,7 +185,7 @@ impl Actor {
             .models
             .iter()
             .map(|(name, model)| {
-                policy.add_model(name, Placement::of(model));
+                policy.add_model(name, Placement::of(name, model));
                 (
                     name.clone(),
                     Model::new(name, model.clone(), supervisor.log_lines),

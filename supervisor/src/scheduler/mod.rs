@@ -17,6 +17,7 @@
 //! - `commands`, `reports`: the two kinds of messages (from the service, from own tasks).
 //! - `progress`, `streams`, `log_forward`: load progress, clients' streams, their log lines.
 //! - `reload`, `shutdown`, `status`: a new configuration, the end, what Status and Watch show.
+//! - `sleep`: putting a model to sleep and waking it (its process and port kept).
 
 mod actions;
 mod actor;
@@ -33,6 +34,7 @@ mod reload;
 mod reports;
 mod requirements;
 mod shutdown;
+mod sleep;
 mod status;
 mod streams;
 
@@ -160,6 +162,19 @@ enum Internal {
     StreamClosed { id: u64 },
     /// NVML's reading of the GPUs' memory.
     GpuMemory(BTreeMap<u32, gpu::MemoryReading>),
+    /// A sleep ended: Ok with how long it took (the backend says it sleeps, its GPU memory is
+    /// free), or why it failed.
+    SleepFinished {
+        model: String,
+        generation: u64,
+        result: Result<std::time::Duration, String>,
+    },
+    /// A wake ended: Ok once the backend is ready again, or why it failed.
+    WakeFinished {
+        model: String,
+        generation: u64,
+        result: Result<(), String>,
+    },
     /// A starting backend printed a progress line (`parsed`), or it is time to refresh the
     /// estimate of the time left (None).
     Progress {

@@ -30,16 +30,31 @@ pub struct Placement {
     pub vram: Option<u64>,
     /// Never stopped to make room for another model.
     pub pinned: bool,
+    /// Host memory it holds while asleep; None: it cannot sleep (it is stopped instead).
+    pub sleep: Option<u64>,
 }
 
 impl Placement {
-    pub fn of(config: &ModelConfig) -> Self {
+    /// Where the model `name` of `config` runs (a validated configuration: its sleep
+    /// protocol resolves).
+    pub fn of(name: &str, config: &ModelConfig) -> Self {
+        let sleep = config.sleep_protocol(name).ok().flatten();
         Placement {
             gpus: config.gpus.clone(),
             port: config.port,
             host: config.host.clone(),
             vram: config.vram,
             pinned: config.pinned,
+            sleep: sleep.map(|protocol| protocol.host_memory),
+        }
+    }
+
+    /// What it takes while asleep: its port, no GPU memory.
+    pub fn asleep(&self) -> Placement {
+        Placement {
+            gpus: Some(Vec::new()),
+            vram: Some(0),
+            ..self.clone()
         }
     }
 
@@ -47,7 +62,8 @@ impl Placement {
         self.gpus.as_ref().is_none_or(|gpus| gpus.contains(&gpu))
     }
 
-    fn shares_port_with(&self, other: &Placement) -> bool {
+    /// Whether it cannot run next to `other` whatever the GPUs hold.
+    pub fn shares_port_with(&self, other: &Placement) -> bool {
         self.port == other.port && hosts_overlap(&self.host, &other.host)
     }
 }
@@ -366,6 +382,7 @@ mod tests {
             host: "127.0.0.1".into(),
             vram,
             pinned: false,
+            sleep: None,
         }
     }
 

@@ -16,6 +16,12 @@
 //!   fewest, unpinned, unheld first, then least recently used), each is drained (its holders
 //!   are asked to let go, until `drain_timeout`) after its `min_residency`, and stopped;
 //!   then the target starts.
+//!
+//! A model with `sleep` is put to sleep instead of stopped when it is in the way by GPU
+//! memory only: its process lives and keeps its port, its GPU memory is freed, and it holds
+//! host memory. All sleepers together hold at most `host_memory`; the least recently used
+//! are stopped when another must sleep. A waiter for a sleeping model waits for its wake as
+//! for a start; a wake that fails stops it and starts it cold, a sleep that fails stops it.
 
 use std::{
     collections::{BTreeMap, HashSet, VecDeque},
@@ -59,6 +65,8 @@ pub struct Settings {
     pub drain_timeout: Duration,
     pub min_residency: Duration,
     pub capacity: Capacity,
+    /// Host memory that sleeping models may hold in all.
+    pub host_memory: u64,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -68,6 +76,12 @@ pub enum State {
     Ready,
     Stopping,
     Failed,
+    /// Asked to sleep: its GPU memory is not free yet.
+    FallingAsleep,
+    /// The process lives and keeps its port; its GPU memory is free.
+    Sleeping,
+    /// Asked to wake: it takes its GPU memory again, requests wait as for a start.
+    Waking,
 }
 
 /// A live process tree of a model, as the policy sees it.
@@ -82,6 +96,28 @@ pub struct Run {
     pub spawning: bool,
     /// A stop asked for while spawning (its reason and swap), sent once the spawn is done.
     pub deferred_stop: Option<(Option<String>, Option<StreamId>)>,
+    /// What it takes while asleep (its port only).
+    pub asleep: Placement,
+    /// It holds host memory (from its sleep until its wake ends or its process is gone).
+    pub host_held: bool,
+    /// When its current wake began.
+    pub waking_since: Option<Instant>,
+}
+
+impl Run {
+    fn new(generation: u64, placement: Placement, now: Instant) -> Self {
+        Run {
+            generation,
+            asleep: placement.asleep(),
+            placement,
+            spawned_at: now,
+            stop_requested: false,
+            spawning: true,
+            deferred_stop: None,
+            host_held: false,
+            waking_since: None,
+        }
+    }
 }
 
 /// Holders of a model are being asked to let go.
@@ -113,6 +149,8 @@ pub struct Slot {
     pub retry_at: Option<Instant>,
     pub last_error: String,
     pub last_startup: Option<Duration>,
+    /// How long its last wake took, since its last start (a Ready says so).
+    pub last_wake: Option<Duration>,
     pub drain: Option<Drain>,
     /// The end of its last use: a grant, a released hold, or a client's report.
     pub last_use: Option<Instant>,
@@ -134,20 +172,37 @@ impl Slot {
             retry_at: None,
             last_error: String::new(),
             last_startup: None,
+            last_wake: None,
             drain: None,
             last_use: None,
             removed: false,
         }
     }
 
-    /// Where the model is now (its run's placement), or would start.
+    /// What the model takes now (a sleeper: its port only), or would take started.
     pub fn occupied(&self) -> &Placement {
+        match &self.run {
+            Some(run) if self.state == State::Sleeping => &run.asleep,
+            _ => self.awake(),
+        }
+    }
+
+    /// What the model takes awake: its run's placement, or where it would start.
+    pub fn awake(&self) -> &Placement {
         self.run.as_ref().map_or(&self.placement, |r| &r.placement)
     }
 
-    /// Running or starting and not on its way out.
+    /// Running, starting or waking, and not on its way out (nor to sleep).
     fn live(&self) -> bool {
-        self.run.is_some() && matches!(self.state, State::Ready | State::Starting)
+        self.run.is_some() && matches!(self.state, State::Ready | State::Starting | State::Waking)
+    }
+
+    /// Host memory its process holds now.
+    pub fn host_held(&self) -> u64 {
+        match &self.run {
+            Some(run) if run.host_held => run.placement.sleep.unwrap_or(0),
+            _ => 0,
+        }
     }
 }
 
@@ -221,6 +276,27 @@ pub enum Action {
         generation: u64,
         cause: StreamId,
         restart: bool,
+    },
+    /// Put the model of this generation to sleep (its GPU memory freed, its process kept),
+    /// then call [`Policy::sleep_finished`] or [`Policy::sleep_failed`]. Like a stop's.
+    Sleep {
+        model: String,
+        generation: u64,
+        reason: String,
+        swap: Option<StreamId>,
+    },
+    /// Wake the sleeping model of this generation for `cause` (told Starting), then call
+    /// [`Policy::wake_succeeded`] or [`Policy::wake_failed`].
+    Wake {
+        model: String,
+        generation: u64,
+        cause: StreamId,
+    },
+    /// The wake of `generation` succeeded after `took` (its waiters are granted next).
+    Woke {
+        model: String,
+        generation: u64,
+        took: Duration,
     },
     /// Stop the process tree of this generation, then call [`Policy::stop_finished`].
     /// `reason`: why (none: after a failure, already reported); `swap`: the waiter whose
@@ -587,12 +663,86 @@ impl Policy {
     /// The process of `generation` exited by itself.
     pub fn exited(&mut self, name: &str, generation: u64, reason: String, now: Instant) {
         // A start reports its own failure; a stop reports its own end.
-        if self
-            .current(name, generation)
-            .is_some_and(|s| s.state == State::Ready)
-        {
-            self.fail(name, reason, FailureKind::Crash, "exited", now);
+        match self.current(name, generation).map(|s| s.state) {
+            Some(State::Ready | State::Sleeping) => {
+                self.fail(name, reason, FailureKind::Crash, "exited", now)
+            }
+            Some(State::FallingAsleep) => self.sleep_failed(name, generation, reason, now),
+            Some(State::Waking) => self.wake_failed(name, generation, reason, now),
+            _ => {}
         }
+    }
+
+    /// The model of `generation` sleeps: its GPU memory was seen released.
+    pub fn sleep_finished(&mut self, name: &str, generation: u64) {
+        let Some(slot) = self.current(name, generation) else {
+            return;
+        };
+        if slot.state == State::FallingAsleep {
+            slot.state = State::Sleeping;
+            slot.ready_at = None;
+        }
+    }
+
+    /// The sleep of `generation` failed (or did not release the GPU memory): it is stopped.
+    pub fn sleep_failed(&mut self, name: &str, generation: u64, reason: String, now: Instant) {
+        let Some(slot) = self.current(name, generation) else {
+            return;
+        };
+        if slot.state != State::FallingAsleep {
+            return;
+        }
+        slot.last_error = format!("sleep failed: {reason}");
+        self.begin_stop(
+            name,
+            &format!("sleep failed: {reason}"),
+            WaiterFate::Requeue,
+            None,
+            now,
+        );
+    }
+
+    /// The wake of `generation` succeeded: it is ready again (the same process).
+    pub fn wake_succeeded(&mut self, name: &str, generation: u64, now: Instant) {
+        let Some(slot) = self.current(name, generation) else {
+            return;
+        };
+        if slot.state != State::Waking {
+            return;
+        }
+        slot.state = State::Ready;
+        slot.ready_at = Some(now);
+        let run = slot.run.as_mut().expect("current");
+        run.host_held = false;
+        let took = run.waking_since.take().map_or(Duration::ZERO, |t| now - t);
+        slot.last_wake = Some(took);
+        self.out.push(Action::Woke {
+            model: name.to_owned(),
+            generation,
+            took,
+        });
+    }
+
+    /// The wake of `generation` failed: it is stopped, and its waiters wait for a cold start.
+    pub fn wake_failed(&mut self, name: &str, generation: u64, reason: String, now: Instant) {
+        let Some(slot) = self.current(name, generation) else {
+            return;
+        };
+        if slot.state != State::Waking {
+            return;
+        }
+        slot.last_error = format!("wake failed: {reason}");
+        let line = format!("waking {name} failed ({reason}): stopping it to start it cold");
+        for stream in self.followers(name, generation) {
+            self.send(stream, name, Notice::Line(line.clone()));
+        }
+        self.begin_stop(
+            name,
+            &format!("wake failed: {reason}"),
+            WaiterFate::Requeue,
+            None,
+            now,
+        );
     }
 
     /// The stop of `generation` left processes running: the model keeps its room until they
@@ -914,7 +1064,7 @@ impl Policy {
         let Some(slot) = self.models.get_mut(&waiter.model) else {
             return;
         };
-        let startup_ms = match slot.last_startup {
+        let startup_ms = match slot.last_wake.or(slot.last_startup) {
             Some(took) if waiter.joined == Some(slot.generation) => millis(took),
             _ => 0,
         };
@@ -1030,7 +1180,7 @@ impl Policy {
             );
             return false;
         };
-        if slot.run.is_none()
+        if (slot.run.is_none() || slot.state == State::Sleeping)
             && let Some(why) = self.cannot_run(&target)
         {
             self.fail_waiter(index, why);
@@ -1070,14 +1220,14 @@ impl Policy {
                 self.grant(index, now);
                 false
             }
-            State::Starting => {
+            State::Starting | State::Waking => {
                 self.join_start(index);
                 true
             }
-            // The target's own process is still going away.
-            State::Stopping => true,
+            // The target's own process is still going away (or to sleep: it wakes after).
+            State::Stopping | State::FallingAsleep => true,
             State::Failed if slot.run.is_some() => true,
-            State::Stopped | State::Failed => {
+            State::Stopped | State::Failed | State::Sleeping => {
                 self.make_room_or_start(index, reserved, now, needed, unavailable)
             }
         }
@@ -1087,12 +1237,13 @@ impl Policy {
     /// that cannot run together with `target` and the earlier ones that can.
     fn blocker(&self, target: &str, reserved: &[String]) -> Option<String> {
         let capacity = &self.settings.capacity;
-        let mut group: Vec<(&str, &Placement)> = vec![(target, self.models[target].occupied())];
+        // A sleeping model an earlier waiter wants takes its GPU memory again.
+        let mut group: Vec<(&str, &Placement)> = vec![(target, self.models[target].awake())];
         for other in reserved.iter().filter(|o| *o != target) {
             let Some(slot) = self.models.get(other) else {
                 continue;
             };
-            let member = (other.as_str(), slot.occupied());
+            let member = (other.as_str(), slot.awake());
             group.push(member);
             if capacity.fits(&group) {
                 continue;
@@ -1138,14 +1289,8 @@ impl Policy {
         slot.state = State::Starting;
         slot.generation = generation;
         slot.ready_at = None;
-        slot.run = Some(Run {
-            generation,
-            placement: slot.placement.clone(),
-            spawned_at: now,
-            stop_requested: false,
-            spawning: true,
-            deferred_stop: None,
-        });
+        slot.last_wake = None;
+        slot.run = Some(Run::new(generation, slot.placement.clone(), now));
         self.out.push(Action::Spawn {
             model: target,
             generation,
@@ -1188,7 +1333,7 @@ impl Policy {
             return true;
         }
         let capacity = &self.settings.capacity;
-        let placement = &slot.placement;
+        let placement = slot.awake();
         let occupants: Vec<(&String, &Slot)> = self
             .models
             .iter()
@@ -1211,24 +1356,30 @@ impl Policy {
                 }
                 return true;
             }
-            self.start(index, now);
+            if slot.state == State::Sleeping {
+                self.wake(index, now);
+            } else {
+                self.start(index, now);
+            }
             return true;
         }
-        // Already going away: they free their room by themselves.
+        // A sleeper in the way (by its port) is stopped like a running model.
+        let movable = |s: &Slot| s.live() || s.state == State::Sleeping;
+        // Already going away (or to sleep): they free their room by themselves.
         let going: Vec<String> = occupants
             .iter()
-            .filter(|(_, s)| !s.live())
+            .filter(|(_, s)| !movable(s))
             .map(|(n, _)| (*n).clone())
             .collect();
         // Never stopped for this waiter: pinned models, and those earlier waiters wait for.
         let staying: Vec<(&str, &Placement)> = occupants
             .iter()
-            .filter(|(n, s)| s.live() && (s.occupied().pinned || reserved.contains(n)))
+            .filter(|(n, s)| movable(s) && (s.occupied().pinned || reserved.contains(n)))
             .map(|(n, s)| (n.as_str(), s.occupied()))
             .collect();
         let candidates: Vec<Candidate> = occupants
             .iter()
-            .filter(|(n, s)| s.live() && !s.occupied().pinned && !reserved.contains(n))
+            .filter(|(n, s)| movable(s) && !s.occupied().pinned && !reserved.contains(n))
             .map(|(n, s)| Candidate {
                 name: (*n).clone(),
                 placement: s.occupied().clone(),
@@ -1239,13 +1390,7 @@ impl Policy {
             .collect();
         let evict = choose_evictions(capacity, (&target, placement), &staying, &candidates);
         for name in &going {
-            self.notice(
-                index,
-                format!("stopping:{name}"),
-                Event::Stopping(pb::Stopping {
-                    model: name.clone(),
-                }),
-            );
+            self.notice_leaving(index, name);
         }
         self.out.push(Action::MakingRoom {
             model: target.clone(),
@@ -1293,16 +1438,12 @@ impl Policy {
             return;
         };
         match slot.state {
-            State::Stopping | State::Failed | State::Stopped => {
-                self.notice(
-                    index,
-                    format!("stopping:{name}"),
-                    Event::Stopping(pb::Stopping {
-                        model: name.to_owned(),
-                    }),
-                );
+            State::Stopping | State::Failed | State::Stopped | State::FallingAsleep => {
+                self.notice_leaving(index, name);
             }
-            State::Starting => {
+            // In the way by its port: asleep it holds no GPU memory.
+            State::Sleeping => self.stop_for_waiter(index, name, now),
+            State::Starting | State::Waking => {
                 // Only a start nobody waits for can be in the way (a later waiter of it
                 // waits behind this one): cancel it.
                 if !wanted_elsewhere {
@@ -1362,9 +1503,143 @@ impl Policy {
                         return;
                     }
                 }
-                self.stop_for_waiter(index, name, now);
+                self.sleep_or_stop_for_waiter(index, name, now);
             }
         }
+    }
+
+    /// Tells the waiter at `index` (once) that `name` is going away or to sleep.
+    fn notice_leaving(&mut self, index: usize, name: &str) {
+        if self
+            .models
+            .get(name)
+            .is_some_and(|s| s.state == State::FallingAsleep)
+        {
+            let waiter = &mut self.queue[index];
+            if waiter.notices.insert(format!("sleeping:{name}")) {
+                let (stream, target) = (waiter.stream, waiter.model.clone());
+                let line = format!("putting {name} to sleep");
+                self.send(stream, &target, Notice::Line(line));
+            }
+            return;
+        }
+        self.notice(
+            index,
+            format!("stopping:{name}"),
+            Event::Stopping(pb::Stopping {
+                model: name.to_owned(),
+            }),
+        );
+    }
+
+    /// The ready, drained model `name` is in the way of the waiter at `index`: it sleeps
+    /// if it can (sleep on, not in the way by its port, room in the host memory budget,
+    /// made by stopping the least recently used sleepers), else it stops.
+    fn sleep_or_stop_for_waiter(&mut self, index: usize, name: &str, now: Instant) {
+        let target = self.queue[index].model.clone();
+        let slot = &self.models[name];
+        let asleep_fits = slot.occupied().sleep.is_some()
+            && !slot
+                .occupied()
+                .shares_port_with(self.models[&target].awake());
+        if !asleep_fits {
+            return self.stop_for_waiter(index, name, now);
+        }
+        let budget = self.settings.host_memory;
+        // Sleepers that may be stopped for room in the budget (not the target, which
+        // still sleeps while room is made for its wake), and `name` itself.
+        let mut sleepers: Vec<(Option<Instant>, String, u64)> = self
+            .models
+            .iter()
+            .filter(|(other, s)| {
+                *other == name
+                    || (**other != target
+                        && s.run
+                            .as_ref()
+                            .is_some_and(|r| r.host_held && !r.stop_requested)
+                        && matches!(s.state, State::Sleeping | State::FallingAsleep))
+            })
+            .map(|(other, s)| {
+                let bytes = s.awake().sleep.unwrap_or(0);
+                (s.last_use, other.clone(), bytes)
+            })
+            .collect();
+        // What the others hold that is not theirs to give: waking, or still stopping.
+        let fixed: u64 = self
+            .models
+            .iter()
+            .filter(|(other, _)| !sleepers.iter().any(|(_, n, _)| n == *other))
+            .map(|(_, s)| s.host_held())
+            .sum();
+        sleepers.sort();
+        let mut total: u64 = fixed + sleepers.iter().map(|(_, _, b)| b).sum::<u64>();
+        let mut dropped = Vec::new();
+        for (_, other, bytes) in &sleepers {
+            if total <= budget {
+                break;
+            }
+            total -= bytes;
+            dropped.push(other.clone());
+        }
+        if dropped.iter().any(|d| d == name) {
+            return self.stop_for_waiter(index, name, now);
+        }
+        for other in &dropped {
+            self.begin_stop(
+                other,
+                &format!("host memory for sleeping models is full: {name} sleeps for {target}"),
+                WaiterFate::Requeue,
+                None,
+                now,
+            );
+        }
+        if !dropped.is_empty() {
+            // Their host memory is free once their processes are gone (stop_finished).
+            return;
+        }
+        let stream = self.queue[index].stream;
+        self.begin_sleep(name, &format!("{target} needs the GPUs"), Some(stream), now);
+        self.notice_leaving(index, name);
+    }
+
+    /// Puts a drained, ready `name` to sleep: holds are lost, the actor sleeps it.
+    fn begin_sleep(&mut self, name: &str, reason: &str, swap: Option<StreamId>, now: Instant) {
+        let Some(slot) = self.models.get_mut(name) else {
+            return;
+        };
+        let Some(run) = slot.run.as_mut() else {
+            return;
+        };
+        run.host_held = true;
+        let generation = run.generation;
+        slot.state = State::FallingAsleep;
+        self.revoke_holds(name, reason);
+        self.end_drain(name, now);
+        self.out.push(Action::Sleep {
+            model: name.to_owned(),
+            generation,
+            reason: reason.to_owned(),
+            swap,
+        });
+    }
+
+    /// Wakes the sleeping target of the waiter at `index`, which follows the wake.
+    fn wake(&mut self, index: usize, now: Instant) {
+        let waiter = &mut self.queue[index];
+        let (stream, target) = (waiter.stream, waiter.model.clone());
+        let slot = self.models.get_mut(&target).expect("a configured model");
+        let Some(run) = slot.run.as_mut() else {
+            return;
+        };
+        run.waking_since = Some(now);
+        let generation = run.generation;
+        slot.state = State::Waking;
+        waiter.joined = Some(generation);
+        self.out.push(Action::Wake {
+            model: target,
+            generation,
+            cause: stream,
+        });
     }
 
     /// Moves every pending deactivation forward; answers those whose models are all stopped.
@@ -1375,6 +1650,16 @@ impl Policy {
                 let Some(slot) = self.models.get(name) else {
                     continue;
                 };
+                if slot.state == State::Sleeping {
+                    self.begin_stop(
+                        name,
+                        "deactivated",
+                        WaiterFate::Fail("deactivated"),
+                        None,
+                        now,
+                    );
+                    continue;
+                }
                 if slot.run.is_none() || !slot.live() {
                     continue;
                 }
@@ -1437,6 +1722,7 @@ mod tests {
             drain_timeout: Duration::from_secs(10),
             min_residency: Duration::ZERO,
             capacity: Capacity::new(Some(GpuMemory::Every(96 * GIB)), BTreeMap::new()),
+            host_memory: u64::MAX,
         };
         let mut policy = Policy::new(settings, 1);
         policy.add_model(
@@ -1447,6 +1733,7 @@ mod tests {
                 host: "127.0.0.1".into(),
                 vram: Some(40 * GIB),
                 pinned: false,
+                sleep: None,
             },
         );
         let now = Instant::now();

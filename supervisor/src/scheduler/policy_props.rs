@@ -6,6 +6,11 @@
 //! - a pinned model is never stopped to make room;
 //! - a held model is stopped to make room only after its drain timed out (or with force);
 //! - a ready model is stopped to make room only after its `min_residency`;
+//! - the same holds for a model put to sleep to make room, and a model that cannot sleep
+//!   never is; no hold is left on a model put to sleep, and no activation is granted while
+//!   its model's process is asleep, falling asleep or waking (no request reaches a sleeper);
+//! - sleeping models (and those still stopping after a sleep) never hold more host memory
+//!   than the budget;
 //!
 //! and once clients stop asking and every process does what it is told, every activation
 //! was granted or failed (no starvation, no deadlock).
@@ -41,6 +46,10 @@ enum Ev {
     StartErr(usize),
     Crash(usize),
     StopDone(usize),
+    SleepOk(usize),
+    SleepErr(usize),
+    WakeOk(usize),
+    WakeErr(usize),
     Deactivate {
         model: Option<usize>,
         force: bool,
@@ -58,6 +67,10 @@ fn event() -> impl Strategy<Value = Ev> {
         1 => any::<usize>().prop_map(Ev::StartErr),
         1 => any::<usize>().prop_map(Ev::Crash),
         3 => any::<usize>().prop_map(Ev::StopDone),
+        2 => any::<usize>().prop_map(Ev::SleepOk),
+        1 => any::<usize>().prop_map(Ev::SleepErr),
+        2 => any::<usize>().prop_map(Ev::WakeOk),
+        1 => any::<usize>().prop_map(Ev::WakeErr),
         1 => (prop::option::of(0..MODELS.len()), any::<bool>())
             .prop_map(|(model, force)| Ev::Deactivate { model, force }),
         1 => (0..MODELS.len()).prop_map(Ev::Used),
@@ -76,13 +89,15 @@ fn placement() -> impl Strategy<Value = Placement> {
         1u16..=3,
         prop::option::of(prop::sample::select(vec![20, 40, 60, 70])),
         prop::bool::weighted(0.2),
+        prop::option::weighted(0.5, prop::sample::select(vec![20u64, 40, 60])),
     )
-        .prop_map(|(gpus, port, vram, pinned)| Placement {
+        .prop_map(|(gpus, port, vram, pinned, sleep)| Placement {
             gpus,
             port,
             host: "127.0.0.1".into(),
             vram: vram.map(|g| g * GIB),
             pinned,
+            sleep: sleep.map(|g| g * GIB),
         })
 }
 
@@ -90,11 +105,13 @@ fn settings() -> impl Strategy<Value = Settings> {
     (
         prop::bool::weighted(0.8),
         prop::sample::select(vec![0u64, 3]),
+        prop::sample::select(vec![0u64, 50, 100]),
     )
-        .prop_map(|(sized, residency)| Settings {
+        .prop_map(|(sized, residency, host)| Settings {
             drain_timeout: DRAIN_TIMEOUT,
             min_residency: Duration::from_secs(residency),
             capacity: Capacity::new(sized.then_some(GpuMemory::Every(96 * GIB)), BTreeMap::new()),
+            host_memory: host * GIB,
         })
 }
 
@@ -107,6 +124,7 @@ enum Phase {
 
 #[derive(Debug)]
 struct Client {
+    model: String,
     force: bool,
     phase: Phase,
     /// Ready or Failed came (or the client gave up).
@@ -123,16 +141,31 @@ struct Before {
     pinned: bool,
 }
 
+/// A live process as the simulated world sees it.
+#[derive(Debug)]
+struct Process {
+    generation: u64,
+    /// Where it was started (awake).
+    placement: Placement,
+    /// Passed its readiness check or woke, and was not asked to sleep since.
+    awake: bool,
+    /// Its GPU memory is released (its sleep succeeded, no wake asked since).
+    asleep: bool,
+    /// Host memory it holds (asked to sleep, not woken since).
+    host: u64,
+}
+
 struct World {
     policy: Policy,
     now: Instant,
     min_residency: Duration,
     clients: BTreeMap<StreamId, Client>,
     next_stream: StreamId,
-    /// Live processes: model -> (generation, placement).
-    processes: BTreeMap<String, (u64, Placement)>,
+    processes: BTreeMap<String, Process>,
     starting: Vec<(String, u64)>,
     stopping: Vec<(String, u64)>,
+    sleeping: Vec<(String, u64)>,
+    waking: Vec<(String, u64)>,
     next_deactivation: u64,
 }
 
@@ -156,6 +189,8 @@ impl World {
             processes: BTreeMap::new(),
             starting: Vec::new(),
             stopping: Vec::new(),
+            sleeping: Vec::new(),
+            waking: Vec::new(),
             next_deactivation: 1,
         }
     }
@@ -177,6 +212,7 @@ impl World {
                 self.clients.insert(
                     id,
                     Client {
+                        model: MODELS[*model].to_string(),
                         force: *force,
                         phase: Phase::Waiting,
                         answered: false,
@@ -195,8 +231,7 @@ impl World {
             }
             Ev::StartOk(k) => {
                 if let Some((model, generation)) = pick(&self.starting, *k) {
-                    self.starting.retain(|s| *s != (model.clone(), generation));
-                    self.policy.start_succeeded(&model, generation, now);
+                    self.start_ok(&model, generation);
                 }
             }
             Ev::StartErr(k) => {
@@ -217,7 +252,7 @@ impl World {
                 let running: Vec<(String, u64)> = self
                     .processes
                     .iter()
-                    .map(|(m, (g, _))| (m.clone(), *g))
+                    .map(|(m, p)| (m.clone(), p.generation))
                     .collect();
                 if let Some((model, generation)) = pick(&running, *k) {
                     self.policy
@@ -227,6 +262,30 @@ impl World {
             Ev::StopDone(k) => {
                 if let Some((model, generation)) = pick(&self.stopping, *k) {
                     self.stop_done(&model, generation);
+                }
+            }
+            Ev::SleepOk(k) => {
+                if let Some((model, generation)) = pick(&self.sleeping, *k) {
+                    self.sleep_ok(&model, generation);
+                }
+            }
+            Ev::SleepErr(k) => {
+                if let Some((model, generation)) = pick(&self.sleeping, *k) {
+                    self.sleeping.retain(|s| *s != (model.clone(), generation));
+                    self.policy
+                        .sleep_failed(&model, generation, "refused".into(), now);
+                }
+            }
+            Ev::WakeOk(k) => {
+                if let Some((model, generation)) = pick(&self.waking, *k) {
+                    self.wake_ok(&model, generation);
+                }
+            }
+            Ev::WakeErr(k) => {
+                if let Some((model, generation)) = pick(&self.waking, *k) {
+                    self.waking.retain(|s| *s != (model.clone(), generation));
+                    self.policy
+                        .wake_failed(&model, generation, "refused".into(), now);
                 }
             }
             Ev::Deactivate { model, force } => {
@@ -243,14 +302,43 @@ impl World {
         }
     }
 
+    fn process(&mut self, model: &str, generation: u64) -> Option<&mut Process> {
+        self.processes
+            .get_mut(model)
+            .filter(|p| p.generation == generation)
+    }
+
+    fn start_ok(&mut self, model: &str, generation: u64) {
+        self.starting
+            .retain(|s| *s != (model.to_owned(), generation));
+        if let Some(p) = self.process(model, generation) {
+            p.awake = true;
+        }
+        self.policy.start_succeeded(model, generation, self.now);
+    }
+
+    fn sleep_ok(&mut self, model: &str, generation: u64) {
+        self.sleeping
+            .retain(|s| *s != (model.to_owned(), generation));
+        if let Some(p) = self.process(model, generation) {
+            p.asleep = true;
+        }
+        self.policy.sleep_finished(model, generation);
+    }
+
+    fn wake_ok(&mut self, model: &str, generation: u64) {
+        self.waking.retain(|s| *s != (model.to_owned(), generation));
+        if let Some(p) = self.process(model, generation) {
+            p.awake = true;
+            p.host = 0;
+        }
+        self.policy.wake_succeeded(model, generation, self.now);
+    }
+
     fn stop_done(&mut self, model: &str, generation: u64) {
         self.stopping
             .retain(|s| *s != (model.to_owned(), generation));
-        if self
-            .processes
-            .get(model)
-            .is_some_and(|(g, _)| *g == generation)
-        {
+        if self.process(model, generation).is_some() {
             self.processes.remove(model);
         }
         self.policy.stop_finished(model, generation);
@@ -280,7 +368,32 @@ impl World {
         let before = self.before();
         self.policy.pump(self.now, &|_| None);
         self.carry_out(&before)?;
-        self.check_fit()
+        self.check_fit()?;
+        self.check_host_memory()
+    }
+
+    /// A model stopped or put to sleep to make room for the waiter `stream`.
+    fn check_made_room(
+        &self,
+        before: &BTreeMap<String, Before>,
+        model: &str,
+        stream: StreamId,
+    ) -> Result<(), TestCaseError> {
+        let b = &before[model];
+        prop_assert!(!b.pinned, "pinned {model} stopped to make room");
+        if b.state == State::Ready {
+            prop_assert!(
+                b.ready_at
+                    .is_some_and(|t| t + self.min_residency <= self.now),
+                "{model} stopped within its min_residency"
+            );
+        }
+        let forced = self.clients.get(&stream).is_some_and(|c| c.force);
+        prop_assert!(
+            b.holds == 0 || forced || b.drain_deadline.is_some_and(|d| d <= self.now),
+            "held {model} stopped before its drain ended"
+        );
+        Ok(())
     }
 
     fn carry_out(&mut self, before: &BTreeMap<String, Before>) -> Result<(), TestCaseError> {
@@ -294,8 +407,16 @@ impl World {
                         !self.processes.contains_key(&model),
                         "{model} spawned twice"
                     );
-                    self.processes
-                        .insert(model.clone(), (generation, placement));
+                    self.processes.insert(
+                        model.clone(),
+                        Process {
+                            generation,
+                            placement,
+                            awake: false,
+                            asleep: false,
+                            host: 0,
+                        },
+                    );
                     // The actor reports the spawn as soon as the process exists.
                     self.policy.spawned(&model, generation);
                     self.starting.push((model, generation));
@@ -307,25 +428,45 @@ impl World {
                     ..
                 } => {
                     if let Some(stream) = swap {
-                        let b = &before[&model];
-                        prop_assert!(!b.pinned, "pinned {model} stopped to make room");
-                        if b.state == State::Ready {
-                            prop_assert!(
-                                b.ready_at
-                                    .is_some_and(|t| t + self.min_residency <= self.now),
-                                "{model} stopped within its min_residency"
-                            );
-                        }
-                        let forced = self.clients.get(&stream).is_some_and(|c| c.force);
-                        prop_assert!(
-                            b.holds == 0
-                                || forced
-                                || b.drain_deadline.is_some_and(|d| d <= self.now),
-                            "held {model} stopped before its drain ended"
-                        );
+                        self.check_made_room(before, &model, stream)?;
                     }
-                    self.starting.retain(|s| *s != (model.clone(), generation));
-                    self.stopping.push((model, generation));
+                    let key = (model.clone(), generation);
+                    self.starting.retain(|s| *s != key);
+                    self.sleeping.retain(|s| *s != key);
+                    self.waking.retain(|s| *s != key);
+                    self.stopping.push(key);
+                }
+                Action::Sleep {
+                    model,
+                    generation,
+                    swap,
+                    ..
+                } => {
+                    if let Some(stream) = swap {
+                        self.check_made_room(before, &model, stream)?;
+                    }
+                    prop_assert_eq!(before[&model].state, State::Ready);
+                    let held = self
+                        .clients
+                        .values()
+                        .any(|c| c.model == model && c.phase == Phase::Held);
+                    prop_assert!(!held, "{model} put to sleep while a client holds it");
+                    let process = self.process(&model, generation).expect("a live process");
+                    let Some(host) = process.placement.sleep else {
+                        return Err(TestCaseError::fail(format!("{model} cannot sleep")));
+                    };
+                    process.awake = false;
+                    process.host = host;
+                    self.sleeping.push((model, generation));
+                }
+                Action::Wake {
+                    model, generation, ..
+                } => {
+                    let process = self.process(&model, generation).expect("a live process");
+                    prop_assert!(process.asleep, "{model} woken while not asleep");
+                    // From now on it takes its GPU memory again.
+                    process.asleep = false;
+                    self.waking.push((model, generation));
                 }
                 Action::Send { stream, notice, .. } => {
                     let Some(client) = self.clients.get_mut(&stream) else {
@@ -338,6 +479,8 @@ impl World {
                     match notice {
                         Notice::Ready { hold, .. } => {
                             prop_assert!(!client.answered, "answered twice");
+                            let awake = self.processes.get(&client.model).is_some_and(|p| p.awake);
+                            prop_assert!(awake, "{} granted while not awake", client.model);
                             client.answered = true;
                             if hold {
                                 client.phase = Phase::Held;
@@ -363,13 +506,31 @@ impl World {
     }
 
     fn check_fit(&self) -> Result<(), TestCaseError> {
-        let members: Vec<(&str, &Placement)> = self
+        let asleep: Vec<(&str, Placement)> = self
             .processes
             .iter()
-            .map(|(m, (_, p))| (m.as_str(), p))
+            .map(|(m, p)| {
+                let taken = if p.asleep {
+                    p.placement.asleep()
+                } else {
+                    p.placement.clone()
+                };
+                (m.as_str(), taken)
+            })
             .collect();
+        let members: Vec<(&str, &Placement)> = asleep.iter().map(|(m, p)| (*m, p)).collect();
         let clash = self.policy.settings().capacity.clash(&members);
         prop_assert!(clash.is_none(), "running together: {clash:?}");
+        Ok(())
+    }
+
+    fn check_host_memory(&self) -> Result<(), TestCaseError> {
+        let held: u64 = self.processes.values().map(|p| p.host).sum();
+        let budget = self.policy.settings().host_memory;
+        prop_assert!(
+            held <= budget,
+            "sleepers hold {held} bytes of host memory, over the budget of {budget}"
+        );
         Ok(())
     }
 
@@ -387,14 +548,23 @@ impl World {
                 self.clients.get_mut(&id).expect("held").phase = Phase::Done;
                 self.policy.stream_closed(id, self.now);
             }
-            for (model, generation) in std::mem::take(&mut self.starting) {
-                self.policy.start_succeeded(&model, generation, self.now);
+            for (model, generation) in self.starting.clone() {
+                self.start_ok(&model, generation);
+            }
+            for (model, generation) in self.sleeping.clone() {
+                self.sleep_ok(&model, generation);
+            }
+            for (model, generation) in self.waking.clone() {
+                self.wake_ok(&model, generation);
             }
             for (model, generation) in self.stopping.clone() {
                 self.stop_done(&model, generation);
             }
             self.step(&Ev::Clock(1_000))?;
-            if self.policy.queue().next().is_none() && self.starting.is_empty() {
+            if self.policy.queue().next().is_none()
+                && self.starting.is_empty()
+                && self.waking.is_empty()
+            {
                 break;
             }
         }
@@ -433,6 +603,7 @@ mod scenarios {
             host: "127.0.0.1".into(),
             vram: Some(vram * GIB),
             pinned,
+            sleep: None,
         }
     }
 
@@ -441,6 +612,7 @@ mod scenarios {
             drain_timeout: DRAIN_TIMEOUT,
             min_residency: Duration::ZERO,
             capacity: Capacity::new(Some(GpuMemory::Every(96 * GIB)), BTreeMap::new()),
+            host_memory: 100 * GIB,
         };
         World::new(settings, placements)
     }
@@ -468,8 +640,14 @@ mod scenarios {
             for (m, g) in w.stopping.clone() {
                 w.stop_done(&m, g);
             }
-            for (m, g) in std::mem::take(&mut w.starting) {
-                w.policy.start_succeeded(&m, g, w.now);
+            for (m, g) in w.starting.clone() {
+                w.start_ok(&m, g);
+            }
+            for (m, g) in w.sleeping.clone() {
+                w.sleep_ok(&m, g);
+            }
+            for (m, g) in w.waking.clone() {
+                w.wake_ok(&m, g);
             }
             w.step(&Ev::Clock(10)).unwrap();
             if w.clients[&id].answered {
@@ -512,6 +690,95 @@ mod scenarios {
         assert!(client.answered && client.phase == Phase::Done);
         assert_eq!(running(&w), HashSet::from(["a".into()]));
         assert!(w.stopping.is_empty());
+    }
+
+    fn sleepy(port: u16, vram: u64, host: u64) -> Placement {
+        Placement {
+            sleep: Some(host * GIB),
+            ..gib(&[0], port, vram, false)
+        }
+    }
+
+    fn state(w: &World, model: &str) -> State {
+        w.policy.slot(model).unwrap().state
+    }
+
+    #[test]
+    fn a_sleeper_makes_room_and_wakes_in_the_same_process() {
+        let mut w = world(vec![sleepy(1, 70, 40), sleepy(2, 70, 40)]);
+        ready(&mut w, 0);
+        let first = w.processes["a"].generation;
+        ready(&mut w, 1);
+        assert_eq!(state(&w, "a"), State::Sleeping);
+        assert!(w.processes["a"].asleep);
+        let again = ready(&mut w, 0);
+        assert!(w.clients[&again].answered);
+        assert_eq!(state(&w, "a"), State::Ready);
+        assert_eq!(w.processes["a"].generation, first);
+        assert_eq!(state(&w, "b"), State::Sleeping);
+        assert!(w.stopping.is_empty());
+    }
+
+    #[test]
+    fn the_budget_stops_the_least_recently_used_sleeper() {
+        let mut w = world(vec![
+            sleepy(1, 70, 40),
+            sleepy(2, 70, 40),
+            sleepy(3, 70, 40),
+        ]);
+        for model in [0, 1, 2] {
+            ready(&mut w, model);
+            w.step(&Ev::Clock(1_000)).unwrap();
+        }
+        assert_eq!(
+            (state(&w, "a"), state(&w, "b")),
+            (State::Sleeping, State::Sleeping)
+        );
+        // a wakes: c must sleep, 3 x 40 GiB do not fit in 100: b (used before c) stops.
+        ready(&mut w, 0);
+        assert_eq!(state(&w, "a"), State::Ready);
+        assert_eq!(state(&w, "b"), State::Stopped);
+        assert_eq!(state(&w, "c"), State::Sleeping);
+    }
+
+    #[test]
+    fn a_failed_wake_stops_and_starts_cold() {
+        let mut w = world(vec![sleepy(1, 70, 40), sleepy(2, 70, 40)]);
+        ready(&mut w, 0);
+        let first = w.processes["a"].generation;
+        ready(&mut w, 1);
+        let id = w.next_stream;
+        w.step(&Ev::Activate {
+            model: 0,
+            hold: false,
+            force: false,
+        })
+        .unwrap();
+        // b's holder lets go when asked, b sleeps, a wakes.
+        for _ in 0..5 {
+            let held: Vec<StreamId> = w
+                .clients
+                .iter()
+                .filter(|(_, c)| c.phase == Phase::Held && c.drain_requested)
+                .map(|(id, _)| *id)
+                .collect();
+            for stream in held {
+                w.clients.get_mut(&stream).unwrap().phase = Phase::Done;
+                w.policy.stream_closed(stream, w.now);
+            }
+            for (m, g) in w.sleeping.clone() {
+                w.sleep_ok(&m, g);
+            }
+            w.step(&Ev::Clock(10)).unwrap();
+        }
+        assert_eq!(w.waking, vec![("a".to_string(), first)]);
+        w.step(&Ev::WakeErr(0)).unwrap();
+        assert_eq!(w.stopping, vec![("a".to_string(), first)]);
+        w.step(&Ev::StopDone(0)).unwrap();
+        w.step(&Ev::StartOk(0)).unwrap();
+        assert!(w.clients[&id].answered);
+        assert_eq!(state(&w, "a"), State::Ready);
+        assert!(w.processes["a"].generation > first);
     }
 
     #[test]

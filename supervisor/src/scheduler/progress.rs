@@ -57,22 +57,27 @@ impl Actor {
         }
     }
 
-    /// Where the start of `name` stands: the backend's own words and an estimate of the time
-    /// left from its percentage or from its recent loads. None unless it is starting.
+    /// Where the start (or wake) of `name` stands: the backend's own words and an estimate of
+    /// the time left from its percentage or from its recent loads (or wakes). None unless it
+    /// is starting or waking.
     pub(super) fn load_progress(&self, name: &str) -> Option<pb::LoadProgress> {
-        let model = &self.models[name];
-        let run = self
+        let model = self.models.get(name)?;
+        let slot = self
             .policy
             .slot(name)
-            .filter(|s| s.state == State::Starting)?
-            .run
-            .as_ref()?;
-        let elapsed = run.spawned_at.elapsed();
-        let typical = self.history.typical(name, Operation::Load);
+            .filter(|s| matches!(s.state, State::Starting | State::Waking))?;
+        let run = slot.run.as_ref()?;
+        // A wake: the backend prints no load lines, its recent wakes make the estimate.
+        let (phase, operation, since) = match run.waking_since {
+            Some(since) if slot.state == State::Waking => ("waking", Operation::Wake, since),
+            _ => ("loading", Operation::Load, run.spawned_at),
+        };
+        let elapsed = since.elapsed();
+        let typical = self.history.typical(name, operation);
         let percent = model.progress.as_ref().and_then(|p| p.percent);
         Some(pb::LoadProgress {
             model: name.to_owned(),
-            phase: "loading".into(),
+            phase: phase.into(),
             percent,
             detail: model
                 .progress

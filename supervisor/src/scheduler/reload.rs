@@ -37,7 +37,8 @@ impl Actor {
                         .logs
                         .set_secrets(new.secrets().iter().map(String::as_str));
                     response.changed.push(name.clone());
-                    self.policy.change_model(&name, Placement::of(new), now);
+                    self.policy
+                        .change_model(&name, Placement::of(&name, new), now);
                 }
                 Some(_) => {}
             }
@@ -46,7 +47,7 @@ impl Actor {
             if !self.models.contains_key(name) {
                 self.models
                     .insert(name.clone(), Model::new(name, new.clone(), self.log_lines));
-                self.policy.add_model(name, Placement::of(new));
+                self.policy.add_model(name, Placement::of(name, new));
                 response.added.push(name.clone());
             }
         }

@@ -98,6 +98,16 @@ impl Actor {
                 self.policy.stream_closed(id, now);
                 self.streams.remove(&id);
             }
+            Internal::SleepFinished {
+                model,
+                generation,
+                result,
+            } => self.sleep_finished(&model, generation, result, now),
+            Internal::WakeFinished {
+                model,
+                generation,
+                result,
+            } => self.wake_finished(&model, generation, result, now),
             Internal::Progress {
                 model,
                 generation,

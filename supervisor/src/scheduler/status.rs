@@ -24,6 +24,8 @@ impl Actor {
             State::Ready => pb::ModelState::Ready,
             State::Stopping => pb::ModelState::Stopping,
             State::Failed => pb::ModelState::Failed,
+            State::FallingAsleep | State::Sleeping => pb::ModelState::Sleeping,
+            State::Waking => pb::ModelState::Starting,
         };
         let mut detail = String::new();
         if slot.run.is_none()
@@ -202,5 +204,7 @@ pub(super) fn metric_state(slot: &Slot) -> MetricState {
         State::Ready => MetricState::Ready,
         State::Stopping => MetricState::Stopping,
         State::Failed => MetricState::Failed,
+        State::FallingAsleep | State::Sleeping => MetricState::Sleeping,
+        State::Waking => MetricState::Starting,
     }
 }

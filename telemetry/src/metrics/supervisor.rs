@@ -69,16 +69,18 @@ pub enum ModelState {
     Draining,
     Stopping,
     Failed,
+    Sleeping,
 }
 
 impl ModelState {
-    pub const ALL: [ModelState; 6] = [
+    pub const ALL: [ModelState; 7] = [
         ModelState::Stopped,
         ModelState::Starting,
         ModelState::Ready,
         ModelState::Draining,
         ModelState::Stopping,
         ModelState::Failed,
+        ModelState::Sleeping,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -89,6 +91,7 @@ impl ModelState {
             ModelState::Draining => "draining",
             ModelState::Stopping => "stopping",
             ModelState::Failed => "failed",
+            ModelState::Sleeping => "sleeping",
         }
     }
 }
