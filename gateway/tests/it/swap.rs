@@ -423,3 +423,197 @@ async fn the_least_recently_used_model_makes_room() {
     );
     assert_eq!(stack.starts(), ["a", "b", "c"], "{}", stack.logs());
 }
+
+/// One 96 GiB GPU, and host RAM for two sleepers of 40 GiB (the default, 80 % of this
+/// machine's memory, may be less).
+const SLEEPERS_96_GIB: &str = "gpu_memory = \"96GiB\"\nhost_memory = \"100GiB\"";
+
+/// A vLLM model of 70 GiB (two do not fit in 96) that sleeps with vLLM's own protocol, its
+/// weights kept in `host_gib` of host RAM.
+fn sleeper(name: &str, host_gib: u32) -> Model {
+    sized(name, 70)
+        .load_time("1s")
+        .args(&["--enable-sleep-mode"])
+        .env("VLLM_SERVER_DEV_MODE", "1")
+        .toml("sleep = true")
+        .toml(&format!("host_memory = \"{host_gib}GiB\""))
+}
+
+/// What the mock says of its own memory (`GET /gpuswap_mock/memory`).
+async fn mock_memory(stack: &Stack, name: &str) -> Value {
+    let url = format!("http://{}/gpuswap_mock/memory", stack.model(name).address());
+    let response = stack.http.get(&url).send().await.expect("mock memory");
+    response.json().await.expect("mock memory JSON")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sleeping_model_makes_room_and_wakes_in_its_own_process() {
+    use gpuswap::pb::ModelState;
+    let stack = Stack::builder("sleep")
+        .supervisor(SLEEPERS_96_GIB)
+        .model(sleeper("a", 40))
+        .model(sleeper("b", 40))
+        .start()
+        .await;
+    let (a, b) = (stack.model("a").clone(), stack.model("b").clone());
+    let (s, t) = chat(&stack, 0, "a", false, 1).await;
+    assert_served_by(&a, false, s, &t);
+    let first = stack.status("a").await;
+    // b needs the GPU: a sleeps (its process and port kept, its GPU memory freed).
+    let (s, t) = chat(&stack, 0, "b", false, 1).await;
+    assert_served_by(&b, false, s, &t);
+    let asleep = stack.wait_state("a", ModelState::Sleeping).await;
+    assert_eq!(
+        (asleep.pid, asleep.generation),
+        (first.pid, first.generation)
+    );
+    let memory = mock_memory(&stack, "a").await;
+    assert_eq!(memory["asleep"], true, "{memory}");
+    assert_eq!(memory["gpu_memory_bytes"], 0, "{memory}");
+    let listed = testkit::wait_for(
+        "/v1/models to show a sleeping",
+        testkit::DEADLINE,
+        || async {
+            let list = stack.get_json("/v1/models").await?;
+            let entry = list["data"]
+                .as_array()?
+                .iter()
+                .find(|m| m["id"] == "a")?
+                .clone();
+            (entry["gpuswap"]["state"] == "sleeping").then_some(entry)
+        },
+    )
+    .await;
+    assert_eq!(listed["id"], "a");
+    // a again: b sleeps, a wakes in the same process (no second start), streamed too.
+    let began = Instant::now();
+    let (s, t) = chat(&stack, 0, "a", true, 2).await;
+    let woke_in = began.elapsed();
+    assert_served_by(&a, true, s, &t);
+    let awake = stack.status("a").await;
+    assert_eq!(
+        (awake.state(), awake.pid, awake.generation),
+        (ModelState::Ready, first.pid, first.generation),
+        "{}",
+        stack.logs()
+    );
+    stack.wait_state("b", ModelState::Sleeping).await;
+    assert_eq!(stack.starts(), ["a", "b"], "{}", stack.logs());
+    // The mock wakes in load time / 20 (50 ms): far below a cold start's 1 s.
+    assert!(woke_in < Duration::from_millis(900), "woke in {woke_in:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_wake_falls_back_to_a_cold_start() {
+    use gpuswap::pb::ModelState;
+    let stack = Stack::builder("wake-fails")
+        .supervisor(SLEEPERS_96_GIB)
+        .model(sleeper("a", 40).args(&["--fault", "wake-fails"]))
+        .model(sleeper("b", 40))
+        .start()
+        .await;
+    let (a, b) = (stack.model("a").clone(), stack.model("b").clone());
+    let (s, t) = chat(&stack, 0, "a", false, 1).await;
+    assert_served_by(&a, false, s, &t);
+    let first = stack.status("a").await;
+    let (s, t) = chat(&stack, 0, "b", false, 1).await;
+    assert_served_by(&b, false, s, &t);
+    stack.wait_state("a", ModelState::Sleeping).await;
+    // The wake fails: a is stopped and started cold, and the request is still served.
+    let (s, t) = chat(&stack, 0, "a", false, 1).await;
+    assert_served_by(&a, false, s, &t);
+    let again = stack.status("a").await;
+    assert_eq!(again.state(), ModelState::Ready);
+    assert_ne!(again.pid, first.pid, "{}", stack.logs());
+    assert!(again.generation > first.generation);
+    assert_eq!(stack.starts(), ["a", "b", "a"], "{}", stack.logs());
+    let logs = stack.logs();
+    assert!(logs.contains("wake failed"), "{logs}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_host_memory_budget_stops_the_least_recently_used_sleeper() {
+    use gpuswap::pb::ModelState;
+    let stack = Stack::builder("sleep-budget")
+        .supervisor(SLEEPERS_96_GIB)
+        .model(sleeper("a", 40))
+        .model(sleeper("b", 40))
+        .model(sleeper("c", 40))
+        .start()
+        .await;
+    for name in ["a", "b", "c"] {
+        let model = stack.model(name).clone();
+        let (s, t) = chat(&stack, 0, name, false, 1).await;
+        assert_served_by(&model, false, s, &t);
+    }
+    // a and b sleep (80 of 100 GiB); a again: c must sleep, b (used before c) is stopped.
+    stack.wait_state("b", ModelState::Sleeping).await;
+    let a_pid = stack.status("a").await.pid;
+    let a = stack.model("a").clone();
+    let (s, t) = chat(&stack, 0, "a", false, 1).await;
+    assert_served_by(&a, false, s, &t);
+    assert_eq!(stack.status("a").await.pid, a_pid, "{}", stack.logs());
+    stack.wait_state("b", ModelState::Stopped).await;
+    stack.wait_state("c", ModelState::Sleeping).await;
+    assert_eq!(stack.starts(), ["a", "b", "c"], "{}", stack.logs());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_request_reaches_a_sleeping_backend_under_mixed_load() {
+    // SGLang's mock answers 500 to a request that reaches it while its memory is released,
+    // and refuses to sleep while requests run: both would show as a failed request.
+    let sglang = |name: &str| {
+        sized(name, 70)
+            .flavor("sglang")
+            .load_time("1s")
+            .args(&["--enable-memory-saver", "--enable-weights-cpu-backup"])
+            .toml("sleep = true")
+            .toml("host_memory = \"40GiB\"")
+    };
+    let stack = Stack::builder("sleep-mixed")
+        .supervisor(SLEEPERS_96_GIB)
+        .model(sglang("s1"))
+        .model(sglang("s2"))
+        .start()
+        .await;
+    let models = [stack.model("s1").clone(), stack.model("s2").clone()];
+    let mut tasks = Vec::new();
+    for i in 0..120 {
+        // Groups of 6 requests per model, every 150 ms: a swap (sleep and wake) each time.
+        let model = models[(i / 6) % 2].clone();
+        let stream = i % 2 == 0;
+        let (http, url) = (stack.http.clone(), stack.url("/v1/chat/completions"));
+        tasks.push(tokio::spawn(async move {
+            let (status, text) = post_to(&http, &url, &Stack::chat(&model.name, stream, 3)).await;
+            assert_served_by(&model, stream, status, &text);
+        }));
+        if i % 6 == 5 {
+            tokio::time::sleep(Duration::from_millis(150)).await;
+        }
+    }
+    let mut failures = Vec::new();
+    for task in tasks {
+        if let Err(panic) = task.await {
+            failures.push(panic.to_string());
+        }
+    }
+    assert!(
+        failures.is_empty(),
+        "{} of 120 failed: {:?}{}",
+        failures.len(),
+        &failures[..failures.len().min(3)],
+        stack.logs()
+    );
+    let mut starts = stack.starts();
+    starts.sort();
+    assert_eq!(
+        starts,
+        ["s1", "s2"],
+        "each started once, then slept and woke{}",
+        stack.logs()
+    );
+    let log = testkit::read_lossy(&stack.dir.path().join("supervisor.log"));
+    let wakes = log.lines().filter(|l| l.contains("wake_ms")).count();
+    eprintln!("120 requests, {wakes} wakes");
+    assert!(wakes >= 3, "{wakes} wakes{}", stack.logs());
+}

@@ -1405,6 +1405,11 @@ impl Policy {
 
     /// Stops `name` because the waiter at `index` needs its room.
     fn stop_for_waiter(&mut self, index: usize, name: &str, now: Instant) {
+        self.stop_for_waiter_because(index, name, "", now);
+    }
+
+    /// Stops `name` because the waiter at `index` needs its room (`more`: why not sleep).
+    fn stop_for_waiter_because(&mut self, index: usize, name: &str, more: &str, now: Instant) {
         let waiter = &self.queue[index];
         let (stream, target) = (waiter.stream, waiter.model.clone());
         self.notice(
@@ -1416,7 +1421,7 @@ impl Policy {
         );
         self.begin_stop(
             name,
-            &format!("{target} needs the GPUs"),
+            &format!("{target} needs the GPUs{more}"),
             WaiterFate::Requeue,
             Some(stream),
             now,
@@ -1564,15 +1569,26 @@ impl Policy {
                 (s.last_use, other.clone(), bytes)
             })
             .collect();
-        // What the others hold that is not theirs to give: waking, or still stopping.
+        // Sleepers already stopping: their memory comes back by itself (stop_finished).
+        let stopping: u64 = self
+            .models
+            .values()
+            .filter(|s| s.run.as_ref().is_some_and(|r| r.stop_requested))
+            .map(Slot::host_held)
+            .sum();
+        // What the others hold that is not theirs to give: the target, or waking.
         let fixed: u64 = self
             .models
             .iter()
-            .filter(|(other, _)| !sleepers.iter().any(|(_, n, _)| n == *other))
+            .filter(|(other, s)| {
+                !sleepers.iter().any(|(_, n, _)| n == *other)
+                    && s.run.as_ref().is_some_and(|r| !r.stop_requested)
+            })
             .map(|(_, s)| s.host_held())
             .sum();
         sleepers.sort();
-        let mut total: u64 = fixed + sleepers.iter().map(|(_, _, b)| b).sum::<u64>();
+        let wanted: u64 = fixed + sleepers.iter().map(|(_, _, b)| b).sum::<u64>();
+        let mut total = wanted;
         let mut dropped = Vec::new();
         for (_, other, bytes) in &sleepers {
             if total <= budget {
@@ -1582,8 +1598,17 @@ impl Policy {
             dropped.push(other.clone());
         }
         if dropped.iter().any(|d| d == name) {
-            return self.stop_for_waiter(index, name, now);
+            let why = format!(
+                "; it does not sleep: sleepers would hold {} of host_memory {}",
+                format_bytes(wanted),
+                format_bytes(budget)
+            );
+            return self.stop_for_waiter_because(index, name, &why, now);
         }
+        let freeing = dropped
+            .iter()
+            .map(|other| self.models[other].host_held())
+            .sum::<u64>();
         for other in &dropped {
             self.begin_stop(
                 other,
@@ -1593,8 +1618,8 @@ impl Policy {
                 now,
             );
         }
-        if !dropped.is_empty() {
-            // Their host memory is free once their processes are gone (stop_finished).
+        if total + stopping + freeing > budget {
+            // It sleeps once the stopped sleepers' processes are gone (stop_finished).
             return;
         }
         let stream = self.queue[index].stream;
@@ -1768,6 +1793,7 @@ mod tests {
             drain_timeout: Duration::from_secs(10),
             min_residency: Duration::ZERO,
             capacity: Capacity::new(None, BTreeMap::new()),
+            host_memory: u64::MAX,
         };
         let placement = Placement {
             gpus: Some(vec![0]),
@@ -1775,6 +1801,7 @@ mod tests {
             host: "127.0.0.1".into(),
             vram: None,
             pinned: false,
+            sleep: None,
         };
         let now = Instant::now();
         for spawn_works in [true, false] {

@@ -637,6 +637,10 @@ mod scenarios {
                 w.clients.get_mut(&held).unwrap().phase = Phase::Done;
                 w.policy.stream_closed(held, w.now);
             }
+            // The policy also runs while stops are still under way (any event pumps it).
+            for _ in 0..2 {
+                w.step(&Ev::Clock(10)).unwrap();
+            }
             for (m, g) in w.stopping.clone() {
                 w.stop_done(&m, g);
             }
