@@ -18,7 +18,9 @@ use std::{
     time::{Duration, Instant},
 };
 
-use gpuswap::config::ModelConfig;
+use gpuswap::{config::ModelConfig, pb::LogStream};
+
+use super::logs::LogBuffer;
 
 /// The share of the available memory that warming may fill.
 const BUDGET_SHARE: f64 = 0.5;
@@ -156,17 +158,38 @@ impl Drop for WarmGuard {
     }
 }
 
-/// Starts warming `files` on a blocking thread; `done` gets the result.
-pub fn start(files: Vec<PathBuf>, done: impl FnOnce(Warmed) + Send + 'static) -> WarmGuard {
+/// Lists `config`'s weight files and reads them into the page cache, both on a blocking
+/// thread (listing a large cache, or one on a network mount, takes a while); says so in
+/// `logs`, before and after. Nothing to do (and nothing said) without weight files.
+pub fn start(config: ModelConfig, logs: LogBuffer) -> WarmGuard {
     let guard = WarmGuard {
         cancelled: Arc::new(AtomicBool::new(false)),
         finished: Arc::new(AtomicBool::new(false)),
     };
     let (cancelled, finished) = (guard.cancelled.clone(), guard.finished.clone());
     tokio::task::spawn_blocking(move || {
-        let warmed = warm(&files, budget(), &cancelled);
+        let files = weight_files(&config);
+        if !files.is_empty() {
+            logs.push(
+                LogStream::Supervisor,
+                format!(
+                    "warming {} weight file(s) into the page cache while the GPUs are freed",
+                    files.len()
+                ),
+            );
+            let warmed = warm(&files, budget(), &cancelled);
+            logs.push(
+                LogStream::Supervisor,
+                format!(
+                    "weights warmed: {} in {} file(s) in {:.2} s ({} left cold)",
+                    human_bytes(warmed.bytes),
+                    warmed.files,
+                    warmed.took.as_secs_f64(),
+                    human_bytes(warmed.skipped),
+                ),
+            );
+        }
         finished.store(true, Ordering::Relaxed);
-        done(warmed);
     });
     guard
 }

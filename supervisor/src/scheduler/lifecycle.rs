@@ -3,7 +3,6 @@
 
 use std::time::Duration;
 
-use gpuswap::pb;
 use gpuswap_telemetry::SwapPhase;
 use tokio::time::Instant;
 use tracing::Instrument as _;
@@ -250,27 +249,7 @@ impl Actor {
         if model.warming.as_ref().is_some_and(|w| !w.finished()) {
             return;
         }
-        let files = warm::weight_files(&model.config);
-        if files.is_empty() {
-            return;
-        }
-        model.note(format!(
-            "warming {} weight file(s) into the page cache while the GPUs are freed",
-            files.len()
-        ));
-        let logs = model.logs.clone();
-        model.warming = Some(warm::start(files, move |warmed| {
-            logs.push(
-                pb::LogStream::Supervisor,
-                format!(
-                    "weights warmed: {} in {} file(s) in {:.2} s ({} left cold)",
-                    warm::human_bytes(warmed.bytes),
-                    warmed.files,
-                    warmed.took.as_secs_f64(),
-                    warm::human_bytes(warmed.skipped),
-                ),
-            );
-        }));
+        model.warming = Some(warm::start(model.config.clone(), model.logs.clone()));
     }
 }
 
