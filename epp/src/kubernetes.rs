@@ -338,6 +338,33 @@ pub async fn elect(api: Api, name: String, ttl: Duration, me: String, leader: wa
     }
 }
 
+/// Hands the Lease back if this picker holds it (as client-go's ReleaseOnCancel): no holder,
+/// so a standby takes it at its next round instead of waiting for it to expire.
+pub async fn release(api: &Api, name: &str, me: &str) -> anyhow::Result<()> {
+    let path = format!(
+        "/apis/coordination.k8s.io/v1/namespaces/{}/leases/{name}",
+        api.namespace
+    );
+    let mut lease = match api.call(Method::GET, &path, None).await? {
+        Ok(lease) => lease,
+        Err((status, body)) => anyhow::bail!("reading the Lease: {status}: {body}"),
+    };
+    if lease["spec"]["holderIdentity"] != me {
+        return Ok(());
+    }
+    lease["spec"]["holderIdentity"] = json!("");
+    lease["spec"]["leaseDurationSeconds"] = json!(1);
+    lease["spec"]["renewTime"] =
+        json!(humantime::format_rfc3339_micros(SystemTime::now()).to_string());
+    match api.call(Method::PUT, &path, Some(&lease)).await? {
+        Ok(_) => {
+            tracing::info!(lease = name, "released the Lease");
+            Ok(())
+        }
+        Err((status, body)) => anyhow::bail!("releasing the Lease: {status}: {body}"),
+    }
+}
+
 /// The outcome of one round.
 enum Round {
     /// This picker holds the Lease.

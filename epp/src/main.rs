@@ -32,13 +32,5 @@ fn main() -> anyhow::Result<()> {
         .context("cannot start the runtime")?;
     let _runtime_context = runtime.enter();
     let _telemetry = gpuswap_telemetry::init("gpuswap-epp", &config.telemetry)?;
-    runtime.block_on(async move {
-        tokio::select! {
-            result = gpuswap_epp::run(config.epp) => result,
-            _ = gpuswap::shutdown::signal() => {
-                tracing::info!("stopping");
-                Ok(())
-            }
-        }
-    })
+    runtime.block_on(gpuswap_epp::run(config.epp, gpuswap::shutdown::signal()))
 }

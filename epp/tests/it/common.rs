@@ -176,6 +176,14 @@ impl Picker {
         }
     }
 
+    /// SIGTERM, and waits until it has exited.
+    pub fn stop(&mut self) {
+        if let Some(mut proc) = self.proc.take() {
+            proc.signal(libc::SIGTERM);
+            proc.wait_exit(DEADLINE);
+        }
+    }
+
     /// The gRPC health status of `service` (None: no answer).
     pub async fn health(&self, service: &str) -> Option<i32> {
         use tonic_health::pb::{HealthCheckRequest, health_client::HealthClient};

@@ -209,4 +209,28 @@ async fn one_picker_holds_the_lease_and_a_standby_takes_it_over() {
         })
         .await;
     assert_eq!(transitions(&api), 3, "{:?}", api.lease(LEASE));
+
+    // A clean stop (SIGTERM) hands the Lease back before the process exits: the other picker
+    // need not wait for it to expire.
+    let ready_now = ready(&front).await;
+    let leader = ready_now.iter().position(|r| *r).unwrap();
+    let other = 1 - leader;
+    front.pickers[leader].stop();
+    let stopped = Instant::now();
+    let after_exit = holder(&api);
+    assert!(
+        !after_exit.ends_with(&suffix(leader)),
+        "the stopped leader still holds the Lease: {:?}",
+        api.lease(LEASE)
+    );
+    front
+        .wait_logged("the other picker to lead", || async {
+            ready(&front).await[other].then_some(())
+        })
+        .await;
+    eprintln!(
+        "the other picker led {:?} after the stop",
+        stopped.elapsed()
+    );
+    assert!(holder(&api).ends_with(&suffix(other)));
 }
