@@ -169,13 +169,7 @@ async fn event_streams_pass_through_byte_for_byte() {
         .await;
     assert_eq!(status, 200, "{text}{}", stack.logs());
 
-    let response = stack
-        .http
-        .post(stack.url("/v1/chat/completions"))
-        .json(&Stack::chat("tabby", true, 4))
-        .send()
-        .await
-        .unwrap();
+    let response = stack.post_chat("tabby", true, 4).await;
     assert_eq!(response.status(), 200);
     let headers = response.headers().clone();
     assert!(

@@ -116,16 +116,19 @@ impl Stack {
         testkit::chat_body(model, stream, max_tokens)
     }
 
-    /// A streamed chat of `model` through the first gateway, read to its end: the SSE text.
-    pub async fn stream_chat(&self, model: &str, max_tokens: u32) -> String {
-        let response = self
-            .http
+    /// A chat request to the first gateway: its response, once the headers came.
+    pub async fn post_chat(&self, model: &str, stream: bool, max_tokens: u32) -> reqwest::Response {
+        self.http
             .post(self.url("/v1/chat/completions"))
-            .json(&Self::chat(model, true, max_tokens))
+            .json(&Self::chat(model, stream, max_tokens))
             .send()
             .await
-            .expect("POST /v1/chat/completions");
-        read_stream(response).await
+            .expect("POST /v1/chat/completions")
+    }
+
+    /// A streamed chat of `model` through the first gateway, read to its end: the SSE text.
+    pub async fn stream_chat(&self, model: &str, max_tokens: u32) -> String {
+        read_stream(self.post_chat(model, true, max_tokens).await).await
     }
 
     /// GETs JSON from the first gateway; None when it does not answer with JSON.

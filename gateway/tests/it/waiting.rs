@@ -16,13 +16,7 @@ async fn keepalives_and_progress_flow_while_a_slow_model_loads() {
         .model(Model::new("slow").load_time("2s"))
         .start()
         .await;
-    let response = stack
-        .http
-        .post(stack.url("/v1/chat/completions"))
-        .json(&Stack::chat("slow", true, 3))
-        .send()
-        .await
-        .unwrap();
+    let response = stack.post_chat("slow", true, 3).await;
     // The 200 comes at once, long before the model is ready.
     assert_eq!(response.status(), 200);
     assert_ne!(stack.status("slow").await.state(), ModelState::Ready);
@@ -143,13 +137,7 @@ async fn a_failed_start_answers_503_in_one_line_and_the_log_stays_with_the_opera
     assert_no_secret("the Anthropic-shaped 503", &t);
 
     // Streamed: the 200 went out before the failure, so it is an error event.
-    let response = stack
-        .http
-        .post(stack.url("/v1/chat/completions"))
-        .json(&Stack::chat("broken", true, 2))
-        .send()
-        .await
-        .unwrap();
+    let response = stack.post_chat("broken", true, 2).await;
     assert_eq!(response.status(), 200);
     let text = read_stream(response).await;
     assert!(!text.contains("[DONE]"), "{text}");
@@ -237,13 +225,7 @@ async fn a_request_that_waits_past_the_queue_timeout_gets_504() {
     assert_eq!(error["code"], "queue_timeout", "{t}");
     assert!(started.elapsed() >= Duration::from_secs(1));
 
-    let response = stack
-        .http
-        .post(stack.url("/v1/chat/completions"))
-        .json(&Stack::chat("glacial", true, 2))
-        .send()
-        .await
-        .unwrap();
+    let response = stack.post_chat("glacial", true, 2).await;
     assert_eq!(response.status(), 200);
     let text = read_stream(response).await;
     let last = testkit::json(sse_data(&text).last().unwrap());
@@ -259,13 +241,7 @@ async fn a_queued_client_that_goes_away_leaves_the_queue() {
         .start()
         .await;
     // A long answer keeps alpha busy ...
-    let long = stack
-        .http
-        .post(stack.url("/v1/chat/completions"))
-        .json(&Stack::chat("alpha", true, 60))
-        .send()
-        .await
-        .unwrap();
+    let long = stack.post_chat("alpha", true, 60).await;
     let long = tokio::spawn(read_stream(long));
     stack.wait_state("alpha", ModelState::Ready).await;
     // ... while a request for beta queues behind it and gives up.
@@ -315,13 +291,7 @@ async fn a_client_that_leaves_mid_stream_frees_the_model_for_the_next_swap() {
         .await;
     assert_eq!(s, 200, "{t}");
     // An answer of 1000 tokens at 5 per second would hold alpha for 200 s.
-    let response = stack
-        .http
-        .post(stack.url("/v1/chat/completions"))
-        .json(&Stack::chat("alpha", true, 1000))
-        .send()
-        .await
-        .unwrap();
+    let response = stack.post_chat("alpha", true, 1000).await;
     let mut body = response.bytes_stream();
     let first = body.next().await.unwrap().unwrap();
     assert!(String::from_utf8_lossy(&first).contains("data: "));
