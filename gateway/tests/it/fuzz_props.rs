@@ -5,7 +5,6 @@
 //! Only what the gateway makes `pub` is reached: `proxy::probe` and `proxy::splice` (the
 //! hot path's model lookup and rename) and `error::convert_backend_error`. Alias resolution
 //! (`catalog::Catalog::resolve`) cannot be given a catalog from outside the crate.
-#![allow(dead_code)] // each user calls a part
 
 use bytes::Bytes;
 use gpuswap_gateway::{
