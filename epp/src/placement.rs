@@ -4,6 +4,7 @@
 //! The order (llm-d's LoRA-affinity order, at box level: loaded > loading > free slot > full):
 //! 1. a box where the model is ready and not draining (fewest requests in flight);
 //! 2. a box where it is starting (join that load), or where this picker just placed it;
+//!    then a box where it is asleep (its process lives: a wake takes seconds, a start minutes);
 //! 3. a box where it fits without stopping anything: no port in common with a live model,
 //!    and on each of its GPUs either no live model or room for its `vram` next to what the
 //!    supervisor reports reserved there (a model without `vram`, or a GPU of unknown size,
@@ -52,6 +53,8 @@ pub enum Reason {
     Starting,
     /// Placed there by an earlier request that Watch does not show yet.
     Pending,
+    /// Asleep there: the request wakes it.
+    Sleeping,
     Fits,
     Evicts,
     Busy,
@@ -62,7 +65,10 @@ pub enum Reason {
 impl Reason {
     /// A placement that makes the box load the model: later requests must follow it.
     pub fn is_cold(self) -> bool {
-        matches!(self, Reason::Fits | Reason::Evicts | Reason::Busy)
+        matches!(
+            self,
+            Reason::Sleeping | Reason::Fits | Reason::Evicts | Reason::Busy
+        )
     }
 
     pub fn as_str(self) -> &'static str {
@@ -70,6 +76,7 @@ impl Reason {
             Reason::Ready => "ready",
             Reason::Starting => "starting",
             Reason::Pending => "pending",
+            Reason::Sleeping => "sleeping",
             Reason::Fits => "fits",
             Reason::Evicts => "evicts-idle",
             Reason::Busy => "busy",
@@ -147,6 +154,7 @@ pub fn place(
         .filter(|(i, view)| {
             matches!(view.state, ModelState::Ready if !view.draining)
                 || view.state == ModelState::Starting
+                || view.state == ModelState::Sleeping
                 || is_pending(pending, &view.name, candidates[*i].name, now)
         })
         .collect();
@@ -192,6 +200,7 @@ fn rank(
                 _ if is_pending(pending, &view.name, candidate.name, now) => {
                     (Reason::Pending, (1, 0, tie))
                 }
+                ModelState::Sleeping => (Reason::Sleeping, (2, candidate.in_flight as u64, tie)),
                 _ => cold_rank(view, candidate, pending, now, tie),
             };
             (key, reason, i)
@@ -223,20 +232,19 @@ fn cold_rank(
         .filter_map(|(model, _)| candidate.models.models.get(model))
         .collect();
     let Some(in_the_way) = in_the_way(view, candidate.models, &placed_here) else {
-        return (Reason::Blocked, (5, 0, tie));
+        return (Reason::Blocked, (6, 0, tie));
     };
     if in_the_way.is_empty() {
-        return (Reason::Fits, (2, 0, tie));
+        return (Reason::Fits, (3, 0, tie));
     }
     let usage = |name: &str| candidate.usage.get(name).copied().unwrap_or_default();
     let idle = |other: &ModelView| {
         usage(&other.name).in_flight == 0 && !candidate.others.models.contains_key(&other.name)
     };
     let evictable = in_the_way.iter().all(|other| {
-        other.state == ModelState::Ready
-            && !other.draining
-            && idle(other)
-            && !is_pending(pending, &other.name, candidate.name, now)
+        let asleep_or_idle_ready = other.state == ModelState::Sleeping
+            || (other.state == ModelState::Ready && !other.draining && idle(other));
+        asleep_or_idle_ready && !is_pending(pending, &other.name, candidate.name, now)
     }) || in_the_way
         .iter()
         .all(|other| other.state == ModelState::Stopping);
@@ -253,9 +261,9 @@ fn cold_rank(
             })
             .min()
             .unwrap_or(u64::MAX);
-        return (Reason::Evicts, (3, u64::MAX - newest_idle, tie));
+        return (Reason::Evicts, (4, u64::MAX - newest_idle, tie));
     }
-    (Reason::Busy, (4, candidate.in_flight as u64, tie))
+    (Reason::Busy, (5, candidate.in_flight as u64, tie))
 }
 
 /// Stands for "every GPU" on a box that reports no GPU by index.
@@ -274,9 +282,16 @@ fn in_the_way<'a>(
         .filter(|other| other.name != view.name && other.is_resident())
         .chain(placed_here.iter().copied())
         .collect();
+    // A sleeping model keeps its process and port, not its GPU memory.
     let mut stop: Vec<&ModelView> = live
         .iter()
         .copied()
+        .chain(
+            models
+                .models
+                .values()
+                .filter(|other| other.name != view.name && other.state == ModelState::Sleeping),
+        )
         .filter(|other| {
             other.port == view.port && gpuswap::config::hosts_overlap(&other.host, &view.host)
         })
@@ -771,6 +786,37 @@ mod tests {
         assert_eq!(
             chosen(&place("a", &c, &HashMap::new(), now, 0, 0)),
             (0, Reason::Evicts)
+        );
+    }
+
+    #[test]
+    fn a_sleeping_model_wakes_before_a_cold_start_but_after_ready() {
+        use ModelState::Sleeping as Z;
+        // Asleep on gpu2, fits cold on gpu1 and gpu3: it wakes on gpu2.
+        let boxes = three([[S, S, S], [Z, S, S], [S, S, S]]);
+        let c = candidates(&boxes);
+        assert_eq!(chosen(&place_now("a", &c)), (1, Reason::Sleeping));
+        assert!(Reason::Sleeping.is_cold());
+        // Ready on gpu3: the ready one wins; starting on gpu3: joining that load wins.
+        let boxes = three([[S, S, S], [Z, S, S], [R, S, S]]);
+        assert_eq!(
+            chosen(&place_now("a", &candidates(&boxes))),
+            (2, Reason::Ready)
+        );
+        let boxes = three([[S, S, S], [Z, S, S], [St, S, S]]);
+        assert_eq!(
+            chosen(&place_now("a", &candidates(&boxes))),
+            (2, Reason::Starting)
+        );
+        // A sleeping b (GPU 0) frees its GPU: a (GPU 0) fits next to it; a model on b's
+        // port is in its way, and evicting a sleeper is evicting an idle model.
+        let boxes = three([[S, Z, S], [S, Z, S], [S, Z, S]]);
+        assert_eq!(chosen(&place_now("a", &candidates(&boxes))).1, Reason::Fits);
+        let mut boxes = three([[S, Z, S], [S, Z, S], [S, Z, S]]);
+        set(&mut boxes, "a", |m| m.port = 2);
+        assert_eq!(
+            chosen(&place_now("a", &candidates(&boxes))).1,
+            Reason::Evicts
         );
     }
 
