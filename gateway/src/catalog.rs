@@ -54,12 +54,9 @@ impl ModelInfo {
         match self.state {
             S::Ready => "loaded",
             S::Starting => "loading",
-            S::Stopped
-            | S::Stopping
-            | S::Failed
-            | S::Unavailable
-            | S::Sleeping
-            | S::Unspecified => "unloaded",
+            // llama-server's router has the same state (its child sleeps when idle).
+            S::Sleeping => "sleeping",
+            S::Stopped | S::Stopping | S::Failed | S::Unavailable | S::Unspecified => "unloaded",
         }
     }
 

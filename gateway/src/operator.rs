@@ -529,11 +529,12 @@ fn router_ok() -> Response {
     json_response(StatusCode::OK, Bytes::from_static(br#"{"success":true}"#))
 }
 
-/// Whether a backend runs (or is starting) for the model: what the router API calls running.
+/// Whether a backend process runs for the model (starting, ready or asleep): what the router
+/// API calls running (llama-server's router does not load a sleeping child again; it unloads it).
 fn router_running(model: &ModelInfo) -> bool {
     matches!(
         model.state,
-        pb::ModelState::Ready | pb::ModelState::Starting
+        pb::ModelState::Ready | pb::ModelState::Starting | pb::ModelState::Sleeping
     )
 }
 

@@ -81,11 +81,13 @@ function renderModel(m) {
   if (m.state === "failed" && m.last_error) stateCell.append(el("div", { class: "detail" }, m.last_error));
   if (m.state === "unavailable" && m.detail) stateCell.append(el("div", { class: "detail" }, m.detail));
   const running = m.state === "ready" || m.state === "starting" || m.state === "draining";
+  // A sleeping model's process lives: load wakes it, unload stops it.
+  const stoppable = running || m.state === "sleeping";
   const actions = el("td", {});
   if (state.admin) {
     actions.append(
       el("button", { class: "load", onclick: () => act(m.id, "load"), ...(running ? { disabled: "" } : {}) }, "load"),
-      el("button", { class: "unload", onclick: () => act(m.id, "unload"), ...(running ? {} : { disabled: "" }) }, "unload"),
+      el("button", { class: "unload", onclick: () => act(m.id, "unload"), ...(stoppable ? {} : { disabled: "" }) }, "unload"),
       el("button", { class: "logs", onclick: () => followLog(m.id) }, "logs"),
     );
   }

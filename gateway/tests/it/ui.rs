@@ -346,3 +346,85 @@ async fn the_page_loads_follows_and_unloads_a_model_live() {
     assert_eq!(browser.run("return window.gpuswapTestMarker").await, 42);
     assert_eq!(stack.starts(), ["llama-70b"]);
 }
+
+/// A vLLM mock of 70 GiB (two do not fit on one 96 GiB GPU) that sleeps with vLLM's protocol.
+fn sleeper(name: &str) -> Model {
+    Model::new(name)
+        .load_time("1s")
+        .args(&["--enable-sleep-mode"])
+        .env("VLLM_SERVER_DEV_MODE", "1")
+        .toml(r#"vram = "70GiB""#)
+        .toml("sleep = true")
+        .toml(r#"host_memory = "2GiB""#)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_page_shows_a_sleeping_model_and_unloads_it() {
+    if std::env::var_os("GPUSWAP_SKIP_BROWSER").is_some() {
+        eprintln!("GPUSWAP_SKIP_BROWSER is set: the browser test is skipped");
+        return;
+    }
+    let stack = Stack::builder("ui-sleep")
+        .supervisor(r#"gpu_memory = "96GiB""#)
+        .model(sleeper("vllm-a"))
+        .model(sleeper("vllm-b"))
+        .start()
+        .await;
+    let browser = Browser::start().await;
+    browser.open(&stack.url("/ui/")).await;
+    browser
+        .wait("vllm-a stopped", &state_is("vllm-a", "stopped"))
+        .await;
+    // b needs the GPU that a holds: a goes to sleep rather than stopping.
+    for model in ["vllm-a", "vllm-b"] {
+        let (s, t) = stack
+            .post("/v1/chat/completions", &Stack::chat(model, false, 2))
+            .await;
+        assert_eq!(s, 200, "{model}: {t}{}", stack.logs());
+    }
+    browser
+        .wait("vllm-a sleeping", &state_is("vllm-a", "sleeping"))
+        .await;
+    // llama-server's router calls it sleeping too (OpenWebUI counts that as loaded, with an
+    // eject button), and a sleeping process is running: not loaded again.
+    let list = stack.get_json("/models").await.expect("GET /models");
+    let entry = list["data"]
+        .as_array()
+        .and_then(|data| data.iter().find(|m| m["id"] == "vllm-a"))
+        .unwrap_or_else(|| panic!("no vllm-a: {list}"));
+    assert_eq!(entry["status"]["value"], "sleeping", "{entry}");
+    let (s, t) = stack
+        .post("/models/load", &json!({ "model": "vllm-a" }))
+        .await;
+    assert_eq!(s, 400, "{t}");
+    assert!(t.contains("model is already running"), "{t}");
+
+    // The page's unload stops the sleeping process.
+    browser
+        .click("tr[data-model=\"vllm-a\"] button.unload")
+        .await;
+    browser
+        .wait("vllm-a stopped", &state_is("vllm-a", "stopped"))
+        .await;
+    // a again: now b sleeps, and the router API's unload (OpenWebUI's eject) stops it.
+    let (s, t) = stack
+        .post("/v1/chat/completions", &Stack::chat("vllm-a", false, 2))
+        .await;
+    assert_eq!(s, 200, "{t}{}", stack.logs());
+    browser
+        .wait("vllm-b sleeping", &state_is("vllm-b", "sleeping"))
+        .await;
+    let (s, t) = stack
+        .post("/models/unload", &json!({ "model": "vllm-b" }))
+        .await;
+    assert_eq!((s, t.as_str()), (200, r#"{"success":true}"#));
+    browser
+        .wait("vllm-b stopped", &state_is("vllm-b", "stopped"))
+        .await;
+    assert_eq!(
+        stack.starts(),
+        ["vllm-a", "vllm-b", "vllm-a"],
+        "{}",
+        stack.logs()
+    );
+}
