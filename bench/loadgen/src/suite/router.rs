@@ -46,9 +46,11 @@ impl RouterSetup {
                         bail!("{} does not exist", path.display());
                     }
                 }
+                // Absolute: the router's directory links to them from elsewhere, and the
+                // supervisor runs its backends in a directory of its own.
                 Ok(Some(Self {
-                    llama_server: bin.clone(),
-                    models: [a.clone(), b.clone()],
+                    llama_server: std::path::absolute(bin)?,
+                    models: [std::path::absolute(a)?, std::path::absolute(b)?],
                 }))
             }
             _ => bail!("--llama-server and --router-models (two GGUF files) go together"),
