@@ -288,3 +288,45 @@ async fn another_fronts_requests_count_in_a_boxs_load() {
     let ready = gpuswap::pb::ModelState::Ready as i32;
     assert_eq!(front.gpu_box(busy_box).status("b").await.state, ready);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sleeping_model_is_woken_rather_than_started_cold_elsewhere() {
+    // a and b (vLLM, 70 GiB each: two do not fit in 96 GiB) sleep rather than stop. On the
+    // box the hash does not prefer for a, a sleeps next to a ready b; the other box is empty
+    // (a fits there cold). The picker wakes a where it sleeps: no second start.
+    let sleep_box = if preferred(&["gpu2", "gpu3"], "a") == "gpu2" {
+        "gpu3"
+    } else {
+        "gpu2"
+    };
+    let sleeper = |name: &str| {
+        MockModel::new(name)
+            .toml("vram = \"70GiB\"")
+            .args(&["--enable-sleep-mode"])
+            .env("VLLM_SERVER_DEV_MODE", "1")
+            .toml("sleep = true")
+            .toml("host_memory = \"40GiB\"")
+    };
+    let boxes = two_boxes(
+        "sleeping",
+        |_| vec![sleeper("a"), sleeper("b")],
+        &["gpu_memory = \"96GiB\"", "host_memory = \"100GiB\""],
+    )
+    .await;
+    let asleep = boxes.iter().find(|b| b.name == sleep_box).unwrap();
+    asleep.load("a").await;
+    asleep.load("b").await;
+    asleep
+        .wait_state("a", gpuswap::pb::ModelState::Sleeping)
+        .await;
+    let front = Front::start(boxes, &[], |t| t).await;
+    let (status, by, text) = front.chat("a", false, 2).await;
+    assert_eq!(status, 200, "{text}\n{}", front.logs());
+    assert_eq!(by, sleep_box, "{}", front.logs());
+    let starts_of_a: Vec<_> = front
+        .starts()
+        .into_iter()
+        .filter(|(_, m)| m == "a")
+        .collect();
+    assert_eq!(starts_of_a, vec![(sleep_box.to_string(), "a".to_string())]);
+}
