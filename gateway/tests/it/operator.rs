@@ -114,6 +114,11 @@ async fn post(stack: &Stack, path: &str, key: Option<&str>, body: Option<Value>)
     send(stack, reqwest::Method::POST, path, key, body).await
 }
 
+/// A llama.cpp router call (`/models/load`, `/models/unload`) naming `model` in its body.
+async fn model_call(stack: &Stack, path: &str, key: Option<&str>, model: &str) -> (u16, Value) {
+    post(stack, path, key, Some(json!({ "model": model }))).await
+}
+
 async fn get(stack: &Stack, path: &str, key: Option<&str>) -> (u16, Value) {
     send(stack, reqwest::Method::GET, path, key, None).await
 }
@@ -250,13 +255,7 @@ async fn admin_actions_need_an_admin_key_once_one_is_configured() {
     }
     let (s, _) = get(&stack, "/api/models/alpha/logs", Some("user-key")).await;
     assert_eq!(s, 403);
-    let (s, _) = post(
-        &stack,
-        "/models/load",
-        Some("user-key"),
-        Some(json!({"model": "alpha"})),
-    )
-    .await;
+    let (s, _) = model_call(&stack, "/models/load", Some("user-key"), "alpha").await;
     assert_eq!(s, 403);
     assert_eq!(
         post(&stack, "/api/models/alpha/load", None, None).await.0,
@@ -333,13 +332,7 @@ async fn llama_server_router_api() {
     );
 
     let mut sse = Events::open(&stack, "/models/sse", None).await;
-    let (s, body) = post(
-        &stack,
-        "/models/load",
-        None,
-        Some(json!({"model": "alpha"})),
-    )
-    .await;
+    let (s, body) = model_call(&stack, "/models/load", None, "alpha").await;
     assert_eq!(s, 200, "{body}");
     assert_eq!(body["success"], true);
     wait_status("alpha", "loaded").await;
@@ -354,26 +347,14 @@ async fn llama_server_router_api() {
         "{seen:?}"
     );
 
-    let (s, body) = post(
-        &stack,
-        "/models/load",
-        None,
-        Some(json!({"model": "alpha"})),
-    )
-    .await;
+    let (s, body) = model_call(&stack, "/models/load", None, "alpha").await;
     assert_eq!(s, 400, "{body}");
     assert_eq!(body["error"]["message"], "model is already running");
-    let (s, body) = post(&stack, "/models/load", None, Some(json!({"model": "nope"}))).await;
+    let (s, body) = model_call(&stack, "/models/load", None, "nope").await;
     assert_eq!(s, 404, "{body}");
     assert_eq!(body["error"]["type"], "not_found_error");
 
-    let (s, body) = post(
-        &stack,
-        "/models/unload",
-        None,
-        Some(json!({"model": "alpha"})),
-    )
-    .await;
+    let (s, body) = model_call(&stack, "/models/unload", None, "alpha").await;
     assert_eq!(s, 200, "{body}");
     assert_eq!(body["success"], true);
     wait_status("alpha", "unloaded").await;
@@ -381,13 +362,7 @@ async fn llama_server_router_api() {
         e["model"] == "alpha" && e["data"]["status"] == "unloaded"
     })
     .await;
-    let (s, body) = post(
-        &stack,
-        "/models/unload",
-        None,
-        Some(json!({"model": "alpha"})),
-    )
-    .await;
+    let (s, body) = model_call(&stack, "/models/unload", None, "alpha").await;
     assert_eq!(s, 400, "{body}");
     assert_eq!(body["error"]["message"], "model is not running");
 }
