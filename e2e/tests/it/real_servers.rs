@@ -37,6 +37,84 @@ const VLLM_MAX_MODEL_LEN: u32 = 256;
 
 // ----- the installed servers -------------------------------------------------------------
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs the real servers: eval \"$(e2e/real/setup.sh)\", then --ignored"]
+async fn a_real_vllm_sleeps_and_wakes_and_no_request_reaches_it_asleep() {
+    let _slot = VllmSlot::take();
+    // vLLM on CPU refuses --enable-sleep-mode, but with VLLM_SERVER_DEV_MODE=1 serves its
+    // real /sleep, /is_sleeping and /wake_up (without freeing memory): the table form drives
+    // them. llama-server shares the GPU with it (the whole-GPU rule): asking for it puts
+    // vLLM to sleep.
+    let sleepy = vllm("v", "v")
+        .env("VLLM_SERVER_DEV_MODE", "1")
+        .toml(
+            r#"sleep = { enter = "POST /sleep?level=1", leave = "POST /wake_up", asleep = "GET /is_sleeping" }"#,
+        )
+        .toml("host_memory = \"1GiB\"");
+    let stack = start(
+        Stack::builder("real-vllm-sleep")
+            .supervisor("host_memory = \"4GiB\"")
+            .model(sleepy)
+            .model(llama("l", "l")),
+    )
+    .await;
+    // The cold start may take minutes on a loaded machine: past an HTTP client's patience.
+    activate_vllm(&stack, "v").await;
+    let reply = stack.chat("v", false, 2).await;
+    assert_eq!(reply.status, 200, "{reply:?}{}", stack.logs());
+    let first = stack.status("v").await;
+    let out = testkit::run_ctl_within(&stack.endpoint(), &["activate", "l"], START_DEADLINE).await;
+    assert!(out.status.success(), "{}", stack.logs());
+    let reply = stack.chat("l", false, 2).await;
+    assert_eq!(reply.status, 200, "{reply:?}{}", stack.logs());
+    let asleep = stack.wait_state("v", ModelState::Sleeping).await;
+    assert_eq!(asleep.pid, first.pid);
+    let port = stack.model("v").port;
+    let said = stack
+        .http
+        .request("GET", &format!("http://127.0.0.1:{port}/is_sleeping"), None)
+        .await;
+    assert_eq!(testkit::json(&said.text)["is_sleeping"], true, "{said:?}");
+    // While it sleeps, llama-server serves; then v wakes in the same process and answers.
+    let reply = stack.chat("l", true, 2).await;
+    assert_eq!(reply.status, 200, "{reply:?}");
+    for stream in [false, true] {
+        let reply = stack.chat("v", stream, 2).await;
+        assert_eq!(reply.status, 200, "{reply:?}{}", stack.logs());
+    }
+    let awake = stack.status("v").await;
+    assert_eq!(
+        (awake.state(), awake.pid, awake.generation),
+        (ModelState::Ready, first.pid, first.generation),
+        "{}",
+        stack.logs()
+    );
+    assert_eq!(stack.starts(), ["v", "l"], "{}", stack.logs());
+    // vLLM's own access log: no completion between its /sleep and its /wake_up (a chat sent
+    // while it sleeps would hang there until the wake).
+    let logs = stack.ctl(&["logs", "v", "-n", "2000"]).await.stdout;
+    let access: Vec<&str> = logs.lines().filter(|l| l.contains("\"POST /")).collect();
+    let asleep_at = access
+        .iter()
+        .position(|l| l.contains("POST /sleep"))
+        .unwrap_or_else(|| panic!("no /sleep in {access:#?}"));
+    let awake_at = access
+        .iter()
+        .position(|l| l.contains("POST /wake_up"))
+        .unwrap_or_else(|| panic!("no /wake_up in {access:#?}"));
+    assert_eq!(
+        awake_at,
+        asleep_at + 1,
+        "requests while asleep: {access:#?}"
+    );
+    assert!(
+        access[awake_at + 1..]
+            .iter()
+            .any(|l| l.contains("/v1/chat/completions")),
+        "{access:#?}"
+    );
+}
+
 /// A path that `e2e/real/setup.sh` installed, from the environment it prints:
 /// `GPUSWAP_REAL_LLAMA_SERVER`, `GPUSWAP_REAL_VLLM_PYTHON`, or `GPUSWAP_REAL_MODELS` (which
 /// holds `tiny-llama-hf/` for vLLM and `tiny-llama.gguf` for llama-server). Each test asks
