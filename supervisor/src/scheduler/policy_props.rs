@@ -534,20 +534,25 @@ impl World {
         Ok(())
     }
 
+    /// Holders asked to drain let go.
+    fn let_go_when_asked(&mut self) {
+        let polite: Vec<StreamId> = self
+            .clients
+            .iter()
+            .filter(|(_, c)| c.phase == Phase::Held && c.drain_requested)
+            .map(|(id, _)| *id)
+            .collect();
+        for id in polite {
+            self.clients.get_mut(&id).expect("held").phase = Phase::Done;
+            self.policy.stream_closed(id, self.now);
+        }
+    }
+
     /// Clients ask for nothing more; holders let go when asked; every start succeeds and
     /// every stop finishes; time passes. Then every activation must have its answer.
     fn settle(&mut self) -> Result<(), TestCaseError> {
         for _ in 0..200 {
-            let polite: Vec<StreamId> = self
-                .clients
-                .iter()
-                .filter(|(_, c)| c.phase == Phase::Held && c.drain_requested)
-                .map(|(id, _)| *id)
-                .collect();
-            for id in polite {
-                self.clients.get_mut(&id).expect("held").phase = Phase::Done;
-                self.policy.stream_closed(id, self.now);
-            }
+            self.let_go_when_asked();
             for (model, generation) in self.starting.clone() {
                 self.start_ok(&model, generation);
             }
@@ -627,16 +632,7 @@ mod scenarios {
         })
         .unwrap();
         for _ in 0..10 {
-            let polite: Vec<StreamId> = w
-                .clients
-                .iter()
-                .filter(|(_, c)| c.phase == Phase::Held && c.drain_requested)
-                .map(|(id, _)| *id)
-                .collect();
-            for held in polite {
-                w.clients.get_mut(&held).unwrap().phase = Phase::Done;
-                w.policy.stream_closed(held, w.now);
-            }
+            w.let_go_when_asked();
             // The policy also runs while stops are still under way (any event pumps it).
             for _ in 0..2 {
                 w.step(&Ev::Clock(10)).unwrap();
@@ -760,16 +756,7 @@ mod scenarios {
         .unwrap();
         // b's holder lets go when asked, b sleeps, a wakes.
         for _ in 0..5 {
-            let held: Vec<StreamId> = w
-                .clients
-                .iter()
-                .filter(|(_, c)| c.phase == Phase::Held && c.drain_requested)
-                .map(|(id, _)| *id)
-                .collect();
-            for stream in held {
-                w.clients.get_mut(&stream).unwrap().phase = Phase::Done;
-                w.policy.stream_closed(stream, w.now);
-            }
+            w.let_go_when_asked();
             for (m, g) in w.sleeping.clone() {
                 w.sleep_ok(&m, g);
             }
