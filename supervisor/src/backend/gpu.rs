@@ -21,7 +21,10 @@ use std::{
 
 use gpuswap::config::format_bytes;
 use gpuswap::pb::LogStream;
-use nvml_wrapper::{Nvml, enums::device::UsedGpuMemory, error::NvmlError};
+use nvml_wrapper::{
+    Device, Nvml, enums::device::UsedGpuMemory, error::NvmlError,
+    struct_wrappers::device::ProcessInfo,
+};
 
 use super::logs::LogBuffer;
 
@@ -155,19 +158,9 @@ fn init_nvml() -> Result<Nvml, NvmlUnusable> {
 }
 
 /// The pids of `tree` that some GPU lists as running a compute or graphics context.
-/// Every GPU is asked: NVML's device order need not match CUDA_VISIBLE_DEVICES'.
 fn tree_on_gpus(nvml: &Nvml, tree: &BTreeSet<u32>) -> Result<BTreeSet<u32>, String> {
     let mut on_gpus = BTreeSet::new();
-    let count = nvml
-        .device_count()
-        .map_err(|e| format!("counting GPUs: {e}"))?;
-    for index in 0..count {
-        let device = nvml
-            .device_by_index(index)
-            .map_err(|e| format!("GPU {index}: {e}"))?;
-        let compute = device
-            .running_compute_processes()
-            .map_err(|e| format!("GPU {index}: listing compute processes: {e}"))?;
+    for_each_gpu(nvml, |index, device, compute| {
         let graphics = match device.running_graphics_processes() {
             Ok(processes) => processes,
             // Compute-only boards have no graphics contexts to list.
@@ -181,8 +174,30 @@ fn tree_on_gpus(nvml: &Nvml, tree: &BTreeSet<u32>) -> Result<BTreeSet<u32>, Stri
                 .map(|process| process.pid)
                 .filter(|pid| tree.contains(pid)),
         );
-    }
+        Ok(())
+    })?;
     Ok(on_gpus)
+}
+
+/// Calls `each` with every GPU's index, handle and compute processes; the first error ends
+/// the walk. Every GPU is visited: NVML's device order need not match CUDA_VISIBLE_DEVICES'.
+fn for_each_gpu(
+    nvml: &Nvml,
+    mut each: impl FnMut(u32, &Device<'_>, Vec<ProcessInfo>) -> Result<(), String>,
+) -> Result<(), String> {
+    let count = nvml
+        .device_count()
+        .map_err(|e| format!("counting GPUs: {e}"))?;
+    for index in 0..count {
+        let device = nvml
+            .device_by_index(index)
+            .map_err(|e| format!("GPU {index}: {e}"))?;
+        let compute = device
+            .running_compute_processes()
+            .map_err(|e| format!("GPU {index}: listing compute processes: {e}"))?;
+        each(index, &device, compute)?;
+    }
+    Ok(())
 }
 
 /// Polls `on_gpus` (1 ms doubling to 50 ms) until it lists nothing, for at most `timeout`
@@ -289,16 +304,7 @@ pub async fn wait_sleep_released(
 /// cannot tell counts as nothing).
 fn tree_memory(nvml: &Nvml, tree: &BTreeSet<u32>) -> Result<BTreeMap<u32, u64>, String> {
     let mut used = BTreeMap::new();
-    let count = nvml
-        .device_count()
-        .map_err(|e| format!("counting GPUs: {e}"))?;
-    for index in 0..count {
-        let device = nvml
-            .device_by_index(index)
-            .map_err(|e| format!("GPU {index}: {e}"))?;
-        let compute = device
-            .running_compute_processes()
-            .map_err(|e| format!("GPU {index}: listing compute processes: {e}"))?;
+    for_each_gpu(nvml, |index, _, compute| {
         let bytes: u64 = compute
             .iter()
             .filter(|process| tree.contains(&process.pid))
@@ -310,7 +316,8 @@ fn tree_memory(nvml: &Nvml, tree: &BTreeSet<u32>) -> Result<BTreeMap<u32, u64>, 
         if bytes > 0 {
             used.insert(index, bytes);
         }
-    }
+        Ok(())
+    })?;
     Ok(used)
 }
 
