@@ -3,7 +3,7 @@
 //! streaming included, with `x-api-key` and `anthropic-version`, and the gateway's errors on
 //! that path are Anthropic-shaped (e2e/python/anthropic_client.py).
 
-use std::{process::Command, time::Duration};
+use std::time::Duration;
 
 use crate::clients_common;
 use crate::clients_common::{Stack, mock};
@@ -12,19 +12,13 @@ use serde_json::Value;
 #[tokio::test(flavor = "multi_thread")]
 async fn anthropic_python_sdk_streams_and_gets_anthropic_errors() {
     let venv = clients_common::venv();
-    let mut stack = Stack::start(
-        "anthropic-sdk",
-        vec![mock("claude-like", "llama-server", &[0])],
-    )
-    .await;
-    let base = stack.base_url.trim_end_matches("/v1").to_owned();
-    let mut gateway = Command::new(testkit::bin("gpuswap-gateway"));
-    gateway
-        .arg("--config")
-        .arg(&stack.config)
-        .env("GPUSWAP__GATEWAY__API_KEYS", "anthropic-test-key");
-    let log = stack.dir.path().join("gw.log");
-    stack.gateway = Some(clients_common::spawn_gateway_command(gateway, &base, &log).await);
+    let mut stack = Stack::builder("anthropic-sdk")
+        .model(mock("claude-like", "llama-server", &[0]))
+        .gateway_env("GPUSWAP__GATEWAY__API_KEYS", "anthropic-test-key")
+        .start()
+        .await;
+    stack.start_gateway().await;
+    let base = stack.url("");
 
     let mut command = tokio::process::Command::new(&venv.python);
     command

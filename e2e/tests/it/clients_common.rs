@@ -3,15 +3,13 @@
 //! the official openai Python SDK and grpcurl, from a Python venv.
 
 use std::{
-    ffi::OsString,
     path::{Path, PathBuf},
     process::{Command, Stdio},
     time::Duration,
 };
 
-use gpuswap::{SupervisorClient, pb};
 use serde_json::Value;
-use testkit::{DEADLINE, Proc};
+use testkit::{DEADLINE, Proc, StackBase, StartStack};
 
 /// The repository root (the parent of this package's `e2e/`).
 pub fn repo() -> &'static Path {
@@ -87,112 +85,78 @@ fn render(model: &MockModel, marker: &str) -> String {
     model.render_with_sglang_args(marker, SGLANG_ARGS)
 }
 
-/// A supervisor (and, once started, a gateway) on a configuration of mock models.
+/// The supervisor's `log_lines` when a configuration does not set it: the client tests
+/// run the stack as deployed.
+const DEFAULT_LOG_LINES: u32 = 5000;
+
+/// A supervisor (and, once started, a gateway) on a configuration of mock models; the
+/// supervisor's half is testkit's, reached through `Deref`.
 pub struct Stack {
-    pub dir: tempfile::TempDir,
-    pub config: PathBuf,
-    pub socket: PathBuf,
-    pub models: Vec<MockModel>,
-    /// Held for its drop, which kills the supervisor with the stack.
-    _supervisor: Proc,
+    /// Declared before the supervisor's half so that it is dropped (killed) first.
     pub gateway: Option<Proc>,
-    /// The gateway's OpenAI base URL, with `/v1`.
-    pub base_url: String,
+    /// The gateway listens here once started.
+    pub gateway_port: u16,
+    base: StackBase,
 }
 
-impl Stack {
-    /// Writes the configuration and starts the supervisor.
-    pub async fn start(test: &str, models: Vec<MockModel>) -> Stack {
-        let dir = testkit::short_tempdir();
-        let socket = dir.path().join("s.sock");
-        let marker = testkit::unique_marker(test);
-        let gateway_port = testkit::free_port();
-        let mut config = format!(
-            "[supervisor]\nlisten = \"unix://{socket}\"\nstate_file = \"{state}\"\n\
-             min_residency = \"0s\"\ndrain_timeout = \"60s\"\n\n\
-             [gateway]\nlisten = \"127.0.0.1:{gateway_port}\"\nsupervisor = \"unix://{socket}\"\n\
-             queue_timeout = \"120s\"\nkeepalive_interval = \"200ms\"\n",
-            socket = socket.display(),
-            state = dir.path().join("state.json").display(),
-        );
-        for model in &models {
-            config.push_str(&render(model, &marker));
-        }
-        let config_path = dir.path().join("gpuswap.toml");
-        std::fs::write(&config_path, config).expect("write config");
-        let supervisor =
-            spawn_supervisor(&config_path, &socket, &dir.path().join("sup.log"), None).await;
-        Stack {
-            config: config_path,
-            socket,
-            models,
-            _supervisor: supervisor,
+pub type StackBuilder = testkit::StackBuilder<Stack>;
+
+impl StartStack for Stack {
+    /// Writes the configuration and starts the supervisor; the gateway waits for
+    /// [`Stack::start_gateway`] (some clients talk to the supervisor alone).
+    async fn start(builder: StackBuilder) -> Stack {
+        let mut stack = Stack {
             gateway: None,
-            base_url: format!("http://127.0.0.1:{gateway_port}/v1"),
-            dir,
-        }
+            gateway_port: testkit::free_port(),
+            base: builder.write(DEFAULT_LOG_LINES, render),
+        };
+        stack.base.start_supervisor_with("info", Proc::spawn).await;
+        stack
     }
+}
 
+testkit::stack_over_base!(Stack, base);
+
+impl Stack {
+    /// Starts the gateway (with the builder's gateway environment) and waits until it sees
+    /// the supervisor.
     pub async fn start_gateway(&mut self) {
-        let base = self.base_url.trim_end_matches("/v1").to_owned();
-        let log = self.dir.path().join("gw.log");
-        self.gateway = Some(spawn_gateway(&self.config, &base, &log).await);
+        let log = self.gateway_log(0);
+        let mut proc = Proc::spawn(self.gateway_command(self.gateway_port, &log));
+        wait_gateway_connected(&mut proc, &self.url(""), &log).await;
+        self.gateway = Some(proc);
     }
 
-    pub fn model(&self, name: &str) -> &MockModel {
-        self.models
-            .iter()
-            .find(|m| m.name == name)
-            .unwrap_or_else(|| panic!("no model {name}"))
-    }
-
-    pub async fn status(&self) -> pb::StatusResponse {
-        testkit::status(&supervisor_client(&self.socket)).await
+    /// The gateway's URL of `path` (`""`: its root, `"/v1"`: its OpenAI base URL).
+    pub fn url(&self, path: &str) -> String {
+        format!("http://127.0.0.1:{}{path}", self.gateway_port)
     }
 
     /// The last lines of every daemon's log, for assertion messages.
     pub fn logs(&self) -> String {
-        log_tails(&[
-            self.dir.path().join("sup.log"),
-            self.dir.path().join("gw.log"),
-        ])
+        self.logs_with([self.gateway_log(0)])
     }
 }
 
-pub fn supervisor_client(socket: &Path) -> SupervisorClient {
-    testkit::supervisor_client(socket)
-}
-
-/// Starts `gpuswap-supervisor --config CONFIG` (with `path` as its PATH when
-/// given) and waits until it answers Status on `socket`.
-pub async fn spawn_supervisor(
-    config: &Path,
-    socket: &Path,
-    log: &Path,
-    path: Option<OsString>,
-) -> Proc {
-    let mut command = Command::new(testkit::bin("gpuswap-supervisor"));
-    command.arg("--config").arg(config);
-    if let Some(path) = path {
-        command.env("PATH", path);
-    }
-    let mut proc = spawn_logged(command, log);
-    testkit::wait_until_answering(&supervisor_client(socket), &mut proc, log).await;
+/// Starts `gpuswap-supervisor --config CONFIG` and waits until it answers Status on
+/// `socket`.
+pub async fn spawn_supervisor(config: &Path, socket: &Path, log: &Path) -> Proc {
+    let mut proc = spawn_logged(testkit::supervisor_command(config, "info"), log);
+    testkit::wait_until_answering(&testkit::supervisor_client(socket), &mut proc, log).await;
     proc
 }
 
-/// Starts `gpuswap-gateway --config CONFIG` and waits until its /health (at
-/// `base`, without `/v1`) says it is connected to the supervisor.
-pub async fn spawn_gateway(config: &Path, base: &str, log: &Path) -> Proc {
-    let mut command = Command::new(testkit::bin("gpuswap-gateway"));
-    command.arg("--config").arg(config);
-    spawn_gateway_command(command, base, log).await
-}
-
-/// Starts a prepared gateway command and waits as [`spawn_gateway`] does; the
-/// last /health answer is in the panic message when it never connects.
+/// Starts a prepared gateway command, its output in `log`, and waits until its /health
+/// (at `base`, without `/v1`) says it is connected to the supervisor.
 pub async fn spawn_gateway_command(command: Command, base: &str, log: &Path) -> Proc {
     let mut proc = spawn_logged(command, log);
+    wait_gateway_connected(&mut proc, base, log).await;
+    proc
+}
+
+/// Waits until the gateway's /health (at `base`, without `/v1`) says it is connected to
+/// the supervisor; the last /health answer is in the panic message when it never connects.
+async fn wait_gateway_connected(proc: &mut Proc, base: &str, log: &Path) {
     let http = reqwest::Client::new();
     let health = format!("{base}/health");
     let last_health = std::sync::Mutex::new(String::new());
@@ -220,7 +184,6 @@ pub async fn spawn_gateway_command(command: Command, base: &str, log: &Path) -> 
         last_health.lock().unwrap(),
         testkit::read_lossy(log)
     );
-    proc
 }
 
 fn spawn_logged(mut command: Command, log: &Path) -> Proc {

@@ -12,11 +12,11 @@ use serde_json::{Value, json};
 /// JSON results and a context for assertion messages.
 async fn discover(test: &str) -> (Value, String) {
     let venv = clients_common::venv();
-    let stack = Stack::start(
-        test,
-        vec![mock("alpha", "vllm", &[0]), mock("beta", "sglang", &[1])],
-    )
-    .await;
+    let stack = Stack::builder(test)
+        .model(mock("alpha", "vllm", &[0]))
+        .model(mock("beta", "sglang", &[1]))
+        .start()
+        .await;
     let mut command = tokio::process::Command::new(&venv.python);
     command
         .arg(clients_common::repo().join("e2e/python/grpc_reflection_client.py"))

@@ -78,11 +78,11 @@ fn json_messages(text: &str) -> Vec<Value> {
 }
 
 async fn two_model_stack(test: &str) -> Stack {
-    Stack::start(
-        test,
-        vec![mock("alpha", "vllm", &[0]), mock("beta", "sglang", &[0])],
-    )
-    .await
+    Stack::builder(test)
+        .model(mock("alpha", "vllm", &[0]))
+        .model(mock("beta", "sglang", &[0]))
+        .start()
+        .await
 }
 
 #[tokio::test(flavor = "multi_thread")]

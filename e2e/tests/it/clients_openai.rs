@@ -12,17 +12,17 @@ use serde_json::Value;
 async fn openai_python_sdk_lists_chats_streams_fails_and_swaps() {
     let venv = clients_common::venv();
     // alpha and beta share GPU 0: serving one stops the other.
-    let mut stack = Stack::start(
-        "openai-sdk",
-        vec![mock("alpha", "vllm", &[0]), mock("beta", "sglang", &[0])],
-    )
-    .await;
+    let mut stack = Stack::builder("openai-sdk")
+        .model(mock("alpha", "vllm", &[0]))
+        .model(mock("beta", "sglang", &[0]))
+        .start()
+        .await;
     stack.start_gateway().await;
 
     let mut command = tokio::process::Command::new(&venv.python);
     command
         .arg(clients_common::repo().join("e2e/python/openai_client.py"))
-        .args(["--base-url", &stack.base_url])
+        .args(["--base-url", &stack.url("/v1")])
         .args([
             "--first",
             "alpha",
@@ -117,7 +117,7 @@ async fn openai_python_sdk_lists_chats_streams_fails_and_swaps() {
             .is_some_and(|c| c.contains(&alpha.signature())),
         "swapping back, the answer names alpha: {context}"
     );
-    let status = stack.status().await;
+    let status = stack.statuses().await;
     let state_of = |name: &str| {
         status
             .models

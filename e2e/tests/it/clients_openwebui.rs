@@ -205,25 +205,16 @@ fn state(status: &pb::StatusResponse, model: &str) -> pb::ModelState {
 async fn openwebui_lists_chats_loads_and_ejects_gpuswap_models() {
     let venv = openwebui_venv();
     // Both on GPU 0: loading one stops the other.
-    let mut stack = Stack::start(
-        "openwebui",
-        vec![
-            mock("llama-8b", "llama-server", &[0]).alias("llama"),
-            mock("qwen-7b", "llama-server", &[0]),
-        ],
-    )
-    .await;
-    let base = stack.base_url.trim_end_matches("/v1").to_owned();
-    let mut gateway = Command::new(testkit::bin("gpuswap-gateway"));
-    gateway
-        .arg("--config")
-        .arg(&stack.config)
+    let mut stack = Stack::builder("openwebui")
+        .model(mock("llama-8b", "llama-server", &[0]).alias("llama"))
+        .model(mock("qwen-7b", "llama-server", &[0]))
         // Closed (a key is needed), and OpenWebUI's key may load and unload.
-        .env("GPUSWAP__GATEWAY__API_KEYS", "some-other-key")
-        .env("GPUSWAP__GATEWAY__ADMIN_KEYS", ADMIN_KEY);
-    let log = stack.dir.path().join("gw.log");
-    stack.gateway = Some(clients_common::spawn_gateway_command(gateway, &base, &log).await);
-    let webui = OpenWebUi::start(&venv, &stack.base_url).await;
+        .gateway_env("GPUSWAP__GATEWAY__API_KEYS", "some-other-key")
+        .gateway_env("GPUSWAP__GATEWAY__ADMIN_KEYS", ADMIN_KEY)
+        .start()
+        .await;
+    stack.start_gateway().await;
+    let webui = OpenWebUi::start(&venv, &stack.url("/v1")).await;
     let context = || format!("{}{}", stack.logs(), webui.log_tail());
 
     // Every gpuswap model (and alias), none loaded.
@@ -296,7 +287,7 @@ async fn openwebui_lists_chats_loads_and_ejects_gpuswap_models() {
     assert_eq!(answer, json!({ "success": true }), "{}", context());
     webui.wait_loaded("llama-8b", true).await;
     webui.wait_loaded("qwen-7b", false).await;
-    let status = stack.status().await;
+    let status = stack.statuses().await;
     assert_eq!(state(&status, "llama-8b"), pb::ModelState::Ready);
     assert_eq!(state(&status, "qwen-7b"), pb::ModelState::Stopped);
     for step in ["loading", "loaded"] {
@@ -332,7 +323,7 @@ async fn openwebui_lists_chats_loads_and_ejects_gpuswap_models() {
     assert_eq!(status, 200, "{answer}{}", context());
     webui.wait_loaded("llama-8b", false).await;
     testkit::wait_for("the supervisor to stop llama-8b", DEADLINE, || async {
-        (state(&stack.status().await, "llama-8b") == pb::ModelState::Stopped).then_some(())
+        (state(&stack.statuses().await, "llama-8b") == pb::ModelState::Stopped).then_some(())
     })
     .await;
 }

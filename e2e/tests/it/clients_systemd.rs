@@ -305,7 +305,7 @@ async fn the_gateway_units_user_reaches_the_supervisor_units_socket() {
     let logs = root.path().join("logs");
     std::fs::create_dir_all(&logs).expect("log dir");
     let _supervisor =
-        clients_common::spawn_supervisor(&config_path, &socket, &logs.join("sup.log"), None).await;
+        clients_common::spawn_supervisor(&config_path, &socket, &logs.join("sup.log")).await;
 
     // The gateway unit's identity: its own uid and gid, plus SupplementaryGroups.
     let (uid, gid) = if gateway_unit.is_yes("DynamicUser") {
