@@ -187,6 +187,9 @@ struct Activation {
     id: u64,
     _release: oneshot::Sender<()>,
     ready_at: Option<Instant>,
+    /// The model was asleep (or the supervisor said it wakes it): progress says "Waking",
+    /// not "Loading", from the first step on.
+    wakes: bool,
 }
 
 #[derive(Default)]
@@ -366,10 +369,16 @@ impl Actor {
         let id = self.next_activation;
         self.next_activation += 1;
         let (release_tx, release_rx) = oneshot::channel();
+        let asleep = self
+            .catalog
+            .load()
+            .resolve(model)
+            .is_some_and(|m| m.state == pb::ModelState::Sleeping);
         slot.activation = Some(Activation {
             id,
             _release: release_tx,
             ready_at: None,
+            wakes: asleep,
         });
         let progress = Progress {
             phase: "queued",
@@ -413,9 +422,18 @@ impl Actor {
         let Some(slot) = self.slots.get_mut(&model) else {
             return;
         };
-        if slot.activation.as_ref().map(|a| a.id) != Some(activation) {
+        let Some(activation) = slot.activation.as_mut().filter(|a| a.id == activation) else {
             return; // a stream we already let go of
+        };
+        // A sleeping model wakes in its own process: much faster than a load.
+        if matches!(&event, E::Progress(p) if p.phase == "waking") {
+            activation.wakes = true;
         }
+        let verb = if activation.wakes {
+            "Waking"
+        } else {
+            "Loading"
+        };
         let progress = match event {
             E::Queued(q) => Progress {
                 phase: "queued",
@@ -434,13 +452,13 @@ impl Actor {
                 phase: "draining",
                 text: if d.residency_ms > 0 {
                     format!(
-                        "Loading {model}: {} keeps the GPU {} s more, then finishes its requests",
+                        "{verb} {model}: {} keeps the GPU {} s more, then finishes its requests",
                         d.model,
                         d.residency_ms.div_ceil(1000)
                     )
                 } else {
                     format!(
-                        "Loading {model}: waiting for {} to finish its requests",
+                        "{verb} {model}: waiting for {} to finish its requests",
                         d.model
                     )
                 },
@@ -449,7 +467,7 @@ impl Actor {
             },
             E::Stopping(s) => Progress {
                 phase: "stopping",
-                text: format!("Loading {model} (stopping {})", s.model),
+                text: format!("{verb} {model} (stopping {})", s.model),
                 queue_position: None,
                 percent: None,
             },
@@ -460,19 +478,13 @@ impl Actor {
                 }
                 Progress {
                     phase: STARTING,
-                    text: format!("Loading {model}"),
+                    text: format!("{verb} {model}"),
                     queue_position: None,
                     percent: None,
                 }
             }
             E::Progress(p) => {
                 let said = gpuswap::progress_text(&p);
-                // A sleeping model wakes in its own process: much faster than a load.
-                let verb = if p.phase == "waking" {
-                    "Waking"
-                } else {
-                    "Loading"
-                };
                 Progress {
                     phase: STARTING,
                     text: if said.is_empty() {

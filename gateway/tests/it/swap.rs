@@ -490,6 +490,12 @@ async fn a_sleeping_model_makes_room_and_wakes_in_its_own_process() {
     let (s, t) = chat(&stack, 0, "a", true, 2).await;
     let woke_in = began.elapsed();
     assert_served_by(&a, true, s, &t);
+    // The streamed waiter is told that this is a wake, not a load, from the first step on.
+    assert!(
+        t.contains("Waking a"),
+        "no \"Waking a\" progress chunk: {t}"
+    );
+    assert!(!t.contains("Loading a"), "a wake called a load: {t}");
     let awake = stack.status("a").await;
     assert_eq!(
         (awake.state(), awake.pid, awake.generation),
