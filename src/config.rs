@@ -1272,7 +1272,20 @@ impl ConfigLoader {
         })?;
         Ok(config)
     }
+
+    /// `load` for a daemon's start: an invalid configuration is said on stderr (the error
+    /// and its sources, after `program`) and ends the process with [`EXIT_BAD_CONFIG`], the
+    /// status `--check` uses, so that a service manager can tell it from a crash.
+    pub fn load_or_exit(&self, program: &str) -> Config {
+        self.load().unwrap_or_else(|error| {
+            eprintln!("{program}: {}", crate::error_chain(&error));
+            std::process::exit(EXIT_BAD_CONFIG.into())
+        })
+    }
 }
+
+/// The exit status of every gpuswap daemon whose configuration is invalid.
+pub const EXIT_BAD_CONFIG: u8 = 2;
 
 impl Config {
     /// Loads defaults, then `path`, then `GPUSWAP__*` environment overrides, and validates

@@ -25,7 +25,7 @@ fn main() -> anyhow::Result<()> {
         epp_listen: args.listen,
         ..Flags::default()
     };
-    let config = ConfigLoader::new(args.config, flags).load()?;
+    let config = ConfigLoader::new(args.config, flags).load_or_exit("gpuswap-epp");
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

@@ -29,7 +29,7 @@ fn main() -> anyhow::Result<()> {
         log_format: args.log_format,
         ..Flags::default()
     };
-    let config = ConfigLoader::new(args.config, flags).load()?;
+    let config = ConfigLoader::new(args.config, flags).load_or_exit("gpuswap-gateway");
     let fd_limit = raise_fd_limit();
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()

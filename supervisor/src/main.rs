@@ -7,7 +7,7 @@ use anyhow::Context;
 use clap::Parser;
 use gpuswap::{
     Endpoint,
-    config::{Config, ConfigLoader, Flags, LogFormat},
+    config::{Config, ConfigLoader, EXIT_BAD_CONFIG, Flags, LogFormat},
 };
 use gpuswap_supervisor::{
     backend::state_file::StateFile,
@@ -15,9 +15,6 @@ use gpuswap_supervisor::{
     server,
 };
 use tokio::signal::unix::{SignalKind, signal};
-
-/// Exit status for a configuration that cannot be used.
-const EXIT_BAD_CONFIG: u8 = 2;
 
 /// How long open calls get to finish after every backend has been stopped.
 const SERVER_DRAIN: Duration = Duration::from_secs(5);
@@ -60,13 +57,7 @@ fn main() -> ExitCode {
             ..Flags::default()
         },
     );
-    let config = match loader.load() {
-        Ok(config) => config,
-        Err(error) => {
-            eprintln!("gpuswap-supervisor: {}", gpuswap::error_chain(&error));
-            return ExitCode::from(EXIT_BAD_CONFIG);
-        }
-    };
+    let config = loader.load_or_exit("gpuswap-supervisor");
     if args.check {
         println!(
             "{}: valid ({} models: {})",

@@ -103,7 +103,11 @@ fn the_listen_flag_is_checked_like_the_key_it_sets() {
     // validation, is refused the same way, naming the key and the flag.
     for listen in ["localhost:0", "nowhere"] {
         let mut refused = gateway(&["--config", &config, "--listen", listen], &log);
-        assert!(!refused.wait_exit(DEADLINE).success(), "--listen {listen}");
+        assert_eq!(
+            refused.wait_exit(DEADLINE).code(),
+            Some(2),
+            "--listen {listen}: an invalid configuration exits 2, as the supervisor does"
+        );
         let stderr = testkit::read_lossy(&log);
         assert!(
             stderr.contains("gateway.listen (set by --listen)"),
