@@ -84,15 +84,21 @@ pub async fn deactivate(
     model: Option<String>,
     all: bool,
     force: bool,
+    sleep: bool,
 ) -> anyhow::Result<Code> {
     let target = model.clone().unwrap_or_default();
+    let verb = if sleep {
+        "putting to sleep"
+    } else {
+        "stopping"
+    };
     let spinner = interactive(&ctx).then(|| {
         let what = if all {
             "every model".to_owned()
         } else {
             target.clone()
         };
-        spinner(ctx.err, format!("stopping {what}"))
+        spinner(ctx.err, format!("{verb} {what}"))
     });
     let response = ctx
         .client
@@ -101,6 +107,7 @@ pub async fn deactivate(
             all,
             force,
             if_idle_generation: None,
+            sleep,
         })
         .await;
     if let Some(spinner) = spinner {
@@ -108,7 +115,8 @@ pub async fn deactivate(
     }
     let stopped = response?.into_inner().stopped;
     if ctx.json {
-        output::json_pretty(&json!({ "stopped": stopped }))?;
+        let key = if sleep { "asleep" } else { "stopped" };
+        output::json_pretty(&json!({ key: stopped }))?;
     } else if stopped.is_empty() {
         output::println(if all {
             "no model was running".to_owned()
@@ -117,7 +125,11 @@ pub async fn deactivate(
         })?;
     } else {
         for name in &stopped {
-            output::println(format!("stopped {name}"))?;
+            output::println(if sleep {
+                format!("{name} is asleep")
+            } else {
+                format!("stopped {name}")
+            })?;
         }
     }
     Ok(Code::Success)

@@ -96,6 +96,10 @@ enum Command {
         /// Revoke holds at once instead of letting holders drain
         #[arg(long)]
         force: bool,
+        /// Put the model to sleep instead of stopping it (it needs a sleep protocol);
+        /// `activate` wakes it in the same process
+        #[arg(long, conflicts_with = "all")]
+        sleep: bool,
     },
     /// Show the captured output of a model (or of every model)
     Logs {
@@ -196,9 +200,12 @@ async fn run(cli: Cli) -> anyhow::Result<Code> {
         Command::Activate { model, force, hold } => {
             activate::activate(ctx, model, force, hold).await
         }
-        Command::Deactivate { model, all, force } => {
-            activate::deactivate(ctx, model, all, force).await
-        }
+        Command::Deactivate {
+            model,
+            all,
+            force,
+            sleep,
+        } => activate::deactivate(ctx, model, all, force, sleep).await,
         Command::Logs {
             model,
             lines,

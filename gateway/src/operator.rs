@@ -52,6 +52,7 @@ pub fn routes() -> Router<Arc<Gateway>> {
         .route("/api/models/{model}/logs", get(api_logs))
         .route("/api/models/{model}/load", post(api_load))
         .route("/api/models/{model}/unload", post(api_unload))
+        .route("/api/models/{model}/sleep", post(api_sleep))
         .route("/models", get(router_models))
         .route("/models/load", post(router_load))
         .route("/models/unload", post(router_unload))
@@ -156,6 +157,7 @@ pub fn model_json(gateway: &Gateway, model: &ModelInfo) -> Value {
         "idle_ttl_ms": s.idle_ttl_ms,
         "vram_bytes": s.vram_bytes,
         "pinned": s.pinned,
+        "can_sleep": s.can_sleep,
         "last_used_ms": s.last_used_ms,
         "queued": counts.queued,
         "in_flight": counts.in_flight,
@@ -451,21 +453,41 @@ async fn api_load(
 
 /// Stops `model` through the supervisor (its holders drain first).
 async fn unload(gateway: &Gateway, model: &str) -> Result<Vec<String>, ApiError> {
+    deactivate(gateway, model, false).await
+}
+
+/// Stops `model` (with `sleep`: puts it to sleep) through the supervisor, its holders
+/// draining first. A model that cannot sleep is a 409 saying why.
+async fn deactivate(gateway: &Gateway, model: &str, sleep: bool) -> Result<Vec<String>, ApiError> {
     let mut client = gateway.supervisor.clone();
     let request = pb::DeactivateRequest {
         model: model.to_owned(),
         all: false,
         force: false,
         if_idle_generation: None,
+        sleep,
     };
     match client.deactivate(request).await {
         Ok(response) => Ok(response.into_inner().stopped),
+        Err(status) if sleep && status.code() == tonic::Code::FailedPrecondition => {
+            Err(ApiError::new(
+                StatusCode::CONFLICT,
+                "invalid_request_error",
+                "cannot_sleep",
+                status.message().to_owned(),
+            ))
+        }
         Err(status) => Err(ApiError::new(
             StatusCode::BAD_GATEWAY,
             "server_error",
-            "unload_failed",
+            if sleep {
+                "sleep_failed"
+            } else {
+                "unload_failed"
+            },
             format!(
-                "The supervisor could not stop model `{model}`: {}",
+                "The supervisor could not {} model `{model}`: {}",
+                if sleep { "put to sleep" } else { "stop" },
                 crate::catalog::describe_status(&status)
             ),
         )),
@@ -479,17 +501,39 @@ async fn api_unload(
     peer: Option<Extension<Peer>>,
     headers: HeaderMap,
 ) -> Response {
-    let grant = match admit_admin(&gateway, &headers, peer) {
+    admin_deactivate(&gateway, &name, peer, &headers, false).await
+}
+
+/// `POST /api/models/{model}/sleep` (admin): answers once the model is asleep (409 when it
+/// has no sleep protocol or the host memory budget does not allow it). `load` wakes it.
+async fn api_sleep(
+    State(gateway): State<Arc<Gateway>>,
+    Path(name): Path<String>,
+    peer: Option<Extension<Peer>>,
+    headers: HeaderMap,
+) -> Response {
+    admin_deactivate(&gateway, &name, peer, &headers, true).await
+}
+
+async fn admin_deactivate(
+    gateway: &Gateway,
+    name: &str,
+    peer: Option<Extension<Peer>>,
+    headers: &HeaderMap,
+    sleep: bool,
+) -> Response {
+    let grant = match admit_admin(gateway, headers, peer) {
         Ok(g) => g,
         Err(e) => return e.into_response(),
     };
-    let model = match visible_model(&gateway, &grant, &name) {
+    let model = match visible_model(gateway, &grant, name) {
         Ok(m) => m,
         Err(e) => return e.into_response(),
     };
-    match unload(&gateway, &model.name).await {
+    match deactivate(gateway, &model.name, sleep).await {
         Ok(stopped) => {
-            let body = json!({ "model": &*model.name, "state": "stopped", "stopped": stopped });
+            let state = if sleep { "sleeping" } else { "stopped" };
+            let body = json!({ "model": &*model.name, "state": state, "stopped": stopped });
             json_response(StatusCode::OK, body.to_string().into())
         }
         Err(error) => error.into_response(),

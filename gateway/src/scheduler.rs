@@ -732,6 +732,7 @@ impl Actor {
                 all: false,
                 force: false,
                 if_idle_generation: Some(generation),
+                sleep: false,
             };
             match client.deactivate(request).await {
                 Ok(response) if response.get_ref().stopped.is_empty() => {

@@ -140,9 +140,17 @@ impl Supervisor for SupervisorService {
                 "if_idle_generation needs one model, not all",
             ));
         }
+        if request.sleep && model.is_none() {
+            return Err(Status::invalid_argument("sleep needs one model, not all"));
+        }
         let stopped = self
             .scheduler
-            .deactivate(model, request.force, request.if_idle_generation)
+            .deactivate(
+                model,
+                request.force,
+                request.sleep,
+                request.if_idle_generation,
+            )
             .await?;
         Ok(Response::new(pb::DeactivateResponse { stopped }))
     }

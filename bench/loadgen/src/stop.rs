@@ -139,6 +139,7 @@ pub async fn measure_deactivate(
             all: false,
             force: false,
             if_idle_generation: None,
+            sleep: false,
         })
         .await
         .with_context(|| format!("Deactivate {model}"))?;

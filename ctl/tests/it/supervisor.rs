@@ -16,6 +16,8 @@ struct Model {
     name: &'static str,
     aliases: &'static [&'static str],
     extra: &'static [&'static str],
+    /// Extra lines of its `[models.NAME]` table.
+    toml: &'static [&'static str],
 }
 
 const fn model(name: &'static str) -> Model {
@@ -23,6 +25,7 @@ const fn model(name: &'static str) -> Model {
         name,
         aliases: &[],
         extra: &[],
+        toml: &[],
     }
 }
 
@@ -67,6 +70,9 @@ impl Harness {
                 name = model.name,
                 aliases = model.aliases,
             ));
+            for line in model.toml {
+                config.push_str(&format!("{line}\n"));
+            }
         }
         let config_path = dir.path().join("config.toml");
         std::fs::write(&config_path, config).expect("write config");
@@ -446,6 +452,44 @@ fn a_backend_that_fails_to_load_exits_1_with_its_log_tail() {
         "{}",
         text(&out.stdout)
     );
+}
+
+#[test]
+fn deactivate_sleep_puts_the_model_to_sleep_in_its_process_and_activate_wakes_it() {
+    let h = Harness::start(&[
+        Model {
+            extra: &["--enable-sleep-mode"],
+            toml: &[
+                "sleep = true",
+                "host_memory = \"1GiB\"",
+                "env = { VLLM_SERVER_DEV_MODE = \"1\" }",
+            ],
+            ..model("m1")
+        },
+        model("m2"),
+    ]);
+    h.expect(&["activate", "m1"], 0);
+    let pid = h.model_json("m1")["pid"].as_u64().expect("pid");
+    let stdout = text(&h.expect(&["deactivate", "m1", "--sleep"], 0).stdout);
+    assert_eq!(stdout.trim(), "m1 is asleep");
+    let asleep = h.model_json("m1");
+    assert_eq!(
+        (&asleep["state"], asleep["pid"].as_u64()),
+        (&"sleeping".into(), Some(pid))
+    );
+    h.expect(&["activate", "m1"], 0);
+    let awake = h.model_json("m1");
+    assert_eq!(
+        (&awake["state"], awake["pid"].as_u64()),
+        (&"ready".into(), Some(pid))
+    );
+
+    h.expect(&["activate", "m2"], 0);
+    let refused = h.ctl(&["deactivate", "m2", "--sleep"]);
+    assert_ne!(refused.status.code(), Some(0));
+    let stderr = text(&refused.stderr);
+    assert!(stderr.contains("m2 has no sleep protocol"), "{stderr}");
+    assert_eq!(h.model_json("m2")["state"], "ready");
 }
 
 #[test]

@@ -604,6 +604,7 @@ async fn activating_unconfigured_names_is_not_found_and_starts_nothing() {
                 all: false,
                 force: false,
                 if_idle_generation: None,
+                sleep: false,
             })
             .await;
         assert_eq!(

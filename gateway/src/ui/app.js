@@ -85,11 +85,14 @@ function renderModel(m) {
   const stoppable = running || m.state === "sleeping";
   const actions = el("td", {});
   if (state.admin) {
-    actions.append(
+    const buttons = [
       el("button", { class: "load", onclick: () => act(m.id, "load"), ...(running ? { disabled: "" } : {}) }, "load"),
       el("button", { class: "unload", onclick: () => act(m.id, "unload"), ...(stoppable ? {} : { disabled: "" }) }, "unload"),
+      // Only a ready model with a sleep protocol can be put to sleep; load wakes it.
+      m.can_sleep ? el("button", { class: "sleep", onclick: () => act(m.id, "sleep"), ...(m.state === "ready" ? {} : { disabled: "" }) }, "sleep") : null,
       el("button", { class: "logs", onclick: () => followLog(m.id) }, "logs"),
-    );
+    ];
+    actions.append(...buttons.filter((b) => b != null));
   }
   row.replaceChildren(
     el("td", {}, el("strong", {}, m.id), m.aliases.length ? el("div", { class: "aliases" }, m.aliases.join(", ")) : null),

@@ -366,3 +366,75 @@ async fn llama_server_router_api() {
     assert_eq!(s, 400, "{body}");
     assert_eq!(body["error"]["message"], "model is not running");
 }
+
+/// The page's sleep action: admin only, drains and puts a model with a sleep protocol to
+/// sleep in its own process (load wakes it there); a model without one gets a 409 saying so.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_admin_sleep_action_puts_a_model_to_sleep_and_load_wakes_it() {
+    let stack = Stack::builder("operator-sleep")
+        .gateway("api_keys = [\"user-key\"]")
+        .gateway("admin_keys = [\"admin-key\"]")
+        .model(
+            Model::new("alpha")
+                .args(&["--enable-sleep-mode"])
+                .env("VLLM_SERVER_DEV_MODE", "1")
+                .toml("sleep = true")
+                .toml("host_memory = \"1GiB\""),
+        )
+        .model(Model::new("beta").gpus(&[1]))
+        .start()
+        .await;
+    let admin = Some("admin-key");
+    let (s, body) = post(&stack, "/api/models/alpha/load?wait=true", admin, None).await;
+    assert_eq!((s, &body["state"]), (200, &json!("ready")), "{body}");
+    let (_, status) = get(&stack, "/api/status", admin).await;
+    let pid = model(&status, "alpha")["pid"].clone();
+    assert_eq!(model(&status, "alpha")["can_sleep"], true, "{status}");
+    assert_eq!(model(&status, "beta")["can_sleep"], false, "{status}");
+
+    let (s, body) = post(&stack, "/api/models/alpha/sleep", Some("user-key"), None).await;
+    assert_eq!(
+        (s, &body["error"]["code"]),
+        (403, &json!("admin_required")),
+        "{body}"
+    );
+    assert_eq!(
+        model(&get(&stack, "/api/status", admin).await.1, "alpha")["state"],
+        "ready"
+    );
+
+    let (s, body) = post(&stack, "/api/models/alpha/sleep", admin, None).await;
+    assert_eq!(s, 200, "{body}");
+    assert_eq!(
+        body,
+        json!({"model": "alpha", "state": "sleeping", "stopped": ["alpha"]})
+    );
+    let (_, status) = get(&stack, "/api/status", admin).await;
+    let alpha = model(&status, "alpha");
+    assert_eq!(
+        (&alpha["state"], &alpha["pid"]),
+        (&json!("sleeping"), &pid),
+        "{status}"
+    );
+
+    let (s, body) = post(&stack, "/api/models/alpha/load?wait=true", admin, None).await;
+    assert_eq!((s, &body["state"]), (200, &json!("ready")), "{body}");
+    let (_, status) = get(&stack, "/api/status", admin).await;
+    let alpha = model(&status, "alpha");
+    assert_eq!(
+        (&alpha["state"], &alpha["pid"]),
+        (&json!("ready"), &pid),
+        "{status}"
+    );
+
+    let (s, body) = post(&stack, "/api/models/beta/load?wait=true", admin, None).await;
+    assert_eq!(s, 200, "{body}");
+    let (s, body) = post(&stack, "/api/models/beta/sleep", admin, None).await;
+    assert_eq!(
+        (s, &body["error"]["code"]),
+        (409, &json!("cannot_sleep")),
+        "{body}"
+    );
+    let message = body["error"]["message"].as_str().unwrap();
+    assert!(message.contains("beta has no sleep protocol"), "{body}");
+}

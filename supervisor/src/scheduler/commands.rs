@@ -55,6 +55,7 @@ impl Actor {
             Command::Deactivate {
                 model,
                 force,
+                sleep,
                 if_idle_generation,
                 reply,
             } => {
@@ -78,11 +79,17 @@ impl Actor {
                     let _ = reply.send(Ok(Vec::new()));
                     return Flow::Continue;
                 }
-                tracing::info!(?models, force, "deactivate");
+                if sleep && let Some(why) = models.iter().find_map(|m| self.policy.sleep_refusal(m))
+                {
+                    let _ = reply.send(Err(Status::failed_precondition(why)));
+                    return Flow::Continue;
+                }
+                tracing::info!(?models, force, sleep, "deactivate");
                 let id = self.next_deactivation;
                 self.next_deactivation += 1;
                 self.deactivations.insert(id, reply);
-                self.policy.deactivate(id, models, force, Instant::now());
+                self.policy
+                    .deactivate(id, models, force, sleep, Instant::now());
             }
             Command::Status { reply } => {
                 let _ = reply.send(self.status_response());

@@ -77,17 +77,20 @@ impl Scheduler {
 
     /// Drains and stops `model` (None: every model); returns the names that were stopped.
     /// With `if_idle_generation`, stops nothing unless the model is still Ready in that
-    /// generation with no holder and no waiter.
+    /// generation with no holder and no waiter. With `sleep`, puts it to sleep instead
+    /// (refused with FailedPrecondition when it cannot sleep).
     pub async fn deactivate(
         &self,
         model: Option<String>,
         force: bool,
+        sleep: bool,
         if_idle_generation: Option<u64>,
     ) -> Result<Vec<String>, Status> {
         let (reply, answer) = oneshot::channel();
         self.send(Command::Deactivate {
             model,
             force,
+            sleep,
             if_idle_generation,
             reply,
         })?;

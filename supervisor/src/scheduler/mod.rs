@@ -105,6 +105,8 @@ enum Command {
     Deactivate {
         model: Option<String>,
         force: bool,
+        /// Put it to sleep instead of stopping it.
+        sleep: bool,
         /// Only if the model is still idle in this generation (an idle unload).
         if_idle_generation: Option<u64>,
         reply: oneshot::Sender<Result<Vec<String>, Status>>,

@@ -226,7 +226,29 @@ struct Deactivation {
     models: Vec<String>,
     stopped: Vec<String>,
     force: bool,
+    /// Put the models to sleep instead of stopping them.
+    sleep: bool,
     deadline: Instant,
+}
+
+/// How host memory would be shared if a model slept.
+struct SleepPlan {
+    /// What the sleepers would hold once `dropped` are stopped.
+    total: u64,
+    /// What sleepers already stopping still hold.
+    stopping: u64,
+    /// The least recently used sleepers to stop first.
+    dropped: Vec<String>,
+    /// Why the model itself cannot sleep (it would have to be dropped).
+    refused: Option<String>,
+}
+
+/// Whether a model can go to sleep now.
+enum SleepRoom {
+    Now,
+    /// Once the sleepers stopped for it are gone.
+    Later,
+    Refused(String),
 }
 
 /// What a stream is told. Events the policy can fill in whole are sent as they are; the
@@ -497,8 +519,16 @@ impl Policy {
         });
     }
 
-    /// Drain and stop `models`; [`Action::Deactivated`] answers once all are stopped.
-    pub fn deactivate(&mut self, id: u64, models: Vec<String>, force: bool, now: Instant) {
+    /// Drain and stop `models` (with `sleep`: put them to sleep, see [`Self::sleep_refusal`]);
+    /// [`Action::Deactivated`] answers once all are stopped (or asleep).
+    pub fn deactivate(
+        &mut self,
+        id: u64,
+        models: Vec<String>,
+        force: bool,
+        sleep: bool,
+        now: Instant,
+    ) {
         let stopped = models
             .iter()
             .filter(|name| {
@@ -513,6 +543,7 @@ impl Policy {
             models,
             stopped,
             force,
+            sleep,
             deadline: now + self.settings.drain_timeout,
         });
     }
@@ -1550,15 +1581,34 @@ impl Policy {
         if !asleep_fits {
             return self.stop_for_waiter(index, name, now);
         }
+        let cause = format!("{name} sleeps for {target}");
+        match self.make_sleep_room(name, Some(&target), &cause, now) {
+            SleepRoom::Refused(why) => self.stop_for_waiter_because(
+                index,
+                name,
+                &format!("; it does not sleep: {why}"),
+                now,
+            ),
+            SleepRoom::Later => {}
+            SleepRoom::Now => {
+                let stream = self.queue[index].stream;
+                self.begin_sleep(name, &format!("{target} needs the GPUs"), Some(stream), now);
+                self.notice_leaving(index, name);
+            }
+        }
+    }
+
+    /// How host memory would be shared if `name` slept: the least recently used sleepers
+    /// (never `exempt`, a sleeping target that room is made for) to stop first.
+    fn sleep_plan(&self, name: &str, exempt: Option<&str>) -> SleepPlan {
         let budget = self.settings.host_memory;
-        // Sleepers that may be stopped for room in the budget (not the target, which
-        // still sleeps while room is made for its wake), and `name` itself.
+        // Sleepers that may be stopped for room in the budget, and `name` itself.
         let mut sleepers: Vec<(Option<Instant>, String, u64)> = self
             .models
             .iter()
             .filter(|(other, s)| {
                 *other == name
-                    || (**other != target
+                    || (Some(other.as_str()) != exempt
                         && s.run
                             .as_ref()
                             .is_some_and(|r| r.host_held && !r.stop_requested)
@@ -1597,34 +1647,67 @@ impl Policy {
             total -= bytes;
             dropped.push(other.clone());
         }
-        if dropped.iter().any(|d| d == name) {
-            let why = format!(
-                "; it does not sleep: sleepers would hold {} of host_memory {}",
+        let refused = dropped.iter().any(|d| d == name).then(|| {
+            format!(
+                "sleepers would hold {} of host_memory {}",
                 format_bytes(wanted),
                 format_bytes(budget)
-            );
-            return self.stop_for_waiter_because(index, name, &why, now);
+            )
+        });
+        SleepPlan {
+            total,
+            stopping,
+            dropped,
+            refused,
         }
-        let freeing = dropped
+    }
+
+    /// Why `name` cannot be put to sleep by a deactivation now (None: it can).
+    pub fn sleep_refusal(&self, name: &str) -> Option<String> {
+        let slot = self.models.get(name)?;
+        if slot.awake().sleep.is_none() {
+            return Some(format!("{name} has no sleep protocol (the `sleep` key)"));
+        }
+        if slot.state == State::Sleeping || slot.state == State::FallingAsleep {
+            return None;
+        }
+        self.sleep_plan(name, None)
+            .refused
+            .map(|why| format!("{name} cannot sleep: {why}"))
+    }
+
+    /// Makes room in the host memory budget for `name`'s sleep by stopping the least
+    /// recently used sleepers (`cause` says why in their stop reason).
+    fn make_sleep_room(
+        &mut self,
+        name: &str,
+        exempt: Option<&str>,
+        cause: &str,
+        now: Instant,
+    ) -> SleepRoom {
+        let plan = self.sleep_plan(name, exempt);
+        if let Some(why) = plan.refused {
+            return SleepRoom::Refused(why);
+        }
+        let freeing = plan
+            .dropped
             .iter()
             .map(|other| self.models[other].host_held())
             .sum::<u64>();
-        for other in &dropped {
+        for other in &plan.dropped {
             self.begin_stop(
                 other,
-                &format!("host memory for sleeping models is full: {name} sleeps for {target}"),
+                &format!("host memory for sleeping models is full: {cause}"),
                 WaiterFate::Requeue,
                 None,
                 now,
             );
         }
-        if total + stopping + freeing > budget {
+        if plan.total + plan.stopping + freeing > self.settings.host_memory {
             // It sleeps once the stopped sleepers' processes are gone (stop_finished).
-            return;
+            return SleepRoom::Later;
         }
-        let stream = self.queue[index].stream;
-        self.begin_sleep(name, &format!("{target} needs the GPUs"), Some(stream), now);
-        self.notice_leaving(index, name);
+        SleepRoom::Now
     }
 
     /// Puts a drained, ready `name` to sleep: holds are lost, the actor sleeps it.
@@ -1675,7 +1758,11 @@ impl Policy {
                 let Some(slot) = self.models.get(name) else {
                     continue;
                 };
-                if slot.state == State::Sleeping {
+                if deactivation.sleep {
+                    if !matches!(slot.state, State::Ready | State::Starting | State::Waking) {
+                        continue;
+                    }
+                } else if slot.state == State::Sleeping {
                     self.begin_stop(
                         name,
                         "deactivated",
@@ -1705,6 +1792,24 @@ impl Policy {
                         continue;
                     }
                 }
+                if deactivation.sleep {
+                    // Ready and drained: sleeps as it would to make room (a start or wake
+                    // in progress is waited for; the next pump comes with its end).
+                    if self.models[name].state == State::Ready {
+                        match self.make_sleep_room(name, None, &format!("{name} sleeps"), now) {
+                            SleepRoom::Now => self.begin_sleep(name, "deactivated", None, now),
+                            SleepRoom::Later => {}
+                            SleepRoom::Refused(why) => self.begin_stop(
+                                name,
+                                &format!("deactivated; it does not sleep: {why}"),
+                                WaiterFate::Fail("deactivated"),
+                                None,
+                                now,
+                            ),
+                        }
+                    }
+                    continue;
+                }
                 self.begin_stop(
                     name,
                     "deactivated",
@@ -1715,10 +1820,11 @@ impl Policy {
             }
         }
         for deactivation in pending {
-            let done = deactivation
-                .models
-                .iter()
-                .all(|name| self.models.get(name).is_none_or(|m| m.run.is_none()));
+            let done = deactivation.models.iter().all(|name| {
+                self.models.get(name).is_none_or(|m| {
+                    m.run.is_none() || (deactivation.sleep && m.state == State::Sleeping)
+                })
+            });
             if done {
                 self.out.push(Action::Deactivated {
                     id: deactivation.id,
@@ -1811,7 +1917,7 @@ mod tests {
             policy.pump(now, &|_| None);
             let generation = policy.slot("m").expect("m").generation;
             policy.take_actions();
-            policy.deactivate(1, vec!["m".into()], true, now);
+            policy.deactivate(1, vec!["m".into()], true, false, now);
             policy.pump(now, &|_| None);
             let actions = policy.take_actions();
             assert!(

@@ -295,7 +295,7 @@ impl World {
                 };
                 let id = self.next_deactivation;
                 self.next_deactivation += 1;
-                self.policy.deactivate(id, models, *force, now);
+                self.policy.deactivate(id, models, *force, false, now);
             }
             Ev::Used(model) => self.policy.used(MODELS[*model], now),
             Ev::Clock(ms) => self.now += Duration::from_millis(*ms),

@@ -186,6 +186,7 @@ mod tests {
         actor.command(Command::Deactivate {
             model: Some("m".into()),
             force: true,
+            sleep: false,
             if_idle_generation: None,
             reply,
         });

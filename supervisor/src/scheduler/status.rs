@@ -62,6 +62,7 @@ impl Actor {
             vram_bytes: config.vram,
             pinned: config.pinned,
             last_used_ms: slot.last_use.map(|at| self.unix_ms(at)),
+            can_sleep: slot.awake().sleep.is_some(),
         }
     }
 

@@ -171,6 +171,7 @@ impl Supervisor {
             all: model.is_empty(),
             force,
             if_idle_generation: None,
+            sleep: false,
         })
         .await
     }

@@ -283,6 +283,7 @@ async fn deactivate_drains_the_holders_first() {
                 all: false,
                 force: false,
                 if_idle_generation: None,
+                sleep: false,
             })
             .await
             .map(|r| r.into_inner().stopped)
@@ -319,6 +320,7 @@ async fn an_idle_deactivation_stops_only_a_model_still_idle_in_the_generation_se
         all: false,
         force: false,
         if_idle_generation: Some(generation),
+        sleep: false,
     };
     // A request came in after the gateway saw the model idle: it is held now, so it stays.
     assert!(sup.deactivate_with(if_idle(generation)).await.is_empty());
@@ -419,4 +421,88 @@ async fn a_client_finds_out_a_frozen_supervisor() {
         "found out after {:?}",
         frozen.elapsed()
     );
+}
+
+/// A vLLM mock that implements vLLM's sleep (dev mode), keeping `host_gib` of host RAM.
+fn sleeper(name: &str, host_gib: u32) -> Mock {
+    Mock::new(name)
+        .args(&["--enable-sleep-mode"])
+        .env("VLLM_SERVER_DEV_MODE", "1")
+        .toml("sleep = true")
+        .toml(&format!("host_memory = \"{host_gib}GiB\""))
+}
+
+fn sleep_request(model: &str) -> pb::DeactivateRequest {
+    pb::DeactivateRequest {
+        model: model.into(),
+        sleep: true,
+        ..Default::default()
+    }
+}
+
+/// A deactivation with sleep drains the holder like a stop, then puts the model to sleep in
+/// its own process; an Activate wakes it there. Models that cannot sleep are refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_deactivation_with_sleep_drains_then_sleeps_and_activate_wakes_the_same_process() {
+    let sup = Supervisor::start(
+        "deactivate-sleep",
+        &["host_memory = \"100GiB\""],
+        vec![sleeper("alpha", 40), Mock::new("beta"), sleeper("big", 70)],
+    )
+    .await;
+    assert!(sup.model("alpha").await.can_sleep);
+    assert!(!sup.model("beta").await.can_sleep);
+    let mut hold = sup.activate("alpha", true).await;
+    let ready = hold.ready().await;
+    let pid = sup.model("alpha").await.pid;
+
+    let mut client = sup.client.clone();
+    let sleeping = tokio::spawn(async move { client.deactivate(sleep_request("alpha")).await });
+    let drain = hold.until("DrainRequested", drain_requested).await;
+    assert_eq!(drain.model, "alpha");
+    assert_eq!(sup.state("alpha").await, ModelState::Ready, "drains first");
+    drop(hold);
+    let slept = tokio::time::timeout(testkit::DEADLINE, sleeping)
+        .await
+        .expect("Deactivate in time")
+        .expect("task")
+        .expect("Deactivate with sleep");
+    assert_eq!(slept.into_inner().stopped, ["alpha"]);
+    let asleep = sup.model("alpha").await;
+    assert_eq!(asleep.state, ModelState::Sleeping as i32, "{asleep:?}");
+    assert_eq!((asleep.pid, asleep.generation), (pid, ready.generation));
+
+    let mut client = sup.client.clone();
+    let refused = client
+        .deactivate(sleep_request("beta"))
+        .await
+        .expect_err("beta has no sleep protocol");
+    assert_eq!(
+        refused.code(),
+        tonic::Code::FailedPrecondition,
+        "{refused:?}"
+    );
+    assert!(
+        refused.message().contains("beta has no sleep protocol"),
+        "{refused:?}"
+    );
+    let refused = client
+        .deactivate(sleep_request("big"))
+        .await
+        .expect_err("big (never used) would be the first sleeper stopped for its own room");
+    assert_eq!(
+        refused.code(),
+        tonic::Code::FailedPrecondition,
+        "{refused:?}"
+    );
+    assert!(
+        refused
+            .message()
+            .contains("big cannot sleep: sleepers would hold 110 GiB of host_memory 100 GiB"),
+        "{refused:?}"
+    );
+    let woke = sup.activate("alpha", false).await.ready().await;
+    assert_eq!(woke.generation, ready.generation);
+    let awake = sup.model("alpha").await;
+    assert_eq!((awake.state, awake.pid), (ModelState::Ready as i32, pid));
 }

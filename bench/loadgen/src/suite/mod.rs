@@ -775,6 +775,7 @@ async fn flood_section(plan: &Plan, g: &Gpuswap, results: &mut Results) {
                 all: false,
                 force: true,
                 if_idle_generation: None,
+                sleep: false,
             })
             .await?;
         if pid.is_none() {
