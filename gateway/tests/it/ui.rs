@@ -421,6 +421,33 @@ async fn the_page_shows_a_sleeping_model_and_unloads_it() {
     browser
         .wait("vllm-b stopped", &state_is("vllm-b", "stopped"))
         .await;
+    // The page's sleep button puts the ready a to sleep by hand; its load wakes it, in the
+    // same process both times (no fourth start).
+    let pid_of_a = || async {
+        let status = stack
+            .get_json("/api/status")
+            .await
+            .expect("GET /api/status");
+        let models = status["models"].as_array().expect("models").clone();
+        let a = models
+            .into_iter()
+            .find(|m| m["id"] == "vllm-a")
+            .expect("vllm-a");
+        a["pid"].as_u64().expect("a pid")
+    };
+    let pid = pid_of_a().await;
+    browser
+        .click("tr[data-model=\"vllm-a\"] button.sleep")
+        .await;
+    browser
+        .wait("vllm-a sleeping", &state_is("vllm-a", "sleeping"))
+        .await;
+    assert_eq!(pid_of_a().await, pid);
+    browser.click("tr[data-model=\"vllm-a\"] button.load").await;
+    browser
+        .wait("vllm-a ready", &state_is("vllm-a", "ready"))
+        .await;
+    assert_eq!(pid_of_a().await, pid);
     assert_eq!(
         stack.starts(),
         ["vllm-a", "vllm-b", "vllm-a"],
