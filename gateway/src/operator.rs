@@ -101,6 +101,17 @@ fn visible_model(gateway: &Gateway, grant: &Grant, name: &str) -> Result<Arc<Mod
     }
 }
 
+/// The model an admin action names: the caller must be an admin and allowed to see it.
+fn admin_model(
+    gateway: &Gateway,
+    headers: &HeaderMap,
+    peer: Option<Extension<Peer>>,
+    name: &str,
+) -> Result<Arc<ModelInfo>, ApiError> {
+    let grant = admit_admin(gateway, headers, peer)?;
+    visible_model(gateway, &grant, name)
+}
+
 // ---- the status API ----
 
 fn state_name(state: pb::ModelState) -> &'static str {
@@ -338,11 +349,7 @@ async fn api_logs(
     peer: Option<Extension<Peer>>,
     headers: HeaderMap,
 ) -> Response {
-    let grant = match admit_admin(&gateway, &headers, peer) {
-        Ok(g) => g,
-        Err(e) => return e.into_response(),
-    };
-    let model = match visible_model(&gateway, &grant, &name) {
+    let model = match admin_model(&gateway, &headers, peer, &name) {
         Ok(m) => m,
         Err(e) => return e.into_response(),
     };
@@ -422,11 +429,7 @@ async fn api_load(
     peer: Option<Extension<Peer>>,
     headers: HeaderMap,
 ) -> Response {
-    let grant = match admit_admin(&gateway, &headers, peer) {
-        Ok(g) => g,
-        Err(e) => return e.into_response(),
-    };
-    let model = match visible_model(&gateway, &grant, &name) {
+    let model = match admin_model(&gateway, &headers, peer, &name) {
         Ok(m) => m,
         Err(e) => return e.into_response(),
     };
@@ -522,11 +525,7 @@ async fn admin_deactivate(
     headers: &HeaderMap,
     sleep: bool,
 ) -> Response {
-    let grant = match admit_admin(gateway, headers, peer) {
-        Ok(g) => g,
-        Err(e) => return e.into_response(),
-    };
-    let model = match visible_model(gateway, &grant, name) {
+    let model = match admin_model(gateway, headers, peer, name) {
         Ok(m) => m,
         Err(e) => return e.into_response(),
     };
