@@ -606,12 +606,9 @@ impl Policy {
 
     /// The backend of `generation` passed its readiness check.
     pub fn start_succeeded(&mut self, name: &str, generation: u64, now: Instant) {
-        let Some(slot) = self.current(name, generation) else {
+        let Some(slot) = self.current_in(name, generation, State::Starting) else {
             return;
         };
-        if slot.state != State::Starting {
-            return;
-        }
         slot.state = State::Ready;
         slot.ready_at = Some(now);
         slot.retry_at = None;
@@ -717,12 +714,9 @@ impl Policy {
 
     /// The sleep of `generation` failed (or did not release the GPU memory): it is stopped.
     pub fn sleep_failed(&mut self, name: &str, generation: u64, reason: String, now: Instant) {
-        let Some(slot) = self.current(name, generation) else {
+        let Some(slot) = self.current_in(name, generation, State::FallingAsleep) else {
             return;
         };
-        if slot.state != State::FallingAsleep {
-            return;
-        }
         slot.last_error = format!("sleep failed: {reason}");
         self.begin_stop(
             name,
@@ -735,12 +729,9 @@ impl Policy {
 
     /// The wake of `generation` succeeded: it is ready again (the same process).
     pub fn wake_succeeded(&mut self, name: &str, generation: u64, now: Instant) {
-        let Some(slot) = self.current(name, generation) else {
+        let Some(slot) = self.current_in(name, generation, State::Waking) else {
             return;
         };
-        if slot.state != State::Waking {
-            return;
-        }
         slot.state = State::Ready;
         slot.ready_at = Some(now);
         let run = slot.run.as_mut().expect("current");
@@ -756,12 +747,9 @@ impl Policy {
 
     /// The wake of `generation` failed: it is stopped, and its waiters wait for a cold start.
     pub fn wake_failed(&mut self, name: &str, generation: u64, reason: String, now: Instant) {
-        let Some(slot) = self.current(name, generation) else {
+        let Some(slot) = self.current_in(name, generation, State::Waking) else {
             return;
         };
-        if slot.state != State::Waking {
-            return;
-        }
         slot.last_error = format!("wake failed: {reason}");
         let line = format!("waking {name} failed ({reason}): stopping it to start it cold");
         for stream in self.followers(name, generation) {
@@ -864,6 +852,12 @@ impl Policy {
         self.models
             .get_mut(name)
             .filter(|s| s.run.as_ref().is_some_and(|r| r.generation == generation))
+    }
+
+    /// The slot of `generation` if it is still in `state`: a report about an earlier step
+    /// (a sleep or wake that an operator's stop overtook) is ignored.
+    fn current_in(&mut self, name: &str, generation: u64, state: State) -> Option<&mut Slot> {
+        self.current(name, generation).filter(|s| s.state == state)
     }
 
     // ----- transitions ------------------------------------------------------------------
