@@ -41,6 +41,12 @@ fn assert_served_by(model: &Model, stream: bool, status: u16, text: &str) {
     }
 }
 
+/// A chat through the first gateway that must be answered by `name`'s own backend.
+async fn served_chat(stack: &Stack, name: &str, stream: bool, max_tokens: u32) {
+    let (s, t) = chat(stack, 0, name, stream, max_tokens).await;
+    assert_served_by(stack.model(name), stream, s, &t);
+}
+
 async fn chat(
     stack: &Stack,
     gateway: usize,
@@ -68,15 +74,11 @@ async fn a_then_b_then_a_each_answer_names_the_model_asked_for() {
         .start()
         .await;
     let alpha = stack.model("alpha").clone();
-    let beta = stack.model("beta").clone();
     let (s, t) = chat(&stack, 0, "a", false, 3).await;
     assert_served_by(&alpha, false, s, &t);
-    let (s, t) = chat(&stack, 0, "beta", true, 3).await;
-    assert_served_by(&beta, true, s, &t);
-    let (s, t) = chat(&stack, 0, "alpha", false, 3).await;
-    assert_served_by(&alpha, false, s, &t);
-    let (s, t) = chat(&stack, 0, "alpha", true, 3).await;
-    assert_served_by(&alpha, true, s, &t);
+    served_chat(&stack, "beta", true, 3).await;
+    served_chat(&stack, "alpha", false, 3).await;
+    served_chat(&stack, "alpha", true, 3).await;
     testkit::wait_for("three starts", testkit::DEADLINE, || async {
         (stack.starts().len() >= 3).then_some(())
     })
@@ -253,8 +255,7 @@ async fn a_backend_crash_mid_stream_ends_with_an_error_and_the_next_request_rest
     assert!(stream_content(&t).starts_with("[served by alpha]"), "{t}");
 
     // The hold ended with the process; the next request starts it again.
-    let (s, t) = chat(&stack, 0, "alpha", false, 2).await;
-    assert_served_by(stack.model("alpha"), false, s, &t);
+    served_chat(&stack, "alpha", false, 2).await;
     testkit::wait_for("the second start", testkit::DEADLINE, || async {
         (stack.starts().len() >= 2).then_some(())
     })
@@ -354,9 +355,7 @@ async fn a_model_that_does_not_fit_next_to_a_pinned_one_fails_fast() {
         .model(sized("big70", 70))
         .start()
         .await;
-    let pinned = stack.model("p30").clone();
-    let (s, t) = chat(&stack, 0, "p30", false, 1).await;
-    assert_served_by(&pinned, false, s, &t);
+    served_chat(&stack, "p30", false, 1).await;
     let before = stack.status("p30").await;
     let began = Instant::now();
     let (s, t) = chat(&stack, 0, "big70", false, 1).await;
@@ -372,8 +371,7 @@ async fn a_model_that_does_not_fit_next_to_a_pinned_one_fails_fast() {
     );
     assert!(took < Duration::from_secs(2), "failed after {took:?}");
     // The pinned model never stopped, and still serves.
-    let (s, t) = chat(&stack, 0, "p30", false, 1).await;
-    assert_served_by(&pinned, false, s, &t);
+    served_chat(&stack, "p30", false, 1).await;
     let after = stack.status("p30").await;
     assert_eq!(
         (after.pid, after.generation, after.state()),
@@ -397,9 +395,7 @@ async fn the_least_recently_used_model_makes_room() {
         .start()
         .await;
     for name in ["a", "b", "a"] {
-        let model = stack.model(name).clone();
-        let (s, t) = chat(&stack, 0, name, false, 1).await;
-        assert_served_by(&model, false, s, &t);
+        served_chat(&stack, name, false, 1).await;
     }
     // The gateway reports each model's last use to the supervisor.
     testkit::wait_for("a used after b", testkit::DEADLINE, || async {
@@ -408,9 +404,7 @@ async fn the_least_recently_used_model_makes_room() {
     })
     .await;
     let a_pid = stack.status("a").await.pid;
-    let c = stack.model("c").clone();
-    let (s, t) = chat(&stack, 0, "c", false, 1).await;
-    assert_served_by(&c, false, s, &t);
+    served_chat(&stack, "c", false, 1).await;
     stack
         .wait_state("b", gpuswap::pb::ModelState::Stopped)
         .await;
@@ -456,8 +450,7 @@ async fn a_sleeping_model_makes_room_and_wakes_in_its_own_process() {
         .start()
         .await;
     let (a, b) = (stack.model("a").clone(), stack.model("b").clone());
-    let (s, t) = chat(&stack, 0, "a", false, 1).await;
-    assert_served_by(&a, false, s, &t);
+    served_chat(&stack, "a", false, 1).await;
     let first = stack.status("a").await;
     // b needs the GPU: a sleeps (its process and port kept, its GPU memory freed).
     let (s, t) = chat(&stack, 0, "b", false, 1).await;
@@ -518,16 +511,14 @@ async fn a_failed_wake_falls_back_to_a_cold_start() {
         .model(sleeper("b", 40))
         .start()
         .await;
-    let (a, b) = (stack.model("a").clone(), stack.model("b").clone());
-    let (s, t) = chat(&stack, 0, "a", false, 1).await;
-    assert_served_by(&a, false, s, &t);
+    let b = stack.model("b").clone();
+    served_chat(&stack, "a", false, 1).await;
     let first = stack.status("a").await;
     let (s, t) = chat(&stack, 0, "b", false, 1).await;
     assert_served_by(&b, false, s, &t);
     stack.wait_state("a", ModelState::Sleeping).await;
     // The wake fails: a is stopped and started cold, and the request is still served.
-    let (s, t) = chat(&stack, 0, "a", false, 1).await;
-    assert_served_by(&a, false, s, &t);
+    served_chat(&stack, "a", false, 1).await;
     let again = stack.status("a").await;
     assert_eq!(again.state(), ModelState::Ready);
     assert_ne!(again.pid, first.pid, "{}", stack.logs());
@@ -548,16 +539,12 @@ async fn the_host_memory_budget_stops_the_least_recently_used_sleeper() {
         .start()
         .await;
     for name in ["a", "b", "c"] {
-        let model = stack.model(name).clone();
-        let (s, t) = chat(&stack, 0, name, false, 1).await;
-        assert_served_by(&model, false, s, &t);
+        served_chat(&stack, name, false, 1).await;
     }
     // a and b sleep (80 of 100 GiB); a again: c must sleep, b (used before c) is stopped.
     stack.wait_state("b", ModelState::Sleeping).await;
     let a_pid = stack.status("a").await.pid;
-    let a = stack.model("a").clone();
-    let (s, t) = chat(&stack, 0, "a", false, 1).await;
-    assert_served_by(&a, false, s, &t);
+    served_chat(&stack, "a", false, 1).await;
     assert_eq!(stack.status("a").await.pid, a_pid, "{}", stack.logs());
     stack.wait_state("b", ModelState::Stopped).await;
     stack.wait_state("c", ModelState::Sleeping).await;
