@@ -335,17 +335,31 @@ pub(super) fn test_options(guard_exe: PathBuf) -> SchedulerOptions {
     }
 }
 
-/// Hands the next spawn's outcome among `reports` to `actor` (a spawn runs off the actor).
+/// An actor with one vLLM-kind model `m` running `command` (a TOML array), activated and
+/// spawned (a spawn runs off the actor: its outcome is taken from the reports). The sender
+/// keeps the actor's report channel open; the receiver gets its later reports.
 #[cfg(test)]
-pub(super) async fn take_spawned(
-    actor: &mut Actor,
-    reports: &mut mpsc::UnboundedReceiver<Message>,
+pub(super) async fn actor_with_spawned_model(
+    command: &str,
+) -> (
+    Actor,
+    mpsc::UnboundedSender<Message>,
+    mpsc::UnboundedReceiver<Message>,
 ) {
+    let port = testkit::free_port();
+    let text = format!("[models.m]\nkind = \"vllm\"\ncommand = {command}\nport = {port}\n");
+    let options = test_options(testkit::bin("gpuswap-supervisor"));
+    let (tx, mut reports) = mpsc::unbounded_channel();
+    let config = gpuswap::config::Config::from_toml(&text).expect("config");
+    let mut actor = Actor::new(config, options, tx.downgrade());
+    actor.policy.activate(1, "m", false, false);
+    actor.pump();
     loop {
         if let Message::Internal(Internal::Spawned(spawned)) =
             reports.recv().await.expect("a report")
         {
-            return actor.internal(Internal::Spawned(spawned));
+            actor.internal(Internal::Spawned(spawned));
+            return (actor, tx, reports);
         }
     }
 }

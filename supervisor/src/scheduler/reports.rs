@@ -159,28 +159,16 @@ impl Actor {
 
 #[cfg(test)]
 mod tests {
-    use gpuswap::config::Config;
-    use tokio::sync::{mpsc, oneshot};
+    use tokio::sync::oneshot;
 
     use super::*;
-    use crate::scheduler::{
-        Command,
-        actor::{take_spawned, test_options},
-    };
+    use crate::scheduler::{Command, actor::actor_with_spawned_model};
 
     /// A stop that left processes alive fails the Deactivate waiting for it and keeps the
     /// model's process (its GPUs) in place until they are gone.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_stuck_stop_fails_its_deactivation_and_keeps_the_gpus() {
-        let port = testkit::free_port();
-        let text =
-            format!("[models.m]\nkind = \"vllm\"\ncommand = [\"sleep\", \"30\"]\nport = {port}\n");
-        let options = test_options(testkit::bin("gpuswap-supervisor"));
-        let (tx, mut reports) = mpsc::unbounded_channel();
-        let mut actor = Actor::new(Config::from_toml(&text).unwrap(), options, tx.downgrade());
-        actor.policy.activate(1, "m", false, false);
-        actor.pump();
-        take_spawned(&mut actor, &mut reports).await;
+        let (mut actor, tx, _reports) = actor_with_spawned_model(r#"["sleep", "30"]"#).await;
         let generation = actor.models["m"].run.as_ref().expect("spawned").generation;
         let (reply, answer) = oneshot::channel();
         actor.command(Command::Deactivate {
@@ -210,16 +198,7 @@ mod tests {
     /// (its Exited came first and was ignored while Starting): that is a crash, not Ready.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_start_reported_ready_after_the_leader_died_is_a_crash() {
-        let port = testkit::free_port();
-        let text = format!(
-            "[models.m]\nkind = \"vllm\"\ncommand = [\"sh\", \"-c\", \"exit 3\"]\nport = {port}\n"
-        );
-        let options = test_options(testkit::bin("gpuswap-supervisor"));
-        let (tx, mut reports) = mpsc::unbounded_channel();
-        let mut actor = Actor::new(Config::from_toml(&text).unwrap(), options, tx.downgrade());
-        actor.policy.activate(1, "m", false, false);
-        actor.pump();
-        take_spawned(&mut actor, &mut reports).await;
+        let (mut actor, tx, _reports) = actor_with_spawned_model(r#"["sh", "-c", "exit 3"]"#).await;
         let run = actor.models["m"].run.as_ref().expect("spawned");
         let (backend, generation) = (run.backend.clone(), run.generation);
         backend.exited().await;
