@@ -121,7 +121,7 @@ impl PeerStream {
 }
 
 /// SO_PEERGROUPS (Linux 4.13), whose number is the asm-generic one on these architectures.
-#[cfg(any(
+const SO_PEERGROUPS: Option<libc::c_int> = if cfg!(any(
     target_arch = "x86_64",
     target_arch = "x86",
     target_arch = "aarch64",
@@ -129,18 +129,11 @@ impl PeerStream {
     target_arch = "riscv64",
     target_arch = "loongarch64",
     target_arch = "s390x"
-))]
-const SO_PEERGROUPS: Option<libc::c_int> = Some(59);
-#[cfg(not(any(
-    target_arch = "x86_64",
-    target_arch = "x86",
-    target_arch = "aarch64",
-    target_arch = "arm",
-    target_arch = "riscv64",
-    target_arch = "loongarch64",
-    target_arch = "s390x"
-)))]
-const SO_PEERGROUPS: Option<libc::c_int> = None;
+)) {
+    Some(59)
+} else {
+    None
+};
 
 /// The peer's supplementary groups from the socket (SO_PEERGROUPS); where the kernel cannot
 /// tell, from /proc at accept time, the closest to connect() that is left.
