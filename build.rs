@@ -1,6 +1,6 @@
 //! Compiles `proto/gpuswap/v1/*.proto` with protox (pure Rust, so a fresh
 //! machine needs no protoc) and generates the tonic client and server; and the
-//! clients of the part of etcd's API in `proto/etcd/`.
+//! clients of the part of etcd's API in `proto/vendor/etcd/` (vendored, trimmed).
 
 use std::path::PathBuf;
 
@@ -22,9 +22,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     // The part of etcd's API that box registration, discovery and the pickers' election use
     // (clients only). etcd-client's build needs protoc; this does not.
     let etcd = [
-        "proto/etcd/mvccpb.proto",
-        "proto/etcd/etcdserverpb.proto",
-        "proto/etcd/v3electionpb.proto",
+        "proto/vendor/etcd/mvccpb.proto",
+        "proto/vendor/etcd/etcdserverpb.proto",
+        "proto/vendor/etcd/v3electionpb.proto",
     ];
     for proto in etcd {
         println!("cargo:rerun-if-changed={proto}");
@@ -32,6 +32,6 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     tonic_prost_build::configure()
         .build_client(true)
         .build_server(false)
-        .compile_fds(protox::compile(etcd, ["proto"])?)?;
+        .compile_fds(protox::compile(etcd, ["proto/vendor"])?)?;
     Ok(())
 }

@@ -1,4 +1,4 @@
-//! A small etcd v3 client over the part of etcd's API in `proto/etcd/`: leases kept alive,
+//! A small etcd v3 client over the part of etcd's API in `proto/vendor/etcd/`: leases kept alive,
 //! keys under a prefix (listed, then watched), and etcd's election. Box gateways register
 //! themselves with it (`[gateway] register`); pickers discover boxes and elect the active one
 //! (`[epp] discovery`).
