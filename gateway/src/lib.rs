@@ -9,6 +9,8 @@
 //! - [`server`]: the HTTP endpoints (`/metrics` included) and the accept loop.
 //! - [`limits`]: the bounds on queued requests and their bodies.
 //! - [`browser`]: CORS origins and allowed `Host` headers.
+//! - [`operator`]: the status API, llama-server's router API and the status page.
+//! - [`access`]: API keys, what each may see, who may administer.
 
 pub mod access;
 pub mod browser;
