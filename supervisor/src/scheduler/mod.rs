@@ -27,8 +27,6 @@ mod lifecycle;
 mod log_forward;
 pub mod placement;
 pub mod policy;
-#[cfg(test)]
-mod policy_props;
 mod progress;
 mod reload;
 mod reports;

@@ -25,8 +25,8 @@ use proptest::prelude::*;
 use tokio::time::Instant;
 
 use super::{
-    placement::{Capacity, Placement},
-    policy::{Action, FailureKind, Notice, Policy, Settings, State, StreamId},
+    super::placement::{Capacity, Placement},
+    Action, FailureKind, Notice, Policy, Settings, State, StreamId,
 };
 
 const GIB: u64 = 1 << 30;
@@ -155,6 +155,15 @@ struct Process {
     host: u64,
 }
 
+/// A step the world has begun and the policy waits to hear the end of.
+#[derive(Clone, Copy, Debug)]
+enum Pending {
+    Start,
+    Stop,
+    Sleep,
+    Wake,
+}
+
 struct World {
     policy: Policy,
     now: Instant,
@@ -229,14 +238,9 @@ impl World {
                     self.policy.stream_closed(id, now);
                 }
             }
-            Ev::StartOk(k) => {
-                if let Some((model, generation)) = pick(&self.starting, *k) {
-                    self.start_ok(&model, generation);
-                }
-            }
+            Ev::StartOk(k) => self.succeed_one(Pending::Start, *k),
             Ev::StartErr(k) => {
-                if let Some((model, generation)) = pick(&self.starting, *k) {
-                    self.starting.retain(|s| *s != (model.clone(), generation));
+                if let Some((model, generation)) = self.take_pending(Pending::Start, *k) {
                     let kind = FailureKind::Start;
                     self.policy.start_failed(
                         &model,
@@ -259,31 +263,17 @@ impl World {
                         .exited(&model, generation, "exited: crashed".into(), now);
                 }
             }
-            Ev::StopDone(k) => {
-                if let Some((model, generation)) = pick(&self.stopping, *k) {
-                    self.stop_done(&model, generation);
-                }
-            }
-            Ev::SleepOk(k) => {
-                if let Some((model, generation)) = pick(&self.sleeping, *k) {
-                    self.sleep_ok(&model, generation);
-                }
-            }
+            Ev::StopDone(k) => self.succeed_one(Pending::Stop, *k),
+            Ev::SleepOk(k) => self.succeed_one(Pending::Sleep, *k),
             Ev::SleepErr(k) => {
-                if let Some((model, generation)) = pick(&self.sleeping, *k) {
-                    self.sleeping.retain(|s| *s != (model.clone(), generation));
+                if let Some((model, generation)) = self.take_pending(Pending::Sleep, *k) {
                     self.policy
                         .sleep_failed(&model, generation, "refused".into(), now);
                 }
             }
-            Ev::WakeOk(k) => {
-                if let Some((model, generation)) = pick(&self.waking, *k) {
-                    self.wake_ok(&model, generation);
-                }
-            }
+            Ev::WakeOk(k) => self.succeed_one(Pending::Wake, *k),
             Ev::WakeErr(k) => {
-                if let Some((model, generation)) = pick(&self.waking, *k) {
-                    self.waking.retain(|s| *s != (model.clone(), generation));
+                if let Some((model, generation)) = self.take_pending(Pending::Wake, *k) {
                     self.policy
                         .wake_failed(&model, generation, "refused".into(), now);
                 }
@@ -308,40 +298,69 @@ impl World {
             .filter(|p| p.generation == generation)
     }
 
-    fn start_ok(&mut self, model: &str, generation: u64) {
-        self.starting
-            .retain(|s| *s != (model.to_owned(), generation));
-        if let Some(p) = self.process(model, generation) {
-            p.awake = true;
+    fn pending(&mut self, kind: Pending) -> &mut Vec<(String, u64)> {
+        match kind {
+            Pending::Start => &mut self.starting,
+            Pending::Stop => &mut self.stopping,
+            Pending::Sleep => &mut self.sleeping,
+            Pending::Wake => &mut self.waking,
         }
-        self.policy.start_succeeded(model, generation, self.now);
     }
 
-    fn sleep_ok(&mut self, model: &str, generation: u64) {
-        self.sleeping
-            .retain(|s| *s != (model.to_owned(), generation));
-        if let Some(p) = self.process(model, generation) {
-            p.asleep = true;
-        }
-        self.policy.sleep_finished(model, generation);
+    /// Picks the k-th pending step of `kind` (its model and generation) and ends it.
+    fn take_pending(&mut self, kind: Pending, k: usize) -> Option<(String, u64)> {
+        let pending = self.pending(kind);
+        let step = pick(pending, k)?;
+        pending.retain(|s| *s != step);
+        Some(step)
     }
 
-    fn wake_ok(&mut self, model: &str, generation: u64) {
-        self.waking.retain(|s| *s != (model.to_owned(), generation));
-        if let Some(p) = self.process(model, generation) {
-            p.awake = true;
-            p.host = 0;
+    /// The k-th pending step of `kind` succeeds.
+    fn succeed_one(&mut self, kind: Pending, k: usize) {
+        if let Some((model, generation)) = self.take_pending(kind, k) {
+            self.succeed(kind, &model, generation);
         }
-        self.policy.wake_succeeded(model, generation, self.now);
     }
 
-    fn stop_done(&mut self, model: &str, generation: u64) {
-        self.stopping
-            .retain(|s| *s != (model.to_owned(), generation));
-        if self.process(model, generation).is_some() {
-            self.processes.remove(model);
+    /// Every pending step of these kinds succeeds, kind after kind.
+    fn succeed_all(&mut self, kinds: &[Pending]) {
+        for &kind in kinds {
+            for (model, generation) in std::mem::take(self.pending(kind)) {
+                self.succeed(kind, &model, generation);
+            }
         }
-        self.policy.stop_finished(model, generation);
+    }
+
+    /// The process does what it was told, and the policy hears of it.
+    fn succeed(&mut self, kind: Pending, model: &str, generation: u64) {
+        let now = self.now;
+        match kind {
+            Pending::Start => {
+                if let Some(p) = self.process(model, generation) {
+                    p.awake = true;
+                }
+                self.policy.start_succeeded(model, generation, now);
+            }
+            Pending::Stop => {
+                if self.process(model, generation).is_some() {
+                    self.processes.remove(model);
+                }
+                self.policy.stop_finished(model, generation);
+            }
+            Pending::Sleep => {
+                if let Some(p) = self.process(model, generation) {
+                    p.asleep = true;
+                }
+                self.policy.sleep_finished(model, generation);
+            }
+            Pending::Wake => {
+                if let Some(p) = self.process(model, generation) {
+                    p.awake = true;
+                    p.host = 0;
+                }
+                self.policy.wake_succeeded(model, generation, now);
+            }
+        }
     }
 
     fn before(&self) -> BTreeMap<String, Before> {
@@ -553,18 +572,7 @@ impl World {
     fn settle(&mut self) -> Result<(), TestCaseError> {
         for _ in 0..200 {
             self.let_go_when_asked();
-            for (model, generation) in self.starting.clone() {
-                self.start_ok(&model, generation);
-            }
-            for (model, generation) in self.sleeping.clone() {
-                self.sleep_ok(&model, generation);
-            }
-            for (model, generation) in self.waking.clone() {
-                self.wake_ok(&model, generation);
-            }
-            for (model, generation) in self.stopping.clone() {
-                self.stop_done(&model, generation);
-            }
+            self.succeed_all(&[Pending::Start, Pending::Sleep, Pending::Wake, Pending::Stop]);
             self.step(&Ev::Clock(1_000))?;
             if self.policy.queue().next().is_none()
                 && self.starting.is_empty()
@@ -622,33 +630,28 @@ mod scenarios {
         World::new(settings, placements)
     }
 
-    /// Activates `model` (hold) and lets it start; returns the stream.
-    fn ready(w: &mut World, model: usize) -> StreamId {
+    /// A client asks for `model` (without force); returns its stream.
+    fn ask(w: &mut World, model: usize, hold: bool) -> StreamId {
         let id = w.next_stream;
         w.step(&Ev::Activate {
             model,
-            hold: true,
+            hold,
             force: false,
         })
         .unwrap();
+        id
+    }
+
+    /// Activates `model` (hold) and lets it start; returns the stream.
+    fn ready(w: &mut World, model: usize) -> StreamId {
+        let id = ask(w, model, true);
         for _ in 0..10 {
             w.let_go_when_asked();
             // The policy also runs while stops are still under way (any event pumps it).
             for _ in 0..2 {
                 w.step(&Ev::Clock(10)).unwrap();
             }
-            for (m, g) in w.stopping.clone() {
-                w.stop_done(&m, g);
-            }
-            for (m, g) in w.starting.clone() {
-                w.start_ok(&m, g);
-            }
-            for (m, g) in w.sleeping.clone() {
-                w.sleep_ok(&m, g);
-            }
-            for (m, g) in w.waking.clone() {
-                w.wake_ok(&m, g);
-            }
+            w.succeed_all(&[Pending::Stop, Pending::Start, Pending::Sleep, Pending::Wake]);
             w.step(&Ev::Clock(10)).unwrap();
             if w.clients[&id].answered {
                 break;
@@ -680,13 +683,8 @@ mod scenarios {
     fn a_model_in_the_way_of_a_pinned_one_fails_at_once() {
         let mut w = world(vec![gib(&[0], 1, 30, true), gib(&[0], 2, 70, false)]);
         ready(&mut w, 0);
-        w.step(&Ev::Activate {
-            model: 1,
-            hold: false,
-            force: false,
-        })
-        .unwrap();
-        let (_, client) = w.clients.iter().next_back().unwrap();
+        let id = ask(&mut w, 1, false);
+        let client = &w.clients[&id];
         assert!(client.answered && client.phase == Phase::Done);
         assert_eq!(running(&w), HashSet::from(["a".into()]));
         assert!(w.stopping.is_empty());
@@ -747,19 +745,11 @@ mod scenarios {
         ready(&mut w, 0);
         let first = w.processes["a"].generation;
         ready(&mut w, 1);
-        let id = w.next_stream;
-        w.step(&Ev::Activate {
-            model: 0,
-            hold: false,
-            force: false,
-        })
-        .unwrap();
+        let id = ask(&mut w, 0, false);
         // b's holder lets go when asked, b sleeps, a wakes.
         for _ in 0..5 {
             w.let_go_when_asked();
-            for (m, g) in w.sleeping.clone() {
-                w.sleep_ok(&m, g);
-            }
+            w.succeed_all(&[Pending::Sleep]);
             w.step(&Ev::Clock(10)).unwrap();
         }
         assert_eq!(w.waking, vec![("a".to_string(), first)]);
