@@ -417,6 +417,19 @@ impl World {
 
     fn carry_out(&mut self, before: &BTreeMap<String, Before>) -> Result<(), TestCaseError> {
         for action in self.policy.take_actions() {
+            if let Action::Stop {
+                model,
+                swap: Some(stream),
+                ..
+            }
+            | Action::Sleep {
+                model,
+                swap: Some(stream),
+                ..
+            } = &action
+            {
+                self.check_made_room(before, model, *stream)?;
+            }
             match action {
                 Action::Spawn {
                     model, generation, ..
@@ -441,14 +454,8 @@ impl World {
                     self.starting.push((model, generation));
                 }
                 Action::Stop {
-                    model,
-                    generation,
-                    swap,
-                    ..
+                    model, generation, ..
                 } => {
-                    if let Some(stream) = swap {
-                        self.check_made_room(before, &model, stream)?;
-                    }
                     let key = (model.clone(), generation);
                     self.starting.retain(|s| *s != key);
                     self.sleeping.retain(|s| *s != key);
@@ -456,14 +463,8 @@ impl World {
                     self.stopping.push(key);
                 }
                 Action::Sleep {
-                    model,
-                    generation,
-                    swap,
-                    ..
+                    model, generation, ..
                 } => {
-                    if let Some(stream) = swap {
-                        self.check_made_room(before, &model, stream)?;
-                    }
                     prop_assert_eq!(before[&model].state, State::Ready);
                     let held = self
                         .clients
@@ -630,6 +631,16 @@ mod scenarios {
         World::new(settings, placements)
     }
 
+    /// Unpinned models on GPU 0, one a port, of these sizes (GiB).
+    fn on_gpu0(vram: &[u64]) -> World {
+        world(
+            vram.iter()
+                .zip(1..)
+                .map(|(&vram, port)| gib(&[0], port, vram, false))
+                .collect(),
+        )
+    }
+
     /// A client asks for `model` (without force); returns its stream.
     fn ask(w: &mut World, model: usize, hold: bool) -> StreamId {
         let id = w.next_stream;
@@ -666,11 +677,7 @@ mod scenarios {
 
     #[test]
     fn two_forties_share_and_the_seventy_stops_both() {
-        let mut w = world(vec![
-            gib(&[0], 1, 40, false),
-            gib(&[0], 2, 40, false),
-            gib(&[0], 3, 70, false),
-        ]);
+        let mut w = on_gpu0(&[40, 40, 70]);
         ready(&mut w, 0);
         ready(&mut w, 1);
         assert_eq!(running(&w), HashSet::from(["a".into(), "b".into()]));
@@ -690,11 +697,22 @@ mod scenarios {
         assert!(w.stopping.is_empty());
     }
 
-    fn sleepy(port: u16, vram: u64, host: u64) -> Placement {
-        Placement {
-            sleep: Some(host * GIB),
-            ..gib(&[0], port, vram, false)
-        }
+    /// `n` models of 70 GiB on GPU 0 (one a port) that sleep in 40 GiB of host memory.
+    fn sleepers(n: u16) -> World {
+        let sleepy = |port| Placement {
+            sleep: Some(40 * GIB),
+            ..gib(&[0], port, 70, false)
+        };
+        world((1..=n).map(sleepy).collect())
+    }
+
+    /// Two sleepers: a starts, then b (a is put to sleep for it); with a's generation.
+    fn a_sleeps_for_b() -> (World, u64) {
+        let mut w = sleepers(2);
+        ready(&mut w, 0);
+        let first = w.processes["a"].generation;
+        ready(&mut w, 1);
+        (w, first)
     }
 
     fn state(w: &World, model: &str) -> State {
@@ -703,10 +721,7 @@ mod scenarios {
 
     #[test]
     fn a_sleeper_makes_room_and_wakes_in_the_same_process() {
-        let mut w = world(vec![sleepy(1, 70, 40), sleepy(2, 70, 40)]);
-        ready(&mut w, 0);
-        let first = w.processes["a"].generation;
-        ready(&mut w, 1);
+        let (mut w, first) = a_sleeps_for_b();
         assert_eq!(state(&w, "a"), State::Sleeping);
         assert!(w.processes["a"].asleep);
         let again = ready(&mut w, 0);
@@ -719,11 +734,7 @@ mod scenarios {
 
     #[test]
     fn the_budget_stops_the_least_recently_used_sleeper() {
-        let mut w = world(vec![
-            sleepy(1, 70, 40),
-            sleepy(2, 70, 40),
-            sleepy(3, 70, 40),
-        ]);
+        let mut w = sleepers(3);
         for model in [0, 1, 2] {
             ready(&mut w, model);
             w.step(&Ev::Clock(1_000)).unwrap();
@@ -741,10 +752,7 @@ mod scenarios {
 
     #[test]
     fn a_failed_wake_stops_and_starts_cold() {
-        let mut w = world(vec![sleepy(1, 70, 40), sleepy(2, 70, 40)]);
-        ready(&mut w, 0);
-        let first = w.processes["a"].generation;
-        ready(&mut w, 1);
+        let (mut w, first) = a_sleeps_for_b();
         let id = ask(&mut w, 0, false);
         // b's holder lets go when asked, b sleeps, a wakes.
         for _ in 0..5 {
@@ -764,11 +772,7 @@ mod scenarios {
 
     #[test]
     fn the_least_recently_used_goes() {
-        let mut w = world(vec![
-            gib(&[0], 1, 40, false),
-            gib(&[0], 2, 40, false),
-            gib(&[0], 3, 40, false),
-        ]);
+        let mut w = on_gpu0(&[40, 40, 40]);
         ready(&mut w, 0);
         w.step(&Ev::Clock(1_000)).unwrap();
         ready(&mut w, 1);
