@@ -121,24 +121,24 @@ pub fn from_status(status: &tonic::Status, endpoint: &Endpoint) -> (Code, String
 /// own error somewhere in the source chain.
 fn unreachable_message(status: &tonic::Status, endpoint: &Endpoint) -> (Code, String) {
     let hint = "is gpuswap-supervisor running? (set --endpoint or GPUSWAP_ENDPOINT)";
+    let unreachable = |why: String| {
+        (
+            Code::Unreachable,
+            format!("cannot reach the supervisor at {endpoint}: {why}"),
+        )
+    };
     let socket = match endpoint {
         Endpoint::Unix(path) => Some(path.display().to_string()),
         Endpoint::Https { .. } => None,
     };
     match io_error_kind(status) {
-        Some(io::ErrorKind::NotFound) => (
-            Code::Unreachable,
-            match socket {
-                Some(path) => format!(
-                    "cannot reach the supervisor at {endpoint}: no socket at {path}; {hint}"
-                ),
-                None => format!("cannot reach the supervisor at {endpoint}: not found; {hint}"),
-            },
-        ),
-        Some(io::ErrorKind::ConnectionRefused) => (
-            Code::Unreachable,
-            format!("cannot reach the supervisor at {endpoint}: connection refused; {hint}"),
-        ),
+        Some(io::ErrorKind::NotFound) => unreachable(match socket {
+            Some(path) => format!("no socket at {path}; {hint}"),
+            None => format!("not found; {hint}"),
+        }),
+        Some(io::ErrorKind::ConnectionRefused) => {
+            unreachable(format!("connection refused; {hint}"))
+        }
         Some(io::ErrorKind::PermissionDenied) => (
             Code::Denied,
             match socket {
@@ -149,13 +149,7 @@ fn unreachable_message(status: &tonic::Status, endpoint: &Endpoint) -> (Code, St
             },
         ),
         // A refused certificate's cause already says what to do (gpuswap::tls::explain).
-        _ => (
-            Code::Unreachable,
-            format!(
-                "cannot reach the supervisor at {endpoint}: {}",
-                root_cause(status)
-            ),
-        ),
+        _ => unreachable(root_cause(status)),
     }
 }
 

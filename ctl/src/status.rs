@@ -80,18 +80,15 @@ pub async fn models(mut ctx: Ctx) -> anyhow::Result<Code> {
         return Ok(Code::Success);
     }
     // No header: one model per line, whitespace-separated, for `while read`.
-    let name_width = snapshot
-        .models
-        .iter()
-        .map(|m| m.name.len())
-        .max()
-        .unwrap_or(0);
-    let kind_width = snapshot
-        .models
-        .iter()
-        .map(|m| m.kind.len())
-        .max()
-        .unwrap_or(0);
+    let width = |field: fn(&pb::ModelStatus) -> &str| {
+        snapshot
+            .models
+            .iter()
+            .map(|m| field(m).len())
+            .max()
+            .unwrap_or(0)
+    };
+    let (name_width, kind_width) = (width(|m| &m.name), width(|m| &m.kind));
     for model in &snapshot.models {
         let state = output::model_state(model);
         let state_name = gpuswap::state_name(state);
@@ -160,6 +157,10 @@ pub fn header_with_queue(info: &pb::SupervisorInfo, style: Style, show_queue: bo
     text
 }
 
+/// A column of the status table: whether it is shown, its header, whether it is
+/// right-aligned, and its cell for a model.
+type Column = (bool, &'static str, bool, fn(&pb::ModelStatus) -> Cell);
+
 /// The status table. ALIASES and SERVED AS appear only when some model has them.
 pub fn status_table(models: &[pb::ModelStatus], style: Style) -> String {
     let show_aliases = models.iter().any(|m| !m.aliases.is_empty());
@@ -168,90 +169,80 @@ pub fn status_table(models: &[pb::ModelStatus], style: Style) -> String {
         .any(|m| !m.served_name.is_empty() && m.served_name != m.name);
     // Memory-aware placement in use: what each model takes.
     let show_vram = models.iter().any(|m| m.vram_bytes.is_some() || m.pinned);
-    let mut columns = vec![("MODEL", false)];
-    if show_aliases {
-        columns.push(("ALIASES", false));
-    }
-    if show_served {
-        columns.push(("SERVED AS", false));
-    }
-    columns.extend([
-        ("STATE", false),
-        ("PID", true),
-        ("UPTIME", true),
-        ("GPUS", false),
-    ]);
-    if show_vram {
-        columns.push(("VRAM", false));
-    }
-    columns.extend([
-        ("PORT", true),
-        ("HOLDERS", true),
-        ("RESTARTS", true),
-        ("LAST ERROR", false),
-    ]);
-    let mut table = Table::new(&columns);
-    for model in models {
-        let state = output::model_state(model);
-        let mut row = vec![Cell::plain(&model.name)];
-        if show_aliases {
-            row.push(Cell::plain(output::list_or_dash(&model.aliases)));
-        }
-        if show_served {
-            row.push(Cell::plain(if model.served_name.is_empty() {
+    let all: [Column; 12] = [
+        (true, "MODEL", false, |m| Cell::plain(&m.name)),
+        (show_aliases, "ALIASES", false, |m| {
+            Cell::plain(output::list_or_dash(&m.aliases))
+        }),
+        (show_served, "SERVED AS", false, |m| {
+            Cell::plain(if m.served_name.is_empty() {
                 "-"
             } else {
-                &model.served_name
-            }));
-        }
-        let running = model.pid != 0;
-        let error = if !model.last_error.is_empty() {
-            &model.last_error
-        } else {
-            // An unavailable model says why in `detail` (missing weights).
-            &model.detail
-        };
-        row.extend([
-            Cell::colored(gpuswap::state_name(state), output::state_color(state)),
-            Cell::plain(if running {
-                model.pid.to_string()
-            } else {
-                "-".into()
-            }),
-            Cell::plain(if running {
-                output::humanize_ms(model.uptime_ms)
-            } else {
-                "-".into()
-            }),
-            Cell::plain(if model.gpus.is_empty() {
+                &m.served_name
+            })
+        }),
+        (true, "STATE", false, |m| {
+            let state = output::model_state(m);
+            Cell::colored(gpuswap::state_name(state), output::state_color(state))
+        }),
+        (true, "PID", true, |m| {
+            Cell::plain(while_running(m, || m.pid.to_string()))
+        }),
+        (true, "UPTIME", true, |m| {
+            Cell::plain(while_running(m, || output::humanize_ms(m.uptime_ms)))
+        }),
+        (true, "GPUS", false, |m| {
+            Cell::plain(if m.gpus.is_empty() {
                 "all".to_owned()
             } else {
-                output::list_or_dash(&model.gpus)
-            }),
-        ]);
-        if show_vram {
-            row.push(Cell::plain(output::vram_text(model)));
-        }
-        row.extend([
-            Cell::plain(model.port.to_string()),
-            Cell::plain(model.holders.to_string()),
-            Cell::plain(model.restarts.to_string()),
-            Cell::colored(
-                if error.is_empty() {
-                    "-".to_owned()
-                } else {
-                    output::truncate(error, ERROR_WIDTH)
-                },
-                if model.last_error.is_empty() {
-                    ""
-                } else {
-                    output::RED
-                },
-            ),
-        ]);
-        table.row(row);
+                output::list_or_dash(&m.gpus)
+            })
+        }),
+        (show_vram, "VRAM", false, |m| {
+            Cell::plain(output::vram_text(m))
+        }),
+        (true, "PORT", true, |m| Cell::plain(m.port.to_string())),
+        (true, "HOLDERS", true, |m| {
+            Cell::plain(m.holders.to_string())
+        }),
+        (true, "RESTARTS", true, |m| {
+            Cell::plain(m.restarts.to_string())
+        }),
+        (true, "LAST ERROR", false, last_error_cell),
+    ];
+    let columns: Vec<Column> = all.into_iter().filter(|&(shown, ..)| shown).collect();
+    let headers: Vec<_> = columns.iter().map(|&(_, h, right, _)| (h, right)).collect();
+    let mut table = Table::new(&headers);
+    for model in models {
+        table.row(columns.iter().map(|(.., cell)| cell(model)).collect());
     }
     table.render(style)
+}
+
+/// What `text` says of a running model; a dash for one that is not.
+fn while_running(model: &pb::ModelStatus, text: impl FnOnce() -> String) -> String {
+    if model.pid != 0 { text() } else { "-".into() }
+}
+
+/// The LAST ERROR cell: the error (red), or why an unavailable model is so (missing weights).
+fn last_error_cell(model: &pb::ModelStatus) -> Cell {
+    let error = if !model.last_error.is_empty() {
+        &model.last_error
+    } else {
+        &model.detail
+    };
+    Cell::colored(
+        if error.is_empty() {
+            "-".to_owned()
+        } else {
+            output::truncate(error, ERROR_WIDTH)
+        },
+        if model.last_error.is_empty() {
+            ""
+        } else {
+            output::RED
+        },
+    )
 }
 
 /// The lines under the table of `status MODEL`: what did not fit in it.

@@ -3,19 +3,10 @@
 
 use std::process::{Command, Output};
 
-fn ctl(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_gpuswapctl"))
-        .args(args)
-        // The test's own environment must not pick the endpoint.
-        .env_remove("GPUSWAP_ENDPOINT")
-        .env_remove("GPUSWAP_TOKEN_FILE")
-        .env_remove("GPUSWAP_CA_FILE")
-        .output()
-        .expect("run gpuswapctl")
-}
+use crate::common::{assert_says, gpuswapctl, text};
 
-fn text(bytes: &[u8]) -> String {
-    String::from_utf8_lossy(bytes).into_owned()
+fn ctl(args: &[&str]) -> Output {
+    gpuswapctl(args).output().expect("run gpuswapctl")
 }
 
 #[test]
@@ -129,11 +120,7 @@ fn an_unreadable_token_file_is_a_configuration_error() {
     let missing = dir.path().join("token");
     let out = ctl(&["--token-file", missing.to_str().unwrap(), "status"]);
     assert_eq!(out.status.code(), Some(2));
-    assert!(
-        text(&out.stderr).contains("token file"),
-        "{}",
-        text(&out.stderr)
-    );
+    assert_says(&out.stderr, "token file");
 }
 
 #[test]
@@ -147,8 +134,7 @@ fn a_missing_socket_exits_3_and_names_the_endpoint() {
         &["logs"],
         &["deactivate", "--all"],
     ] {
-        let out = Command::new(env!("CARGO_BIN_EXE_gpuswapctl"))
-            .args(args)
+        let out = gpuswapctl(args)
             .env("GPUSWAP_ENDPOINT", &endpoint)
             .output()
             .expect("run gpuswapctl");

@@ -2,7 +2,7 @@
 
 use std::{
     io::{BufRead, BufReader},
-    path::PathBuf,
+    path::{Path, PathBuf},
     process::{Command, Output, Stdio},
     sync::mpsc,
     time::Duration,
@@ -10,6 +10,8 @@ use std::{
 
 use serde_json::Value;
 use testkit::{DEADLINE, Proc};
+
+use crate::common::{assert_says, gpuswapctl, text};
 
 /// A mock model for the config: its name, aliases and extra mock flags.
 struct Model {
@@ -27,6 +29,21 @@ const fn model(name: &'static str) -> Model {
         extra: &[],
         toml: &[],
     }
+}
+
+/// Starts `gpuswap-supervisor --config CONFIG`, its output in `supervisor.log` beside the
+/// configuration.
+fn spawn_supervisor(config: &Path) -> Proc {
+    let log = config.with_file_name("supervisor.log");
+    let log = std::fs::File::create(&log).expect("log file");
+    let mut command = Command::new(testkit::bin("gpuswap-supervisor"));
+    command
+        .arg("--config")
+        .arg(config)
+        .stdin(Stdio::null())
+        .stdout(log.try_clone().expect("log file"))
+        .stderr(log);
+    Proc::spawn(command)
 }
 
 /// One supervisor with its own socket, state file and ports.
@@ -76,18 +93,10 @@ impl Harness {
         }
         let config_path = dir.path().join("config.toml");
         std::fs::write(&config_path, config).expect("write config");
-        let log = std::fs::File::create(dir.path().join("supervisor.log")).expect("log file");
-        let mut command = Command::new(testkit::bin("gpuswap-supervisor"));
-        command
-            .arg("--config")
-            .arg(&config_path)
-            .stdin(Stdio::null())
-            .stdout(log.try_clone().expect("log file"))
-            .stderr(log);
         let harness = Self {
             endpoint,
             ports,
-            supervisor: Proc::spawn(command),
+            supervisor: spawn_supervisor(&config_path),
             dir,
         };
         testkit::wait_for_blocking(
@@ -99,12 +108,9 @@ impl Harness {
     }
 
     fn command(&self, args: &[&str]) -> Command {
-        let mut command = Command::new(env!("CARGO_BIN_EXE_gpuswapctl"));
+        let mut command = gpuswapctl(args);
         command
-            .args(args)
             .env("GPUSWAP_ENDPOINT", &self.endpoint)
-            .env_remove("GPUSWAP_TOKEN_FILE")
-            .env_remove("GPUSWAP_CA_FILE")
             .stdin(Stdio::null());
         command
     }
@@ -152,10 +158,6 @@ impl Harness {
     fn config_path(&self) -> PathBuf {
         self.dir.path().join("config.toml")
     }
-}
-
-fn text(bytes: &[u8]) -> String {
-    String::from_utf8_lossy(bytes).into_owned()
 }
 
 /// A running gpuswapctl whose stdout lines arrive on a channel.
@@ -317,11 +319,7 @@ fn status_json_has_the_supervisor_and_every_model() {
     assert!(m1["generation"].as_u64().is_some_and(|g| g >= 1), "{m1}");
     assert_eq!(m1["holders"], 0);
     let out = h.expect(&["status", "nope"], 4);
-    assert!(
-        text(&out.stderr).contains("unknown model \"nope\""),
-        "{}",
-        text(&out.stderr)
-    );
+    assert_says(&out.stderr, "unknown model \"nope\"");
 }
 
 #[test]
@@ -412,7 +410,7 @@ fn activate_shows_the_backends_own_load_percentage() {
 fn activate_of_an_unknown_model_exits_4() {
     let h = Harness::start(&[model("m1")]);
     let out = h.expect(&["activate", "nope"], 4);
-    assert!(text(&out.stderr).contains("nope"), "{}", text(&out.stderr));
+    assert_says(&out.stderr, "nope");
     assert!(out.stdout.is_empty());
 }
 
@@ -447,11 +445,7 @@ fn a_backend_that_fails_to_load_exits_1_with_its_log_tail() {
 
     // The model is failed now: `status bad` says so with exit code 1.
     let out = h.expect(&["status", "bad"], 1);
-    assert!(
-        text(&out.stdout).contains("failed"),
-        "{}",
-        text(&out.stdout)
-    );
+    assert_says(&out.stdout, "failed");
 }
 
 #[test]
@@ -600,11 +594,7 @@ fn a_hold_is_released_when_another_model_needs_the_gpus() {
     holder.wait_line("the ready line", |l| l.starts_with("m1 ready at "));
     // m1 and m2 share every GPU: m2 asks m1's holder to drain, and it does.
     let out = h.expect(&["activate", "m2"], 0);
-    assert!(
-        text(&out.stderr).contains("draining m1"),
-        "{}",
-        text(&out.stderr)
-    );
+    assert_says(&out.stderr, "draining m1");
     assert_eq!(holder.proc.wait_exit(DEADLINE).code(), Some(0));
 }
 
@@ -675,22 +665,11 @@ fn an_https_supervisor_needs_the_right_token_and_ca() {
         ),
     )
     .expect("config");
-    let log = std::fs::File::create(dir.path().join("supervisor.log")).expect("log");
-    let mut command = Command::new(testkit::bin("gpuswap-supervisor"));
-    command
-        .arg("--config")
-        .arg(&config)
-        .stdin(Stdio::null())
-        .stdout(log.try_clone().expect("log"))
-        .stderr(log);
-    let _supervisor = Proc::spawn(command);
+    let _supervisor = spawn_supervisor(&config);
     let endpoint = format!("https://127.0.0.1:{port}");
     let ctl = |token: &PathBuf, ca: Option<&PathBuf>| {
-        let mut command = Command::new(env!("CARGO_BIN_EXE_gpuswapctl"));
-        command
-            .args(["status", "--endpoint", &endpoint])
-            .env("GPUSWAP_TOKEN_FILE", token)
-            .env_remove("GPUSWAP_CA_FILE");
+        let mut command = gpuswapctl(&["status", "--endpoint", &endpoint]);
+        command.env("GPUSWAP_TOKEN_FILE", token);
         if let Some(ca) = ca {
             command.arg("--ca-file").arg(ca);
         }
@@ -701,19 +680,11 @@ fn an_https_supervisor_needs_the_right_token_and_ca() {
     });
     let out = ctl(&wrong, Some(&cert));
     assert_eq!(out.status.code(), Some(5), "{}", text(&out.stderr));
-    assert!(
-        text(&out.stderr).contains("authentication denied"),
-        "{}",
-        text(&out.stderr)
-    );
+    assert_says(&out.stderr, "authentication denied");
     // Without the CA the certificate is not trusted: no connection.
     let out = ctl(&token, None);
     assert_eq!(out.status.code(), Some(3), "{}", text(&out.stderr));
-    assert!(
-        text(&out.stderr).contains("--ca-file"),
-        "{}",
-        text(&out.stderr)
-    );
+    assert_says(&out.stderr, "--ca-file");
 }
 
 #[test]
