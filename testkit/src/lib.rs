@@ -242,6 +242,23 @@ pub fn read_lossy(path: &Path) -> String {
         .unwrap_or_default()
 }
 
+/// The last lines of each log (a file written by a process under test), for assertion
+/// messages.
+pub fn log_tails<P: AsRef<Path>>(paths: impl IntoIterator<Item = P>) -> String {
+    let mut text = String::new();
+    for path in paths {
+        let path = path.as_ref();
+        let log = read_lossy(path);
+        let tail: Vec<&str> = log.lines().rev().take(60).collect();
+        text.push_str(&format!("\n--- {} (last lines)\n", path.display()));
+        for line in tail.into_iter().rev() {
+            text.push_str(line);
+            text.push('\n');
+        }
+    }
+    text
+}
+
 /// Parses one JSON value, panicking with the text on failure.
 pub fn json(text: &str) -> serde_json::Value {
     serde_json::from_str(text).unwrap_or_else(|e| panic!("not JSON ({e}): {text}"))

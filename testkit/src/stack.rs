@@ -179,18 +179,9 @@ impl StackBase {
 
     /// The last lines of the supervisor's log and of `gateway_logs`, for assertion messages.
     pub fn logs_with(&self, gateway_logs: impl IntoIterator<Item = PathBuf>) -> String {
-        let mut text = String::new();
-        let paths = std::iter::once(self.dir.path().join("supervisor.log")).chain(gateway_logs);
-        for path in paths {
-            let log = crate::read_lossy(&path);
-            let tail: Vec<&str> = log.lines().rev().take(60).collect();
-            text.push_str(&format!("\n--- {} (last lines)\n", path.display()));
-            for line in tail.into_iter().rev() {
-                text.push_str(line);
-                text.push('\n');
-            }
-        }
-        text
+        crate::log_tails(
+            std::iter::once(self.dir.path().join("supervisor.log")).chain(gateway_logs),
+        )
     }
 
     /// Models started so far, in order (from the supervisor's Watch stream).

@@ -3,11 +3,8 @@
 //! streaming included, with `x-api-key` and `anthropic-version`, and the gateway's errors on
 //! that path are Anthropic-shaped (e2e/python/anthropic_client.py).
 
-use std::time::Duration;
-
 use crate::clients_common;
 use crate::clients_common::{Stack, mock};
-use serde_json::Value;
 
 #[tokio::test(flavor = "multi_thread")]
 async fn anthropic_python_sdk_streams_and_gets_anthropic_errors() {
@@ -20,22 +17,17 @@ async fn anthropic_python_sdk_streams_and_gets_anthropic_errors() {
     stack.start_gateway().await;
     let base = stack.url("");
 
-    let mut command = tokio::process::Command::new(&venv.python);
-    command
-        .arg(clients_common::repo().join("e2e/python/anthropic_client.py"))
-        .args(["--base-url", &base])
-        .args(["--key", "anthropic-test-key"])
-        .args(["--model", "claude-like"])
-        .args(["--unknown", "nobody-configured-this"]);
-    let (status, stdout, stderr) =
-        clients_common::run_client(command, Duration::from_secs(240)).await;
-    assert!(
-        status.success(),
-        "anthropic_client.py failed ({status}):\n{stderr}\n{stdout}{}",
-        stack.logs()
-    );
-    let results: Value = testkit::json(&stdout);
-    let context = format!("SDK results: {results:#}\n{}", stack.logs());
+    let args = [
+        "--base-url",
+        &base,
+        "--key",
+        "anthropic-test-key",
+        "--model",
+        "claude-like",
+    ];
+    let (results, context) = stack
+        .run_sdk_client(&venv, "anthropic_client.py", &args)
+        .await;
     let signature = stack.model("claude-like").signature();
 
     // Streamed while the model was still loading (keep-alive comments first), then the

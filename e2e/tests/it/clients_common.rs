@@ -3,6 +3,7 @@
 //! the official openai Python SDK and grpcurl, from a Python venv.
 
 use std::{
+    ffi::OsStr,
     path::{Path, PathBuf},
     process::{Command, Stdio},
     time::Duration,
@@ -23,6 +24,33 @@ pub struct Venv {
     pub python: PathBuf,
     /// The grpcurl binary itself, not the package's Python wrapper script.
     pub grpcurl: PathBuf,
+}
+
+impl Venv {
+    /// Runs the client `e2e/python/SCRIPT ARGS...` on this venv's Python (killed after
+    /// `deadline`); fails with its output and `logs()` (the stack's) unless it succeeded.
+    /// The JSON it printed, and a context for assertion messages: that JSON and the logs.
+    pub async fn run_script<S: AsRef<OsStr>>(
+        &self,
+        script: &str,
+        args: impl IntoIterator<Item = S>,
+        deadline: Duration,
+        logs: impl Fn() -> String,
+    ) -> (Value, String) {
+        let mut command = tokio::process::Command::new(&self.python);
+        command
+            .arg(repo().join("e2e/python").join(script))
+            .args(args);
+        let (status, stdout, stderr) = run_client(command, deadline).await;
+        assert!(
+            status.success(),
+            "{script} failed ({status}):\n{stderr}\n{stdout}{}",
+            logs()
+        );
+        let results = testkit::json(&stdout);
+        let context = format!("{script} printed: {results:#}\n{}", logs());
+        (results, context)
+    }
 }
 
 /// Ensures `target/test-venv` exists with the pinned clients and returns it.
@@ -69,6 +97,9 @@ pub fn venv() -> Venv {
     );
     Venv { python, grpcurl }
 }
+
+/// What the SDK clients ask for to see the gateway's "unknown model" error.
+pub const UNKNOWN_MODEL: &str = "nobody-configured-this";
 
 /// A model served by a mock backend (testkit's: loads in 300 ms, answers without delay).
 pub type MockModel = testkit::MockModel;
@@ -130,6 +161,21 @@ impl Stack {
     /// The gateway's URL of `path` (`""`: its root, `"/v1"`: its OpenAI base URL).
     pub fn url(&self, path: &str) -> String {
         format!("http://127.0.0.1:{}{path}", self.gateway_port)
+    }
+
+    /// Runs the SDK client `script` (its `args` name the gateway) with a model nobody
+    /// configured as `--unknown`: the JSON it printed and a context for assertion messages.
+    pub async fn run_sdk_client(
+        &self,
+        venv: &Venv,
+        script: &str,
+        args: &[&str],
+    ) -> (Value, String) {
+        let args = args.iter().chain(&["--unknown", UNKNOWN_MODEL]);
+        // A swap, streamed, through the SDK's own retries and timeouts on a loaded machine.
+        let deadline = Duration::from_secs(240);
+        venv.run_script(script, args, deadline, || self.logs())
+            .await
     }
 
     /// The last lines of every daemon's log, for assertion messages.
@@ -220,19 +266,4 @@ pub async fn run_client(
         String::from_utf8_lossy(&output.stdout).into_owned(),
         String::from_utf8_lossy(&output.stderr).into_owned(),
     )
-}
-
-/// The last lines of each log, for assertion messages.
-pub fn log_tails(paths: &[PathBuf]) -> String {
-    let mut text = String::new();
-    for path in paths {
-        let log = testkit::read_lossy(path);
-        let lines: Vec<&str> = log.lines().collect();
-        text.push_str(&format!("\n--- {} (last lines)\n", path.display()));
-        for line in &lines[lines.len().saturating_sub(60)..] {
-            text.push_str(line);
-            text.push('\n');
-        }
-    }
-    text
 }

@@ -2,46 +2,41 @@
 //! real supervisor on its Unix socket: it learns the schema through server
 //! reflection and calls the supervisor with it (e2e/python/grpc_reflection_client.py).
 
-use std::time::Duration;
+use std::{ffi::OsStr, time::Duration};
 
 use crate::clients_common;
 use crate::clients_common::{Stack, mock};
 use serde_json::{Value, json};
 
-/// Runs e2e/python/grpc_reflection_client.py against a fresh supervisor: its
-/// JSON results and a context for assertion messages.
-async fn discover(test: &str) -> (Value, String) {
+/// Runs e2e/python/grpc_reflection_client.py against a fresh supervisor and asserts that
+/// reflection lists `service`: the client's JSON results and a context for assertion
+/// messages.
+async fn discover(test: &str, service: &str) -> (Value, String) {
     let venv = clients_common::venv();
     let stack = Stack::builder(test)
         .model(mock("alpha", "vllm", &[0]))
         .model(mock("beta", "sglang", &[1]))
         .start()
         .await;
-    let mut command = tokio::process::Command::new(&venv.python);
-    command
-        .arg(clients_common::repo().join("e2e/python/grpc_reflection_client.py"))
-        .arg("--socket")
-        .arg(&stack.socket);
-    let (status, stdout, stderr) =
-        clients_common::run_client(command, Duration::from_secs(120)).await;
+    let (results, context) = venv
+        .run_script(
+            "grpc_reflection_client.py",
+            [OsStr::new("--socket"), stack.socket.as_os_str()],
+            Duration::from_secs(120),
+            || stack.logs(),
+        )
+        .await;
+    let services = results["services"].as_array().expect("services");
     assert!(
-        status.success(),
-        "grpc_reflection_client.py failed ({status}):\n{stderr}\n{stdout}{}",
-        stack.logs()
+        services.contains(&json!(service)),
+        "reflection lists {service}: {context}"
     );
-    let results: Value = testkit::json(&stdout);
-    let context = format!("grpcio results: {results:#}\n{}", stack.logs());
     (results, context)
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn grpcio_discovers_the_supervisor_through_reflection_and_calls_it() {
-    let (results, context) = discover("grpcio").await;
-    let services = results["services"].as_array().expect("services");
-    assert!(
-        services.contains(&json!("gpuswap.v1.Supervisor")),
-        "reflection lists the supervisor: {context}"
-    );
+    let (results, context) = discover("grpcio", "gpuswap.v1.Supervisor").await;
     assert_eq!(
         results["methods"],
         json!([
@@ -94,12 +89,7 @@ async fn grpcio_discovers_the_supervisor_through_reflection_and_calls_it() {
 /// server's reflection: the v1alpha protocol, and every served service described.
 #[tokio::test(flavor = "multi_thread")]
 async fn reflection_describes_every_service_in_both_protocol_versions() {
-    let (results, context) = discover("grpcio-alpha").await;
-    let services = results["services"].as_array().expect("services");
-    assert!(
-        services.contains(&json!("grpc.health.v1.Health")),
-        "reflection lists the health service: {context}"
-    );
+    let (results, context) = discover("grpcio-alpha", "grpc.health.v1.Health").await;
     assert_eq!(
         results["v1alpha"]["services"], results["services"],
         "v1alpha reflection answers as v1 does: {context}"

@@ -1,8 +1,6 @@
 //! The official openai Python SDK against the real gateway, supervisor and mock
 //! backends: what applications built on it see (e2e/python/openai_client.py).
 
-use std::time::Duration;
-
 use crate::clients_common;
 use crate::clients_common::{Stack, mock};
 use gpuswap::pb::ModelState;
@@ -19,27 +17,9 @@ async fn openai_python_sdk_lists_chats_streams_fails_and_swaps() {
         .await;
     stack.start_gateway().await;
 
-    let mut command = tokio::process::Command::new(&venv.python);
-    command
-        .arg(clients_common::repo().join("e2e/python/openai_client.py"))
-        .args(["--base-url", &stack.url("/v1")])
-        .args([
-            "--first",
-            "alpha",
-            "--second",
-            "beta",
-            "--unknown",
-            "nobody-configured-this",
-        ]);
-    let (status, stdout, stderr) =
-        clients_common::run_client(command, Duration::from_secs(240)).await;
-    assert!(
-        status.success(),
-        "openai_client.py failed ({status}):\n{stderr}\n{stdout}{}",
-        stack.logs()
-    );
-    let results: Value = testkit::json(&stdout);
-    let context = format!("SDK results: {results:#}\n{}", stack.logs());
+    let base = stack.url("/v1");
+    let args = ["--base-url", &base, "--first", "alpha", "--second", "beta"];
+    let (results, context) = stack.run_sdk_client(&venv, "openai_client.py", &args).await;
     let (alpha, beta) = (stack.model("alpha"), stack.model("beta"));
 
     let mut listed: Vec<&str> = results["models"]

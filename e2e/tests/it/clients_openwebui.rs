@@ -187,7 +187,7 @@ impl OpenWebUi {
     }
 
     fn log_tail(&self) -> String {
-        clients_common::log_tails(std::slice::from_ref(&self.log))
+        testkit::log_tails([&self.log])
     }
 }
 

@@ -2,6 +2,8 @@
 //! and remove process environment variables, which every other test's children would
 //! inherit: they run alone in a child process of this test binary.
 
+use std::path::{Path, PathBuf};
+
 use gpuswap::config::Config;
 
 /// Set in the child process that runs the checks.
@@ -19,17 +21,15 @@ fn env_overrides_the_file_and_is_validated() {
         );
     }
     let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("g.toml");
-    std::fs::write(
-        &path,
+    let path = write_config(
+        dir.path(),
+        "g.toml",
         "[gateway]\nlisten = \"127.0.0.1:8002\"\n[models.a]\nkind = \"vllm\"\ncommand = [\"x\"]\nport = 8000\n",
-    )
-    .unwrap();
-    // SAFETY: the only test in this process; nothing reads the environment concurrently.
-    unsafe {
-        std::env::set_var("GPUSWAP__GATEWAY__LISTEN", "127.0.0.1:9999");
-        std::env::set_var("GPUSWAP__SUPERVISOR__MIN_RESIDENCY", "2s");
-    }
+    );
+    set_env(&[
+        ("GPUSWAP__GATEWAY__LISTEN", Some("127.0.0.1:9999")),
+        ("GPUSWAP__SUPERVISOR__MIN_RESIDENCY", Some("2s")),
+    ]);
     let c = Config::load(&path).unwrap();
     assert_eq!(c.gateway.listen, "127.0.0.1:9999");
     assert_eq!(
@@ -38,37 +38,60 @@ fn env_overrides_the_file_and_is_validated() {
     );
     assert_eq!(c.models["a"].port, 8000);
 
-    unsafe { std::env::set_var("GPUSWAP__GATEWAY__LISTEN", "not an address") };
+    set_env(&[("GPUSWAP__GATEWAY__LISTEN", Some("not an address"))]);
     let e = Config::load(&path).unwrap_err().to_string();
     assert!(e.contains("gateway.listen"), "{e}");
 
-    unsafe { std::env::remove_var("GPUSWAP__GATEWAY__LISTEN") };
+    set_env(&[("GPUSWAP__GATEWAY__LISTEN", None)]);
 
     // The Kubernetes DaemonSet names each box and its pod address this way
     // (deploy/kubernetes/boxes.yaml): keys inside the file's `register` table.
-    let registered = dir.path().join("r.toml");
-    std::fs::write(
-        &registered,
+    let registered = write_config(
+        dir.path(),
+        "r.toml",
         "[gateway]\nregister = { etcd = [\"http://e:2379\"], name = \"set-by-env\", advertise = \"0.0.0.0:8002\" }\n",
-    )
-    .unwrap();
-    unsafe {
-        std::env::set_var("GPUSWAP__GATEWAY__REGISTER__NAME", "node-7");
-        std::env::set_var("GPUSWAP__GATEWAY__REGISTER__ADVERTISE", "10.1.2.3:8002");
-    }
+    );
+    set_env(&[
+        ("GPUSWAP__GATEWAY__REGISTER__NAME", Some("node-7")),
+        (
+            "GPUSWAP__GATEWAY__REGISTER__ADVERTISE",
+            Some("10.1.2.3:8002"),
+        ),
+    ]);
     let register = Config::load(&registered).unwrap().gateway.register.unwrap();
     assert_eq!(
         (register.name.as_str(), register.advertise.as_str()),
         ("node-7", "10.1.2.3:8002")
     );
     assert_eq!(register.etcd, ["http://e:2379"]);
-    unsafe {
-        std::env::remove_var("GPUSWAP__GATEWAY__REGISTER__NAME");
-        std::env::remove_var("GPUSWAP__GATEWAY__REGISTER__ADVERTISE");
-    }
+    set_env(&[
+        ("GPUSWAP__GATEWAY__REGISTER__NAME", None),
+        ("GPUSWAP__GATEWAY__REGISTER__ADVERTISE", None),
+    ]);
 
     let e = Config::load(&dir.path().join("missing.toml"))
         .unwrap_err()
         .to_string();
     assert!(e.contains("missing.toml") && e.contains("not found"), "{e}");
+}
+
+/// Writes `text` to the configuration file `name` in `dir`.
+fn write_config(dir: &Path, name: &str, text: &str) -> PathBuf {
+    let path = dir.join(name);
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+/// Sets (a value) or removes (None) process environment variables.
+fn set_env(vars: &[(&str, Option<&str>)]) {
+    for (name, value) in vars {
+        // SAFETY: the only test in this process (it runs alone in its child); nothing reads
+        // the environment concurrently.
+        unsafe {
+            match value {
+                Some(value) => std::env::set_var(name, value),
+                None => std::env::remove_var(name),
+            }
+        }
+    }
 }

@@ -497,6 +497,20 @@ pub fn judge(asked: &str, stream: bool, reply: &Reply) -> Verdict {
     }
 }
 
+impl Stack {
+    /// POSTs a chat request to the gateway and asserts that the model asked for served it.
+    pub async fn served_chat(&self, model: &str, stream: bool, max_tokens: u32) -> Reply {
+        let reply = self.chat(model, stream, max_tokens).await;
+        assert_eq!(
+            judge(model, stream, &reply),
+            Verdict::Served,
+            "{reply:?}{}",
+            self.logs()
+        );
+        reply
+    }
+}
+
 fn judge_json(asked: &str, text: &str) -> Verdict {
     let Ok(body) = serde_json::from_str::<Value>(text) else {
         return Verdict::Malformed(format!("not JSON: {text}"));

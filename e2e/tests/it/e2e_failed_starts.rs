@@ -7,37 +7,47 @@
 use std::time::{Duration, Instant};
 
 use crate::e2e_common;
-use crate::e2e_common::{Model, Stack, Verdict, judge, openai_error};
+use crate::e2e_common::{Model, Stack, StackBuilder, openai_error};
 use gpuswap::pb::ModelState;
 use serde_json::Value;
 
-/// The `error` object of a 503 `model_start_failed`, with its message.
-fn start_failure(reply: &e2e_common::Reply, logs: &str) -> (Value, String) {
-    assert_eq!(reply.status, 503, "{reply:?}{logs}");
+/// A stack of `name`, whose mock backend fails as `--fault FAULT` says (`tune` sets the
+/// rest of it), and of "fine", a model that shares its GPU.
+fn with_fault(
+    test: &str,
+    name: &str,
+    fault: &str,
+    tune: impl FnOnce(Model) -> Model,
+) -> StackBuilder {
+    let faulty = tune(Model::new(name).args(&["--fault", fault]));
+    Stack::builder(test).model(faulty).model(Model::new("fine"))
+}
+
+/// Asks for `model`, whose start fails: the `error` object of the 503
+/// `model_start_failed`, its message, and how long the answer took.
+async fn start_failure(stack: &Stack, model: &str) -> (Value, String, Duration) {
+    let asked = Instant::now();
+    let reply = stack.chat(model, false, 2).await;
+    let took = asked.elapsed();
+    assert_eq!(reply.status, 503, "{reply:?}{}", stack.logs());
     let body: Value = serde_json::from_str(&reply.text).expect("JSON");
     let (code, message) = openai_error(&body).unwrap_or_else(|| panic!("{reply:?}"));
     assert_eq!(code, "model_start_failed", "{message}");
-    (body["error"].clone(), message)
+    (body["error"].clone(), message, took)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_backend_that_exits_while_loading_fails_at_once_and_its_log_says_why() {
-    let stack = Stack::builder("e2e-exit-load")
-        // Exits with a CUDA OOM half-way through a 1 s load, long before its startup_timeout.
-        .model(
-            Model::new("broken")
-                .flavor("sglang")
-                .load_time("1s")
-                .args(&["--fault", "exit-during-load"])
-                .toml("startup_timeout = \"60s\""),
-        )
-        .model(Model::new("fine"))
-        .start()
-        .await;
-    let asked = Instant::now();
-    let reply = stack.chat("broken", false, 2).await;
-    let took = asked.elapsed();
-    let (error, message) = start_failure(&reply, &stack.logs());
+    // Exits with a CUDA OOM half-way through a 1 s load, long before its startup_timeout.
+    let stack = with_fault("e2e-exit-load", "broken", "exit-during-load", |model| {
+        model
+            .flavor("sglang")
+            .load_time("1s")
+            .toml("startup_timeout = \"60s\"")
+    })
+    .start()
+    .await;
+    let (error, message, took) = start_failure(&stack, "broken").await;
     assert!(message.contains("broken"), "{message}");
     assert!(message.contains("exited"), "the reason: {message}");
     assert!(
@@ -57,33 +67,21 @@ async fn a_backend_that_exits_while_loading_fails_at_once_and_its_log_says_why()
     .await;
 
     // The GPU is free for the next model.
-    let reply = stack.chat("fine", true, 3).await;
-    assert_eq!(
-        judge("fine", true, &reply),
-        Verdict::Served,
-        "{reply:?}{}",
-        stack.logs()
-    );
+    stack.served_chat("fine", true, 3).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_backend_that_never_becomes_ready_fails_at_its_startup_timeout() {
     let startup_timeout = Duration::from_millis(1500);
-    let stack = Stack::builder("e2e-never-ready")
-        .gateway("expose_log_tail = true")
-        .model(
-            Model::new("stuck")
-                .load_time("200ms")
-                .args(&["--fault", "never-ready"])
-                .toml("startup_timeout = \"1500ms\""),
-        )
-        .model(Model::new("fine"))
-        .start()
-        .await;
-    let asked = Instant::now();
-    let reply = stack.chat("stuck", false, 2).await;
-    let took = asked.elapsed();
-    let (error, message) = start_failure(&reply, &stack.logs());
+    let stack = with_fault("e2e-never-ready", "stuck", "never-ready", |model| {
+        model
+            .load_time("200ms")
+            .toml("startup_timeout = \"1500ms\"")
+    })
+    .gateway("expose_log_tail = true")
+    .start()
+    .await;
+    let (error, message, took) = start_failure(&stack, "stuck").await;
     assert!(message.contains("startup_timeout"), "the reason: {message}");
     let tail = error["log_tail"].as_array().expect("a log tail");
     assert!(
@@ -106,48 +104,27 @@ async fn a_backend_that_never_becomes_ready_fails_at_its_startup_timeout() {
     .await;
     assert_eq!(stack.status("stuck").await.state(), ModelState::Failed);
 
-    let reply = stack.chat("fine", false, 3).await;
-    assert_eq!(
-        judge("fine", false, &reply),
-        Verdict::Served,
-        "{reply:?}{}",
-        stack.logs()
-    );
+    stack.served_chat("fine", false, 3).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_backend_ignoring_sigterm_is_killed_at_stop_timeout_and_the_next_model_serves() {
     let stop_timeout = Duration::from_millis(1500);
-    let stack = Stack::builder("e2e-stubborn")
-        .model(
-            Model::new("stubborn")
-                .args(&["--fault", "ignore-sigterm"])
-                .toml("stop_timeout = \"1500ms\""),
-        )
-        .model(Model::new("fine"))
-        .start()
-        .await;
+    let stack = with_fault("e2e-stubborn", "stubborn", "ignore-sigterm", |model| {
+        model.toml("stop_timeout = \"1500ms\"")
+    })
+    .start()
+    .await;
     let sampler = stack.sampler(&[("stubborn", "fine")]);
-    let reply = stack.chat("stubborn", false, 2).await;
-    assert_eq!(
-        judge("stubborn", false, &reply),
-        Verdict::Served,
-        "{reply:?}"
-    );
+    stack.served_chat("stubborn", false, 2).await;
     let server = stack.status("stubborn").await.pid;
     let death = e2e_common::watch_death(server, testkit::DEADLINE);
 
     // "fine" needs the GPU: stubborn is drained (nothing in flight), told to stop, ignores
     // it, and is killed at its stop_timeout; then fine starts and answers.
     let asked = Instant::now();
-    let reply = stack.chat("fine", true, 3).await;
+    stack.served_chat("fine", true, 3).await;
     let served = Instant::now();
-    assert_eq!(
-        judge("fine", true, &reply),
-        Verdict::Served,
-        "{reply:?}{}",
-        stack.logs()
-    );
     let died = death.join().expect("the watcher").expect("stubborn died");
     let lived = died.duration_since(asked);
     eprintln!(

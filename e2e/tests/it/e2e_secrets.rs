@@ -322,14 +322,8 @@ impl Stack {
 impl Drop for Stack {
     fn drop(&mut self) {
         if std::thread::panicking() {
-            for name in ["supervisor.log", "gateway.log"] {
-                let log = self.read_log(name);
-                let tail: Vec<&str> = log.lines().rev().take(40).collect();
-                eprintln!("--- {name} (last lines)");
-                for line in tail.into_iter().rev() {
-                    eprintln!("{line}");
-                }
-            }
+            let logs = ["supervisor.log", "gateway.log"].map(|name| self.log_path(name));
+            eprintln!("{}", testkit::log_tails(logs));
         }
         drop(self.gateway.take());
         drop(self.supervisor.take());

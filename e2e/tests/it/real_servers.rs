@@ -165,18 +165,31 @@ impl Drop for VllmSlot {
 
 // ----- models ------------------------------------------------------------------------------
 
+/// The tiny model that `e2e/real/setup.sh` installed as `file` in `GPUSWAP_REAL_MODELS`.
+fn tiny(file: &str) -> String {
+    installed("GPUSWAP_REAL_MODELS")
+        .join(file)
+        .display()
+        .to_string()
+}
+
+/// A real server of `flavor` serving `served` (the catalog name is `name`), its model given
+/// by `model_args`.
+fn real_server(name: &str, flavor: &str, served: &str, model_args: &[&str]) -> Model {
+    Model::new(name)
+        .flavor(flavor)
+        .served_name(served)
+        .args(model_args)
+}
+
 /// A real vLLM serving the tiny HF model as `served` (the catalog name is `name`).
 fn vllm(name: &str, served: &str) -> Model {
-    let model = installed("GPUSWAP_REAL_MODELS").join("tiny-llama-hf");
-    vllm_of(name, served, &model.display().to_string())
+    vllm_of(name, served, &tiny("tiny-llama-hf"))
 }
 
 /// A real vLLM told to load `model_path`.
 fn vllm_of(name: &str, served: &str, model_path: &str) -> Model {
-    Model::new(name)
-        .flavor("vllm")
-        .served_name(served)
-        .args(&["--model", model_path])
+    real_server(name, "vllm", served, &["--model", model_path])
         // The KV cache in GiB on CPU (the default, 4, is more than two instances can have).
         .env("VLLM_CPU_KVCACHE_SPACE", "1")
         .env("HF_HUB_OFFLINE", "1")
@@ -189,15 +202,11 @@ fn vllm_of(name: &str, served: &str, model_path: &str) -> Model {
 
 /// A real llama-server serving the tiny GGUF as `served`.
 fn llama(name: &str, served: &str) -> Model {
-    let model = installed("GPUSWAP_REAL_MODELS").join("tiny-llama.gguf");
-    llama_of(name, served, &model.display().to_string())
+    llama_of(name, served, &tiny("tiny-llama.gguf"))
 }
 
 fn llama_of(name: &str, served: &str, model_path: &str) -> Model {
-    Model::new(name)
-        .flavor("llama-server")
-        .served_name(served)
-        .args(&["-m", model_path])
+    real_server(name, "llama-server", served, &["-m", model_path])
         .toml("startup_timeout = \"120s\"")
 }
 
@@ -499,19 +508,19 @@ async fn real_vllm_and_llama_server_swap_on_one_gpu_through_the_openai_sdk() {
     // catalog names differ from the served names, which the real servers check (vLLM answers
     // 404 to a model it does not serve): gpuswap renames the model in each request.
     let venv = clients_common::venv();
-    let mut command = tokio::process::Command::new(&venv.python);
-    command
-        .arg(clients_common::repo().join("e2e/python/real_servers_client.py"))
-        .args(["--base-url", &stack.url("/v1")])
-        .args(["--sequence", "llama-chat,vllm-chat"]);
-    let (status, stdout, stderr) = clients_common::run_client(command, START_DEADLINE).await;
-    assert!(
-        status.success(),
-        "real_servers_client.py failed ({status}): {stderr}\n{stdout}{}",
-        stack.logs()
-    );
-    let steps = testkit::json(&stdout);
-    let context = format!("SDK steps: {steps:#}");
+    let (steps, context) = venv
+        .run_script(
+            "real_servers_client.py",
+            [
+                "--base-url",
+                &stack.url("/v1"),
+                "--sequence",
+                "llama-chat,vllm-chat",
+            ],
+            START_DEADLINE,
+            || stack.logs(),
+        )
+        .await;
     for (step, served) in steps
         .as_array()
         .expect("steps")
