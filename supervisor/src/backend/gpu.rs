@@ -51,6 +51,42 @@ enum NvmlUnusable {
     #[error("NVML initialisation panicked")]
     Panicked,
 }
+
+/// Why the GPUs' process lists could not be read.
+#[derive(Debug, thiserror::Error)]
+pub enum GpuQueryError {
+    #[error("counting GPUs: {0}")]
+    Count(#[source] NvmlError),
+    #[error("GPU {index}: {source}")]
+    Device {
+        index: u32,
+        #[source]
+        source: NvmlError,
+    },
+    /// `kind`: compute or graphics.
+    #[error("GPU {index}: listing {kind} processes: {source}")]
+    Processes {
+        index: u32,
+        kind: &'static str,
+        #[source]
+        source: NvmlError,
+    },
+    #[error("the NVML query panicked: {0}")]
+    Panicked(#[source] tokio::task::JoinError),
+}
+
+/// Why a sleeping backend's GPU memory was not seen released.
+#[derive(Debug, thiserror::Error)]
+pub enum NotReleased {
+    #[error("NVML did not answer within {0:?}")]
+    NoAnswer(Duration),
+    /// `held`: how much on which GPU, e.g. "40 GiB on GPU 0".
+    #[error("its processes still hold {held} {timeout:?} after the sleep (gpu_release_timeout)")]
+    StillHeld { held: String, timeout: Duration },
+    #[error(transparent)]
+    Query(#[from] GpuQueryError),
+}
+
 /// Whether [`NO_DRIVER_NOTICE`] has been said.
 static ANNOUNCED: AtomicBool = AtomicBool::new(false);
 
@@ -77,7 +113,7 @@ pub async fn wait_released(tree: &[i32], timeout: Duration, logs: &LogBuffer) {
             // NVML calls are ioctls that may block for milliseconds on a busy GPU.
             tokio::task::spawn_blocking(move || tree_on_gpus(nvml, &tree))
                 .await
-                .unwrap_or_else(|e| Err(format!("the NVML query panicked: {e}")))
+                .unwrap_or_else(|e| Err(GpuQueryError::Panicked(e)))
         }
     })
     .await;
@@ -158,14 +194,20 @@ fn init_nvml() -> Result<Nvml, NvmlUnusable> {
 }
 
 /// The pids of `tree` that some GPU lists as running a compute or graphics context.
-fn tree_on_gpus(nvml: &Nvml, tree: &BTreeSet<u32>) -> Result<BTreeSet<u32>, String> {
+fn tree_on_gpus(nvml: &Nvml, tree: &BTreeSet<u32>) -> Result<BTreeSet<u32>, GpuQueryError> {
     let mut on_gpus = BTreeSet::new();
     for_each_gpu(nvml, |index, device, compute| {
         let graphics = match device.running_graphics_processes() {
             Ok(processes) => processes,
             // Compute-only boards have no graphics contexts to list.
             Err(NvmlError::NotSupported) => Vec::new(),
-            Err(e) => return Err(format!("GPU {index}: listing graphics processes: {e}")),
+            Err(source) => {
+                return Err(GpuQueryError::Processes {
+                    index,
+                    kind: "graphics",
+                    source,
+                });
+            }
         };
         on_gpus.extend(
             compute
@@ -183,18 +225,21 @@ fn tree_on_gpus(nvml: &Nvml, tree: &BTreeSet<u32>) -> Result<BTreeSet<u32>, Stri
 /// the walk. Every GPU is visited: NVML's device order need not match CUDA_VISIBLE_DEVICES'.
 fn for_each_gpu(
     nvml: &Nvml,
-    mut each: impl FnMut(u32, &Device<'_>, Vec<ProcessInfo>) -> Result<(), String>,
-) -> Result<(), String> {
-    let count = nvml
-        .device_count()
-        .map_err(|e| format!("counting GPUs: {e}"))?;
+    mut each: impl FnMut(u32, &Device<'_>, Vec<ProcessInfo>) -> Result<(), GpuQueryError>,
+) -> Result<(), GpuQueryError> {
+    let count = nvml.device_count().map_err(GpuQueryError::Count)?;
     for index in 0..count {
         let device = nvml
             .device_by_index(index)
-            .map_err(|e| format!("GPU {index}: {e}"))?;
-        let compute = device
-            .running_compute_processes()
-            .map_err(|e| format!("GPU {index}: listing compute processes: {e}"))?;
+            .map_err(|source| GpuQueryError::Device { index, source })?;
+        let compute =
+            device
+                .running_compute_processes()
+                .map_err(|source| GpuQueryError::Processes {
+                    index,
+                    kind: "compute",
+                    source,
+                })?;
         each(index, &device, compute)?;
     }
     Ok(())
@@ -203,10 +248,11 @@ fn for_each_gpu(
 /// Polls `on_gpus` (1 ms doubling to 50 ms) until it lists nothing, for at most `timeout`
 /// (a look that hangs included: a GPU that fell off the bus can block NVML for long).
 /// Says in `logs` how long it waited, that it gave up, or that it could not look.
-async fn wait_gone<F, Fut>(timeout: Duration, logs: &LogBuffer, mut on_gpus: F)
+async fn wait_gone<F, Fut, E>(timeout: Duration, logs: &LogBuffer, mut on_gpus: F)
 where
     F: FnMut() -> Fut,
-    Fut: Future<Output = Result<BTreeSet<u32>, String>>,
+    Fut: Future<Output = Result<BTreeSet<u32>, E>>,
+    E: std::fmt::Display,
 {
     let started = Instant::now();
     let deadline = started + timeout;
@@ -274,7 +320,7 @@ pub async fn wait_sleep_released(
     tree: &[i32],
     timeout: Duration,
     logs: &LogBuffer,
-) -> Result<(), String> {
+) -> Result<(), NotReleased> {
     let started = Instant::now();
     let Some(nvml) = shared_nvml(timeout, logs).await else {
         return Ok(());
@@ -293,7 +339,7 @@ pub async fn wait_sleep_released(
             async move {
                 tokio::task::spawn_blocking(move || tree_memory(nvml, &tree))
                     .await
-                    .unwrap_or_else(|e| Err(format!("the NVML query panicked: {e}")))
+                    .unwrap_or_else(|e| Err(GpuQueryError::Panicked(e)))
             }
         },
     )
@@ -302,7 +348,7 @@ pub async fn wait_sleep_released(
 
 /// The GPU memory the processes of `tree` use, by GPU index (a process whose use NVML
 /// cannot tell counts as nothing).
-fn tree_memory(nvml: &Nvml, tree: &BTreeSet<u32>) -> Result<BTreeMap<u32, u64>, String> {
+fn tree_memory(nvml: &Nvml, tree: &BTreeSet<u32>) -> Result<BTreeMap<u32, u64>, GpuQueryError> {
     let mut used = BTreeMap::new();
     for_each_gpu(nvml, |index, _, compute| {
         let bytes: u64 = compute
@@ -323,10 +369,10 @@ fn tree_memory(nvml: &Nvml, tree: &BTreeSet<u32>) -> Result<BTreeMap<u32, u64>, 
 
 /// Polls `used` (1 ms doubling to 50 ms) until no GPU shows more than `residue`, for at most
 /// `timeout`.
-async fn wait_below<F, Fut>(timeout: Duration, residue: u64, mut used: F) -> Result<(), String>
+async fn wait_below<F, Fut>(timeout: Duration, residue: u64, mut used: F) -> Result<(), NotReleased>
 where
     F: FnMut() -> Fut,
-    Fut: Future<Output = Result<BTreeMap<u32, u64>, String>>,
+    Fut: Future<Output = Result<BTreeMap<u32, u64>, GpuQueryError>>,
 {
     let deadline = Instant::now() + timeout;
     let mut pause = FIRST_PAUSE;
@@ -334,7 +380,7 @@ where
         let left = deadline.saturating_duration_since(Instant::now());
         let look = tokio::time::timeout(left, used())
             .await
-            .map_err(|_| format!("NVML did not answer within {timeout:?}"))??;
+            .map_err(|_| NotReleased::NoAnswer(timeout))??;
         let over: Vec<String> = look
             .iter()
             .filter(|(_, bytes)| **bytes > residue)
@@ -345,11 +391,10 @@ where
         }
         let left = deadline.saturating_duration_since(Instant::now());
         if left.is_zero() {
-            return Err(format!(
-                "its processes still hold {} {timeout:?} after the sleep \
-                 (gpu_release_timeout)",
-                over.join(", ")
-            ));
+            return Err(NotReleased::StillHeld {
+                held: over.join(", "),
+                timeout,
+            });
         }
         tokio::time::sleep(pause.min(left)).await;
         pause = (pause * 2).min(MAX_PAUSE);
@@ -439,7 +484,7 @@ mod tests {
         let logs = LogBuffer::new("m", 100);
         let timeout = Duration::from_millis(50);
         let started = Instant::now();
-        wait_gone(timeout, &logs, std::future::pending).await;
+        wait_gone(timeout, &logs, std::future::pending::<Result<_, String>>).await;
         assert!(started.elapsed() >= timeout, "{:?}", started.elapsed());
         let lines = lines(&logs);
         assert!(
@@ -451,7 +496,7 @@ mod tests {
     /// A fake reading of the tree's GPU memory: `answers` in turn, then the last for ever.
     fn readings(
         answers: Vec<u64>,
-    ) -> impl FnMut() -> std::future::Ready<Result<BTreeMap<u32, u64>, String>> {
+    ) -> impl FnMut() -> std::future::Ready<Result<BTreeMap<u32, u64>, GpuQueryError>> {
         let mut calls = 0;
         move || {
             let bytes = answers[calls.min(answers.len() - 1)];
@@ -465,7 +510,7 @@ mod tests {
         let gib = 1u64 << 30;
         let looks = readings(vec![40 * gib, 20 * gib, gib / 2]);
         let result = wait_below(Duration::from_secs(600), SLEEP_RESIDUE, looks).await;
-        assert_eq!(result, Ok(()));
+        assert!(result.is_ok(), "{result:?}");
     }
 
     #[tokio::test]
@@ -475,7 +520,7 @@ mod tests {
         let started = Instant::now();
         let result = wait_below(timeout, SLEEP_RESIDUE, looks).await;
         assert!(started.elapsed() >= timeout);
-        let why = result.unwrap_err();
+        let why = result.unwrap_err().to_string();
         assert!(why.contains("40 GiB on GPU 0"), "{why}");
     }
 

@@ -70,21 +70,41 @@ struct Args {
     args: Vec<OsString>,
 }
 
-fn parse_args(mut argv: impl Iterator<Item = OsString>) -> Result<Args, String> {
+/// What is wrong with the guard's command line.
+#[derive(Debug, thiserror::Error)]
+enum UsageError {
+    #[error("missing `-- PROGRAM`")]
+    MissingSeparator,
+    #[error("{0} needs a value")]
+    MissingValue(String),
+    #[error("{flag}: not a number: {value:?}")]
+    NotANumber { flag: String, value: OsString },
+    #[error("unknown flag {0}")]
+    UnknownFlag(String),
+    #[error("missing PROGRAM after --")]
+    MissingProgram,
+}
+
+fn parse_args(mut argv: impl Iterator<Item = OsString>) -> Result<Args, UsageError> {
     let mut args = Args::default();
     loop {
         let Some(flag) = argv.next() else {
-            return Err("missing `-- PROGRAM`".into());
+            return Err(UsageError::MissingSeparator);
         };
         let flag = flag.to_string_lossy().into_owned();
         if flag == "--" {
             break;
         }
-        let value = argv.next().ok_or_else(|| format!("{flag} needs a value"))?;
-        let number = |v: &OsString| -> Result<u64, String> {
+        let value = argv
+            .next()
+            .ok_or_else(|| UsageError::MissingValue(flag.clone()))?;
+        let number = |v: &OsString| -> Result<u64, UsageError> {
             v.to_str()
                 .and_then(|s| s.parse().ok())
-                .ok_or_else(|| format!("{flag}: not a number: {v:?}"))
+                .ok_or_else(|| UsageError::NotANumber {
+                    flag: flag.clone(),
+                    value: v.clone(),
+                })
         };
         match flag.as_str() {
             "--uid" => args.uid = Some(number(&value)? as u32),
@@ -93,10 +113,10 @@ fn parse_args(mut argv: impl Iterator<Item = OsString>) -> Result<Args, String> 
             "--workdir" => args.workdir = Some(value.into()),
             "--report-fd" => args.report_fd = Some(number(&value)? as RawFd),
             "--supervisor-pid" => args.supervisor_pid = Some(number(&value)? as i32),
-            _ => return Err(format!("unknown flag {flag}")),
+            _ => return Err(UsageError::UnknownFlag(flag)),
         }
     }
-    args.program = argv.next().ok_or("missing PROGRAM after --")?;
+    args.program = argv.next().ok_or(UsageError::MissingProgram)?;
     args.args = argv.collect();
     Ok(args)
 }

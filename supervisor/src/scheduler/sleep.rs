@@ -56,7 +56,9 @@ impl Actor {
                 sleep::enter(&config, &protocol, sleep::REQUEST_TIMEOUT)
                     .await
                     .map_err(|e| e.to_string())?;
-                gpu::wait_sleep_released(&backend.survivors(), release_timeout, &logs).await
+                gpu::wait_sleep_released(&backend.survivors(), release_timeout, &logs)
+                    .await
+                    .map_err(|e| e.to_string())
             }
             .instrument(span)
             .await
