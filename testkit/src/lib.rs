@@ -32,7 +32,7 @@ pub use process::{
 pub use promtool::promtool_check;
 pub use stack::{StackBase, StackBuilder, StartStack};
 pub use supervisor::{
-    StartLog, append_log, follow_starts, model_status, status, supervisor_client,
+    StartLog, append_log, follow_starts, log_lines, model_status, status, supervisor_client,
     supervisor_command, wait_state, wait_until_answering,
 };
 

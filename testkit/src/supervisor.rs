@@ -70,6 +70,26 @@ pub async fn status(client: &SupervisorClient) -> pb::StatusResponse {
         .into_inner()
 }
 
+/// The last `tail` lines the supervisor keeps of `model`'s log ("": every model's), oldest
+/// first.
+pub async fn log_lines(client: &SupervisorClient, model: &str, tail: u32) -> Vec<pb::LogLine> {
+    let mut client = client.clone();
+    let mut stream = client
+        .logs(pb::LogsRequest {
+            model: model.into(),
+            tail,
+            follow: false,
+        })
+        .await
+        .expect("Logs")
+        .into_inner();
+    let mut lines = Vec::new();
+    while let Some(line) = stream.message().await.expect("Logs stream") {
+        lines.push(line);
+    }
+    lines
+}
+
 /// The Status of one model; panics when the supervisor does not list it.
 pub async fn model_status(client: &SupervisorClient, name: &str) -> pb::ModelStatus {
     status(client)

@@ -15,6 +15,16 @@ const PROBE_SOCKET_ENV: &str = "GPUSWAP_TEST_PROBE_SOCKET";
 
 /// Runs inside a child process started by `peer_credentials_are_checked`, as another user:
 /// prints the outcome of one Status call. Ignored in normal runs.
+/// A supervisor whose socket every user can reach (mode 0666 in a directory of mode 0755):
+/// only its peer check, `check` (an allowed_uids or allowed_gids line), lets them in.
+async fn open_to_everyone(test: &str, check: &str) -> Supervisor {
+    let sup = Supervisor::prepare(test, &[check, "socket_mode = \"0666\""], vec![]);
+    std::fs::set_permissions(sup.dir.path(), std::fs::Permissions::from_mode(0o755))
+        .expect("chmod");
+    sup.write_config();
+    sup.launch().await
+}
+
 #[tokio::test]
 #[ignore = "run by peer_credentials_are_checked as another user"]
 async fn probe_socket_as_another_user() {
@@ -125,19 +135,7 @@ async fn peer_credentials_are_checked() {
     }
     let allowed = 4242;
     let other = 4343;
-    let sup = Supervisor::prepare(
-        "peer",
-        &[
-            &format!("allowed_uids = [{allowed}]"),
-            "socket_mode = \"0666\"",
-        ],
-        vec![],
-    );
-    // Let the other users reach the socket itself: the peer check is what is tested.
-    std::fs::set_permissions(sup.dir.path(), std::fs::Permissions::from_mode(0o755))
-        .expect("chmod");
-    sup.write_config();
-    let sup = sup.launch().await;
+    let sup = open_to_everyone("peer", &format!("allowed_uids = [{allowed}]")).await;
     let (socket, dir) = (sup.socket.clone(), sup.dir.path().to_owned());
     let results = tokio::task::spawn_blocking(move || {
         (
@@ -156,18 +154,7 @@ async fn peer_credentials_are_checked() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn supplementary_groups_are_those_the_peer_connected_with() {
     testkit::require_root("calling as another user with other groups");
-    let sup = Supervisor::prepare(
-        "peergroups",
-        &[
-            &format!("allowed_gids = [{PEER_GROUP}]"),
-            "socket_mode = \"0666\"",
-        ],
-        vec![],
-    );
-    std::fs::set_permissions(sup.dir.path(), std::fs::Permissions::from_mode(0o755))
-        .expect("chmod");
-    sup.write_config();
-    let sup = sup.launch().await;
+    let sup = open_to_everyone("peergroups", &format!("allowed_gids = [{PEER_GROUP}]")).await;
     let (socket, dir) = (sup.socket.clone(), sup.dir.path().to_owned());
     let result = tokio::task::spawn_blocking(move || {
         run_probe("probe_socket_then_leave_the_group", &socket, &dir, |_| {})

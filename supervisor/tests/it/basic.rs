@@ -55,25 +55,14 @@ async fn activate_starts_the_model_and_its_address_answers() {
         !everything.contains("sekret-key"),
         "Status leaks the api key: {everything}"
     );
-    let mut client = sup.client.clone();
-    let mut logs = client
-        .logs(pb::LogsRequest {
-            model: String::new(),
-            tail: 10_000,
-            follow: false,
-        })
-        .await
-        .expect("Logs")
-        .into_inner();
-    let mut lines = 0;
-    while let Some(line) = logs.message().await.expect("Logs stream") {
-        lines += 1;
+    let lines = sup.log_lines("", 10_000).await;
+    for line in &lines {
         assert!(
             !line.line.contains("sekret-key"),
             "Logs leak the api key: {line:?}"
         );
     }
-    assert!(lines > 0);
+    assert!(!lines.is_empty());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -305,20 +294,7 @@ async fn watch_sends_a_snapshot_then_changes() {
 async fn logs_tail_and_follow() {
     let sup = Supervisor::start("logs", &[], vec![Mock::new("alpha")]).await;
     sup.activate("alpha", false).await.ready().await;
-    let mut client = sup.client.clone();
-    let mut tail = client
-        .logs(pb::LogsRequest {
-            model: "alpha".into(),
-            tail: 1000,
-            follow: false,
-        })
-        .await
-        .expect("Logs")
-        .into_inner();
-    let mut lines = Vec::new();
-    while let Some(line) = tail.message().await.expect("Logs stream") {
-        lines.push(line);
-    }
+    let lines = sup.log_lines("alpha", 1000).await;
     assert!(
         lines
             .iter()
@@ -332,7 +308,9 @@ async fn logs_tail_and_follow() {
         "backend output: {lines:?}"
     );
 
-    let mut follow = client
+    let mut follow = sup
+        .client
+        .clone()
         .logs(pb::LogsRequest {
             model: String::new(),
             tail: 0,
@@ -359,25 +337,6 @@ async fn logs_tail_and_follow() {
     assert_eq!(stopped.model, "alpha");
 }
 
-/// Every line of `model`'s log the supervisor keeps, oldest first.
-async fn log_lines(sup: &Supervisor, model: &str) -> Vec<String> {
-    let mut client = sup.client.clone();
-    let mut tail = client
-        .logs(pb::LogsRequest {
-            model: model.into(),
-            tail: 10_000,
-            follow: false,
-        })
-        .await
-        .expect("Logs")
-        .into_inner();
-    let mut lines = Vec::new();
-    while let Some(line) = tail.message().await.expect("Logs stream") {
-        lines.push(line.line);
-    }
-    lines
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_swap_reads_the_next_models_weights_into_the_page_cache_while_the_old_one_stops() {
     let weights = tempfile::tempdir().expect("tempdir");
@@ -401,7 +360,7 @@ async fn a_swap_reads_the_next_models_weights_into_the_page_cache_while_the_old_
     .await;
     sup.activate("old", false).await.ready().await;
     sup.activate("new", false).await.ready().await;
-    let lines = log_lines(&sup, "new").await;
+    let lines = sup.log_text("new", 10_000).await;
     let position = |what: &str| {
         lines
             .iter()

@@ -165,6 +165,33 @@ impl Supervisor {
         activate_on(&self.client, request).await
     }
 
+    /// Reads the configuration file again; panics when the supervisor refuses it.
+    pub async fn reload(&self) -> pb::ReloadResponse {
+        let mut client = self.client.clone();
+        client
+            .reload(pb::ReloadRequest {})
+            .await
+            .expect("Reload")
+            .into_inner()
+    }
+
+    /// Writes the configuration as it is now, then reloads it.
+    pub async fn rewrite_and_reload(&self) -> pb::ReloadResponse {
+        self.write_config();
+        self.reload().await
+    }
+
+    /// The last `tail` lines kept of `model`'s log ("": every model's), oldest first.
+    pub async fn log_lines(&self, model: &str, tail: u32) -> Vec<pb::LogLine> {
+        testkit::log_lines(&self.client, model, tail).await
+    }
+
+    /// The text of the last `tail` lines kept of `model`'s log, oldest first.
+    pub async fn log_text(&self, model: &str, tail: u32) -> Vec<String> {
+        let lines = self.log_lines(model, tail).await;
+        lines.into_iter().map(|line| line.line).collect()
+    }
+
     pub async fn deactivate(&self, model: &str, force: bool) -> Vec<String> {
         self.deactivate_with(pb::DeactivateRequest {
             model: model.into(),
@@ -286,6 +313,24 @@ impl Activation {
         self.until("Failed", |e| match e {
             Event::Failed(failed) => Some(failed.clone()),
             Event::Ready(ready) => panic!("Ready instead of Failed: {ready:?}"),
+            _ => None,
+        })
+        .await
+    }
+
+    /// Reads until the hold is lost.
+    pub async fn hold_lost(&mut self) -> pb::HoldLost {
+        self.until("HoldLost", |e| match e {
+            Event::HoldLost(h) => Some(h.clone()),
+            _ => None,
+        })
+        .await
+    }
+
+    /// Reads until the holder is asked to let go.
+    pub async fn drain_requested(&mut self) -> pb::DrainRequested {
+        self.until("DrainRequested", |e| match e {
+            Event::DrainRequested(d) => Some(d.clone()),
             _ => None,
         })
         .await

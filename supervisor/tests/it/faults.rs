@@ -4,17 +4,22 @@ use std::time::{Duration, Instant};
 
 use crate::common;
 use crate::common::{Mock, Supervisor, http};
-use gpuswap::pb::{self, ModelState, activate_event::Event};
+use gpuswap::pb::{ModelState, activate_event::Event};
 use testkit::rss_bytes;
+
+/// A supervisor of one model, alpha, whose mock backend misbehaves as `fault` says; `toml`:
+/// more lines of its section.
+async fn alpha_with_fault(test: &str, fault: &str, toml: &[&str]) -> Supervisor {
+    let mut alpha = Mock::new("alpha").args(&["--fault", fault]);
+    for line in toml {
+        alpha = alpha.toml(line);
+    }
+    Supervisor::start(test, &[], vec![alpha]).await
+}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn exit_during_load_fails_with_the_log_tail() {
-    let sup = Supervisor::start(
-        "exitload",
-        &[],
-        vec![Mock::new("alpha").args(&["--fault", "exit-during-load"])],
-    )
-    .await;
+    let sup = alpha_with_fault("exitload", "exit-during-load", &[]).await;
     let mut activation = sup.activate("alpha", false).await;
     let failed = activation.failed().await;
     assert_eq!(failed.model, "alpha");
@@ -37,16 +42,7 @@ async fn exit_during_load_fails_with_the_log_tail() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_backend_never_ready_fails_at_startup_timeout() {
-    let sup = Supervisor::start(
-        "neverready",
-        &[],
-        vec![
-            Mock::new("alpha")
-                .args(&["--fault", "never-ready"])
-                .toml("startup_timeout = \"1s\""),
-        ],
-    )
-    .await;
+    let sup = alpha_with_fault("neverready", "never-ready", &["startup_timeout = \"1s\""]).await;
     let failed = sup.activate("alpha", false).await.failed().await;
     assert!(
         failed.reason.contains("1s"),
@@ -59,12 +55,7 @@ async fn a_backend_never_ready_fails_at_startup_timeout() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_crash_while_ready_loses_the_holds_and_the_next_activate_restarts_with_backoff() {
-    let sup = Supervisor::start(
-        "crash",
-        &[],
-        vec![Mock::new("alpha").args(&["--fault", "crash-after:2"])],
-    )
-    .await;
+    let sup = alpha_with_fault("crash", "crash-after:2", &[]).await;
     let mut generations = Vec::new();
     for round in 1..=2u32 {
         let mut hold = sup.activate("alpha", true).await;
@@ -81,12 +72,7 @@ async fn a_crash_while_ready_loses_the_holds_and_the_next_activate_restarts_with
             r#"{"model":"alpha","messages":[{"role":"user","content":"hi"}],"max_tokens":10}"#;
         // The backend dies in the middle of the answer.
         let _ = http(&ready.address, "POST", "/v1/chat/completions", Some(body)).await;
-        let lost = hold
-            .until("HoldLost", |e| match e {
-                Event::HoldLost(h) => Some(h.clone()),
-                _ => None,
-            })
-            .await;
+        let lost = hold.hold_lost().await;
         assert!(lost.reason.contains("exited"), "{lost:?}");
         assert!(hold.next().await.is_none(), "the hold stream ends");
         let status = sup.wait_state("alpha", ModelState::Failed).await;
@@ -106,12 +92,7 @@ async fn a_crash_while_ready_loses_the_holds_and_the_next_activate_restarts_with
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_backend_dying_right_after_its_health_check_is_a_crash_never_ready() {
-    let sup = Supervisor::start(
-        "exitready",
-        &[],
-        vec![Mock::new("alpha").args(&["--fault", "exit-after-ready"])],
-    )
-    .await;
+    let sup = alpha_with_fault("exitready", "exit-after-ready", &[]).await;
     for round in 1..=2u32 {
         let mut hold = sup.activate("alpha", true).await;
         // The death is seen before Ready (Failed) or right after it (the hold is lost);
@@ -138,31 +119,12 @@ async fn a_backend_dying_right_after_its_health_check_is_a_crash_never_ready() {
     }
 }
 
-/// The lines of `model`'s log buffer.
-async fn log_lines(sup: &Supervisor, model: &str) -> Vec<String> {
-    let mut client = sup.client.clone();
-    let mut lines = client
-        .logs(pb::LogsRequest {
-            model: model.into(),
-            tail: 500,
-            follow: false,
-        })
-        .await
-        .expect("Logs")
-        .into_inner();
-    let mut all = Vec::new();
-    while let Some(line) = lines.message().await.expect("Logs stream") {
-        all.push(line.line);
-    }
-    all
-}
-
 /// Waits for a log line of `model` containing `needle`, while the model stays Ready.
 async fn wait_for_line_while_ready(sup: &Supervisor, model: &str, needle: &str) {
     testkit::wait_for(needle, testkit::DEADLINE, || async {
         let status = sup.model(model).await;
         assert_eq!(status.state(), ModelState::Ready, "{status:?}");
-        let lines = log_lines(sup, model).await;
+        let lines = sup.log_text(model, 500).await;
         lines.iter().any(|l| l.contains(needle)).then_some(())
     })
     .await;
@@ -233,22 +195,13 @@ async fn a_guard_killed_from_outside_keeps_the_gpu_until_its_orphans_are_ended()
         !testkit::alive(worker),
         "beta started while alpha's worker {worker} still ran"
     );
-    let log = log_lines(&sup, "alpha").await.join("\n");
+    let log = sup.log_text("alpha", 500).await.join("\n");
     assert!(log.contains("outlived the guard"), "{log}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_backend_ignoring_sigterm_is_killed_after_stop_timeout() {
-    let sup = Supervisor::start(
-        "sigterm",
-        &[],
-        vec![
-            Mock::new("alpha")
-                .args(&["--fault", "ignore-sigterm"])
-                .toml("stop_timeout = \"1s\""),
-        ],
-    )
-    .await;
+    let sup = alpha_with_fault("sigterm", "ignore-sigterm", &["stop_timeout = \"1s\""]).await;
     sup.activate("alpha", false).await.ready().await;
     assert!(!sup.backend_processes().is_empty());
     let began = Instant::now();
@@ -271,16 +224,10 @@ async fn a_backend_ignoring_sigterm_is_killed_after_stop_timeout() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_log_flood_keeps_the_supervisor_memory_bounded() {
-    let sup = Supervisor::start(
-        "flood",
-        &[],
-        vec![Mock::new("alpha").args(&["--fault", "flood:100M"])],
-    )
-    .await;
+    let sup = alpha_with_fault("flood", "flood:100M", &[]).await;
     let pid = sup.pid();
     let mut activation = sup.activate("alpha", false).await;
     let mut peak = 0;
-    let mut client = sup.client.clone();
     let started = Instant::now();
     let mut ready = false;
     loop {
@@ -292,17 +239,8 @@ async fn a_log_flood_keeps_the_supervisor_memory_bounded() {
             ready = matches!(event, Event::Ready(_));
             assert!(!matches!(event, Event::Failed(_)), "{event:?}");
         }
-        let mut tail = client
-            .logs(pb::LogsRequest {
-                model: "alpha".into(),
-                tail: 20,
-                follow: false,
-            })
-            .await
-            .expect("Logs")
-            .into_inner();
         let mut done = false;
-        while let Some(line) = tail.message().await.expect("Logs stream") {
+        for line in sup.log_lines("alpha", 20).await {
             done |= line.line.contains("flood done");
             assert!(line.line.len() <= 17 * 1024, "long lines are cut");
         }

@@ -3,35 +3,28 @@
 use std::time::{Duration, Instant};
 
 use crate::common;
-use crate::common::{Mock, Supervisor, activate_on};
+use crate::common::{Activation, Mock, Supervisor, activate_on};
 use gpuswap::{
     ClientOptions, Endpoint,
     pb::{self, ModelState, activate_event::Event},
 };
 
-fn drain_requested(event: &Event) -> Option<pb::DrainRequested> {
-    match event {
-        Event::DrainRequested(d) => Some(d.clone()),
-        _ => None,
-    }
-}
-
-fn hold_lost(event: &Event) -> Option<pb::HoldLost> {
-    match event {
-        Event::HoldLost(h) => Some(h.clone()),
-        _ => None,
-    }
+/// A supervisor of alpha and beta (both on GPU 0) with `settings`, and a ready hold on alpha.
+async fn alpha_held(test: &str, settings: &[&str]) -> (Supervisor, Activation, pb::Ready) {
+    let models = vec![Mock::new("alpha"), Mock::new("beta")];
+    let sup = Supervisor::start(test, settings, models).await;
+    let mut hold = sup.activate("alpha", true).await;
+    let ready = hold.ready().await;
+    (sup, hold, ready)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_held_model_is_drained_and_stopped_only_after_release() {
-    let sup = Supervisor::start("hold", &[], vec![Mock::new("alpha"), Mock::new("beta")]).await;
-    let mut hold = sup.activate("alpha", true).await;
-    let alpha = hold.ready().await;
+    let (sup, mut hold, alpha) = alpha_held("hold", &[]).await;
     assert_eq!(sup.model("alpha").await.holders, 1);
 
     let mut beta = sup.activate("beta", false).await;
-    let drain = hold.until("DrainRequested", drain_requested).await;
+    let drain = hold.drain_requested().await;
     assert_eq!(drain.model, "alpha");
     assert_eq!(drain.wanted_by, "beta");
     assert!(
@@ -96,25 +89,18 @@ async fn holds_are_sticky_while_nobody_waits() {
         sup.deactivate("alpha", true).await,
         vec!["alpha".to_string()]
     );
-    let lost = hold.until("HoldLost", hold_lost).await;
+    let lost = hold.hold_lost().await;
     assert!(lost.reason.contains("deactivated"), "{lost:?}");
     assert!(hold.next().await.is_none(), "the hold stream ends");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn drain_timeout_revokes_holds() {
-    let sup = Supervisor::start(
-        "revoke",
-        &["drain_timeout = \"1s\""],
-        vec![Mock::new("alpha"), Mock::new("beta")],
-    )
-    .await;
-    let mut hold = sup.activate("alpha", true).await;
-    hold.ready().await;
+    let (sup, mut hold, _) = alpha_held("revoke", &["drain_timeout = \"1s\""]).await;
     let mut beta = sup.activate("beta", false).await;
-    hold.until("DrainRequested", drain_requested).await;
+    hold.drain_requested().await;
     // The holder ignores the request; after drain_timeout the hold is revoked.
-    let lost = hold.until("HoldLost", hold_lost).await;
+    let lost = hold.hold_lost().await;
     assert_eq!(lost.model, "alpha");
     assert!(lost.reason.contains("revoked"), "{lost:?}");
     assert!(hold.next().await.is_none(), "a revoked hold's stream ends");
@@ -124,14 +110,7 @@ async fn drain_timeout_revokes_holds() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn force_revokes_holds_at_once() {
-    let sup = Supervisor::start(
-        "force",
-        &["drain_timeout = \"10m\""],
-        vec![Mock::new("alpha"), Mock::new("beta")],
-    )
-    .await;
-    let mut hold = sup.activate("alpha", true).await;
-    hold.ready().await;
+    let (sup, mut hold, _) = alpha_held("force", &["drain_timeout = \"10m\""]).await;
     let mut beta = sup
         .activate_with(pb::ActivateRequest {
             model: "beta".into(),
@@ -142,7 +121,7 @@ async fn force_revokes_holds_at_once() {
         .await
         .expect("Activate");
     // Only force can end the hold within the test deadline: drain_timeout is ten minutes.
-    let lost = hold.until("HoldLost", hold_lost).await;
+    let lost = hold.hold_lost().await;
     assert!(lost.reason.contains("force"), "{lost:?}");
     beta.ready().await;
 }
@@ -202,7 +181,7 @@ async fn waiters_are_served_in_arrival_order() {
     let alpha = hold.ready().await;
 
     let mut beta = sup.activate("beta", false).await;
-    hold.until("DrainRequested", drain_requested).await;
+    hold.drain_requested().await;
     let mut gamma = sup.activate("gamma", false).await;
     let queued = gamma
         .until("Queued", |e| match e {
@@ -288,7 +267,7 @@ async fn deactivate_drains_the_holders_first() {
             .await
             .map(|r| r.into_inner().stopped)
     });
-    let drain = hold.until("DrainRequested", drain_requested).await;
+    let drain = hold.drain_requested().await;
     assert_eq!(drain.wanted_by, "deactivate");
     // Still held, still serving, the Deactivate still waits.
     assert_eq!(sup.state("alpha").await, ModelState::Ready);
@@ -458,7 +437,7 @@ async fn a_deactivation_with_sleep_drains_then_sleeps_and_activate_wakes_the_sam
 
     let mut client = sup.client.clone();
     let sleeping = tokio::spawn(async move { client.deactivate(sleep_request("alpha")).await });
-    let drain = hold.until("DrainRequested", drain_requested).await;
+    let drain = hold.drain_requested().await;
     assert_eq!(drain.model, "alpha");
     assert_eq!(sup.state("alpha").await, ModelState::Ready, "drains first");
     drop(hold);

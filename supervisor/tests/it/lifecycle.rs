@@ -120,10 +120,7 @@ async fn sigterm_stops_every_backend_and_exits_0() {
     assert!(!sup.backend_processes().is_empty());
     sup.terminate().await;
     // The hold learned why it ended.
-    hold.until("HoldLost", |e| {
-        matches!(e, Event::HoldLost(_)).then_some(())
-    })
-    .await;
+    hold.hold_lost().await;
     assert!(!sup.socket.exists(), "the socket is removed");
 }
 
@@ -216,25 +213,14 @@ async fn the_listen_flag_is_applied_before_validation_and_kept_across_reloads() 
 
     // A reload reads the file again with the flag on top: still valid, nothing to restart.
     sup.models.push(Mock::new("beta"));
-    sup.write_config();
-    let mut client = sup.client.clone();
-    let response = client
-        .reload(pb::ReloadRequest {})
-        .await
-        .expect("Reload")
-        .into_inner();
+    let response = sup.rewrite_and_reload().await;
     assert_eq!(response.added, ["beta"]);
     assert!(response.needs_restart.is_empty(), "{response:?}");
 
     // Another valid socket in the file: the flag still decides, nothing to restart.
     let other = sup.dir.path().join("other.sock");
     sup.settings = vec![format!("listen = \"unix://{}\"", other.display())];
-    sup.write_config();
-    let response = client
-        .reload(pb::ReloadRequest {})
-        .await
-        .expect("Reload")
-        .into_inner();
+    let response = sup.rewrite_and_reload().await;
     assert!(response.needs_restart.is_empty(), "{response:?}");
     assert!(!other.exists());
 }
@@ -271,12 +257,7 @@ async fn a_reload_names_the_changes_that_need_a_restart() {
             "gpuswapctl reload does not say that {key} needs a restart: {stdout}"
         );
     }
-    let mut client = sup.client.clone();
-    let response = client
-        .reload(pb::ReloadRequest {})
-        .await
-        .expect("Reload")
-        .into_inner();
+    let response = sup.reload().await;
     assert_eq!(
         response.needs_restart,
         [
@@ -309,23 +290,12 @@ async fn reload_adds_removes_and_restarts_only_changed_models() {
     sup.models.retain(|m| m.name != "removed");
     sup.models[1].load_time = "400ms".into();
     sup.models.push(Mock::new("added").gpus(&[2]));
-    sup.write_config();
-    let mut client = sup.client.clone();
-    let response = client
-        .reload(pb::ReloadRequest {})
-        .await
-        .expect("Reload")
-        .into_inner();
+    let response = sup.rewrite_and_reload().await;
     assert_eq!(response.added, vec!["added".to_string()]);
     assert_eq!(response.removed, vec!["removed".to_string()]);
     assert_eq!(response.changed, vec!["changed".to_string()]);
 
-    let lost = changed_hold
-        .until("HoldLost", |e| match e {
-            Event::HoldLost(h) => Some(h.clone()),
-            _ => None,
-        })
-        .await;
+    let lost = changed_hold.hold_lost().await;
     assert!(lost.reason.contains("configuration changed"), "{lost:?}");
     sup.wait_state("changed", ModelState::Stopped).await;
     testkit::wait_for("the removed model to go", DEADLINE, || async {
@@ -350,7 +320,9 @@ async fn reload_adds_removes_and_restarts_only_changed_models() {
 
     // A broken file is refused and nothing changes.
     std::fs::write(&sup.config_path, "[models.x]\nport = 0\n").expect("write");
-    let error = client
+    let error = sup
+        .client
+        .clone()
         .reload(pb::ReloadRequest {})
         .await
         .expect_err("invalid config");

@@ -2,9 +2,13 @@
 
 use crate::common::run_to_exit;
 
-/// A configuration whose daemon logs an error and exits 1 at once: its metrics port is
-/// taken (by `taken`, which the caller keeps open).
-fn failing_config(dir: &std::path::Path, taken: &std::net::TcpListener, format: &str) -> String {
+/// Runs the supervisor with `flags` after `--config` on a configuration (with
+/// `log_format`) whose daemon logs an error and exits 1 at once: its metrics port is taken.
+/// Returns its exit code and stderr.
+fn run_failing(format: &str, flags: &[&str]) -> (Option<i32>, String) {
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let dir = testkit::short_tempdir();
+    let dir = dir.path();
     let config = dir.join("gpuswap.toml");
     std::fs::write(
         &config,
@@ -17,7 +21,9 @@ fn failing_config(dir: &std::path::Path, taken: &std::net::TcpListener, format: 
         ),
     )
     .expect("write config");
-    config.to_str().expect("utf-8 path").to_owned()
+    let mut args = vec!["--config", config.to_str().expect("utf-8 path")];
+    args.extend(flags);
+    run_to_exit(&args, dir)
 }
 
 fn json_lines(stderr: &str) -> Vec<serde_json::Value> {
@@ -29,11 +35,7 @@ fn json_lines(stderr: &str) -> Vec<serde_json::Value> {
 
 #[test]
 fn the_log_format_flag_overrides_the_configuration() {
-    let taken = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
-    let dir = testkit::short_tempdir();
-
-    let config = failing_config(dir.path(), &taken, "json");
-    let (code, stderr) = run_to_exit(&["--config", &config], dir.path());
+    let (code, stderr) = run_failing("json", &[]);
     assert_eq!(code, Some(1), "{stderr}");
     let logged = json_lines(&stderr);
     assert!(
@@ -44,7 +46,7 @@ fn the_log_format_flag_overrides_the_configuration() {
         "telemetry.log_format = json logs JSON lines: {stderr}"
     );
 
-    let (code, stderr) = run_to_exit(&["--config", &config, "--log-format", "text"], dir.path());
+    let (code, stderr) = run_failing("json", &["--log-format", "text"]);
     assert_eq!(code, Some(1), "{stderr}");
     assert!(
         json_lines(&stderr).is_empty(),
@@ -52,8 +54,7 @@ fn the_log_format_flag_overrides_the_configuration() {
     );
     assert!(stderr.contains("ERROR"), "{stderr}");
 
-    let config = failing_config(dir.path(), &taken, "text");
-    let (code, stderr) = run_to_exit(&["--config", &config, "--log-format", "json"], dir.path());
+    let (code, stderr) = run_failing("text", &["--log-format", "json"]);
     assert_eq!(code, Some(1), "{stderr}");
     assert!(
         json_lines(&stderr)
@@ -65,10 +66,7 @@ fn the_log_format_flag_overrides_the_configuration() {
 
 #[test]
 fn an_unknown_log_format_exits_2_and_names_the_key() {
-    let taken = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
-    let dir = testkit::short_tempdir();
-    let config = failing_config(dir.path(), &taken, "yaml");
-    let (code, stderr) = run_to_exit(&["--config", &config], dir.path());
+    let (code, stderr) = run_failing("yaml", &[]);
     assert_eq!(code, Some(2), "{stderr}");
     assert!(stderr.contains("telemetry.log_format"), "{stderr}");
 }

@@ -53,16 +53,17 @@ async fn scrape_when(address: &str, what: &str, ready: impl Fn(&str) -> bool) ->
     .await
 }
 
+/// A supervisor of `models` that serves its metrics, and the address it serves them on.
+async fn with_metrics(test: &str, models: Vec<Mock>) -> (Supervisor, String) {
+    let metrics = format!("127.0.0.1:{}", testkit::free_port());
+    let listen = format!("metrics_listen = \"{metrics}\"");
+    (Supervisor::start(test, &[&listen], models).await, metrics)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn metrics_show_swaps_their_phases_and_model_states() {
-    let metrics = format!("127.0.0.1:{}", testkit::free_port());
-    let sup = Supervisor::start(
-        "metrics",
-        &[&format!("metrics_listen = \"{metrics}\"")],
-        // Both on GPU 0: activating one stops the other.
-        vec![Mock::new("alpha"), Mock::new("beta")],
-    )
-    .await;
+    // Both on GPU 0: activating one stops the other.
+    let (sup, metrics) = with_metrics("metrics", vec![Mock::new("alpha"), Mock::new("beta")]).await;
 
     let text = scrape(&metrics).await;
     for model in ["alpha", "beta"] {
@@ -135,13 +136,8 @@ async fn metrics_show_swaps_their_phases_and_model_states() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn failed_starts_and_restarts_are_counted_by_reason() {
-    let metrics = format!("127.0.0.1:{}", testkit::free_port());
-    let sup = Supervisor::start(
-        "metrics-fail",
-        &[&format!("metrics_listen = \"{metrics}\"")],
-        vec![Mock::new("broken").args(&["--fault", "exit-during-load"])],
-    )
-    .await;
+    let broken = Mock::new("broken").args(&["--fault", "exit-during-load"]);
+    let (sup, metrics) = with_metrics("metrics-fail", vec![broken]).await;
     let failed = sup.activate("broken", false).await.failed().await;
     assert!(failed.reason.contains("exited"), "{failed:?}");
     let text = scrape_when(&metrics, "the failure counted", |text| {

@@ -2,19 +2,20 @@
 
 use std::time::Duration;
 
-use crate::process_support::{http_server, logged, logs, model, python3, spec};
+use crate::process_support::{assert_logged, http_server, logs, model, python3, spec};
 use gpuswap_supervisor::backend::{Backend, StartError, logs::LogBuffer};
 use serde_json::json;
 use testkit::{DEADLINE, free_port, short_tempdir};
 
-/// Spawns the server for `kind` and waits for readiness.
-async fn ready(
+/// Spawns the server for `kind`, waits for readiness and for the server's logged 200 on
+/// `path`; returns the backend, its log and the statuses the server answered on `path`.
+async fn probed(
     kind: &str,
     path: &str,
     key: &str,
     phases: &[&str],
     extra: serde_json::Value,
-) -> (Backend, LogBuffer) {
+) -> (Backend, LogBuffer, Vec<u16>) {
     let dir = short_tempdir();
     let port = free_port();
     let command = http_server(dir.path(), port, path, key, phases);
@@ -31,7 +32,9 @@ async fn ready(
     if let Err(e) = result {
         panic!("{kind} not ready: {e}; log: {:?}", logs.tail_lines(30));
     }
-    (backend, logs)
+    wait_logged_200(&logs, path).await;
+    let codes = answered(&logs, path);
+    (backend, logs, codes)
 }
 
 /// Waits until the server logged its answer 200 on `path` (the log reader may trail the
@@ -54,7 +57,7 @@ fn answered(logs: &LogBuffer, path: &str) -> Vec<u16> {
 
 #[tokio::test]
 async fn sglang_is_ready_after_refused_then_503_then_200() {
-    let (backend, logs) = ready(
+    let (backend, logs, codes) = probed(
         "sglang",
         "/health",
         "-",
@@ -62,9 +65,7 @@ async fn sglang_is_ready_after_refused_then_503_then_200() {
         json!({}),
     )
     .await;
-    wait_logged_200(&logs, "/health").await;
-    let codes = answered(&logs, "/health");
-    assert!(logged(&logs, "loading"));
+    assert_logged(&logs, "loading");
     assert!(codes.contains(&503), "probed while warming: {codes:?}");
     assert_eq!(codes.last(), Some(&200), "ready only on 200: {codes:?}");
     backend.stop().await;
@@ -72,21 +73,16 @@ async fn sglang_is_ready_after_refused_then_503_then_200() {
 
 #[tokio::test]
 async fn vllm_is_ready_after_refused_then_200() {
-    let (backend, logs) = ready("vllm", "/health", "-", &["refuse=0.3", "200"], json!({})).await;
-    wait_logged_200(&logs, "/health").await;
-    assert_eq!(
-        answered(&logs, "/health"),
-        [200],
-        "the first answer is the ready one"
-    );
+    let (backend, _, codes) =
+        probed("vllm", "/health", "-", &["refuse=0.3", "200"], json!({})).await;
+    assert_eq!(codes, [200], "the first answer is the ready one");
     backend.stop().await;
 }
 
 #[tokio::test]
 async fn llama_server_is_ready_after_503_then_200() {
-    let (backend, logs) = ready("llama-server", "/health", "-", &["503*3", "200"], json!({})).await;
-    wait_logged_200(&logs, "/health").await;
-    let codes = answered(&logs, "/health");
+    let (backend, _, codes) =
+        probed("llama-server", "/health", "-", &["503*3", "200"], json!({})).await;
     assert!(codes.contains(&503), "probed while loading: {codes:?}");
     assert_eq!(codes.last(), Some(&200), "{codes:?}");
     backend.stop().await;
@@ -94,7 +90,7 @@ async fn llama_server_is_ready_after_503_then_200() {
 
 #[tokio::test]
 async fn tabbyapi_is_probed_on_v1_model_with_its_key() {
-    let (backend, logs) = ready(
+    let (backend, _, codes) = probed(
         "tabbyapi",
         "/v1/model",
         "sekrit",
@@ -102,8 +98,6 @@ async fn tabbyapi_is_probed_on_v1_model_with_its_key() {
         json!({ "api_key": "sekrit" }),
     )
     .await;
-    wait_logged_200(&logs, "/v1/model").await;
-    let codes = answered(&logs, "/v1/model");
     assert!(
         !codes.contains(&401),
         "the probe carries the key: {codes:?}"
@@ -114,7 +108,7 @@ async fn tabbyapi_is_probed_on_v1_model_with_its_key() {
 
 #[tokio::test]
 async fn openai_uses_its_health_path() {
-    let (backend, logs) = ready(
+    let (backend, _, codes) = probed(
         "openai",
         "/ping",
         "-",
@@ -122,8 +116,7 @@ async fn openai_uses_its_health_path() {
         json!({ "health_path": "/ping" }),
     )
     .await;
-    wait_logged_200(&logs, "/ping").await;
-    assert_eq!(answered(&logs, "/ping").last(), Some(&200));
+    assert_eq!(codes.last(), Some(&200));
     backend.stop().await;
 }
 
@@ -168,11 +161,7 @@ async fn an_exit_while_loading_fails_at_once() {
         e => panic!("unexpected error: {e}"),
     }
     // The failure report has the last words.
-    assert!(
-        logged(&logs, "CUDA out of memory"),
-        "{:?}",
-        logs.tail_lines(10)
-    );
+    assert_logged(&logs, "CUDA out of memory");
 }
 
 #[tokio::test]
@@ -209,7 +198,7 @@ async fn a_backend_that_never_listens_times_out_and_says_so() {
         error.to_string().contains("nothing ever listened"),
         "{error}"
     );
-    assert!(logged(&logs, "nothing ever listened"));
+    assert_logged(&logs, "nothing ever listened");
     backend.stop().await;
 }
 
@@ -235,11 +224,7 @@ async fn a_backend_stuck_warming_times_out() {
         "{error}"
     );
     if matches!(error, StartError::Timeout(_)) {
-        assert!(
-            logged(&logs, "answered HTTP 503"),
-            "{:?}",
-            logs.tail_lines(10)
-        );
+        assert_logged(&logs, "answered HTTP 503");
     }
     backend.stop().await;
     let _ = python3();
@@ -282,6 +267,6 @@ async fn a_200_from_another_process_on_the_port_is_not_readiness() {
         }
         e => panic!("unexpected error: {e}"),
     }
-    assert!(logged(&logs, "not by the model's processes"));
+    assert_logged(&logs, "not by the model's processes");
     backend.stop().await;
 }

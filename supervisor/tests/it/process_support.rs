@@ -35,8 +35,17 @@ pub fn logs(name: &str) -> LogBuffer {
     LogBuffer::new(name, 1000)
 }
 
+/// Asserts that `logs` holds a line containing `needle`; shows its last lines if not.
+pub fn assert_logged(logs: &LogBuffer, needle: &str) {
+    assert!(
+        logged(logs, needle),
+        "want {needle:?} in {:?}",
+        logs.tail_lines(20)
+    );
+}
+
 /// Whether `logs` holds a line containing `needle`.
-pub fn logged(logs: &LogBuffer, needle: &str) -> bool {
+fn logged(logs: &LogBuffer, needle: &str) -> bool {
     logs.tail_lines(usize::MAX)
         .iter()
         .any(|l| l.contains(needle))

@@ -7,7 +7,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use crate::process_support::{logged, logs, model, sh, spec, tagged};
+use crate::process_support::{assert_logged, logs, model, sh, spec, tagged};
 use gpuswap_supervisor::backend::{Backend, StartError, state_file::StateFile};
 use serde_json::json;
 use testkit::{DEADLINE, free_port, unique_marker, wait_for, wait_for_blocking};
@@ -76,12 +76,8 @@ async fn stop_ends_a_worker_that_left_the_group() {
         "processes left after stop"
     );
     assert_eq!(backend.exit_info(), Some(info));
-    assert!(logged(&logs, "stopping"), "{:?}", logs.tail_lines(20));
-    assert!(
-        logged(&logs, "exited: killed by signal 15"),
-        "{:?}",
-        logs.tail_lines(20)
-    );
+    assert_logged(&logs, "stopping");
+    assert_logged(&logs, "exited: killed by signal 15");
 }
 
 #[tokio::test]
@@ -122,11 +118,7 @@ async fn a_backend_ignoring_sigterm_is_killed_after_stop_timeout() {
         "SIGKILL only after stop_timeout, took {took:?}"
     );
     assert!(tagged(&marker, &[]).is_empty(), "processes left after stop");
-    assert!(
-        logged(&logs, "stop escalated to SIGKILL"),
-        "{:?}",
-        logs.tail_lines(20)
-    );
+    assert_logged(&logs, "stop escalated to SIGKILL");
 }
 
 #[tokio::test]
@@ -152,11 +144,7 @@ async fn an_exit_reports_its_code_and_leaves_no_descendant() {
         tagged(&marker, &[]).is_empty(),
         "descendants left after the backend exited"
     );
-    assert!(
-        logged(&logs, "exited: exit status 7"),
-        "{:?}",
-        logs.tail_lines(20)
-    );
+    assert_logged(&logs, "exited: exit status 7");
     // A stop after the exit is a no-op that reports the same exit.
     assert_eq!(backend.stop().await, info);
 }
@@ -225,11 +213,7 @@ async fn the_backend_runs_as_its_user() {
         nobody.gid,
         nobody.dir.display()
     );
-    assert!(
-        logged(&logs, &expected),
-        "want {expected:?} in {:?}",
-        logs.tail_lines(20)
-    );
+    assert_logged(&logs, &expected);
 }
 
 #[tokio::test]
