@@ -255,7 +255,7 @@ impl KubernetesConfig {
 
 #[cfg(test)]
 mod tests {
-    use crate::config::{Config, tests::error_of};
+    use crate::config::{Config, tests::assert_refused_naming};
 
     #[test]
     fn epp_boxes_and_discovery_are_validated() {
@@ -344,9 +344,6 @@ boxes = [
                 "epp.discovery.kubernetes.api",
             ),
         ];
-        for (text, key) in cases {
-            let e = error_of(text);
-            assert!(e.contains(key), "{key}: {e}");
-        }
+        assert_refused_naming(cases);
     }
 }

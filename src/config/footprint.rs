@@ -85,7 +85,7 @@ pub(super) fn check_cuda_devices(gpus: Option<&[u32]>, devices: &str) -> Result<
 
 #[cfg(test)]
 mod tests {
-    use crate::config::{Config, ModelConfig, tests::error_of};
+    use crate::config::{Config, ModelConfig, tests::assert_refused_naming};
 
     fn model_at(host: &str, gpu: u32) -> ModelConfig {
         let text = format!(
@@ -132,13 +132,13 @@ mod tests {
         ] {
             Config::from_toml(&model(ok)).unwrap();
         }
-        for bad in [
+        let bad = [
             "gpus = [0]\nenv = { CUDA_VISIBLE_DEVICES = \"1\" }",
             "gpus = [0]\nenv = { CUDA_VISIBLE_DEVICES = \"GPU-5d3c\" }",
             "env = { CUDA_VISIBLE_DEVICES = \"0\" }",
-        ] {
-            let e = error_of(&model(bad));
-            assert!(e.contains("models.\"m\".env.CUDA_VISIBLE_DEVICES"), "{e}");
-        }
+        ];
+        assert_refused_naming(
+            bad.map(|extra| (model(extra), "models.\"m\".env.CUDA_VISIBLE_DEVICES")),
+        );
     }
 }

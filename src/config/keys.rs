@@ -72,7 +72,7 @@ impl KeyConfig {
 
 #[cfg(test)]
 mod tests {
-    use crate::config::{Config, tests::error_of};
+    use crate::config::{Config, tests::assert_refused_naming};
 
     #[test]
     fn gateway_keys_are_validated_and_never_printed() {
@@ -85,17 +85,25 @@ mod tests {
         assert_eq!(alice.models.as_deref(), Some(&["llama-*".to_owned()][..]));
         assert!(!alice.admin);
         assert!(!format!("{alice:?}").contains("s3cret"));
-        let e = error_of("[gateway.keys.bob]\nmodels = [\"a\"]\n");
-        assert!(e.contains("gateway.keys.bob.key"), "{e}");
-        let e = error_of("[gateway.keys.bob]\nkey = \"k\"\nkey_file = \"/k\"\n");
-        assert!(e.contains("gateway.keys.bob.key"), "{e}");
-        let e = error_of("[gateway.keys.bob]\nkey_file = \"k\"\n");
-        assert!(e.contains("gateway.keys.bob.key_file"), "{e}");
-        let e = error_of("[gateway.keys.bob]\nkey = \"k\"\nmodels = [\"\"]\n");
-        assert!(e.contains("gateway.keys.bob.models"), "{e}");
-        let e = error_of("[gateway.keys.bob]\nkey = \"k\"\nadmn = true\n");
-        assert!(e.contains("admn"), "{e}");
-        let e = error_of("[gateway]\nadmin_keys = [\" \"]\n");
-        assert!(e.contains("gateway.admin_keys"), "{e}");
+        assert_refused_naming([
+            (
+                "[gateway.keys.bob]\nmodels = [\"a\"]\n",
+                "gateway.keys.bob.key",
+            ),
+            (
+                "[gateway.keys.bob]\nkey = \"k\"\nkey_file = \"/k\"\n",
+                "gateway.keys.bob.key",
+            ),
+            (
+                "[gateway.keys.bob]\nkey_file = \"k\"\n",
+                "gateway.keys.bob.key_file",
+            ),
+            (
+                "[gateway.keys.bob]\nkey = \"k\"\nmodels = [\"\"]\n",
+                "gateway.keys.bob.models",
+            ),
+            ("[gateway.keys.bob]\nkey = \"k\"\nadmn = true\n", "admn"),
+            ("[gateway]\nadmin_keys = [\" \"]\n", "gateway.admin_keys"),
+        ]);
     }
 }

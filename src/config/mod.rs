@@ -149,4 +149,16 @@ gpus = [1]
     pub(super) fn error_of(text: &str) -> String {
         crate::error_chain(&Config::from_toml(text).unwrap_err())
     }
+
+    /// Each text is refused with an error that names what its case gives: the key, or the
+    /// value or unknown key at fault.
+    pub(super) fn assert_refused_naming<T: AsRef<str>>(
+        cases: impl IntoIterator<Item = (T, &'static str)>,
+    ) {
+        for (text, named) in cases {
+            let text = text.as_ref();
+            let e = error_of(text);
+            assert!(e.contains(named), "{named}: {e}\n{text}");
+        }
+    }
 }

@@ -375,32 +375,47 @@ impl Config {
 
 #[cfg(test)]
 mod tests {
-    use crate::config::{Config, GpuMemory, format_bytes, tests::error_of};
+    use crate::config::{
+        Config, GpuMemory, format_bytes,
+        tests::{assert_refused_naming, error_of},
+    };
 
     #[test]
     fn errors_name_the_model_and_key() {
-        let e = error_of("[models.a]\nkind = \"sglang\"\ncommand = []\nport = 1\n");
-        assert!(e.contains("models.\"a\".command"), "{e}");
-        let e = error_of("[models.a]\nkind = \"sglang\"\ncommand = [\"x\"]\nport = 0\n");
-        assert!(e.contains("models.\"a\".port"), "{e}");
-        let e = error_of("[models.a]\nkind = \"nope\"\ncommand = [\"x\"]\nport = 1\n");
-        assert!(e.contains("nope"), "{e}");
-        let e = error_of("[models.a]\nkind = \"vllm\"\ncommand = [\"x\"]\nport = 1\nbogus = 1\n");
-        assert!(e.contains("bogus"), "{e}");
-        let e = error_of(
-            "[models.a]\nkind = \"vllm\"\ncommand = [\"x\"]\nport = 1\nstop_timeout = \"soon\"\n",
-        );
-        assert!(e.contains("soon"), "{e}");
-        let e = error_of("[supervisor]\nlisten = \"https://0.0.0.0:7070\"\ntls_cert = \"c.pem\"\n");
-        assert!(e.contains("supervisor.tls_key"), "{e}");
-        let e = error_of(
-            "[supervisor]\nlisten = \"https://0.0.0.0:7070\"\ntls_names = [\"gpu box\"]\n",
-        );
-        assert!(e.contains("supervisor.tls_names"), "{e}");
-        let e = error_of(
-            "[models.a]\nkind = \"vllm\"\ncommand = [\"x\"]\nport = 1\n[models.b]\nkind = \"vllm\"\ncommand = [\"x\"]\nport = 2\naliases = [\"a\"]\n",
-        );
-        assert!(e.contains("models.\"b\".aliases"), "{e}");
+        assert_refused_naming([
+            (
+                "[models.a]\nkind = \"sglang\"\ncommand = []\nport = 1\n",
+                "models.\"a\".command",
+            ),
+            (
+                "[models.a]\nkind = \"sglang\"\ncommand = [\"x\"]\nport = 0\n",
+                "models.\"a\".port",
+            ),
+            (
+                "[models.a]\nkind = \"nope\"\ncommand = [\"x\"]\nport = 1\n",
+                "nope",
+            ),
+            (
+                "[models.a]\nkind = \"vllm\"\ncommand = [\"x\"]\nport = 1\nbogus = 1\n",
+                "bogus",
+            ),
+            (
+                "[models.a]\nkind = \"vllm\"\ncommand = [\"x\"]\nport = 1\nstop_timeout = \"soon\"\n",
+                "soon",
+            ),
+            (
+                "[supervisor]\nlisten = \"https://0.0.0.0:7070\"\ntls_cert = \"c.pem\"\n",
+                "supervisor.tls_key",
+            ),
+            (
+                "[supervisor]\nlisten = \"https://0.0.0.0:7070\"\ntls_names = [\"gpu box\"]\n",
+                "supervisor.tls_names",
+            ),
+            (
+                "[models.a]\nkind = \"vllm\"\ncommand = [\"x\"]\nport = 1\n[models.b]\nkind = \"vllm\"\ncommand = [\"x\"]\nport = 2\naliases = [\"a\"]\n",
+                "models.\"b\".aliases",
+            ),
+        ]);
     }
 
     #[test]
@@ -481,10 +496,10 @@ mod tests {
             model("")
         ));
         assert!(e.contains("gpu0"), "{e}");
-        let e = error_of(&model("vram = \"lots\"\n"));
-        assert!(e.contains("lots"), "{e}");
-        let e = error_of(&model("vram = 0\n"));
-        assert!(e.contains("models.\"big\".vram"), "{e}");
+        assert_refused_naming([
+            (model("vram = \"lots\"\n"), "lots"),
+            (model("vram = 0\n"), "models.\"big\".vram"),
+        ]);
         assert_eq!(format_bytes(40 << 30), "40 GiB");
         assert_eq!(format_bytes(3 << 29), "1.5 GiB");
     }
