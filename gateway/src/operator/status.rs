@@ -26,19 +26,6 @@ use crate::{
     error::{ApiError, json_response},
 };
 
-fn state_name(state: pb::ModelState) -> &'static str {
-    use pb::ModelState as S;
-    match state {
-        S::Stopped | S::Unspecified => "stopped",
-        S::Starting => "starting",
-        S::Ready => "ready",
-        S::Stopping => "stopping",
-        S::Failed => "failed",
-        S::Unavailable => "unavailable",
-        S::Sleeping => "sleeping",
-    }
-}
-
 /// One model as `/api/status` and `/api/events` show it.
 pub fn model_json(gateway: &Gateway, model: &ModelInfo) -> Value {
     let s = &model.status;
@@ -57,7 +44,9 @@ pub fn model_json(gateway: &Gateway, model: &ModelInfo) -> Value {
         {
             "draining"
         }
-        _ => state_name(model.state),
+        // Not reported on yet: the status page shows it stopped (the CLI says "unknown").
+        _ if model.state == pb::ModelState::Unspecified => "stopped",
+        _ => gpuswap::state_name(model.state),
     };
     json!({
         "id": &*model.name,
