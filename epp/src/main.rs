@@ -1,31 +1,22 @@
-//! `gpuswap-epp --config FILE [--listen ADDR]`
-
-use std::path::PathBuf;
+//! `gpuswap-epp --config FILE [--listen ADDR] [--log-format text|json]`
 
 use anyhow::Context as _;
 use clap::Parser;
-use gpuswap::config::{ConfigLoader, Flags};
+use gpuswap::config::{Daemon, DaemonArgs};
 
 /// The Endpoint Picker in front of many gpuswap boxes: an Envoy ext_proc server that sends
 /// each request to the box where its model is loaded, or to the box that should load it.
 #[derive(Parser)]
 #[command(version)]
 struct Args {
-    /// The configuration file (its [epp] and [telemetry] sections are read).
-    #[arg(long, env = "GPUSWAP_CONFIG")]
-    config: PathBuf,
-    /// Address to listen on (overrides epp.listen, and is checked like it).
-    #[arg(long)]
-    listen: Option<String>,
+    // The file's [epp] and [telemetry] sections are read.
+    #[command(flatten)]
+    daemon: DaemonArgs,
 }
 
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    let flags = Flags {
-        epp_listen: args.listen,
-        ..Flags::default()
-    };
-    let config = ConfigLoader::new(args.config, flags).load_or_exit("gpuswap-epp");
+    let config = args.daemon.loader(Daemon::Epp).load_or_exit("gpuswap-epp");
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

@@ -1,35 +1,25 @@
 //! `gpuswap-gateway --config FILE [--listen ADDR] [--log-format text|json]`
 
-use std::path::PathBuf;
-
 use anyhow::Context as _;
 use clap::Parser;
-use gpuswap::config::{ConfigLoader, Flags, LogFormat};
+use gpuswap::config::{Daemon, DaemonArgs};
 
 /// The OpenAI-compatible front of gpuswap: routes requests to the model they
 /// name, asking the supervisor to swap models in as needed.
 #[derive(Parser)]
 #[command(version)]
 struct Args {
-    /// The shared configuration file (its [gateway] and [telemetry] sections are read).
-    #[arg(long, env = "GPUSWAP_CONFIG")]
-    config: PathBuf,
-    /// Address to listen on (overrides gateway.listen, and is checked like it).
-    #[arg(long)]
-    listen: Option<String>,
-    /// Log format on stderr, text or json (overrides telemetry.log_format and GPUSWAP_LOG_FORMAT).
-    #[arg(long)]
-    log_format: Option<LogFormat>,
+    // The file's [gateway] and [telemetry] sections are read.
+    #[command(flatten)]
+    daemon: DaemonArgs,
 }
 
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    let flags = Flags {
-        gateway_listen: args.listen,
-        log_format: args.log_format,
-        ..Flags::default()
-    };
-    let config = ConfigLoader::new(args.config, flags).load_or_exit("gpuswap-gateway");
+    let config = args
+        .daemon
+        .loader(Daemon::Gateway)
+        .load_or_exit("gpuswap-gateway");
     let fd_limit = raise_fd_limit();
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()

@@ -1,5 +1,6 @@
 //! The layers of a daemon's configuration: defaults, the file, `GPUSWAP__*` environment
-//! overrides, the daemon's flags; then validation, at start and on every reload.
+//! overrides, the daemon's flags; then validation, at start and on every reload. The flags
+//! themselves are [`DaemonArgs`], which every daemon's command line flattens.
 
 use std::path::PathBuf;
 
@@ -18,6 +19,45 @@ pub struct Flags {
     pub epp_listen: Option<String>,
     /// `--log-format`: `telemetry.log_format`.
     pub log_format: Option<LogFormat>,
+}
+
+/// The gpuswap daemons: each one's `--listen` sets its own section's `listen`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Daemon {
+    Supervisor,
+    Gateway,
+    Epp,
+}
+
+/// The flags every gpuswap daemon takes, flattened into its command line
+/// (`#[command(flatten)]`): the configuration file and the [`Flags`] layer on top of it.
+#[derive(clap::Args, Clone, Debug)]
+pub struct DaemonArgs {
+    /// The configuration file (TOML).
+    #[arg(long, env = "GPUSWAP_CONFIG")]
+    pub config: PathBuf,
+    /// Address to listen on: overrides the daemon's own listen key (supervisor.listen:
+    /// unix:///path.sock or https://ip:port; gateway.listen, epp.listen: ip:port), and is
+    /// checked like it.
+    #[arg(long)]
+    pub listen: Option<String>,
+    /// Log format on stderr, text or json (overrides telemetry.log_format and GPUSWAP_LOG_FORMAT).
+    #[arg(long)]
+    pub log_format: Option<LogFormat>,
+}
+
+impl DaemonArgs {
+    /// Where `daemon`'s configuration comes from: the file, these flags on top.
+    pub fn loader(&self, daemon: Daemon) -> ConfigLoader {
+        let listen = |of: Daemon| self.listen.clone().filter(|_| of == daemon);
+        let flags = Flags {
+            supervisor_listen: listen(Daemon::Supervisor),
+            gateway_listen: listen(Daemon::Gateway),
+            epp_listen: listen(Daemon::Epp),
+            log_format: self.log_format,
+        };
+        ConfigLoader::new(&self.config, flags)
+    }
 }
 
 impl Flags {
@@ -154,7 +194,54 @@ impl Config {
 
 #[cfg(test)]
 mod tests {
+    use clap::Parser;
+
     use super::*;
+
+    /// A daemon's command line, as each main.rs declares it.
+    #[derive(Parser)]
+    struct Args {
+        #[command(flatten)]
+        daemon: DaemonArgs,
+    }
+
+    #[test]
+    fn the_daemon_flags_set_the_keys_of_the_daemon_that_parsed_them() {
+        let args = Args::try_parse_from([
+            "gpuswap-x",
+            "--config",
+            "/etc/gpuswap/gpuswap.toml",
+            "--listen",
+            "127.0.0.1:9000",
+            "--log-format",
+            "JSON",
+        ])
+        .unwrap();
+        let loader = args.daemon.loader(Daemon::Epp);
+        assert_eq!(loader.path, PathBuf::from("/etc/gpuswap/gpuswap.toml"));
+        assert_eq!(
+            loader.flags,
+            Flags {
+                epp_listen: Some("127.0.0.1:9000".into()),
+                log_format: Some(LogFormat::Json),
+                ..Flags::default()
+            }
+        );
+        let loader = args.daemon.loader(Daemon::Supervisor);
+        assert_eq!(
+            loader.flags.supervisor_listen.as_deref(),
+            Some("127.0.0.1:9000")
+        );
+        assert_eq!(
+            (loader.flags.gateway_listen, loader.flags.epp_listen),
+            (None, None)
+        );
+        let bare = Args::try_parse_from(["gpuswap-x", "--config", "c.toml"]).unwrap();
+        assert_eq!(bare.daemon.loader(Daemon::Gateway).flags, Flags::default());
+        assert!(
+            Args::try_parse_from(["gpuswap-x", "--config", "c", "--log-format", "yaml"]).is_err()
+        );
+    }
 
     #[test]
     fn flags_are_a_layer_under_validation() {

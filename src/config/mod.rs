@@ -5,7 +5,8 @@
 //! [`ConfigLoader`] does it all, at start and again on every reload.
 //! Unknown keys are refused, and every error names the model and the key.
 //!
-//! - `loader`: the layers ([`ConfigLoader`], [`Flags`], [`EXIT_BAD_CONFIG`]).
+//! - `loader`: the layers ([`ConfigLoader`], [`Flags`], [`EXIT_BAD_CONFIG`]) and the daemons'
+//!   shared command-line flags ([`DaemonArgs`]).
 //! - `supervisor`, `gateway`, `keys`, `epp`, `telemetry`: each section's keys, defaults and checks.
 //! - `model`: `[models.NAME]` (the backend's command, kind, secrets) and its checks;
 //!   `footprint`: the ports, addresses and GPUs that keep two models apart; `sleep`: the
@@ -32,7 +33,7 @@ pub use self::{
     footprint::{Footprint, hosts_overlap},
     gateway::{GatewayConfig, RegisterConfig},
     keys::KeyConfig,
-    loader::{ConfigLoader, EXIT_BAD_CONFIG, Flags},
+    loader::{ConfigLoader, Daemon, DaemonArgs, EXIT_BAD_CONFIG, Flags},
     model::{BackendKind, ModelConfig, is_secret_name},
     sleep::{SleepRequests, SleepSetting},
     supervisor::{GpuMemory, SupervisorConfig},

@@ -1,13 +1,13 @@
 //! gpuswap-supervisor: see the crate docs in lib.rs. The same binary also runs as the
 //! `guard` of each backend (the dispatch below).
 
-use std::{path::PathBuf, process::ExitCode, sync::Arc, time::Duration};
+use std::{process::ExitCode, sync::Arc, time::Duration};
 
 use anyhow::Context;
 use clap::Parser;
 use gpuswap::{
     Endpoint,
-    config::{Config, ConfigLoader, EXIT_BAD_CONFIG, Flags, LogFormat},
+    config::{Config, ConfigLoader, Daemon, DaemonArgs, EXIT_BAD_CONFIG},
 };
 use gpuswap_supervisor::{
     backend::state_file::StateFile,
@@ -26,15 +26,8 @@ const SERVER_DRAIN: Duration = Duration::from_secs(5);
     about = "Owns the inference backends of one GPU box and swaps them on demand"
 )]
 struct Args {
-    /// The configuration file (TOML).
-    #[arg(long, env = "GPUSWAP_CONFIG")]
-    config: PathBuf,
-    /// Overrides supervisor.listen (and is checked like it): unix:///path.sock or https://ip:port.
-    #[arg(long)]
-    listen: Option<String>,
-    /// Log format on stderr, text or json (overrides telemetry.log_format and GPUSWAP_LOG_FORMAT).
-    #[arg(long)]
-    log_format: Option<LogFormat>,
+    #[command(flatten)]
+    daemon: DaemonArgs,
     /// Validate the configuration, print a summary and exit (0: valid, 2: invalid).
     #[arg(long)]
     check: bool,
@@ -47,21 +40,14 @@ fn main() -> ExitCode {
         gpuswap_supervisor::backend::guard::main();
     }
     let args = Args::parse();
+    let mut loader = args.daemon.loader(Daemon::Supervisor);
     // Absolute: the reload reads it again.
-    let path = std::path::absolute(&args.config).unwrap_or_else(|_| args.config.clone());
-    let loader = ConfigLoader::new(
-        path,
-        Flags {
-            supervisor_listen: args.listen.clone(),
-            log_format: args.log_format,
-            ..Flags::default()
-        },
-    );
+    loader.path = std::path::absolute(&loader.path).unwrap_or_else(|_| loader.path.clone());
     let config = loader.load_or_exit("gpuswap-supervisor");
     if args.check {
         println!(
             "{}: valid ({} models: {})",
-            args.config.display(),
+            args.daemon.config.display(),
             config.models.len(),
             config.models.keys().cloned().collect::<Vec<_>>().join(", ")
         );
