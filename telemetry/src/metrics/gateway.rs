@@ -9,7 +9,7 @@ use prometheus_client::{
     registry::{Registry, Unit},
 };
 
-use super::{HistogramFamily, ModelCache, ModelLabels};
+use super::{HistogramFamily, ModelCache, ModelLabels, register_all};
 
 /// Seconds from a request's arrival to its first byte, or of a whole request:
 /// a swap can take minutes, a warm answer milliseconds.
@@ -160,64 +160,78 @@ impl GatewayMetrics {
                 reason: reason.as_str(),
             });
         }
-        registry.register(
-            "requests",
-            "Requests answered, by model and HTTP status (499: the client went away)",
-            families.requests.clone(),
-        );
-        registry.register(
-            "queue_depth",
-            "Requests waiting for their model to be ready",
-            families.queue_depth.clone(),
-        );
-        registry.register(
-            "in_flight",
-            "Requests forwarded to a backend and not yet finished",
-            families.in_flight.clone(),
-        );
-        registry.register_with_unit(
-            "time_to_first_byte",
-            "From a request's arrival (queueing and swaps included) to its first response byte",
-            Unit::Seconds,
-            families.time_to_first_byte.clone(),
-        );
-        registry.register_with_unit(
-            "request_duration",
-            "From a request's arrival to its last response byte",
-            Unit::Seconds,
-            families.request_duration.clone(),
-        );
-        registry.register(
-            "generated_tokens",
-            "Completion tokens generated (from usage, else counted stream chunks)",
-            families.generated_tokens.clone(),
-        );
-        registry.register(
-            "tokens_per_second",
-            "Per request: completion tokens over the time since it was forwarded",
-            families.tokens_per_second.clone(),
-        );
-        registry.register(
-            "swaps",
-            "Requests that had to wait for their model to be started",
-            families.swaps.clone(),
-        );
-        registry.register(
-            "refused",
-            "Requests refused before reaching a backend, by reason (queue_full, queue_memory, \
-             body_timeout, origin, host)",
-            families.refused.clone(),
-        );
-        registry.register(
-            "connections_open",
-            "Client connections being served",
-            families.connections_open.clone(),
-        );
-        registry.register(
-            "connection_limit_reached",
-            "Times max_connections client connections were open, so new ones waited in the \
-             listen backlog until one closed",
-            families.connection_limit_reached.clone(),
+        register_all(
+            registry,
+            &[
+                (
+                    "requests",
+                    "Requests answered, by model and HTTP status (499: the client went away)",
+                    None,
+                    &families.requests,
+                ),
+                (
+                    "queue_depth",
+                    "Requests waiting for their model to be ready",
+                    None,
+                    &families.queue_depth,
+                ),
+                (
+                    "in_flight",
+                    "Requests forwarded to a backend and not yet finished",
+                    None,
+                    &families.in_flight,
+                ),
+                (
+                    "time_to_first_byte",
+                    "From a request's arrival (queueing and swaps included) to its first response byte",
+                    Some(Unit::Seconds),
+                    &families.time_to_first_byte,
+                ),
+                (
+                    "request_duration",
+                    "From a request's arrival to its last response byte",
+                    Some(Unit::Seconds),
+                    &families.request_duration,
+                ),
+                (
+                    "generated_tokens",
+                    "Completion tokens generated (from usage, else counted stream chunks)",
+                    None,
+                    &families.generated_tokens,
+                ),
+                (
+                    "tokens_per_second",
+                    "Per request: completion tokens over the time since it was forwarded",
+                    None,
+                    &families.tokens_per_second,
+                ),
+                (
+                    "swaps",
+                    "Requests that had to wait for their model to be started",
+                    None,
+                    &families.swaps,
+                ),
+                (
+                    "refused",
+                    "Requests refused before reaching a backend, by reason (queue_full, queue_memory, \
+                     body_timeout, origin, host)",
+                    None,
+                    &families.refused,
+                ),
+                (
+                    "connections_open",
+                    "Client connections being served",
+                    None,
+                    &families.connections_open,
+                ),
+                (
+                    "connection_limit_reached",
+                    "Times max_connections client connections were open, so new ones waited in the \
+                     listen backlog until one closed",
+                    None,
+                    &families.connection_limit_reached,
+                ),
+            ],
         );
         Self {
             inner: Arc::new(families),
@@ -226,19 +240,14 @@ impl GatewayMetrics {
 
     fn model(&self, model: &str) -> Arc<GatewayModel> {
         let f = &*self.inner;
-        f.models.get_or_create(model, |model| {
-            let labels = ModelLabels {
-                model: model.clone(),
-            };
-            GatewayModel {
-                queue_depth: f.queue_depth.get_or_create_owned(&labels),
-                in_flight: f.in_flight.get_or_create_owned(&labels),
-                time_to_first_byte: f.time_to_first_byte.get_or_create_owned(&labels),
-                request_duration: f.request_duration.get_or_create_owned(&labels),
-                generated_tokens: f.generated_tokens.get_or_create_owned(&labels),
-                tokens_per_second: f.tokens_per_second.get_or_create_owned(&labels),
-                model,
-            }
+        f.models.get_or_create(model, |labels| GatewayModel {
+            queue_depth: f.queue_depth.get_or_create_owned(&labels),
+            in_flight: f.in_flight.get_or_create_owned(&labels),
+            time_to_first_byte: f.time_to_first_byte.get_or_create_owned(&labels),
+            request_duration: f.request_duration.get_or_create_owned(&labels),
+            generated_tokens: f.generated_tokens.get_or_create_owned(&labels),
+            tokens_per_second: f.tokens_per_second.get_or_create_owned(&labels),
+            model: labels.model,
         })
     }
 
@@ -405,7 +414,10 @@ impl Drop for RequestMetrics {
 
 #[cfg(test)]
 mod tests {
-    use super::super::{Metrics, tests::sample};
+    use super::super::{
+        Metrics,
+        tests::{assert_samples, sample},
+    };
 
     #[test]
     fn a_request_moves_from_queue_to_in_flight_and_is_counted() {
@@ -413,13 +425,12 @@ mod tests {
         let gateway = metrics.gateway();
         let mut request = gateway.request("llama");
         let text = metrics.encode();
-        assert_eq!(
-            sample(&text, "gpuswap_gateway_queue_depth{model=\"llama\"}"),
-            1.0
-        );
-        assert_eq!(
-            sample(&text, "gpuswap_gateway_in_flight{model=\"llama\"}"),
-            0.0
+        assert_samples(
+            &text,
+            &[
+                ("gpuswap_gateway_queue_depth{model=\"llama\"}", 1.0),
+                ("gpuswap_gateway_in_flight{model=\"llama\"}", 0.0),
+            ],
         );
 
         request.forwarding();
@@ -427,59 +438,50 @@ mod tests {
         request.add_tokens(3);
         request.usage_tokens(10);
         let text = metrics.encode();
-        assert_eq!(
-            sample(&text, "gpuswap_gateway_queue_depth{model=\"llama\"}"),
-            0.0
-        );
-        assert_eq!(
-            sample(&text, "gpuswap_gateway_in_flight{model=\"llama\"}"),
-            1.0
-        );
-        assert_eq!(
-            sample(
-                &text,
-                "gpuswap_gateway_generated_tokens_total{model=\"llama\"}"
-            ),
-            10.0
+        assert_samples(
+            &text,
+            &[
+                ("gpuswap_gateway_queue_depth{model=\"llama\"}", 0.0),
+                ("gpuswap_gateway_in_flight{model=\"llama\"}", 1.0),
+                (
+                    "gpuswap_gateway_generated_tokens_total{model=\"llama\"}",
+                    10.0,
+                ),
+            ],
         );
 
         request.finish(200);
         gateway.request("llama").finish(503);
         drop(gateway.request("llama"));
         let text = metrics.encode();
-        assert_eq!(
-            sample(&text, "gpuswap_gateway_in_flight{model=\"llama\"}"),
-            0.0
-        );
-        assert_eq!(
-            sample(&text, "gpuswap_gateway_queue_depth{model=\"llama\"}"),
-            0.0
+        assert_samples(
+            &text,
+            &[
+                ("gpuswap_gateway_in_flight{model=\"llama\"}", 0.0),
+                ("gpuswap_gateway_queue_depth{model=\"llama\"}", 0.0),
+            ],
         );
         for status in ["200", "503", "499"] {
             let name =
                 format!("gpuswap_gateway_requests_total{{model=\"llama\",status=\"{status}\"}}");
             assert_eq!(sample(&text, &name), 1.0, "{name}");
         }
-        assert_eq!(
-            sample(
-                &text,
-                "gpuswap_gateway_time_to_first_byte_seconds_count{model=\"llama\"}"
-            ),
-            1.0
-        );
-        assert_eq!(
-            sample(
-                &text,
-                "gpuswap_gateway_request_duration_seconds_count{model=\"llama\"}"
-            ),
-            3.0
-        );
-        assert_eq!(
-            sample(
-                &text,
-                "gpuswap_gateway_tokens_per_second_count{model=\"llama\"}"
-            ),
-            1.0
+        assert_samples(
+            &text,
+            &[
+                (
+                    "gpuswap_gateway_time_to_first_byte_seconds_count{model=\"llama\"}",
+                    1.0,
+                ),
+                (
+                    "gpuswap_gateway_request_duration_seconds_count{model=\"llama\"}",
+                    3.0,
+                ),
+                (
+                    "gpuswap_gateway_tokens_per_second_count{model=\"llama\"}",
+                    1.0,
+                ),
+            ],
         );
     }
 

@@ -21,7 +21,7 @@ use std::{
 use prometheus_client::{
     encoding::EncodeLabelSet,
     metrics::{family::Family, histogram::Histogram},
-    registry::Registry,
+    registry::{Metric, Registry, Unit},
 };
 
 pub use gateway::{
@@ -42,6 +42,36 @@ struct ModelLabels {
     model: Arc<str>,
 }
 
+/// One instrument as `/metrics` declares it: its name (under the daemon's prefix), its help
+/// text, its unit, and the family (or metric) it records into.
+type Instrument<'a> = (
+    &'static str,
+    &'static str,
+    Option<Unit>,
+    &'a dyn Registrable,
+);
+
+/// A metric the registry keeps a handle of; the daemon records into its own clone.
+trait Registrable {
+    fn register_in(&self, registry: &mut Registry, name: &str, help: &str, unit: Option<Unit>);
+}
+
+impl<M: Metric + Clone> Registrable for M {
+    fn register_in(&self, registry: &mut Registry, name: &str, help: &str, unit: Option<Unit>) {
+        match unit {
+            Some(unit) => registry.register_with_unit(name, help, unit, self.clone()),
+            None => registry.register(name, help, self.clone()),
+        }
+    }
+}
+
+/// Registers a daemon's instruments, in the order `/metrics` lists them.
+fn register_all(registry: &mut Registry, instruments: &[Instrument<'_>]) {
+    for (name, help, unit, metric) in instruments {
+        metric.register_in(registry, name, help, unit.clone());
+    }
+}
+
 /// Per-model instruments, resolved once per model name.
 struct ModelCache<T> {
     entries: RwLock<HashMap<Arc<str>, Arc<T>>>,
@@ -54,7 +84,8 @@ impl<T> ModelCache<T> {
         }
     }
 
-    fn get_or_create(&self, model: &str, create: impl FnOnce(Arc<str>) -> T) -> Arc<T> {
+    /// The instruments of `model`, made by `create` from the model's labels the first time.
+    fn get_or_create(&self, model: &str, create: impl FnOnce(ModelLabels) -> T) -> Arc<T> {
         // A panic elsewhere cannot leave the map half-updated: recover it.
         if let Some(found) = self
             .entries
@@ -67,7 +98,7 @@ impl<T> ModelCache<T> {
         let mut entries = self.entries.write().unwrap_or_else(PoisonError::into_inner);
         entries
             .entry(Arc::from(model))
-            .or_insert_with_key(|key| Arc::new(create(key.clone())))
+            .or_insert_with_key(|key| Arc::new(create(ModelLabels { model: key.clone() })))
             .clone()
     }
 }
@@ -171,6 +202,13 @@ mod tests {
             .unwrap()
             .parse()
             .unwrap()
+    }
+
+    /// Asserts each sample's value in the exposition `text`.
+    pub(crate) fn assert_samples(text: &str, expected: &[(&str, f64)]) {
+        for (name_and_labels, value) in expected {
+            assert_eq!(sample(text, name_and_labels), *value, "{name_and_labels}");
+        }
     }
 
     #[test]

@@ -9,7 +9,7 @@ use prometheus_client::{
     registry::{Registry, Unit},
 };
 
-use super::{HistogramFamily, ModelCache, ModelLabels};
+use super::{HistogramFamily, ModelCache, ModelLabels, register_all};
 
 const PHASE_BUCKETS: [f64; 14] = [
     0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0,
@@ -131,36 +131,46 @@ impl SupervisorMetrics {
             log_lines_dropped: Family::default(),
             models: ModelCache::new(),
         };
-        registry.register(
-            "swaps",
-            "Swaps started, by the model swapped in",
-            families.swaps.clone(),
-        );
-        registry.register_with_unit(
-            "swap_phase_duration",
-            "Duration of each phase of a swap (drain, stop, start, ready)",
-            Unit::Seconds,
-            families.swap_phase_duration.clone(),
-        );
-        registry.register(
-            "backend_restarts",
-            "Backends started again after they exited or failed",
-            families.backend_restarts.clone(),
-        );
-        registry.register(
-            "backend_failures",
-            "Backend failures, by model and reason",
-            families.backend_failures.clone(),
-        );
-        registry.register(
-            "model_state",
-            "1 for each model's current state, 0 for the others",
-            families.model_state.clone(),
-        );
-        registry.register(
-            "log_lines_dropped",
-            "Backend log lines dropped (too long, or a follower too slow)",
-            families.log_lines_dropped.clone(),
+        register_all(
+            registry,
+            &[
+                (
+                    "swaps",
+                    "Swaps started, by the model swapped in",
+                    None,
+                    &families.swaps,
+                ),
+                (
+                    "swap_phase_duration",
+                    "Duration of each phase of a swap (drain, stop, start, ready)",
+                    Some(Unit::Seconds),
+                    &families.swap_phase_duration,
+                ),
+                (
+                    "backend_restarts",
+                    "Backends started again after they exited or failed",
+                    None,
+                    &families.backend_restarts,
+                ),
+                (
+                    "backend_failures",
+                    "Backend failures, by model and reason",
+                    None,
+                    &families.backend_failures,
+                ),
+                (
+                    "model_state",
+                    "1 for each model's current state, 0 for the others",
+                    None,
+                    &families.model_state,
+                ),
+                (
+                    "log_lines_dropped",
+                    "Backend log lines dropped (too long, or a follower too slow)",
+                    None,
+                    &families.log_lines_dropped,
+                ),
+            ],
         );
         Self {
             inner: Arc::new(families),
@@ -169,13 +179,10 @@ impl SupervisorMetrics {
 
     fn model(&self, model: &str) -> Arc<SupervisorModel> {
         let f = &*self.inner;
-        f.models.get_or_create(model, |model| {
-            let labels = ModelLabels {
-                model: model.clone(),
-            };
+        f.models.get_or_create(model, |labels| {
             let states = ModelState::ALL.map(|state| {
                 let gauge = f.model_state.get_or_create_owned(&StateLabels {
-                    model: model.clone(),
+                    model: labels.model.clone(),
                     state: state.as_str(),
                 });
                 (state, gauge)
@@ -185,7 +192,7 @@ impl SupervisorMetrics {
                 backend_restarts: f.backend_restarts.get_or_create_owned(&labels),
                 log_lines_dropped: f.log_lines_dropped.get_or_create_owned(&labels),
                 states,
-                model,
+                model: labels.model,
             }
         })
     }
@@ -236,7 +243,10 @@ impl SupervisorMetrics {
 #[cfg(test)]
 mod tests {
     use super::{
-        super::{Metrics, tests::sample},
+        super::{
+            Metrics,
+            tests::{assert_samples, sample},
+        },
         *,
     };
 
@@ -267,37 +277,27 @@ mod tests {
         supervisor.backend_restarted("a");
         supervisor.log_lines_dropped("a", 7);
         let text = metrics.encode();
-        assert_eq!(
-            sample(&text, "gpuswap_supervisor_swaps_total{model=\"a\"}"),
-            1.0
-        );
-        assert_eq!(
-            sample(
-                &text,
-                "gpuswap_supervisor_swap_phase_duration_seconds_bucket{le=\"0.05\",phase=\"drain\"}"
-            ),
-            1.0
-        );
-        assert_eq!(
-            sample(
-                &text,
-                "gpuswap_supervisor_backend_failures_total{model=\"a\",reason=\"startup_timeout\"}"
-            ),
-            1.0
-        );
-        assert_eq!(
-            sample(
-                &text,
-                "gpuswap_supervisor_backend_restarts_total{model=\"a\"}"
-            ),
-            1.0
-        );
-        assert_eq!(
-            sample(
-                &text,
-                "gpuswap_supervisor_log_lines_dropped_total{model=\"a\"}"
-            ),
-            7.0
+        assert_samples(
+            &text,
+            &[
+                ("gpuswap_supervisor_swaps_total{model=\"a\"}", 1.0),
+                (
+                    "gpuswap_supervisor_swap_phase_duration_seconds_bucket{le=\"0.05\",phase=\"drain\"}",
+                    1.0,
+                ),
+                (
+                    "gpuswap_supervisor_backend_failures_total{model=\"a\",reason=\"startup_timeout\"}",
+                    1.0,
+                ),
+                (
+                    "gpuswap_supervisor_backend_restarts_total{model=\"a\"}",
+                    1.0,
+                ),
+                (
+                    "gpuswap_supervisor_log_lines_dropped_total{model=\"a\"}",
+                    7.0,
+                ),
+            ],
         );
     }
 }
