@@ -4,18 +4,18 @@
 use std::sync::Arc;
 
 use axum::{
-    Extension,
-    extract::{Path, Query, State},
+    extract::{Query, State},
     response::{IntoResponse, Response},
 };
 use gpuswap::pb;
-use http::{HeaderMap, StatusCode};
+use http::StatusCode;
 use serde::Deserialize;
 use serde_json::json;
 
-use super::{Peer, admin_model};
+use super::AdminModel;
 use crate::{
     Gateway,
+    catalog::ModelInfo,
     error::{ApiError, json_response},
 };
 
@@ -51,15 +51,8 @@ pub(super) fn start_load(
 /// `POST /api/models/{model}/load[?wait=true]` (admin): 202 at once, or the outcome.
 pub(super) async fn api_load(
     State(gateway): State<Arc<Gateway>>,
-    Path(name): Path<String>,
-    Query(query): Query<LoadQuery>,
-    peer: Option<Extension<Peer>>,
-    headers: HeaderMap,
+    AdminModel(model, Query(query)): AdminModel<Query<LoadQuery>>,
 ) -> Response {
-    let model = match admin_model(&gateway, &headers, peer, &name) {
-        Ok(m) => m,
-        Err(e) => return e.into_response(),
-    };
     let outcome = start_load(&gateway, Arc::clone(&model.name));
     if !query.wait {
         let body = json!({ "model": &*model.name, "state": "starting" });
@@ -127,35 +120,21 @@ async fn deactivate(gateway: &Gateway, model: &str, sleep: bool) -> Result<Vec<S
 /// `POST /api/models/{model}/unload` (admin): answers once the backend is gone.
 pub(super) async fn api_unload(
     State(gateway): State<Arc<Gateway>>,
-    Path(name): Path<String>,
-    peer: Option<Extension<Peer>>,
-    headers: HeaderMap,
+    AdminModel(model, ()): AdminModel,
 ) -> Response {
-    admin_deactivate(&gateway, &name, peer, &headers, false).await
+    admin_deactivate(&gateway, &model, false).await
 }
 
 /// `POST /api/models/{model}/sleep` (admin): answers once the model is asleep (409 when it
 /// has no sleep protocol or the host memory budget does not allow it). `load` wakes it.
 pub(super) async fn api_sleep(
     State(gateway): State<Arc<Gateway>>,
-    Path(name): Path<String>,
-    peer: Option<Extension<Peer>>,
-    headers: HeaderMap,
+    AdminModel(model, ()): AdminModel,
 ) -> Response {
-    admin_deactivate(&gateway, &name, peer, &headers, true).await
+    admin_deactivate(&gateway, &model, true).await
 }
 
-async fn admin_deactivate(
-    gateway: &Gateway,
-    name: &str,
-    peer: Option<Extension<Peer>>,
-    headers: &HeaderMap,
-    sleep: bool,
-) -> Response {
-    let model = match admin_model(gateway, headers, peer, name) {
-        Ok(m) => m,
-        Err(e) => return e.into_response(),
-    };
+async fn admin_deactivate(gateway: &Gateway, model: &ModelInfo, sleep: bool) -> Response {
     match deactivate(gateway, &model.name, sleep).await {
         Ok(stopped) => {
             let state = if sleep { "sleeping" } else { "stopped" };

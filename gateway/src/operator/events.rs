@@ -5,7 +5,6 @@ use std::{convert::Infallible, sync::Arc, time::Duration};
 use axum::{body::Body, response::Response};
 use bytes::Bytes;
 use futures_util::{Stream, StreamExt as _, stream};
-use http::{HeaderValue, header};
 use serde_json::Value;
 use tokio::sync::broadcast::error::RecvError;
 
@@ -13,7 +12,7 @@ use crate::{
     Gateway,
     access::Grant,
     catalog::{Event, EventKind},
-    proxy::add_event_stream_headers,
+    proxy::event_stream_response,
 };
 
 /// SSE comments sent this often on idle event streams (proxies close silent connections).
@@ -24,14 +23,7 @@ pub(super) fn sse_event(name: &str, data: &Value) -> Bytes {
 }
 
 pub(super) fn sse_response(body: impl Stream<Item = Bytes> + Send + 'static) -> Response {
-    let mut response = Response::new(Body::from_stream(body.map(Ok::<_, Infallible>)));
-    let headers = response.headers_mut();
-    headers.insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("text/event-stream"),
-    );
-    add_event_stream_headers(headers);
-    response
+    event_stream_response(Body::from_stream(body.map(Ok::<_, Infallible>)))
 }
 
 /// The grant's events from the catalog's feed, with keep-alive comments while idle and a

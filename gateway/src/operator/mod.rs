@@ -24,10 +24,12 @@ mod status;
 use std::{net::SocketAddr, sync::Arc};
 
 use axum::{
-    Extension, Router,
+    Router,
+    extract::{FromRequestParts, Path},
+    response::{IntoResponse, Response},
     routing::{get, post},
 };
-use http::{HeaderMap, StatusCode};
+use http::{HeaderMap, StatusCode, request::Parts};
 
 use crate::{Gateway, access::Grant, catalog::ModelInfo, error::ApiError};
 pub use activity::{Swaps, TokenRates};
@@ -63,13 +65,38 @@ fn admit(gateway: &Gateway, headers: &HeaderMap) -> Result<Grant, ApiError> {
         .ok_or_else(ApiError::invalid_api_key)
 }
 
+/// The address of the connection's client, set by the accept loop.
+fn peer(parts: &Parts) -> Option<Peer> {
+    parts.extensions.get::<Peer>().copied()
+}
+
+/// Who calls the status API: what the key may see, and whether it may administer.
+struct Caller {
+    grant: Grant,
+    admin: bool,
+}
+
+impl FromRequestParts<Arc<Gateway>> for Caller {
+    type Rejection = Response;
+
+    async fn from_request_parts(
+        parts: &mut Parts,
+        gateway: &Arc<Gateway>,
+    ) -> Result<Self, Response> {
+        let grant = admit(gateway, &parts.headers).map_err(IntoResponse::into_response)?;
+        let ip = peer(parts).map(|Peer(addr)| addr.ip());
+        let admin = gateway.access.may_administer(&grant, ip);
+        Ok(Caller { grant, admin })
+    }
+}
+
 fn admit_admin(
     gateway: &Gateway,
     headers: &HeaderMap,
-    peer: Option<Extension<Peer>>,
+    peer: Option<Peer>,
 ) -> Result<Grant, ApiError> {
     let grant = admit(gateway, headers)?;
-    let ip = peer.map(|Extension(Peer(addr))| addr.ip());
+    let ip = peer.map(|Peer(addr)| addr.ip());
     if gateway.access.may_administer(&grant, ip) {
         Ok(grant)
     } else {
@@ -92,13 +119,27 @@ fn visible_model(gateway: &Gateway, grant: &Grant, name: &str) -> Result<Arc<Mod
     }
 }
 
-/// The model an admin action names: the caller must be an admin and allowed to see it.
-fn admin_model(
-    gateway: &Gateway,
-    headers: &HeaderMap,
-    peer: Option<Extension<Peer>>,
-    name: &str,
-) -> Result<Arc<ModelInfo>, ApiError> {
-    let grant = admit_admin(gateway, headers, peer)?;
-    visible_model(gateway, &grant, name)
+/// An admin action's model, which `{model}` names in the path, and what else the action reads
+/// of its request (`Q`, read after the path): the caller must be an admin and allowed to see
+/// the model, else the refusal is the answer.
+struct AdminModel<Q = ()>(Arc<ModelInfo>, Q);
+
+impl<Q: FromRequestParts<Arc<Gateway>>> FromRequestParts<Arc<Gateway>> for AdminModel<Q> {
+    type Rejection = Response;
+
+    async fn from_request_parts(
+        parts: &mut Parts,
+        gateway: &Arc<Gateway>,
+    ) -> Result<Self, Response> {
+        let Path(name) = Path::<String>::from_request_parts(parts, gateway)
+            .await
+            .map_err(IntoResponse::into_response)?;
+        let request = Q::from_request_parts(parts, gateway)
+            .await
+            .map_err(IntoResponse::into_response)?;
+        let grant = admit_admin(gateway, &parts.headers, peer(parts))
+            .map_err(IntoResponse::into_response)?;
+        let model = visible_model(gateway, &grant, &name).map_err(IntoResponse::into_response)?;
+        Ok(AdminModel(model, request))
+    }
 }

@@ -1,11 +1,11 @@
 //! llama-server's router API (`/models*`), which OpenWebUI uses to show and control what
 //! is loaded.
 
-use std::{collections::HashMap, sync::Arc};
+use std::{collections::HashMap, marker::PhantomData, sync::Arc};
 
 use axum::{
-    Extension, Json,
-    extract::State,
+    Json,
+    extract::{FromRequest, Request, State},
     response::{IntoResponse, Response},
 };
 use bytes::Bytes;
@@ -16,11 +16,10 @@ use serde::Deserialize;
 use serde_json::{Value, json};
 
 use super::{
-    Peer,
     actions::{start_load, unload},
     admit, admit_admin,
     events::{grant_events, sse_response},
-    visible_model,
+    peer, visible_model,
 };
 use crate::{
     Gateway,
@@ -68,70 +67,88 @@ fn router_running(model: &ModelInfo) -> bool {
     )
 }
 
-/// The model a router API action (`/models/load`, `/models/unload`) names, once the caller
-/// proved it may administer; else the answer to send. llama-server answers an unknown model
-/// with `unknown_status` (404 on load, 400 on unload). (The answer is boxed: a `Response` is
-/// large for an `Err`.)
-fn router_target(
-    gateway: &Gateway,
-    peer: Option<Extension<Peer>>,
-    headers: &HeaderMap,
-    body: Option<Json<RouterModel>>,
-    unknown_status: StatusCode,
-) -> Result<Arc<ModelInfo>, Box<Response>> {
-    let grant = admit_admin(gateway, headers, peer).map_err(|e| Box::new(e.into_response()))?;
-    let name = body.map(|Json(b)| b.model).unwrap_or_default();
-    visible_model(gateway, &grant, &name).map_err(|_| {
-        let kind = if unknown_status == StatusCode::NOT_FOUND {
-            "not_found_error"
-        } else {
-            "invalid_request_error"
-        };
-        Box::new(router_error(unknown_status, kind, "model is not found"))
-    })
+/// A router API action: how it answers for a model it does not know, and the state it acts on.
+pub(super) trait RouterAction {
+    /// llama-server answers an unknown model with 404 on load, 400 on unload.
+    const UNKNOWN_STATUS: StatusCode;
+    /// Whether the model must be running for the action (else the refusal says why not).
+    const ACTS_ON_RUNNING: bool;
+    const REFUSAL: &'static str;
+}
+
+pub(super) struct Load;
+pub(super) struct Unload;
+
+impl RouterAction for Load {
+    const UNKNOWN_STATUS: StatusCode = StatusCode::NOT_FOUND;
+    const ACTS_ON_RUNNING: bool = false;
+    const REFUSAL: &'static str = "model is already running";
+}
+
+impl RouterAction for Unload {
+    const UNKNOWN_STATUS: StatusCode = StatusCode::BAD_REQUEST;
+    const ACTS_ON_RUNNING: bool = true;
+    const REFUSAL: &'static str = "model is not running";
+}
+
+/// The model a router API action (`/models/load`, `/models/unload`) names in its body
+/// `{"model"}`, once the caller proved it may administer and the model is in the state the
+/// action `A` acts on; else the answer to send, as llama-server's router words it.
+pub(super) struct RouterTarget<A> {
+    model: Arc<ModelInfo>,
+    action: PhantomData<A>,
+}
+
+impl<A: RouterAction> FromRequest<Arc<Gateway>> for RouterTarget<A> {
+    type Rejection = Response;
+
+    async fn from_request(request: Request, gateway: &Arc<Gateway>) -> Result<Self, Response> {
+        let (parts, body) = request.into_parts();
+        let peer = peer(&parts);
+        let headers = parts.headers.clone();
+        let body =
+            Option::<Json<RouterModel>>::from_request(Request::from_parts(parts, body), gateway)
+                .await
+                .map_err(IntoResponse::into_response)?;
+        let grant = admit_admin(gateway, &headers, peer).map_err(IntoResponse::into_response)?;
+        let name = body.map(|Json(b)| b.model).unwrap_or_default();
+        let model = visible_model(gateway, &grant, &name).map_err(|_| {
+            let kind = if A::UNKNOWN_STATUS == StatusCode::NOT_FOUND {
+                "not_found_error"
+            } else {
+                "invalid_request_error"
+            };
+            router_error(A::UNKNOWN_STATUS, kind, "model is not found")
+        })?;
+        if router_running(&model) != A::ACTS_ON_RUNNING {
+            return Err(router_error(
+                StatusCode::BAD_REQUEST,
+                "invalid_request_error",
+                A::REFUSAL,
+            ));
+        }
+        Ok(RouterTarget {
+            model,
+            action: PhantomData,
+        })
+    }
 }
 
 /// `POST /models/load {"model"}` (admin): `{"success": true}` once the load started.
 pub(super) async fn router_load(
     State(gateway): State<Arc<Gateway>>,
-    peer: Option<Extension<Peer>>,
-    headers: HeaderMap,
-    body: Option<Json<RouterModel>>,
+    target: RouterTarget<Load>,
 ) -> Response {
-    let model = match router_target(&gateway, peer, &headers, body, StatusCode::NOT_FOUND) {
-        Ok(model) => model,
-        Err(answer) => return *answer,
-    };
-    if router_running(&model) {
-        return router_error(
-            StatusCode::BAD_REQUEST,
-            "invalid_request_error",
-            "model is already running",
-        );
-    }
-    drop(start_load(&gateway, Arc::clone(&model.name)));
+    drop(start_load(&gateway, Arc::clone(&target.model.name)));
     router_ok()
 }
 
 /// `POST /models/unload {"model"}` (admin): `{"success": true}` once the unload started.
 pub(super) async fn router_unload(
     State(gateway): State<Arc<Gateway>>,
-    peer: Option<Extension<Peer>>,
-    headers: HeaderMap,
-    body: Option<Json<RouterModel>>,
+    target: RouterTarget<Unload>,
 ) -> Response {
-    let model = match router_target(&gateway, peer, &headers, body, StatusCode::BAD_REQUEST) {
-        Ok(model) => model,
-        Err(answer) => return *answer,
-    };
-    if !router_running(&model) {
-        return router_error(
-            StatusCode::BAD_REQUEST,
-            "invalid_request_error",
-            "model is not running",
-        );
-    }
-    let name = Arc::clone(&model.name);
+    let name = Arc::clone(&target.model.name);
     tokio::spawn(async move {
         if let Err(error) = unload(&gateway, &name).await {
             tracing::warn!(model = %name, "unload failed: {error}");

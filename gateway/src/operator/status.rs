@@ -3,19 +3,18 @@
 use std::sync::Arc;
 
 use axum::{
-    Extension,
-    extract::{Path, Query, State},
+    extract::{Query, State},
     response::{IntoResponse, Response},
 };
 use bytes::Bytes;
 use futures_util::{StreamExt as _, stream};
 use gpuswap::pb;
-use http::{HeaderMap, StatusCode};
+use http::StatusCode;
 use serde::Deserialize;
 use serde_json::{Value, json};
 
 use super::{
-    Peer, admin_model, admit,
+    AdminModel, Caller,
     events::{KEEPALIVE, grant_events, sse_event, sse_response},
     router::router_status,
 };
@@ -132,17 +131,8 @@ fn status_json(gateway: &Gateway, grant: &Grant, admin: bool) -> Value {
     })
 }
 
-pub(super) async fn api_status(
-    State(gateway): State<Arc<Gateway>>,
-    peer: Option<Extension<Peer>>,
-    headers: HeaderMap,
-) -> Response {
-    let grant = match admit(&gateway, &headers) {
-        Ok(g) => g,
-        Err(e) => return e.into_response(),
-    };
-    let ip = peer.map(|Extension(Peer(a))| a.ip());
-    let admin = gateway.access.may_administer(&grant, ip);
+pub(super) async fn api_status(State(gateway): State<Arc<Gateway>>, caller: Caller) -> Response {
+    let Caller { grant, admin } = caller;
     json_response(
         StatusCode::OK,
         status_json(&gateway, &grant, admin).to_string().into(),
@@ -151,17 +141,8 @@ pub(super) async fn api_status(
 
 /// `GET /api/events`: a `snapshot` (as `/api/status`), then `model` (one model's new
 /// status), `progress` (`{model, phase, text}`) and `removed` events as they happen.
-pub(super) async fn api_events(
-    State(gateway): State<Arc<Gateway>>,
-    peer: Option<Extension<Peer>>,
-    headers: HeaderMap,
-) -> Response {
-    let grant = match admit(&gateway, &headers) {
-        Ok(g) => g,
-        Err(e) => return e.into_response(),
-    };
-    let ip = peer.map(|Extension(Peer(a))| a.ip());
-    let admin = gateway.access.may_administer(&grant, ip);
+pub(super) async fn api_events(State(gateway): State<Arc<Gateway>>, caller: Caller) -> Response {
+    let Caller { grant, admin } = caller;
     let first = sse_event("snapshot", &status_json(&gateway, &grant, admin));
     let g = Arc::clone(&gateway);
     let grant2 = grant.clone();
@@ -193,15 +174,8 @@ pub(super) struct LogsQuery {
 /// `data: {"stream","line","time_ms"}` events (admin).
 pub(super) async fn api_logs(
     State(gateway): State<Arc<Gateway>>,
-    Path(name): Path<String>,
-    Query(query): Query<LogsQuery>,
-    peer: Option<Extension<Peer>>,
-    headers: HeaderMap,
+    AdminModel(model, Query(query)): AdminModel<Query<LogsQuery>>,
 ) -> Response {
-    let model = match admin_model(&gateway, &headers, peer, &name) {
-        Ok(m) => m,
-        Err(e) => return e.into_response(),
-    };
     let mut client = gateway.supervisor.clone();
     let request = pb::LogsRequest {
         model: model.name.to_string(),
