@@ -339,21 +339,28 @@ data: {"choices":[{"type":"text","delta":{"content":""}}],"context":"x"}
         assert_eq!(total(Counting::Usage, &[cut]).usage, None);
     }
 
-    #[test]
-    fn any_split_of_the_stream_counts_the_same() {
-        let stream = chat_stream(5, Some(123));
-        let whole = total(Counting::Stream, &[&stream]);
-        assert_eq!(
-            whole,
-            Counted {
-                chunks: 5,
-                usage: Some(123)
-            }
-        );
+    /// Counts `stream` whole, asserts that is `expected`, and that the stream cut in two
+    /// anywhere counts the same; the count.
+    fn assert_any_cut_counts(stream: &[u8], expected: Counted) -> Counted {
+        let whole = total(Counting::Stream, &[stream]);
+        assert_eq!(whole, expected);
         for cut in 0..=stream.len() {
             let (a, b) = stream.split_at(cut);
             assert_eq!(total(Counting::Stream, &[a, b]), whole, "cut at {cut}");
         }
+        whole
+    }
+
+    #[test]
+    fn any_split_of_the_stream_counts_the_same() {
+        let stream = chat_stream(5, Some(123));
+        let whole = assert_any_cut_counts(
+            &stream,
+            Counted {
+                chunks: 5,
+                usage: Some(123),
+            },
+        );
         for first in 0..stream.len() {
             let (a, rest) = stream.split_at(first);
             let (b, c) = rest.split_at(rest.len().min(3));
@@ -369,17 +376,12 @@ data: {"choices":[{"type":"text","delta":{"content":""}}],"context":"x"}
 
         // TabbyAPI-like CRLF framing and spaced JSON, cut anywhere.
         let spaced = b"data: {\"choices\": [{\"delta\": {\"content\" : \"a\"}}]}\r\n\r\ndata: {\"choices\": [], \"usage\" : {\"completion_tokens\" :  17}}\r\n\r\n";
-        let whole = total(Counting::Stream, &[spaced]);
-        assert_eq!(
-            whole,
+        assert_any_cut_counts(
+            spaced,
             Counted {
                 chunks: 1,
-                usage: Some(17)
-            }
+                usage: Some(17),
+            },
         );
-        for cut in 0..=spaced.len() {
-            let (a, b) = spaced.split_at(cut);
-            assert_eq!(total(Counting::Stream, &[a, b]), whole, "cut at {cut}");
-        }
     }
 }

@@ -18,14 +18,13 @@ use axum::{
 use bytes::Bytes;
 use futures_util::{FutureExt, future::BoxFuture};
 use gpuswap_telemetry::RequestMetrics;
-use http::{HeaderValue, StatusCode, header};
 use http_body::{Body as HttpBody, Frame};
 use tokio::{sync::mpsc, time::Interval};
 
 use crate::{
     Gateway,
     error::ApiError,
-    proxy::{GuardedBody, Upstream, add_event_stream_headers, forward_stream},
+    proxy::{GuardedBody, Upstream, event_stream_response, forward_stream},
     scheduler::{Progress, WaitTicket},
 };
 
@@ -167,15 +166,7 @@ impl WaitingStream {
 
 impl IntoResponse for WaitingStream {
     fn into_response(self) -> Response {
-        let mut response = Response::new(Body::new(self));
-        *response.status_mut() = StatusCode::OK;
-        let headers = response.headers_mut();
-        headers.insert(
-            header::CONTENT_TYPE,
-            HeaderValue::from_static("text/event-stream"),
-        );
-        add_event_stream_headers(headers);
-        response
+        event_stream_response(Body::new(self))
     }
 }
 

@@ -363,6 +363,19 @@ pub fn add_event_stream_headers(headers: &mut HeaderMap) {
     headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
 }
 
+/// An event stream of the gateway's own (a waiting request's progress, the status feeds):
+/// 200, `text/event-stream`, not buffered by proxies on the way.
+pub fn event_stream_response(body: Body) -> Response {
+    let mut response = Response::new(body);
+    let headers = response.headers_mut();
+    headers.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/event-stream"),
+    );
+    add_event_stream_headers(headers);
+    response
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -21,7 +21,8 @@ mod request;
 
 pub use body::{BodyError, read_body};
 pub use forward::{
-    BodyShape, Forwarded, Upstream, add_event_stream_headers, forward, forward_stream,
+    BodyShape, Forwarded, Upstream, add_event_stream_headers, event_stream_response, forward,
+    forward_stream,
 };
 pub use guarded::GuardedBody;
 pub use passthrough::{PASSTHROUGH_PREFIX, handle_passthrough};

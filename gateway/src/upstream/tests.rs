@@ -165,11 +165,18 @@ fn idle(pool: &ConnPool) -> usize {
     pool.lock().len()
 }
 
-#[tokio::test]
-async fn a_connection_is_reused_once_its_answer_was_read() {
-    let (authority, accepted) = backend(Behaviour::KeepAlive).await;
+/// A pool to a test backend that behaves as `behaviour`, its first request answered on
+/// the backend's first connection; and the backend's count of accepted connections.
+async fn pool_after_one_answer(behaviour: Behaviour) -> (Arc<ConnPool>, Arc<AtomicUsize>) {
+    let (authority, accepted) = backend(behaviour).await;
     let pool = ConnPool::new(authority, TEST_IDLE);
     assert_eq!(text(&pool).await, "conn-1");
+    (pool, accepted)
+}
+
+#[tokio::test]
+async fn a_connection_is_reused_once_its_answer_was_read() {
+    let (pool, accepted) = pool_after_one_answer(Behaviour::KeepAlive).await;
     assert_eq!(idle(&pool), 1);
     assert_eq!(text(&pool).await, "conn-1");
     assert_eq!(text(&pool).await, "conn-1");
@@ -178,9 +185,7 @@ async fn a_connection_is_reused_once_its_answer_was_read() {
 
 #[tokio::test]
 async fn a_connection_the_backend_closed_while_idle_is_not_used() {
-    let (authority, accepted) = backend(Behaviour::CloseAfterAnswer).await;
-    let pool = ConnPool::new(authority, TEST_IDLE);
-    assert_eq!(text(&pool).await, "conn-1");
+    let (pool, accepted) = pool_after_one_answer(Behaviour::CloseAfterAnswer).await;
     // Whether or not the hangup arrived before the next request, that
     // request is answered, on a new connection.
     assert_eq!(text(&pool).await, "conn-2");
@@ -191,9 +196,7 @@ async fn a_connection_the_backend_closed_while_idle_is_not_used() {
 /// A request the backend read whole and left unanswered fails, and is
 /// not sent again: the backend may be running it.
 async fn assert_not_sent_again(behaviour: Behaviour) {
-    let (authority, accepted) = backend(behaviour).await;
-    let pool = ConnPool::new(authority, TEST_IDLE);
-    assert_eq!(text(&pool).await, "conn-1");
+    let (pool, accepted) = pool_after_one_answer(behaviour).await;
     let error = pool.send(get).await.unwrap_err();
     assert!(error.delivered(), "{error}");
     assert_eq!(accepted.load(SeqCst), 1, "sent again");
@@ -212,9 +215,7 @@ async fn a_request_read_by_the_backend_is_not_sent_again_when_it_resets_unanswer
 
 #[tokio::test]
 async fn a_request_cut_off_before_its_body_is_sent_again_on_a_new_connection() {
-    let (authority, accepted) = backend(Behaviour::ResetSecondRequestBeforeItsBody).await;
-    let pool = ConnPool::new(authority, TEST_IDLE);
-    assert_eq!(text(&pool).await, "conn-1");
+    let (pool, accepted) = pool_after_one_answer(Behaviour::ResetSecondRequestBeforeItsBody).await;
     // Larger than the socket buffers of both ends: the reset comes mid-body.
     let body = Bytes::from(vec![b'x'; 32 << 20]);
     let post = || {
@@ -245,9 +246,7 @@ async fn a_body_dropped_before_its_end_closes_its_connection() {
 
 #[tokio::test]
 async fn idle_connections_the_backend_closed_are_let_go() {
-    let (authority, accepted) = backend(Behaviour::CloseAfterAnswer).await;
-    let pool = ConnPool::new(authority, TEST_IDLE);
-    assert_eq!(text(&pool).await, "conn-1");
+    let (pool, accepted) = pool_after_one_answer(Behaviour::CloseAfterAnswer).await;
     let deadline = Instant::now() + Duration::from_secs(30);
     while idle(&pool) > 0 {
         assert!(
