@@ -314,27 +314,38 @@ async fn complete(
     Json(answer.full_response()).into_response()
 }
 
-/// Streams the answer as SSE, written byte for byte: TabbyAPI's CRLF line
-/// endings and `: ping` comment included.
-fn stream(shared: Arc<Shared>, answer: Answer, in_flight: sleep::InFlight) -> Response {
+/// Where an SSE answer's producer sends the bytes it writes.
+pub type EventSender = mpsc::Sender<Result<Bytes, Infallible>>;
+
+/// A 200 SSE answer (with `cache_control`) whose bytes `produce` sends, in a task of its own,
+/// as it goes.
+pub fn event_stream<F>(
+    cache_control: &'static str,
+    produce: impl FnOnce(EventSender) -> F,
+) -> Response
+where
+    F: Future<Output = ()> + Send + 'static,
+{
     let (sender, receiver) = mpsc::channel::<Result<Bytes, Infallible>>(4);
-    tokio::spawn(async move {
-        produce_stream(shared, answer, sender).await;
-        drop(in_flight);
-    });
+    tokio::spawn(produce(sender));
     Response::builder()
         .status(StatusCode::OK)
         .header(header::CONTENT_TYPE, "text/event-stream; charset=utf-8")
-        .header(header::CACHE_CONTROL, "no-cache")
+        .header(header::CACHE_CONTROL, cache_control)
         .body(Body::from_stream(ReceiverStream::new(receiver)))
         .unwrap_or_else(|_| StatusCode::INTERNAL_SERVER_ERROR.into_response())
 }
 
-async fn produce_stream(
-    shared: Arc<Shared>,
-    mut answer: Answer,
-    sender: mpsc::Sender<Result<Bytes, Infallible>>,
-) {
+/// Streams the answer as SSE, written byte for byte: TabbyAPI's CRLF line
+/// endings and `: ping` comment included.
+fn stream(shared: Arc<Shared>, answer: Answer, in_flight: sleep::InFlight) -> Response {
+    event_stream("no-cache", |sender| async move {
+        produce_stream(shared, answer, sender).await;
+        drop(in_flight);
+    })
+}
+
+async fn produce_stream(shared: Arc<Shared>, mut answer: Answer, sender: EventSender) {
     let tabby = shared.flavor() == Flavor::Tabbyapi;
     let eol = if tabby { "\r\n" } else { "\n" };
     let send = |text: String| {

@@ -13,24 +13,22 @@
 //! `--gpu-memory-file`): what a sleep released is no longer counted.
 
 use std::{
-    convert::Infallible,
     sync::{Arc, atomic::Ordering},
     time::Duration,
 };
 
 use axum::{
     Json, Router,
-    body::{Body, Bytes},
+    body::Bytes,
     extract::{RawQuery, State},
     http::{HeaderMap, StatusCode, header},
     response::{IntoResponse, Response},
     routing::{get, post},
 };
 use serde_json::{Value, json};
-use tokio::sync::mpsc;
-use tokio_stream::wrappers::ReceiverStream;
 
 use crate::{
+    api,
     cli::{Fault, Flavor},
     errors::ApiError,
     log,
@@ -562,23 +560,12 @@ async fn tabby_load(State(shared): AppState, headers: HeaderMap, body: Bytes) ->
         )
         .render(Flavor::Tabbyapi);
     }
-    let (sender, receiver) = mpsc::channel::<Result<Bytes, Infallible>>(4);
-    tokio::spawn(stream_load(shared, name, sender));
-    Response::builder()
-        .status(StatusCode::OK)
-        .header(header::CONTENT_TYPE, "text/event-stream; charset=utf-8")
-        .header(header::CACHE_CONTROL, "no-store")
-        .body(Body::from_stream(ReceiverStream::new(receiver)))
-        .unwrap_or_else(|_| StatusCode::INTERNAL_SERVER_ERROR.into_response())
+    api::event_stream("no-store", |sender| stream_load(shared, name, sender))
 }
 
 /// TabbyAPI's load stream: an event per module loaded, `finished` at the last; a failure is
 /// an error event in the stream (the answer is 200 already).
-async fn stream_load(
-    shared: Arc<Shared>,
-    name: String,
-    sender: mpsc::Sender<Result<Bytes, Infallible>>,
-) {
+async fn stream_load(shared: Arc<Shared>, name: String, sender: api::EventSender) {
     let send = |data: Value| {
         let sender = sender.clone();
         async move {
