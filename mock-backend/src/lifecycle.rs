@@ -59,85 +59,85 @@ impl Startup {
     }
 
     async fn sglang(self) -> anyhow::Result<()> {
-        let (model, host, port, pid) = (
-            self.shared.model(),
-            &self.args().host,
-            self.args().port,
-            self.shared.pid,
-        );
-        log::out(format!(
-            "[{}] server_args=ServerArgs(model_path='{model}', served_model_name='{model}', host='{host}', \
-             port={port}, mem_fraction_static=0.88, tp_size={}, api_key={})",
-            timestamp(),
-            self.args().workers().max(1),
-            if self.args().api_key.is_some() {
-                "'***'"
-            } else {
-                "None"
-            }
+        let (model, host, port) = (self.shared.model(), &self.args().host, self.args().port);
+        // SGLang stamps each line, and a tensor-parallel worker's lines name it (`TP0`).
+        let line = |worker: &str, text: &str| format!("[{}{worker}] {text}", timestamp());
+        log::out(line(
+            "",
+            &format!(
+                "server_args=ServerArgs(model_path='{model}', served_model_name='{model}', host='{host}', \
+                 port={port}, mem_fraction_static=0.88, tp_size={}, api_key={})",
+                self.args().workers().max(1),
+                if self.args().api_key.is_some() {
+                    "'***'"
+                } else {
+                    "None"
+                }
+            ),
         ));
-        log::out(format!(
-            "[{} TP0] Load weight begin. avail mem=78.50 GB",
-            timestamp()
-        ));
+        log::out(line(" TP0", "Load weight begin. avail mem=78.50 GB"));
         self.load().await;
-        log::out(format!(
-            "[{} TP0] Load weight end. type=LlamaForCausalLM, dtype=torch.float16, avail mem=62.10 GB, mem usage=16.40 GB.",
-            timestamp()
+        log::out(line(
+            " TP0",
+            "Load weight end. type=LlamaForCausalLM, dtype=torch.float16, avail mem=62.10 GB, mem usage=16.40 GB.",
         ));
-        log::out(format!(
-            "[{} TP0] KV Cache is allocated. #tokens: 120000, K size: 5.00 GB, V size: 5.00 GB",
-            timestamp()
+        log::out(line(
+            " TP0",
+            "KV Cache is allocated. #tokens: 120000, K size: 5.00 GB, V size: 5.00 GB",
         ));
-        let server = self.listen().await;
-        let port = self.shared.port();
-        log::out(format!("INFO:     Started server process [{pid}]"));
-        log::out("INFO:     Waiting for application startup.");
-        log::out("INFO:     Application startup complete.");
-        log::out(format!(
-            "INFO:     Uvicorn running on http://{host}:{port} (Press CTRL+C to quit)"
-        ));
+        let server = self.listen_as_uvicorn().await;
         self.warm_up().await;
-        self.become_ready(&format!(
-            "[{}] The server is fired up and ready to roll!",
-            timestamp()
-        ));
+        self.become_ready(&line("", "The server is fired up and ready to roll!"));
         self.serve_until_exit(server).await
     }
 
     async fn vllm(self) -> anyhow::Result<()> {
         let (model, host, pid) = (self.shared.model(), &self.args().host, self.shared.pid);
         // vLLM 0.32 prefixes each line with the process that wrote it (its API server, engine
-        // core and worker are separate processes) and stamps it `MM-DD HH:MM:SS`.
-        let stamp = || log::timestamp()[5..].to_owned();
-        log::out(format!(
-            "(APIServer pid={pid}) INFO {} [api_utils.py:347] vLLM version 0.32.0 (gpuswap mock)",
-            stamp()
-        ));
-        log::out(format!(
-            "(APIServer pid={pid}) INFO {} [api_utils.py:286] non-default args: {{'model': '{model}', 'served_model_name': ['{model}']}}",
-            stamp()
-        ));
-        log::out(format!(
-            "(EngineCore pid={pid}) INFO {} [core.py:133] Initializing a V1 LLM engine (v0.32.0) with config: model='{model}'",
-            stamp()
-        ));
-        log::out(format!(
-            "(Worker pid={pid}) INFO {} [cpu_model_runner.py:68] Starting to load model {model}...",
-            stamp()
-        ));
+        // core and worker are separate processes), stamps it `MM-DD HH:MM:SS` and names the
+        // source line that logged it.
+        let say = |process: &str, source: &str, text: &str| {
+            let stamp = &log::timestamp()[5..];
+            log::out(format!(
+                "({process} pid={pid}) INFO {stamp} [{source}] {text}"
+            ));
+        };
+        say(
+            "APIServer",
+            "api_utils.py:347",
+            "vLLM version 0.32.0 (gpuswap mock)",
+        );
+        say(
+            "APIServer",
+            "api_utils.py:286",
+            &format!("non-default args: {{'model': '{model}', 'served_model_name': ['{model}']}}"),
+        );
+        say(
+            "EngineCore",
+            "core.py:133",
+            &format!("Initializing a V1 LLM engine (v0.32.0) with config: model='{model}'"),
+        );
+        say(
+            "Worker",
+            "cpu_model_runner.py:68",
+            &format!("Starting to load model {model}..."),
+        );
         self.load().await;
-        log::out(format!(
-            "(Worker pid={pid}) INFO {} [default_loader.py:501] Loading weights took {:.2} seconds",
-            stamp(),
-            self.args().load_time.as_secs_f64()
-        ));
+        say(
+            "Worker",
+            "default_loader.py:501",
+            &format!(
+                "Loading weights took {:.2} seconds",
+                self.args().load_time.as_secs_f64()
+            ),
+        );
         let server = self.listen().await;
         let port = self.shared.port();
-        log::out(format!(
-            "(APIServer pid={pid}) INFO {} [entry.py:140] Starting vLLM server on http://{host}:{port}",
-            stamp()
-        ));
+        say(
+            "APIServer",
+            "entry.py:140",
+            &format!("Starting vLLM server on http://{host}:{port}"),
+        );
         log::out(format!("INFO:     Started server process [{pid}]"));
         log::out("INFO:     Waiting for application startup.");
         self.warm_up().await;
@@ -177,7 +177,7 @@ impl Startup {
     }
 
     async fn tabbyapi(self) -> anyhow::Result<()> {
-        let (model, host, pid) = (self.shared.model(), &self.args().host, self.shared.pid);
+        let model = self.shared.model();
         log::out("INFO:     ExllamaV2 version: 0.3.2");
         if self.args().api_key.is_some() {
             log::out("INFO:     Your API key is: (set with --api-key)");
@@ -196,14 +196,7 @@ impl Startup {
             self.load().await;
             log::out("INFO:     Model successfully loaded.");
         }
-        let server = self.listen().await;
-        let port = self.shared.port();
-        log::out(format!("INFO:     Started server process [{pid}]"));
-        log::out("INFO:     Waiting for application startup.");
-        log::out("INFO:     Application startup complete.");
-        log::out(format!(
-            "INFO:     Uvicorn running on http://{host}:{port} (Press CTRL+C to quit)"
-        ));
+        let server = self.listen_as_uvicorn().await;
         if !never_ready {
             self.warm_up().await;
             self.become_ready(&format!("INFO:     Model {model} is ready"));
@@ -289,6 +282,20 @@ impl Startup {
 
     /// Binds and serves. TabbyAPI moves to port+1 when the port is busy (with
     /// only a warning), like the real one; the others exit with an error.
+    /// Starts serving, and prints what uvicorn (the server of SGLang and TabbyAPI) prints
+    /// once it does.
+    async fn listen_as_uvicorn(&self) -> Server {
+        let server = self.listen().await;
+        let (host, port, pid) = (&self.args().host, self.shared.port(), self.shared.pid);
+        log::out(format!("INFO:     Started server process [{pid}]"));
+        log::out("INFO:     Waiting for application startup.");
+        log::out("INFO:     Application startup complete.");
+        log::out(format!(
+            "INFO:     Uvicorn running on http://{host}:{port} (Press CTRL+C to quit)"
+        ));
+        server
+    }
+
     async fn listen(&self) -> Server {
         let host = self.args().host.as_str();
         let port = self.args().port;
