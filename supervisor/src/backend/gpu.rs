@@ -437,22 +437,27 @@ mod tests {
         logs.tail_lines(usize::MAX)
     }
 
+    /// Waits (for long) until GPUs answering `answers` in turn list nothing; returns how many
+    /// looks it took and the log lines it wrote.
+    async fn wait_on(answers: Vec<Result<Vec<u32>, String>>) -> (usize, Vec<String>) {
+        let logs = LogBuffer::new("m", 100);
+        let gpus = FakeGpus::new(answers);
+        wait_gone(Duration::from_secs(600), &logs, || gpus.list()).await;
+        (gpus.calls(), lines(&logs))
+    }
+
     #[tokio::test]
     async fn free_memory_costs_one_look_and_no_log_line() {
-        let logs = LogBuffer::new("m", 100);
-        let gpus = FakeGpus::new(vec![Ok(vec![])]);
-        wait_gone(Duration::from_secs(600), &logs, || gpus.list()).await;
-        assert_eq!(gpus.calls(), 1);
-        assert!(lines(&logs).is_empty(), "{:?}", lines(&logs));
+        let (calls, lines) = wait_on(vec![Ok(vec![])]).await;
+        assert_eq!(calls, 1);
+        assert!(lines.is_empty(), "{lines:?}");
     }
 
     #[tokio::test]
     async fn waits_until_the_processes_leave_the_gpus() {
-        let logs = LogBuffer::new("m", 100);
-        let gpus = FakeGpus::new(vec![Ok(vec![7, 8]), Ok(vec![8]), Ok(vec![8]), Ok(vec![])]);
-        wait_gone(Duration::from_secs(600), &logs, || gpus.list()).await;
-        assert_eq!(gpus.calls(), 4);
-        let lines = lines(&logs);
+        let (calls, lines) =
+            wait_on(vec![Ok(vec![7, 8]), Ok(vec![8]), Ok(vec![8]), Ok(vec![])]).await;
+        assert_eq!(calls, 4);
         assert!(
             lines.len() == 1 && lines[0].contains("GPU memory released"),
             "{lines:?}"
@@ -526,11 +531,8 @@ mod tests {
 
     #[tokio::test]
     async fn an_nvml_error_ends_the_wait_with_a_log_line() {
-        let logs = LogBuffer::new("m", 100);
-        let gpus = FakeGpus::new(vec![Ok(vec![3]), Err("GPU 0: GPU is lost".into())]);
-        wait_gone(Duration::from_secs(600), &logs, || gpus.list()).await;
-        assert_eq!(gpus.calls(), 2);
-        let lines = lines(&logs);
+        let (calls, lines) = wait_on(vec![Ok(vec![3]), Err("GPU 0: GPU is lost".into())]).await;
+        assert_eq!(calls, 2);
         assert!(
             lines.len() == 1 && lines[0].contains("GPU 0: GPU is lost"),
             "{lines:?}"

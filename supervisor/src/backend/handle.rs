@@ -35,6 +35,12 @@ impl std::fmt::Display for ExitInfo {
     }
 }
 
+/// Waits until `exit` holds the exit of a process tree; None when its sender is gone first.
+pub(super) async fn wait_for_exit(mut exit: watch::Receiver<Option<ExitInfo>>) -> Option<ExitInfo> {
+    let info = exit.wait_for(Option::is_some).await.ok()?.clone();
+    Some(info.unwrap_or(UNKNOWN_EXIT))
+}
+
 pub(super) const UNKNOWN_EXIT: ExitInfo = ExitInfo {
     code: None,
     signal: None,
@@ -91,16 +97,10 @@ impl Backend {
 
     /// Resolves once the process tree has exited, by itself or by a stop. Cancel-safe.
     pub async fn exited(&self) -> ExitInfo {
-        let mut exit = self.inner.exit.clone();
-        let outcome = exit
-            .wait_for(Option::is_some)
+        // None: the owner task is gone without a word (the runtime is shutting down).
+        wait_for_exit(self.inner.exit.clone())
             .await
-            .map(|info| info.clone());
-        match outcome {
-            Ok(info) => info.unwrap_or(UNKNOWN_EXIT),
-            // The owner task is gone without a word: the runtime is shutting down.
-            Err(_) => UNKNOWN_EXIT,
-        }
+            .unwrap_or(UNKNOWN_EXIT)
     }
 
     /// The exit, if it already happened.

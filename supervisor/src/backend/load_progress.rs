@@ -230,15 +230,19 @@ pub fn time_left(
 mod tests {
     use super::*;
 
+    fn progress(percent: f32, detail: &str) -> Option<LoadProgress> {
+        Some(LoadProgress {
+            percent: Some(percent),
+            detail: detail.into(),
+        })
+    }
+
     #[test]
     fn vllm_and_sglang_shard_bars() {
         let vllm = "(EngineCore_DP0 pid=4242) \rLoading safetensors checkpoint shards:  45% Completed | 9/20 [00:05<00:06,  1.50it/s]";
         assert_eq!(
             parse_line(BackendKind::Vllm, vllm),
-            Some(LoadProgress {
-                percent: Some(45.0),
-                detail: "9/20 shards".into()
-            })
+            progress(45.0, "9/20 shards")
         );
         let sglang = "\rLoading safetensors checkpoint shards: 100% Completed | 2/2 [00:01<00:00,  1.05it/s]";
         assert_eq!(
@@ -248,10 +252,7 @@ mod tests {
         let start = "Loading safetensors checkpoint shards:   0% Completed | 0/4 [00:00<?, ?it/s]";
         assert_eq!(
             parse_line(BackendKind::Vllm, start),
-            Some(LoadProgress {
-                percent: Some(0.0),
-                detail: "0/4 shards".into()
-            })
+            progress(0.0, "0/4 shards")
         );
         assert_eq!(
             parse_line(BackendKind::Vllm, "INFO:     Application startup complete."),
@@ -290,10 +291,7 @@ mod tests {
             r#"data: {"model_type":"model","module":10,"modules":40,"status":"processing"}"#;
         assert_eq!(
             parse_line(BackendKind::Tabbyapi, event),
-            Some(LoadProgress {
-                percent: Some(25.0),
-                detail: "10/40 model modules".into()
-            })
+            progress(25.0, "10/40 model modules")
         );
         assert_eq!(parse_line(BackendKind::Tabbyapi, "{}"), None);
     }

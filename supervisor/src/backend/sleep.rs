@@ -133,11 +133,25 @@ pub async fn enter(
     protocol: &SleepProtocol,
     timeout: Duration,
 ) -> Result<(), SleepError> {
-    send_all(config, &protocol.enter, timeout).await?;
-    if says_asleep(config, protocol, timeout).await? == Some(false) {
+    let not_asleep = "says it is not asleep after the sleep";
+    send_and_check(config, protocol, &protocol.enter, timeout, true, not_asleep).await
+}
+
+/// Sends `requests`; then, if the server has a route that says, it must say it sleeps as
+/// `asleep` says, else the error names that route and says `otherwise`.
+async fn send_and_check(
+    config: &ModelConfig,
+    protocol: &SleepProtocol,
+    requests: &[SleepRequest],
+    timeout: Duration,
+    asleep: bool,
+    otherwise: &str,
+) -> Result<(), SleepError> {
+    send_all(config, requests, timeout).await?;
+    if says_asleep(config, protocol, timeout).await? == Some(!asleep) {
         let probe = protocol.asleep.as_ref().map(|p| &p.request);
         return Err(SleepError(format!(
-            "{} says it is not asleep after the sleep",
+            "{} {otherwise}",
             probe.map(ToString::to_string).unwrap_or_default()
         )));
     }
@@ -152,14 +166,16 @@ pub async fn leave(
     timeout: Duration,
     deadline: Instant,
 ) -> Result<(), SleepError> {
-    send_all(config, &protocol.leave, timeout).await?;
-    if says_asleep(config, protocol, timeout).await? == Some(true) {
-        let probe = protocol.asleep.as_ref().map(|p| &p.request);
-        return Err(SleepError(format!(
-            "{} still says it sleeps after the wake",
-            probe.map(ToString::to_string).unwrap_or_default()
-        )));
-    }
+    let still_asleep = "still says it sleeps after the wake";
+    send_and_check(
+        config,
+        protocol,
+        &protocol.leave,
+        timeout,
+        false,
+        still_asleep,
+    )
+    .await?;
     let probe = ReadinessProbe::new(config);
     let addr = probe
         .resolve()

@@ -14,7 +14,7 @@ use nix::{
 };
 use tokio::sync::watch;
 
-use super::{Backend, ExitInfo, UNKNOWN_EXIT, gpu, ports, process_tree};
+use super::{Backend, ExitInfo, UNKNOWN_EXIT, gpu, handle::wait_for_exit, ports, process_tree};
 
 /// Extra time the guard gets, after stop_timeout, to SIGKILL the tree itself.
 const ESCALATION_MARGIN: Duration = Duration::from_secs(2);
@@ -27,7 +27,7 @@ impl Backend {
     /// SIGTERM to the group, SIGKILL after stop_timeout, reap, then wait (bounded) until the
     /// port is free and the GPU memory released. Idempotent; concurrent calls share one stop.
     pub async fn stop(&self) -> ExitInfo {
-        let mut done = {
+        let done = {
             let mut slot = self.inner.stop.lock().unwrap_or_else(|e| e.into_inner());
             match &*slot {
                 Some(done) => done.clone(),
@@ -44,13 +44,9 @@ impl Backend {
                 }
             }
         };
-        let outcome = done
-            .wait_for(Option::is_some)
-            .await
-            .map(|info| info.clone());
-        match outcome {
-            Ok(info) => info.unwrap_or(UNKNOWN_EXIT),
-            Err(_) => self.exited().await,
+        match wait_for_exit(done).await {
+            Some(info) => info,
+            None => self.exited().await,
         }
     }
 

@@ -464,24 +464,22 @@ mod tests {
     fn evicts_the_fewest_unheld_then_least_recently_used() {
         let c = capacity_96();
         let target = gpu0(9, 40);
+        // What is chosen to make room for `target` among `cands`, nothing staying.
+        let chosen = |target: &Placement, cands: &[Candidate]| {
+            choose_evictions(&c, ("t", target), &[], cands)
+        };
         // a used last (t=3), b at t=1: b goes.
         let cands = [
             candidate("a", gpu0(1, 40), false, 3),
             candidate("b", gpu0(2, 40), false, 1),
         ];
-        assert_eq!(
-            choose_evictions(&c, ("t", &target), &[], &cands),
-            Some(vec!["b".to_string()])
-        );
+        assert_eq!(chosen(&target, &cands), Some(vec!["b".to_string()]));
         // Held models go after unheld ones, however recently used.
         let cands = [
             candidate("a", gpu0(1, 40), false, 3),
             candidate("b", gpu0(2, 40), true, 1),
         ];
-        assert_eq!(
-            choose_evictions(&c, ("t", &target), &[], &cands),
-            Some(vec!["a".to_string()])
-        );
+        assert_eq!(chosen(&target, &cands), Some(vec!["a".to_string()]));
         // Fewest models: the one 60 GiB model (two small older ones are not enough).
         let big = gpu0(9, 70);
         let cands = [
@@ -489,24 +487,15 @@ mod tests {
             candidate("s2", gpu0(2, 10), false, 2),
             candidate("l", gpu0(3, 60), false, 9),
         ];
-        assert_eq!(
-            choose_evictions(&c, ("t", &big), &[], &cands),
-            Some(vec!["l".to_string()])
-        );
+        assert_eq!(chosen(&big, &cands), Some(vec!["l".to_string()]));
         // Nothing to stop when it fits.
-        assert_eq!(
-            choose_evictions(&c, ("t", &gpu0(9, 5)), &[], &cands),
-            Some(vec![])
-        );
+        assert_eq!(chosen(&gpu0(9, 5), &cands), Some(vec![]));
         // A port clash must go, whatever its rank.
         let cands = [
             candidate("old", gpu0(1, 10), false, 0),
             candidate("port", gpu0(9, 10), false, 5),
         ];
-        assert_eq!(
-            choose_evictions(&c, ("t", &target), &[], &cands),
-            Some(vec!["port".to_string()])
-        );
+        assert_eq!(chosen(&target, &cands), Some(vec!["port".to_string()]));
         // What stays (pinned, wanted by earlier waiters) cannot be chosen: no set is enough.
         let pinned = gpu0(1, 30);
         assert_eq!(

@@ -318,27 +318,38 @@ impl Activation {
         .await
     }
 
-    /// Reads until the hold is lost.
-    pub async fn hold_lost(&mut self) -> pb::HoldLost {
-        self.until("HoldLost", |e| match e {
-            Event::HoldLost(h) => Some(h.clone()),
-            _ => None,
-        })
-        .await
-    }
-
-    /// Reads until the holder is asked to let go.
-    pub async fn drain_requested(&mut self) -> pb::DrainRequested {
-        self.until("DrainRequested", |e| match e {
-            Event::DrainRequested(d) => Some(d.clone()),
-            _ => None,
-        })
-        .await
-    }
-
     pub fn saw(&self, pick: impl Fn(&Event) -> bool) -> bool {
         self.seen.iter().any(pick)
     }
+}
+
+/// Methods of [`Activation`] that read until the first event of one kind and return it.
+macro_rules! read_until {
+    ($($(#[$doc:meta])* $method:ident: $kind:ident;)*) => {
+        impl Activation {
+            $(
+                $(#[$doc])*
+                pub async fn $method(&mut self) -> pb::$kind {
+                    self.until(stringify!($kind), |e| match e {
+                        Event::$kind(event) => Some(event.clone()),
+                        _ => None,
+                    })
+                    .await
+                }
+            )*
+        }
+    };
+}
+
+read_until! {
+    /// Reads until the hold is lost.
+    hold_lost: HoldLost;
+    /// Reads until the holder is asked to let go.
+    drain_requested: DrainRequested;
+    /// Reads until the waiter is told what it waits behind.
+    queued: Queued;
+    /// Reads until the waiter is told a model in its way drains.
+    draining: Draining;
 }
 
 /// One HTTP/1.1 request over a fresh connection: (status, body).

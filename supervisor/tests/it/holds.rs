@@ -8,6 +8,7 @@ use gpuswap::{
     ClientOptions, Endpoint,
     pb::{self, ModelState, activate_event::Event},
 };
+use tokio::task::JoinHandle;
 
 /// A supervisor of alpha and beta (both on GPU 0) with `settings`, and a ready hold on alpha.
 async fn alpha_held(test: &str, settings: &[&str]) -> (Supervisor, Activation, pb::Ready) {
@@ -31,12 +32,7 @@ async fn a_held_model_is_drained_and_stopped_only_after_release() {
         drain.deadline_ms > 0 && drain.deadline_ms <= 60_000,
         "{drain:?}"
     );
-    let draining = beta
-        .until("Draining", |e| match e {
-            Event::Draining(d) => Some(d.clone()),
-            _ => None,
-        })
-        .await;
+    let draining = beta.draining().await;
     assert_eq!((draining.model.as_str(), draining.holders), ("alpha", 1));
 
     // Held: alpha keeps serving while the hold is open.
@@ -183,21 +179,11 @@ async fn waiters_are_served_in_arrival_order() {
     let mut beta = sup.activate("beta", false).await;
     hold.drain_requested().await;
     let mut gamma = sup.activate("gamma", false).await;
-    let queued = gamma
-        .until("Queued", |e| match e {
-            Event::Queued(q) => Some(q.clone()),
-            _ => None,
-        })
-        .await;
+    let queued = gamma.queued().await;
     assert_eq!((queued.position, queued.behind.as_str()), (2, "beta"));
     // A ready model is not granted past an earlier waiter that needs it stopped.
     let mut alpha_again = sup.activate("alpha", false).await;
-    let queued = alpha_again
-        .until("Queued", |e| match e {
-            Event::Queued(q) => Some(q.clone()),
-            _ => None,
-        })
-        .await;
+    let queued = alpha_again.queued().await;
     assert_eq!(queued.position, 3);
     assert_eq!(
         sup.status().await.supervisor.expect("info").queue,
@@ -228,12 +214,7 @@ async fn min_residency_is_respected() {
     sup.activate("alpha", false).await.ready().await;
     let alpha_ready = Instant::now();
     let mut beta = sup.activate("beta", false).await;
-    let draining = beta
-        .until("Draining", |e| match e {
-            Event::Draining(d) => Some(d.clone()),
-            _ => None,
-        })
-        .await;
+    let draining = beta.draining().await;
     assert_eq!(draining.model, "alpha");
     assert!(
         draining.residency_ms > 0 && draining.residency_ms <= 2000,
@@ -249,36 +230,50 @@ async fn min_residency_is_respected() {
     );
 }
 
+/// Sends `request` from a task of its own (it waits for the drain); the task answers with the
+/// models it stopped.
+fn deactivate_in_background(
+    sup: &Supervisor,
+    request: pb::DeactivateRequest,
+) -> JoinHandle<Result<Vec<String>, tonic::Status>> {
+    let mut client = sup.client.clone();
+    tokio::spawn(async move {
+        let response = client.deactivate(request).await?;
+        Ok(response.into_inner().stopped)
+    })
+}
+
+/// The answer of a deactivation sent in the background, within the deadline.
+async fn answer(task: JoinHandle<Result<Vec<String>, tonic::Status>>) -> Vec<String> {
+    tokio::time::timeout(testkit::DEADLINE, task)
+        .await
+        .expect("Deactivate in time")
+        .expect("task")
+        .expect("Deactivate")
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn deactivate_drains_the_holders_first() {
     let sup = Supervisor::start("deactivate", &[], vec![Mock::new("alpha")]).await;
     let mut hold = sup.activate("alpha", true).await;
     hold.ready().await;
-    let mut client = sup.client.clone();
-    let deactivation = tokio::spawn(async move {
-        client
-            .deactivate(pb::DeactivateRequest {
-                model: "alpha".into(),
-                all: false,
-                force: false,
-                if_idle_generation: None,
-                sleep: false,
-            })
-            .await
-            .map(|r| r.into_inner().stopped)
-    });
+    let deactivation = deactivate_in_background(
+        &sup,
+        pb::DeactivateRequest {
+            model: "alpha".into(),
+            all: false,
+            force: false,
+            if_idle_generation: None,
+            sleep: false,
+        },
+    );
     let drain = hold.drain_requested().await;
     assert_eq!(drain.wanted_by, "deactivate");
     // Still held, still serving, the Deactivate still waits.
     assert_eq!(sup.state("alpha").await, ModelState::Ready);
     assert!(!deactivation.is_finished());
     drop(hold);
-    let stopped = tokio::time::timeout(testkit::DEADLINE, deactivation)
-        .await
-        .expect("Deactivate returns after the release")
-        .expect("task")
-        .expect("Deactivate");
-    assert_eq!(stopped, vec!["alpha".to_string()]);
+    assert_eq!(answer(deactivation).await, vec!["alpha".to_string()]);
     assert_eq!(sup.state("alpha").await, ModelState::Stopped);
     sup.wait_no_backends().await;
 }
@@ -419,6 +414,21 @@ fn sleep_request(model: &str) -> pb::DeactivateRequest {
     }
 }
 
+/// A deactivation that puts `model` to sleep is refused (FailedPrecondition), saying `why`.
+async fn sleep_refused(sup: &Supervisor, model: &str, why: &str) {
+    let mut client = sup.client.clone();
+    let refused = client
+        .deactivate(sleep_request(model))
+        .await
+        .expect_err(why);
+    assert_eq!(
+        refused.code(),
+        tonic::Code::FailedPrecondition,
+        "{refused:?}"
+    );
+    assert!(refused.message().contains(why), "{refused:?}");
+}
+
 /// A deactivation with sleep drains the holder like a stop, then puts the model to sleep in
 /// its own process; an Activate wakes it there. Models that cannot sleep are refused.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -435,51 +445,20 @@ async fn a_deactivation_with_sleep_drains_then_sleeps_and_activate_wakes_the_sam
     let ready = hold.ready().await;
     let pid = sup.model("alpha").await.pid;
 
-    let mut client = sup.client.clone();
-    let sleeping = tokio::spawn(async move { client.deactivate(sleep_request("alpha")).await });
+    let sleeping = deactivate_in_background(&sup, sleep_request("alpha"));
     let drain = hold.drain_requested().await;
     assert_eq!(drain.model, "alpha");
     assert_eq!(sup.state("alpha").await, ModelState::Ready, "drains first");
     drop(hold);
-    let slept = tokio::time::timeout(testkit::DEADLINE, sleeping)
-        .await
-        .expect("Deactivate in time")
-        .expect("task")
-        .expect("Deactivate with sleep");
-    assert_eq!(slept.into_inner().stopped, ["alpha"]);
+    assert_eq!(answer(sleeping).await, ["alpha"]);
     let asleep = sup.model("alpha").await;
     assert_eq!(asleep.state, ModelState::Sleeping as i32, "{asleep:?}");
     assert_eq!((asleep.pid, asleep.generation), (pid, ready.generation));
 
-    let mut client = sup.client.clone();
-    let refused = client
-        .deactivate(sleep_request("beta"))
-        .await
-        .expect_err("beta has no sleep protocol");
-    assert_eq!(
-        refused.code(),
-        tonic::Code::FailedPrecondition,
-        "{refused:?}"
-    );
-    assert!(
-        refused.message().contains("beta has no sleep protocol"),
-        "{refused:?}"
-    );
-    let refused = client
-        .deactivate(sleep_request("big"))
-        .await
-        .expect_err("big (never used) would be the first sleeper stopped for its own room");
-    assert_eq!(
-        refused.code(),
-        tonic::Code::FailedPrecondition,
-        "{refused:?}"
-    );
-    assert!(
-        refused
-            .message()
-            .contains("big cannot sleep: sleepers would hold 110 GiB of host_memory 100 GiB"),
-        "{refused:?}"
-    );
+    sleep_refused(&sup, "beta", "beta has no sleep protocol").await;
+    // big (never used) would be the first sleeper stopped for its own room.
+    let why = "big cannot sleep: sleepers would hold 110 GiB of host_memory 100 GiB";
+    sleep_refused(&sup, "big", why).await;
     let woke = sup.activate("alpha", false).await.ready().await;
     assert_eq!(woke.generation, ready.generation);
     let awake = sup.model("alpha").await;

@@ -3,7 +3,7 @@
 
 use crate::common;
 use crate::common::{Mock, Supervisor, http};
-use gpuswap::pb::{ModelState, activate_event::Event};
+use gpuswap::pb::ModelState;
 use testkit::DEADLINE;
 
 /// The value of the sample `series` (name and labels exactly as exposed).
@@ -60,6 +60,15 @@ async fn with_metrics(test: &str, models: Vec<Mock>) -> (Supervisor, String) {
     (Supervisor::start(test, &[&listen], models).await, metrics)
 }
 
+/// The metrics once `model_state` shows `model` in `state`.
+async fn scrape_in_state(address: &str, model: &str, state_name: &str) -> String {
+    let what = format!("{model} {state_name} in model_state");
+    scrape_when(address, &what, |text| {
+        state(text, model, state_name) == Some(1.0)
+    })
+    .await
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn metrics_show_swaps_their_phases_and_model_states() {
     // Both on GPU 0: activating one stops the other.
@@ -74,10 +83,7 @@ async fn metrics_show_swaps_their_phases_and_model_states() {
     // An activation that starts alpha, kept as a hold.
     let mut hold = sup.activate("alpha", true).await;
     hold.ready().await;
-    let text = scrape_when(&metrics, "alpha ready in model_state", |text| {
-        state(text, "alpha", "ready") == Some(1.0)
-    })
-    .await;
+    let text = scrape_in_state(&metrics, "alpha", "ready").await;
     assert_eq!(state(&text, "alpha", "stopped"), Some(0.0), "{text}");
     assert_eq!(swaps(&text, "alpha"), Some(1.0), "{text}");
     assert_eq!(phase_count(&text, "start"), 1.0, "{text}");
@@ -85,14 +91,8 @@ async fn metrics_show_swaps_their_phases_and_model_states() {
 
     // A swap: beta needs GPU 0, so alpha's holder is asked to let go.
     let mut swap = sup.activate("beta", false).await;
-    hold.until("DrainRequested", |event| {
-        matches!(event, Event::DrainRequested(_)).then_some(())
-    })
-    .await;
-    let text = scrape_when(&metrics, "alpha draining in model_state", |text| {
-        state(text, "alpha", "draining") == Some(1.0)
-    })
-    .await;
+    hold.drain_requested().await;
+    let text = scrape_in_state(&metrics, "alpha", "draining").await;
     assert_eq!(state(&text, "alpha", "ready"), Some(0.0), "{text}");
     // The holder lets go: the drain ends, alpha stops, beta starts.
     drop(hold);
@@ -140,10 +140,8 @@ async fn failed_starts_and_restarts_are_counted_by_reason() {
     let (sup, metrics) = with_metrics("metrics-fail", vec![broken]).await;
     let failed = sup.activate("broken", false).await.failed().await;
     assert!(failed.reason.contains("exited"), "{failed:?}");
-    let text = scrape_when(&metrics, "the failure counted", |text| {
-        state(text, "broken", "failed") == Some(1.0)
-    })
-    .await;
+    // The failure counted.
+    let text = scrape_in_state(&metrics, "broken", "failed").await;
     assert_eq!(
         sample(
             &text,

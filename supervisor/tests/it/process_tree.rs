@@ -3,6 +3,7 @@
 use std::{
     io::{BufRead, BufReader},
     os::unix::process::CommandExt,
+    path::PathBuf,
     process::{Command, Stdio},
     time::{Duration, Instant},
 };
@@ -10,6 +11,7 @@ use std::{
 use crate::process_support::{assert_logged, logs, model, sh, spec, tagged};
 use gpuswap_supervisor::backend::{Backend, StartError, state_file::StateFile};
 use serde_json::json;
+use tempfile::TempDir;
 use testkit::{DEADLINE, free_port, unique_marker, wait_for, wait_for_blocking};
 
 const SPAWNER_MARKER_ENV: &str = "GPUSWAP_TEST_SPAWNER_MARKER";
@@ -304,28 +306,29 @@ fn cleanup_ends_a_recorded_leftover_group() {
     assert!(restarted.cleanup_leftovers().is_empty());
 }
 
-/// A process group whose leader exited and left `sleep 1000` behind, tagged `marker`:
-/// (the group, the sleep's pid).
-fn group_without_its_leader(marker: &str) -> (testkit::Proc, u32) {
+/// A state file's path in a fresh directory (kept while the directory lives), and a
+/// process group whose leader exited and left `sleep 1000` behind, tagged for `test`:
+/// (the directory, the path, the group, the sleep's pid).
+fn state_and_group_without_its_leader(test: &str) -> (TempDir, PathBuf, testkit::Proc, u32) {
+    let dir = testkit::short_tempdir();
+    let path = dir.path().join("state.json");
+    let marker = unique_marker(test);
     let mut command = Command::new("sh");
     command
         .args(["-c", "sleep 1000 & exit 0"])
-        .env("GPUSWAP_TEST_MARKER", marker);
+        .env("GPUSWAP_TEST_MARKER", &marker);
     let mut group = testkit::Proc::spawn(command);
     group.wait_exit(DEADLINE);
     let sleep = wait_for_blocking("the sleep", DEADLINE, || {
-        tagged(marker, &[]).first().copied()
+        tagged(&marker, &[]).first().copied()
     });
-    (group, sleep)
+    (dir, path, group, sleep)
 }
 
 #[test]
 fn cleanup_leaves_alone_a_group_none_of_whose_recorded_processes_runs() {
-    let dir = testkit::short_tempdir();
-    let path = dir.path().join("state.json");
-    let marker = unique_marker("stranger");
     // The recorded guard ended long ago; another program's group has its id now.
-    let (group, stranger) = group_without_its_leader(&marker);
+    let (_dir, path, group, stranger) = state_and_group_without_its_leader("stranger");
     let pgid = group.pid() as i32;
     StateFile::open(&path)
         .expect("open")
@@ -339,10 +342,7 @@ fn cleanup_leaves_alone_a_group_none_of_whose_recorded_processes_runs() {
 
 #[test]
 fn cleanup_ends_a_recorded_process_whose_group_leader_is_gone() {
-    let dir = testkit::short_tempdir();
-    let path = dir.path().join("state.json");
-    let marker = unique_marker("orphan");
-    let (group, orphan) = group_without_its_leader(&marker);
+    let (_dir, path, group, orphan) = state_and_group_without_its_leader("orphan");
     let state = StateFile::open(&path).expect("open");
     state.record("old", group.pid() as i32, 1).expect("record");
     state
