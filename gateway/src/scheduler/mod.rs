@@ -12,7 +12,7 @@
 //! the task that owns the state, [`Message`] what the actor receives.
 //!
 //! The files, one seam each:
-//! - [`handle`]: [`Scheduler`] and the [`WaitTicket`] a wait gives out.
+//! - `handle`: [`Scheduler`] and the [`WaitTicket`] a wait gives out.
 //! - `actor`: the actor's state and loop: waiters queue, activations start, housekeeping.
 //! - `stream`: the task that runs one Activate stream and reports its events back.
 //! - `events`: what an activation's events do: progress for waiters, a route once Ready.
@@ -21,7 +21,7 @@
 
 mod actor;
 mod events;
-pub mod handle;
+mod handle;
 mod hold;
 mod idle;
 mod stream;
