@@ -13,8 +13,11 @@ SECOND (which conflicts with FIRST, so the gateway swaps) and back to FIRST.
 import argparse
 import json
 import sys
+import time
 
 import openai
+
+from sdk_stream import read_chat_stream
 
 
 def chat(client, model):
@@ -35,33 +38,14 @@ def chat(client, model):
 
 def chat_stream(client, model):
     """A streaming chat: the answer assembled from the deltas, as SDK users do."""
+    started = time.monotonic()
     stream = client.chat.completions.create(
         model=model,
         messages=[{"role": "user", "content": "hello"}],
         max_tokens=8,
         stream=True,
     )
-    content, reasoning, models, finish_reasons, chunks = [], [], set(), [], 0
-    for chunk in stream:
-        chunks += 1
-        if chunk.model:
-            models.add(chunk.model)
-        for choice in chunk.choices:
-            if choice.delta.content:
-                content.append(choice.delta.content)
-            # Not an SDK field: gpuswap's swap progress, kept as an extra.
-            extra = getattr(choice.delta, "reasoning_content", None)
-            if extra:
-                reasoning.append(extra)
-            if choice.finish_reason:
-                finish_reasons.append(choice.finish_reason)
-    return {
-        "chunks": chunks,
-        "content": "".join(content),
-        "reasoning": "".join(reasoning),
-        "models": sorted(models),
-        "finish_reasons": finish_reasons,
-    }
+    return read_chat_stream(stream, started)
 
 
 def unknown_model(client, model):

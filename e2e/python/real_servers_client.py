@@ -13,6 +13,8 @@ import time
 
 import openai
 
+from sdk_stream import read_chat_stream
+
 MESSAGES = [{"role": "user", "content": "Say something short."}]
 
 
@@ -39,39 +41,7 @@ def chat_stream(client, model, max_tokens):
         stream=True,
         stream_options={"include_usage": True},
     )
-    content, reasoning, models, finish_reasons = [], [], set(), []
-    chunks, usage, usage_chunk_choices, after_usage, first_content = 0, None, None, 0, None
-    for chunk in stream:
-        chunks += 1
-        if usage is not None:
-            after_usage += 1  # the usage chunk must be the last one
-        # gpuswap's swap progress comes as reasoning_content from "gpuswap-progress" chunks.
-        if chunk.id != "gpuswap-progress" and chunk.model:
-            models.add(chunk.model)
-        for choice in chunk.choices:
-            extra = getattr(choice.delta, "reasoning_content", None)
-            if extra:
-                reasoning.append(extra)
-            if choice.delta.content:
-                if first_content is None:
-                    first_content = time.monotonic() - started
-                content.append(choice.delta.content)
-            if choice.finish_reason:
-                finish_reasons.append(choice.finish_reason)
-        if chunk.usage is not None:
-            usage = chunk.usage.model_dump()
-            usage_chunk_choices = len(chunk.choices)
-    return {
-        "chunks": chunks,
-        "content": "".join(content),
-        "reasoning": "".join(reasoning),
-        "models": sorted(models),
-        "finish_reasons": finish_reasons,
-        "usage": usage,
-        "usage_chunk_choices": usage_chunk_choices,
-        "chunks_after_usage": after_usage,
-        "first_content_s": first_content,
-    }
+    return read_chat_stream(stream, started)
 
 
 def main():

@@ -85,9 +85,8 @@ pub fn run_test_in_child(
     let stdout = String::from_utf8_lossy(&output.stdout);
     assert!(
         output.status.success() && stdout.contains("test result: ok. 1 passed"),
-        "the child running {test} failed ({}):\n{stdout}\n{}",
-        output.status,
-        String::from_utf8_lossy(&output.stderr)
+        "the child running {test} failed: {}",
+        described(&output)
     );
 }
 
@@ -257,6 +256,27 @@ pub fn log_tails<P: AsRef<Path>>(paths: impl IntoIterator<Item = P>) -> String {
         }
     }
     text
+}
+
+/// What a finished process left: its exit status, stdout and stderr, for assertion messages.
+pub fn described(output: &std::process::Output) -> String {
+    format!(
+        "{}\n--- stdout\n{}\n--- stderr\n{}",
+        output.status,
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    )
+}
+
+/// Asserts that a finished process (`what`: which one) succeeded; shows what it left
+/// otherwise.
+#[track_caller]
+pub fn assert_success(output: &std::process::Output, what: &str) {
+    assert!(
+        output.status.success(),
+        "{what} failed: {}",
+        described(output)
+    );
 }
 
 /// Parses one JSON value, panicking with the text on failure.

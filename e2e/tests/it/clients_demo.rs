@@ -95,15 +95,6 @@ fn run_smoke(config: &Path) -> Output {
         .expect("run deploy/demo.sh")
 }
 
-fn described(output: &Output) -> String {
-    format!(
-        "{}\n--- stdout\n{}\n--- stderr\n{}",
-        output.status,
-        String::from_utf8_lossy(&output.stdout),
-        String::from_utf8_lossy(&output.stderr)
-    )
-}
-
 /// The marked processes still alive, with their command lines.
 fn left_behind(marker: &str) -> Vec<String> {
     testkit::processes_with_marker(marker)
@@ -140,7 +131,7 @@ fn demo_smoke_serves_the_readme_requests_and_ctrl_c_leaves_nothing_behind() {
 
     let output = run_smoke(&config_path);
     let stdout = String::from_utf8_lossy(&output.stdout);
-    assert!(output.status.success(), "{}", described(&output));
+    assert!(output.status.success(), "{}", testkit::described(&output));
     // What the script checked, model by model: the answers came from each model's own backend.
     for model in ["llama-sglang", "qwen-sglang"] {
         let served = config.models[model]
@@ -152,10 +143,14 @@ fn demo_smoke_serves_the_readme_requests_and_ctrl_c_leaves_nothing_behind() {
                 "a streaming chat with {model} was answered by its backend ({served})"
             )),
             "{}",
-            described(&output)
+            testkit::described(&output)
         );
     }
-    assert!(stdout.contains("demo smoke: OK"), "{}", described(&output));
+    assert!(
+        stdout.contains("demo smoke: OK"),
+        "{}",
+        testkit::described(&output)
+    );
 
     // Checked here again, independently of the script: nothing of the demo is left.
     let left = left_behind(&marker);
@@ -193,11 +188,11 @@ fn demo_smoke_fails_when_a_model_cannot_be_served() {
     std::fs::write(&config_path, broken).expect("write config");
 
     let output = run_smoke(&config_path);
-    assert!(!output.status.success(), "{}", described(&output));
+    assert!(!output.status.success(), "{}", testkit::described(&output));
     assert!(
         String::from_utf8_lossy(&output.stderr).contains("demo smoke: FAILED"),
         "{}",
-        described(&output)
+        testkit::described(&output)
     );
     let left = left_behind(&marker);
     assert!(

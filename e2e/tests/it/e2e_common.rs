@@ -21,7 +21,8 @@ use hyper_util::{
 };
 use serde_json::Value;
 use testkit::{
-    DEADLINE, Proc, StackBase, StartStack, chat_body, error_chain, is_progress, sse_data,
+    DEADLINE, Proc, StackBase, StartStack, chat_body, error_chain, is_progress,
+    partial_stream_content, sse_data,
 };
 
 /// The variable that tags every backend process (see `processes_with_marker`).
@@ -511,6 +512,21 @@ impl Stack {
     }
 }
 
+impl Stack {
+    /// Opens a streamed chat request and reads it until the first tokens of `model`'s own
+    /// answer: the stream, and the text read so far.
+    pub async fn stream_served(&self, model: &str, max_tokens: u32) -> (Opened, String) {
+        let mut stream = self.open_chat(model, true, max_tokens).await;
+        assert_eq!(stream.status, 200);
+        let served_by = signature(model);
+        let head = stream
+            .read_until(|text| partial_stream_content(text).starts_with(&served_by))
+            .await
+            .expect("the first tokens");
+        (stream, head)
+    }
+}
+
 fn judge_json(asked: &str, text: &str) -> Verdict {
     let Ok(body) = serde_json::from_str::<Value>(text) else {
         return Verdict::Malformed(format!("not JSON: {text}"));
@@ -745,6 +761,15 @@ fn sample(marker: &str, conflicts: &[(String, String)], report: &mut SampleRepor
         let max = report.max_leaders.entry(model).or_default();
         *max = (*max).max(n);
     }
+}
+
+/// Every record of the client tasks, task by task; panics when one of them panicked.
+pub async fn records_of<T>(clients: Vec<tokio::task::JoinHandle<Vec<T>>>) -> Vec<T> {
+    let mut records = Vec::new();
+    for client in clients {
+        records.extend(client.await.expect("a client task"));
+    }
+    records
 }
 
 /// Polls a process on its own thread and reports when it died (or None after `limit`).

@@ -3,7 +3,6 @@
 
 use crate::e2e_common::{Model, Stack};
 use gpuswap::pb::ModelState;
-use testkit::partial_stream_content;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_restarted_gateway_serves_the_running_model_without_a_new_start() {
@@ -17,11 +16,7 @@ async fn a_restarted_gateway_serves_the_running_model_without_a_new_start() {
     assert_eq!(before.holders, 1, "the gateway holds what it serves");
 
     // Killed while it streams a long answer (200 tokens at 20 per second).
-    let mut stream = stack.open_chat("alpha", true, 200).await;
-    stream
-        .read_until(|text| partial_stream_content(text).starts_with("[served by alpha]"))
-        .await
-        .expect("the first tokens");
+    let (stream, _) = stack.stream_served("alpha", 200).await;
     stack.kill_gateway();
     // The hold went with the gateway's connection; the model stays.
     let after = testkit::wait_for("the gateway's hold to go", testkit::DEADLINE, || async {

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use crate::e2e_common;
 use crate::e2e_common::{Model, Stack, Verdict, judge};
 use gpuswap::pb::ModelState;
-use testkit::{partial_stream_content, sse_data};
+use testkit::sse_data;
 
 /// The whole of one race scenario must end well within this.
 const SCENARIO: Duration = Duration::from_secs(45);
@@ -147,11 +147,7 @@ async fn rapid_alternation_from_many_clients_is_served_without_double_starts() {
                 verdicts
             }));
         }
-        let mut verdicts = Vec::new();
-        for client in clients {
-            verdicts.extend(client.await.expect("a client"));
-        }
-        verdicts
+        e2e_common::records_of(clients).await
     };
     let verdicts = tokio::time::timeout(SCENARIO, scenario)
         .await
@@ -189,12 +185,7 @@ async fn an_operator_activation_waits_for_the_gateways_stream_to_finish() {
     let sampler = stack.sampler(&[("alpha", "beta")]);
     let scenario = async {
         // 40 tokens at 25 per second: the stream lasts about 1.6 s.
-        let mut stream = stack.open_chat("alpha", true, 40).await;
-        assert_eq!(stream.status, 200);
-        let head = stream
-            .read_until(|text| partial_stream_content(text).starts_with("[served by alpha]"))
-            .await
-            .expect("the first tokens");
+        let (stream, head) = stack.stream_served("alpha", 40).await;
         let alpha = stack.status("alpha").await.pid;
         let alpha_death = e2e_common::watch_death(alpha, testkit::DEADLINE);
         let activate = stack.ctl(&["activate", "beta"]);

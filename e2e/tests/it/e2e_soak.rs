@@ -155,14 +155,7 @@ async fn mixed_models_under_concurrent_load_are_never_misrouted_or_lost() {
             }
         }));
     }
-    let all_clients = async {
-        let mut records = Vec::new();
-        for client in clients {
-            records.extend(client.await.expect("a client task"));
-        }
-        records
-    };
-    let records = tokio::time::timeout(SOAK_LIMIT, all_clients)
+    let records = tokio::time::timeout(SOAK_LIMIT, e2e_common::records_of(clients))
         .await
         .unwrap_or_else(|_| {
             panic!(

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use crate::e2e_common;
 use crate::e2e_common::{Model, Stack, openai_error};
 use serde_json::Value;
-use testkit::{partial_stream_content, sse_data};
+use testkit::sse_data;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_killed_supervisor_leaves_no_process_and_a_new_one_serves_again() {
@@ -30,12 +30,7 @@ async fn a_killed_supervisor_leaves_no_process_and_a_new_one_serves_again() {
         .await;
     stack.served_chat("beta", false, 2).await;
     // A long answer (200 tokens at 20 per second) in flight on alpha.
-    let mut stream = stack.open_chat("alpha", true, 200).await;
-    assert_eq!(stream.status, 200);
-    let head = stream
-        .read_until(|text| partial_stream_content(text).starts_with("[served by alpha]"))
-        .await
-        .expect("the first tokens");
+    let (stream, head) = stack.stream_served("alpha", 200).await;
     let before = stack.backend_processes();
     let mocks = e2e_common::scan_mocks(&stack.marker);
     assert_eq!(

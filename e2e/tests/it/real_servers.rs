@@ -671,9 +671,8 @@ async fn activate_vllm(stack: &Stack, model: &str) -> Vec<Process> {
         testkit::run_ctl_within(&stack.endpoint(), &["activate", model], START_DEADLINE).await;
     assert!(
         out.status.success(),
-        "{}{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr),
+        "{}{}",
+        testkit::described(&out),
         stack.logs()
     );
     let processes = model_processes(stack, model);

@@ -145,10 +145,8 @@ fn ctl_line(readme: &Readme, setting: &Setting) -> String {
 fn assert_ran(out: &Output, what: &str, log: &str) {
     assert!(
         out.status.success(),
-        "{what}: {:?}\nstdout: {}\nstderr: {}\nsupervisor log:\n{log}",
-        out.status,
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
+        "{what}: {}\nsupervisor log:\n{log}",
+        testkit::described(out)
     );
 }
 
@@ -355,11 +353,7 @@ async fn the_readme_with_a_certificate_made_by_openssl() {
         .current_dir(&etc)
         .output()
         .expect("sh");
-    assert!(
-        openssl.status.success(),
-        "{}",
-        String::from_utf8_lossy(&openssl.stderr)
-    );
+    testkit::assert_success(&openssl, "the README's openssl commands");
     assert_eq!(mode(&etc.join("key.pem")), 0o600);
     assert_eq!(mode(&etc.join("token")), 0o600);
 

@@ -40,13 +40,7 @@ async fn run_child(test_name: &str, role: &str, env: &[(&str, &str)]) -> Output 
         .await
         .expect("the child test finished in time")
         .expect("run the child test");
-    assert!(
-        output.status.success(),
-        "child {role} failed: {}\n--- stdout ---\n{}\n--- stderr ---\n{}",
-        output.status,
-        String::from_utf8_lossy(&output.stdout),
-        String::from_utf8_lossy(&output.stderr)
-    );
+    testkit::assert_success(&output, &format!("child {role}"));
     output
 }
 
