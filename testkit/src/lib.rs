@@ -279,6 +279,23 @@ pub fn assert_success(output: &std::process::Output, what: &str) {
     );
 }
 
+/// Asserts that none of `total` tries failed; otherwise says how many did (`what` went
+/// wrong), the first five failures, and `context`.
+#[track_caller]
+pub fn assert_none_failed<T: std::fmt::Debug>(
+    failures: &[T],
+    total: usize,
+    what: &str,
+    context: &str,
+) {
+    assert!(
+        failures.is_empty(),
+        "{} of {total} {what}, first: {:?}{context}",
+        failures.len(),
+        &failures[..failures.len().min(5)]
+    );
+}
+
 /// Parses one JSON value, panicking with the text on failure.
 pub fn json(text: &str) -> serde_json::Value {
     serde_json::from_str(text).unwrap_or_else(|e| panic!("not JSON ({e}): {text}"))

@@ -147,6 +147,14 @@ impl OpenWebUi {
         (status, body)
     }
 
+    /// POSTs `body` to `path` as a page does and asserts that OpenWebUI granted it (`context`
+    /// for the message): its answer.
+    async fn post_ok(&self, path: &str, body: Value, context: impl Fn() -> String) -> Value {
+        let (status, answer) = self.call(reqwest::Method::POST, path, Some(body)).await;
+        assert_eq!(status, 200, "{answer}{}", context());
+        answer
+    }
+
     /// OpenWebUI's model list, as its pages get it: id -> `loaded` (null: not reported).
     async fn models(&self) -> Vec<(String, Value)> {
         let (status, body) = self.call(reqwest::Method::GET, "/api/models", None).await;
@@ -231,18 +239,17 @@ async fn openwebui_lists_chats_loads_and_ejects_gpuswap_models() {
     );
 
     // A chat with a model that is not loaded: gpuswap starts it and it answers.
-    let (status, answer) = webui
-        .call(
-            reqwest::Method::POST,
+    let answer = webui
+        .post_ok(
             "/api/chat/completions",
-            Some(json!({
+            json!({
                 "model": "qwen-7b",
                 "messages": [{ "role": "user", "content": "hello" }],
                 "stream": false,
-            })),
+            }),
+            context,
         )
         .await;
-    assert_eq!(status, 200, "{answer}{}", context());
     let content = answer["choices"][0]["message"]["content"]
         .as_str()
         .unwrap_or_default();
@@ -276,14 +283,13 @@ async fn openwebui_lists_chats_loads_and_ejects_gpuswap_models() {
     };
 
     // Load, as the model manager's button does: the other model makes room.
-    let (status, answer) = webui
-        .call(
-            reqwest::Method::POST,
+    let answer = webui
+        .post_ok(
             "/openai/models/0/load",
-            Some(json!({ "model": "llama-8b" })),
+            json!({ "model": "llama-8b" }),
+            context,
         )
         .await;
-    assert_eq!(status, 200, "{answer}{}", context());
     assert_eq!(answer, json!({ "success": true }), "{}", context());
     webui.wait_loaded("llama-8b", true).await;
     webui.wait_loaded("qwen-7b", false).await;
@@ -313,14 +319,13 @@ async fn openwebui_lists_chats_loads_and_ejects_gpuswap_models() {
     reader.abort();
 
     // Eject, as the button beside a loaded model does.
-    let (status, answer) = webui
-        .call(
-            reqwest::Method::POST,
+    webui
+        .post_ok(
             "/api/models/unload",
-            Some(json!({ "model": "llama-8b" })),
+            json!({ "model": "llama-8b" }),
+            context,
         )
         .await;
-    assert_eq!(status, 200, "{answer}{}", context());
     webui.wait_loaded("llama-8b", false).await;
     testkit::wait_for("the supervisor to stop llama-8b", DEADLINE, || async {
         (state(&stack.statuses().await, "llama-8b") == pb::ModelState::Stopped).then_some(())

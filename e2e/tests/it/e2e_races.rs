@@ -156,14 +156,7 @@ async fn rapid_alternation_from_many_clients_is_served_without_double_starts() {
         .iter()
         .filter(|(_, v)| *v != Verdict::Served)
         .collect();
-    assert!(
-        failed.is_empty(),
-        "{} of {} not served: {:?}{}",
-        failed.len(),
-        verdicts.len(),
-        &failed[..failed.len().min(5)],
-        stack.logs()
-    );
+    testkit::assert_none_failed(&failed, verdicts.len(), "not served", &stack.logs());
     let report = sampler.finish();
     eprintln!(
         "{} requests, {} starts; sampler {} samples, max {:?}",

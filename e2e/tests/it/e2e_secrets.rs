@@ -469,12 +469,7 @@ async fn keys_never_reach_logs_status_or_answers() {
     // nowhere else.
     let mut client = stack.client.clone();
     let mut events = client
-        .activate(pb::ActivateRequest {
-            model: "tabby".into(),
-            hold: false,
-            force: false,
-            client: "e2e_secrets".into(),
-        })
+        .activate(activation("tabby"))
         .await
         .expect("Activate")
         .into_inner();
@@ -563,23 +558,34 @@ fn hostile_names(dir: &Path) -> Vec<String> {
     ]
 }
 
+/// An activation of `model` by this suite, without a hold.
+fn activation(model: &str) -> pb::ActivateRequest {
+    pb::ActivateRequest {
+        model: model.into(),
+        client: "e2e_secrets".into(),
+        ..Default::default()
+    }
+}
+
+/// Activates `model`: the supervisor's refusal, or the first event of the activation.
+async fn first_event(
+    stack: &Stack,
+    model: &str,
+) -> Result<Option<pb::ActivateEvent>, tonic::Status> {
+    let mut client = stack.client.clone();
+    match client.activate(activation(model)).await {
+        Err(status) => Err(status),
+        Ok(response) => response.into_inner().message().await,
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn activating_unconfigured_names_is_not_found_and_starts_nothing() {
     let stack = Stack::start("names", false).await;
     let bearer = stack.bearer();
     for name in hostile_names(stack.dir.path()) {
         let mut client = stack.client.clone();
-        let request = pb::ActivateRequest {
-            model: name.clone(),
-            hold: false,
-            force: false,
-            client: "e2e_secrets".into(),
-        };
-        let outcome = match client.activate(request).await {
-            Err(status) => Err(status),
-            Ok(response) => response.into_inner().message().await,
-        };
-        match outcome {
+        match first_event(&stack, &name).await {
             Err(status) => assert_eq!(
                 status.code(),
                 tonic::Code::NotFound,
@@ -613,21 +619,9 @@ async fn activating_unconfigured_names_is_not_found_and_starts_nothing() {
         }
     }
     // An empty name is refused as such.
-    let mut client = stack.client.clone();
-    let empty = match client
-        .activate(pb::ActivateRequest {
-            model: String::new(),
-            hold: false,
-            force: false,
-            client: "e2e_secrets".into(),
-        })
-        .await
-    {
+    let empty = match first_event(&stack, "").await {
         Err(status) => status.code(),
-        Ok(response) => match response.into_inner().message().await {
-            Err(status) => status.code(),
-            Ok(event) => panic!("Activate(\"\") was accepted: {event:?}"),
-        },
+        Ok(event) => panic!("Activate(\"\") was accepted: {event:?}"),
     };
     assert_eq!(empty, tonic::Code::InvalidArgument);
 

@@ -211,12 +211,11 @@ async fn mixed_models_under_concurrent_load_are_never_misrouted_or_lost() {
         report.samples,
         report.max_leaders,
     );
-    assert!(
-        bad.is_empty(),
-        "{} of {REQUESTS} requests failed, misrouted, lost or malformed, first: {:?}\n{tally:?}{}",
-        bad.len(),
-        &bad[..bad.len().min(5)],
-        stack.logs()
+    testkit::assert_none_failed(
+        &bad,
+        REQUESTS,
+        "requests failed, misrouted, lost or malformed",
+        &format!("\n{tally:?}{}", stack.logs()),
     );
     let streamed = records.iter().filter(|r| r.stream).count();
     let left = records.iter().filter(|r| r.left).count();

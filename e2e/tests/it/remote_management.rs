@@ -246,27 +246,30 @@ async fn the_readme_with_certificates_the_supervisor_makes() {
         .stderr(std::fs::File::create(&gateway_log).expect("log"));
     let _gateway = Proc::spawn(gateway);
     let http = reqwest::Client::new();
-    let ask = || async {
-        let response = http
-            .post(format!(
-                "http://127.0.0.1:{gateway_port}/v1/chat/completions"
-            ))
-            .json(&testkit::chat_body("alpha", false, 8))
-            .send()
-            .await?;
-        let status = response.status();
-        Ok::<_, reqwest::Error>((status, response.text().await?))
+    // Waits (`what` for) until a chat through the gateway is answered, and asserts that the
+    // model answered it.
+    let answered = |what: &'static str| {
+        let (http, model, gateway_log, setting) = (&http, &model, &gateway_log, &setting);
+        async move {
+            let url = format!("http://127.0.0.1:{gateway_port}/v1/chat/completions");
+            let answer = testkit::wait_for(what, DEADLINE, || async {
+                let body = testkit::chat_body("alpha", false, 8);
+                let response = http.post(&url).json(&body).send().await.ok()?;
+                if !response.status().is_success() {
+                    return None;
+                }
+                response.text().await.ok()
+            })
+            .await;
+            assert!(
+                answer.contains(&model.signature()),
+                "{answer}\ngateway log:\n{}\nsupervisor log:\n{}",
+                testkit::read_lossy(gateway_log),
+                setting.log()
+            );
+        }
     };
-    let answer = testkit::wait_for("an answer through the gateway", DEADLINE, || async {
-        let (status, text) = ask().await.ok()?;
-        status.is_success().then_some(text)
-    })
-    .await;
-    assert!(
-        answer.contains(&model.signature()),
-        "{answer}\ngateway log:\n{}",
-        testkit::read_lossy(&gateway_log)
-    );
+    answered("an answer through the gateway").await;
 
     // Later starts reuse the CA, certificate and token: the copies keep working.
     let made: Vec<Vec<u8>> = ["ca.pem", "server.pem", "token"]
@@ -328,17 +331,7 @@ async fn the_readme_with_certificates_the_supervisor_makes() {
     // The gateway's connection to the restarted supervisor may still be coming back (a
     // transient 503 then): what must hold is that it gets through with the replaced token,
     // without a restart, which a gateway that read its token once never does.
-    let answer = testkit::wait_for("an answer with the rotated token", DEADLINE, || async {
-        let (status, text) = ask().await.ok()?;
-        status.is_success().then_some(text)
-    })
-    .await;
-    assert!(
-        answer.contains(&model.signature()),
-        "{answer}\ngateway log:\n{}\nsupervisor log:\n{}",
-        testkit::read_lossy(&gateway_log),
-        setting.log()
-    );
+    answered("an answer with the rotated token").await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
