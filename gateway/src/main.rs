@@ -1,50 +1,37 @@
 //! `gpuswap-gateway --config FILE [--listen ADDR] [--log-format text|json]`
 
-use anyhow::Context as _;
-use clap::Parser;
 use gpuswap::config::{Daemon, DaemonArgs};
 
-/// The OpenAI-compatible front of gpuswap: routes requests to the model they
-/// name, asking the supervisor to swap models in as needed.
-#[derive(Parser)]
-#[command(version)]
-struct Args {
-    // The file's [gateway] and [telemetry] sections are read.
-    #[command(flatten)]
-    daemon: DaemonArgs,
-}
+/// What `--help` says first.
+const ABOUT: &str = "The OpenAI-compatible front of gpuswap: routes requests to the model they \
+                     name, asking the supervisor to swap models in as needed";
 
 fn main() -> anyhow::Result<()> {
-    let args = Args::parse();
-    let config = args
-        .daemon
+    // The file's [gateway] and [telemetry] sections are read.
+    let config = DaemonArgs::parse_for(Daemon::Gateway, ABOUT)
         .loader(Daemon::Gateway)
-        .load_or_exit("gpuswap-gateway");
+        .load_or_exit(Daemon::Gateway.program());
     let fd_limit = raise_fd_limit();
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .context("cannot start the runtime")?;
-    let _runtime_context = runtime.enter();
-    // Declared after the runtime, so it is dropped first: its last spans are
-    // flushed while the runtime still drives the exporter.
-    let _telemetry = gpuswap_telemetry::init("gpuswap-gateway", &config.telemetry)?;
-    match fd_limit {
-        Ok((before, after)) if before != after => {
-            tracing::debug!(before, after, "open file limit raised");
-        }
-        Ok(_) => {}
-        Err(error) => tracing::warn!(%error, "cannot raise the open file limit"),
-    }
-    runtime.block_on(async move {
-        tokio::select! {
-            result = gpuswap_gateway::run(config.gateway) => result,
-            _ = gpuswap::shutdown::signal() => {
-                tracing::info!("stopping");
-                Ok(())
+    gpuswap_telemetry::run_with_telemetry(
+        Daemon::Gateway.program(),
+        &config.telemetry,
+        || async move {
+            match fd_limit {
+                Ok((before, after)) if before != after => {
+                    tracing::debug!(before, after, "open file limit raised");
+                }
+                Ok(_) => {}
+                Err(error) => tracing::warn!(%error, "cannot raise the open file limit"),
             }
-        }
-    })
+            tokio::select! {
+                result = gpuswap_gateway::run(config.gateway) => result,
+                _ = gpuswap::shutdown::signal() => {
+                    tracing::info!("stopping");
+                    Ok(())
+                }
+            }
+        },
+    )
 }
 
 /// Raises the soft limit of open files to the hard limit: every client

@@ -4,6 +4,8 @@
 
 use std::path::PathBuf;
 
+use clap::{CommandFactory as _, FromArgMatches as _};
+
 use super::{Config, ConfigError, LogFormat};
 
 /// A daemon's command-line flags: the last layer, above the file and the environment. They
@@ -29,9 +31,22 @@ pub enum Daemon {
     Epp,
 }
 
-/// The flags every gpuswap daemon takes, flattened into its command line
-/// (`#[command(flatten)]`): the configuration file and the [`Flags`] layer on top of it.
-#[derive(clap::Args, Clone, Debug)]
+impl Daemon {
+    /// The program's name (its `--version`, the start of its errors).
+    pub fn program(self) -> &'static str {
+        match self {
+            Daemon::Supervisor => "gpuswap-supervisor",
+            Daemon::Gateway => "gpuswap-gateway",
+            Daemon::Epp => "gpuswap-epp",
+        }
+    }
+}
+
+/// The flags every gpuswap daemon takes: the configuration file and the [`Flags`] layer on
+/// top of it. The whole command line of a daemon without flags of its own
+/// ([`DaemonArgs::parse_for`]); flattened (`#[command(flatten)]`) into the others'.
+#[derive(clap::Parser, Clone, Debug)]
+#[command(version)]
 pub struct DaemonArgs {
     /// The configuration file (TOML).
     #[arg(long, env = "GPUSWAP_CONFIG")]
@@ -47,6 +62,17 @@ pub struct DaemonArgs {
 }
 
 impl DaemonArgs {
+    /// Parses the command line of `daemon`, which takes no flags of its own; `about` opens
+    /// its `--help`. Exits as clap does on `--help`, `--version` and errors.
+    pub fn parse_for(daemon: Daemon, about: &'static str) -> Self {
+        let matches = Self::command_for(daemon, about).get_matches();
+        Self::from_arg_matches(&matches).unwrap_or_else(|error| error.exit())
+    }
+
+    fn command_for(daemon: Daemon, about: &'static str) -> clap::Command {
+        Self::command().name(daemon.program()).about(about)
+    }
+
     /// Where `daemon`'s configuration comes from: the file, these flags on top.
     pub fn loader(&self, daemon: Daemon) -> ConfigLoader {
         let listen = |of: Daemon| self.listen.clone().filter(|_| of == daemon);
@@ -240,6 +266,34 @@ mod tests {
         assert_eq!(bare.daemon.loader(Daemon::Gateway).flags, Flags::default());
         assert!(
             Args::try_parse_from(["gpuswap-x", "--config", "c", "--log-format", "yaml"]).is_err()
+        );
+    }
+
+    #[test]
+    fn a_daemon_without_flags_of_its_own_is_named_and_described_on_its_command_line() {
+        let mut command = DaemonArgs::command_for(Daemon::Epp, "Picks the box.");
+        assert_eq!(
+            command.render_version(),
+            format!("gpuswap-epp {}\n", env!("CARGO_PKG_VERSION"))
+        );
+        let help = command.render_help().to_string();
+        assert!(
+            help.starts_with("Picks the box.") && help.contains("--log-format"),
+            "{help}"
+        );
+        let matches = command
+            .try_get_matches_from([
+                "gpuswap-epp",
+                "--config",
+                "c.toml",
+                "--listen",
+                "127.0.0.1:1",
+            ])
+            .unwrap();
+        let args = DaemonArgs::from_arg_matches(&matches).unwrap();
+        assert_eq!(
+            args.loader(Daemon::Epp).flags.epp_listen.as_deref(),
+            Some("127.0.0.1:1")
         );
     }
 

@@ -108,6 +108,24 @@ pub fn init(service: &'static str, cfg: &TelemetryConfig) -> anyhow::Result<Tele
     Ok(TelemetryGuard { provider })
 }
 
+/// Runs a daemon: `run`'s future on a multi-thread runtime, with the telemetry of `cfg`
+/// installed inside it ([`init`]) for `service`.
+pub fn run_with_telemetry<F: Future<Output = anyhow::Result<()>>>(
+    service: &'static str,
+    cfg: &TelemetryConfig,
+    run: impl FnOnce() -> F,
+) -> anyhow::Result<()> {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the runtime")?;
+    let _runtime_context = runtime.enter();
+    // Declared after the runtime, so it is dropped first: its last spans are
+    // flushed while the runtime still drives the exporter.
+    let _telemetry = init(service, cfg)?;
+    runtime.block_on(run())
+}
+
 fn log_format(cfg: &TelemetryConfig) -> anyhow::Result<LogFormat> {
     if let Some(format) = cfg.log_format {
         return Ok(format);

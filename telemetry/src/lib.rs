@@ -50,7 +50,7 @@ mod serve;
 #[cfg(feature = "testing")]
 pub mod testing;
 
-pub use init::{LOG_FORMAT_ENV, OTLP_ENDPOINT_ENV, TelemetryGuard, init};
+pub use init::{LOG_FORMAT_ENV, OTLP_ENDPOINT_ENV, TelemetryGuard, init, run_with_telemetry};
 pub use metrics::{
     CONTENT_TYPE, GatewayMetrics, Metrics, ModelCounts, ModelState, OpenConnection, Refusal,
     RequestMetrics, STATUS_CLIENT_CLOSED, SupervisorMetrics, SwapPhase,
