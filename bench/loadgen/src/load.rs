@@ -293,25 +293,13 @@ async fn one_request(
                 *ttft = Some(started.elapsed());
             }
             if seen.error {
-                return Outcome::Failed(format!(
-                    "in-stream error: {}",
-                    String::from_utf8_lossy(&data)
-                        .chars()
-                        .take(200)
-                        .collect::<String>()
-                ));
+                return Outcome::Failed(format!("in-stream error: {}", excerpt(&data)));
             }
         }
     }
     let latency = started.elapsed();
     if !status.is_success() {
-        return Outcome::Failed(format!(
-            "HTTP {status}: {}",
-            String::from_utf8_lossy(&error_body)
-                .chars()
-                .take(200)
-                .collect::<String>()
-        ));
+        return Outcome::Failed(format!("HTTP {status}: {}", excerpt(&error_body)));
     }
     if shared.spec.stream && !parser.done() {
         return Outcome::Failed("stream ended without [DONE]".into());
@@ -321,4 +309,9 @@ async fn one_request(
         chunks,
         bytes,
     }
+}
+
+/// The start of a body, for an error sample.
+fn excerpt(body: &[u8]) -> String {
+    String::from_utf8_lossy(body).chars().take(200).collect()
 }

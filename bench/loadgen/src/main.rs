@@ -4,6 +4,7 @@
 
 mod http;
 mod load;
+mod poller;
 mod procfs;
 mod sse;
 mod stats;

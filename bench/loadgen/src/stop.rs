@@ -3,10 +3,6 @@
 
 use std::{
     process::Stdio,
-    sync::{
-        Arc,
-        atomic::{AtomicBool, Ordering},
-    },
     time::{Duration, Instant},
 };
 
@@ -14,7 +10,7 @@ use anyhow::{Context, Result, anyhow, bail};
 use gpuswap::{ClientOptions, Endpoint, SupervisorClient, pb};
 use serde::Serialize;
 
-use crate::{procfs, swap::ReadyProbe};
+use crate::{poller::MomentPoller, procfs, swap::ReadyProbe};
 
 pub fn client(endpoint: &str) -> Result<SupervisorClient> {
     let endpoint: Endpoint = endpoint.parse()?;
@@ -72,40 +68,15 @@ pub async fn backend_pid(client: &mut SupervisorClient, model: &str) -> Result<u
         .ok_or_else(|| anyhow!("Status shows no process for {model}"))
 }
 
-/// Watches a set of processes on its own thread and records when the last one is gone.
-struct GonePoller {
-    stop: Arc<AtomicBool>,
-    thread: std::thread::JoinHandle<Option<Instant>>,
+/// Watches a set of processes and records when the last one is gone (polled every 0.5 ms).
+fn gone_poller(pids: Vec<u32>) -> MomentPoller {
+    MomentPoller::start(Duration::from_micros(500), move || {
+        !pids.iter().any(|&pid| procfs::alive(pid))
+    })
 }
 
-impl GonePoller {
-    fn start(pids: Vec<u32>) -> Self {
-        let stop = Arc::new(AtomicBool::new(false));
-        let stop_flag = stop.clone();
-        let thread = std::thread::spawn(move || {
-            while !stop_flag.load(Ordering::Relaxed) {
-                if !pids.iter().any(|&pid| procfs::alive(pid)) {
-                    return Some(Instant::now());
-                }
-                std::thread::sleep(Duration::from_micros(500));
-            }
-            None
-        });
-        Self { stop, thread }
-    }
-
-    async fn finish(self, wait: Duration) -> Option<Instant> {
-        let deadline = Instant::now() + wait;
-        while !self.thread.is_finished() && Instant::now() < deadline {
-            tokio::time::sleep(Duration::from_millis(2)).await;
-        }
-        self.stop.store(true, Ordering::Relaxed);
-        tokio::task::spawn_blocking(move || self.thread.join().ok().flatten())
-            .await
-            .ok()
-            .flatten()
-    }
-}
+/// How often the finishing side looks whether the last process is gone.
+const GONE_CHECK: Duration = Duration::from_millis(2);
 
 fn ms_between(later: Instant, earlier: Instant) -> f64 {
     later.saturating_duration_since(earlier).as_secs_f64() * 1000.0
@@ -131,7 +102,7 @@ pub async fn measure_deactivate(
 ) -> Result<DeactivateSample> {
     let pid = activate(client, model, Duration::from_secs(60)).await?;
     let pids = procfs::tree(pid);
-    let poller = GonePoller::start(pids.clone());
+    let poller = gone_poller(pids.clone());
     let started = Instant::now();
     client
         .deactivate(pb::DeactivateRequest {
@@ -145,7 +116,7 @@ pub async fn measure_deactivate(
         .with_context(|| format!("Deactivate {model}"))?;
     let returned = Instant::now();
     let left_alive = pids.iter().filter(|&&p| procfs::alive(p)).count();
-    let gone = poller.finish(Duration::from_secs(30)).await;
+    let gone = poller.finish(Duration::from_secs(30), GONE_CHECK).await;
     Ok(DeactivateSample {
         model: model.to_owned(),
         processes: pids.len(),
@@ -208,7 +179,7 @@ pub async fn measure_own_exit(
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     let pids = procfs::tree(pid);
-    let poller = GonePoller::start(pids.clone());
+    let poller = gone_poller(pids.clone());
     let started = Instant::now();
     // As a supervisor does it: SIGTERM to the whole process group.
     kill_group(libc::SIGTERM);
@@ -226,7 +197,7 @@ pub async fn measure_own_exit(
     let leader_exit = Instant::now();
     // A backend that leaves workers behind is cleaned up the way the guard
     // does it, after a while, so that the bench leaves nothing running.
-    let gone = poller.finish(Duration::from_secs(2)).await;
+    let gone = poller.finish(Duration::from_secs(2), GONE_CHECK).await;
     kill_group(libc::SIGKILL);
     Ok(OwnExitSample {
         processes: pids.len(),

@@ -14,10 +14,6 @@
 use std::{
     io::{Read, Write},
     net::{SocketAddr, TcpStream},
-    sync::{
-        Arc,
-        atomic::{AtomicBool, Ordering},
-    },
     time::{Duration, Instant},
 };
 
@@ -27,6 +23,7 @@ use serde::Serialize;
 
 use crate::{
     http::{Target, chat_body, connect, post},
+    poller::MomentPoller,
     sse::SseParser,
 };
 
@@ -69,42 +66,6 @@ impl ReadyProbe {
             }
         }
         head[..filled].starts_with(b"HTTP/1.1 200") || head[..filled].starts_with(b"HTTP/1.0 200")
-    }
-}
-
-/// Polls a probe every millisecond on its own thread until the first 200.
-pub struct ReadyPoller {
-    stop: Arc<AtomicBool>,
-    thread: std::thread::JoinHandle<Option<Instant>>,
-}
-
-impl ReadyPoller {
-    pub fn start(probe: ReadyProbe) -> Self {
-        let stop = Arc::new(AtomicBool::new(false));
-        let stop_flag = stop.clone();
-        let thread = std::thread::spawn(move || {
-            while !stop_flag.load(Ordering::Relaxed) {
-                if probe.check() {
-                    return Some(Instant::now());
-                }
-                std::thread::sleep(Duration::from_millis(1));
-            }
-            None
-        });
-        Self { stop, thread }
-    }
-
-    /// The moment of the first 200, waiting up to `wait` for it.
-    pub async fn finish(self, wait: Duration) -> Option<Instant> {
-        let deadline = Instant::now() + wait;
-        while !self.thread.is_finished() && Instant::now() < deadline {
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
-        self.stop.store(true, Ordering::Relaxed);
-        tokio::task::spawn_blocking(move || self.thread.join().ok().flatten())
-            .await
-            .ok()
-            .flatten()
     }
 }
 
@@ -209,9 +170,12 @@ pub async fn measure(
             probe.addr
         );
     }
-    let poller = ReadyPoller::start(probe);
+    // The moment of the first 200, polled every millisecond.
+    let poller = MomentPoller::start(Duration::from_millis(1), move || probe.check());
     let outcome = stream_once(url, model, bearer, timeout).await;
-    let ready = poller.finish(Duration::from_millis(200)).await;
+    let ready = poller
+        .finish(Duration::from_millis(200), Duration::from_millis(5))
+        .await;
     let streamed = outcome.context("swap")?;
     let Some(ready) = ready else {
         bail!("the backend of {model} never answered its readiness probe");

@@ -133,6 +133,21 @@ where
     }
 }
 
+/// Waits until `GET path` on 127.0.0.1:`port` answers 200, as [`wait_until`] does.
+pub async fn wait_answering(
+    what: &str,
+    proc: &mut Proc,
+    timeout: Duration,
+    port: u16,
+    path: &str,
+) -> Result<()> {
+    let addr = SocketAddr::from(([127, 0, 0, 1], port));
+    wait_until(what, proc, timeout, || async move {
+        matches!(http_get(addr, path, None).await, Some((200, _)))
+    })
+    .await
+}
+
 /// One GET over a fresh connection: the status and body, or None when it fails.
 pub async fn http_get(addr: SocketAddr, path: &str, bearer: Option<&str>) -> Option<(u16, String)> {
     use http_body_util::{BodyExt, Empty};

@@ -134,14 +134,15 @@ async fn start_router(setup: &RouterSetup, work: &Path, logs: &Path) -> Result<R
     ];
     command.extend(SERVER_ARGS.iter().map(|a| a.to_string()));
     let mut proc = procs::spawn("llama-router", &command, &[], logs)?;
-    let addr = std::net::SocketAddr::from(([127, 0, 0, 1], port));
-    procs::wait_until(
+    procs::wait_answering(
         "the llama-server router listing its models",
         &mut proc,
         Duration::from_secs(60),
-        || async move { matches!(http_get(addr, "/v1/models", None).await, Some((200, _))) },
+        port,
+        "/v1/models",
     )
     .await?;
+    let addr = std::net::SocketAddr::from(([127, 0, 0, 1], port));
     let (_, listing) = http_get(addr, "/v1/models", None)
         .await
         .context("the router's /v1/models")?;
@@ -223,12 +224,12 @@ pub async fn section(
             &[],
             logs,
         )?;
-        let addr = std::net::SocketAddr::from(([127, 0, 0, 1], direct_port));
-        procs::wait_until(
+        procs::wait_answering(
             "llama-server alone ready",
             &mut direct,
             Duration::from_secs(120),
-            || async move { matches!(http_get(addr, "/health", None).await, Some((200, _))) },
+            direct_port,
+            "/health",
         )
         .await?;
         let targets = [

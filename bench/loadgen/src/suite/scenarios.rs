@@ -26,91 +26,73 @@ pub struct Metric {
     pub read: fn(&LoadReport) -> Option<f64>,
 }
 
-const LATENCY_P50: Metric = Metric {
-    name: "p50 latency (ms)",
-    lower_is_better: true,
-    goal: true,
-    read: |r| r.latency_ms.map(|s| s.p50),
-};
-const LATENCY_P99: Metric = Metric {
-    name: "p99 latency (ms)",
-    lower_is_better: true,
-    goal: true,
-    read: |r| r.latency_ms.map(|s| s.p99),
-};
-const RPS: Metric = Metric {
-    name: "req/s",
-    lower_is_better: false,
-    goal: true,
-    read: |r| Some(r.rps),
-};
-const TTLB_P50: Metric = Metric {
-    name: "time to last byte p50 (ms)",
-    lower_is_better: true,
-    goal: true,
-    read: |r| r.latency_ms.map(|s| s.p50),
-};
-const CHUNKS_PER_S: Metric = Metric {
-    name: "chunks/s",
-    lower_is_better: false,
-    goal: true,
-    read: |r| Some(r.chunks_per_s),
-};
-const TTFT_P50: Metric = Metric {
-    name: "time to first token p50 (ms)",
-    lower_is_better: true,
-    goal: true,
-    read: |r| r.ttft_ms.map(|s| s.p50),
-};
+impl Metric {
+    /// A figure where less is better, held to nginx's.
+    const fn lower(name: &'static str, read: fn(&LoadReport) -> Option<f64>) -> Self {
+        Metric {
+            name,
+            lower_is_better: true,
+            goal: true,
+            read,
+        }
+    }
+
+    /// A figure where more is better, held to nginx's.
+    const fn higher(name: &'static str, read: fn(&LoadReport) -> Option<f64>) -> Self {
+        Metric {
+            lower_is_better: false,
+            ..Metric::lower(name, read)
+        }
+    }
+
+    /// Shown, but not held to nginx's figure.
+    const fn without_goal(self) -> Self {
+        Metric {
+            goal: false,
+            ..self
+        }
+    }
+}
+
+const LATENCY_P50: Metric = Metric::lower("p50 latency (ms)", |r| r.latency_ms.map(|s| s.p50));
+const LATENCY_P99: Metric = Metric::lower("p99 latency (ms)", |r| r.latency_ms.map(|s| s.p99));
+const RPS: Metric = Metric::higher("req/s", |r| Some(r.rps));
+const TTLB_P50: Metric = Metric::lower("time to last byte p50 (ms)", |r| {
+    r.latency_ms.map(|s| s.p50)
+});
+const CHUNKS_PER_S: Metric = Metric::higher("chunks/s", |r| Some(r.chunks_per_s));
+const TTFT_P50: Metric =
+    Metric::lower("time to first token p50 (ms)", |r| r.ttft_ms.map(|s| s.p50));
 /// Time to first token where it is not the scenario's point (no goal).
-const TTFT_P50_INFO: Metric = Metric {
-    goal: false,
-    ..TTFT_P50
-};
-const TTFT_P99: Metric = Metric {
-    name: "time to first token p99 (ms)",
-    lower_is_better: true,
-    goal: true,
-    read: |r| r.ttft_ms.map(|s| s.p99),
-};
+const TTFT_P50_INFO: Metric = TTFT_P50.without_goal();
+const TTFT_P99: Metric =
+    Metric::lower("time to first token p99 (ms)", |r| r.ttft_ms.map(|s| s.p99));
 
 /// CPU time of the proxy's processes (not the backend's, not the load
 /// generator's) per completed request.
-const PROXY_CPU: Metric = Metric {
-    name: "proxy CPU per request (µs)",
-    lower_is_better: true,
-    goal: false,
-    read: |r| {
-        let proxy = || r.processes.iter().filter(|p| p.name != "loadgen");
-        if proxy().next().is_none() || r.requests_ok == 0 {
-            return None;
-        }
-        let cpu: f64 = proxy().map(|p| p.cpu_s).sum();
-        Some(cpu * 1e6 / r.requests_ok as f64)
-    },
-};
+const PROXY_CPU: Metric = Metric::lower("proxy CPU per request (µs)", |r| {
+    let proxy = || r.processes.iter().filter(|p| p.name != "loadgen");
+    if proxy().next().is_none() || r.requests_ok == 0 {
+        return None;
+    }
+    let cpu: f64 = proxy().map(|p| p.cpu_s).sum();
+    Some(cpu * 1e6 / r.requests_ok as f64)
+})
+.without_goal();
 
 /// Shows whether the load generator (one thread) was itself the limit.
-const LOADGEN_CPU: Metric = Metric {
-    name: "load generator CPU (% of a core)",
-    lower_is_better: true,
-    goal: false,
-    read: |r| {
-        r.processes
-            .iter()
-            .find(|p| p.name == "loadgen")
-            .map(|p| p.cpu_pct)
-    },
-};
+const LOADGEN_CPU: Metric = Metric::lower("load generator CPU (% of a core)", |r| {
+    r.processes
+        .iter()
+        .find(|p| p.name == "loadgen")
+        .map(|p| p.cpu_pct)
+})
+.without_goal();
 
 /// Near 100: every core was busy, so the figures are CPU-bound (other work
 /// on the machine included).
-const MACHINE_BUSY: Metric = Metric {
-    name: "all cores busy (%)",
-    lower_is_better: true,
-    goal: false,
-    read: |r| r.machine_busy_pct,
-};
+const MACHINE_BUSY: Metric =
+    Metric::lower("all cores busy (%)", |r| r.machine_busy_pct).without_goal();
 
 /// What the non-streaming scenarios report.
 const NON_STREAMING_METRICS: &[Metric] = &[

@@ -1,13 +1,22 @@
 //! The results table (Markdown): environment, targets with MET / NOT MET, and
 //! the figures behind them.
 
-use std::{fmt::Write as _, path::Path, process::Command, time::Duration};
+mod environment;
+mod pasted;
+mod router;
+
+use std::{fmt::Write as _, time::Duration};
 
 use super::{
-    Plan, Results, TARGET_ORDER,
+    Plan,
+    gpuswap::SWAP_FLAVORS,
+    proxy_load::TARGET_ORDER,
+    results::Results,
     scenarios::{Metric, SCENARIOS},
 };
 use crate::stats::median;
+pub use environment::{Environment, load_average};
+pub use pasted::keep_pasted_sections;
 
 /// Gateway and supervisor memory goal.
 const RSS_GOAL_MIB: f64 = 64.0;
@@ -31,108 +40,6 @@ const OWN_SECTIONS: [&str; 7] = [
     "## Scale",
     "## Failed to run",
 ];
-
-/// `new` (a [`render`]ed report) followed by the sections of `old` that no run of the suite
-/// writes, so that rewriting the results file does not lose them.
-pub fn keep_pasted_sections(new: &str, old: &str) -> String {
-    let mut md = new.trim_end().to_owned();
-    md.push('\n');
-    let pasted = sections(old).into_iter().filter(|section| {
-        !OWN_SECTIONS
-            .iter()
-            .any(|own| section.lines().next().is_some_and(|h| h.starts_with(own)))
-    });
-    for section in pasted {
-        md.push('\n');
-        md.push_str(section.trim_end());
-        md.push('\n');
-    }
-    md
-}
-
-/// The `## ` sections of a Markdown text, each from its heading to the next one.
-fn sections(md: &str) -> Vec<&str> {
-    let starts: Vec<usize> = md
-        .match_indices("## ")
-        .map(|(at, _)| at)
-        .filter(|&at| at == 0 || md.as_bytes()[at - 1] == b'\n')
-        .collect();
-    starts
-        .iter()
-        .zip(starts.iter().skip(1).copied().chain([md.len()]))
-        .map(|(&start, end)| &md[start..end])
-        .collect()
-}
-
-pub struct Environment {
-    pub date: String,
-    pub cores: usize,
-    pub cpu: String,
-    pub kernel: String,
-    pub nginx: String,
-    pub litellm: String,
-    pub gpuswap: String,
-    pub rustc: String,
-    /// 1-minute load average before and after the run.
-    pub load: (String, String),
-}
-
-/// The 1-minute load average.
-pub fn load_average() -> String {
-    std::fs::read_to_string("/proc/loadavg")
-        .ok()
-        .and_then(|l| l.split_whitespace().next().map(str::to_owned))
-        .unwrap_or_else(|| "?".into())
-}
-
-fn command_output(program: &str, args: &[&str]) -> Option<String> {
-    let out = Command::new(program).args(args).output().ok()?;
-    let text = if out.stdout.is_empty() {
-        out.stderr
-    } else {
-        out.stdout
-    };
-    let text = String::from_utf8_lossy(&text).trim().to_owned();
-    (!text.is_empty()).then_some(text)
-}
-
-impl Environment {
-    pub fn collect(nginx: &str, litellm: &str, load_before: String) -> Self {
-        let cpu = std::fs::read_to_string("/proc/cpuinfo")
-            .ok()
-            .and_then(|info| {
-                info.lines()
-                    .find_map(|l| l.strip_prefix("model name"))
-                    .map(|rest| rest.trim_start_matches([' ', '\t', ':']).to_owned())
-            })
-            .unwrap_or_else(|| "unknown".into());
-        let python = Path::new(litellm).with_file_name("python");
-        let litellm_version = command_output(
-            &python.display().to_string(),
-            &[
-                "-c",
-                "import importlib.metadata as m; print(m.version('litellm'))",
-            ],
-        )
-        .unwrap_or_else(|| "not installed".into());
-        let commit = command_output("git", &["rev-parse", "--short", "HEAD"])
-            .unwrap_or_else(|| "unknown commit".into());
-        Self {
-            date: command_output("date", &["-u", "+%Y-%m-%d %H:%M UTC"])
-                .unwrap_or_else(|| "unknown".into()),
-            cores: std::thread::available_parallelism().map_or(0, |n| n.get()),
-            cpu,
-            kernel: command_output("uname", &["-r"]).unwrap_or_default(),
-            nginx: command_output(nginx, &["-v"])
-                .map(|v| v.trim_start_matches("nginx version: nginx/").to_owned())
-                .unwrap_or_else(|| "not installed".into()),
-            litellm: litellm_version,
-            gpuswap: format!("{} (commit {commit})", env!("CARGO_PKG_VERSION")),
-            rustc: command_output("rustc", &["--version"]).unwrap_or_default(),
-            load: (load_before, load_average()),
-        }
-    }
-}
 
 fn verdict(met: bool) -> &'static str {
     if met { "MET" } else { "NOT MET" }
@@ -242,7 +149,7 @@ pub fn render(plan: &Plan, results: &Results, env: &Environment, took: Duration)
 
     // Swap overhead per flavor.
     let mut swap_rows = String::new();
-    for flavor in super::SWAP_FLAVORS {
+    for flavor in SWAP_FLAVORS {
         let samples: Vec<_> = results
             .swap
             .iter()
@@ -289,7 +196,7 @@ pub fn render(plan: &Plan, results: &Results, env: &Environment, took: Duration)
 
     // The llama-server router race.
     let router_md = results.router.as_ref().map(|r| {
-        let (md, gpuswap_ms, router_ms) = router_section(r);
+        let (md, gpuswap_ms, router_ms) = router::section(r);
         if let (Some(g), Some(rt)) = (gpuswap_ms, router_ms) {
             goal(
                 "swap between two real llama-server models: gpuswap vs llama-server's router \
@@ -554,118 +461,4 @@ pub fn render(plan: &Plan, results: &Results, env: &Environment, took: Duration)
          (not committed); process logs in `bench/out/logs/`."
     );
     md
-}
-
-/// The router race's section, and the median request-to-first-token of gpuswap and the router.
-fn router_section(r: &super::RouterReport) -> (String, Option<f64>, Option<f64>) {
-    let mib: Vec<String> = r
-        .model_bytes
-        .iter()
-        .map(|b| fig(*b as f64 / (1024.0 * 1024.0)))
-        .collect();
-    let gpuswap_first: Vec<f64> = r.gpuswap_swaps.iter().map(|s| s.first_text_ms).collect();
-    let gpuswap_overhead: Vec<f64> = r.gpuswap_swaps.iter().map(|s| s.overhead_ms).collect();
-    let router_first: Vec<f64> = r.router_swaps.iter().map(|s| s.first_text_ms).collect();
-    let max = |v: &[f64]| v.iter().copied().fold(f64::NAN, f64::max);
-    let (gpuswap_ms, router_ms) = (median(&gpuswap_first), median(&router_first));
-    let wrong = r
-        .gpuswap_swaps
-        .iter()
-        .filter(|s| !s.served_by_expected)
-        .count();
-    let mut md = format!(
-        "{ROUTER_HEADING}\n\n\
-         llama.cpp's `llama-server` ({}) in router mode (`--models-dir DIR --models-max 1`: a \
-         child llama-server per loaded model, swapped on the request's `model`) against gpuswap \
-         with the same two random-weight GGUF models ({} MiB, made at bench time by \
-         e2e/real/make_models.py) as two `llama-server` models on one GPU. Requests alternate \
-         between the two models, streamed; each is a swap (the first, a start from nothing). \
-         *Request → first token* includes the real load of the weights. gpuswap's overhead is \
-         first token − the backend's own `/health` 200 (as in the swap section); the router's \
-         children listen on ports of its own, so its share cannot be split out. Milliseconds.\n\n\
-         | proxy | swaps | request → first token (median) | (max) | overhead beyond backend ready (median) |\n\
-         |---|---|---|---|---|\n\
-         | gpuswap | {} | **{}** | {} | {} |\n\
-         | llama-server router | {} | **{}** | {} | - |\n",
-        if r.llama_server_version.is_empty() {
-            "version unknown"
-        } else {
-            &r.llama_server_version
-        },
-        mib.join(" and "),
-        r.gpuswap_swaps.len(),
-        gpuswap_ms.map_or("-".into(), fig),
-        fig(max(&gpuswap_first)),
-        median(&gpuswap_overhead).map_or("-".into(), fig),
-        r.router_swaps.len(),
-        router_ms.map_or("-".into(), fig),
-        fig(max(&router_first)),
-    );
-    if wrong > 0 {
-        let _ = writeln!(md, "\n{wrong} gpuswap answer(s) from the wrong model!");
-    }
-    let direct = r
-        .latency
-        .iter()
-        .find(|l| l.target == "direct")
-        .and_then(|l| l.report.latency_ms);
-    let _ = writeln!(
-        md,
-        "\nProxy overhead with the model loaded: 2-token chats, one at a time, to the same model \
-         through each, and to a llama-server of the same file alone (latency in ms).\n\n\
-         | target | requests | p50 latency | p99 latency |\n|---|---|---|---|"
-    );
-    for l in &r.latency {
-        let Some(lat) = l.report.latency_ms else {
-            continue;
-        };
-        let ratio = |v: f64, d: Option<f64>| match d {
-            Some(d) if l.target != "direct" && d > 0.0 => format!(" (×{:.2})", v / d),
-            _ => String::new(),
-        };
-        let _ = writeln!(
-            md,
-            "| {} | {} | {}{} | {}{} |",
-            match l.target {
-                "router" => "llama-server router",
-                "direct" => "llama-server alone",
-                other => other,
-            },
-            l.report.requests_ok,
-            fig(lat.p50),
-            ratio(lat.p50, direct.map(|d| d.p50)),
-            fig(lat.p99),
-            ratio(lat.p99, direct.map(|d| d.p99)),
-        );
-    }
-    (md, gpuswap_ms, router_ms)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn a_rewrite_keeps_the_pasted_sections_and_replaces_its_own() {
-        let old = "# gpuswap benchmark results\n\n- Date: then\n\n## Targets\n\nold targets\n\n\
-                   ## Warm weights (cold vs warmed)\nwarm table\n### a subsection\nmore\n\n\
-                   ## Stop\n\nold stop\n\n## Endpoint picker (gpuswap-epp)\npicker table\n";
-        let new = "# gpuswap benchmark results\n\n- Date: now\n\n## Targets\n\nnew targets\n\n\
-                   ## Stop\n\nnew stop\n";
-        let kept = keep_pasted_sections(new, old);
-        assert!(kept.starts_with(new), "{kept}");
-        for pasted in [
-            "## Warm weights (cold vs warmed)\nwarm table\n### a subsection\nmore\n",
-            "## Endpoint picker (gpuswap-epp)\npicker table\n",
-        ] {
-            assert_eq!(kept.matches(pasted).count(), 1, "{kept}");
-        }
-        assert!(
-            !kept.contains("old targets") && !kept.contains("old stop"),
-            "{kept}"
-        );
-        // The suite's router section is its own: a run without the router drops it.
-        let old = format!("{new}\n{ROUTER_HEADING}\n\nold race\n");
-        assert_eq!(keep_pasted_sections(new, &old), new);
-    }
 }
