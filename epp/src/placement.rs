@@ -451,8 +451,13 @@ mod tests {
         }
     }
 
+    /// Places `model` at `now` with nothing pending, no in-flight limit and no fallbacks.
+    fn place_at(model: &str, c: &[Candidate<'_>], now: Instant) -> Placement {
+        place(model, c, &HashMap::new(), now, 0, 0)
+    }
+
     fn place_now(model: &str, c: &[Candidate<'_>]) -> Placement {
-        place(model, c, &HashMap::new(), Instant::now(), 0, 0)
+        place_at(model, c, Instant::now())
     }
 
     /// Three boxes, each with models a (GPU 0) and b (GPU 0) and c (GPU 1).
@@ -534,10 +539,7 @@ mod tests {
         let mut c = candidates(&boxes);
         c[0].usage = &busy;
         c[1].usage = &idle;
-        assert_eq!(
-            chosen(&place("a", &c, &HashMap::new(), now, 0, 0)),
-            (1, Reason::Evicts)
-        );
+        assert_eq!(chosen(&place_at("a", &c, now)), (1, Reason::Evicts));
         // Both busy: the one with fewer requests in flight, and it is "busy" (drain first).
         let busier = used(3, Some(now));
         let mut c = candidates(&boxes);
@@ -545,10 +547,7 @@ mod tests {
         c[0].in_flight = 3;
         c[1].usage = &busy;
         c[1].in_flight = 1;
-        assert_eq!(
-            chosen(&place("a", &c, &HashMap::new(), now, 0, 0)),
-            (1, Reason::Busy)
-        );
+        assert_eq!(chosen(&place_at("a", &c, now)), (1, Reason::Busy));
     }
 
     #[test]
@@ -563,16 +562,10 @@ mod tests {
         for (candidate, usage) in c.iter_mut().zip(&usages) {
             candidate.usage = usage;
         }
-        assert_eq!(
-            chosen(&place("a", &c, &HashMap::new(), now, 0, 0)),
-            (1, Reason::Evicts)
-        );
+        assert_eq!(chosen(&place_at("a", &c, now)), (1, Reason::Evicts));
         // A model never used through the picker is the idlest of all.
         c[2].usage = &NO_USAGE;
-        assert_eq!(
-            chosen(&place("a", &c, &HashMap::new(), now, 0, 0)),
-            (2, Reason::Evicts)
-        );
+        assert_eq!(chosen(&place_at("a", &c, now)), (2, Reason::Evicts));
     }
 
     #[test]
@@ -580,7 +573,7 @@ mod tests {
         let boxes = three([[S, S, S], [S, S, S], [S, S, S]]);
         let c = candidates(&boxes);
         let now = Instant::now();
-        let first = chosen(&place("a", &c, &HashMap::new(), now, 0, 0));
+        let first = chosen(&place_at("a", &c, now));
         assert_eq!(first.1, Reason::Fits);
         let mut pending = HashMap::new();
         pending.insert("a".to_string(), (c[first.0].name.to_string(), now));
@@ -717,21 +710,15 @@ mod tests {
         let recent = used(0, Some(now));
         let mut c = candidates(&boxes);
         c[2].usage = &recent;
-        assert_eq!(
-            chosen(&place("a", &c, &HashMap::new(), now, 0, 0)),
-            (2, Reason::Evicts)
-        );
+        assert_eq!(chosen(&place_at("a", &c, now)), (2, Reason::Evicts));
         // Even busy there: busy beats blocked.
         let busy = used(3, Some(now));
         c[2].usage = &busy;
-        assert_eq!(
-            chosen(&place("a", &c, &HashMap::new(), now, 0, 0)),
-            (2, Reason::Busy)
-        );
+        assert_eq!(chosen(&place_at("a", &c, now)), (2, Reason::Busy));
         // Pinned everywhere: no box can start it.
         boxes[2].1.models.get_mut("b").unwrap().pinned = true;
         assert!(matches!(
-            place("a", &candidates(&boxes), &HashMap::new(), now, 0, 0),
+            place_at("a", &candidates(&boxes), now),
             Placement::Unavailable(m) if m.contains("pinned")
         ));
         // A pinned model that leaves room on its GPU does not block.
@@ -759,10 +746,7 @@ mod tests {
         c[0].others = &others;
         c[0].in_flight = 2;
         c[1].usage = &just_used;
-        assert_eq!(
-            chosen(&place("a", &c, &HashMap::new(), now, 0, 0)),
-            (1, Reason::Evicts)
-        );
+        assert_eq!(chosen(&place_at("a", &c, now)), (1, Reason::Evicts));
         // Ready on both: the less loaded one, counting the others' requests.
         let boxes = three([[R, S, S], [R, S, S], [S, S, S]]);
         let mut c = candidates(&boxes);
@@ -783,10 +767,7 @@ mod tests {
         let minute = used(0, Some(now - Duration::from_secs(60)));
         let mut c = candidates(&boxes);
         c[0].usage = &minute;
-        assert_eq!(
-            chosen(&place("a", &c, &HashMap::new(), now, 0, 0)),
-            (0, Reason::Evicts)
-        );
+        assert_eq!(chosen(&place_at("a", &c, now)), (0, Reason::Evicts));
     }
 
     #[test]

@@ -13,6 +13,24 @@ pub fn chat_body(model: &str, stream: bool, max_tokens: u32) -> Value {
     })
 }
 
+/// The ids of an OpenAI model list (`GET /v1/models`), in its order.
+pub fn listed_ids(list: &Value) -> Vec<&str> {
+    list["data"]
+        .as_array()
+        .unwrap_or_else(|| panic!("not a model list: {list}"))
+        .iter()
+        .map(|m| m["id"].as_str().unwrap_or_else(|| panic!("no id: {m}")))
+        .collect()
+}
+
+/// The entry of model `id` in an OpenAI model list.
+pub fn listed<'a>(list: &'a Value, id: &str) -> &'a Value {
+    list["data"]
+        .as_array()
+        .and_then(|data| data.iter().find(|m| m["id"] == id))
+        .unwrap_or_else(|| panic!("{id} is not listed: {list}"))
+}
+
 /// The `data:` payloads of an SSE text (LF or CRLF), comments and blank lines left out.
 pub fn sse_data(text: &str) -> Vec<String> {
     text.lines()

@@ -391,6 +391,34 @@ impl Front {
         (status, by, text)
     }
 
+    /// A plain chat with `model` that must be answered (200): the serving box and the body.
+    pub async fn chat_ok(&self, model: &str, max_tokens: u32) -> (String, String) {
+        let (status, by, text) = self.chat(model, false, max_tokens).await;
+        assert_eq!(status, 200, "{model}: {text}\n{}", self.logs());
+        (by, text)
+    }
+
+    /// A plain chat with `model` that box `expected` must answer (200): the body.
+    pub async fn assert_served_by(&self, model: &str, max_tokens: u32, expected: &str) -> String {
+        let (status, by, text) = self.chat(model, false, max_tokens).await;
+        assert_eq!(
+            (status, by.as_str()),
+            (200, expected),
+            "{model}: {text}\n{}",
+            self.logs()
+        );
+        text
+    }
+
+    /// Each `(box, model)` of `loaded` is ready there: nothing stopped it.
+    pub async fn assert_ready(&self, loaded: &[(&str, &str)]) {
+        let ready = gpuswap::pb::ModelState::Ready as i32;
+        for &(box_name, model) in loaded {
+            let state = self.gpu_box(box_name).status(model).await.state;
+            assert_eq!(state, ready, "{model} on {box_name}");
+        }
+    }
+
     /// Models started on each box so far (from their supervisors' Watch).
     pub fn starts(&self) -> Vec<(String, String)> {
         self.boxes

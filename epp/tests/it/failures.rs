@@ -5,7 +5,7 @@
 use std::time::{Duration, Instant};
 
 use crate::common::{self, Front, GpuBox};
-use testkit::MockModel;
+use testkit::{MockModel, Proc};
 
 /// Two boxes with model a (20 tokens/s, so a stream of 40 lasts two seconds) loaded; gpu3
 /// also has b (GPU 1), which no other box has.
@@ -59,15 +59,27 @@ async fn new_requests_go_to(front: &Front, expected: &str) -> Duration {
     .await;
     let took = since.elapsed();
     for _ in 0..10 {
-        let (status, by, text) = front.chat("a", false, 2).await;
-        assert_eq!(
-            (status, by.as_str()),
-            (200, expected),
-            "{text}\n{}",
-            front.logs()
-        );
+        front.assert_served_by("a", 2, expected).await;
     }
     took
+}
+
+/// After a kill on the other box: the stream on `alive` ended whole, and once `dead` (the
+/// killed process) is reaped, new requests all go to `alive`.
+async fn the_other_box_takes_over(
+    front: &Front,
+    alive_stream: &Result<String, String>,
+    mut dead: Proc,
+    alive: &str,
+    avoided: &str,
+) {
+    let other = alive_stream
+        .as_ref()
+        .expect("the other box's stream was cut");
+    assert!(other.contains("[DONE]"), "{other}");
+    dead.wait_exit(testkit::DEADLINE);
+    let took = new_requests_go_to(front, alive).await;
+    eprintln!("requests avoided {avoided} after {took:?}");
 }
 
 async fn both_boxes_serve(front: &Front) {
@@ -99,19 +111,8 @@ async fn a_killed_gateway_fails_its_requests_and_its_box_is_avoided_then_used_ag
         "the stream on the killed gateway did not fail: {:?}",
         streams[0].1
     );
-    let other = streams[1]
-        .1
-        .as_ref()
-        .expect("the other box's stream was cut");
-    assert!(other.contains("[DONE]"), "{other}");
-    front
-        .gpu_box_mut("gpu2")
-        .gateway
-        .take()
-        .unwrap()
-        .wait_exit(testkit::DEADLINE);
-    let took = new_requests_go_to(&front, "gpu3").await;
-    eprintln!("requests avoided the dead gateway after {took:?}");
+    let dead = front.gpu_box_mut("gpu2").gateway.take().unwrap();
+    the_other_box_takes_over(&front, &streams[1].1, dead, "gpu3", "the dead gateway").await;
     front.gpu_box_mut("gpu2").start_gateway().await;
     both_boxes_serve(&front).await;
 }
@@ -136,20 +137,9 @@ async fn a_killed_supervisor_takes_its_box_out_until_it_is_back() {
         "the stream on the dead box ended normally: {:?}",
         streams[1].1
     );
-    let other = streams[0]
-        .1
-        .as_ref()
-        .expect("the other box's stream was cut");
-    assert!(other.contains("[DONE]"), "{other}");
-    front
-        .gpu_box_mut("gpu3")
-        .base
-        .supervisor
-        .take()
-        .unwrap()
-        .wait_exit(testkit::DEADLINE);
-    let took = new_requests_go_to(&front, "gpu2").await;
-    eprintln!("requests avoided the box without a supervisor after {took:?}");
+    let dead = front.gpu_box_mut("gpu3").base.supervisor.take().unwrap();
+    let what = "the box without a supervisor";
+    the_other_box_takes_over(&front, &streams[0].1, dead, "gpu2", what).await;
     let (status, _, text) = front.chat("b", false, 2).await;
     assert_eq!(
         status,

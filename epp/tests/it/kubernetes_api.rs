@@ -59,26 +59,14 @@ async fn the_ready_pods_of_the_selector_are_the_boxes() {
     api.put_pod(other);
     let front = Front::start_pickers(boxes, &[picker_config(&api, port)], |t| t).await;
     for _ in 0..5 {
-        let (status, by, text) = front.chat("a", false, 2).await;
-        assert_eq!(
-            (status, by.as_str()),
-            (200, "gpu2"),
-            "{text}\n{}",
-            front.logs()
-        );
+        front.assert_served_by("a", 2, "gpu2").await;
     }
     // gpu2's pod turns NotReady (a watch MODIFIED event): it leaves, a loads on gpu3.
     api.put_pod(pod_of(front.gpu_box("gpu2"), false));
     front
         .wait_picker_logged("gpu2 to leave the boxes", &["box removed", "box=gpu2"])
         .await;
-    let (status, by, text) = front.chat("a", false, 2).await;
-    assert_eq!(
-        (status, by.as_str()),
-        (200, "gpu3"),
-        "{text}\n{}",
-        front.logs()
-    );
+    front.assert_served_by("a", 2, "gpu3").await;
     // gpu3's pod is deleted, gpu2's is ready again: only gpu2 serves.
     api.delete_pod("gpu3");
     api.put_pod(pod_of(front.gpu_box("gpu2"), true));

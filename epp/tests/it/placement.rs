@@ -31,9 +31,7 @@ async fn a_loaded_model_is_served_by_its_box_every_time() {
     boxes[0].load("b").await;
     let front = Front::start(boxes, &[], |t| t).await;
     for _ in 0..20 {
-        let (status, by, text) = front.chat("b", false, 3).await;
-        assert_eq!(status, 200, "{text}\n{}", front.logs());
-        assert_eq!(by, "gpu2", "{text}");
+        let text = front.assert_served_by("b", 3, "gpu2").await;
         assert!(text.contains("[served by b]"), "{text}");
     }
     assert_eq!(front.starts(), vec![("gpu2".to_string(), "b".to_string())]);
@@ -52,21 +50,13 @@ async fn a_cold_model_goes_where_it_fits_without_eviction() {
     boxes[1].load("b").await;
     let front = Front::start(boxes, &[], |t| t).await;
     for _ in 0..3 {
-        let (status, by, text) = front.chat("d", false, 3).await;
-        assert_eq!(
-            (status, by.as_str()),
-            (200, "gpu4"),
-            "{text}\n{}",
-            front.logs()
-        );
+        front.assert_served_by("d", 3, "gpu4").await;
     }
     // c (GPU 1) fits on every box: wherever it goes, nothing is stopped.
-    let (status, _, text) = front.chat("c", false, 3).await;
-    assert_eq!(status, 200, "{text}");
-    let ready = gpuswap::pb::ModelState::Ready as i32;
-    assert_eq!(front.gpu_box("gpu2").status("a").await.state, ready);
-    assert_eq!(front.gpu_box("gpu3").status("b").await.state, ready);
-    assert_eq!(front.gpu_box("gpu4").status("d").await.state, ready);
+    front.chat_ok("c", 3).await;
+    front
+        .assert_ready(&[("gpu2", "a"), ("gpu3", "b"), ("gpu4", "d")])
+        .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -139,8 +129,7 @@ async fn a_busy_model_is_not_evicted_while_an_idle_box_can_take_the_new_one() {
     assert_ne!(a_by, streamed_by, "a evicted the busy b\n{}", front.logs());
     let streamed = streamed.expect("the busy stream was cut");
     assert!(streamed.contains("[DONE]"), "{streamed}");
-    let ready = gpuswap::pb::ModelState::Ready as i32;
-    assert_eq!(front.gpu_box(&streamed_by).status("b").await.state, ready);
+    front.assert_ready(&[(&streamed_by, "b")]).await;
 }
 
 /// The box of `names` that the rendezvous hash prefers for `model` (where a picker that
@@ -198,11 +187,9 @@ async fn a_cold_model_never_goes_where_a_pinned_model_is_in_its_way() {
         b.load("b").await;
     }
     let front = Front::start(boxes, &[], |t| t).await;
-    let (status, by, text) = front.chat("a", false, 2).await;
-    assert_eq!(status, 200, "{text}\n{}", front.logs());
+    let (by, _) = front.chat_ok("a", 2).await;
     assert_ne!(by, pinned_box, "{}", front.logs());
-    let ready = gpuswap::pb::ModelState::Ready as i32;
-    assert_eq!(front.gpu_box(pinned_box).status("b").await.state, ready);
+    front.assert_ready(&[(pinned_box, "b")]).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -234,12 +221,10 @@ async fn a_cold_model_goes_where_its_gpu_has_room() {
             .await;
     }
     let front = Front::start(boxes, &[], |t| t).await;
-    let (status, by, text) = front.chat("a", false, 2).await;
-    assert_eq!(status, 200, "{text}\n{}", front.logs());
-    assert_eq!(by, room_box, "{}", front.logs());
-    let ready = gpuswap::pb::ModelState::Ready as i32;
-    assert_eq!(front.gpu_box(room_box).status("b").await.state, ready);
-    assert_eq!(front.gpu_box(full_box).status("c").await.state, ready);
+    front.assert_served_by("a", 2, room_box).await;
+    front
+        .assert_ready(&[(room_box, "b"), (full_box, "c")])
+        .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -285,8 +270,7 @@ async fn another_fronts_requests_count_in_a_boxs_load() {
     assert_ne!(by, busy_box, "a evicted the busy b\n{}", front.logs());
     let streamed = streamed.expect("the other front's stream was cut");
     assert!(streamed.contains("[DONE]"), "{streamed}");
-    let ready = gpuswap::pb::ModelState::Ready as i32;
-    assert_eq!(front.gpu_box(busy_box).status("b").await.state, ready);
+    front.assert_ready(&[(busy_box, "b")]).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -320,9 +304,7 @@ async fn a_sleeping_model_is_woken_rather_than_started_cold_elsewhere() {
         .wait_state("a", gpuswap::pb::ModelState::Sleeping)
         .await;
     let front = Front::start(boxes, &[], |t| t).await;
-    let (status, by, text) = front.chat("a", false, 2).await;
-    assert_eq!(status, 200, "{text}\n{}", front.logs());
-    assert_eq!(by, sleep_box, "{}", front.logs());
+    front.assert_served_by("a", 2, sleep_box).await;
     let starts_of_a: Vec<_> = front
         .starts()
         .into_iter()

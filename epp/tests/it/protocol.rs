@@ -15,7 +15,7 @@ use envoy_types::pb::envoy::{
 };
 use envoy_types::pb::google::protobuf::{ListValue, Struct, Value, value::Kind};
 use serde_json::Value as Json;
-use testkit::MockModel;
+use testkit::{MockModel, listed, listed_ids};
 use tonic_health::pb::{
     HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient,
 };
@@ -56,19 +56,8 @@ async fn models_through_envoy_are_the_union_of_the_boxes() {
         .json()
         .await
         .unwrap();
-    let ids: Vec<&str> = body["data"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|m| m["id"].as_str().unwrap())
-        .collect();
-    assert_eq!(ids, ["a", "alpha", "b", "c"], "{body}");
-    let b = body["data"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|m| m["id"] == "b")
-        .unwrap();
+    assert_eq!(listed_ids(&body), ["a", "alpha", "b", "c"], "{body}");
+    let b = listed(&body, "b");
     let boxes: Vec<&str> = b["gpuswap"]["boxes"]
         .as_array()
         .unwrap()
@@ -77,13 +66,7 @@ async fn models_through_envoy_are_the_union_of_the_boxes() {
         .collect();
     assert_eq!(boxes, ["gpu2", "gpu3"]);
     assert_eq!(b["gpuswap"]["boxes"][0]["state"], "stopped");
-    let alpha = body["data"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|m| m["id"] == "alpha")
-        .unwrap();
-    assert_eq!(alpha["gpuswap"]["alias_of"], "a");
+    assert_eq!(listed(&body, "alpha")["gpuswap"]["alias_of"], "a");
 }
 
 /// Chunk arrival times of a 20-token stream at 20 tokens/s: spread over about a second, not
@@ -121,8 +104,7 @@ async fn response_bodies_echoed_by_the_picker_stay_unbuffered() {
     front.chat("b", false, 1).await;
     let (_, times, text) = common::stream_timed(&front, "b", 20).await;
     assert_unbuffered(&times, &text.unwrap());
-    let (status, _, text) = front.chat("a", false, 3).await;
-    assert_eq!(status, 200, "{text}");
+    let (_, text) = front.chat_ok("a", 3).await;
     assert!(text.contains("[served by a]"), "{text}");
 }
 
@@ -137,8 +119,7 @@ async fn buffered_bodies_are_routed_too() {
     };
     let front = Front::start(two_boxes("buffered").await, &[], buffered).await;
     for (model, expected) in [("a", "gpu2"), ("alpha", "gpu2"), ("c", "gpu3")] {
-        let (status, by, text) = front.chat(model, false, 3).await;
-        assert_eq!((status, by.as_str()), (200, expected), "{model}: {text}");
+        front.assert_served_by(model, 3, expected).await;
     }
 }
 
@@ -164,8 +145,7 @@ async fn refusals_unknown_model_no_box_and_shedding() {
         (status == 503).then_some(text)
     })
     .await;
-    let (status, by, text) = front.chat("c", false, 3).await;
-    assert_eq!((status, by.as_str()), (200, "gpu3"), "{text}");
+    front.assert_served_by("c", 3, "gpu3").await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

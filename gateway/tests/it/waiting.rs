@@ -330,13 +330,7 @@ async fn the_gateway_rides_out_a_supervisor_restart() {
         .get_json("/v1/models")
         .await
         .expect("/v1/models answers");
-    let ids: Vec<&str> = list["data"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|m| m["id"].as_str().unwrap())
-        .collect();
-    assert_eq!(ids, ["alpha", "a"]);
+    assert_eq!(testkit::listed_ids(&list), ["alpha", "a"]);
     let (s, t) = stack
         .post("/v1/chat/completions", &Stack::chat("a", false, 2))
         .await;
