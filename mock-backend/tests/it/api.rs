@@ -22,12 +22,7 @@ async fn ready(flavor: &str, extra: &[&str]) -> Mock {
 #[tokio::test]
 async fn chat_answer_names_the_model_and_reports_usage() {
     let mock = ready("vllm", &["--tokens-per-second", "0"]).await;
-    let reply = post(
-        mock.port,
-        "/v1/chat/completions",
-        &chat_request(&mock.model, false, 5),
-    )
-    .await;
+    let reply = mock.chat(false, 5).await;
     assert_eq!(reply.status, 200, "{}", reply.text());
     let body = reply.json();
     assert_eq!(body["model"], mock.model.as_str());
@@ -94,12 +89,7 @@ async fn chat_stream_sends_max_tokens_varied_chunks_then_usage_and_done() {
 #[tokio::test]
 async fn stream_without_include_usage_has_no_usage_chunk() {
     let mock = ready("vllm", &["--tokens-per-second", "0"]).await;
-    let reply = post(
-        mock.port,
-        "/v1/chat/completions",
-        &chat_request(&mock.model, true, 3),
-    )
-    .await;
+    let reply = mock.chat(true, 3).await;
     let chunks = reply.sse_chunks();
     assert!(chunks.iter().all(|chunk| chunk.get("usage").is_none()));
     assert_eq!(chat_stream_tokens(&chunks).len(), 3);
@@ -138,12 +128,7 @@ async fn text_completions_stream_and_not() {
 #[tokio::test]
 async fn unknown_model_is_404_in_each_flavors_shape() {
     let vllm = ready("vllm", &[]).await;
-    let reply = post(
-        vllm.port,
-        "/v1/chat/completions",
-        &chat_request("other-model", false, 2),
-    )
-    .await;
+    let reply = vllm.chat_naming("other-model", false, 2).await;
     assert_eq!(reply.status, 404);
     // vLLM 0.32's own shape (e2e/tests/it/real_servers.rs saw it): the status as the code.
     let body = reply.json();
@@ -152,12 +137,7 @@ async fn unknown_model_is_404_in_each_flavors_shape() {
     assert_eq!(body["error"]["param"], "model", "{body}");
 
     let sglang = ready("sglang", &[]).await;
-    let reply = post(
-        sglang.port,
-        "/v1/chat/completions",
-        &chat_request("other-model", false, 2),
-    )
-    .await;
+    let reply = sglang.chat_naming("other-model", false, 2).await;
     assert_eq!(reply.status, 404);
     let body = reply.json();
     assert_eq!(body["object"], "error", "{body}");
@@ -248,12 +228,7 @@ async fn embeddings_return_one_vector_per_input() {
 async fn tokens_are_paced_by_tokens_per_second() {
     let mock = ready("vllm", &["--tokens-per-second", "20"]).await;
     let start = Instant::now();
-    let reply = post(
-        mock.port,
-        "/v1/chat/completions",
-        &chat_request(&mock.model, true, 6),
-    )
-    .await;
+    let reply = mock.chat(true, 6).await;
     assert_eq!(chat_stream_tokens(&reply.sse_chunks()).len(), 6);
     // 6 tokens at 20/s take at least 300 ms (an upper bound would be a timing goal).
     assert!(start.elapsed().as_millis() >= 290, "{:?}", start.elapsed());
@@ -287,12 +262,7 @@ async fn bad_requests_and_unknown_paths() {
 async fn slow_tabbyapi_streams_send_keep_alive_pings() {
     // 0.5 tokens/s: two seconds before the only token, so a ping in between.
     let mock = ready("tabbyapi", &["--tokens-per-second", "0.5"]).await;
-    let reply = post(
-        mock.port,
-        "/v1/chat/completions",
-        &chat_request(&mock.model, true, 1),
-    )
-    .await;
+    let reply = mock.chat(true, 1).await;
     let text = reply.text();
     assert!(text.matches(": ping\r\n\r\n").count() >= 2, "{text:?}");
     assert_eq!(chat_stream_tokens(&reply.sse_chunks()).len(), 1);

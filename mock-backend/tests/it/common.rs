@@ -96,6 +96,22 @@ impl Mock {
         }
     }
 
+    /// A chat completion request for the mock's model, read to the end.
+    pub async fn chat(&self, stream: bool, max_tokens: u64) -> Reply {
+        self.chat_naming(&self.model, stream, max_tokens).await
+    }
+
+    /// A chat completion request that names `model`, read to the end.
+    pub async fn chat_naming(&self, model: &str, stream: bool, max_tokens: u64) -> Reply {
+        let body = chat_request(model, stream, max_tokens);
+        post(self.port, "/v1/chat/completions", &body).await
+    }
+
+    /// The status of `GET path` on this mock, or None when the connection is refused.
+    pub async fn probe(&self, path: &str) -> Option<u16> {
+        probe(self.port, path).await
+    }
+
     pub fn has_log(&self, needle: &str) -> bool {
         self.output
             .lines

@@ -2,7 +2,7 @@
 
 use std::time::Instant;
 
-use crate::common::{Mock, Reply, chat_request, chat_stream_tokens, get, post, probe};
+use crate::common::{Mock, Reply, chat_stream_tokens, get};
 
 /// A vLLM mock (no delay between tokens) that crashes after `crash_after` streamed tokens,
 /// once it serves, and its reply to a streamed chat request for `max_tokens`.
@@ -19,8 +19,7 @@ async fn stream_from_crashing_vllm(crash_after: u32, max_tokens: u64) -> (Mock, 
         ],
     );
     mock.wait_log("Application startup complete.").await;
-    let body = chat_request(&mock.model, true, max_tokens);
-    let reply = post(mock.port, "/v1/chat/completions", &body).await;
+    let reply = mock.chat(true, max_tokens).await;
     (mock, reply)
 }
 
@@ -49,34 +48,32 @@ async fn exit_during_load_exits_1_with_an_oom_line_and_kills_its_workers() {
     .await;
 }
 
+/// A mock of `flavor` with the never-ready fault, once its output has `line`.
+async fn never_ready(flavor: &str, line: &str) -> Mock {
+    let mock = Mock::start(flavor, &["--load-time", "50ms", "--fault", "never-ready"]);
+    mock.wait_log(line).await;
+    mock
+}
+
 #[tokio::test]
 async fn never_ready_sglang_never_listens() {
-    let mock = Mock::start("sglang", &["--load-time", "50ms", "--fault", "never-ready"]);
-    mock.wait_log("Loading is taking a long time").await;
-    assert_eq!(probe(mock.port, "/health").await, None);
+    let mock = never_ready("sglang", "Loading is taking a long time").await;
+    assert_eq!(mock.probe("/health").await, None);
     assert!(testkit::alive(mock.pid()));
 }
 
 #[tokio::test]
 async fn never_ready_llama_server_answers_503_forever() {
-    let mock = Mock::start(
-        "llama-server",
-        &["--load-time", "50ms", "--fault", "never-ready"],
-    );
-    mock.wait_log("Loading is taking a long time").await;
-    assert_eq!(probe(mock.port, "/health").await, Some(503));
+    let mock = never_ready("llama-server", "Loading is taking a long time").await;
+    assert_eq!(mock.probe("/health").await, Some(503));
     assert!(!mock.has_log("main: model loaded"));
 }
 
 #[tokio::test]
 async fn never_ready_tabbyapi_serves_without_a_model() {
-    let mock = Mock::start(
-        "tabbyapi",
-        &["--load-time", "50ms", "--fault", "never-ready"],
-    );
-    mock.wait_log("Uvicorn running on").await;
-    assert_eq!(probe(mock.port, "/health").await, Some(200));
-    assert_eq!(probe(mock.port, "/v1/model").await, Some(503));
+    let mock = never_ready("tabbyapi", "Uvicorn running on").await;
+    assert_eq!(mock.probe("/health").await, Some(200));
+    assert_eq!(mock.probe("/v1/model").await, Some(503));
 }
 
 #[tokio::test]
@@ -106,7 +103,7 @@ async fn ignore_sigterm_keeps_serving_until_sigkill() {
     mock.wait_log("Application startup complete.").await;
     mock.signal(libc::SIGTERM);
     mock.wait_log("ignoring").await;
-    assert_eq!(probe(mock.port, "/health").await, Some(200));
+    assert_eq!(mock.probe("/health").await, Some(200));
     assert!(testkit::alive(mock.pid()));
 }
 
@@ -129,7 +126,7 @@ async fn flood_writes_its_bytes_with_megabyte_lines_while_serving() {
         mock.longest_line()
     );
     mock.wait_log("Application startup complete.").await;
-    assert_eq!(probe(mock.port, "/health").await, Some(200));
+    assert_eq!(mock.probe("/health").await, Some(200));
 }
 
 #[tokio::test]

@@ -1,15 +1,14 @@
 //! Each flavor's start-up sequence, as the real servers behave: refused while
 //! loading (llama-server: 503), warm-up where it exists, then ready.
 
-use crate::common::{Mock, Reply, chat_request, get, http, post, probe};
+use crate::common::{Mock, Reply, get, http, probe};
 
 /// Long enough that a phase cannot end while the test looks at it.
 const FOREVER: &str = "600s";
 
 /// The mock's answer to a small non-streamed chat request for its model.
 async fn small_chat(mock: &Mock) -> Reply {
-    let body = chat_request(&mock.model, false, 2);
-    post(mock.port, "/v1/chat/completions", &body).await
+    mock.chat(false, 2).await
 }
 
 #[tokio::test]
@@ -17,7 +16,7 @@ async fn sglang_refuses_connections_while_loading_weights() {
     let mock = Mock::start("sglang", &["--load-time", FOREVER]);
     mock.wait_log("Load weight begin").await;
     assert_eq!(
-        probe(mock.port, "/health").await,
+        mock.probe("/health").await,
         None,
         "port must not listen while loading"
     );
@@ -28,7 +27,7 @@ async fn sglang_refuses_connections_while_loading_weights() {
 async fn sglang_warm_up_answers_models_but_health_503() {
     let mock = Mock::start("sglang", &["--load-time", "50ms", "--warmup", FOREVER]);
     mock.wait_listening().await;
-    assert_eq!(probe(mock.port, "/health").await, Some(503));
+    assert_eq!(mock.probe("/health").await, Some(503));
     let models = get(mock.port, "/v1/models").await;
     assert_eq!(models.status, 200, "{}", models.text());
     assert_eq!(models.json()["data"][0]["id"], mock.model.as_str());
@@ -49,7 +48,7 @@ async fn sglang_becomes_ready_after_warm_up_with_its_log_line() {
     mock.wait_log("The server is fired up and ready to roll!")
         .await;
     // The ready line is printed only once the server really is ready.
-    assert_eq!(probe(mock.port, "/health").await, Some(200));
+    assert_eq!(mock.probe("/health").await, Some(200));
     let order: Vec<_> = ["Load weight end", "Uvicorn running on", "fired up"]
         .iter()
         .map(|needle| {
@@ -68,11 +67,11 @@ async fn sglang_becomes_ready_after_warm_up_with_its_log_line() {
 async fn vllm_refuses_while_loading_then_reports_startup_complete() {
     let loading = Mock::start("vllm", &["--load-time", FOREVER]);
     loading.wait_log("Starting to load model").await;
-    assert_eq!(probe(loading.port, "/health").await, None);
+    assert_eq!(loading.probe("/health").await, None);
 
     let mock = Mock::start("vllm", &["--load-time", "100ms"]);
     mock.wait_log("Application startup complete.").await;
-    assert_eq!(probe(mock.port, "/health").await, Some(200));
+    assert_eq!(mock.probe("/health").await, Some(200));
     assert!(mock.has_log("Started server process"));
 }
 
@@ -105,7 +104,7 @@ async fn llama_server_health_ok_once_loaded() {
 async fn tabbyapi_refuses_while_loading() {
     let mock = Mock::start("tabbyapi", &["--load-time", FOREVER]);
     mock.wait_log("Loading model").await;
-    assert_eq!(probe(mock.port, "/health").await, None);
+    assert_eq!(mock.probe("/health").await, None);
 }
 
 #[tokio::test]
@@ -144,9 +143,9 @@ async fn tabbyapi_model_probe_needs_the_key_and_names_the_model() {
 async fn tabbyapi_health_is_200_before_the_model_is_loaded() {
     let mock = Mock::start("tabbyapi", &["--load-time", "50ms", "--warmup", FOREVER]);
     mock.wait_log("Uvicorn running on").await;
-    assert_eq!(probe(mock.port, "/health").await, Some(200));
+    assert_eq!(mock.probe("/health").await, Some(200));
     assert_eq!(
-        probe(mock.port, "/v1/model").await,
+        mock.probe("/v1/model").await,
         Some(503),
         "no model loaded yet"
     );
@@ -192,5 +191,5 @@ async fn ready_log_line_is_printed_when_ready() {
         &["--load-time", "50ms", "--ready-log-line", "MOCK READY NOW"],
     );
     mock.wait_log("MOCK READY NOW").await;
-    assert_eq!(probe(mock.port, "/health").await, Some(200));
+    assert_eq!(mock.probe("/health").await, Some(200));
 }

@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use crate::common::{Mock, Reply, chat_request, chat_stream_tokens, get, http, post, probe};
+use crate::common::{Mock, Reply, chat_request, chat_stream_tokens, get, http, post};
 use serde_json::{Value, json};
 use testkit::DEADLINE;
 
@@ -31,6 +31,16 @@ async fn ready(mock: &Mock, path: &str, headers: &[(&str, &str)]) {
 
 async fn memory(port: u16) -> Value {
     get(port, "/gpuswap_mock/memory").await.json()
+}
+
+/// `POST path` with an empty JSON object, as the sleep and wake routes take it.
+async fn control(port: u16, path: &str) -> Reply {
+    post(port, path, &json!({})).await
+}
+
+/// What vLLM's `/is_sleeping` says.
+async fn is_sleeping(port: u16) -> Value {
+    get(port, "/is_sleeping").await.json()["is_sleeping"].clone()
 }
 
 async fn send(
@@ -77,7 +87,7 @@ async fn vllm_level_one_frees_the_gpu_keeps_the_weights_in_ram_and_holds_chats_u
 
     // The answers' bodies are vLLM 0.32's.
     assert_eq!(
-        post(mock.port, "/sleep?level=1", &json!({})).await.json(),
+        control(mock.port, "/sleep?level=1").await.json(),
         json!({"status": "sleeping", "level": 1})
     );
     assert_eq!(
@@ -93,7 +103,7 @@ async fn vllm_level_one_frees_the_gpu_keeps_the_weights_in_ram_and_holds_chats_u
         (Some(0), Some(4 * GIB))
     );
     // Still healthy, as vLLM is while it sleeps.
-    assert_eq!(probe(mock.port, "/health").await, Some(200));
+    assert_eq!(mock.probe("/health").await, Some(200));
     mock.wait_log("Sleep mode freed 8.00 GiB memory").await;
 
     // A chat sent now is held, not refused: it answers once the model is woken.
@@ -106,7 +116,7 @@ async fn vllm_level_one_frees_the_gpu_keeps_the_weights_in_ram_and_holds_chats_u
         !pending.is_finished(),
         "a chat to a sleeping vLLM is held until the wake"
     );
-    assert_eq!(post(mock.port, "/wake_up", &json!({})).await.status, 200);
+    assert_eq!(control(mock.port, "/wake_up").await.status, 200);
     let reply = tokio::time::timeout(DEADLINE, pending)
         .await
         .unwrap()
@@ -131,10 +141,7 @@ async fn vllm_level_one_frees_the_gpu_keeps_the_weights_in_ram_and_holds_chats_u
 async fn vllm_level_two_needs_its_weights_reloaded_before_the_kv_cache_wakes() {
     let mock = vllm(&["--enable-sleep-mode"]);
     ready(&mock, "/health", &[]).await;
-    assert_eq!(
-        post(mock.port, "/sleep?level=2", &json!({})).await.status,
-        200
-    );
+    assert_eq!(control(mock.port, "/sleep?level=2").await.status, 200);
     let asleep = memory(mock.port).await;
     assert_eq!(
         (
@@ -147,37 +154,27 @@ async fn vllm_level_two_needs_its_weights_reloaded_before_the_kv_cache_wakes() {
     let rpc = json!({"method": "reload_weights"});
     assert_eq!(post(mock.port, "/collective_rpc", &rpc).await.status, 500);
     assert_eq!(
-        post(mock.port, "/wake_up?tags=weights", &json!({}))
-            .await
-            .json(),
+        control(mock.port, "/wake_up?tags=weights").await.json(),
         json!({"status": "sleeping", "tags": ["weights"]}),
         "vLLM 0.32 answers the state after the wake"
     );
-    assert_eq!(
-        get(mock.port, "/is_sleeping").await.json()["is_sleeping"],
-        true
-    );
+    assert_eq!(is_sleeping(mock.port).await, true);
     let reloaded = post(mock.port, "/collective_rpc", &rpc).await;
     assert_eq!(reloaded.json(), json!({"results": [null]}));
     assert_eq!(
-        post(mock.port, "/wake_up?tags=kv_cache", &json!({}))
-            .await
-            .status,
+        control(mock.port, "/wake_up?tags=kv_cache").await.status,
         200
     );
-    assert_eq!(
-        get(mock.port, "/is_sleeping").await.json()["is_sleeping"],
-        false
-    );
+    assert_eq!(is_sleeping(mock.port).await, false);
     assert_eq!(chat(&mock, &[]).await.status, 200);
 
     // Woken without the reload: the weights are gone, and the mock says so.
-    post(mock.port, "/sleep?level=2", &json!({})).await;
-    post(mock.port, "/wake_up", &json!({})).await;
+    control(mock.port, "/sleep?level=2").await;
+    control(mock.port, "/wake_up").await;
     let reply = chat(&mock, &[]).await;
     assert_eq!(reply.status, 500);
     assert!(reply.text().contains("reload_weights"), "{}", reply.text());
-    let missing = post(mock.port, "/collective_rpc", &json!({})).await;
+    let missing = control(mock.port, "/collective_rpc").await;
     assert_eq!(
         (missing.status, missing.json()["error"]["message"].as_str()),
         (400, Some("Missing 'method' in request body"))
@@ -188,19 +185,13 @@ async fn vllm_level_two_needs_its_weights_reloaded_before_the_kv_cache_wakes() {
 async fn vllm_without_dev_mode_has_no_sleep_routes_and_without_sleep_mode_frees_nothing() {
     let plain = Mock::start("vllm", &args(&["--enable-sleep-mode"]));
     ready(&plain, "/health", &[]).await;
-    assert_eq!(post(plain.port, "/sleep", &json!({})).await.status, 404);
-    assert_eq!(probe(plain.port, "/is_sleeping").await, Some(404));
+    assert_eq!(control(plain.port, "/sleep").await.status, 404);
+    assert_eq!(plain.probe("/is_sleeping").await, Some(404));
     // As vLLM on CPU: the routes answer, it says it sleeps, and nothing is freed.
     let cpu = vllm(&[]);
     ready(&cpu, "/health", &[]).await;
-    assert_eq!(
-        post(cpu.port, "/sleep?level=1", &json!({})).await.status,
-        200
-    );
-    assert_eq!(
-        get(cpu.port, "/is_sleeping").await.json()["is_sleeping"],
-        true
-    );
+    assert_eq!(control(cpu.port, "/sleep?level=1").await.status, 200);
+    assert_eq!(is_sleeping(cpu.port).await, true);
     assert_eq!(memory(cpu.port).await["gpu_memory_bytes"], 8 * GIB);
 }
 
@@ -212,31 +203,16 @@ async fn sleep_faults_fail_the_sleep_the_wake_or_the_release() {
     for mock in [&fails, &wake_fails, &keeps] {
         ready(mock, "/health", &[]).await;
     }
-    assert_eq!(post(fails.port, "/sleep", &json!({})).await.status, 500);
-    assert_eq!(
-        get(fails.port, "/is_sleeping").await.json()["is_sleeping"],
-        false
-    );
+    assert_eq!(control(fails.port, "/sleep").await.status, 500);
+    assert_eq!(is_sleeping(fails.port).await, false);
     assert_eq!(chat(&fails, &[]).await.status, 200);
 
-    assert_eq!(
-        post(wake_fails.port, "/sleep", &json!({})).await.status,
-        200
-    );
-    assert_eq!(
-        post(wake_fails.port, "/wake_up", &json!({})).await.status,
-        500
-    );
-    assert_eq!(
-        get(wake_fails.port, "/is_sleeping").await.json()["is_sleeping"],
-        true
-    );
+    assert_eq!(control(wake_fails.port, "/sleep").await.status, 200);
+    assert_eq!(control(wake_fails.port, "/wake_up").await.status, 500);
+    assert_eq!(is_sleeping(wake_fails.port).await, true);
 
-    assert_eq!(post(keeps.port, "/sleep", &json!({})).await.status, 200);
-    assert_eq!(
-        get(keeps.port, "/is_sleeping").await.json()["is_sleeping"],
-        true
-    );
+    assert_eq!(control(keeps.port, "/sleep").await.status, 200);
+    assert_eq!(is_sleeping(keeps.port).await, true);
     assert_eq!(memory(keeps.port).await["gpu_memory_bytes"], 8 * GIB);
 }
 
@@ -262,7 +238,7 @@ async fn sglang_refuses_to_release_while_serving_and_reloads_weights_it_did_not_
         "a release refused while a request runs",
         DEADLINE,
         || async {
-            let reply = post(mock.port, "/release_memory_occupation", &json!({})).await;
+            let reply = control(mock.port, "/release_memory_occupation").await;
             (reply.status == 400).then_some(reply)
         },
     )
@@ -274,7 +250,7 @@ async fn sglang_refuses_to_release_while_serving_and_reloads_weights_it_did_not_
     assert_eq!(streaming.await.unwrap().status, 200);
     assert!(memory(mock.port).await["sleeps_while_busy"].as_u64() >= Some(1));
 
-    let released = post(mock.port, "/release_memory_occupation", &json!({})).await;
+    let released = control(mock.port, "/release_memory_occupation").await;
     assert_eq!(
         released.json(),
         json!({"success": true, "message": "Success"})
@@ -286,9 +262,7 @@ async fn sglang_refuses_to_release_while_serving_and_reloads_weights_it_did_not_
         "SGLang does not guard requests while released"
     );
     assert_eq!(
-        post(mock.port, "/resume_memory_occupation", &json!({}))
-            .await
-            .status,
+        control(mock.port, "/resume_memory_occupation").await.status,
         200
     );
     assert_eq!(
@@ -315,9 +289,9 @@ async fn sglang_refuses_to_release_while_serving_and_reloads_weights_it_did_not_
         ]),
     );
     ready(&backed_up, "/health", &[]).await;
-    post(backed_up.port, "/release_memory_occupation", &json!({})).await;
+    control(backed_up.port, "/release_memory_occupation").await;
     assert_eq!(memory(backed_up.port).await["host_memory_bytes"], 4 * GIB);
-    post(backed_up.port, "/resume_memory_occupation", &json!({})).await;
+    control(backed_up.port, "/resume_memory_occupation").await;
     assert_eq!(chat(&backed_up, &[]).await.status, 200);
 }
 
@@ -448,7 +422,7 @@ async fn a_failed_tabbyapi_load_is_an_error_event_in_a_200_stream() {
         events.last().unwrap()["error"]["message"].is_string(),
         "{events:?}"
     );
-    assert_eq!(probe(mock.port, "/v1/model").await, Some(503));
+    assert_eq!(mock.probe("/v1/model").await, Some(503));
 }
 
 #[tokio::test]
@@ -471,7 +445,7 @@ async fn llama_server_sleeps_when_idle_stays_healthy_and_the_next_request_reload
         (get(mock.port, "/props").await.json()["is_sleeping"] == true).then_some(())
     })
     .await;
-    assert_eq!(probe(mock.port, "/health").await, Some(200));
+    assert_eq!(mock.probe("/health").await, Some(200));
     assert_eq!(memory(mock.port).await["gpu_memory_bytes"], 0);
     let written: Value = testkit::json(&std::fs::read_to_string(&report).unwrap());
     assert_eq!(
@@ -519,7 +493,7 @@ async fn a_vllm_sleep_aborts_requests_in_flight_unless_told_to_wait() {
     let (streamed, whole) = (start(true), start(false));
     in_flight(&mock, 2).await;
     // The default mode=abort: both end at once, cut short, as vLLM 0.32 answered them.
-    assert_eq!(post(mock.port, "/sleep", &json!({})).await.status, 200);
+    assert_eq!(control(mock.port, "/sleep").await.status, 200);
     let streamed = streamed.await.unwrap();
     let chunks = streamed.sse_chunks();
     assert_eq!(
@@ -537,13 +511,10 @@ async fn a_vllm_sleep_aborts_requests_in_flight_unless_told_to_wait() {
     assert_eq!(memory(mock.port).await["sleeps_while_busy"], 1);
 
     // mode=wait: the sleep answers once the request has finished whole.
-    post(mock.port, "/wake_up", &json!({})).await;
+    control(mock.port, "/wake_up").await;
     let streamed = start(true);
     in_flight(&mock, 1).await;
-    assert_eq!(
-        post(mock.port, "/sleep?mode=wait", &json!({})).await.status,
-        200
-    );
+    assert_eq!(control(mock.port, "/sleep?mode=wait").await.status, 200);
     let chunks = streamed.await.unwrap().sse_chunks();
     assert_eq!(chat_stream_tokens(&chunks).len(), 40);
     assert_eq!(
