@@ -173,8 +173,13 @@ async fn load_shows_progress_then_ready_and_unload_stops_with_logs_followed() {
         "no progress step before ready: {seen:?}"
     );
 
-    let (s, status) = get(&stack, "/api/status", None).await;
-    assert_eq!(s, 200);
+    // The swap is recorded by another reader of the events than this stream: wait for it.
+    let status = testkit::wait_for("alpha's swap in /api/status", DEADLINE, || async {
+        let (s, status) = get(&stack, "/api/status", None).await;
+        assert_eq!(s, 200);
+        (!status["swaps"].as_array()?.is_empty()).then_some(status)
+    })
+    .await;
     let alpha = model(&status, "alpha");
     assert_eq!(alpha["state"], "ready");
     assert!(alpha["pid"].as_u64().unwrap() > 0, "{alpha}");
