@@ -63,21 +63,38 @@ fn cuda_device_indices(value: &str) -> Option<BTreeSet<u32>> {
         .collect()
 }
 
+/// Why a model's `env.CUDA_VISIBLE_DEVICES` is refused.
+#[derive(Debug, thiserror::Error)]
+pub(super) enum CudaDevicesError {
+    #[error(
+        "{devices:?} disagrees with gpus = {gpus:?}: omit it (the supervisor sets it from gpus) or make the two the same"
+    )]
+    Disagrees { devices: String, gpus: Vec<u32> },
+    #[error(
+        "{devices:?} without gpus: write gpus = {indices:?} instead (the scheduler places models by gpus; without it the model counts as using every GPU)"
+    )]
+    WithoutGpus { devices: String, indices: Vec<u32> },
+}
+
 /// `env.CUDA_VISIBLE_DEVICES` may only repeat `gpus`: the scheduler keeps two models off one
 /// GPU by `gpus`, so a backend that sees other GPUs than those would share them unnoticed.
-pub(super) fn check_cuda_devices(gpus: Option<&[u32]>, devices: &str) -> Result<(), String> {
+pub(super) fn check_cuda_devices(
+    gpus: Option<&[u32]>,
+    devices: &str,
+) -> Result<(), CudaDevicesError> {
     let indices = cuda_device_indices(devices);
     match (gpus, indices) {
         (Some(gpus), Some(indices)) if gpus.iter().copied().collect::<BTreeSet<_>>() == indices => {
             Ok(())
         }
-        (Some(gpus), _) => Err(format!(
-            "{devices:?} disagrees with gpus = {gpus:?}: omit it (the supervisor sets it from gpus) or make the two the same"
-        )),
-        (None, Some(indices)) => Err(format!(
-            "{devices:?} without gpus: write gpus = {:?} instead (the scheduler places models by gpus; without it the model counts as using every GPU)",
-            indices.into_iter().collect::<Vec<_>>()
-        )),
+        (Some(gpus), _) => Err(CudaDevicesError::Disagrees {
+            devices: devices.to_owned(),
+            gpus: gpus.to_vec(),
+        }),
+        (None, Some(indices)) => Err(CudaDevicesError::WithoutGpus {
+            devices: devices.to_owned(),
+            indices: indices.into_iter().collect(),
+        }),
         // UUIDs or MIG instances with no gpus: the model counts as using every GPU.
         (None, None) => Ok(()),
     }

@@ -319,7 +319,7 @@ impl Config {
             }
             if let Some(devices) = model.env.get("CUDA_VISIBLE_DEVICES") {
                 check_cuda_devices(model.gpus.as_deref(), devices)
-                    .map_err(|message| invalid(key("env.CUDA_VISIBLE_DEVICES"), message))?;
+                    .map_err(|e| invalid(key("env.CUDA_VISIBLE_DEVICES"), e.to_string()))?;
             }
             if model.weights.iter().any(|w| !w.starts_with('/')) {
                 return Err(invalid(key("weights"), "paths must be absolute"));
