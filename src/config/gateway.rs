@@ -10,7 +10,7 @@ use super::{
     epp::{default_discovery_prefix, default_lease_ttl, validate_ttl},
     invalid,
     keys::KeyConfig,
-    values::{byte_size, check_duration, duration},
+    values::{byte_size, check_duration, check_positive, duration},
 };
 use crate::endpoint::Endpoint;
 
@@ -193,16 +193,12 @@ impl GatewayConfig {
                 g.supervisor_keepalive_timeout,
             ),
         ] {
-            if value.is_zero() {
-                return Err(invalid(format!("gateway.{key}"), "must be more than 0s"));
-            }
+            check_positive(format!("gateway.{key}"), value)?;
         }
         if g.max_body == 0 {
             return Err(invalid("gateway.max_body", "must be more than 0"));
         }
-        if g.queue_timeout.is_zero() {
-            return Err(invalid("gateway.queue_timeout", "must be more than 0s"));
-        }
+        check_positive("gateway.queue_timeout", g.queue_timeout)?;
         if g.api_keys.iter().any(|k| k.trim().is_empty()) {
             return Err(invalid("gateway.api_keys", "keys must not be empty"));
         }
@@ -212,12 +208,7 @@ impl GatewayConfig {
         for (name, key) in &g.keys {
             key.validate(name)?;
         }
-        if g.keepalive_interval.is_zero() {
-            return Err(invalid(
-                "gateway.keepalive_interval",
-                "must be more than 0s",
-            ));
-        }
+        check_positive("gateway.keepalive_interval", g.keepalive_interval)?;
         self.validate_limits()
     }
 
@@ -236,9 +227,7 @@ impl GatewayConfig {
         if g.max_queued == 0 {
             return Err(invalid("gateway.max_queued", "must be at least 1"));
         }
-        if g.body_timeout.is_zero() {
-            return Err(invalid("gateway.body_timeout", "must be more than 0s"));
-        }
+        check_positive("gateway.body_timeout", g.body_timeout)?;
         if g.max_connections == 0 {
             return Err(invalid("gateway.max_connections", "must be at least 1"));
         }

@@ -10,7 +10,7 @@ use super::{
     footprint::{Footprint, check_cuda_devices},
     invalid,
     sleep::SleepSetting,
-    values::{check_duration, duration, format_bytes, opt_byte_size, opt_duration},
+    values::{check_duration, check_positive, duration, format_bytes, opt_byte_size, opt_duration},
 };
 #[cfg(doc)]
 use crate::sleep::SLEEPER_BASE_HOST_MEMORY;
@@ -283,9 +283,7 @@ impl Config {
                     check_duration(key(k), value)?;
                 }
             }
-            if model.startup_timeout.is_zero() {
-                return Err(invalid(key("startup_timeout"), "must be more than 0s"));
-            }
+            check_positive(key("startup_timeout"), model.startup_timeout)?;
             if let Some(gpus) = &model.gpus
                 && gpus.is_empty()
             {

@@ -6,7 +6,10 @@ use serde::{Deserialize, Deserializer};
 
 use super::{
     ConfigError, invalid,
-    values::{TextOrNumber, check_duration, duration, opt_byte_size, parse_byte_size, parse_mode},
+    values::{
+        TextOrNumber, check_duration, check_positive, duration, opt_byte_size, parse_byte_size,
+        parse_mode,
+    },
 };
 use crate::endpoint::Endpoint;
 
@@ -308,9 +311,7 @@ impl SupervisorConfig {
             ("keepalive_interval", s.keepalive_interval),
             ("keepalive_timeout", s.keepalive_timeout),
         ] {
-            if value.is_zero() {
-                return Err(invalid(format!("supervisor.{key}"), "must be more than 0s"));
-            }
+            check_positive(format!("supervisor.{key}"), value)?;
         }
         if s.log_lines == 0 {
             return Err(invalid("supervisor.log_lines", "must be at least 1"));

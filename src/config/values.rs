@@ -25,6 +25,14 @@ pub(super) fn check_duration(key: impl Into<String>, value: Duration) -> Result<
     Ok(())
 }
 
+/// Refuses a zero duration (a timeout or an interval that must pass), naming its key.
+pub(super) fn check_positive(key: impl Into<String>, value: Duration) -> Result<(), ConfigError> {
+    if value.is_zero() {
+        return Err(invalid(key, "must be more than 0s"));
+    }
+    Ok(())
+}
+
 /// Parses an octal file mode ("0660", "660", "0o660").
 pub fn parse_mode(text: &str) -> Option<u32> {
     let digits = text.trim_start_matches("0o");
