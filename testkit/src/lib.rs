@@ -14,6 +14,7 @@ use std::{
 
 mod answers;
 mod ctl;
+pub mod http;
 mod mock;
 mod process;
 mod promtool;

@@ -199,7 +199,7 @@ pub async fn spawn_gateway_command(command: Command, base: &str, log: &Path) -> 
 /// Waits until the gateway's /health (at `base`, without `/v1`) says it is connected to
 /// the supervisor; the last /health answer is in the panic message when it never connects.
 async fn wait_gateway_connected(proc: &mut Proc, base: &str, log: &Path) {
-    let http = reqwest::Client::new();
+    let http = testkit::http::client();
     let health = format!("{base}/health");
     let last_health = std::sync::Mutex::new(String::new());
     let connected = tokio::time::timeout(

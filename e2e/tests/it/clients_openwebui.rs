@@ -90,7 +90,7 @@ impl OpenWebUi {
             .stderr(file);
         let mut proc = Proc::spawn(command);
         let base = format!("http://127.0.0.1:{port}");
-        let http = reqwest::Client::new();
+        let http = testkit::http::client().clone();
         let started = std::time::Instant::now();
         testkit::wait_for("OpenWebUI to answer /health", OPENWEBUI_START, || {
             let exited = proc.child.try_wait().ok().flatten();

@@ -13,17 +13,13 @@ use std::{
     time::{Duration, Instant},
 };
 
-use bytes::Bytes;
-use http_body_util::{BodyExt, Full};
-use hyper_util::{
-    client::legacy::{Client, connect::HttpConnector},
-    rt::TokioExecutor,
-};
 use serde_json::Value;
 use testkit::{
-    DEADLINE, Proc, StackBase, StartStack, chat_body, error_chain, is_progress,
-    partial_stream_content, sse_data,
+    DEADLINE, Proc, StackBase, StartStack, chat_body, http, is_progress, partial_stream_content,
+    sse_data,
 };
+
+use testkit::http::{Opened, Reply};
 
 /// The variable that tags every backend process (see `processes_with_marker`).
 pub use testkit::MARKER_ENV;
@@ -60,7 +56,6 @@ pub struct Stack {
     pub gateway: Option<Proc>,
     /// The gateway listens here across restarts.
     pub gateway_port: u16,
-    pub http: Http,
     gateway_runs: usize,
 }
 
@@ -85,7 +80,6 @@ impl Stack {
             base: builder.write(300, render),
             gateway: None,
             gateway_port: testkit::free_port(),
-            http: Http::new(),
             gateway_runs: 0,
         };
         stack.start_supervisor().await;
@@ -144,7 +138,7 @@ impl Stack {
 
     /// The gateway's `/health`, None when it does not answer.
     pub async fn health(&self) -> Option<Value> {
-        let reply = self.http.request("GET", &self.url("/health"), None).await;
+        let reply = http::get(&self.url("/health")).await;
         (reply.status == 200).then(|| serde_json::from_str(&reply.text).ok())?
     }
 
@@ -166,23 +160,19 @@ impl Stack {
 
     /// POSTs a chat request to the gateway and reads the whole answer.
     pub async fn chat(&self, model: &str, stream: bool, max_tokens: u32) -> Reply {
-        self.http
-            .request(
-                "POST",
-                &self.url("/v1/chat/completions"),
-                Some(&chat_body(model, stream, max_tokens)),
-            )
-            .await
+        http::post(
+            &self.url("/v1/chat/completions"),
+            &chat_body(model, stream, max_tokens),
+        )
+        .await
     }
 
     /// Opens a chat request; the body is read by the caller.
     pub async fn open_chat(&self, model: &str, stream: bool, max_tokens: u32) -> Opened {
-        self.http
-            .open(
-                "POST",
-                &self.url("/v1/chat/completions"),
-                Some(&chat_body(model, stream, max_tokens)),
-            )
+        let request = http::client()
+            .post(self.url("/v1/chat/completions"))
+            .json(&chat_body(model, stream, max_tokens));
+        http::open(request)
             .await
             .unwrap_or_else(|e| panic!("POST to the gateway: {e}"))
     }
@@ -279,166 +269,6 @@ pub struct CtlOutput {
     pub stderr: String,
     pub ended: Instant,
     pub took: Duration,
-}
-
-// ----- HTTP ---------------------------------------------------------------------------------
-
-/// A pooled keep-alive HTTP/1.1 client (what OpenAI clients use).
-#[derive(Clone)]
-pub struct Http(Client<HttpConnector, Full<Bytes>>);
-
-/// A whole answer; `error` is set when the connection or the body broke.
-#[derive(Debug)]
-pub struct Reply {
-    pub status: u16,
-    pub text: String,
-    pub error: Option<String>,
-}
-
-/// An answer whose head arrived; the body is read frame by frame.
-pub struct Opened {
-    pub status: u16,
-    pub body: hyper::body::Incoming,
-}
-
-impl Opened {
-    /// The next piece of the body: None at its end, Err when it broke.
-    pub async fn next(&mut self) -> Option<Result<Bytes, String>> {
-        loop {
-            match self.body.frame().await? {
-                Ok(frame) => {
-                    if let Ok(data) = frame.into_data() {
-                        return Some(Ok(data));
-                    }
-                }
-                Err(e) => return Some(Err(e.to_string())),
-            }
-        }
-    }
-
-    /// Reads until `text` (everything read so far) satisfies `done`; the text read.
-    pub async fn read_until(&mut self, done: impl Fn(&str) -> bool) -> Result<String, String> {
-        let mut text = Vec::new();
-        while !done(&String::from_utf8_lossy(&text)) {
-            match tokio::time::timeout(DEADLINE, self.next()).await {
-                Err(_) => return Err("no data within the deadline".into()),
-                Ok(None) => {
-                    return Err(format!(
-                        "the body ended: {}",
-                        String::from_utf8_lossy(&text)
-                    ));
-                }
-                Ok(Some(Err(e))) => return Err(e),
-                Ok(Some(Ok(data))) => text.extend_from_slice(&data),
-            }
-        }
-        Ok(String::from_utf8_lossy(&text).into_owned())
-    }
-
-    /// Reads to the end, noting when each piece arrived.
-    pub async fn read_timed(mut self) -> TimedBody {
-        let mut pieces = Vec::new();
-        let error = loop {
-            match tokio::time::timeout(DEADLINE, self.next()).await {
-                Err(_) => break Some("no data within the deadline".to_owned()),
-                Ok(None) => break None,
-                Ok(Some(Err(e))) => break Some(e),
-                Ok(Some(Ok(data))) => pieces.push((Instant::now(), data)),
-            }
-        };
-        TimedBody {
-            pieces,
-            ended: Instant::now(),
-            error,
-        }
-    }
-}
-
-/// A body read to its end with the arrival time of each piece.
-pub struct TimedBody {
-    pub pieces: Vec<(Instant, Bytes)>,
-    pub ended: Instant,
-    pub error: Option<String>,
-}
-
-impl TimedBody {
-    pub fn text(&self) -> String {
-        let bytes: Vec<u8> = self.pieces.iter().flat_map(|(_, b)| b.to_vec()).collect();
-        String::from_utf8_lossy(&bytes).into_owned()
-    }
-}
-
-impl Default for Http {
-    fn default() -> Self {
-        Self::new()
-    }
-}
-
-impl Http {
-    pub fn new() -> Self {
-        let mut connector = HttpConnector::new();
-        connector.set_nodelay(true);
-        Http(
-            Client::builder(TokioExecutor::new())
-                .pool_max_idle_per_host(64)
-                .build(connector),
-        )
-    }
-
-    /// Sends a request and returns once the head of the answer arrived.
-    pub async fn open(
-        &self,
-        method: &str,
-        url: &str,
-        body: Option<&Value>,
-    ) -> Result<Opened, String> {
-        let mut builder = hyper::Request::builder().method(method).uri(url);
-        let bytes = match body {
-            Some(body) => {
-                builder = builder.header("content-type", "application/json");
-                Bytes::from(body.to_string())
-            }
-            None => Bytes::new(),
-        };
-        let request = builder.body(Full::new(bytes)).map_err(|e| e.to_string())?;
-        let response = tokio::time::timeout(DEADLINE, self.0.request(request))
-            .await
-            .map_err(|_| format!("no answer from {url} within {DEADLINE:?}"))?
-            .map_err(|e| format!("{url}: {}", error_chain(&e)))?;
-        let status = response.status().as_u16();
-        Ok(Opened {
-            status,
-            body: response.into_body(),
-        })
-    }
-
-    /// Sends a request and reads the whole answer; a broken exchange is in `error`.
-    pub async fn request(&self, method: &str, url: &str, body: Option<&Value>) -> Reply {
-        let mut opened = match self.open(method, url, body).await {
-            Ok(opened) => opened,
-            Err(error) => {
-                return Reply {
-                    status: 0,
-                    text: String::new(),
-                    error: Some(error),
-                };
-            }
-        };
-        let mut text = Vec::new();
-        let error = loop {
-            match tokio::time::timeout(DEADLINE, opened.next()).await {
-                Err(_) => break Some("no data within the deadline".to_owned()),
-                Ok(None) => break None,
-                Ok(Some(Err(e))) => break Some(e),
-                Ok(Some(Ok(data))) => text.extend_from_slice(&data),
-            }
-        };
-        Reply {
-            status: opened.status,
-            text: String::from_utf8_lossy(&text).into_owned(),
-            error,
-        }
-    }
 }
 
 // ----- judging answers -----------------------------------------------------------------------

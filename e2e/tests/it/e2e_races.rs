@@ -36,10 +36,10 @@ async fn a_stop_racing_a_start_never_deadlocks_nor_doubles_the_backend() {
     let scenario = async {
         for round in 0..3 {
             for stop_at in [StopAt::Together, StopAt::Starting, StopAt::Ready] {
-                let (http, url) = (stack.http.clone(), url.clone());
+                let url = url.clone();
                 let request = tokio::spawn(async move {
                     let body = testkit::chat_body("alpha", false, 2);
-                    http.request("POST", &url, Some(&body)).await
+                    testkit::http::post(&url, &body).await
                 });
                 let wanted = match stop_at {
                     StopAt::Together => None,
@@ -130,7 +130,7 @@ async fn rapid_alternation_from_many_clients_is_served_without_double_starts() {
     let scenario = async {
         let mut clients = Vec::new();
         for client in 0..8 {
-            let (http, url) = (stack.http.clone(), stack.url("/v1/chat/completions"));
+            let url = stack.url("/v1/chat/completions");
             clients.push(tokio::spawn(async move {
                 let mut verdicts = Vec::new();
                 for i in 0..10 {
@@ -141,7 +141,7 @@ async fn rapid_alternation_from_many_clients_is_served_without_double_starts() {
                     };
                     let stream = i % 3 == 0;
                     let body = testkit::chat_body(model, stream, 2);
-                    let reply = http.request("POST", &url, Some(&body)).await;
+                    let reply = testkit::http::post(&url, &body).await;
                     verdicts.push((model, judge(model, stream, &reply)));
                 }
                 verdicts

@@ -16,7 +16,9 @@ async fn a_model_appears_once_its_files_exist() {
         .await;
 
     let listed = || async {
-        let text = reqwest::get(stack.url("/v1/models"))
+        let text = testkit::http::client()
+            .get(stack.url("/v1/models"))
+            .send()
             .await
             .expect("GET /v1/models")
             .text()

@@ -21,7 +21,7 @@ use std::{
 
 use gpuswap::{SupervisorClient, pb};
 use serde_json::{Value, json};
-use testkit::{DEADLINE, Proc};
+use testkit::{DEADLINE, Proc, http};
 
 /// A random token no log line could contain by chance.
 fn random_token(prefix: &str) -> String {
@@ -109,7 +109,6 @@ struct Stack {
     supervisor: Option<Proc>,
     gateway: Option<Proc>,
     client: SupervisorClient,
-    http: reqwest::Client,
     /// Every Watch event, as text.
     watched: Arc<Mutex<String>>,
 }
@@ -172,11 +171,6 @@ impl Stack {
             supervisor: None,
             gateway: None,
             client,
-            http: reqwest::Client::builder()
-                .no_proxy()
-                .timeout(DEADLINE)
-                .build()
-                .expect("http client"),
             watched: Arc::default(),
         };
         stack.start_supervisor().await;
@@ -246,23 +240,17 @@ impl Stack {
 
     /// GET with optional (header, value); (status, body), status 0 when nothing answered.
     async fn get(&self, path: &str, auth: Option<(&str, &str)>) -> (u16, String) {
-        let mut request = self.http.get(self.url(path));
+        let mut request = http::client().get(self.url(path));
         if let Some((name, value)) = auth {
             request = request.header(name, value);
         }
-        match request.send().await {
-            Ok(response) => {
-                let status = response.status().as_u16();
-                (status, response.text().await.unwrap_or_default())
-            }
-            Err(_) => (0, String::new()),
-        }
+        let reply = http::send(request).await;
+        (reply.status, reply.text)
     }
 
     /// POSTs a chat request for `model`; (status, whole body).
     async fn chat(&self, model: &str, stream: bool, auth: Option<(&str, &str)>) -> (u16, String) {
-        let mut request = self
-            .http
+        let mut request = http::client()
             .post(self.url("/v1/chat/completions"))
             .json(&json!({
                 "model": model,
@@ -273,16 +261,11 @@ impl Stack {
         if let Some((name, value)) = auth {
             request = request.header(name, value);
         }
-        let response = request
-            .send()
-            .await
-            .unwrap_or_else(|e| panic!("POST for {model}: {e}"));
-        let status = response.status().as_u16();
-        let body = response
-            .text()
-            .await
-            .unwrap_or_else(|e| panic!("the answer for {model}: {e}"));
-        (status, body)
+        let reply = http::send(request).await;
+        if let Some(error) = reply.error {
+            panic!("POST for {model}: {error}");
+        }
+        (reply.status, reply.text)
     }
 
     fn bearer(&self) -> String {
@@ -388,8 +371,7 @@ async fn keys_never_reach_logs_status_or_answers() {
         .chat("tabby", false, Some(("authorization", &bearer)))
         .await;
     assert_eq!(status, 200, "a good request");
-    let direct = stack
-        .http
+    let direct = http::client()
         .post(format!(
             "http://127.0.0.1:{}/v1/chat/completions",
             stack.tabby_port

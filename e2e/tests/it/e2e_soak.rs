@@ -11,10 +11,9 @@ use std::{
     time::{Duration, Instant},
 };
 
-use crate::e2e_common;
-use crate::e2e_common::{Model, Stack, Verdict, judge};
+use crate::e2e_common::{self, Model, Stack, Verdict, judge};
 use gpuswap::pb::ModelState;
-use testkit::chat_body;
+use testkit::{chat_body, http};
 
 const REQUESTS: usize = 2_000;
 const CONCURRENCY: usize = 32;
@@ -46,23 +45,17 @@ struct Record {
 
 /// Opens a stream, reads up to the first chunk from the backend (it names the model that
 /// got the request), checks it, and goes away.
-async fn leave_mid_stream(
-    stack_http: &e2e_common::Http,
-    url: &str,
-    model: &'static str,
-) -> Verdict {
-    let mut opened = match stack_http
-        .open("POST", url, Some(&chat_body(model, true, 400)))
-        .await
-    {
-        Ok(opened) => opened,
-        Err(e) => return Verdict::Lost(e),
-    };
+async fn leave_mid_stream(url: &str, model: &'static str) -> Verdict {
+    let mut opened =
+        match http::open(http::client().post(url).json(&chat_body(model, true, 400))).await {
+            Ok(opened) => opened,
+            Err(e) => return Verdict::Lost(e),
+        };
     if opened.status != 200 {
-        let reply = e2e_common::Reply {
+        let reply = http::Reply {
             status: opened.status,
             text: opened.read_until(|_| false).await.unwrap_or_else(|e| e),
-            error: None,
+            ..http::Reply::default()
         };
         return judge(model, false, &reply);
     }
@@ -82,10 +75,10 @@ async fn leave_mid_stream(
         }
         // Ended before any routed chunk: it must be an error event then.
         Err(text) => {
-            let reply = e2e_common::Reply {
+            let reply = http::Reply {
                 status: 200,
                 text: text.trim_start_matches("the body ended: ").to_owned(),
-                error: None,
+                ..http::Reply::default()
             };
             judge(model, true, &reply)
         }
@@ -125,7 +118,7 @@ async fn mixed_models_under_concurrent_load_are_never_misrouted_or_lost() {
     let started = Instant::now();
     let mut clients = Vec::new();
     for _ in 0..CONCURRENCY {
-        let (next, http, url) = (Arc::clone(&next), stack.http.clone(), url.clone());
+        let (next, url) = (Arc::clone(&next), url.clone());
         clients.push(tokio::spawn(async move {
             let mut records = Vec::new();
             loop {
@@ -138,12 +131,10 @@ async fn mixed_models_under_concurrent_load_are_never_misrouted_or_lost() {
                 let stream = (r >> 8) & 1 == 0;
                 let left = stream && (r >> 16) % 100 < DISCONNECT_PERCENT;
                 let verdict = if left {
-                    leave_mid_stream(&http, &url, model).await
+                    leave_mid_stream(&url, model).await
                 } else {
                     let max_tokens = 1 + ((r >> 24) % 6) as u32;
-                    let reply = http
-                        .request("POST", &url, Some(&chat_body(model, stream, max_tokens)))
-                        .await;
+                    let reply = http::post(&url, &chat_body(model, stream, max_tokens)).await;
                     judge(model, stream, &reply)
                 };
                 records.push(Record {

@@ -116,7 +116,7 @@ async fn a_chat_request_is_one_trace_across_gateway_and_supervisor() {
         &receiver.endpoint(),
         &logs.0[1],
     );
-    let http = reqwest::Client::new();
+    let http = testkit::http::client();
     let url = |path: &str| format!("http://{listen}{path}");
     testkit::wait_for("the gateway to see the supervisor", DEADLINE, || async {
         let health: Value = http

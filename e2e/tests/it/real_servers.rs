@@ -70,10 +70,7 @@ async fn a_real_vllm_sleeps_and_wakes_and_no_request_reaches_it_asleep() {
     let asleep = stack.wait_state("v", ModelState::Sleeping).await;
     assert_eq!(asleep.pid, first.pid);
     let port = stack.model("v").port;
-    let said = stack
-        .http
-        .request("GET", &format!("http://127.0.0.1:{port}/is_sleeping"), None)
-        .await;
+    let said = testkit::http::get(&format!("http://127.0.0.1:{port}/is_sleeping")).await;
     assert_eq!(testkit::json(&said.text)["is_sleeping"], true, "{said:?}");
     // While it sleeps, llama-server serves; then v wakes in the same process and answers.
     let reply = stack.chat("l", true, 2).await;
@@ -310,24 +307,19 @@ fn watch_readiness(port: u16) -> tokio::task::JoinHandle<Readiness> {
 
 /// One `GET /health` over a fresh connection: `refused`, or the status and body.
 async fn health_answer(port: u16) -> String {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let Ok(mut stream) = tokio::net::TcpStream::connect(("127.0.0.1", port)).await else {
-        return "refused".into();
+    let request = testkit::http::client()
+        .get(format!("http://127.0.0.1:{port}/health"))
+        .header("connection", "close")
+        .timeout(Duration::from_secs(5));
+    let response = match request.send().await {
+        Ok(response) => response,
+        Err(e) if e.is_connect() => return "refused".into(),
+        Err(e) => return format!("no answer: {}", testkit::error_chain(&e)),
     };
-    let request =
-        format!("GET /health HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nConnection: close\r\n\r\n");
-    if stream.write_all(request.as_bytes()).await.is_err() {
-        return "reset".into();
-    }
-    let mut raw = Vec::new();
-    let read = tokio::time::timeout(Duration::from_secs(5), stream.read_to_end(&mut raw)).await;
-    let text = String::from_utf8_lossy(&raw);
-    match (read, text.split_once("\r\n\r\n")) {
-        (Ok(Ok(_)), Some((head, body))) => {
-            let status = head.split(' ').nth(1).unwrap_or("?");
-            format!("{status} {}", body.trim()).trim_end().to_owned()
-        }
-        _ => format!("no answer: {text:?}"),
+    let status = response.status().as_u16();
+    match response.text().await {
+        Ok(body) => format!("{status} {}", body.trim()).trim_end().to_owned(),
+        Err(e) => format!("no answer: {status} {}", testkit::error_chain(&e)),
     }
 }
 
@@ -557,10 +549,7 @@ async fn real_vllm_and_llama_server_swap_on_one_gpu_through_the_openai_sdk() {
 
     // Real error bodies become OpenAI-shaped errors (vLLM's `code` is the HTTP status).
     let too_long = testkit::chat_body("vllm-chat", false, VLLM_MAX_MODEL_LEN * 4);
-    let reply = stack
-        .http
-        .request("POST", &stack.url("/v1/chat/completions"), Some(&too_long))
-        .await;
+    let reply = testkit::http::post(&stack.url("/v1/chat/completions"), &too_long).await;
     assert_eq!(reply.status, 400, "{reply:?}");
     let (code, message) = openai_error(&testkit::json(&reply.text))
         .unwrap_or_else(|| panic!("not an OpenAI error: {}", reply.text));
@@ -575,10 +564,7 @@ async fn real_vllm_and_llama_server_swap_on_one_gpu_through_the_openai_sdk() {
     let reply = stack.chat("llama-chat", false, 2).await;
     assert_eq!(reply.status, 200, "{reply:?}");
     let bad = json!({"model": "llama-chat", "messages": "not a list"});
-    let reply = stack
-        .http
-        .request("POST", &stack.url("/v1/chat/completions"), Some(&bad))
-        .await;
+    let reply = testkit::http::post(&stack.url("/v1/chat/completions"), &bad).await;
     eprintln!(
         "llama-server's error, through the gateway: {} {}",
         reply.status, reply.text
@@ -763,7 +749,7 @@ async fn a_sleeping_llama_server_is_ready_not_dead() {
         "llama-server to fall asleep",
         Duration::from_secs(60),
         || async {
-            let reply = stack.http.request("GET", &props, None).await;
+            let reply = testkit::http::get(&props).await;
             let props: Value = serde_json::from_str(&reply.text).ok()?;
             (props["is_sleeping"] == true).then_some(())
         },

@@ -245,11 +245,11 @@ async fn the_readme_with_certificates_the_supervisor_makes() {
         .stdout(Stdio::null())
         .stderr(std::fs::File::create(&gateway_log).expect("log"));
     let _gateway = Proc::spawn(gateway);
-    let http = reqwest::Client::new();
+    let http = testkit::http::client();
     // Waits (`what` for) until a chat through the gateway is answered, and asserts that the
     // model answered it.
     let answered = |what: &'static str| {
-        let (http, model, gateway_log, setting) = (&http, &model, &gateway_log, &setting);
+        let (model, gateway_log, setting) = (&model, &gateway_log, &setting);
         async move {
             let url = format!("http://127.0.0.1:{gateway_port}/v1/chat/completions");
             let answer = testkit::wait_for(what, DEADLINE, || async {

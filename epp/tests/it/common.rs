@@ -102,7 +102,14 @@ impl GpuBox {
         testkit::wait_for("the box gateway to see its supervisor", DEADLINE, || {
             let health = health.clone();
             async move {
-                let body: Value = http().get(&health).send().await.ok()?.json().await.ok()?;
+                let body: Value = testkit::http::client()
+                    .get(&health)
+                    .send()
+                    .await
+                    .ok()?
+                    .json()
+                    .await
+                    .ok()?;
                 (body["supervisor"]["connected"] == true).then_some(())
             }
         })
@@ -120,7 +127,7 @@ impl GpuBox {
     /// Makes `model` ready on this box (through its own gateway, as a client would).
     pub async fn load(&self, model: &str) {
         let url = format!("http://{}/v1/chat/completions", self.gateway_addr());
-        let answer = http()
+        let answer = testkit::http::client()
             .post(&url)
             .json(&testkit::chat_body(model, false, 1))
             .send()
@@ -138,7 +145,7 @@ impl GpuBox {
     /// which the picker sees only in the gateway's metrics), read to its end.
     pub async fn stream_direct(&self, model: &str, max_tokens: u32) -> Result<String, String> {
         let url = format!("http://{}/v1/chat/completions", self.gateway_addr());
-        let response = http()
+        let response = testkit::http::client()
             .post(&url)
             .json(&testkit::chat_body(model, true, max_tokens))
             .send()
@@ -246,18 +253,6 @@ pub fn repo() -> PathBuf {
         .to_owned()
 }
 
-/// One shared client: no proxy, connections kept.
-pub fn http() -> &'static reqwest::Client {
-    static CLIENT: OnceLock<reqwest::Client> = OnceLock::new();
-    CLIENT.get_or_init(|| {
-        reqwest::Client::builder()
-            .no_proxy()
-            .pool_max_idle_per_host(128)
-            .build()
-            .expect("http client")
-    })
-}
-
 impl Front {
     /// Starts the picker on `boxes` (with extra `[epp]` lines) and Envoy on the deploy config
     /// changed by `patch`; waits until `/v1/models` through Envoy lists every box's models.
@@ -320,7 +315,14 @@ impl Front {
         testkit::wait_for("every box's models through Envoy", DEADLINE, || {
             let (url, expected) = (url.clone(), expected.clone());
             async move {
-                let body: Value = http().get(&url).send().await.ok()?.json().await.ok()?;
+                let body: Value = testkit::http::client()
+                    .get(&url)
+                    .send()
+                    .await
+                    .ok()?
+                    .json()
+                    .await
+                    .ok()?;
                 let listed = |b: &str, m: &str| {
                     body["data"].as_array().into_iter().flatten().any(|e| {
                         e["id"] == m
@@ -379,7 +381,7 @@ impl Front {
 
     /// A chat request through Envoy: status, serving box, body text.
     pub async fn chat(&self, model: &str, stream: bool, max_tokens: u32) -> (u16, String, String) {
-        let response = http()
+        let response = testkit::http::client()
             .post(self.url("/v1/chat/completions"))
             .json(&testkit::chat_body(model, stream, max_tokens))
             .send()
@@ -543,7 +545,7 @@ pub async fn stream_timed(
     max_tokens: u32,
 ) -> (String, Vec<Duration>, Result<String, String>) {
     let start = Instant::now();
-    let response = http()
+    let response = testkit::http::client()
         .post(front.url("/v1/chat/completions"))
         .json(&testkit::chat_body(model, true, max_tokens))
         .send()

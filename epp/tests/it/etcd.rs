@@ -3,7 +3,7 @@
 
 use std::time::{Duration, Instant};
 
-use crate::common::{self, EtcdServer, Front, GpuBox};
+use crate::common::{EtcdServer, Front, GpuBox};
 use testkit::MockModel;
 
 /// Boxes registered with a 2 s lease (so a hung gateway drops out within about 2 s).
@@ -31,7 +31,7 @@ fn discovery(etcd: &EtcdServer) -> String {
 /// A chat request for a through Envoy that gives up after `limit` (a hung gateway never
 /// answers): the serving box, or None.
 async fn served_within(front: &Front, limit: Duration) -> Option<String> {
-    let answer = common::http()
+    let answer = testkit::http::client()
         .post(front.url("/v1/chat/completions"))
         .json(&testkit::chat_body("a", false, 2))
         .timeout(limit)

@@ -48,7 +48,7 @@ async fn two_boxes(test: &str) -> Vec<GpuBox> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn models_through_envoy_are_the_union_of_the_boxes() {
     let front = Front::start(two_boxes("models").await, &[], |t| t).await;
-    let body: Json = common::http()
+    let body: Json = testkit::http::client()
         .get(front.url("/v1/models"))
         .send()
         .await

@@ -167,7 +167,7 @@ async fn requests_per_second_through_envoy_and_the_picker() {
     testkit::wait_for("Envoy alone", testkit::DEADLINE, || {
         let url = alone_url.clone();
         async move {
-            let answer = common::http()
+            let answer = testkit::http::client()
                 .post(&url)
                 .json(&testkit::chat_body("a", false, 1))
                 .send()

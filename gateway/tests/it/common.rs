@@ -32,6 +32,8 @@ impl Gateway {
 pub struct Stack {
     base: StackBase,
     pub gateways: Vec<Gateway>,
+    /// The stack's own connections (a test that counts the gateway's connections replaces
+    /// it to let them go).
     pub http: reqwest::Client,
 }
 
@@ -42,10 +44,7 @@ impl StartStack for Stack {
         let base = builder.write(200, |model, marker| {
             model.render_with_sglang_args(marker, SGLANG_ARGS)
         });
-        let http = reqwest::Client::builder()
-            .pool_max_idle_per_host(64)
-            .build()
-            .expect("http client");
+        let http = testkit::http::new_client();
         let mut stack = Stack {
             base,
             gateways: Vec::new(),

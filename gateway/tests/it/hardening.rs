@@ -212,7 +212,7 @@ async fn connections_past_max_connections_wait_until_one_closes() {
         .await;
     // The harness's client keeps its connection: let it go, so the test
     // holds every connection the gateway serves.
-    stack.http = reqwest::Client::new();
+    stack.http = testkit::http::new_client();
     let addr = gateway_addr(&stack);
     let mut first = TcpStream::connect(addr).await.unwrap();
     let mut second = TcpStream::connect(addr).await.unwrap();

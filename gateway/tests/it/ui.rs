@@ -39,7 +39,7 @@ impl Browser {
             .stderr(std::process::Stdio::null());
         let driver = Proc::spawn(command);
         let base = format!("http://127.0.0.1:{port}");
-        let http = reqwest::Client::new();
+        let http = testkit::http::client().clone();
         testkit::wait_for("chromedriver to answer", DEADLINE, || {
             let (http, url) = (http.clone(), format!("{base}/status"));
             async move {
@@ -179,8 +179,10 @@ impl Drop for Browser {
                 .enable_all()
                 .build();
             if let Ok(runtime) = runtime {
+                // A client of its own: the shared one's connection to the driver is served
+                // by the test's runtime, which waits on this thread.
                 runtime.block_on(async {
-                    let _ = reqwest::Client::new()
+                    let _ = testkit::http::new_client()
                         .delete(session)
                         .timeout(Duration::from_secs(10))
                         .send()

@@ -23,7 +23,7 @@ async fn ready(flavor: &str, extra: &[&str]) -> Mock {
 async fn chat_answer_names_the_model_and_reports_usage() {
     let mock = ready("vllm", &["--tokens-per-second", "0"]).await;
     let reply = mock.chat(false, 5).await;
-    assert_eq!(reply.status, 200, "{}", reply.text());
+    assert_eq!(reply.status, 200, "{}", reply.text);
     let body = reply.json();
     assert_eq!(body["model"], mock.model.as_str());
     assert_eq!(body["object"], "chat.completion");
@@ -51,14 +51,14 @@ async fn chat_stream_sends_max_tokens_varied_chunks_then_usage_and_done() {
     request["stream_options"] = json!({"include_usage": true});
     let reply = post(mock.port, "/v1/chat/completions", &request).await;
     assert_eq!(reply.status, 200);
-    assert!(reply.complete);
+    assert!(reply.complete());
     assert!(
         reply
             .header("content-type")
             .unwrap()
             .starts_with("text/event-stream")
     );
-    assert!(!reply.text().contains('\r'), "LF line endings");
+    assert!(!reply.text.contains('\r'), "LF line endings");
     let data = reply.sse_data();
     assert_eq!(data.last().map(String::as_str), Some("[DONE]"));
     let chunks = reply.sse_chunks();
@@ -100,7 +100,7 @@ async fn text_completions_stream_and_not() {
     let mock = ready("llama-server", &["--tokens-per-second", "0"]).await;
     let request = json!({"model": mock.model, "prompt": "once upon a time", "max_tokens": 4});
     let reply = post(mock.port, "/v1/completions", &request).await;
-    assert_eq!(reply.status, 200, "{}", reply.text());
+    assert_eq!(reply.status, 200, "{}", reply.text);
     let body = reply.json();
     assert_eq!(body["object"], "text_completion");
     assert!(
@@ -169,8 +169,8 @@ async fn tabbyapi_stream_uses_crlf_and_pings_and_ignores_model() {
     )
     .await
     .unwrap();
-    assert_eq!(reply.status, 200, "{}", reply.text());
-    let text = reply.text();
+    assert_eq!(reply.status, 200, "{}", reply.text);
+    let text = &reply.text;
     assert!(text.starts_with(": ping\r\n\r\n"), "{text:?}");
     assert!(text.ends_with("data: [DONE]\r\n\r\n"), "{text:?}");
     assert!(
@@ -192,7 +192,7 @@ async fn api_key_is_enforced_on_v1_but_not_health() {
     assert_eq!(get(mock.port, "/health").await.status, 200);
     let reply = get(mock.port, "/v1/models").await;
     assert_eq!(reply.status, 401);
-    assert!(reply.json()["error"].is_object(), "{}", reply.text());
+    assert!(reply.json()["error"].is_object(), "{}", reply.text);
     let reply = http(
         mock.port,
         "GET",
@@ -215,7 +215,7 @@ async fn embeddings_return_one_vector_per_input() {
     let mock = ready("vllm", &[]).await;
     let request = json!({"model": mock.model, "input": ["a b", "c"]});
     let reply = post(mock.port, "/v1/embeddings", &request).await;
-    assert_eq!(reply.status, 200, "{}", reply.text());
+    assert_eq!(reply.status, 200, "{}", reply.text);
     let body = reply.json();
     assert_eq!(body["model"], mock.model.as_str());
     let data = body["data"].as_array().unwrap();
@@ -263,7 +263,7 @@ async fn slow_tabbyapi_streams_send_keep_alive_pings() {
     // 0.5 tokens/s: two seconds before the only token, so a ping in between.
     let mock = ready("tabbyapi", &["--tokens-per-second", "0.5"]).await;
     let reply = mock.chat(true, 1).await;
-    let text = reply.text();
+    let text = &reply.text;
     assert!(text.matches(": ping\r\n\r\n").count() >= 2, "{text:?}");
     assert_eq!(chat_stream_tokens(&reply.sse_chunks()).len(), 1);
 }

@@ -1,4 +1,4 @@
-//! Starting the mock binary and talking raw HTTP/1.1 to it.
+//! Starting the mock binary and talking HTTP/1.1 to it (testkit's client).
 
 use std::{
     io::{BufRead, BufReader, Read},
@@ -10,11 +10,9 @@ use std::{
 };
 
 use serde_json::Value;
-use testkit::{DEADLINE, Proc};
-use tokio::{
-    io::{AsyncReadExt, AsyncWriteExt},
-    net::TcpStream,
-};
+pub use testkit::http::Reply;
+use testkit::{DEADLINE, Proc, http};
+use tokio::net::TcpStream;
 
 pub const MARKER_ENV: &str = "GPUSWAP_TEST_MARKER";
 /// Lines longer than this are stored cut (the flood test writes megabyte lines).
@@ -194,86 +192,32 @@ fn collect_lines(stream: Box<dyn Read + Send>, output: &Output) {
     }
 }
 
-/// An HTTP response as received.
-#[derive(Debug)]
-pub struct Reply {
-    pub status: u16,
-    pub headers: Vec<(String, String)>,
-    /// The body, de-chunked.
-    pub body: Vec<u8>,
-    /// False when the connection closed before the body's end.
-    pub complete: bool,
-}
-
-impl Reply {
-    pub fn text(&self) -> String {
-        String::from_utf8_lossy(&self.body).into_owned()
-    }
-
-    pub fn json(&self) -> Value {
-        testkit::json(&self.text())
-    }
-
-    pub fn header(&self, name: &str) -> Option<&str> {
-        self.headers
-            .iter()
-            .find(|(key, _)| key.eq_ignore_ascii_case(name))
-            .map(|(_, value)| value.as_str())
-    }
-
-    /// The payloads of the SSE `data:` lines.
-    pub fn sse_data(&self) -> Vec<String> {
-        self.text()
-            .split('\n')
-            .map(|line| line.trim_end_matches('\r'))
-            .filter_map(|line| line.strip_prefix("data: "))
-            .map(str::to_owned)
-            .collect()
-    }
-
-    /// The JSON chunks of an SSE body (everything but `[DONE]`).
-    pub fn sse_chunks(&self) -> Vec<Value> {
-        self.sse_data()
-            .iter()
-            .filter(|data| *data != "[DONE]")
-            .map(|data| testkit::json(data))
-            .collect()
-    }
-}
-
-/// One request on a fresh connection (`Connection: close`), read to the end.
+/// One request on a fresh connection (`Connection: close`: a backend that dies is not
+/// reached through a kept connection), read to the end; Err when nothing answered.
 pub async fn http(
     port: u16,
     method: &str,
     path: &str,
     headers: &[(&str, &str)],
     body: Option<&str>,
-) -> std::io::Result<Reply> {
-    let mut stream = TcpStream::connect(("127.0.0.1", port)).await?;
-    let mut request =
-        format!("{method} {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nConnection: close\r\n");
+) -> Result<Reply, String> {
+    let method = method.parse().expect("an HTTP method");
+    let mut request = http::client()
+        .request(method, format!("http://127.0.0.1:{port}{path}"))
+        .header("connection", "close");
     for (name, value) in headers {
-        request.push_str(&format!("{name}: {value}\r\n"));
+        request = request.header(*name, *value);
     }
     if let Some(body) = body {
-        request.push_str(&format!(
-            "Content-Type: application/json\r\nContent-Length: {}\r\n",
-            body.len()
-        ));
+        request = request
+            .header("content-type", "application/json")
+            .body(body.to_owned());
     }
-    request.push_str("\r\n");
-    request.push_str(body.unwrap_or(""));
-    stream.write_all(request.as_bytes()).await?;
-    let mut raw = Vec::new();
-    tokio::time::timeout(DEADLINE, stream.read_to_end(&mut raw))
-        .await
-        .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "response timed out"))?
-        .or_else(|e| match e.kind() {
-            // A crashing server resets the connection: keep what arrived.
-            std::io::ErrorKind::ConnectionReset => Ok(0),
-            _ => Err(e),
-        })?;
-    parse_reply(&raw)
+    let reply = http::send(request).await;
+    match reply.status {
+        0 => Err(reply.error.unwrap_or_default()),
+        _ => Ok(reply),
+    }
 }
 
 pub async fn get(port: u16, path: &str) -> Reply {
@@ -292,75 +236,6 @@ pub async fn probe(port: u16, path: &str) -> Option<u16> {
         .await
         .ok()
         .map(|reply| reply.status)
-}
-
-fn parse_reply(raw: &[u8]) -> std::io::Result<Reply> {
-    let invalid =
-        |what: &str| std::io::Error::new(std::io::ErrorKind::InvalidData, what.to_owned());
-    let head_end = raw
-        .windows(4)
-        .position(|w| w == b"\r\n\r\n")
-        .ok_or_else(|| invalid("no complete response head"))?;
-    let head = String::from_utf8_lossy(&raw[..head_end]);
-    let mut lines = head.split("\r\n");
-    let status_line = lines.next().unwrap_or_default();
-    let status = status_line
-        .split_whitespace()
-        .nth(1)
-        .and_then(|code| code.parse().ok())
-        .ok_or_else(|| invalid("bad status line"))?;
-    let headers: Vec<(String, String)> = lines
-        .filter_map(|line| line.split_once(':'))
-        .map(|(name, value)| (name.trim().to_owned(), value.trim().to_owned()))
-        .collect();
-    let rest = &raw[head_end + 4..];
-    let header = |name: &str| {
-        headers
-            .iter()
-            .find(|(key, _)| key.eq_ignore_ascii_case(name))
-            .map(|(_, value)| value.clone())
-    };
-    let (body, complete) = if header("transfer-encoding").is_some_and(|v| v.contains("chunked")) {
-        dechunk(rest)
-    } else if let Some(length) = header("content-length").and_then(|v| v.parse::<usize>().ok()) {
-        (
-            rest[..rest.len().min(length)].to_vec(),
-            rest.len() >= length,
-        )
-    } else {
-        (rest.to_vec(), true)
-    };
-    Ok(Reply {
-        status,
-        headers,
-        body,
-        complete,
-    })
-}
-
-/// Chunked transfer decoding that keeps whatever arrived before a cut.
-fn dechunk(mut rest: &[u8]) -> (Vec<u8>, bool) {
-    let mut body = Vec::new();
-    loop {
-        let Some(line_end) = rest.windows(2).position(|w| w == b"\r\n") else {
-            return (body, false);
-        };
-        let size_text = String::from_utf8_lossy(&rest[..line_end]);
-        let Ok(size) = usize::from_str_radix(size_text.split(';').next().unwrap_or("").trim(), 16)
-        else {
-            return (body, false);
-        };
-        rest = &rest[line_end + 2..];
-        if size == 0 {
-            return (body, true);
-        }
-        if rest.len() < size {
-            body.extend_from_slice(rest);
-            return (body, false);
-        }
-        body.extend_from_slice(&rest[..size]);
-        rest = rest.get(size + 2..).unwrap_or_default();
-    }
 }
 
 pub fn chat_request(model: &str, stream: bool, max_tokens: u64) -> Value {

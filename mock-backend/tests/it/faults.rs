@@ -80,7 +80,7 @@ async fn never_ready_tabbyapi_serves_without_a_model() {
 async fn crash_after_cuts_the_stream_and_exits_139() {
     let (mut mock, reply) = stream_from_crashing_vllm(3, 10).await;
     assert_eq!(reply.status, 200);
-    assert!(!reply.complete, "the stream must be cut: {}", reply.text());
+    assert!(!reply.complete(), "the stream must be cut: {}", reply.text);
     assert!(!reply.sse_data().iter().any(|data| data == "[DONE]"));
     assert!(chat_stream_tokens(&reply.sse_chunks()).len() <= 3);
     assert_eq!(mock.wait_exit().code(), Some(139));
@@ -89,7 +89,7 @@ async fn crash_after_cuts_the_stream_and_exits_139() {
 #[tokio::test]
 async fn crash_after_leaves_shorter_answers_alone() {
     let (mock, reply) = stream_from_crashing_vllm(5, 5).await;
-    assert!(reply.complete);
+    assert!(reply.complete());
     assert_eq!(chat_stream_tokens(&reply.sse_chunks()).len(), 5);
     assert!(testkit::alive(mock.pid()));
 }

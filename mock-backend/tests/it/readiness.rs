@@ -29,7 +29,7 @@ async fn sglang_warm_up_answers_models_but_health_503() {
     mock.wait_listening().await;
     assert_eq!(mock.probe("/health").await, Some(503));
     let models = get(mock.port, "/v1/models").await;
-    assert_eq!(models.status, 200, "{}", models.text());
+    assert_eq!(models.status, 200, "{}", models.text);
     assert_eq!(models.json()["data"][0]["id"], mock.model.as_str());
     let chat = small_chat(&mock).await;
     assert_eq!(chat.status, 503);
@@ -37,7 +37,7 @@ async fn sglang_warm_up_answers_models_but_health_503() {
         chat.json()["object"],
         "error",
         "sglang errors are flat: {}",
-        chat.text()
+        chat.text
     );
     assert!(!mock.has_log("fired up"));
 }
@@ -118,7 +118,7 @@ async fn tabbyapi_model_probe_needs_the_key_and_names_the_model() {
     assert!(
         keyless.json()["detail"].is_string(),
         "FastAPI error: {}",
-        keyless.text()
+        keyless.text
     );
     let wrong = http(
         mock.port,
@@ -134,7 +134,7 @@ async fn tabbyapi_model_probe_needs_the_key_and_names_the_model() {
         let model = http(mock.port, "GET", "/v1/model", &[header], None)
             .await
             .unwrap();
-        assert_eq!(model.status, 200, "{header:?}: {}", model.text());
+        assert_eq!(model.status, 200, "{header:?}: {}", model.text);
         assert_eq!(model.json()["id"], mock.model.as_str());
     }
 }

@@ -121,8 +121,8 @@ async fn vllm_level_one_frees_the_gpu_keeps_the_weights_in_ram_and_holds_chats_u
         .await
         .unwrap()
         .unwrap();
-    assert_eq!(reply.status, 200, "{}", reply.text());
-    assert!(reply.text().contains("[served by mock-vllm-model]"));
+    assert_eq!(reply.status, 200, "{}", reply.text);
+    assert!(reply.text.contains("[served by mock-vllm-model]"));
     let after = memory(mock.port).await;
     assert_eq!(after["gpu_memory_bytes"], 8 * GIB);
     assert_eq!(
@@ -173,7 +173,7 @@ async fn vllm_level_two_needs_its_weights_reloaded_before_the_kv_cache_wakes() {
     control(mock.port, "/wake_up").await;
     let reply = chat(&mock, &[]).await;
     assert_eq!(reply.status, 500);
-    assert!(reply.text().contains("reload_weights"), "{}", reply.text());
+    assert!(reply.text.contains("reload_weights"), "{}", reply.text);
     let missing = control(mock.port, "/collective_rpc").await;
     assert_eq!(
         (missing.status, missing.json()["error"]["message"].as_str()),
@@ -357,7 +357,7 @@ async fn tabbyapi_unloads_and_loads_its_model_with_the_admin_key_streaming_modul
     .await;
     assert_eq!(load.status, 200);
     assert!(
-        load.text().contains("\r\n\r\n"),
+        load.text.contains("\r\n\r\n"),
         "sse_starlette's CRLF framing"
     );
     let events: Vec<(u64, String)> = load
@@ -459,7 +459,7 @@ async fn llama_server_sleeps_when_idle_stays_healthy_and_the_next_request_reload
 
     // The request waits for the reload (it may fall asleep again a second later).
     let reply = chat(&mock, &[]).await;
-    assert_eq!(reply.status, 200, "{}", reply.text());
+    assert_eq!(reply.status, 200, "{}", reply.text);
     let (left, loaded) = (
         mock.log_position("leaving sleeping state")
             .expect("the wake is logged"),

@@ -11,10 +11,6 @@ use gpuswap::{
     pb::{self, activate_event::Event},
 };
 use testkit::{DEADLINE, Proc};
-use tokio::{
-    io::{AsyncReadExt, AsyncWriteExt},
-    net::TcpStream,
-};
 
 /// The variable that tags every backend process of one test (see `processes_with_marker`).
 #[allow(unused_imports)] // lifecycle.rs tags a process of its own
@@ -352,38 +348,25 @@ read_until! {
     draining: Draining;
 }
 
-/// One HTTP/1.1 request over a fresh connection: (status, body).
+/// One request to a backend at `address` (`host:port`) over a fresh connection
+/// (`Connection: close`): (status, body); Err when nothing answered or the body broke.
 pub async fn http(
     address: &str,
     method: &str,
     path: &str,
     body: Option<&str>,
-) -> std::io::Result<(u16, String)> {
-    let exchange = async {
-        let mut stream = TcpStream::connect(address).await?;
-        let body = body.unwrap_or("");
-        let request = format!(
-            "{method} {path} HTTP/1.1\r\nHost: {address}\r\nConnection: close\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
-            body.len()
-        );
-        stream.write_all(request.as_bytes()).await?;
-        let mut response = Vec::new();
-        stream.read_to_end(&mut response).await?;
-        let text = String::from_utf8_lossy(&response).into_owned();
-        let code = text
-            .split_whitespace()
-            .nth(1)
-            .and_then(|c| c.parse().ok())
-            .ok_or_else(|| std::io::Error::other(format!("not HTTP: {text:?}")))?;
-        let body = text
-            .split_once("\r\n\r\n")
-            .map(|(_, b)| b.to_owned())
-            .unwrap_or_default();
-        Ok((code, body))
-    };
-    tokio::time::timeout(DEADLINE, exchange)
-        .await
-        .unwrap_or_else(|_| Err(std::io::Error::other("HTTP request timed out")))
+) -> Result<(u16, String), String> {
+    let method = method.parse().expect("an HTTP method");
+    let request = testkit::http::client()
+        .request(method, format!("http://{address}{path}"))
+        .header("connection", "close")
+        .header("content-type", "application/json")
+        .body(body.unwrap_or("").to_owned());
+    let reply = testkit::http::send(request).await;
+    match reply.error {
+        Some(error) => Err(error),
+        None => Ok((reply.status, reply.text)),
+    }
 }
 
 /// Runs the supervisor binary to its end (bad configs): (exit code, stderr).
