@@ -101,6 +101,23 @@ pub async fn post(url: &str, body: &Value) -> Reply {
     fetch("POST", url, Some(body)).await
 }
 
+/// GETs `url`: the body as JSON, None when nothing answered or not with JSON.
+pub async fn get_json(url: &str) -> Option<Value> {
+    client().get(url).send().await.ok()?.json().await.ok()
+}
+
+/// Waits until the gateway whose `/health` is at `health_url` says it reaches its supervisor
+/// (what a harness does after starting a gateway). Each probe closes its connection: a test
+/// that counts the gateway's connections finds none left over from the start.
+pub async fn wait_gateway_connected(health_url: &str) {
+    crate::wait_for("the gateway to see its supervisor", DEADLINE, || async {
+        let request = client().get(health_url).header("connection", "close");
+        let health: Value = request.send().await.ok()?.json().await.ok()?;
+        (health["supervisor"]["connected"] == true).then_some(())
+    })
+    .await;
+}
+
 /// Sends `request` and reads the whole answer; a broken exchange is in `error`.
 pub async fn send(request: RequestBuilder) -> Reply {
     match open(request).await {

@@ -118,11 +118,7 @@ impl Stack {
         self.gateway_runs += 1;
         let command = self.gateway_command(self.gateway_port, &log);
         self.gateway = Some(spawn_tied(command));
-        testkit::wait_for("the gateway to see the supervisor", DEADLINE, || async {
-            let health = self.health().await?;
-            (health["supervisor"]["connected"] == true).then_some(())
-        })
-        .await;
+        testkit::http::wait_gateway_connected(&self.url("/health")).await;
     }
 
     /// SIGKILLs the gateway and reaps it.

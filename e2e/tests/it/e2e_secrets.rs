@@ -226,12 +226,7 @@ impl Stack {
             .stdout(log.try_clone().expect("log fd"))
             .stderr(log);
         self.gateway = Some(Proc::spawn(command));
-        testkit::wait_for("the gateway to see the supervisor", DEADLINE, || async {
-            let health = self.get("/health", None).await;
-            let health: Value = serde_json::from_str(&health.1).ok()?;
-            (health["supervisor"]["connected"] == true).then_some(())
-        })
-        .await;
+        http::wait_gateway_connected(&self.url("/health")).await;
     }
 
     fn url(&self, path: &str) -> String {

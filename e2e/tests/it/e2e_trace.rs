@@ -118,18 +118,7 @@ async fn a_chat_request_is_one_trace_across_gateway_and_supervisor() {
     );
     let http = testkit::http::client();
     let url = |path: &str| format!("http://{listen}{path}");
-    testkit::wait_for("the gateway to see the supervisor", DEADLINE, || async {
-        let health: Value = http
-            .get(url("/health"))
-            .send()
-            .await
-            .ok()?
-            .json()
-            .await
-            .ok()?;
-        (health["supervisor"]["connected"] == true).then_some(())
-    })
-    .await;
+    testkit::http::wait_gateway_connected(&url("/health")).await;
 
     let chat = |model: &str| {
         json!({

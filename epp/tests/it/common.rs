@@ -10,7 +10,6 @@ use std::{
 };
 
 use futures_util::StreamExt;
-use serde_json::Value;
 use testkit::{DEADLINE, MockModel, Proc, StackBase};
 
 /// One GPU box: a supervisor on a Unix socket (testkit's stack) and a gateway on `ip:port`.
@@ -99,21 +98,7 @@ impl GpuBox {
         let command = self.base.gateway_command_on(&self.gateway_addr(), &log);
         self.gateway = Some(Proc::spawn(command));
         let health = format!("http://{}/health", self.gateway_addr());
-        testkit::wait_for("the box gateway to see its supervisor", DEADLINE, || {
-            let health = health.clone();
-            async move {
-                let body: Value = testkit::http::client()
-                    .get(&health)
-                    .send()
-                    .await
-                    .ok()?
-                    .json()
-                    .await
-                    .ok()?;
-                (body["supervisor"]["connected"] == true).then_some(())
-            }
-        })
-        .await;
+        testkit::http::wait_gateway_connected(&health).await;
     }
 
     /// `kill -9` of the gateway.
@@ -315,14 +300,7 @@ impl Front {
         testkit::wait_for("every box's models through Envoy", DEADLINE, || {
             let (url, expected) = (url.clone(), expected.clone());
             async move {
-                let body: Value = testkit::http::client()
-                    .get(&url)
-                    .send()
-                    .await
-                    .ok()?
-                    .json()
-                    .await
-                    .ok()?;
+                let body = testkit::http::get_json(&url).await?;
                 let listed = |b: &str, m: &str| {
                     body["data"].as_array().into_iter().flatten().any(|e| {
                         e["id"] == m

@@ -83,16 +83,7 @@ impl Stack {
             base: format!("http://127.0.0.1:{port}"),
             log,
         };
-        let health = gateway.url("/health");
-        let http = self.http.clone();
-        testkit::wait_for("the gateway to see the supervisor", DEADLINE, || {
-            let (http, health) = (http.clone(), health.clone());
-            async move {
-                let body: Value = http.get(&health).send().await.ok()?.json().await.ok()?;
-                (body["supervisor"]["connected"] == true).then_some(())
-            }
-        })
-        .await;
+        testkit::http::wait_gateway_connected(&gateway.url("/health")).await;
         self.gateways.push(gateway);
         index
     }

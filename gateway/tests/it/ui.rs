@@ -41,9 +41,9 @@ impl Browser {
         let base = format!("http://127.0.0.1:{port}");
         let http = testkit::http::client().clone();
         testkit::wait_for("chromedriver to answer", DEADLINE, || {
-            let (http, url) = (http.clone(), format!("{base}/status"));
+            let url = format!("{base}/status");
             async move {
-                let body: Value = http.get(url).send().await.ok()?.json().await.ok()?;
+                let body = testkit::http::get_json(&url).await?;
                 (body["value"]["ready"] == true).then_some(())
             }
         })
