@@ -11,7 +11,7 @@ use tonic::{Request, Response, Status};
 
 use crate::{
     backend::logs::{LogBuffer, LogEntry},
-    scheduler::{ActivateArgs, EVENT_CHANNEL_CAPACITY, LostLines, Scheduler},
+    scheduler::{ActivateArgs, EVENT_CHANNEL_CAPACITY, LostLines, Scheduler, recv_until},
     tls::Tokens,
 };
 
@@ -61,14 +61,10 @@ async fn follow(
     lost: LostLines,
     tx: mpsc::Sender<Result<pb::LogLine, Status>>,
 ) {
-    loop {
-        let received = tokio::select! {
-            _ = tx.closed() => return,
-            received = lines.recv() => received,
-        };
+    while let Some(received) = recv_until(&mut lines, tx.closed()).await {
         let line = match received {
             Ok(entry) => log_line(&entry, 0),
-            Err(broadcast::error::RecvError::Lagged(dropped)) => {
+            Err(dropped) => {
                 lost.count(dropped);
                 pb::LogLine {
                     model: lost.model.clone(),
@@ -78,7 +74,6 @@ async fn follow(
                     dropped,
                 }
             }
-            Err(broadcast::error::RecvError::Closed) => return,
         };
         if tx.send(Ok(line)).await.is_err() {
             return;
@@ -176,15 +171,11 @@ impl Supervisor for SupervisorService {
             if tx.send(Ok(snapshot)).await.is_err() {
                 return;
             }
-            loop {
-                let received = tokio::select! {
-                    _ = tx.closed() => return,
-                    received = changes.recv() => received,
-                };
+            while let Some(received) = recv_until(&mut changes, tx.closed()).await {
                 let event = match received {
                     Ok(event) => event,
                     // Too slow to see every change: start over from a fresh snapshot.
-                    Err(broadcast::error::RecvError::Lagged(_)) => match scheduler.watch().await {
+                    Err(_) => match scheduler.watch().await {
                         Ok((snapshot, fresh)) => {
                             changes = fresh;
                             pb::WatchEvent {
@@ -196,7 +187,6 @@ impl Supervisor for SupervisorService {
                             return;
                         }
                     },
-                    Err(broadcast::error::RecvError::Closed) => return,
                 };
                 if tx.send(Ok(event)).await.is_err() {
                     return;

@@ -13,7 +13,7 @@ use tokio::{
 };
 use tokio_util::sync::{CancellationToken, DropGuard};
 
-use super::{CONTROL_RESERVE, EventSender, actor::millis};
+use super::{CONTROL_RESERVE, EventSender, actor::millis, streams::recv_until};
 use crate::backend::logs::LogEntry;
 
 /// Forwards a starting model's output to one waiter while it lives. Dropping it closes the
@@ -45,18 +45,13 @@ pub(super) fn forward_logs(
         _stop: token.clone().drop_guard(),
     };
     tokio::spawn(async move {
-        loop {
-            let entry = tokio::select! {
-                _ = token.cancelled() => break,
-                entry = lines.recv() => entry,
-            };
+        while let Some(entry) = recv_until(&mut lines, token.cancelled()).await {
             let entry = match entry {
                 Ok(entry) => entry,
-                Err(broadcast::error::RecvError::Lagged(skipped)) => {
+                Err(skipped) => {
                     lost.count(skipped);
                     continue;
                 }
-                Err(broadcast::error::RecvError::Closed) => break,
             };
             let slot = slot.lock().unwrap_or_else(|p| p.into_inner());
             let Some(events) = slot.as_ref() else { break };

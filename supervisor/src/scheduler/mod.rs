@@ -56,6 +56,7 @@ use crate::backend::{
 pub use actions::client_address;
 pub use handle::Scheduler;
 pub use log_forward::LostLines;
+pub use streams::recv_until;
 
 /// The sending half of one Activate stream.
 pub type EventSender = mpsc::Sender<Result<pb::ActivateEvent, Status>>;

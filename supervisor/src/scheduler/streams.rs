@@ -6,13 +6,34 @@ use std::sync::{
 };
 
 use gpuswap::pb::{self, activate_event::Event};
-use tokio::{sync::mpsc, time::Instant};
+use tokio::{
+    sync::{broadcast, mpsc},
+    time::Instant,
+};
 use tonic::Status;
 
 use super::{
     EventSender, Internal,
     actor::{Actor, millis},
 };
+
+/// The next value a reader of a broadcast channel gets: Ok, Err with how many it missed
+/// (it read too slowly), or None once `stop` completes (its own client went away) or the
+/// sender is gone.
+pub async fn recv_until<T: Clone>(
+    values: &mut broadcast::Receiver<T>,
+    stop: impl Future<Output = ()>,
+) -> Option<Result<T, u64>> {
+    let received = tokio::select! {
+        _ = stop => return None,
+        received = values.recv() => received,
+    };
+    match received {
+        Ok(value) => Some(Ok(value)),
+        Err(broadcast::error::RecvError::Lagged(missed)) => Some(Err(missed)),
+        Err(broadcast::error::RecvError::Closed) => None,
+    }
+}
 
 /// One client's Activate stream. Dropping it ends the stream once every control event sent
 /// on it has reached the client's channel (and the log forwarding, if any, has stopped).
