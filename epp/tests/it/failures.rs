@@ -23,18 +23,25 @@ async fn two_boxes(test: &str) -> Front {
     Front::start(boxes, &[], |t| t).await
 }
 
-/// Two streams at once: one lands on each box (fewest in flight first). Returns them by box.
-async fn one_stream_per_box(
-    front: &Front,
-    kill: impl FnOnce(),
-) -> Vec<(String, Result<String, String>)> {
+/// [`two_boxes`], then two streams at once: one lands on each box (fewest in flight first),
+/// and `process` of box `victim` (its gateway or its supervisor) is killed (SIGKILL) while
+/// they stream. The front, and the streams by box.
+async fn kill_mid_stream(
+    test: &str,
+    victim: &str,
+    process: impl Fn(&GpuBox) -> Option<&Proc>,
+) -> (Front, Vec<(String, Result<String, String>)>) {
+    let front = two_boxes(test).await;
+    let pid = process(front.gpu_box(victim)).unwrap().pid();
+    let shared = &front;
     let streams = (0..2).map(|i| async move {
         tokio::time::sleep(Duration::from_millis(100 * i)).await;
-        common::stream_timed(front, "a", 40).await
+        common::stream_timed(shared, "a", 40).await
     });
     let killer = async {
         tokio::time::sleep(Duration::from_millis(800)).await;
-        kill();
+        // SAFETY: kill(2) of a process this test started.
+        unsafe { libc::kill(pid as i32, libc::SIGKILL) };
     };
     let (streams, ()) = tokio::join!(futures_util::future::join_all(streams), killer);
     let mut out: Vec<_> = streams
@@ -42,7 +49,7 @@ async fn one_stream_per_box(
         .map(|(by, _, text)| (by, text))
         .collect();
     out.sort_by(|a, b| a.0.cmp(&b.0));
-    out
+    (front, out)
 }
 
 /// New requests for a all go to `expected` within a few seconds of the failure.
@@ -99,12 +106,7 @@ async fn both_boxes_serve(front: &Front) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_killed_gateway_fails_its_requests_and_its_box_is_avoided_then_used_again() {
-    let mut front = two_boxes("killgw").await;
-    let gateway = front.gpu_box("gpu2").gateway.as_ref().unwrap().pid();
-    let streams = one_stream_per_box(&front, || unsafe {
-        libc::kill(gateway as i32, libc::SIGKILL);
-    })
-    .await;
+    let (mut front, streams) = kill_mid_stream("killgw", "gpu2", |b| b.gateway.as_ref()).await;
     assert_eq!(streams[0].0, "gpu2");
     assert!(
         streams[0].1.is_err(),
@@ -119,12 +121,7 @@ async fn a_killed_gateway_fails_its_requests_and_its_box_is_avoided_then_used_ag
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_killed_supervisor_takes_its_box_out_until_it_is_back() {
-    let mut front = two_boxes("killsup").await;
-    let supervisor = front.gpu_box("gpu3").supervisor.as_ref().unwrap().pid();
-    let streams = one_stream_per_box(&front, || unsafe {
-        libc::kill(supervisor as i32, libc::SIGKILL);
-    })
-    .await;
+    let (mut front, streams) = kill_mid_stream("killsup", "gpu3", |b| b.supervisor.as_ref()).await;
     // The supervisor takes its backends with it: the stream there is cut, the other is whole.
     assert_eq!(streams[1].0, "gpu3");
     let cut = streams[1]
