@@ -31,11 +31,7 @@ fn loadgen(args: &[&str]) -> serde_json::Value {
         .args(args)
         .output()
         .expect("run gpuswap-loadgen");
-    assert!(
-        out.status.success(),
-        "gpuswap-loadgen {args:?} failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    testkit::assert_success(&out, &format!("gpuswap-loadgen {args:?}"));
     json(&String::from_utf8_lossy(&out.stdout))
 }
 
