@@ -1,6 +1,6 @@
 //! Fault modes and signals.
 
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use crate::common::{Mock, Reply, chat_stream_tokens, get};
 
@@ -129,14 +129,29 @@ async fn flood_writes_its_bytes_with_megabyte_lines_while_serving() {
     assert_eq!(mock.probe("/health").await, Some(200));
 }
 
+/// Starts `flavor` with `extra`, waits for `line`, sends `signal` and waits for the exit:
+/// the mock (for its output), its exit code and how long it took to exit.
+async fn exit_on(
+    flavor: &str,
+    extra: &[&str],
+    line: &str,
+    signal: libc::c_int,
+) -> (Mock, Option<i32>, Duration) {
+    let mut mock = Mock::start(flavor, extra);
+    mock.wait_log(line).await;
+    let start = Instant::now();
+    mock.signal(signal);
+    let code = mock.wait_exit().code();
+    (mock, code, start.elapsed())
+}
+
 #[tokio::test]
 async fn sigterm_exits_0_after_the_stop_delay() {
-    let mut mock = Mock::start("vllm", &["--load-time", "10ms", "--stop-delay", "300ms"]);
-    mock.wait_log("Application startup complete.").await;
-    let start = Instant::now();
-    mock.signal(libc::SIGTERM);
-    assert_eq!(mock.wait_exit().code(), Some(0));
-    assert!(start.elapsed().as_millis() >= 290, "{:?}", start.elapsed());
+    let extra = ["--load-time", "10ms", "--stop-delay", "300ms"];
+    let startup = "Application startup complete.";
+    let (mock, code, took) = exit_on("vllm", &extra, startup, libc::SIGTERM).await;
+    assert_eq!(code, Some(0));
+    assert!(took.as_millis() >= 290, "{took:?}");
     mock.wait_log("Finished server process").await;
 }
 
@@ -161,16 +176,14 @@ async fn still_serving_during_the_stop_delay() {
 
 #[tokio::test]
 async fn sigint_exits_0() {
-    let mut mock = Mock::start("llama-server", &["--load-time", "10ms"]);
-    mock.wait_log("llama_server: listening on").await;
-    mock.signal(libc::SIGINT);
-    assert_eq!(mock.wait_exit().code(), Some(0));
+    let (extra, listening) = (["--load-time", "10ms"], "llama_server: listening on");
+    let (_, code, _) = exit_on("llama-server", &extra, listening, libc::SIGINT).await;
+    assert_eq!(code, Some(0));
 }
 
 #[tokio::test]
 async fn sigterm_during_load_exits_promptly() {
-    let mut mock = Mock::start("tabbyapi", &["--load-time", "600s"]);
-    mock.wait_log("Loading model").await;
-    mock.signal(libc::SIGTERM);
-    assert_eq!(mock.wait_exit().code(), Some(0));
+    let extra = ["--load-time", "600s"];
+    let (_, code, _) = exit_on("tabbyapi", &extra, "Loading model", libc::SIGTERM).await;
+    assert_eq!(code, Some(0));
 }
