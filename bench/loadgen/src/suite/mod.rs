@@ -5,15 +5,25 @@
 //! Something that fails to run is recorded and makes the suite exit non-zero;
 //! a missed target does not.
 
+/// gpuswap under test: its mock models, configuration, supervisor and gateway.
 mod gpuswap;
+/// The peers: nginx and LiteLLM in front of the same mock backends.
 mod peers;
+/// The command line, and the plan made from it.
 mod plan;
+/// The processes the suite starts, and waiting for them.
 mod procs;
+/// The proxy-overhead rounds over every target.
 mod proxy_load;
+/// The results table.
 mod report;
+/// What was measured.
 mod results;
+/// The race against llama-server's router mode.
 mod router;
+/// The load scenarios and their metrics.
 mod scenarios;
+/// gpuswap's own swap, stop, scale and log-flood measurements.
 mod sections;
 
 use std::{
