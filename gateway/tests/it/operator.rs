@@ -123,6 +123,20 @@ async fn get(stack: &Stack, path: &str, key: Option<&str>) -> (u16, Value) {
     send(stack, reqwest::Method::GET, path, key, None).await
 }
 
+/// The status once it shows model `id` in `state`: the gateway learns states from the
+/// supervisor's Watch, a moment after an action's answer.
+async fn status_showing(stack: &Stack, key: Option<&str>, id: &str, state: &str) -> Value {
+    testkit::wait_for(
+        &format!("{id} {state} in /api/status"),
+        DEADLINE,
+        || async {
+            let (_, status) = get(stack, "/api/status", key).await;
+            (model(&status, id)["state"] == state).then_some(status)
+        },
+    )
+    .await
+}
+
 fn model<'a>(status: &'a Value, id: &str) -> &'a Value {
     status["models"]
         .as_array()
@@ -414,7 +428,7 @@ async fn the_admin_sleep_action_puts_a_model_to_sleep_and_load_wakes_it() {
         body,
         json!({"model": "alpha", "state": "sleeping", "stopped": ["alpha"]})
     );
-    let (_, status) = get(&stack, "/api/status", admin).await;
+    let status = status_showing(&stack, admin, "alpha", "sleeping").await;
     let alpha = model(&status, "alpha");
     assert_eq!(
         (&alpha["state"], &alpha["pid"]),
@@ -424,7 +438,7 @@ async fn the_admin_sleep_action_puts_a_model_to_sleep_and_load_wakes_it() {
 
     let (s, body) = post(&stack, "/api/models/alpha/load?wait=true", admin, None).await;
     assert_eq!((s, &body["state"]), (200, &json!("ready")), "{body}");
-    let (_, status) = get(&stack, "/api/status", admin).await;
+    let status = status_showing(&stack, admin, "alpha", "ready").await;
     let alpha = model(&status, "alpha");
     assert_eq!(
         (&alpha["state"], &alpha["pid"]),
