@@ -200,6 +200,17 @@ impl StackBase {
     pub async fn wait_state(&self, model: &str, state: pb::ModelState) -> pb::ModelStatus {
         crate::wait_state(&self.client, model, state).await
     }
+
+    /// Asserts that `model` is ready in the process and generation it had (`before`): it
+    /// woke, it was not started again. `context` for the message.
+    pub async fn assert_woke_in_place(&self, model: &str, before: &pb::ModelStatus, context: &str) {
+        let awake = self.status(model).await;
+        assert_eq!(
+            (awake.state(), awake.pid, awake.generation),
+            (pb::ModelState::Ready, before.pid, before.generation),
+            "{context}"
+        );
+    }
 }
 
 /// Makes a harness's `$stack` a stack over the [`StackBase`] in its field `$base`: it derefs

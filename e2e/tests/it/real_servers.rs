@@ -79,13 +79,7 @@ async fn a_real_vllm_sleeps_and_wakes_and_no_request_reaches_it_asleep() {
         let reply = stack.chat("v", stream, 2).await;
         assert_eq!(reply.status, 200, "{reply:?}{}", stack.logs());
     }
-    let awake = stack.status("v").await;
-    assert_eq!(
-        (awake.state(), awake.pid, awake.generation),
-        (ModelState::Ready, first.pid, first.generation),
-        "{}",
-        stack.logs()
-    );
+    stack.assert_woke_in_place("v", &first, &stack.logs()).await;
     assert_eq!(stack.starts(), ["v", "l"], "{}", stack.logs());
     // vLLM's own access log: no completion between its /sleep and its /wake_up (a chat sent
     // while it sleeps would hang there until the wake).

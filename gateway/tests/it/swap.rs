@@ -489,13 +489,7 @@ async fn a_sleeping_model_makes_room_and_wakes_in_its_own_process() {
         "no \"Waking a\" progress chunk: {t}"
     );
     assert!(!t.contains("Loading a"), "a wake called a load: {t}");
-    let awake = stack.status("a").await;
-    assert_eq!(
-        (awake.state(), awake.pid, awake.generation),
-        (ModelState::Ready, first.pid, first.generation),
-        "{}",
-        stack.logs()
-    );
+    stack.assert_woke_in_place("a", &first, &stack.logs()).await;
     stack.wait_state("b", ModelState::Sleeping).await;
     assert_eq!(stack.starts(), ["a", "b"], "{}", stack.logs());
     // The mock wakes in load time / 20 (50 ms): far below a cold start's 1 s.
