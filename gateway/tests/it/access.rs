@@ -26,6 +26,12 @@ pub async fn call(
     (status, response.text().await.unwrap())
 }
 
+/// A chat of `model` (not streamed) with the key in `key`: the status and body.
+async fn chat_as(stack: &Stack, key: Option<(&str, &str)>, model: &str) -> (u16, String) {
+    let chat = Stack::chat(model, false, 2);
+    call(stack, "/v1/chat/completions", key, Some(&chat)).await
+}
+
 fn ids(text: &str) -> Vec<String> {
     let body = testkit::json(text);
     let mut ids: Vec<String> = body["data"]
@@ -95,20 +101,8 @@ async fn a_key_sees_and_uses_only_its_models_and_is_never_logged() {
     assert_eq!(s, 401, "named keys close the gateway: {t}");
 
     // A model the key may not use answers exactly like a model that does not exist.
-    let (s, forbidden) = call(
-        &stack,
-        "/v1/chat/completions",
-        alice,
-        Some(&Stack::chat("beta", false, 2)),
-    )
-    .await;
-    let (s2, unknown) = call(
-        &stack,
-        "/v1/chat/completions",
-        alice,
-        Some(&Stack::chat("gamma", false, 2)),
-    )
-    .await;
+    let (s, forbidden) = chat_as(&stack, alice, "beta").await;
+    let (s2, unknown) = chat_as(&stack, alice, "gamma").await;
     assert_eq!((s, s2), (404, 404), "{forbidden} {unknown}");
     assert_eq!(
         forbidden.replace("beta", "X"),
@@ -127,29 +121,11 @@ async fn a_key_sees_and_uses_only_its_models_and_is_never_logged() {
     );
 
     // Its own models work, by name or alias.
-    let (s, t) = call(
-        &stack,
-        "/v1/chat/completions",
-        alice,
-        Some(&Stack::chat("a", false, 2)),
-    )
-    .await;
+    let (s, t) = chat_as(&stack, alice, "a").await;
     assert_eq!(s, 200, "{t}{}", stack.logs());
-    let (s, t) = call(
-        &stack,
-        "/v1/chat/completions",
-        bob,
-        Some(&Stack::chat("beta", false, 2)),
-    )
-    .await;
+    let (s, t) = chat_as(&stack, bob, "beta").await;
     assert_eq!(s, 200, "{t}{}", stack.logs());
-    let (s, t) = call(
-        &stack,
-        "/v1/chat/completions",
-        Some(("x-api-key", "alice-secret-but-longer")),
-        Some(&Stack::chat("a", false, 2)),
-    )
-    .await;
+    let (s, t) = chat_as(&stack, Some(("x-api-key", "alice-secret-but-longer")), "a").await;
     assert_eq!(s, 401, "{t}");
 
     // The GPUs' memory names only the models the key may see.

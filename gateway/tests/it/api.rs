@@ -9,7 +9,7 @@ use async_openai::{
 };
 use futures_util::StreamExt;
 use serde_json::{Value, json};
-use testkit::stream_content;
+use testkit::{http, stream_content};
 
 fn openai(stack: &Stack, key: &str) -> Client<OpenAIConfig> {
     Client::with_config(
@@ -92,25 +92,11 @@ async fn the_list_has_every_model_and_alias_from_the_catalog() {
         .expect("GET /v1/models/al");
     assert_eq!(one["id"], "al");
     assert_eq!(one["gpuswap"]["alias_of"], "alpha");
-    let missing = stack
-        .http
-        .get(stack.url("/v1/models/zeta"))
-        .send()
-        .await
-        .unwrap();
-    let status = missing.status().as_u16();
-    openai_error(
-        status,
-        &missing.text().await.unwrap(),
-        404,
-        "model_not_found",
-    );
+    let missing = http::send(stack.http.get(stack.url("/v1/models/zeta"))).await;
+    openai_error(missing.status, &missing.text, 404, "model_not_found");
 
     // States follow the supervisor.
-    let (status, text) = stack
-        .post("/v1/chat/completions", &Stack::chat("a", false, 2))
-        .await;
-    assert_eq!(status, 200, "{text}{}", stack.logs());
+    stack.chat_ok("a", 2).await;
     testkit::wait_for("alpha listed as ready", testkit::DEADLINE, || async {
         let body = stack.get_json("/v1/models").await?;
         (body["data"][0]["gpuswap"]["state"] == "ready").then_some(())
@@ -164,10 +150,7 @@ async fn event_streams_pass_through_byte_for_byte() {
         .start()
         .await;
     // Make it ready first, so the stream below is the backend's own.
-    let (status, text) = stack
-        .post("/v1/chat/completions", &Stack::chat("tabby", false, 1))
-        .await;
-    assert_eq!(status, 200, "{text}{}", stack.logs());
+    stack.chat_ok("tabby", 1).await;
 
     let response = stack.post_chat("tabby", true, 4).await;
     assert_eq!(response.status(), 200);
@@ -209,11 +192,7 @@ async fn event_streams_pass_through_byte_for_byte() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn request_errors_are_openai_shaped() {
-    let stack = Stack::builder("errors")
-        .gateway("max_body = \"2KiB\"")
-        .model(Model::new("alpha"))
-        .start()
-        .await;
+    let stack = Stack::alpha_with("errors", &["max_body = \"2KiB\""]).await;
     let path = "/v1/chat/completions";
     let (s, t) = post_raw(&stack, path, "{\"model\": \"alpha\", bad").await;
     let e = openai_error(s, &t, 400, "invalid_json");
@@ -257,22 +236,14 @@ async fn request_errors_are_openai_shaped() {
     let chunks = futures_util::stream::iter(
         (0..8).map(|_| Ok::<_, std::io::Error>(bytes::Bytes::from(vec![b' '; 512]))),
     );
-    let response = stack
+    let chunked = stack
         .http
         .post(stack.url(path))
-        .body(reqwest::Body::wrap_stream(chunks))
-        .send()
-        .await
-        .unwrap();
+        .body(reqwest::Body::wrap_stream(chunks));
+    let reply = http::send(chunked).await;
     // The rest of the body is not read: the connection cannot be reused.
-    assert_eq!(response.headers()["connection"], "close");
-    let status = response.status().as_u16();
-    openai_error(
-        status,
-        &response.text().await.unwrap(),
-        413,
-        "request_too_large",
-    );
+    assert_eq!(reply.header("connection"), Some("close"), "{reply:?}");
+    openai_error(reply.status, &reply.text, 413, "request_too_large");
     // Any other POST /v1/* with a model is routed; a GET there is not allowed.
     let (s, t) = post_raw(
         &stack,
@@ -293,14 +264,8 @@ async fn request_errors_are_openai_shaped() {
         assert_eq!(s, 200, "{content_type:?}: {t}");
         assert!(t.contains("[served by alpha]"), "{content_type:?}: {t}");
     }
-    let response = stack.http.get(stack.url(path)).send().await.unwrap();
-    let status = response.status().as_u16();
-    openai_error(
-        status,
-        &response.text().await.unwrap(),
-        405,
-        "method_not_allowed",
-    );
+    let reply = http::send(stack.http.get(stack.url(path))).await;
+    openai_error(reply.status, &reply.text, 405, "method_not_allowed");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -59,6 +59,15 @@ impl StartStack for Stack {
 testkit::stack_over_base!(Stack, base);
 
 impl Stack {
+    /// A stack of one model, alpha, behind a gateway with the settings `gateway_lines` (how
+    /// the tests of a gateway setting start).
+    pub async fn alpha_with(test: &str, gateway_lines: &[&str]) -> Stack {
+        let builder = gateway_lines
+            .iter()
+            .fold(Stack::builder(test), |builder, line| builder.gateway(line));
+        builder.model(Model::new("alpha")).start().await
+    }
+
     /// Starts (or restarts) the supervisor and waits until it answers.
     pub async fn start_supervisor(&mut self) {
         self.base.start_supervisor_with("info", Proc::spawn).await;
@@ -137,6 +146,15 @@ impl Stack {
     pub async fn post(&self, path: &str, body: &Value) -> (u16, String) {
         post_to(&self.http, &self.url(path), body).await
     }
+
+    /// A chat of `model` (not streamed) through the first gateway that must be answered: the
+    /// answer's text.
+    pub async fn chat_ok(&self, model: &str, max_tokens: u32) -> String {
+        let chat = Self::chat(model, false, max_tokens);
+        let (status, text) = self.post("/v1/chat/completions", &chat).await;
+        assert_eq!(status, 200, "{model}: {text}{}", self.logs());
+        text
+    }
 }
 
 pub async fn post_to(http: &reqwest::Client, url: &str, body: &Value) -> (u16, String) {
@@ -152,6 +170,12 @@ pub async fn post_to(http: &reqwest::Client, url: &str, body: &Value) -> (u16, S
         .await
         .unwrap_or_else(|e| panic!("POST {url} body: {e}"));
     (status, text)
+}
+
+/// The entry of the model `id` in the array `list` of a JSON answer (`/health`'s and
+/// `/api/status`' `models`, `/v1/models`' and `/models`' `data`).
+pub fn model_entry<'a>(body: &'a Value, list: &str, id: &str) -> Option<&'a Value> {
+    body[list].as_array()?.iter().find(|m| m["id"] == id)
 }
 
 /// Reads an SSE response to its end: the raw text.

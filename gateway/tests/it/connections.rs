@@ -35,19 +35,12 @@ async fn assert_serves(stack: &Stack) {
         .await
         .expect("health JSON");
     assert_eq!(health["status"], "ok", "{health}");
-    let (status, text) = stack
-        .post("/v1/chat/completions", &Stack::chat("alpha", false, 2))
-        .await;
-    assert_eq!(status, 200, "{text}{}", stack.logs());
+    stack.chat_ok("alpha", 2).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_client_that_stalls_in_its_headers_is_closed_and_others_are_served() {
-    let stack = Stack::builder("header-timeout")
-        .gateway("header_timeout = \"1s\"")
-        .model(Model::new("alpha"))
-        .start()
-        .await;
+    let stack = Stack::alpha_with("header-timeout", &["header_timeout = \"1s\""]).await;
     let mut stalled = TcpStream::connect(gateway_addr(&stack)).await.unwrap();
     stalled
         .write_all(b"POST /v1/chat/completions HTTP/1.1\r\nHost: gw\r\nContent-Le")

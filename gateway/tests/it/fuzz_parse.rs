@@ -146,18 +146,7 @@ impl Writer {
     fn value(&mut self, value: &Value) {
         match value {
             Value::String(s) => self.string(s),
-            Value::Array(items) => {
-                self.out.push(b'[');
-                for (i, item) in items.iter().enumerate() {
-                    if i > 0 {
-                        self.out.push(b',');
-                    }
-                    self.space();
-                    self.value(item);
-                    self.space();
-                }
-                self.out.push(b']');
-            }
+            Value::Array(items) => self.list(b'[', b']', items, |w, item| w.value(item)),
             Value::Object(fields) => {
                 let fields: Vec<(&String, &Value)> = fields.iter().collect();
                 self.object(&fields);
@@ -167,20 +156,27 @@ impl Writer {
     }
 
     fn object(&mut self, fields: &[(&String, &Value)]) {
-        self.out.push(b'{');
-        for (i, (key, value)) in fields.iter().enumerate() {
+        self.list(b'{', b'}', fields, |w, (key, value)| {
+            w.string(key);
+            w.space();
+            w.out.push(b':');
+            w.space();
+            w.value(value);
+        });
+    }
+
+    /// `items` between `open` and `close`, comma-separated, each between random spaces.
+    fn list<T>(&mut self, open: u8, close: u8, items: &[T], item: impl Fn(&mut Self, &T)) {
+        self.out.push(open);
+        for (i, each) in items.iter().enumerate() {
             if i > 0 {
                 self.out.push(b',');
             }
             self.space();
-            self.string(key);
-            self.space();
-            self.out.push(b':');
-            self.space();
-            self.value(value);
+            item(self, each);
             self.space();
         }
-        self.out.push(b'}');
+        self.out.push(close);
     }
 }
 

@@ -153,11 +153,7 @@ async fn read_until_closed(stream: &mut TcpStream, limit: Duration) -> Option<St
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_body_that_does_not_arrive_in_time_gets_408_and_the_connection_closes() {
-    let stack = Stack::builder("body-timeout")
-        .gateway("body_timeout = \"1s\"")
-        .model(Model::new("alpha"))
-        .start()
-        .await;
+    let stack = Stack::alpha_with("body-timeout", &["body_timeout = \"1s\""]).await;
     let mut slow = TcpStream::connect(gateway_addr(&stack)).await.unwrap();
     slow.write_all(
         b"POST /v1/chat/completions HTTP/1.1\r\nHost: gw\r\ncontent-type: application/json\r\n\
@@ -171,10 +167,7 @@ async fn a_body_that_does_not_arrive_in_time_gets_408_and_the_connection_closes(
     assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
     assert!(answer.contains("\"code\":\"body_timeout\""), "{answer}");
     assert_eq!(refused(&stack, "body_timeout").await, 1.0);
-    let (status, text) = stack
-        .post("/v1/chat/completions", &Stack::chat("alpha", false, 2))
-        .await;
-    assert_eq!(status, 200, "{text}");
+    stack.chat_ok("alpha", 2).await;
 }
 
 /// One `GET /health` on a kept-alive connection: the answer's head and body.
@@ -205,11 +198,7 @@ async fn get_health(stream: &mut TcpStream) -> String {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn connections_past_max_connections_wait_until_one_closes() {
-    let mut stack = Stack::builder("max-connections")
-        .gateway("max_connections = 2")
-        .model(Model::new("alpha"))
-        .start()
-        .await;
+    let mut stack = Stack::alpha_with("max-connections", &["max_connections = 2"]).await;
     // The harness's client keeps its connection: let it go, so the test
     // holds every connection the gateway serves.
     stack.http = testkit::http::new_client();
@@ -253,12 +242,14 @@ async fn connections_past_max_connections_wait_until_one_closes() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn browser_origins_and_hosts_are_served_only_when_listed() {
-    let stack = Stack::builder("browser-access")
-        .gateway("cors_origins = [\"http://webui.lan:3000\"]")
-        .gateway("allowed_hosts = [\"127.0.0.1\", \"localhost\"]")
-        .model(Model::new("alpha"))
-        .start()
-        .await;
+    let stack = Stack::alpha_with(
+        "browser-access",
+        &[
+            "cors_origins = [\"http://webui.lan:3000\"]",
+            "allowed_hosts = [\"127.0.0.1\", \"localhost\"]",
+        ],
+    )
+    .await;
     let chat = |origin: Option<&'static str>, host: Option<&'static str>| {
         let mut request = stack
             .http
@@ -326,10 +317,7 @@ async fn browser_origins_and_hosts_are_served_only_when_listed() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn without_cors_origins_no_origin_is_echoed() {
-    let stack = Stack::builder("no-cors")
-        .model(Model::new("alpha"))
-        .start()
-        .await;
+    let stack = Stack::alpha_with("no-cors", &[]).await;
     let response = stack
         .http
         .get(stack.url("/v1/models"))
@@ -355,10 +343,7 @@ async fn a_request_the_backend_read_is_never_sent_to_it_twice() {
         .model(Model::new("flaky").args(&["--fault", "hang-up:2"]))
         .start()
         .await;
-    let (s, t) = stack
-        .post("/v1/chat/completions", &Stack::chat("flaky", false, 2))
-        .await;
-    assert_eq!(s, 200, "{t}{}", stack.logs());
+    stack.chat_ok("flaky", 2).await;
     // The backend lives (its route is not replaced): the gateway gives up on
     // the request rather than send it to that backend again.
     let (s, t) = stack
@@ -370,10 +355,7 @@ async fn a_request_the_backend_read_is_never_sent_to_it_twice() {
         "backend_unavailable",
         "{t}"
     );
-    let (s, t) = stack
-        .post("/v1/chat/completions", &Stack::chat("flaky", false, 2))
-        .await;
-    assert_eq!(s, 200, "{t}");
+    stack.chat_ok("flaky", 2).await;
 
     let endpoint = format!("unix://{}", stack.socket.display());
     let output = testkit::run_ctl(&endpoint, &["logs", "flaky"]).await;
@@ -393,10 +375,7 @@ async fn a_request_the_backend_read_is_never_sent_to_it_twice() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn headers_named_in_connection_stay_on_their_hop() {
-    let stack = Stack::builder("hop-by-hop")
-        .model(Model::new("alpha"))
-        .start()
-        .await;
+    let stack = Stack::alpha_with("hop-by-hop", &[]).await;
     let traceparent = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01";
     let backend_saw = |connection: Option<&'static str>| {
         let mut request = stack

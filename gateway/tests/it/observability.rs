@@ -16,17 +16,9 @@ async fn metrics_count_requests_tokens_and_time_to_first_byte() {
     let chat = "/v1/chat/completions";
 
     // Non-stream, by alias, while alpha must be started: usage says 5 tokens.
-    let (status, text) = stack.post(chat, &Stack::chat("a", false, 5)).await;
-    assert_eq!(status, 200, "{text}{}", stack.logs());
+    stack.chat_ok("a", 5).await;
     // A stream without usage: its 6 content chunks are counted.
-    let response = stack
-        .http
-        .post(stack.url(chat))
-        .json(&Stack::chat("alpha", true, 6))
-        .send()
-        .await
-        .unwrap();
-    let text = read_stream(response).await;
+    let text = stack.stream_chat("alpha", 6).await;
     assert!(
         stream_content(&text).starts_with("[served by alpha]"),
         "{text}"
@@ -92,13 +84,7 @@ async fn metrics_count_requests_tokens_and_time_to_first_byte() {
     );
 
     // A client that leaves mid-stream: in flight while it reads, then 499.
-    let response = stack
-        .http
-        .post(stack.url(chat))
-        .json(&Stack::chat("slow", true, 200))
-        .send()
-        .await
-        .unwrap();
+    let response = stack.post_chat("slow", true, 200).await;
     let mut chunks = response.bytes_stream();
     use futures_util::StreamExt as _;
     let first = chunks.next().await.expect("a first chunk").expect("chunk");
@@ -187,10 +173,7 @@ async fn a_client_traceparent_continues_through_the_gateway_to_the_backend() {
     );
 
     // A request without trace context starts a trace of its own.
-    let (status, text) = stack
-        .post("/v1/chat/completions", &Stack::chat("alpha", false, 2))
-        .await;
-    assert_eq!(status, 200, "{text}");
+    let text = stack.chat_ok("alpha", 2).await;
     let own = testkit::json(&text)["gpuswap_mock"]["traceparent"]
         .as_str()
         .map(str::to_owned)
@@ -200,10 +183,7 @@ async fn a_client_traceparent_continues_through_the_gateway_to_the_backend() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn without_an_exporter_the_client_traceparent_passes_untouched() {
-    let stack = Stack::builder("no-trace")
-        .model(Model::new("alpha"))
-        .start()
-        .await;
+    let stack = Stack::alpha_with("no-trace", &[]).await;
     let body = chat_in_client_trace(&stack, 2).await;
     assert_eq!(
         body["gpuswap_mock"]["traceparent"],

@@ -4,7 +4,7 @@
 
 use std::pin::Pin;
 
-use crate::common::{Model, Stack};
+use crate::common::{Model, Stack, model_entry};
 use bytes::Bytes;
 use futures_util::{Stream, StreamExt};
 use serde_json::{Value, json};
@@ -138,12 +138,7 @@ async fn status_showing(stack: &Stack, key: Option<&str>, id: &str, state: &str)
 }
 
 fn model<'a>(status: &'a Value, id: &str) -> &'a Value {
-    status["models"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|m| m["id"] == id)
-        .unwrap_or_else(|| panic!("no {id} in {status}"))
+    model_entry(status, "models", id).unwrap_or_else(|| panic!("no {id} in {status}"))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -207,10 +202,7 @@ async fn load_shows_progress_then_ready_and_unload_stops_with_logs_followed() {
         line["line"].as_str().unwrap().contains("startup complete")
     })
     .await;
-    let (s, t) = stack
-        .post("/v1/chat/completions", &Stack::chat("alpha", false, 20))
-        .await;
-    assert_eq!(s, 200, "{t}");
+    stack.chat_ok("alpha", 20).await;
     // The gateway's own counters: the tokens generated, and a rate over the last seconds.
     testkit::wait_for("alpha's tokens per second", DEADLINE, || async {
         let (_, status) = get(&stack, "/api/status", None).await;
@@ -317,13 +309,8 @@ async fn llama_server_router_api() {
             let (s, body) = get(stack, "/models", None).await;
             assert_eq!(s, 200);
             assert_eq!(body["object"], "list");
-            let item = body["data"]
-                .as_array()
-                .unwrap()
-                .iter()
-                .find(|m| m["id"] == id)
-                .unwrap_or_else(|| panic!("{id} not in /models: {body}"))
-                .clone();
+            let item = model_entry(&body, "data", id)
+                .unwrap_or_else(|| panic!("{id} not in /models: {body}"));
             item["status"]["value"].as_str().unwrap().to_owned()
         }
     };

@@ -1,7 +1,7 @@
 //! The backend pass-through (`/upstream/{model}/{path}`) and multipart requests routed by
 //! their `model` form field, over the real stack.
 
-use crate::common::{Model, Stack};
+use crate::common::{Model, Stack, model_entry};
 use serde_json::Value;
 
 async fn send(stack: &Stack, request: reqwest::RequestBuilder, what: &str) -> (u16, Value) {
@@ -16,6 +16,15 @@ async fn send(stack: &Stack, request: reqwest::RequestBuilder, what: &str) -> (u
     (status, body)
 }
 
+/// GETs `path` from the gateway, with `key` as a bearer token if given.
+async fn get_as(stack: &Stack, path: &str, key: Option<&str>, what: &str) -> (u16, Value) {
+    let mut request = stack.http.get(stack.url(path));
+    if let Some(key) = key {
+        request = request.bearer_auth(key);
+    }
+    send(stack, request, what).await
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn upstream_paths_reach_the_backend_as_they_are_with_the_access_rules() {
     let stack = Stack::builder("passthrough")
@@ -25,15 +34,7 @@ async fn upstream_paths_reach_the_backend_as_they_are_with_the_access_rules() {
         .start()
         .await;
     let alice = "alice-key";
-    let (s, props) = send(
-        &stack,
-        stack
-            .http
-            .get(stack.url("/upstream/alpha/props"))
-            .bearer_auth(alice),
-        "GET props",
-    )
-    .await;
+    let (s, props) = get_as(&stack, "/upstream/alpha/props", Some(alice), "GET props").await;
     assert_eq!(s, 200, "{props}");
     assert_eq!(props["model_alias"], "alpha-served");
     assert_eq!(
@@ -77,12 +78,10 @@ async fn upstream_paths_reach_the_backend_as_they_are_with_the_access_rules() {
     assert_eq!((s, &echo["method"]), (200, &Value::from("DELETE")));
 
     // The backend's own errors come back as the backend wrote them.
-    let (s, missing) = send(
+    let (s, missing) = get_as(
         &stack,
-        stack
-            .http
-            .get(stack.url("/upstream/alpha/no/such/path"))
-            .bearer_auth(alice),
+        "/upstream/alpha/no/such/path",
+        Some(alice),
         "GET missing",
     )
     .await;
@@ -90,20 +89,19 @@ async fn upstream_paths_reach_the_backend_as_they_are_with_the_access_rules() {
     assert_eq!(missing["detail"], "Not Found", "converted: {missing}");
 
     // Another key's model: the same 404 as an unknown model, and nothing started.
-    let (s, refused) = send(
+    let (s, refused) = get_as(
         &stack,
-        stack
-            .http
-            .get(stack.url("/upstream/beta/props"))
-            .bearer_auth(alice),
+        "/upstream/beta/props",
+        Some(alice),
         "GET beta props",
     )
     .await;
     assert_eq!(s, 404, "{refused}");
     assert_eq!(refused["error"]["code"], "model_not_found");
-    let (s, _) = send(
+    let (s, _) = get_as(
         &stack,
-        stack.http.get(stack.url("/upstream/alpha/props")),
+        "/upstream/alpha/props",
+        None,
         "GET props without a key",
     )
     .await;
@@ -119,12 +117,7 @@ async fn a_pass_through_holds_its_model_until_it_ends() {
         .model(Model::new("beta"))
         .start()
         .await;
-    let (s, _) = send(
-        &stack,
-        stack.http.get(stack.url("/upstream/alpha/props")),
-        "warm up",
-    )
-    .await;
+    let (s, _) = get_as(&stack, "/upstream/alpha/props", None, "warm up").await;
     assert_eq!(s, 200);
     let slow = tokio::spawn({
         let request = stack
@@ -143,19 +136,12 @@ async fn a_pass_through_holds_its_model_until_it_ends() {
         testkit::DEADLINE,
         || async {
             let health = stack.get_json("/health").await?;
-            let alpha = health["models"]
-                .as_array()?
-                .iter()
-                .find(|m| m["id"] == "alpha")?
-                .clone();
+            let alpha = model_entry(&health, "models", "alpha")?;
             (alpha["in_flight"] == 1).then_some(())
         },
     )
     .await;
-    let (s, t) = stack
-        .post("/v1/chat/completions", &Stack::chat("beta", false, 2))
-        .await;
-    assert_eq!(s, 200, "{t}{}", stack.logs());
+    stack.chat_ok("beta", 2).await;
     // Not held, alpha would have been stopped for beta mid-request (a 502 here).
     let (status, body) = slow.await.unwrap();
     assert_eq!(status, 200, "the pass-through was cut by the swap: {body}");
@@ -232,46 +218,37 @@ async fn multipart_requests_are_routed_by_their_model_field() {
     }
     assert_eq!(stack.starts(), ["whisper"]);
 
-    let (s, e) = send(
-        &stack,
-        post(
-            "/v1/audio/transcriptions",
-            multipart(&[("language", "en")], 10, true),
+    // Refused by the gateway: no model field, an unknown model, a body past max_body.
+    let refused = [
+        (
+            &[("language", "en")][..],
+            10,
+            "no model",
+            400,
+            "missing_model",
         ),
-        "no model",
-    )
-    .await;
-    assert_eq!(
-        (s, &e["error"]["code"]),
-        (400, &Value::from("missing_model")),
-        "{e}"
-    );
-    let (s, e) = send(
-        &stack,
-        post(
-            "/v1/audio/transcriptions",
-            multipart(&[("model", "nope")], 10, true),
+        (
+            &[("model", "nope")][..],
+            10,
+            "unknown model",
+            404,
+            "model_not_found",
         ),
-        "unknown model",
-    )
-    .await;
-    assert_eq!(
-        (s, &e["error"]["code"]),
-        (404, &Value::from("model_not_found")),
-        "{e}"
-    );
-    let (s, e) = send(
-        &stack,
-        post(
-            "/v1/audio/transcriptions",
-            multipart(&[("model", "w")], 100_000, true),
+        (
+            &[("model", "w")][..],
+            100_000,
+            "too large",
+            413,
+            "request_too_large",
         ),
-        "too large",
-    )
-    .await;
-    assert_eq!(
-        (s, &e["error"]["code"]),
-        (413, &Value::from("request_too_large")),
-        "{e}"
-    );
+    ];
+    for (fields, file_len, what, status, code) in refused {
+        let form = multipart(fields, file_len, true);
+        let (s, e) = send(&stack, post("/v1/audio/transcriptions", form), what).await;
+        assert_eq!(
+            (s, &e["error"]["code"]),
+            (status, &Value::from(code)),
+            "{e}"
+        );
+    }
 }

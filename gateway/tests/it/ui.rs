@@ -7,7 +7,7 @@
 
 use std::{path::Path, process::Command, time::Duration};
 
-use crate::common::{Model, Stack};
+use crate::common::{Model, Stack, model_entry};
 use base64::Engine as _;
 use serde_json::{Value, json};
 use testkit::{DEADLINE, Proc};
@@ -142,6 +142,18 @@ impl Browser {
         .await;
     }
 
+    /// Clicks the button of class `button` (load, unload, sleep, logs) in the row of `model`.
+    async fn click_in_row(&self, model: &str, button: &str) {
+        self.click(&format!("tr[data-model=\"{model}\"] button.{button}"))
+            .await;
+    }
+
+    /// Waits until the row of `model` shows the state `want`.
+    async fn wait_state(&self, model: &str, want: &str) {
+        self.wait(&format!("{model} {want}"), &state_is(model, want))
+            .await;
+    }
+
     /// Polls `script` until it returns something other than null or false.
     async fn wait(&self, what: &str, script: &str) -> Value {
         let deadline = tokio::time::Instant::now() + DEADLINE;
@@ -194,6 +206,11 @@ impl Drop for Browser {
     }
 }
 
+/// True once the log view shows `text`.
+fn log_shows(text: &str) -> String {
+    format!("return document.getElementById('log').textContent.includes('{text}')")
+}
+
 fn state_is(model: &str, want: &str) -> String {
     format!(
         "const s = document.querySelector('tr[data-model=\"{model}\"] .state'); \
@@ -228,10 +245,18 @@ fn memory_of(model: &str) -> String {
     )
 }
 
+/// True (and said) when GPUSWAP_SKIP_BROWSER asks to skip the browser tests.
+fn browser_skipped() -> bool {
+    let skipped = std::env::var_os("GPUSWAP_SKIP_BROWSER").is_some();
+    if skipped {
+        eprintln!("GPUSWAP_SKIP_BROWSER is set: the browser test is skipped");
+    }
+    skipped
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_page_loads_follows_and_unloads_a_model_live() {
-    if std::env::var_os("GPUSWAP_SKIP_BROWSER").is_some() {
-        eprintln!("GPUSWAP_SKIP_BROWSER is set: the browser test is skipped");
+    if browser_skipped() {
         return;
     }
     let stack = Stack::builder("ui")
@@ -284,9 +309,7 @@ async fn the_page_loads_follows_and_unloads_a_model_live() {
         .run("window.gpuswapTestMarker = 42; return true")
         .await;
 
-    browser
-        .click("tr[data-model=\"llama-70b\"] button.load")
-        .await;
+    browser.click_in_row("llama-70b", "load").await;
     let progress = browser
         .wait(
             "llama-70b loading with its progress",
@@ -299,9 +322,7 @@ async fn the_page_loads_follows_and_unloads_a_model_live() {
         !progress.as_str().unwrap().is_empty(),
         "an empty progress line"
     );
-    browser
-        .wait("llama-70b ready", &state_is("llama-70b", "ready"))
-        .await;
+    browser.wait_state("llama-70b", "ready").await;
     browser
         .wait(
             "GPU 0 with llama-70b's 70 GiB reserved",
@@ -309,36 +330,27 @@ async fn the_page_loads_follows_and_unloads_a_model_live() {
         )
         .await;
 
-    browser
-        .click("tr[data-model=\"llama-70b\"] button.logs")
-        .await;
+    browser.click_in_row("llama-70b", "logs").await;
     browser
         .wait(
             "the backend's startup line in the log view",
-            "return document.getElementById('log').textContent.includes('startup complete')",
+            &log_shows("startup complete"),
         )
         .await;
     // Followed live: a line the backend prints now appears without any click.
-    let (s, t) = stack
-        .post("/v1/chat/completions", &Stack::chat("llama", false, 3))
-        .await;
-    assert_eq!(s, 200, "{t}");
+    stack.chat_ok("llama", 3).await;
     browser
         .wait(
             "the chat's access line in the log view",
-            "return document.getElementById('log').textContent.includes('POST /v1/chat/completions')",
+            &log_shows("POST /v1/chat/completions"),
         )
         .await;
     if let Some(path) = std::env::var_os("GPUSWAP_UI_SCREENSHOT") {
         browser.screenshot(Path::new(&path)).await;
     }
 
-    browser
-        .click("tr[data-model=\"llama-70b\"] button.unload")
-        .await;
-    browser
-        .wait("llama-70b stopped", &state_is("llama-70b", "stopped"))
-        .await;
+    browser.click_in_row("llama-70b", "unload").await;
+    browser.wait_state("llama-70b", "stopped").await;
     browser
         .wait(
             "GPU 0's memory free again",
@@ -362,8 +374,7 @@ fn sleeper(name: &str) -> Model {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_page_shows_a_sleeping_model_and_unloads_it() {
-    if std::env::var_os("GPUSWAP_SKIP_BROWSER").is_some() {
-        eprintln!("GPUSWAP_SKIP_BROWSER is set: the browser test is skipped");
+    if browser_skipped() {
         return;
     }
     let stack = Stack::builder("ui-sleep")
@@ -374,26 +385,16 @@ async fn the_page_shows_a_sleeping_model_and_unloads_it() {
         .await;
     let browser = Browser::start().await;
     browser.open(&stack.url("/ui/")).await;
-    browser
-        .wait("vllm-a stopped", &state_is("vllm-a", "stopped"))
-        .await;
+    browser.wait_state("vllm-a", "stopped").await;
     // b needs the GPU that a holds: a goes to sleep rather than stopping.
     for model in ["vllm-a", "vllm-b"] {
-        let (s, t) = stack
-            .post("/v1/chat/completions", &Stack::chat(model, false, 2))
-            .await;
-        assert_eq!(s, 200, "{model}: {t}{}", stack.logs());
+        stack.chat_ok(model, 2).await;
     }
-    browser
-        .wait("vllm-a sleeping", &state_is("vllm-a", "sleeping"))
-        .await;
+    browser.wait_state("vllm-a", "sleeping").await;
     // llama-server's router calls it sleeping too (OpenWebUI counts that as loaded, with an
     // eject button), and a sleeping process is running: not loaded again.
     let list = stack.get_json("/models").await.expect("GET /models");
-    let entry = list["data"]
-        .as_array()
-        .and_then(|data| data.iter().find(|m| m["id"] == "vllm-a"))
-        .unwrap_or_else(|| panic!("no vllm-a: {list}"));
+    let entry = model_entry(&list, "data", "vllm-a").unwrap_or_else(|| panic!("no vllm-a: {list}"));
     assert_eq!(entry["status"]["value"], "sleeping", "{entry}");
     let (s, t) = stack
         .post("/models/load", &json!({ "model": "vllm-a" }))
@@ -402,27 +403,16 @@ async fn the_page_shows_a_sleeping_model_and_unloads_it() {
     assert!(t.contains("model is already running"), "{t}");
 
     // The page's unload stops the sleeping process.
-    browser
-        .click("tr[data-model=\"vllm-a\"] button.unload")
-        .await;
-    browser
-        .wait("vllm-a stopped", &state_is("vllm-a", "stopped"))
-        .await;
+    browser.click_in_row("vllm-a", "unload").await;
+    browser.wait_state("vllm-a", "stopped").await;
     // a again: now b sleeps, and the router API's unload (OpenWebUI's eject) stops it.
-    let (s, t) = stack
-        .post("/v1/chat/completions", &Stack::chat("vllm-a", false, 2))
-        .await;
-    assert_eq!(s, 200, "{t}{}", stack.logs());
-    browser
-        .wait("vllm-b sleeping", &state_is("vllm-b", "sleeping"))
-        .await;
+    stack.chat_ok("vllm-a", 2).await;
+    browser.wait_state("vllm-b", "sleeping").await;
     let (s, t) = stack
         .post("/models/unload", &json!({ "model": "vllm-b" }))
         .await;
     assert_eq!((s, t.as_str()), (200, r#"{"success":true}"#));
-    browser
-        .wait("vllm-b stopped", &state_is("vllm-b", "stopped"))
-        .await;
+    browser.wait_state("vllm-b", "stopped").await;
     // The page's sleep button puts the ready a to sleep by hand; its load wakes it, in the
     // same process both times (no fourth start).
     let pid_of_a = || async {
@@ -430,25 +420,15 @@ async fn the_page_shows_a_sleeping_model_and_unloads_it() {
             .get_json("/api/status")
             .await
             .expect("GET /api/status");
-        let models = status["models"].as_array().expect("models").clone();
-        let a = models
-            .into_iter()
-            .find(|m| m["id"] == "vllm-a")
-            .expect("vllm-a");
+        let a = model_entry(&status, "models", "vllm-a").expect("vllm-a");
         a["pid"].as_u64().expect("a pid")
     };
     let pid = pid_of_a().await;
-    browser
-        .click("tr[data-model=\"vllm-a\"] button.sleep")
-        .await;
-    browser
-        .wait("vllm-a sleeping", &state_is("vllm-a", "sleeping"))
-        .await;
+    browser.click_in_row("vllm-a", "sleep").await;
+    browser.wait_state("vllm-a", "sleeping").await;
     assert_eq!(pid_of_a().await, pid);
-    browser.click("tr[data-model=\"vllm-a\"] button.load").await;
-    browser
-        .wait("vllm-a ready", &state_is("vllm-a", "ready"))
-        .await;
+    browser.click_in_row("vllm-a", "load").await;
+    browser.wait_state("vllm-a", "ready").await;
     assert_eq!(pid_of_a().await, pid);
     assert_eq!(
         stack.starts(),

@@ -154,10 +154,7 @@ async fn a_failed_start_answers_503_in_one_line_and_the_log_stays_with_the_opera
     assert_no_secret("gpuswapctl logs", &logs);
 
     // Other models are not affected.
-    let (s, t) = stack
-        .post("/v1/chat/completions", &Stack::chat("fine", false, 2))
-        .await;
-    assert_eq!(s, 200, "{t}");
+    stack.chat_ok("fine", 2).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -193,10 +190,7 @@ async fn an_exposed_log_tail_and_a_line_cut_inside_a_secret_keep_it_masked() {
     assert!(tail.iter().any(|l| l.contains("--api-key ***")), "{tail:?}");
     assert_no_secret("the exposed tail", &t);
 
-    let (s, t) = stack
-        .post("/v1/chat/completions", &Stack::chat("cut", false, 2))
-        .await;
-    assert_eq!(s, 200, "{t}");
+    stack.chat_ok("cut", 2).await;
     let endpoint = format!("unix://{}", stack.socket.display());
     let output = testkit::run_ctl(&endpoint, &["logs", "cut"]).await;
     let logs = String::from_utf8_lossy(&output.stdout);
@@ -271,10 +265,7 @@ async fn a_queued_client_that_goes_away_leaves_the_queue() {
     .await;
     let text = long.await.unwrap();
     assert!(text.ends_with("data: [DONE]\n\n"), "{text}");
-    let (s, t) = stack
-        .post("/v1/chat/completions", &Stack::chat("alpha", false, 2))
-        .await;
-    assert_eq!(s, 200, "{t}");
+    stack.chat_ok("alpha", 2).await;
     assert_eq!(stack.starts(), ["alpha"], "{}", stack.logs());
     assert_eq!(stack.status("beta").await.state(), ModelState::Stopped);
 }
@@ -286,10 +277,7 @@ async fn a_client_that_leaves_mid_stream_frees_the_model_for_the_next_swap() {
         .model(Model::new("beta"))
         .start()
         .await;
-    let (s, t) = stack
-        .post("/v1/chat/completions", &Stack::chat("alpha", false, 1))
-        .await;
-    assert_eq!(s, 200, "{t}");
+    stack.chat_ok("alpha", 1).await;
     // An answer of 1000 tokens at 5 per second would hold alpha for 200 s.
     let response = stack.post_chat("alpha", true, 1000).await;
     let mut body = response.bytes_stream();
@@ -297,10 +285,7 @@ async fn a_client_that_leaves_mid_stream_frees_the_model_for_the_next_swap() {
     assert!(String::from_utf8_lossy(&first).contains("data: "));
     drop(body);
     let started = Instant::now();
-    let (s, t) = stack
-        .post("/v1/chat/completions", &Stack::chat("beta", false, 2))
-        .await;
-    assert_eq!(s, 200, "{t}{}", stack.logs());
+    stack.chat_ok("beta", 2).await;
     assert!(
         started.elapsed() < Duration::from_secs(100),
         "{:?}",
@@ -315,10 +300,7 @@ async fn the_gateway_rides_out_a_supervisor_restart() {
         .model(Model::new("alpha").alias("a"))
         .start()
         .await;
-    let (s, t) = stack
-        .post("/v1/chat/completions", &Stack::chat("a", false, 2))
-        .await;
-    assert_eq!(s, 200, "{t}");
+    stack.chat_ok("a", 2).await;
     stack.kill_supervisor();
     testkit::wait_for("the gateway to notice", testkit::DEADLINE, || async {
         let health = stack.get_json("/health").await?;
@@ -347,10 +329,7 @@ async fn the_gateway_rides_out_a_supervisor_restart() {
         (health["supervisor"]["connected"] == true).then_some(())
     })
     .await;
-    let (s, t) = stack
-        .post("/v1/chat/completions", &Stack::chat("a", false, 2))
-        .await;
-    assert_eq!(s, 200, "{t}{}", stack.logs());
+    stack.chat_ok("a", 2).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -361,10 +340,7 @@ async fn idle_models_are_released_and_stopped() {
         .start()
         .await;
     for model in ["brief", "lasting"] {
-        let (s, t) = stack
-            .post("/v1/chat/completions", &Stack::chat(model, false, 2))
-            .await;
-        assert_eq!(s, 200, "{t}");
+        stack.chat_ok(model, 2).await;
     }
     // brief has its own idle_ttl; the gateway's default is 0 (never).
     stack.wait_state("brief", ModelState::Stopped).await;
@@ -372,10 +348,7 @@ async fn idle_models_are_released_and_stopped() {
     assert_eq!(lasting.state(), ModelState::Ready);
     assert_eq!(lasting.holders, 1);
     // And it comes back on demand.
-    let (s, t) = stack
-        .post("/v1/chat/completions", &Stack::chat("brief", false, 2))
-        .await;
-    assert_eq!(s, 200, "{t}");
+    stack.chat_ok("brief", 2).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -393,10 +366,7 @@ async fn preloaded_models_are_held_from_the_start() {
     .await;
     assert!(warm.generation > 0);
     assert_eq!(stack.status("cold").await.state(), ModelState::Stopped);
-    let (s, t) = stack
-        .post("/v1/chat/completions", &Stack::chat("w", false, 2))
-        .await;
-    assert_eq!(s, 200, "{t}");
+    stack.chat_ok("w", 2).await;
     assert_eq!(stack.starts(), ["warm"]);
 }
 
