@@ -323,6 +323,7 @@ impl Drop for InFlight {
 pub struct Fleet {
     boxes: RwLock<Arc<Vec<Arc<BoxEntry>>>>,
     /// Cold placements not yet visible in Watch: model -> (box, when). See `placement`.
+    /// The picker holds this lock for a whole decision, so decisions happen one at a time.
     pub pending: Mutex<HashMap<String, (String, Instant)>>,
 }
 

@@ -41,6 +41,12 @@ impl Picker {
     /// with the fewest requests in flight (any gateway answers `/health`, `/metrics`, ...).
     /// `subset`: the proxy allows only these endpoints (an empty list allows none: 503).
     pub fn decide(&self, model: Option<&str>, subset: Option<&[String]>) -> Decision {
+        // One lock over the whole decision, from reading the boxes' counts to counting this
+        // request: concurrent decisions see each other's requests (so "fewest in flight"
+        // spreads them rather than sending them all to the box that looked idle to each) and
+        // the record of a cold placement (so requests for one cold model coalesce onto one
+        // load). A decision takes microseconds; nothing in it waits.
+        let mut pending = self.fleet.pending.lock().unwrap();
         let all = self.fleet.boxes();
         let boxes: Vec<Arc<BoxEntry>> = all
             .iter()
@@ -67,9 +73,6 @@ impl Picker {
             })
             .collect();
         let now = Instant::now();
-        // One lock for the decision and the record of a cold placement: concurrent requests
-        // for one cold model all see the first one's choice (they coalesce onto one load).
-        let mut pending = self.fleet.pending.lock().unwrap();
         pending.retain(|_, (_, at)| now.duration_since(*at) < placement::PENDING_FOR);
         let placement = placement::place(
             model,
@@ -89,6 +92,7 @@ impl Picker {
                 if reason.is_cold() {
                     pending.insert(name.clone(), (primary.config.name.clone(), now));
                 }
+                let in_flight = primary.begin_request(Some(&name));
                 drop(pending);
                 tracing::debug!(model = %name, r#box = %primary.config.name, reason = reason.as_str(), "placed");
                 Decision::Route {
@@ -98,7 +102,7 @@ impl Picker {
                         .collect(),
                     box_name: primary.config.name.clone(),
                     reason,
-                    in_flight: primary.begin_request(Some(&name)),
+                    in_flight,
                 }
             }
             Placement::Shed => Decision::Refuse {

@@ -87,6 +87,18 @@ impl GpuBox {
         format!("{}:{}", self.ip, self.port)
     }
 
+    /// The requests for `model` in flight in the box's gateway (its `/health`); None while
+    /// the gateway does not answer.
+    pub async fn in_flight(&self, model: &str) -> Option<u64> {
+        let url = format!("http://{}/health", self.gateway_addr());
+        let health = testkit::http::get_json(&url).await?;
+        let entry = health["models"]
+            .as_array()?
+            .iter()
+            .find(|m| m["id"] == model);
+        Some(entry.map_or(0, |m| m["in_flight"].as_u64().unwrap_or(0)))
+    }
+
     pub async fn start_supervisor(&mut self) {
         self.base.start_supervisor_with("info", Proc::spawn).await;
     }
@@ -347,6 +359,20 @@ impl Front {
             .find(|b| b.gateway_addr() == upstream)
             .map(|b| b.name.clone())
             .unwrap_or_else(|| format!("<none: upstream {upstream:?}>"))
+    }
+
+    /// Until the boxes' gateways together count `count` requests for `model` in flight: a
+    /// test's requests have been placed and reached their backends (instead of a guessed pause).
+    pub async fn wait_in_flight(&self, model: &str, count: u64) {
+        let what = format!("{count} request(s) for {model} in flight");
+        testkit::wait_for(&what, DEADLINE, || async {
+            let mut total = 0;
+            for b in &self.boxes {
+                total += b.in_flight(model).await?;
+            }
+            (total == count).then_some(())
+        })
+        .await;
     }
 
     pub fn gpu_box(&self, name: &str) -> &GpuBox {

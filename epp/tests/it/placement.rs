@@ -80,7 +80,7 @@ async fn fifty_concurrent_requests_for_a_cold_model_cause_one_load() {
         .collect();
     let cold = async {
         // Once the three streams are in flight (one per box: fewest in flight first).
-        tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+        front.wait_in_flight("b", 3).await;
         futures_util::future::join_all((0..50).map(|_| front.chat("a", false, 2))).await
     };
     let (streamed, answers) = tokio::join!(futures_util::future::join_all(streams), cold);
@@ -121,7 +121,7 @@ async fn a_busy_model_is_not_evicted_while_an_idle_box_can_take_the_new_one() {
     // b streams on one box (held there); the other box's b is idle.
     let stream = common::stream_timed(&front, "b", 40);
     let cold = async {
-        tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+        front.wait_in_flight("b", 1).await;
         front.chat("a", false, 2).await
     };
     let ((streamed_by, _, streamed), (status, a_by, text)) = tokio::join!(stream, cold);
