@@ -25,6 +25,41 @@ async fn three_boxes(test: &str, models: impl Fn() -> Vec<MockModel>) -> Vec<Gpu
     boxes
 }
 
+/// Decisions made at the same moment see each other: as many requests as boxes, for a model
+/// ready on every box, decided at once on as many threads, land one on each box (fewest in
+/// flight), none on a box that only looked idle to two of them.
+#[test]
+fn decisions_made_at_once_land_on_different_boxes() {
+    use gpuswap_epp::picker::Decision;
+    const BOXES: usize = 4;
+    // Two models on four boxes: model-0 is ready on every box (the scale bench's fleet).
+    let picker = crate::scale::fleet(BOXES, 2);
+    for round in 0..300 {
+        let start = std::sync::Barrier::new(BOXES);
+        let decided: Vec<_> = std::thread::scope(|scope| {
+            let threads: Vec<_> = (0..BOXES)
+                .map(|_| {
+                    scope.spawn(|| {
+                        start.wait();
+                        match picker.decide(Some("model-0"), None) {
+                            Decision::Route {
+                                box_name,
+                                in_flight,
+                                ..
+                            } => (box_name, in_flight),
+                            Decision::Refuse { message, .. } => panic!("{message}"),
+                        }
+                    })
+                })
+                .collect();
+            threads.into_iter().map(|t| t.join().unwrap()).collect()
+        });
+        let mut boxes: Vec<&str> = decided.iter().map(|(name, _)| name.as_str()).collect();
+        boxes.sort();
+        assert_eq!(boxes, ["gpu0", "gpu1", "gpu2", "gpu3"], "round {round}");
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_loaded_model_is_served_by_its_box_every_time() {
     let boxes = three_boxes("loaded", models).await;

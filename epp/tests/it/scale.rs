@@ -21,7 +21,7 @@ use testkit::MockModel;
 /// A fleet of `boxes` boxes with `models` models each; on each box two models are ready (one
 /// on GPU 0, one on GPU 1) and the rest stopped, spread so that every model is ready somewhere
 /// once there are enough boxes; `model-cold` (GPU 0) is stopped everywhere.
-fn fleet(boxes: usize, models: usize) -> Picker {
+pub fn fleet(boxes: usize, models: usize) -> Picker {
     let fleet = Arc::new(Fleet::default());
     let configs: Vec<BoxConfig> = (0..boxes)
         .map(|b| BoxConfig {
