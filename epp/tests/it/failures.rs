@@ -34,12 +34,10 @@ async fn kill_mid_stream(
     let front = two_boxes(test).await;
     let pid = process(front.gpu_box(victim)).unwrap().pid();
     let shared = &front;
-    let streams = (0..2).map(|i| async move {
-        tokio::time::sleep(Duration::from_millis(100 * i)).await;
-        common::stream_timed(shared, "a", 40).await
-    });
+    let streams = (0..2).map(|_| common::stream_timed(shared, "a", 40));
     let killer = async {
-        tokio::time::sleep(Duration::from_millis(800)).await;
+        // Once both streams reached their backends (each stream lasts 2 s).
+        shared.wait_in_flight("a", 2).await;
         // SAFETY: kill(2) of a process this test started.
         unsafe { libc::kill(pid as i32, libc::SIGKILL) };
     };
