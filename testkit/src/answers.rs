@@ -25,10 +25,13 @@ pub fn listed_ids(list: &Value) -> Vec<&str> {
 
 /// The entry of model `id` in an OpenAI model list.
 pub fn listed<'a>(list: &'a Value, id: &str) -> &'a Value {
-    list["data"]
-        .as_array()
-        .and_then(|data| data.iter().find(|m| m["id"] == id))
-        .unwrap_or_else(|| panic!("{id} is not listed: {list}"))
+    model_entry(list, "data", id).unwrap_or_else(|| panic!("{id} is not listed: {list}"))
+}
+
+/// The entry of model `id` in the array `list` of a JSON answer (`data` of a model list,
+/// `models` of the gateway's `/health` and `/api/status`); None when it is not there.
+pub fn model_entry<'a>(body: &'a Value, list: &str, id: &str) -> Option<&'a Value> {
+    body[list].as_array()?.iter().find(|m| m["id"] == id)
 }
 
 /// The `data:` payloads of an SSE text (LF or CRLF), comments and blank lines left out.

@@ -22,8 +22,8 @@ mod stack;
 mod supervisor;
 
 pub use answers::{
-    chat_body, error_chain, is_progress, listed, listed_ids, partial_stream_content, sse_data,
-    stream_content,
+    chat_body, error_chain, is_progress, listed, listed_ids, model_entry, partial_stream_content,
+    sse_data, stream_content,
 };
 pub use ctl::{run_ctl, run_ctl_line, run_ctl_within};
 pub use mock::{MARKER_ENV, MockModel, key_of, lines_with_defaults, stack_sections, toml_list};

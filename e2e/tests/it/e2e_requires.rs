@@ -16,22 +16,10 @@ async fn a_model_appears_once_its_files_exist() {
         .await;
 
     let listed = || async {
-        let text = testkit::http::client()
-            .get(stack.url("/v1/models"))
-            .send()
+        let list = testkit::http::get_json(&stack.url("/v1/models"))
             .await
-            .expect("GET /v1/models")
-            .text()
-            .await
-            .expect("body");
-        let list: Value = serde_json::from_str(&text).expect("JSON");
-        list["data"]
-            .as_array()
-            .expect("data")
-            .iter()
-            .find(|m| m["id"] == "monstral")
-            .cloned()
-            .expect("monstral is listed while unavailable")
+            .expect("GET /v1/models: a JSON list");
+        testkit::listed(&list, "monstral").clone()
     };
     assert_eq!(listed().await["gpuswap"]["state"], "unavailable");
     let status = stack.status("monstral").await;

@@ -92,10 +92,7 @@ impl GpuBox {
     pub async fn in_flight(&self, model: &str) -> Option<u64> {
         let url = format!("http://{}/health", self.gateway_addr());
         let health = testkit::http::get_json(&url).await?;
-        let entry = health["models"]
-            .as_array()?
-            .iter()
-            .find(|m| m["id"] == model);
+        let entry = testkit::model_entry(&health, "models", model);
         Some(entry.map_or(0, |m| m["in_flight"].as_u64().unwrap_or(0)))
     }
 

@@ -172,12 +172,6 @@ pub async fn post_to(http: &reqwest::Client, url: &str, body: &Value) -> (u16, S
     (status, text)
 }
 
-/// The entry of the model `id` in the array `list` of a JSON answer (`/health`'s and
-/// `/api/status`' `models`, `/v1/models`' and `/models`' `data`).
-pub fn model_entry<'a>(body: &'a Value, list: &str, id: &str) -> Option<&'a Value> {
-    body[list].as_array()?.iter().find(|m| m["id"] == id)
-}
-
 /// Reads an SSE response to its end: the raw text.
 pub async fn read_stream(response: reqwest::Response) -> String {
     let mut stream = response.bytes_stream();

@@ -4,7 +4,7 @@
 
 use std::pin::Pin;
 
-use crate::common::{Model, Stack, model_entry};
+use crate::common::{Model, Stack};
 use bytes::Bytes;
 use futures_util::{Stream, StreamExt};
 use serde_json::{Value, json};
@@ -137,8 +137,26 @@ async fn status_showing(stack: &Stack, key: Option<&str>, id: &str, state: &str)
     .await
 }
 
+/// Waits until the status shows model `id` in `state`, and asserts that it is still the
+/// process `pid` (put to sleep or woken in place, not started again).
+async fn assert_shown_in_process(
+    stack: &Stack,
+    key: Option<&str>,
+    id: &str,
+    state: &str,
+    pid: &Value,
+) {
+    let status = status_showing(stack, key, id, state).await;
+    let entry = model(&status, id);
+    assert_eq!(
+        (&entry["state"], &entry["pid"]),
+        (&json!(state), pid),
+        "{status}"
+    );
+}
+
 fn model<'a>(status: &'a Value, id: &str) -> &'a Value {
-    model_entry(status, "models", id).unwrap_or_else(|| panic!("no {id} in {status}"))
+    testkit::model_entry(status, "models", id).unwrap_or_else(|| panic!("no {id} in {status}"))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -309,8 +327,7 @@ async fn llama_server_router_api() {
             let (s, body) = get(stack, "/models", None).await;
             assert_eq!(s, 200);
             assert_eq!(body["object"], "list");
-            let item = model_entry(&body, "data", id)
-                .unwrap_or_else(|| panic!("{id} not in /models: {body}"));
+            let item = testkit::listed(&body, id);
             item["status"]["value"].as_str().unwrap().to_owned()
         }
     };
@@ -415,23 +432,11 @@ async fn the_admin_sleep_action_puts_a_model_to_sleep_and_load_wakes_it() {
         body,
         json!({"model": "alpha", "state": "sleeping", "stopped": ["alpha"]})
     );
-    let status = status_showing(&stack, admin, "alpha", "sleeping").await;
-    let alpha = model(&status, "alpha");
-    assert_eq!(
-        (&alpha["state"], &alpha["pid"]),
-        (&json!("sleeping"), &pid),
-        "{status}"
-    );
+    assert_shown_in_process(&stack, admin, "alpha", "sleeping", &pid).await;
 
     let (s, body) = post(&stack, "/api/models/alpha/load?wait=true", admin, None).await;
     assert_eq!((s, &body["state"]), (200, &json!("ready")), "{body}");
-    let status = status_showing(&stack, admin, "alpha", "ready").await;
-    let alpha = model(&status, "alpha");
-    assert_eq!(
-        (&alpha["state"], &alpha["pid"]),
-        (&json!("ready"), &pid),
-        "{status}"
-    );
+    assert_shown_in_process(&stack, admin, "alpha", "ready", &pid).await;
 
     let (s, body) = post(&stack, "/api/models/beta/load?wait=true", admin, None).await;
     assert_eq!(s, 200, "{body}");

@@ -1,8 +1,9 @@
 //! The backend pass-through (`/upstream/{model}/{path}`) and multipart requests routed by
 //! their `model` form field, over the real stack.
 
-use crate::common::{Model, Stack, model_entry};
+use crate::common::{Model, Stack};
 use serde_json::Value;
+use testkit::model_entry;
 
 async fn send(stack: &Stack, request: reqwest::RequestBuilder, what: &str) -> (u16, Value) {
     let response = request

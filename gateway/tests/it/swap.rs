@@ -3,7 +3,7 @@
 
 use std::time::{Duration, Instant};
 
-use crate::common::{Model, Stack, model_entry, post_to, read_stream};
+use crate::common::{Model, Stack, post_to, read_stream};
 use serde_json::Value;
 use testkit::stream_content;
 
@@ -328,7 +328,7 @@ async fn models_that_fit_share_the_gpu_and_a_bigger_one_stops_both() {
     )
     .await;
     assert_eq!(list["gpuswap"]["gpus"][0]["capacity_bytes"], 96u64 << 30);
-    let entry = model_entry(&list, "data", "a40")
+    let entry = testkit::model_entry(&list, "data", "a40")
         .cloned()
         .unwrap_or_default();
     assert_eq!(entry["gpuswap"]["vram_bytes"], 40u64 << 30, "{entry}");
@@ -466,7 +466,7 @@ async fn a_sleeping_model_makes_room_and_wakes_in_its_own_process() {
         testkit::DEADLINE,
         || async {
             let list = stack.get_json("/v1/models").await?;
-            let entry = model_entry(&list, "data", "a")?.clone();
+            let entry = testkit::model_entry(&list, "data", "a")?.clone();
             (entry["gpuswap"]["state"] == "sleeping").then_some(entry)
         },
     )

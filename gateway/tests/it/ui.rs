@@ -7,7 +7,7 @@
 
 use std::{path::Path, process::Command, time::Duration};
 
-use crate::common::{Model, Stack, model_entry};
+use crate::common::{Model, Stack};
 use base64::Engine as _;
 use serde_json::{Value, json};
 use testkit::{DEADLINE, Proc};
@@ -394,7 +394,7 @@ async fn the_page_shows_a_sleeping_model_and_unloads_it() {
     // llama-server's router calls it sleeping too (OpenWebUI counts that as loaded, with an
     // eject button), and a sleeping process is running: not loaded again.
     let list = stack.get_json("/models").await.expect("GET /models");
-    let entry = model_entry(&list, "data", "vllm-a").unwrap_or_else(|| panic!("no vllm-a: {list}"));
+    let entry = testkit::listed(&list, "vllm-a");
     assert_eq!(entry["status"]["value"], "sleeping", "{entry}");
     let (s, t) = stack
         .post("/models/load", &json!({ "model": "vllm-a" }))
@@ -420,7 +420,7 @@ async fn the_page_shows_a_sleeping_model_and_unloads_it() {
             .get_json("/api/status")
             .await
             .expect("GET /api/status");
-        let a = model_entry(&status, "models", "vllm-a").expect("vllm-a");
+        let a = testkit::model_entry(&status, "models", "vllm-a").expect("vllm-a");
         a["pid"].as_u64().expect("a pid")
     };
     let pid = pid_of_a().await;
